@@ -1,0 +1,15 @@
+"""The one exception type for user mistakes.
+
+A ``FairDeployError`` is a problem the user can fix (a bad recipe value, a missing
+file, an unsafe checkpoint). Its message says what was found, what is allowed and
+how to fix it; the CLI prints it as one ``Error: ...`` line and exits with code 1.
+Anything else that escapes is a bug in fairdeploy and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = ["FairDeployError"]
+
+
+class FairDeployError(Exception):
+    """A user-facing error: bad input, not a bug. Printed without a traceback."""

@@ -1,0 +1,5 @@
+"""Architecture registry: ``vgg11_paper``, ``mlp``, torchvision names, import strings."""
+
+from fairdeploy.models._registry import build_model, list_models, register_model
+
+__all__ = ["build_model", "list_models", "register_model"]
