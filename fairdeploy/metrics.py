@@ -1,0 +1,861 @@
+"""Group accuracy and fairness metrics, with bootstrap confidence intervals.
+
+Two demographic groups carry ids 0 and 1; id −1 marks a sample whose group is unknown:
+it is left out of every group metric and counted. One group is *privileged* (written
+"group 1" in the formulas below, whatever its id) and the other *unprivileged*
+("group 0"). Each class k is scored one-vs-rest: within a group, a sample is a positive
+for k when its true label is k and a predicted positive when its predicted label is k.
+
+Fairness (DESIGN §3), with K classes, Δ = privileged − unprivileged:
+
+* ``EOpp0 = mean_k |ΔTNR_k|``,  ``EOpp1 = mean_k |ΔTPR_k|``,
+* ``EOdd = mean_k |ΔTPR_k + ΔFPR_k| / 2``.
+
+These *mean* values are the headline numbers: the paper's tables were computed this way
+(its equations write sums with no /2; those *sum* values are reported as well). The paper
+calls EOpp1 simply "EOpp". A class whose TPR is undefined in a group (no positives of
+that class in the group) is left out of the TPR-based means and counted; likewise a
+class with no negatives in a group for TNR/FPR. For two classes both are scored
+one-vs-rest, so ``TPR_1 = TNR_0``: EOpp0 equals EOpp1 and
+``EOdd = |ΔTPR_1 − ΔTPR_0| / 2``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fairdeploy.errors import FairDeployError
+
+__all__ = [
+    "BootstrapMetrics",
+    "ConfidenceInterval",
+    "GroupMetrics",
+    "PairedDifference",
+    "bootstrap_metrics",
+    "group_metrics",
+    "privileged_group",
+]
+
+#: Group id of a sample whose sensitive attribute is unknown.
+UNKNOWN_GROUP = -1
+#: The metrics :func:`bootstrap_metrics` gives intervals for.
+BOOTSTRAP_METRICS = ("eopp0", "eopp1", "eodd", "avg_precision")
+# Bounds the (resamples × samples) block drawn at once: 1M int32 indices and their
+# float64 multiplicities, ~12 MB.
+_BOOTSTRAP_BLOCK = 1_000_000
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _as_id_array(values: Any, name: str) -> np.ndarray:
+    """A 1-D int64 copy of ``values`` (numpy array, torch tensor or sequence)."""
+    if hasattr(values, "detach"):  # a torch tensor; duck-typed so torch is not imported here
+        values = values.detach().cpu().numpy()
+    arr = np.asarray(values)
+    if arr.ndim != 1:
+        hint = " (pass logits.argmax(1), not the logits)" if arr.ndim == 2 else ""
+        raise FairDeployError(
+            f"{name} must be a 1-D array of integer ids, got shape {arr.shape}{hint}"
+        )
+    if arr.size == 0:
+        raise FairDeployError(f"{name} is empty: metrics need at least one sample")
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.int64)
+    if arr.dtype.kind not in "iu":
+        raise FairDeployError(
+            f"{name} must hold integer ids, got dtype {arr.dtype}: "
+            "pass class/group ids (e.g. probabilities.argmax(1)), not scores"
+        )
+    return arr.astype(np.int64)
+
+
+def _check_labels(labels: np.ndarray, name: str, num_classes: int | None) -> None:
+    low = int(labels.min())
+    if low < 0:
+        raise FairDeployError(f"{name} holds the label {low}: class ids must be ≥ 0")
+    if num_classes is not None and int(labels.max()) >= num_classes:
+        raise FairDeployError(
+            f"{name} holds the label {int(labels.max())} but num_classes={num_classes}: "
+            f"class ids must lie in 0..{num_classes - 1}; raise num_classes or fix the labels"
+        )
+
+
+def _check_groups(groups: np.ndarray) -> None:
+    bad = np.setdiff1d(np.unique(groups), (UNKNOWN_GROUP, 0, 1))
+    if bad.size:
+        raise FairDeployError(
+            f"groups holds the id(s) {bad[:5].tolist()}: allowed ids are 0 and 1, "
+            "and −1 for an unknown group; map the sensitive attribute to these first"
+        )
+
+
+def _check_privileged(privileged: Any) -> int:
+    if isinstance(privileged, bool) or privileged not in (0, 1):
+        raise FairDeployError(f"privileged={privileged!r} is not a group id: use 0 or 1")
+    return int(privileged)
+
+
+def _check_num_classes(num_classes: Any) -> int | None:
+    if num_classes is None:
+        return None
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer):
+        raise FairDeployError(f"num_classes={num_classes!r} is not an integer: use an int ≥ 2")
+    if num_classes < 2:
+        raise FairDeployError(f"num_classes={num_classes} is too small: use an int ≥ 2")
+    return int(num_classes)
+
+
+def _check_group_names(group_names: Sequence[str] | None) -> tuple[str, str]:
+    if group_names is None:
+        return ("group 0", "group 1")
+    names = tuple(group_names)
+    if len(names) != 2 or not all(isinstance(n, str) for n in names) or names[0] == names[1]:
+        raise FairDeployError(
+            f"group_names={group_names!r} is not allowed: give two distinct strings, "
+            "the names of group id 0 and group id 1"
+        )
+    return names  # type: ignore[return-value]
+
+
+def _check_lengths(arrays: Mapping[str, np.ndarray]) -> None:
+    lengths = {name: arr.shape[0] for name, arr in arrays.items()}
+    if len(set(lengths.values())) > 1:
+        found = ", ".join(f"{name}: {n}" for name, n in lengths.items())
+        raise FairDeployError(f"inputs differ in length ({found}): give one entry per sample")
+
+
+def _infer_num_classes(num_classes: int | None, *label_arrays: np.ndarray) -> int:
+    if num_classes is not None:
+        return num_classes
+    # A problem with one observed label is still at least binary.
+    return max(2, *(int(a.max()) + 1 for a in label_arrays))
+
+
+def _check_groups_present(groups: np.ndarray, names: tuple[str, str]) -> None:
+    for gid in (0, 1):
+        if not np.any(groups == gid):
+            unknown = int(np.sum(groups == UNKNOWN_GROUP))
+            raise FairDeployError(
+                f"group {names[gid]!r} (id {gid}) has no samples ({groups.size} samples, "
+                f"{unknown} of unknown group): evaluate on a split that holds both groups, "
+                "or check how the sensitive attribute is mapped to ids 0/1"
+            )
+
+
+# --------------------------------------------------------------------------- core
+
+
+def _safe_divide(num: np.ndarray, den: np.ndarray, fill: float) -> np.ndarray:
+    num = np.asarray(num, dtype=np.float64)
+    den = np.asarray(den, dtype=np.float64)
+    out = np.full(np.broadcast(num, den).shape, fill, dtype=np.float64)
+    np.divide(num, den, out=out, where=den != 0)
+    return out
+
+
+def _masked_mean(values: np.ndarray, defined: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and sum of ``values`` over the last axis where ``defined``; NaN mean if none."""
+    total = np.where(defined, values, 0.0).sum(axis=-1)
+    count = defined.sum(axis=-1)
+    return _safe_divide(total, count, np.nan), total
+
+
+def _metrics_from_counts(
+    positives: np.ndarray,
+    predicted: np.ndarray,
+    true_positives: np.ndarray,
+    privileged: int,
+) -> dict[str, np.ndarray]:
+    """All group metrics from one-vs-rest counts.
+
+    The three count arrays have shape ``(..., 2, K)``: axis −2 is the group id, axis −1
+    the class; ``positives`` counts true labels, ``predicted`` predicted labels and
+    ``true_positives`` correct predictions, per group and class. Leading axes are a batch
+    (bootstrap resamples) and every result keeps them.
+    """
+    size = positives.sum(axis=-1)  # (..., 2) samples per group
+    negatives = size[..., None] - positives
+    false_positives = predicted - true_positives
+
+    # Per class; NaN where undefined (no positives / no negatives of the class in the group).
+    tpr = _safe_divide(true_positives, positives, np.nan)
+    fpr = _safe_divide(false_positives, negatives, np.nan)
+    tnr = 1.0 - fpr
+
+    # Macro P/R/F1 like sklearn's default labels: the classes present in the group's
+    # y_true or y_pred, with zero_division=0.
+    present = (positives > 0) | (predicted > 0)
+    precision_k = _safe_divide(true_positives, predicted, 0.0)
+    recall_k = _safe_divide(true_positives, positives, 0.0)
+    f1_k = _safe_divide(2.0 * true_positives, positives + predicted, 0.0)
+    precision, _ = _masked_mean(precision_k, present)
+    recall, _ = _masked_mean(recall_k, present)
+    f1, _ = _masked_mean(f1_k, present)
+    accuracy = _safe_divide(true_positives.sum(axis=-1), size, np.nan)
+
+    priv, unpriv = privileged, 1 - privileged
+    d_tpr = tpr[..., priv, :] - tpr[..., unpriv, :]
+    d_fpr = fpr[..., priv, :] - fpr[..., unpriv, :]
+    d_tnr = tnr[..., priv, :] - tnr[..., unpriv, :]
+    tpr_defined = ~np.isnan(d_tpr)
+    fpr_defined = ~np.isnan(d_fpr)
+    odds_defined = tpr_defined & fpr_defined
+
+    eopp1, eopp1_sum = _masked_mean(np.abs(d_tpr), tpr_defined)
+    eopp0, eopp0_sum = _masked_mean(np.abs(d_tnr), fpr_defined)
+    odds = np.abs(np.where(odds_defined, d_tpr + d_fpr, 0.0))
+    eodd_twice, eodd_sum = _masked_mean(odds, odds_defined)
+    fpr_gap, _ = _masked_mean(np.abs(d_fpr), fpr_defined)
+
+    return {
+        "size": size,
+        "tpr": tpr,
+        "fpr": fpr,
+        "tnr": tnr,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "accuracy": accuracy,
+        "eopp0": eopp0,
+        "eopp1": eopp1,
+        "eodd": eodd_twice / 2.0,
+        "eopp0_sum": eopp0_sum,
+        "eopp1_sum": eopp1_sum,
+        "eodd_sum": eodd_sum,
+        "tpr_gap": eopp1,
+        "fpr_gap": fpr_gap,
+        "left_out_tpr": (~tpr_defined).sum(axis=-1),
+        "left_out_fpr": (~fpr_defined).sum(axis=-1),
+        "left_out_eodd": (~odds_defined).sum(axis=-1),
+    }
+
+
+def _counts(
+    y_true: np.ndarray, y_pred: np.ndarray, groups: np.ndarray, num_classes: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One-vs-rest counts ``(positives, predicted, true_positives)``, each (2, K)."""
+    known = groups != UNKNOWN_GROUP
+    g, t, p = groups[known], y_true[known], y_pred[known]
+    bins = 2 * num_classes
+    positives = np.bincount(g * num_classes + t, minlength=bins)
+    predicted = np.bincount(g * num_classes + p, minlength=bins)
+    correct = t == p
+    true_positives = np.bincount(g[correct] * num_classes + t[correct], minlength=bins)
+    shape = (2, num_classes)
+    return positives.reshape(shape), predicted.reshape(shape), true_positives.reshape(shape)
+
+
+# --------------------------------------------------------------------------- group metrics
+
+
+def _json_float(value: float) -> float | None:
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def _json_floats(values: np.ndarray) -> list[float | None]:
+    return [_json_float(v) for v in values]
+
+
+@dataclass(frozen=True, eq=False)
+class GroupMetrics:
+    """Accuracy and fairness of one set of predictions, per group and between groups.
+
+    Per-group values are tuples indexed by group id (``precision[0]`` is group id 0);
+    per-class arrays have shape ``(2, num_classes)``, row = group id. "Group 1" in the
+    formulas is the privileged group ``privileged``, whichever id that is.
+
+    Attributes
+    ----------
+    num_classes : int
+        K, the number of classes scored one-vs-rest.
+    privileged : int
+        Id of the privileged group; ``1 - privileged`` is the unprivileged group.
+    group_names : tuple of str
+        Names of group id 0 and group id 1 (used in messages and :meth:`to_dict`).
+    counts : tuple of int
+        Samples in group id 0 and group id 1.
+    unknown_count : int
+        Samples with group id −1, left out of every metric here.
+    accuracy : tuple of float
+        Fraction of correct predictions per group.
+    precision, recall, f1 : tuple of float
+        Macro precision, recall and F1 per group: the unweighted mean over the classes
+        that occur in that group's true OR predicted labels (sklearn's default
+        ``labels``), a class never predicted having precision 0 (``zero_division=0``).
+        F1 is the mean of per-class F1, not the F1 of macro precision and recall.
+    precision_avg, recall_avg, f1_avg : float
+        Mean of the two groups' values (the paper's "Avg.").
+    precision_diff, recall_diff, f1_diff : float
+        Absolute difference of the two groups' values (the paper's "Diff.").
+    eopp0, eopp1, eodd : float
+        Headline fairness, mean convention: ``mean_k |ΔTNR_k|``, ``mean_k |ΔTPR_k|``,
+        ``mean_k |ΔTPR_k + ΔFPR_k| / 2`` with Δ = privileged − unprivileged, over the
+        classes where the rates are defined in both groups. Lower is fairer; 0 is parity.
+        NaN when no class qualifies.
+    eopp0_sum, eopp1_sum, eodd_sum : float
+        The paper's equations: the same sums over classes, without the mean and the /2.
+    tpr_gap, fpr_gap : float
+        ``mean_k |ΔTPR_k|`` and ``mean_k |ΔFPR_k|``, reported apart because EOdd's signed
+        sum can cancel. As ``TNR = 1 − FPR``, ``fpr_gap == eopp0`` and ``tpr_gap == eopp1``.
+    tpr, fpr, tnr : numpy.ndarray
+        Per-group (row = group id), per-class rates; NaN where undefined (TPR: no
+        positives of the class in the group; FPR/TNR: no negatives).
+    classes_left_out : dict of str to int
+        Classes left out of the means: ``"tpr"`` (TPR undefined in a group: EOpp1,
+        tpr_gap), ``"fpr"`` (FPR/TNR undefined: EOpp0, fpr_gap), ``"eodd"`` (either).
+    """
+
+    num_classes: int
+    privileged: int
+    group_names: tuple[str, str]
+    counts: tuple[int, int]
+    unknown_count: int
+    accuracy: tuple[float, float]
+    precision: tuple[float, float]
+    recall: tuple[float, float]
+    f1: tuple[float, float]
+    precision_avg: float
+    precision_diff: float
+    recall_avg: float
+    recall_diff: float
+    f1_avg: float
+    f1_diff: float
+    eopp0: float
+    eopp1: float
+    eodd: float
+    eopp0_sum: float
+    eopp1_sum: float
+    eodd_sum: float
+    tpr_gap: float
+    fpr_gap: float
+    tpr: np.ndarray = field(repr=False)
+    fpr: np.ndarray = field(repr=False)
+    tnr: np.ndarray = field(repr=False)
+    classes_left_out: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def unprivileged(self) -> int:
+        """Id of the unprivileged group."""
+        return 1 - self.privileged
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable dict of every value; NaN (undefined) becomes ``None``."""
+        groups = []
+        for gid in (0, 1):
+            groups.append(
+                {
+                    "id": gid,
+                    "name": self.group_names[gid],
+                    "privileged": gid == self.privileged,
+                    "count": self.counts[gid],
+                    "accuracy": _json_float(self.accuracy[gid]),
+                    "precision": _json_float(self.precision[gid]),
+                    "recall": _json_float(self.recall[gid]),
+                    "f1": _json_float(self.f1[gid]),
+                    "tpr": _json_floats(self.tpr[gid]),
+                    "fpr": _json_floats(self.fpr[gid]),
+                    "tnr": _json_floats(self.tnr[gid]),
+                }
+            )
+        return {
+            "num_classes": self.num_classes,
+            "privileged": self.privileged,
+            "unknown_count": self.unknown_count,
+            "groups": groups,
+            "precision": {
+                "avg": _json_float(self.precision_avg),
+                "diff": _json_float(self.precision_diff),
+            },
+            "recall": {
+                "avg": _json_float(self.recall_avg),
+                "diff": _json_float(self.recall_diff),
+            },
+            "f1": {"avg": _json_float(self.f1_avg), "diff": _json_float(self.f1_diff)},
+            "fairness": {
+                "convention": "mean over classes; EOdd halved",
+                "eopp0": _json_float(self.eopp0),
+                "eopp1": _json_float(self.eopp1),
+                "eodd": _json_float(self.eodd),
+            },
+            "fairness_sum": {
+                "convention": "sum over classes (the paper's equations)",
+                "eopp0": _json_float(self.eopp0_sum),
+                "eopp1": _json_float(self.eopp1_sum),
+                "eodd": _json_float(self.eodd_sum),
+            },
+            "tpr_gap": _json_float(self.tpr_gap),
+            "fpr_gap": _json_float(self.fpr_gap),
+            "classes_left_out": dict(self.classes_left_out),
+        }
+
+
+def _readonly(arr: np.ndarray) -> np.ndarray:
+    arr = np.array(arr, dtype=np.float64)
+    arr.flags.writeable = False
+    return arr
+
+
+def group_metrics(
+    y_true: Any,
+    y_pred: Any,
+    groups: Any,
+    *,
+    privileged: int = 1,
+    num_classes: int | None = None,
+    group_names: Sequence[str] | None = None,
+) -> GroupMetrics:
+    """Per-group precision/recall/F1 and the EOpp0/EOpp1/EOdd fairness gaps.
+
+    Parameters
+    ----------
+    y_true, y_pred : array-like of int, shape (n,)
+        True and predicted class ids (numpy arrays, torch tensors or sequences).
+    groups : array-like of int, shape (n,)
+        Group id per sample: 0 or 1, or −1 when unknown (left out and counted).
+    privileged : {0, 1}, default 1
+        Id of the privileged group, "group 1" in the fairness formulas.
+    num_classes : int, optional
+        K. Default: the largest label in ``y_true`` or ``y_pred`` plus one (at least 2).
+        Give it when a class may be absent from the split. A class absent from every
+        sample has no positives (left out of EOpp1/EOdd) but an FPR of 0 in both groups,
+        so it counts in EOpp0's mean as a class with no gap.
+    group_names : pair of str, optional
+        Names of group id 0 and id 1, for messages and :meth:`GroupMetrics.to_dict`.
+
+    Returns
+    -------
+    GroupMetrics
+        See its attributes for what each number means.
+
+    Raises
+    ------
+    FairDeployError
+        Inputs of different lengths, non-integer or out-of-range ids, or a group with
+        no samples.
+    """
+    privileged = _check_privileged(privileged)
+    num_classes = _check_num_classes(num_classes)
+    names = _check_group_names(group_names)
+    yt = _as_id_array(y_true, "y_true")
+    yp = _as_id_array(y_pred, "y_pred")
+    g = _as_id_array(groups, "groups")
+    _check_lengths({"y_true": yt, "y_pred": yp, "groups": g})
+    _check_labels(yt, "y_true", num_classes)
+    _check_labels(yp, "y_pred", num_classes)
+    _check_groups(g)
+    _check_groups_present(g, names)
+    k = _infer_num_classes(num_classes, yt, yp)
+
+    m = _metrics_from_counts(*_counts(yt, yp, g, k), privileged)
+
+    def pair(key: str) -> tuple[float, float]:
+        return (float(m[key][0]), float(m[key][1]))
+
+    def avg_diff(key: str) -> tuple[float, float]:
+        a, b = pair(key)
+        return (a + b) / 2.0, abs(a - b)
+
+    p_avg, p_diff = avg_diff("precision")
+    r_avg, r_diff = avg_diff("recall")
+    f_avg, f_diff = avg_diff("f1")
+    return GroupMetrics(
+        num_classes=k,
+        privileged=privileged,
+        group_names=names,
+        counts=(int(m["size"][0]), int(m["size"][1])),
+        unknown_count=int(np.sum(g == UNKNOWN_GROUP)),
+        accuracy=pair("accuracy"),
+        precision=pair("precision"),
+        recall=pair("recall"),
+        f1=pair("f1"),
+        precision_avg=p_avg,
+        precision_diff=p_diff,
+        recall_avg=r_avg,
+        recall_diff=r_diff,
+        f1_avg=f_avg,
+        f1_diff=f_diff,
+        eopp0=float(m["eopp0"]),
+        eopp1=float(m["eopp1"]),
+        eodd=float(m["eodd"]),
+        eopp0_sum=float(m["eopp0_sum"]),
+        eopp1_sum=float(m["eopp1_sum"]),
+        eodd_sum=float(m["eodd_sum"]),
+        tpr_gap=float(m["tpr_gap"]),
+        fpr_gap=float(m["fpr_gap"]),
+        tpr=_readonly(m["tpr"]),
+        fpr=_readonly(m["fpr"]),
+        tnr=_readonly(m["tnr"]),
+        classes_left_out={
+            "tpr": int(m["left_out_tpr"]),
+            "fpr": int(m["left_out_fpr"]),
+            "eodd": int(m["left_out_eodd"]),
+        },
+    )
+
+
+def privileged_group(
+    y_true: Any, y_pred: Any, groups: Any, *, num_classes: int | None = None
+) -> int:
+    """The id of the group on which the predictions have the higher macro recall.
+
+    This is DESIGN's ``privileged: auto``: the vanilla model's better-served group on the
+    validation split. Macro recall is as in :class:`GroupMetrics` (mean over the classes
+    present in the group). On an exact tie the answer is 1, the default ``privileged``
+    id, so equal performance leaves the usual convention in place.
+
+    Parameters
+    ----------
+    y_true, y_pred, groups : array-like of int, shape (n,)
+        As in :func:`group_metrics`; samples of unknown group (−1) are ignored.
+    num_classes : int, optional
+        As in :func:`group_metrics`.
+
+    Returns
+    -------
+    int
+        0 or 1.
+    """
+    metrics = group_metrics(y_true, y_pred, groups, num_classes=num_classes)
+    return 0 if metrics.recall[0] > metrics.recall[1] else 1
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+@dataclass(frozen=True)
+class ConfidenceInterval:
+    """A metric's value on the full test set and its bootstrap percentile interval.
+
+    Attributes
+    ----------
+    value : float
+        The metric on the full (un-resampled) test set.
+    low, high : float
+        The ``(1 − confidence)/2`` and ``(1 + confidence)/2`` quantiles of the metric
+        over the resamples where it is defined.
+    mean : float
+        Mean of the metric over those resamples. ``mean − value`` estimates the
+        bootstrap bias: EOpp0/EOpp1/EOdd average *absolute* gaps, and resampling noise
+        only adds to them, so when the true gap is small next to that noise the whole
+        interval can lie above ``value``. Compare methods with the paired difference,
+        where this bias largely cancels.
+    undefined_resamples : int
+        Resamples where the metric was undefined (e.g. a group drawn empty), left out.
+    """
+
+    value: float
+    low: float
+    high: float
+    mean: float
+    undefined_resamples: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serializable; NaN becomes ``None``."""
+        return {
+            "value": _json_float(self.value),
+            "low": _json_float(self.low),
+            "high": _json_float(self.high),
+            "mean": _json_float(self.mean),
+            "undefined_resamples": self.undefined_resamples,
+        }
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """A method's metric minus the baseline's, with a paired bootstrap interval.
+
+    Both methods are scored on the same resampled indices in every resample, so the
+    interval reflects the change itself, not the two methods' separate noise.
+
+    Attributes
+    ----------
+    value : float
+        ``metric(method) − metric(baseline)`` on the full test set.
+    low, high : float
+        Percentile interval of the per-resample differences.
+    significant : bool
+        True when the interval excludes 0; a change whose interval contains 0 is
+        not significant at this confidence.
+    undefined_resamples : int
+        Resamples where either metric was undefined, left out.
+    """
+
+    value: float
+    low: float
+    high: float
+    significant: bool
+    undefined_resamples: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serializable; NaN becomes ``None``."""
+        return {
+            "value": _json_float(self.value),
+            "low": _json_float(self.low),
+            "high": _json_float(self.high),
+            "significant": self.significant,
+            "undefined_resamples": self.undefined_resamples,
+        }
+
+
+@dataclass(frozen=True)
+class BootstrapMetrics:
+    """Bootstrap intervals for several methods' predictions on one test set.
+
+    Attributes
+    ----------
+    baseline : str
+        The method differences are taken against (e.g. ``"vanilla"``).
+    n_resamples : int
+        Resamples drawn (with replacement, same size as the known-group test samples).
+    confidence : float
+        Coverage of every interval, e.g. 0.95.
+    seed : int
+        Seed of the resampling; the same inputs and seed give the same intervals.
+    intervals : dict
+        ``intervals[method][metric]``: a :class:`ConfidenceInterval`, for the metrics
+        ``eopp0``, ``eopp1``, ``eodd`` (mean convention) and ``avg_precision`` (mean of
+        the two groups' macro precision).
+    differences : dict
+        ``differences[method][metric]``: a :class:`PairedDifference` against the
+        baseline, for every method but the baseline.
+    """
+
+    baseline: str
+    n_resamples: int
+    confidence: float
+    seed: int
+    intervals: dict[str, dict[str, ConfidenceInterval]]
+    differences: dict[str, dict[str, PairedDifference]]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serializable; NaN becomes ``None``."""
+        return {
+            "baseline": self.baseline,
+            "n_resamples": self.n_resamples,
+            "confidence": self.confidence,
+            "seed": self.seed,
+            "interval": "percentile",
+            "intervals": {
+                method: {name: ci.to_dict() for name, ci in per.items()}
+                for method, per in self.intervals.items()
+            },
+            "differences": {
+                method: {name: d.to_dict() for name, d in per.items()}
+                for method, per in self.differences.items()
+            },
+        }
+
+
+def _resample_blocks(n: int, n_resamples: int, seed: int) -> Iterator[np.ndarray]:
+    """Yield blocks of bootstrap index rows, shape (b, n), deterministic for ``seed``."""
+    rng = np.random.default_rng(seed)
+    block = max(1, min(n_resamples, _BOOTSTRAP_BLOCK // n))
+    dtype = np.int32 if n < 2**31 else np.int64
+    done = 0
+    while done < n_resamples:
+        b = min(block, n_resamples - done)
+        yield rng.integers(0, n, size=(b, n), dtype=dtype)
+        done += b
+
+
+def _bootstrap_values(
+    y_true: np.ndarray,
+    predictions: Mapping[str, np.ndarray],
+    groups: np.ndarray,
+    *,
+    privileged: int,
+    num_classes: int,
+    n_resamples: int,
+    seed: int,
+) -> dict[str, np.ndarray]:
+    """Per-resample values, ``{method: array (len(BOOTSTRAP_METRICS), n_resamples)}``.
+
+    Only known-group samples are resampled (unknown ones affect no metric). A resample
+    needs only one-vs-rest counts per (group, class). Each sample gets an integer code
+    once; per resample, the multiplicity of every sample (one ``bincount`` of the drawn
+    indices, shared by all methods) weights one more ``bincount`` of the codes per
+    method. That reads the codes sequentially instead of gathering them at random,
+    and costs about ``n`` operations per method and resample.
+    """
+    known = groups != UNKNOWN_GROUP
+    g, yt = groups[known], y_true[known]
+    n = g.shape[0]
+    k = num_classes
+    pos_code = g * k + yt
+    # (group, predicted class, correct?) → predicted counts and true positives in one pass.
+    pred_codes = {
+        name: (g * k + yp[known]) * 2 + (yp[known] == yt) for name, yp in predictions.items()
+    }
+    out = {name: np.empty((len(BOOTSTRAP_METRICS), n_resamples)) for name in predictions}
+    start = 0
+    for idx in _resample_blocks(n, n_resamples, seed):
+        b = idx.shape[0]
+        weights = np.empty((b, n))
+        positives = np.empty((b, 2 * k))
+        for r in range(b):
+            weights[r] = np.bincount(idx[r], minlength=n)
+            positives[r] = np.bincount(pos_code, weights=weights[r], minlength=2 * k)
+        positives = positives.reshape(b, 2, k)
+        split = np.empty((b, 4 * k))
+        for name, code in pred_codes.items():
+            for r in range(b):
+                split[r] = np.bincount(code, weights=weights[r], minlength=4 * k)
+            counts = split.reshape(b, 2, k, 2)
+            m = _metrics_from_counts(positives, counts.sum(axis=-1), counts[..., 1], privileged)
+            values = out[name][:, start : start + b]
+            values[0] = m["eopp0"]
+            values[1] = m["eopp1"]
+            values[2] = m["eodd"]
+            values[3] = m["precision"].mean(axis=-1)  # NaN if a group was drawn empty
+        start += b
+    return out
+
+
+def _percentile_interval(
+    values: np.ndarray, confidence: float
+) -> tuple[float, float, float, int]:
+    """``(low, high, mean, undefined count)`` of the defined (non-NaN) values."""
+    defined = values[~np.isnan(values)]
+    undefined = int(values.size - defined.size)
+    if defined.size == 0:
+        return math.nan, math.nan, math.nan, undefined
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(defined, [tail, 1.0 - tail])
+    return float(low), float(high), float(defined.mean()), undefined
+
+
+def bootstrap_metrics(
+    y_true: Any,
+    predictions: Mapping[str, Any],
+    groups: Any,
+    *,
+    baseline: str,
+    privileged: int = 1,
+    num_classes: int | None = None,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> BootstrapMetrics:
+    """Bootstrap confidence intervals of EOpp0/EOpp1/EOdd and Avg. precision.
+
+    Test samples (those of known group) are resampled with replacement ``n_resamples``
+    times; every method is scored on the same resampled indices, so its difference from
+    ``baseline`` is a paired bootstrap. Intervals are percentile intervals. A difference
+    whose interval contains 0 is marked not significant. The fairness gaps average
+    absolute values, so resampling biases them upward; see
+    :attr:`ConfidenceInterval.mean`.
+
+    Parameters
+    ----------
+    y_true : array-like of int, shape (n,)
+        True class ids of the test samples.
+    predictions : mapping of str to array-like of int, shape (n,)
+        Predicted class ids per method, e.g. ``{"vanilla": ..., "fairlrf": ...}``.
+    groups : array-like of int, shape (n,)
+        Group ids 0/1, −1 for unknown (not resampled, affects no metric).
+    baseline : str
+        The key of ``predictions`` to take differences against.
+    privileged : {0, 1}, default 1
+        Id of the privileged group.
+    num_classes : int, optional
+        K; default the largest label over ``y_true`` and all predictions, plus one.
+    n_resamples : int, default 1000
+        Number of bootstrap resamples.
+    confidence : float, default 0.95
+        Interval coverage, strictly between 0 and 1.
+    seed : int, default 0
+        Seed of the resampling: same inputs and seed, same result.
+
+    Returns
+    -------
+    BootstrapMetrics
+        Point values and intervals per method, paired differences with significance.
+    """
+    privileged = _check_privileged(privileged)
+    num_classes = _check_num_classes(num_classes)
+    if not isinstance(predictions, Mapping) or not predictions:
+        raise FairDeployError(
+            "predictions must be a non-empty mapping of method name to predicted labels"
+        )
+    if baseline not in predictions:
+        raise FairDeployError(
+            f"baseline={baseline!r} is not among the predictions ({sorted(predictions)}): "
+            "name one of them"
+        )
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 1:
+        raise FairDeployError(f"n_resamples={n_resamples!r} is not allowed: use an int ≥ 1")
+    if not isinstance(confidence, int | float) or not 0.0 < confidence < 1.0:
+        raise FairDeployError(
+            f"confidence={confidence!r} is outside (0, 1): use e.g. 0.95 for 95 % intervals"
+        )
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+        raise FairDeployError(f"seed={seed!r} is not an integer")
+
+    yt = _as_id_array(y_true, "y_true")
+    g = _as_id_array(groups, "groups")
+    preds = {
+        str(name): _as_id_array(values, f"predictions[{name!r}]")
+        for name, values in predictions.items()
+    }
+    named = {f"predictions[{name!r}]": p for name, p in preds.items()}
+    _check_lengths({"y_true": yt, "groups": g, **named})
+    _check_labels(yt, "y_true", num_classes)
+    for name, p in preds.items():
+        _check_labels(p, f"predictions[{name!r}]", num_classes)
+    _check_groups(g)
+    k = _infer_num_classes(num_classes, yt, *preds.values())
+
+    points = {
+        name: group_metrics(yt, p, g, privileged=privileged, num_classes=k)
+        for name, p in preds.items()
+    }
+    point_values = {
+        name: (m.eopp0, m.eopp1, m.eodd, m.precision_avg) for name, m in points.items()
+    }
+    samples = _bootstrap_values(
+        yt, preds, g, privileged=privileged, num_classes=k, n_resamples=n_resamples,
+        seed=int(seed),
+    )
+
+    intervals: dict[str, dict[str, ConfidenceInterval]] = {}
+    differences: dict[str, dict[str, PairedDifference]] = {}
+    for name in preds:
+        intervals[name] = {}
+        for i, metric in enumerate(BOOTSTRAP_METRICS):
+            low, high, mean, undefined = _percentile_interval(samples[name][i], confidence)
+            intervals[name][metric] = ConfidenceInterval(
+                value=point_values[name][i],
+                low=low,
+                high=high,
+                mean=mean,
+                undefined_resamples=undefined,
+            )
+        if name == baseline:
+            continue
+        differences[name] = {}
+        for i, metric in enumerate(BOOTSTRAP_METRICS):
+            paired = samples[name][i] - samples[baseline][i]
+            low, high, _, undefined = _percentile_interval(paired, confidence)
+            differences[name][metric] = PairedDifference(
+                value=point_values[name][i] - point_values[baseline][i],
+                low=low,
+                high=high,
+                # NaN bounds compare False: an undefined interval is never significant.
+                significant=bool(low > 0.0 or high < 0.0),
+                undefined_resamples=undefined,
+            )
+    return BootstrapMetrics(
+        baseline=baseline,
+        n_resamples=n_resamples,
+        confidence=float(confidence),
+        seed=int(seed),
+        intervals=intervals,
+        differences=differences,
+    )
