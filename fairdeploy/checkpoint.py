@@ -1,0 +1,328 @@
+"""Safe checkpoint loading and saving.
+
+:func:`load_checkpoint` reads a checkpoint with ``torch.load(weights_only=True)``, which
+unpickles only tensors and plain containers, so a checkpoint cannot run code while it
+loads. It accepts a bare state dict or a dict holding one under ``state_dict``,
+``model_state_dict``, ``model`` or ``net`` (training scripts' usual layouts), strips the
+``module.`` prefix of ``DataParallel``/``DistributedDataParallel`` and the ``_orig_mod.``
+prefix of ``torch.compile``, builds the architecture by name
+(:func:`fairdeploy.models.build_model`) and loads the weights strictly.
+
+A checkpoint holding a whole pickled ``nn.Module`` is loaded only with
+``trust_checkpoint=True`` (the CLI's ``--trust-checkpoint``): unpickling it runs
+arbitrary code from the file.
+
+:func:`save_checkpoint` writes the counterpart: a plain dict with ``state_dict`` and
+``metadata``, loadable with ``weights_only=True``, written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fairdeploy.errors import FairDeployError
+from fairdeploy.models import build_model
+
+__all__ = ["checkpoint_metadata", "load_checkpoint", "save_checkpoint"]
+
+_FORMAT = "fairdeploy-checkpoint"
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
+_PREFIXES = ("module.", "_orig_mod.")
+_SHOW = 5  # mismatching keys listed in an error
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    arch: str,
+    num_classes: int,
+    model_kwargs: Mapping[str, Any] | None = None,
+    trust_checkpoint: bool = False,
+) -> nn.Module:
+    """Build ``arch`` and load a checkpoint's weights into it.
+
+    Parameters
+    ----------
+    path : path-like
+        A file written by ``torch.save``: a state dict, a dict holding one (under
+        ``state_dict``, ``model_state_dict``, ``model`` or ``net``), or — only with
+        ``trust_checkpoint`` — a whole pickled ``nn.Module``.
+    arch : str
+        Architecture name for :func:`fairdeploy.models.build_model` (``vgg11_paper``,
+        ``mlp``, a torchvision name, or ``package.module:factory``).
+    num_classes : int
+        Output classes of the model.
+    model_kwargs : mapping, optional
+        Extra arguments of the architecture factory (e.g. ``widths`` for ``mlp``).
+    trust_checkpoint : bool
+        Allow unpickling arbitrary Python objects. Only for files from a trusted
+        source: unpickling runs code stored in the file.
+
+    Returns
+    -------
+    nn.Module
+        The model, in eval mode, on the CPU.
+
+    Raises
+    ------
+    FairDeployError
+        Missing or corrupt file, a pickled module without ``trust_checkpoint``, or
+        weights that do not fit the architecture (the message lists the first
+        mismatching, missing and unexpected keys with their shapes).
+    """
+    path = Path(path)
+    obj = _read(path, trust_checkpoint=trust_checkpoint)
+    module = _find_module(obj)
+    if module is not None:
+        return module.eval()
+    state = _find_state_dict(obj, path)
+    model = build_model(arch, num_classes, **dict(model_kwargs or {}))
+    expected = model.state_dict()
+    state = _strip_prefixes(state, expected)
+    _check_fit(state, expected, path=path, arch=arch, num_classes=num_classes)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def save_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Save a model's weights as a plain dict, atomically.
+
+    The file holds ``{"state_dict": ..., "metadata": {"format", "version",
+    "torch_version", **extra}}`` and loads with ``torch.load(weights_only=True)``
+    and :func:`load_checkpoint`.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model whose ``state_dict`` is saved (tensors are copied to the CPU).
+    path : path-like
+        Destination; written to a temporary name in the same folder, then renamed.
+    extra : mapping, optional
+        Metadata to store (e.g. ``arch``, ``num_classes``, ``epoch``): only ``str``,
+        ``int``, ``float``, ``bool``, ``None`` and lists/tuples/dicts of them, so the
+        file stays loadable without unpickling code.
+
+    Returns
+    -------
+    Path
+        The path written.
+    """
+    metadata: dict[str, Any] = {
+        "format": _FORMAT, "version": 1, "torch_version": str(torch.__version__)
+    }
+    for key, value in (extra or {}).items():
+        _check_plain(value, f"extra[{key!r}]")
+        metadata[str(key)] = value
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save({"state_dict": state, "metadata": metadata}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def checkpoint_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``metadata`` dict of a checkpoint (empty if it has none); loads safely."""
+    obj = _read(Path(path), trust_checkpoint=False)
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    return dict(meta) if isinstance(meta, dict) else {}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _read(path: Path, *, trust_checkpoint: bool) -> Any:
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "no such file"
+        raise FairDeployError(f"checkpoint {path}: {what}")
+    if not _looks_like_torch_file(path):
+        raise FairDeployError(
+            f"checkpoint {path} is not a PyTorch checkpoint or is damaged (neither a torch.save "
+            "zip archive nor a legacy torch pickle): give a file written by torch.save"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not str(exc).startswith("Weights only load failed"):
+            raise _corrupt(path, exc) from None
+        if not trust_checkpoint:
+            raise FairDeployError(
+                f"checkpoint {path} holds pickled Python objects (e.g. a whole nn.Module), not "
+                "only tensors: unpickling it runs arbitrary code from the file. Re-save it as a "
+                "state dict (torch.save(model.state_dict(), path)), or pass --trust-checkpoint "
+                "if you trust where it came from"
+            ) from None
+    except Exception as exc:  # torch raises RuntimeError, KeyError, EOFError... on bad bytes
+        raise _corrupt(path, exc) from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise FairDeployError(
+            f"checkpoint {path} cannot be unpickled even with --trust-checkpoint "
+            f"({type(exc).__name__}: {_first_line(exc)}); the code that defined its classes "
+            "must be importable"
+        ) from None
+
+
+# torch.save's legacy (non-zip) format starts with a pickled magic number.
+_LEGACY_MAGIC = b"\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    # Checked up front: the weights-only unpickler reports random bytes as "unsupported
+    # globals", which would wrongly read as a pickled module.
+    if zipfile.is_zipfile(path):
+        return True
+    with path.open("rb") as fh:
+        head = fh.read(32)
+    return _LEGACY_MAGIC in head
+
+
+def _corrupt(path: Path, exc: BaseException) -> FairDeployError:
+    return FairDeployError(
+        f"checkpoint {path} is not a PyTorch checkpoint or is damaged ({type(exc).__name__}: "
+        f"{_first_line(exc)}): give a file written by torch.save"
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else repr(exc)
+
+
+def _find_module(obj: Any) -> nn.Module | None:
+    if isinstance(obj, nn.Module):
+        return obj
+    if isinstance(obj, dict):
+        for key in _WRAPPER_KEYS:
+            if isinstance(obj.get(key), nn.Module):
+                return obj[key]
+    return None
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) for k in obj)
+        and all(torch.is_tensor(v) for v in obj.values())
+    )
+
+
+def _find_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if _is_state_dict(obj):
+        return dict(obj)
+    if isinstance(obj, Mapping):
+        for key in _WRAPPER_KEYS:
+            inner = obj.get(key)
+            if _is_state_dict(inner):
+                return dict(inner)
+        keys = ", ".join(map(repr, list(obj)[:8]))
+        raise FairDeployError(
+            f"checkpoint {path} is a dict without a state dict (keys: {keys}): expected tensors "
+            f"by parameter name, or a dict holding them under one of {', '.join(_WRAPPER_KEYS)}"
+        )
+    raise FairDeployError(
+        f"checkpoint {path} holds a {type(obj).__name__}, not a state dict: save "
+        "model.state_dict() with torch.save"
+    )
+
+
+def _strip_prefixes(
+    state: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    for prefix in _PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    if state and not set(state) & set(expected):
+        # Wrappers such as Lightning's store "model.<name>": drop a shared first
+        # component when that makes the keys match.
+        heads = {k.split(".", 1)[0] for k in state}
+        if len(heads) == 1 and all("." in k for k in state):
+            stripped = {k.split(".", 1)[1]: v for k, v in state.items()}
+            if set(stripped) & set(expected):
+                state = stripped
+    return state
+
+
+def _check_fit(
+    state: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor],
+    *,
+    path: Path,
+    arch: str,
+    num_classes: int,
+) -> None:
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        (k, tuple(expected[k].shape), tuple(state[k].shape))
+        for k in expected
+        if k in state and tuple(expected[k].shape) != tuple(state[k].shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    if shapes:
+        listed = "; ".join(
+            f"{k}: model {_fmt(e)}, checkpoint {_fmt(f)}" for k, e, f in shapes[:_SHOW]
+        )
+        parts.append(f"{len(shapes)} shape mismatch{'es' if len(shapes) > 1 else ''} ({listed}")
+        parts[-1] += ", ...)" if len(shapes) > _SHOW else ")"
+    for label, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            listed = ", ".join(keys[:_SHOW]) + (", ..." if len(keys) > _SHOW else "")
+            parts.append(f"{len(keys)} {label} key{'s' if len(keys) > 1 else ''} ({listed})")
+    hint = "check model.arch, model.num_classes and model.kwargs"
+    last = list(expected)[-2:]  # the head's weight and bias
+    head = [f for k, _, f in shapes if k in last and f]
+    if head and all(h[0] != num_classes for h in head) and len({h[0] for h in head}) == 1:
+        hint = f"the checkpoint's head has {head[0][0]} outputs: is model.num_classes {head[0][0]}?"
+    raise FairDeployError(
+        f"checkpoint {path} does not fit model.arch {arch!r} with num_classes={num_classes}: "
+        + "; ".join(parts)
+        + f" — {hint}"
+    )
+
+
+def _fmt(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _check_plain(value: Any, where: str) -> None:
+    if value is None or isinstance(value, str | int | float | bool):
+        return
+    if isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise FairDeployError(f"save_checkpoint {where}: key {k!r} is not a string")
+            _check_plain(v, f"{where}[{k!r}]")
+        return
+    raise FairDeployError(
+        f"save_checkpoint {where}: {type(value).__name__} is not allowed (use str, int, float, "
+        "bool, None, or lists/dicts of them, so the file loads with weights_only=True)"
+    )

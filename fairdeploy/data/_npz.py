@@ -1,0 +1,100 @@
+"""An ``.npz`` of arrays: features, labels, groups[, split] — tabular data or
+features extracted beforehand.
+
+Keys are set by ``data.x_key`` (float features, N × ...), ``data.target`` (integer
+class ids 0..C−1), ``sensitive.attribute`` (raw group values) and ``data.split_key``
+(``train``/``val``/``test`` strings or 0/1/2). Class names: ``data.class_names``, else
+a ``class_names`` array in the file, else ``"0"``…``"C−1"``. Loaded with
+``allow_pickle=False``: object arrays are refused.
+"""
+
+from __future__ import annotations
+
+import zipfile
+
+import numpy as np
+import torch
+
+from fairdeploy.data._splits import parse_split_values
+from fairdeploy.data._table import Table
+from fairdeploy.errors import FairDeployError
+from fairdeploy.recipe import NpzData, SensitiveSpec
+
+__all__ = ["load_npz_table"]
+
+
+def load_npz_table(data: NpzData, sensitive: SensitiveSpec) -> Table:
+    """Every row of the NPZ file."""
+    path = data.path
+    attr = str(sensitive.attribute)
+    keys_wanted = [data.x_key, data.target, attr]
+    if data.split.mode == "column":
+        keys_wanted.append(data.split_key)
+    if not path.is_file():
+        raise FairDeployError(
+            f"data.path {path}: no such file: expected an .npz with arrays "
+            f"{', '.join(keys_wanted)} (np.savez)"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys = list(npz.keys())
+            for key in keys_wanted:
+                if key not in keys:
+                    hint = (
+                        " (or set data.split.mode: stratified / random)"
+                        if key == data.split_key else ""
+                    )
+                    raise FairDeployError(
+                        f"{path}: has no array {key!r}{hint}; its arrays: {', '.join(keys)}"
+                    )
+            arrays = {k: npz[k] for k in keys_wanted}
+            file_names = npz["class_names"] if "class_names" in keys else None
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise FairDeployError(
+            f"data.path {path}: cannot be read as an .npz without pickles ({exc}): save plain "
+            "numeric/string arrays with np.savez"
+        ) from None
+    x, y, g = arrays[data.x_key], arrays[data.target], arrays[attr]
+    n = len(x)
+    for key, arr in arrays.items():
+        if arr.ndim == 0 or len(arr) != n:
+            raise FairDeployError(
+                f"{path}: array {key!r} has shape {arr.shape}, expected {n} rows like "
+                f"{data.x_key!r}"
+            )
+    if not np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_:
+        raise FairDeployError(f"{path}: array {data.x_key!r} is {x.dtype}, expected numbers")
+    if not (np.issubdtype(y.dtype, np.integer) or (
+        np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0)
+    )) or y.ndim != 1:
+        raise FairDeployError(
+            f"{path}: array {data.target!r} ({y.dtype}, shape {y.shape}) is not allowed (use one "
+            "integer class id 0..C−1 per row)"
+        )
+    y = y.astype(np.int64)
+    if data.class_names is not None:
+        class_names = list(data.class_names)
+    elif file_names is not None:
+        class_names = [str(c) for c in file_names.tolist()]
+    else:
+        class_names = [str(i) for i in range(int(y.max()) + 1 if n else 0)]
+    if n and (y.min() < 0 or y.max() >= len(class_names)):
+        raise FairDeployError(
+            f"{path}: array {data.target!r} has class ids {int(y.min())}..{int(y.max())}, "
+            f"not allowed with {len(class_names)} class names (use ids 0..{len(class_names) - 1})"
+        )
+    split = None
+    if data.split.mode == "column":
+        split = parse_split_values(arrays[data.split_key].tolist(), where=f"{path}")
+    features = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    return Table(
+        where=f"data.path {path}",
+        sample_ids=[str(i) for i in range(n)],
+        targets=y,
+        group_values=g.tolist(),
+        class_names=class_names,
+        preprocessing={"kind": "tensor", "input_shape": list(x.shape[1:]), "dtype": "float32"},
+        split=split,
+        features=features,
+        attribute=attr,
+    )
