@@ -1,0 +1,620 @@
+"""The feature cache: cut a model before its first target layer, run the frozen part once.
+
+FairLRF changes only the layers from the first target layer on, so everything before it
+(the *trunk*) is frozen. :func:`split_model` cuts a traced model at the input of a named
+layer into ``trunk`` and ``head``; :func:`compute_features` runs the trunk once over a
+dataset; :class:`FeatureCache` keeps the result on disk, keyed by everything it depends
+on, so scoring, selection, evaluation and sweeps run on the small head alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import operator
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from fairdeploy.data._loader import batch_loader
+from fairdeploy.errors import FairDeployError
+
+__all__ = [
+    "FeatureCache",
+    "FeatureSet",
+    "compute_features",
+    "file_sha256",
+    "layers_in_call_order",
+    "split_model",
+]
+
+# Bump when the cached file layout or the meaning of a key changes: old files then miss.
+_CACHE_FORMAT = "fairdeploy-feature-cache/1"
+
+
+# --------------------------------------------------------------------------- split
+
+
+class _CutTracer(fx.Tracer):
+    """The default tracer, except that the named modules are always leaves.
+
+    The default tracer traces *through* containers (``nn.Sequential``) and custom
+    modules, so a cut at such a module would find no ``call_module`` node for it.
+    """
+
+    def __init__(self, *leaves: str) -> None:
+        super().__init__()
+        self._leaves = set(leaves)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name in self._leaves or super().is_leaf_module(
+            m, module_qualified_name
+        )
+
+
+def _trace(model: nn.Module, leaves: Sequence[str], where: str) -> fx.Graph:
+    try:
+        return _CutTracer(*leaves).trace(model)
+    except Exception as exc:  # fx raises many types (TraceError, TypeError, ...)
+        raise FairDeployError(
+            f"{where}: torch.fx cannot trace the model ({type(exc).__name__}: {exc}); "
+            "features before the layer cannot be cached for a model whose forward has "
+            "data-dependent control flow"
+        ) from None
+
+
+def _check_submodule(model: nn.Module, layer: str, where: str) -> None:
+    try:
+        model.get_submodule(layer)
+    except AttributeError:
+        names = [n for n, m in model.named_modules() if n and isinstance(m, nn.Linear)]
+        raise FairDeployError(
+            f"{where}: the model has no submodule {layer!r}; its Linear layers are "
+            f"{', '.join(names) or '(none)'}"
+        ) from None
+    if not layer:
+        raise FairDeployError(f"{where}: give the name of a submodule, not the whole model")
+
+
+def layers_in_call_order(model: nn.Module, layers: Sequence[str]) -> list[str]:
+    """The named layers sorted by when ``forward`` first calls them.
+
+    The first one is where :func:`split_model` must cut when several layers are
+    optimized: every later target layer then lies in the head.
+
+    Raises
+    ------
+    FairDeployError
+        If a name is not a submodule, the model cannot be traced, or a layer is never
+        called.
+    """
+    where = f"cannot order layers {list(layers)!r} of {type(model).__name__}"
+    for layer in layers:
+        _check_submodule(model, layer, where)
+    graph = _trace(model, layers, where)
+    order = {}
+    for i, n in enumerate(graph.nodes):
+        if n.op == "call_module" and n.target in layers:
+            order.setdefault(n.target, i)
+    missing = [layer for layer in layers if layer not in order]
+    if missing:
+        raise FairDeployError(f"{where}: forward() never calls {', '.join(missing)}")
+    return sorted(dict.fromkeys(layers), key=order.__getitem__)
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    """``node`` and every node it depends on."""
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+_INPLACE_OPERATORS = {
+    getattr(operator, name)
+    for name in ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul",
+                 "iand", "ior", "ixor", "ilshift", "irshift")
+}
+
+
+def _is_inplace(model: nn.Module, node: fx.Node) -> bool:
+    """Whether ``node`` may modify its inputs in place (``ReLU(inplace=True)``, ``x.add_``)."""
+    if node.op == "call_module":
+        return bool(getattr(model.get_submodule(str(node.target)), "inplace", False))
+    if node.op == "call_method":
+        return str(node.target).endswith("_") and not str(node.target).endswith("__")
+    if node.op == "call_function":
+        return (
+            bool(node.kwargs.get("inplace", False))
+            or node.target in _INPLACE_OPERATORS
+            or getattr(node.target, "__name__", "").endswith("_")
+        )
+    return False
+
+
+def _describe(node: fx.Node) -> str:
+    if node.op == "placeholder":
+        return f"the model input {node.target!r}"
+    if node.op == "call_module":
+        return f"the output of module {node.target!r}"
+    name = getattr(node.target, "__name__", str(node.target))
+    return f"the result of {name} ({node.name!r})"
+
+
+def split_model(model: nn.Module, layer: str) -> tuple[nn.Module, nn.Module]:
+    """Cut a model at the input of a named layer into a frozen trunk and a head.
+
+    ``trunk(x)`` returns the activations entering ``layer`` (its positional input);
+    ``head(features)`` computes the model's output from there on, ``layer`` included,
+    so ``head(trunk(x))`` equals ``model(x)``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The classifier. It is traced with ``torch.fx`` and not modified.
+    layer : str
+        Qualified name of the first layer to optimize, e.g. ``"classifier.3"``.
+
+    Returns
+    -------
+    trunk, head : nn.Module
+        ``torch.fx.GraphModule`` deep copies (parameters are not shared with ``model``),
+        each in ``model``'s train/eval mode. Modules keep their qualified names, so
+        ``head.get_submodule("classifier.3")`` exists and can be replaced (e.g. by a
+        ``FactorizedLinear``) with ``head.set_submodule``.
+
+    Notes
+    -----
+    Tracing records one path through ``forward``: Python branches (e.g. on
+    ``self.training`` inside a custom, non-leaf module) are fixed at the mode the model
+    is in when it is split. Standard ``torch.nn`` layers are leaves and keep switching
+    with ``train()``/``eval()``. When several layers are optimized, cut at the first
+    one called (:func:`layers_in_call_order`).
+
+    Raises
+    ------
+    FairDeployError
+        If ``layer`` is not a submodule, the model cannot be traced, ``layer`` is not
+        called exactly once, or a value other than the layer's input crosses the cut
+        (a skip connection around the layer): then no frozen trunk exists.
+    """
+    where = f"cannot cut {type(model).__name__} at layer {layer!r}"
+    _check_submodule(model, layer, where)
+    graph = _trace(model, [layer], where)
+
+    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == layer]
+    if len(calls) != 1:
+        raise FairDeployError(
+            f"{where}: the layer is called {len(calls)} times in forward(); it must be "
+            "called exactly once"
+        )
+    (layer_node,) = calls
+    if not layer_node.args or not isinstance(layer_node.args[0], fx.Node):
+        raise FairDeployError(f"{where}: the layer is not called with a positional input")
+    cut = layer_node.args[0]
+    before = _ancestors(cut)
+    (output,) = (n for n in graph.nodes if n.op == "output")
+
+    # Walk back from the output, stopping at the cut: everything reached is the head.
+    # Reaching any other value computed before the cut means it flows past the layer.
+    head_nodes: set[fx.Node] = set()
+    stack: list[fx.Node] = [output]
+    while stack:
+        n = stack.pop()
+        if n is cut or n in head_nodes:
+            continue
+        if n.op == "placeholder" or (n in before and n.op != "get_attr"):
+            raise FairDeployError(
+                f"{where}: the part after the cut also uses {_describe(n)}, which is "
+                "computed before the layer (e.g. a skip connection around it), so the "
+                "layer's input is not the only value crossing the cut; choose a layer "
+                "where it is"
+            )
+        # get_attr nodes (constants, parameters used functionally) are simply copied.
+        head_nodes.add(n)
+        stack.extend(n.all_input_nodes)
+    if layer_node not in head_nodes:
+        raise FairDeployError(f"{where}: the model's output does not depend on the layer")
+
+    trunk_graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in graph.nodes:
+        # Keep every placeholder so the trunk has the model's call signature.
+        if n.op == "placeholder" or n in before:
+            env[n] = trunk_graph.node_copy(n, env.__getitem__)
+    trunk_graph.output(env[cut])
+
+    head_graph = fx.Graph()
+    features = head_graph.placeholder("features")
+    if any(_is_inplace(model, user) for user in cut.users if user in head_nodes):
+        # An in-place op on the head's input would overwrite the caller's (cached)
+        # features: work on a copy, which the model computed anyway.
+        features = head_graph.call_method("clone", (features,))
+    env = {cut: features}
+    for n in graph.nodes:
+        if n in head_nodes:
+            env[n] = head_graph.node_copy(n, env.__getitem__)
+
+    # GraphModule(root, graph) references root's submodules; the deep copy detaches
+    # them so the caller's model is never shared or changed.
+    parts = []
+    for g in (trunk_graph, head_graph):
+        g.lint()
+        part = copy.deepcopy(fx.GraphModule(model, g, class_name=type(model).__name__))
+        part.train(model.training)
+        # train() recursed into the submodules: restore their own modes (e.g. a frozen
+        # BatchNorm kept in eval mode inside a training model).
+        for name, sub in part.named_modules():
+            # (Intermediate containers that fx created have no counterpart; unused.)
+            if name:
+                with contextlib.suppress(AttributeError):
+                    sub.training = model.get_submodule(name).training
+        parts.append(part)
+    trunk, head = parts
+    return trunk, head
+
+
+# --------------------------------------------------------------------------- features
+
+
+@dataclass(frozen=True, eq=False)
+class FeatureSet:
+    """Activations entering a layer, with the labels and groups of their samples.
+
+    A map-style dataset: ``fs[i]`` is ``(features[i], targets[i], groups[i])``, the same
+    ``(x, y, group)`` triple the image datasets yield, so the head can be evaluated,
+    scored or fine-tuned with a ``DataLoader`` over it.
+
+    Attributes
+    ----------
+    features : torch.Tensor
+        float32, shape (N, D) for a Linear layer (the layer's input shape in general).
+    targets : torch.Tensor
+        long, shape (N,), the class labels.
+    groups : torch.Tensor
+        long, shape (N,), the sensitive group of each sample (−1 where unknown).
+    """
+
+    features: torch.Tensor
+    targets: torch.Tensor
+    groups: torch.Tensor
+
+    def __post_init__(self) -> None:
+        n = self.features.shape[0] if self.features.ndim else -1
+        if self.targets.shape != (n,) or self.groups.shape != (n,):
+            raise ValueError(
+                f"inconsistent FeatureSet shapes: features {tuple(self.features.shape)}, "
+                f"targets {tuple(self.targets.shape)}, groups {tuple(self.groups.shape)}"
+            )
+        if (
+            self.features.dtype != torch.float32
+            or self.targets.dtype != torch.long
+            or self.groups.dtype != torch.long
+        ):
+            raise ValueError(
+                "FeatureSet needs float32 features and long targets/groups, got "
+                f"{self.features.dtype}, {self.targets.dtype}, {self.groups.dtype}"
+            )
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.features[i], self.targets[i], self.groups[i]
+
+    def subset(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> FeatureSet:
+        """The samples at ``indices`` (integer positions or a boolean mask), in that order."""
+        idx = torch.as_tensor(np.asarray(indices) if not torch.is_tensor(indices) else indices)
+        if idx.dtype != torch.bool:
+            idx = idx.long()
+        return FeatureSet(self.features[idx], self.targets[idx], self.groups[idx])
+
+
+def _progress(enabled: bool, *, transient: bool, fields: str = ""):  # type: ignore[no-untyped-def]
+    """A rich progress bar, silent when disabled or when stderr is not a terminal."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    console = Console(stderr=True)
+    columns = [
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
+    if fields:
+        columns.append(TextColumn(fields))
+    return Progress(
+        *columns,
+        console=console,
+        transient=transient,
+        disable=not (enabled and console.is_terminal),
+    )
+
+
+def _param_dtype(module: nn.Module) -> torch.dtype:
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def compute_features(
+    trunk: nn.Module,
+    dataset: Any,
+    *,
+    batch_size: int = 128,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    progress: bool = True,
+    description: str = "Computing features",
+) -> FeatureSet:
+    """Run the trunk once over a dataset and collect its outputs.
+
+    Parameters
+    ----------
+    trunk : nn.Module
+        The frozen part of the model (from :func:`split_model`). It runs in eval mode
+        under ``torch.inference_mode``; its own mode and device are left unchanged (it
+        is copied when it must move to ``device``).
+    dataset : torch.utils.data.Dataset
+        Map-style, yielding ``(x, y, group)`` triples. Read in order, unshuffled.
+    batch_size, num_workers : int
+        DataLoader settings.
+    device : str or torch.device
+        Where the trunk runs; the features are returned on the CPU.
+    progress : bool
+        Show a transient progress bar (only on a terminal).
+    description : str
+        The progress bar's label, e.g. ``"features: test split"``.
+
+    Returns
+    -------
+    FeatureSet
+        float32 features in dataset order, long targets and groups.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise FairDeployError(f"batch_size={batch_size!r} is not allowed: use an integer ≥ 1")
+    n = len(dataset)
+    if n == 0:
+        raise FairDeployError(f"cannot compute features for {description!r}: the dataset is empty")
+    device = torch.device(device)
+    on_device = all(t.device == device for t in (*trunk.parameters(), *trunk.buffers()))
+    module = trunk if on_device else copy.deepcopy(trunk).to(device)
+    dtype = _param_dtype(module)
+    was_training = [(m, m.training) for m in module.modules()]
+    loader = batch_loader(
+        dataset, batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
+    )
+    features: torch.Tensor | None = None
+    targets = torch.empty(n, dtype=torch.long)
+    groups = torch.empty(n, dtype=torch.long)
+    pos = 0
+    module.eval()
+    try:
+        with torch.inference_mode(), _progress(progress, transient=True) as bar:
+            task = bar.add_task(description, total=n)
+            for batch in loader:
+                x, y, g = _unpack(batch, description)
+                if x.is_floating_point():
+                    x = x.to(dtype)
+                out = module(x.to(device, non_blocking=True))
+                if not torch.is_tensor(out):
+                    raise TypeError(f"the trunk returned {type(out).__name__}, not a tensor")
+                b = out.shape[0]
+                if features is None:
+                    # Preallocate: concatenating batches would double peak memory.
+                    features = torch.empty((n, *out.shape[1:]), dtype=torch.float32)
+                features[pos : pos + b] = out.float().cpu()
+                targets[pos : pos + b] = torch.as_tensor(y).long()
+                groups[pos : pos + b] = torch.as_tensor(g).long()
+                pos += b
+                bar.advance(task, b)
+    finally:
+        for m, mode in was_training:
+            m.training = mode
+    if pos != n or features is None:
+        raise RuntimeError(f"the data loader yielded {pos} samples, the dataset has {n}")
+    return FeatureSet(features, targets, groups)
+
+
+def _unpack(batch: Any, what: str) -> tuple[torch.Tensor, Any, Any]:
+    if not isinstance(batch, list | tuple) or len(batch) != 3:
+        raise FairDeployError(
+            f"{what}: the dataset must yield (x, y, group) triples, got "
+            f"{type(batch).__name__} of length {len(batch) if hasattr(batch, '__len__') else '?'}"
+        )
+    return batch[0], batch[1], batch[2]
+
+
+# --------------------------------------------------------------------------- cache
+
+_HASH_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 hex digest of a file's content, read in 1 MiB chunks.
+
+    Digests are remembered per process by (resolved path, size, mtime), so hashing
+    the same checkpoint for several cache keys reads it once.
+    """
+    p = Path(path)
+    try:
+        st = p.stat()
+        resolved = str(p.resolve())
+    except OSError as exc:
+        raise FairDeployError(f"cannot hash {str(path)!r}: {exc.strerror or exc}") from None
+    if not p.is_file():
+        raise FairDeployError(f"cannot hash {str(path)!r}: it is not a file")
+    key = (resolved, st.st_size, st.st_mtime_ns)
+    if key not in _HASH_CACHE:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _HASH_CACHE[key] = h.hexdigest()
+    return _HASH_CACHE[key]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, set | frozenset):
+        return sorted(value, key=repr)
+    if hasattr(value, "model_dump"):  # pydantic models (recipe sections)
+        return value.model_dump(mode="json")
+    raise TypeError(f"cache key part of type {type(value).__name__} is not JSON-serializable")
+
+
+def _canonical_json(parts: Mapping[str, Any]) -> str:
+    return json.dumps(
+        parts, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_jsonable
+    )
+
+
+class FeatureCache:
+    """Features on disk, one file per key, under ``directory``.
+
+    The key is the SHA-256 of the canonical JSON of ``key_parts`` (plus a format
+    version). The caller puts in it everything the features depend on: the checkpoint's
+    content hash (:func:`file_sha256`), the data config, the preprocessing, the split
+    name and the layer. Files are written atomically and read with
+    ``torch.load(weights_only=True)``; an unreadable or inconsistent file is reported
+    with a warning and recomputed.
+
+    Parameters
+    ----------
+    directory : str or os.PathLike
+        Where the ``<key>.pt`` files live (created on first write), e.g.
+        ``exports/.cache``.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+
+    def key(self, key_parts: Mapping[str, Any]) -> str:
+        """The hex SHA-256 cache key of ``key_parts`` (order of mapping keys is irrelevant)."""
+        return hashlib.sha256(
+            _canonical_json({"format": _CACHE_FORMAT, "parts": dict(key_parts)}).encode()
+        ).hexdigest()
+
+    def path(self, key_parts: Mapping[str, Any]) -> Path:
+        """The file that holds (or would hold) the features for ``key_parts``."""
+        return self.directory / f"features-{self.key(key_parts)}.pt"
+
+    def get_or_compute(
+        self,
+        key_parts: Mapping[str, Any],
+        compute: Callable[[], FeatureSet],
+    ) -> tuple[FeatureSet, bool]:
+        """Load the features for ``key_parts``, or compute, save and return them.
+
+        Returns
+        -------
+        features : FeatureSet
+        hit : bool
+            True if they were read from the cache.
+        """
+        key = self.key(key_parts)
+        path = self.directory / f"features-{key}.pt"
+        if path.exists():
+            try:
+                return _load_features(path, key), True
+            except Exception as exc:  # any unreadable file is a miss, never a crash
+                warnings.warn(
+                    f"ignoring unreadable feature cache file {str(path)!r} "
+                    f"({type(exc).__name__}: {exc}); recomputing it",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        fs = compute()
+        if not isinstance(fs, FeatureSet):
+            raise TypeError(f"compute() returned {type(fs).__name__}, not a FeatureSet")
+        try:
+            _save_features(path, key, _canonical_json(dict(key_parts)), fs)
+        except OSError as exc:
+            warnings.warn(
+                f"could not write feature cache file {str(path)!r} ({exc}); the features "
+                "were computed but not cached (choose a writable cache directory)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return fs, False
+
+    def clear(self) -> int:
+        """Delete every cached feature file in the directory; return how many."""
+        removed = 0
+        for p in self.directory.glob("features-*.pt"):
+            p.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    # torch.save writes a view's whole storage: copy views of larger tensors.
+    t = t.detach().cpu().contiguous()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.clone()
+    return t
+
+
+def _save_features(path: Path, key: str, parts_json: str, fs: FeatureSet) -> None:
+    payload = {
+        "format": _CACHE_FORMAT,
+        "key": key,
+        "key_parts": parts_json,  # for humans inspecting the cache
+        "features": _compact(fs.features),
+        "targets": _compact(fs.targets),
+        "groups": _compact(fs.groups),
+    }
+    _atomic_torch_save(payload, path)
+
+
+def _load_features(path: Path, key: str) -> FeatureSet:
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != _CACHE_FORMAT:
+        raise ValueError("not a fairdeploy feature cache file")
+    if payload.get("key") != key:
+        raise ValueError("the file's key does not match its name")
+    return FeatureSet(payload["features"], payload["targets"], payload["groups"])

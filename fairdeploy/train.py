@@ -1,0 +1,406 @@
+"""Pre-training of the vanilla classifier, as in the paper: seeded, resumable, atomic.
+
+The paper trains its VGG-11 with SGD (lr 0.01, momentum 0.9, weight decay 5e-4), batch
+128, for 100 epochs, multiplying the learning rate by 0.57 every 10 epochs.
+:func:`train_model` does exactly that by default (every value can be overridden),
+evaluates on the validation split after each epoch, and, given a checkpoint path,
+saves a resume state after every epoch so an interrupted run continues where it
+stopped and ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fairdeploy.checkpoint import save_checkpoint
+from fairdeploy.data._loader import batch_loader
+from fairdeploy.errors import FairDeployError
+from fairdeploy.features import _atomic_torch_save, _progress
+
+__all__ = ["TrainResult", "resume_state_path", "train_model"]
+
+_STATE_FORMAT = "fairdeploy-train-state/1"
+# The hyperparameters a resume state must share with the run that continues it
+# (``epochs`` may grow: training 2 epochs, then resuming to 4, is allowed).
+_RESUME_KEYS = (
+    "lr",
+    "momentum",
+    "weight_decay",
+    "step_epochs",
+    "gamma",
+    "batch_size",
+    "seed",
+    "train_size",
+)
+
+
+@dataclass(frozen=True, eq=False)
+class TrainResult:
+    """The outcome of :func:`train_model`.
+
+    Attributes
+    ----------
+    model : nn.Module
+        The trained copy after the last epoch, in eval mode, on the training device.
+    history : list of dict
+        One entry per epoch (all epochs, including those done before a resume):
+        ``epoch`` (1-based), ``lr``, ``train_loss``, ``train_accuracy`` and, when a
+        validation set was given, ``val_loss`` and ``val_accuracy``.
+    resumed_from : int
+        Epochs already done when this call started (0 for a fresh run).
+    checkpoint_path : Path or None
+        The final checkpoint, if one was written.
+    """
+
+    model: nn.Module
+    history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int = 0
+    checkpoint_path: Path | None = None
+
+
+def resume_state_path(checkpoint_path: str | Path) -> Path:
+    """Where :func:`train_model` keeps its per-epoch resume state: ``<checkpoint>.train``."""
+    p = Path(checkpoint_path)
+    return p.with_name(p.name + ".train")
+
+
+def _check_positive(name: str, value: Any, *, integer: bool, allow_zero: bool = False) -> None:
+    ok_type = (
+        isinstance(value, int) if integer else isinstance(value, int | float)
+    ) and not isinstance(value, bool)
+    if not ok_type or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        kind = "an integer" if integer else "a number"
+        bound = "≥ 0" if allow_zero else ("≥ 1" if integer else "> 0")
+        raise FairDeployError(f"{name}={value!r} is not allowed: use {kind} {bound}")
+
+
+def _loader(dataset: Any, batch_size: int, *, shuffle: bool, generator: torch.Generator | None,
+            num_workers: int, device: torch.device) -> Any:
+    return batch_loader(dataset, batch_size, shuffle=shuffle, generator=generator,
+                        num_workers=num_workers, pin_memory=device.type == "cuda")
+
+
+def _batch(batch: Any, dtype: torch.dtype, device: torch.device,
+           what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(batch, list | tuple) or len(batch) != 3:
+        raise FairDeployError(f"{what}: the dataset must yield (x, y, group) triples")
+    x, y = batch[0], torch.as_tensor(batch[1]).long()
+    if x.is_floating_point():
+        x = x.to(dtype)
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def _check_labels(labels: Any, logits: torch.Tensor, what: str) -> None:
+    """Labels must index the model's outputs (checked on the loader's CPU copy: no sync)."""
+    if logits.ndim != 2:
+        raise FairDeployError(
+            f"{what}: the model returned shape {tuple(logits.shape)}; a classifier must "
+            "return (batch, classes) logits"
+        )
+    k = int(logits.shape[1])
+    y = torch.as_tensor(labels)
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= k):
+        bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+        raise FairDeployError(
+            f"{what}: label {bad} is outside the model's {k} classes (0..{k - 1}); check "
+            "model.num_classes against the data"
+        )
+
+
+def _param_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _evaluate(model: nn.Module, loader: Any,
+              device: torch.device) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` (in eval mode) over ``loader``."""
+    model.eval()
+    dtype = _param_dtype(model)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    n = 0
+    with torch.inference_mode():
+        for batch in loader:
+            x, y = _batch(batch, dtype, device, "val_set")
+            logits = model(x)
+            _check_labels(batch[1], logits, "val_set")
+            loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").double()
+            correct += (logits.argmax(1) == y).sum()
+            n += y.numel()
+    return float(loss_sum) / max(n, 1), float(correct) / max(n, 1)
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Only values ``torch.load(weights_only=True)`` reads without unpickling code."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return
+    if isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise FairDeployError(f"{where}: key {k!r} is not a string")
+            _check_plain(v, f"{where}[{k!r}]")
+        return
+    raise FairDeployError(
+        f"{where}: {type(value).__name__} is not allowed (use str, int, float, bool, None, "
+        "or lists/dicts of them, so the checkpoint loads with weights_only=True)"
+    )
+
+
+def _cpu_state_dict(model: nn.Module) -> dict[str, Any]:
+    return {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in model.state_dict().items()}
+
+
+def _rng_state(generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state(), "loader": generator.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _load_resume_state(path: Path, config: Mapping[str, Any], epochs: int) -> dict[str, Any]:
+    fix = f"delete {str(path)!r} or train with resume=False (--no-resume) to start over"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise FairDeployError(
+            f"cannot read the training resume state {str(path)!r} ({type(exc).__name__}: "
+            f"{exc}); {fix}"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+        raise FairDeployError(f"{str(path)!r} is not a fairdeploy training resume state; {fix}")
+    saved = state["config"]
+    for key in _RESUME_KEYS:
+        if saved.get(key) != config[key]:
+            raise FairDeployError(
+                f"the resume state {str(path)!r} was trained with {key}={saved.get(key)!r}, "
+                f"this run asks for {key}={config[key]!r}; {fix}"
+            )
+    if state["epoch"] > epochs:
+        raise FairDeployError(
+            f"the resume state {str(path)!r} has {state['epoch']} epochs done, more than "
+            f"epochs={epochs}; ask for at least {state['epoch']} epochs or {fix}"
+        )
+    return state
+
+
+def train_model(
+    model: nn.Module,
+    train_set: Any,
+    val_set: Any | None,
+    *,
+    epochs: int = 100,
+    lr: float = 0.01,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    step_epochs: int = 10,
+    gamma: float = 0.57,
+    batch_size: int = 128,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    checkpoint_path: str | Path | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    num_workers: int = 0,
+    metadata: Mapping[str, Any] | None = None,
+) -> TrainResult:
+    """Train a classifier with the paper's recipe; return a trained copy.
+
+    SGD with momentum and weight decay on the mean cross-entropy, the learning rate
+    multiplied by ``gamma`` every ``step_epochs`` epochs (StepLR), shuffled batches
+    drawn from a generator seeded with ``seed``. The caller's model is not modified,
+    and the global RNG state is restored on return.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The initialized model; it is copied.
+    train_set, val_set : torch.utils.data.Dataset
+        Map-style datasets yielding ``(x, y, group)``; ``group`` is not used in training.
+        ``val_set`` may be None (no per-epoch evaluation).
+    epochs, lr, momentum, weight_decay, step_epochs, gamma, batch_size
+        The recipe; defaults are the paper's (100, 0.01, 0.9, 5e-4, 10, 0.57, 128).
+    seed : int
+        Seeds the shuffle and the global torch RNG (dropout). Same seed, data and
+        initial model → the same weights (on the CPU; GPU kernels may add
+        nondeterminism unless ``torch.use_deterministic_algorithms`` is on).
+    device : str or torch.device
+        Where to train.
+    checkpoint_path : str or Path, optional
+        Where to write the final checkpoint with
+        :func:`fairdeploy.checkpoint.save_checkpoint`: ``{"state_dict": ...,
+        "metadata": {"format", "version", "torch_version", **metadata, "history",
+        "train_config"}}``, loadable with ``torch.load(weights_only=True)`` and
+        :func:`fairdeploy.checkpoint.load_checkpoint`.
+        After every epoch a resume state (model, optimizer, scheduler, RNG states,
+        history) is written to :func:`resume_state_path` (``<checkpoint>.train``); it
+        is kept after training so a later call can extend the run to more epochs.
+    resume : bool
+        Continue from an existing resume state (it must have been written with the same
+        hyperparameters and training-set size; ``epochs`` may be larger). False starts
+        over and overwrites it.
+    progress : bool
+        Show a progress bar with loss and accuracy (only on a terminal).
+    num_workers : int
+        DataLoader worker processes.
+    metadata : mapping, optional
+        Extra entries for the final checkpoint's ``metadata``, e.g. ``{"arch":
+        "vgg11_paper", "num_classes": 2}``: str, int, float, bool, None, or lists/dicts
+        of them.
+
+    Returns
+    -------
+    TrainResult
+    """
+    for name, value in (("epochs", epochs), ("step_epochs", step_epochs),
+                        ("batch_size", batch_size)):
+        _check_positive(name, value, integer=True)
+    _check_positive("lr", lr, integer=False)
+    _check_positive("momentum", momentum, integer=False, allow_zero=True)
+    _check_positive("weight_decay", weight_decay, integer=False, allow_zero=True)
+    _check_positive("num_workers", num_workers, integer=True, allow_zero=True)
+    _check_positive("gamma", gamma, integer=False)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise FairDeployError(f"seed={seed!r} is not allowed: use an integer")
+    if len(train_set) == 0:
+        raise FairDeployError("train_set is empty: training needs at least one sample")
+    metadata = dict(metadata or {})
+    reserved = {"history", "train_config", "format", "version", "torch_version"} & metadata.keys()
+    if reserved:
+        raise ValueError(f"metadata may not set {sorted(reserved)}: train_model writes them")
+    # Checked now, not after 100 epochs when the checkpoint is written.
+    _check_plain(metadata, "metadata")
+
+    device = torch.device(device)
+    config = {
+        "epochs": epochs,
+        "lr": float(lr),
+        "momentum": float(momentum),
+        "weight_decay": float(weight_decay),
+        "step_epochs": step_epochs,
+        "gamma": float(gamma),
+        "batch_size": batch_size,
+        "seed": seed,
+        "train_size": len(train_set),
+    }
+    ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
+    state_path = resume_state_path(ckpt) if ckpt is not None else None
+
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        net = copy.deepcopy(model).to(device)
+        optimizer = torch.optim.SGD(
+            net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+        )
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_epochs, gamma=gamma)
+        history: list[dict[str, float]] = []
+        start = 0
+        if state_path is not None and resume and state_path.exists():
+            state = _load_resume_state(state_path, config, epochs)
+            try:
+                net.load_state_dict(state["state_dict"])
+            except RuntimeError as exc:
+                raise FairDeployError(
+                    f"the resume state {str(state_path)!r} does not fit this model ({exc}); "
+                    "delete it or train with resume=False (--no-resume)"
+                ) from None
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"]["torch"])
+            generator.set_state(state["rng"]["loader"])
+            if device.type == "cuda" and "cuda" in state["rng"]:
+                torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+            history = [dict(h) for h in state["history"]]
+            start = int(state["epoch"])
+
+        train_loader = _loader(train_set, batch_size, shuffle=True, generator=generator,
+                               num_workers=num_workers, device=device)
+        val_loader = (
+            _loader(val_set, batch_size, shuffle=False, generator=None,
+                    num_workers=num_workers, device=device)
+            if val_set is not None and len(val_set) > 0
+            else None
+        )
+        dtype = _param_dtype(net)
+        steps = len(train_loader)
+        status = "{task.fields[status]}"
+        with _progress(progress, transient=False, fields=status) as bar:
+            task = bar.add_task("Training", total=epochs * steps, completed=start * steps,
+                                status=_status(history))
+            for epoch in range(start, epochs):
+                net.train()
+                epoch_lr = float(optimizer.param_groups[0]["lr"])
+                loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+                correct = torch.zeros((), dtype=torch.long, device=device)
+                seen = 0
+                for i, batch in enumerate(train_loader):
+                    x, y = _batch(batch, dtype, device, "train_set")
+                    logits = net(x)
+                    _check_labels(batch[1], logits, "train_set")
+                    loss = nn.functional.cross_entropy(logits, y)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    loss_sum += loss.detach().double() * y.numel()
+                    correct += (logits.detach().argmax(1) == y).sum()
+                    seen += y.numel()
+                    if i % 10 == 9 or i == steps - 1:  # syncs with the device: not every step
+                        bar.update(task, status=f"epoch {epoch + 1}/{epochs} "
+                                   f"loss {float(loss_sum) / seen:.4f} "
+                                   f"acc {float(correct) / seen:.3f}")
+                    bar.advance(task)
+                scheduler.step()
+                record = {
+                    "epoch": epoch + 1,
+                    "lr": epoch_lr,
+                    "train_loss": float(loss_sum) / seen,
+                    "train_accuracy": float(correct) / seen,
+                }
+                if val_loader is not None:
+                    record["val_loss"], record["val_accuracy"] = _evaluate(
+                        net, val_loader, device
+                    )
+                history.append(record)
+                bar.update(task, status=_status(history))
+                if state_path is not None:
+                    _atomic_torch_save(
+                        {
+                            "format": _STATE_FORMAT,
+                            "epoch": epoch + 1,
+                            "config": config,
+                            "state_dict": _cpu_state_dict(net),
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(),
+                            "rng": _rng_state(generator, device),
+                            "history": history,
+                        },
+                        state_path,
+                    )
+        net.eval()
+
+    if ckpt is not None:
+        save_checkpoint(net, ckpt, extra={**metadata, "history": history, "train_config": config})
+    return TrainResult(model=net, history=history, resumed_from=start, checkpoint_path=ckpt)
+
+
+def _status(history: list[dict[str, float]]) -> str:
+    if not history:
+        return ""
+    h = history[-1]
+    s = f"epoch {h['epoch']} loss {h['train_loss']:.4f} acc {h['train_accuracy']:.3f}"
+    if "val_accuracy" in h:
+        s += f" val acc {h['val_accuracy']:.3f}"
+    return s
