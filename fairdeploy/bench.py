@@ -1,0 +1,314 @@
+"""Latency of ONNX models in ONNX Runtime: whole models and a factorized layer's sub-graph.
+
+Method (DESIGN.md §6): warm-up runs, then many timed iterations; the candidate and the
+baseline are timed interleaved (one run of each per iteration, so drift in machine load
+hits both alike) with worker-thread spinning turned off
+(``session.intra_op.allow_spinning = 0``), because a spinning session steals cores from
+the next one and distorts the ratio; median and p90 per model and batch size, with the
+thread count and provider recorded.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fairdeploy.errors import FairDeployError
+
+__all__ = [
+    "LatencyResult",
+    "Timing",
+    "extract_layer",
+    "layer_nodes",
+    "measure_latency",
+    "measure_layer_latency",
+]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Latency of one model at one batch size, in milliseconds."""
+
+    model: str
+    batch: int
+    median_ms: float
+    p90_ms: float
+    iters: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class LatencyResult:
+    """Timings of a candidate (and optionally a baseline) per batch size.
+
+    Attributes
+    ----------
+    timings : list of Timing
+        One per (model, batch); model is ``"candidate"`` or ``"baseline"``.
+    ratios : dict
+        Batch → baseline median ÷ candidate median (speed-up), when a baseline was given.
+    threads : int or None
+        Intra-op threads (None: ONNX Runtime's default).
+    provider : str
+        The provider that actually ran.
+    spinning : bool
+        Whether worker threads were allowed to spin.
+    mode : str
+        ``"interleaved"`` or ``"blocks"`` (each session timed in its own block).
+    """
+
+    timings: list[Timing]
+    ratios: dict[int, float] = field(default_factory=dict)
+    threads: int | None = None
+    provider: str = "CPUExecutionProvider"
+    spinning: bool = False
+    mode: str = "interleaved"
+    label: str = ""
+
+    def timing(self, model: str, batch: int) -> Timing:
+        """The timing of ``model`` (``candidate``/``baseline``) at ``batch``."""
+        for t in self.timings:
+            if t.model == model and t.batch == batch:
+                return t
+        raise KeyError((model, batch))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (for report.json)."""
+        return {
+            "label": self.label,
+            "timings": [t.to_dict() for t in self.timings],
+            "ratios": {str(b): r for b, r in self.ratios.items()},
+            "threads": self.threads,
+            "provider": self.provider,
+            "spinning": self.spinning,
+            "mode": self.mode,
+        }
+
+    def summary_lines(self) -> list[str]:
+        """Human-readable table lines."""
+        head = (
+            f"{self.label + ': ' if self.label else ''}provider={self.provider} "
+            f"threads={self.threads or 'default'} mode={self.mode} "
+            f"spinning={'on' if self.spinning else 'off'}"
+        )
+        lines = [head]
+        for t in self.timings:
+            lines.append(
+                f"  {t.model:<9} batch={t.batch:<4} median={t.median_ms:9.3f} ms  "
+                f"p90={t.p90_ms:9.3f} ms  ({t.iters} iters)"
+            )
+        for b, r in self.ratios.items():
+            lines.append(f"  speed-up baseline/candidate at batch {b}: {r:.2f}×")
+        return lines
+
+
+def _input_array(sess: Any, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    feeds = {}
+    rng = np.random.default_rng(seed)
+    for inp in sess.get_inputs():
+        shape = [batch if i == 0 else d for i, d in enumerate(inp.shape)]
+        if any(not isinstance(d, int) for d in shape):
+            raise FairDeployError(
+                f"input {inp.name!r} has a symbolic non-batch dimension {inp.shape}: only the "
+                "batch axis may be dynamic for bench"
+            )
+        feeds[inp.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def _check_batches(batches: Any) -> tuple[int, ...]:
+    out = tuple(int(b) for b in batches)
+    if not out or any(b < 1 for b in out):
+        raise FairDeployError(f"--batch {batches!r} is not allowed: use sizes ≥ 1, e.g. 1,32")
+    return out
+
+
+def _time_sessions(
+    sessions: dict[str, Any],
+    batches: tuple[int, ...],
+    *,
+    warmup: int,
+    iters: int,
+    interleaved: bool,
+) -> list[Timing]:
+    timings: list[Timing] = []
+    for batch in batches:
+        feeds = {name: _input_array(s, batch) for name, s in sessions.items()}
+        samples: dict[str, list[float]] = {name: [] for name in sessions}
+        order = list(sessions)
+        for name in order:
+            for _ in range(warmup):
+                sessions[name].run(None, feeds[name])
+        blocks = [order] if interleaved else [[n] for n in order]
+        for block in blocks:
+            for _ in range(iters):
+                for name in block:
+                    t0 = time.perf_counter()
+                    sessions[name].run(None, feeds[name])
+                    samples[name].append(time.perf_counter() - t0)
+        for name in order:
+            a = np.asarray(samples[name]) * 1e3
+            timings.append(
+                Timing(name, batch, float(np.median(a)), float(np.percentile(a, 90)), len(a))
+            )
+    return timings
+
+
+def measure_latency(
+    candidate: str | os.PathLike[str] | bytes,
+    baseline: str | os.PathLike[str] | bytes | None = None,
+    *,
+    batches: tuple[int, ...] | list[int] = (1, 32),
+    threads: int | None = None,
+    provider: str = "cpu",
+    warmup: int = 10,
+    iters: int = 100,
+    interleaved: bool = True,
+    spinning: bool = False,
+    label: str = "",
+) -> LatencyResult:
+    """Time ONNX models in ONNX Runtime.
+
+    Parameters
+    ----------
+    candidate, baseline : path-like or bytes
+        The models (bytes: a serialized ModelProto, e.g. an extracted sub-graph).
+    batches : sequence of int
+        Batch sizes (the model's batch axis must be dynamic).
+    threads : int, optional
+        Intra-op threads per session.
+    provider : {"auto", "cpu", "cuda"}
+        Execution provider.
+    warmup, iters : int
+        Untimed and timed runs per model and batch.
+    interleaved : bool
+        Alternate candidate and baseline runs (default) or time each in its own block.
+    spinning : bool
+        Allow worker threads to spin (off by default; see the module docstring).
+
+    Returns
+    -------
+    LatencyResult
+        Median and p90 per model and batch, and the baseline/candidate ratio.
+    """
+    from fairdeploy.providers import make_session, session_provider
+
+    batches = _check_batches(batches)
+    if warmup < 0 or iters < 1:
+        raise FairDeployError(f"warmup={warmup}, iters={iters}: use warmup ≥ 0 and iters ≥ 1")
+    sessions = {"candidate": _session(candidate, provider, threads, spinning, make_session)}
+    if baseline is not None:
+        sessions["baseline"] = _session(baseline, provider, threads, spinning, make_session)
+    timings = _time_sessions(sessions, batches, warmup=warmup, iters=iters, interleaved=interleaved)
+    result = LatencyResult(
+        timings=timings,
+        threads=threads,
+        provider=session_provider(sessions["candidate"]),
+        spinning=spinning,
+        mode="interleaved" if interleaved and baseline is not None else "blocks",
+        label=label,
+    )
+    if baseline is not None:
+        for b in batches:
+            ratio = result.timing("baseline", b).median_ms / result.timing("candidate", b).median_ms
+            result.ratios[b] = ratio
+    return result
+
+
+def _session(model, provider, threads, spinning, make_session):
+    if not isinstance(model, bytes) and not Path(model).is_file():
+        raise FairDeployError(f"ONNX model {str(model)!r} does not exist: give a .onnx file")
+    return make_session(model, provider=provider, threads=threads, spinning=spinning)
+
+
+def layer_nodes(model: Any, layer: str) -> list[Any]:
+    """Nodes of an exported graph that belong to module ``layer`` (e.g. ``classifier.3``).
+
+    The TorchScript exporter names nodes by module scope (``/classifier/classifier.3/MatMul``);
+    the dynamo exporter records ``pkg.torch.onnx.name_scopes``. Both are read.
+    """
+    parts = layer.split(".")
+    scope = "/" + "/".join(".".join(parts[: i + 1]) for i in range(len(parts))) + "/"
+    # A Sequential child at the top level is scoped by its index alone ("/2/MatMul").
+    out = []
+    for node in model.graph.node:
+        if node.name.startswith(scope):
+            out.append(node)
+            continue
+        for p in node.metadata_props:
+            if p.key == "pkg.torch.onnx.name_scopes" and f"'{layer}'" in p.value:
+                out.append(node)
+                break
+    return out
+
+
+def extract_layer(path: str | os.PathLike[str], layer: str) -> bytes:
+    """The sub-graph of one layer as a standalone model (dynamic batch), serialized.
+
+    Constants the layer's nodes use (Slice bounds) are carried along; the input is the
+    one tensor entering the layer from outside, the output the one leaving it.
+    """
+    import onnx
+    from onnx import utils as onnx_utils
+
+    model = onnx.load(os.fspath(path))
+    nodes = layer_nodes(model, layer)
+    if not nodes:
+        raise FairDeployError(
+            f"layer {layer!r} has no nodes in {str(path)!r}: give a module name such as "
+            "classifier.3 (see the model's fairdeploy.layers metadata)"
+        )
+    inits = {t.name for t in model.graph.initializer}
+    produced = {o for n in nodes for o in n.output}
+    const_out = {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    ins = [
+        i for n in nodes for i in n.input
+        if i and i not in produced and i not in inits and i not in const_out
+    ]
+    ins = list(dict.fromkeys(ins))
+    consumed_outside = {
+        i for n in model.graph.node if n not in nodes for i in n.input
+    } | {o.name for o in model.graph.output}
+    outs = [o for o in dict.fromkeys(produced) if o in consumed_outside]
+    if len(ins) != 1 or len(outs) != 1:
+        raise FairDeployError(
+            f"layer {layer!r} in {str(path)!r} has inputs {ins} and outputs {outs}: only "
+            "single-input, single-output layers can be benchmarked alone"
+        )
+    model = onnx.shape_inference.infer_shapes(model)
+    sub = onnx_utils.Extractor(model).extract_model(ins, outs)
+    # Make the batch axis dynamic whatever shape inference recorded.
+    for vi in list(sub.graph.input) + list(sub.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if dims:
+            dims[0].ClearField("dim_value")
+            dims[0].dim_param = "batch"
+    return sub.SerializeToString()
+
+
+def measure_layer_latency(
+    candidate: str | os.PathLike[str],
+    layer: str,
+    baseline: str | os.PathLike[str] | None = None,
+    *,
+    baseline_layer: str | None = None,
+    **kwargs: Any,
+) -> LatencyResult:
+    """Latency of one layer's sub-graph (e.g. the factorized FC-2), optionally against the
+    same layer of a baseline model. Keyword arguments go to :func:`measure_latency`.
+
+    Convolutions dominate a VGG's total latency on the CPU, so the layer's own latency is
+    where the factorization's speed-up shows.
+    """
+    cand = extract_layer(candidate, layer)
+    base = None if baseline is None else extract_layer(baseline, baseline_layer or layer)
+    kwargs.setdefault("label", f"layer {layer}")
+    return measure_latency(cand, base, **kwargs)

@@ -1,0 +1,435 @@
+"""``export_onnx``: a FactorizedLinear model to a really smaller ONNX file, checked."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from fairdeploy.errors import FairDeployError
+from fairdeploy.export._layout import LayerLayout, prepare_for_export
+
+__all__ = [
+    "METADATA_PREFIX",
+    "ExportResult",
+    "export_onnx",
+    "read_metadata",
+    "update_metadata",
+    "verify_npz_path",
+]
+
+#: Prefix of every ``metadata_props`` key fairdeploy writes; values are JSON.
+METADATA_PREFIX = "fairdeploy."
+#: Keys the pipeline fills (documented in the README); any other key is stored as given.
+DOCUMENTED_KEYS = (
+    "producer",
+    "version",
+    "recipe_hash",
+    "method",
+    "plan",
+    "class_names",
+    "group_names",
+    "preprocessing",
+    "theoretical_cr",
+    "measured_cr",
+    "fairness",
+    "layers",
+)
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+#: A single .onnx file holds at most 2 GB (protobuf limit); beyond, weights go to .onnx.data.
+_SINGLE_FILE_LIMIT = 1_900_000_000
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What :func:`export_onnx` wrote.
+
+    Attributes
+    ----------
+    path : Path
+        The ONNX model.
+    reference_path : Path or None
+        The ``<name>.verify.npz`` written beside it (None without reference inputs).
+    layers : list of LayerLayout
+        One record per factorized layer (shapes, kept rows/cols, stored parameters).
+    max_abs_error : float or None
+        Max |ONNX Runtime − PyTorch| on the reference inputs, checked at export.
+    simplified : bool
+        Whether onnxsim simplification was applied (and re-checked).
+    """
+
+    path: Path
+    reference_path: Path | None
+    layers: list[LayerLayout] = field(default_factory=list)
+    max_abs_error: float | None = None
+    simplified: bool = False
+
+
+def verify_npz_path(onnx_path: str | os.PathLike[str]) -> Path:
+    """The reference file export writes beside a model: ``model.onnx`` → ``model.verify.npz``."""
+    p = Path(onnx_path)
+    return p.with_name(p.stem + ".verify.npz")
+
+
+def _encode_metadata(metadata: Mapping[str, Any]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not key:
+            raise FairDeployError(f"metadata key {key!r} is not allowed: use a non-empty string")
+        full = key if key.startswith(METADATA_PREFIX) else METADATA_PREFIX + key
+        try:
+            out[full] = json.dumps(value, sort_keys=True)
+        except (TypeError, ValueError) as exc:
+            raise FairDeployError(
+                f"metadata[{key!r}] cannot be stored as JSON ({exc}): use str, numbers, "
+                "lists and dicts"
+            ) from None
+    return out
+
+
+def _set_metadata(model: onnx.ModelProto, encoded: Mapping[str, str]) -> None:
+    props = {p.key: p.value for p in model.metadata_props}
+    props.update(encoded)
+    del model.metadata_props[:]
+    for key in sorted(props):
+        model.metadata_props.add(key=key, value=props[key])
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The fairdeploy metadata of an ONNX model, JSON-decoded, keys without the prefix.
+
+    Keys (DESIGN.md §5): ``producer``, ``version``, ``recipe_hash``, ``method``, ``plan``
+    (per-layer k/sr/rr/β), ``class_names``, ``group_names``, ``preprocessing`` (size, crop,
+    mean, std), ``theoretical_cr``, ``measured_cr``, ``fairness``, ``layers`` (the export
+    layout, written by :func:`export_onnx`).
+    """
+    from fairdeploy.export._sizes import _load_header
+
+    model = _load_header(path)
+    out: dict[str, Any] = {}
+    for p in model.metadata_props:
+        if p.key.startswith(METADATA_PREFIX):
+            try:
+                out[p.key[len(METADATA_PREFIX) :]] = json.loads(p.value)
+            except json.JSONDecodeError:
+                out[p.key[len(METADATA_PREFIX) :]] = p.value
+    return out
+
+
+def update_metadata(path: str | os.PathLike[str], metadata: Mapping[str, Any]) -> None:
+    """Add or replace metadata entries of an existing model (e.g. the measured C.R., known
+    only once the vanilla model is exported too). The file is rewritten atomically."""
+    from fairdeploy.export._sizes import _load_header
+
+    _load_header(path)  # user-facing error for a missing or corrupt file
+    model = onnx.load(str(path))
+    _set_metadata(model, _encode_metadata(metadata))
+    _save_atomic(model, Path(path))
+
+
+def _save_atomic(model: onnx.ModelProto, path: Path) -> None:
+    """Write ``model`` to a temporary name in the target folder, then rename.
+
+    One file when the weights fit (under 2 GB); otherwise weights go to
+    ``<name>.onnx.data``, written and renamed before the model that references it.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    size = model.ByteSize()
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".fairdeploy-") as tmp:
+        tmp_model = Path(tmp) / path.name
+        if size < _SINGLE_FILE_LIMIT:
+            onnx.save_model(model, str(tmp_model))
+            os.replace(tmp_model, path)
+            stale = path.with_name(path.name + ".data")
+            if stale.exists():
+                stale.unlink()
+        else:
+            data_name = path.name + ".data"
+            onnx.save_model(
+                model,
+                str(tmp_model),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=1024,
+            )
+            os.replace(Path(tmp) / data_name, path.parent / data_name)
+            os.replace(tmp_model, path)
+
+
+def _save_npz_atomic(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as f:
+        np.savez(f, **arrays)
+        tmp = f.name
+    os.replace(tmp, path)
+
+
+def _torch_export(ready: nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
+    """TorchScript-based export: 3× faster than the dynamo exporter on vgg11_paper here and
+    it keeps parameter names as initializer names (the structure check relies on them)."""
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            ready,
+            (example,),
+            buf,
+            dynamo=False,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=opset,
+            do_constant_folding=True,
+        )
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _expected_blocks(ready: nn.Module, layouts: list[LayerLayout]) -> dict[str, tuple[int, ...]]:
+    names = {lay.layer for lay in layouts}
+    out: dict[str, tuple[int, ...]] = {}
+    for pname, p in ready.named_parameters():
+        if pname.rsplit(".", 1)[0] in names:
+            out[pname] = tuple(p.shape)
+    return out
+
+
+def check_factor_structure(
+    model: onnx.ModelProto, ready: nn.Module, layouts: list[LayerLayout]
+) -> None:
+    """Every stored block of every factorized layer is an initializer of its own exact
+    shape, and no initializer holds a rebuilt Din×Dout matrix of a factorized layer.
+
+    Raises RuntimeError (a bug, not a user mistake) when the exporter or the simplifier
+    has re-fused the factors.
+    """
+    inits = {t.name: tuple(int(d) for d in t.dims) for t in model.graph.initializer}
+    shapes = list(inits.values())
+    expected = _expected_blocks(ready, layouts)
+    for name, shape in expected.items():
+        if inits.get(name) == shape:
+            continue
+        if int(np.prod(shape)) == 0:
+            continue  # an empty block may be folded away; it stores nothing either way
+        if shape in shapes or tuple(reversed(shape)) in shapes:
+            continue  # renamed, or transposed into a Gemm: same elements
+        raise RuntimeError(f"factor block {name} {shape} is missing from the exported graph")
+    for lay in layouts:
+        for name, shape in inits.items():
+            if expected.get(name) == shape:
+                continue  # a block that is legitimately Din×k with k = Dout
+            if name.startswith(lay.layer + ".") and int(np.prod(shape)) == lay.din * lay.dout:
+                raise RuntimeError(
+                    f"initializer {name} {shape} of factorized layer {lay.layer} holds a rebuilt "
+                    f"{lay.din}×{lay.dout} matrix"
+                )
+
+
+def _ort_outputs(model_bytes: bytes, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+    outs = [sess.run(None, {INPUT_NAME: x[i : i + batch]})[0] for i in range(0, len(x), batch)]
+    return np.concatenate(outs)
+
+
+def _as_tensor(x: Any, what: str) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not isinstance(x, torch.Tensor):
+        raise FairDeployError(f"{what} is a {type(x).__name__}: give a torch.Tensor or numpy array")
+    if x.ndim < 2 or x.shape[0] < 1:
+        raise FairDeployError(
+            f"{what} has shape {tuple(x.shape)}: give a batch (N, ...) with N ≥ 1"
+        )
+    return x.float()
+
+
+def export_onnx(
+    model: nn.Module,
+    example_input: torch.Tensor | np.ndarray,
+    path: str | os.PathLike[str],
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    reference_inputs: torch.Tensor | np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
+    simplify: bool = False,
+    sparse_layout: bool = True,
+    fold_permutations: bool = True,
+    opset: int = 17,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+) -> ExportResult:
+    """Export a classifier to ONNX with factorized layers as real smaller MatMuls.
+
+    A :class:`~fairdeploy.lrf.FactorizedLinear` becomes ``MatMul(Din×k) → MatMul(k×Dout)
+    → Add(bias)`` with S folded into U, never a rebuilt Din×Dout matrix. Structured-sparse
+    factors become smaller blocks (``Slice`` + ``MatMul`` + ``Concat``) so the initializers
+    hold exactly the non-zero entries; the permutations that make the sparsified rows and
+    columns contiguous are folded into the neighbouring Linear layers when only
+    elementwise modules lie between, else applied with a ``Gather``. The batch axis is
+    dynamic (input ``input``, output ``logits``).
+
+    After export the graph is checked (``onnx.checker`` full check; every factor block
+    stored on its own; ONNX Runtime matches PyTorch on ``example_input`` and the
+    reference inputs within ``atol + rtol·|ref|``), then written atomically.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The classifier (not modified; exported in eval mode).
+    example_input : Tensor or ndarray
+        A batch of inputs, shape (N, ...), used for tracing and a first parity check.
+    path : path-like
+        Where to write the ``.onnx`` file.
+    metadata : mapping, optional
+        Stored in ``metadata_props`` under ``fairdeploy.<key>`` as JSON (see
+        :func:`read_metadata` for the documented keys). ``layers`` (the export layout),
+        ``producer`` and ``version`` are filled in.
+    reference_inputs : Tensor or ndarray, optional
+        Real inputs: their PyTorch outputs are written to ``<name>.verify.npz`` (arrays
+        ``inputs``, ``outputs`` and, when given, ``labels`` and ``groups``) for
+        :func:`fairdeploy.verify.verify`.
+    labels, groups : ndarray, optional
+        Targets and group ids of ``reference_inputs`` (verify then reports group fairness
+        of the ONNX model's predictions).
+    simplify : bool
+        Run onnxsim and keep its result only if the factors stay separate and the outputs
+        still match.
+    sparse_layout, fold_permutations : bool
+        See :func:`fairdeploy.export.prepare_for_export`.
+    opset : int
+        ONNX opset.
+    atol, rtol : float
+        Tolerance of the export-time parity check.
+
+    Returns
+    -------
+    ExportResult
+    """
+    from fairdeploy import __version__
+
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise FairDeployError(f"output path {str(path)!r} must end in .onnx")
+    example = _as_tensor(example_input, "example_input")
+    ref_x = None if reference_inputs is None else _as_tensor(reference_inputs, "reference_inputs")
+    for name, arr in (("labels", labels), ("groups", groups)):
+        if arr is not None and (ref_x is None or len(arr) != len(ref_x)):
+            raise FairDeployError(
+                f"{name} has {len(arr)} entries: give one per row of reference_inputs "
+                f"({0 if ref_x is None else len(ref_x)})"
+            )
+    encoded = _encode_metadata(dict(metadata or {}))
+
+    ready, layouts = prepare_for_export(
+        model, sparse_layout=sparse_layout, fold_permutations=fold_permutations
+    )
+    original = model if not model.training else _eval_copy(model)
+    with torch.no_grad():
+        check_x = example if ref_x is None else torch.cat([example, ref_x[:256]])
+        expected = original(check_x).numpy()
+        ready_out = ready(check_x).numpy()
+    layout_err = float(np.max(np.abs(ready_out - expected)))
+    if not np.all(np.abs(ready_out - expected) <= atol + rtol * np.abs(expected)):
+        raise RuntimeError(f"export layout differs from the model by {layout_err:g}")
+
+    proto = _torch_export(ready, example, opset)
+    check_factor_structure(proto, ready, layouts)
+    simplified = False
+    if simplify:
+        proto, simplified = _simplify(proto, ready, layouts, check_x.numpy(), expected, atol, rtol)
+    got = _ort_outputs(proto.SerializeToString(), check_x.numpy())
+    err = np.abs(got - expected)
+    if not np.all(err <= atol + rtol * np.abs(expected)):
+        raise RuntimeError(
+            f"ONNX Runtime output differs from PyTorch by {float(err.max()):g} "
+            f"(atol={atol}, rtol={rtol})"
+        )
+
+    proto.producer_name = "fairdeploy"
+    proto.producer_version = __version__
+    base = {
+        "producer": "fairdeploy",
+        "version": __version__,
+        "layers": [lay.to_dict() for lay in layouts],
+    }
+    _set_metadata(proto, {**_encode_metadata(base), **encoded})
+    onnx.checker.check_model(proto, full_check=True)
+    _save_atomic(proto, path)
+
+    ref_path = None
+    if ref_x is not None:
+        with torch.no_grad():
+            outs = np.concatenate(
+                [original(ref_x[i : i + 256]).numpy() for i in range(0, len(ref_x), 256)]
+            )
+        arrays: dict[str, np.ndarray] = {"inputs": ref_x.numpy(), "outputs": outs}
+        if labels is not None:
+            arrays["labels"] = np.asarray(labels)
+        if groups is not None:
+            arrays["groups"] = np.asarray(groups)
+        ref_path = verify_npz_path(path)
+        _save_npz_atomic(ref_path, arrays)
+    return ExportResult(
+        path=path,
+        reference_path=ref_path,
+        layers=layouts,
+        max_abs_error=float(err.max()),
+        simplified=simplified,
+    )
+
+
+def _eval_copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model).eval()
+
+
+def _simplify(
+    proto: onnx.ModelProto,
+    ready: nn.Module,
+    layouts: list[LayerLayout],
+    x: np.ndarray,
+    expected: np.ndarray,
+    atol: float,
+    rtol: float,
+) -> tuple[onnx.ModelProto, bool]:
+    """onnxsim, kept only if it leaves the factors separate and the outputs unchanged."""
+    import onnxsim
+
+    try:
+        simple, ok = onnxsim.simplify(proto)
+    except Exception as exc:  # onnxsim fails on some graphs; the unsimplified one is fine
+        warnings.warn(f"onnxsim failed ({exc}); keeping the unsimplified graph", stacklevel=3)
+        return proto, False
+    if not ok:
+        warnings.warn("onnxsim's own check failed; keeping the unsimplified graph", stacklevel=3)
+        return proto, False
+    try:
+        check_factor_structure(simple, ready, layouts)
+    except RuntimeError as exc:
+        warnings.warn(
+            f"onnxsim re-fused factors ({exc}); keeping the unsimplified graph", stacklevel=3
+        )
+        return proto, False
+    got = _ort_outputs(simple.SerializeToString(), x)
+    if not np.all(np.abs(got - expected) <= atol + rtol * np.abs(expected)):
+        warnings.warn("onnxsim changed the outputs; keeping the unsimplified graph", stacklevel=3)
+        return proto, False
+    return simple, True

@@ -1,0 +1,388 @@
+"""Does the ONNX model that ships compute what the PyTorch model computed?
+
+:func:`verify` runs the ONNX checker, runs the model in ONNX Runtime on real inputs,
+compares with reference outputs (per output: max absolute and relative error, argmax
+agreement, the smallest tolerance that would pass) and, when the reference carries labels
+and groups, reports group fairness of the ONNX model's own predictions. The result is
+truthy on pass (Polygraphy's comparator style).
+
+Reference sources:
+
+- ``<name>.verify.npz`` written by :func:`fairdeploy.export.export_onnx` beside the model
+  (arrays ``inputs``, ``outputs``, optionally ``labels``, ``groups``), the default;
+- any ``.npz`` with those arrays (``--reference FILE``);
+- a PyTorch model and inputs: :func:`reference_from_model` (the hook for "checkpoint +
+  recipe": load the model with the recipe, pick the split, call this).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fairdeploy.errors import FairDeployError
+
+__all__ = [
+    "OutputComparison",
+    "Reference",
+    "VerifyResult",
+    "load_reference",
+    "reference_from_model",
+    "verify",
+]
+
+DEFAULT_ATOL = 1e-4
+DEFAULT_RTOL = 1e-3
+DEFAULT_ARGMAX_AGREEMENT = 0.999
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Inputs and the outputs the ONNX model must reproduce.
+
+    Attributes
+    ----------
+    inputs : ndarray
+        Model inputs, shape (N, ...).
+    outputs : ndarray
+        Reference outputs (logits), shape (N, C).
+    labels, groups : ndarray or None
+        Targets and group ids, for fairness of the ONNX predictions.
+    source : str
+        Where the reference came from (a file path or ``"pytorch model"``).
+    """
+
+    inputs: np.ndarray
+    outputs: np.ndarray
+    labels: np.ndarray | None = None
+    groups: np.ndarray | None = None
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class OutputComparison:
+    """One output of the ONNX model against its reference.
+
+    ``min_atol`` is the smallest atol that passes with the rtol used; ``min_rtol`` the
+    smallest rtol that passes with the atol used (inf when a zero reference differs by
+    more than atol).
+    """
+
+    name: str
+    max_abs_error: float
+    max_rel_error: float
+    atol: float
+    rtol: float
+    min_atol: float
+    min_rtol: float
+    argmax_agreement: float
+    within_tolerance: bool
+    passed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Outcome of :func:`verify`; truthy when everything passed.
+
+    Attributes
+    ----------
+    passed : bool
+        Checker OK and every output within ``atol + rtol·|ref|`` with argmax agreement ≥
+        the required fraction.
+    checker_ok : bool
+        ``onnx.checker.check_model(full_check=True)`` passed.
+    checker_message : str
+        The checker's error, empty when it passed.
+    outputs : list of OutputComparison
+        Per-output comparison.
+    n_samples : int
+        Reference samples compared.
+    provider : str
+        The execution provider that actually ran.
+    reference : str
+        Where the reference came from.
+    fairness : dict or None
+        ``fairdeploy.metrics.group_metrics`` of the ONNX predictions (when the reference
+        has labels and groups), else None.
+    fairness_note : str
+        Why fairness is missing, when it is.
+    """
+
+    passed: bool
+    checker_ok: bool
+    checker_message: str
+    outputs: list[OutputComparison]
+    n_samples: int
+    provider: str
+    reference: str
+    fairness: dict[str, Any] | None = None
+    fairness_note: str = ""
+    required_argmax_agreement: float = DEFAULT_ARGMAX_AGREEMENT
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (for report.json)."""
+        return {
+            "passed": self.passed,
+            "checker_ok": self.checker_ok,
+            "checker_message": self.checker_message,
+            "outputs": [o.to_dict() for o in self.outputs],
+            "n_samples": self.n_samples,
+            "provider": self.provider,
+            "reference": self.reference,
+            "fairness": self.fairness,
+            "fairness_note": self.fairness_note,
+            "required_argmax_agreement": self.required_argmax_agreement,
+        }
+
+    def summary_lines(self) -> list[str]:
+        """Human-readable lines, ending with the PASSED/FAILED line."""
+        lines = [
+            f"checker: {'ok' if self.checker_ok else 'FAILED: ' + self.checker_message}",
+            f"reference: {self.reference} ({self.n_samples} samples), provider: {self.provider}",
+        ]
+        for o in self.outputs:
+            lines.append(
+                f"output {o.name}: max|Δ|={o.max_abs_error:.3g} max rel={o.max_rel_error:.3g} "
+                f"argmax agreement={o.argmax_agreement:.4%} "
+                f"(atol={o.atol:g}, rtol={o.rtol:g}; would pass with atol ≥ {o.min_atol:.3g} "
+                f"or rtol ≥ {o.min_rtol:.3g}) {'ok' if o.passed else 'FAILED'}"
+            )
+        if self.fairness is not None:
+            fair = self.fairness.get("fairness", self.fairness)
+            shown = [f"{k}={fair[k]:.4f}" for k in ("eopp0", "eopp1", "eodd") if k in fair]
+            for k in ("precision", "recall", "f1"):
+                v = self.fairness.get(k)
+                if isinstance(v, dict) and "avg" in v:
+                    shown.append(f"{k} avg={v['avg']:.4f} diff={v['diff']:.4f}")
+            lines.append(f"group metrics of the ONNX predictions: {', '.join(shown)}")
+        elif self.fairness_note:
+            lines.append(f"fairness: {self.fairness_note}")
+        lines.append(("PASSED" if self.passed else "FAILED") + f": {self.reference}")
+        return lines
+
+
+def load_reference(path: str | os.PathLike[str]) -> Reference:
+    """Read a reference ``.npz`` (arrays ``inputs``, ``outputs``, optional ``labels``,
+    ``groups``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FairDeployError(
+            f"reference file {str(p)!r} does not exist: export with reference inputs "
+            "(it writes <name>.verify.npz) or pass --reference FILE"
+        )
+    try:
+        with np.load(p, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception as exc:  # zipfile/pickle errors for a file that is not an npz
+        raise FairDeployError(f"reference file {str(p)!r} is not a readable .npz ({exc})") from None
+    missing = [k for k in ("inputs", "outputs") if k not in arrays]
+    if missing:
+        raise FairDeployError(
+            f"reference file {str(p)!r} lacks array(s) {', '.join(missing)}: it needs "
+            "'inputs' and 'outputs' (optionally 'labels', 'groups')"
+        )
+    n = len(arrays["inputs"])
+    for k in ("outputs", "labels", "groups"):
+        if k in arrays and len(arrays[k]) != n:
+            raise FairDeployError(
+                f"reference file {str(p)!r}: '{k}' has {len(arrays[k])} rows, 'inputs' has {n}"
+            )
+    return Reference(
+        inputs=arrays["inputs"],
+        outputs=arrays["outputs"],
+        labels=arrays.get("labels"),
+        groups=arrays.get("groups"),
+        source=str(p),
+    )
+
+
+def reference_from_model(
+    model: Any,
+    inputs: Any,
+    *,
+    labels: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
+    batch_size: int = 256,
+) -> Reference:
+    """A reference computed by a PyTorch model (eval mode, no grad) on ``inputs``.
+
+    This is the hook for the "checkpoint + recipe" source: load the model and the split
+    with the recipe, then call this.
+    """
+    import copy
+
+    import torch
+
+    m = copy.deepcopy(model).eval() if model.training else model
+    x = torch.as_tensor(np.asarray(inputs), dtype=torch.float32)
+    with torch.no_grad():
+        outs = [m(x[i : i + batch_size]).numpy() for i in range(0, len(x), batch_size)]
+    return Reference(
+        inputs=x.numpy(),
+        outputs=np.concatenate(outs),
+        labels=None if labels is None else np.asarray(labels),
+        groups=None if groups is None else np.asarray(groups),
+        source="pytorch model",
+    )
+
+
+def _compare(name: str, got: np.ndarray, ref: np.ndarray, atol: float, rtol: float,
+             min_agree: float) -> OutputComparison:
+    got = got.astype(np.float64)
+    ref = ref.astype(np.float64)
+    if got.shape != ref.shape:
+        raise FairDeployError(
+            f"output {name!r} has shape {got.shape} but the reference has {ref.shape}: "
+            "the reference belongs to another model"
+        )
+    diff = np.abs(got - ref)
+    mag = np.abs(ref)
+    finite = np.isfinite(got).all()
+    max_abs = float(diff.max()) if diff.size else 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(mag > 0, diff / mag, np.where(diff > 0, np.inf, 0.0))
+        need_rtol = np.where(
+            mag > 0, (diff - atol) / mag, np.where(diff > atol, np.inf, 0.0)
+        )
+    max_rel = float(rel.max()) if rel.size else 0.0
+    min_atol = float(max(0.0, (diff - rtol * mag).max())) if diff.size else 0.0
+    min_rtol = float(max(0.0, need_rtol.max())) if diff.size else 0.0
+    within = bool(finite and np.all(diff <= atol + rtol * mag))
+    if got.ndim >= 2 and got.shape[-1] > 1:
+        agree = float(np.mean(got.argmax(-1) == ref.argmax(-1)))
+    else:
+        agree = 1.0 if within else float(np.mean(diff <= atol + rtol * mag))
+    return OutputComparison(
+        name=name,
+        max_abs_error=max_abs if finite else math.inf,
+        max_rel_error=max_rel if finite else math.inf,
+        atol=atol,
+        rtol=rtol,
+        min_atol=min_atol if finite else math.inf,
+        min_rtol=min_rtol if finite else math.inf,
+        argmax_agreement=agree,
+        within_tolerance=within,
+        passed=within and agree >= min_agree,
+    )
+
+
+def _fairness(ref: Reference, logits: np.ndarray, privileged: int | None):
+    if ref.labels is None or ref.groups is None:
+        return None, "the reference has no labels and groups"
+    try:
+        from fairdeploy.metrics import group_metrics
+    except ImportError:
+        return None, "fairdeploy.metrics is not available"
+    y_pred = logits.argmax(-1) if logits.ndim >= 2 and logits.shape[-1] > 1 else (logits > 0)
+    kwargs: dict[str, Any] = {} if privileged is None else {"privileged": privileged}
+    if logits.ndim >= 2 and logits.shape[-1] > 1:
+        kwargs["num_classes"] = int(logits.shape[-1])
+    result = group_metrics(np.asarray(ref.labels), np.asarray(y_pred).astype(np.int64),
+                           np.asarray(ref.groups), **kwargs)
+    return (result.to_dict() if hasattr(result, "to_dict") else dict(result)), ""
+
+
+def verify(
+    onnx_path: str | os.PathLike[str],
+    *,
+    reference: str | os.PathLike[str] | Reference | None = None,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    provider: str = "cpu",
+    min_argmax_agreement: float = DEFAULT_ARGMAX_AGREEMENT,
+    privileged: int | None = None,
+    batch_size: int = 256,
+) -> VerifyResult:
+    """Check an ONNX model and compare ONNX Runtime's outputs with a reference.
+
+    Parameters
+    ----------
+    onnx_path : path-like
+        The model.
+    reference : path-like, Reference or None
+        A reference ``.npz``, a :class:`Reference` (e.g. from
+        :func:`reference_from_model`), or None for ``<name>.verify.npz`` beside the model.
+    atol, rtol : float
+        An output passes when ``|onnx − ref| ≤ atol + rtol·|ref|`` everywhere
+        (defaults 1e-4 and 1e-3, DESIGN.md §5).
+    provider : {"auto", "cpu", "cuda"}
+        Execution provider (CUDA falls back to the CPU with a warning).
+    min_argmax_agreement : float
+        Fraction of samples whose argmax must agree (default 0.999).
+    privileged : int, optional
+        Privileged group id passed to ``group_metrics`` (its default when None).
+    batch_size : int
+        Samples per ONNX Runtime call.
+
+    Returns
+    -------
+    VerifyResult
+        Truthy when the checker and every output passed.
+    """
+    import onnx
+
+    from fairdeploy.export import verify_npz_path
+    from fairdeploy.export._onnx import INPUT_NAME
+    from fairdeploy.providers import make_session, session_provider
+
+    for name, tol in (("atol", atol), ("rtol", rtol)):
+        if not (isinstance(tol, int | float) and tol >= 0 and math.isfinite(tol)):
+            raise FairDeployError(f"--{name} {tol!r} is not allowed: use a number ≥ 0")
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise FairDeployError(
+            f"ONNX model {str(path)!r} does not exist: give the path of a .onnx file"
+        )
+    if reference is None:
+        reference = verify_npz_path(path)
+    ref = reference if isinstance(reference, Reference) else load_reference(reference)
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        checker_ok, checker_msg = True, ""
+    except Exception as exc:  # ValidationError, shape-inference errors, protobuf errors
+        checker_ok, checker_msg = False, str(exc).strip().splitlines()[0] if str(exc) else repr(exc)
+    try:
+        sess = make_session(path, provider=provider)
+    except Exception as exc:  # onnxruntime refuses a model it cannot load
+        raise FairDeployError(f"ONNX Runtime cannot load {str(path)!r}: {exc}") from None
+    in_name = sess.get_inputs()[0].name if sess.get_inputs() else INPUT_NAME
+    x = np.ascontiguousarray(ref.inputs, dtype=np.float32)
+    outs = [sess.run(None, {in_name: x[i : i + batch_size]}) for i in range(0, len(x), batch_size)]
+    names = [o.name for o in sess.get_outputs()]
+    got_all = [np.concatenate([o[j] for o in outs]) for j in range(len(names))]
+    refs = ref.outputs if isinstance(ref.outputs, list | tuple) else [ref.outputs]
+    if len(refs) != len(names):
+        raise FairDeployError(
+            f"the model has {len(names)} outputs but the reference has {len(refs)}"
+        )
+    comps = [
+        _compare(n, g, np.asarray(r), atol, rtol, min_argmax_agreement)
+        for n, g, r in zip(names, got_all, refs, strict=True)
+    ]
+    fairness, note = _fairness(ref, got_all[0], privileged)
+    return VerifyResult(
+        passed=checker_ok and all(c.passed for c in comps),
+        checker_ok=checker_ok,
+        checker_message=checker_msg,
+        outputs=comps,
+        n_samples=len(x),
+        provider=session_provider(sess),
+        reference=ref.source,
+        fairness=fairness,
+        fairness_note=note,
+        required_argmax_agreement=min_argmax_agreement,
+    )
+
