@@ -127,7 +127,14 @@ def save_checkpoint(
     for key, value in (extra or {}).items():
         _check_plain(value, f"extra[{key!r}]")
         metadata[str(key)] = value
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    # Module extra state (e.g. FactorizedLinear's sparsity record) is a plain dict.
+    state: dict[str, Any] = {}
+    for k, v in model.state_dict().items():
+        if torch.is_tensor(v):
+            state[k] = v.detach().cpu().clone()
+        else:
+            _check_plain(v, f"state_dict[{k!r}]")
+            state[k] = v
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -148,5 +148,197 @@ def bench(
     _write_json(json_path, {"results": [r.to_dict() for r in results]})
 
 
+recipe_option = click.option(
+    "--recipe", "recipe_path", required=True, type=click.Path(dir_okay=False),
+    help="The YAML recipe (see recipes/).",
+)
+device_option = click.option(
+    "--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+    help="Where the PyTorch trunk runs (features, training).",
+)
+trust_option = click.option(
+    "--trust-checkpoint", is_flag=True,
+    help="Allow a checkpoint that pickles a whole module (runs code from the file: "
+         "only for files you trust).",
+)
+exports_option = click.option(
+    "--exports", "exports_dir", type=click.Path(file_okay=False), default="exports",
+    show_default=True, help="Folder for run outputs and the feature cache (.cache/).",
+)
+cache_option = click.option(
+    "--no-cache", is_flag=True, help="Do not read or write the persisted feature cache.",
+)
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise FairDeployError(
+            "--device cuda: no CUDA device is available to PyTorch; use --device cpu"
+        )
+
+
+def _print_dry_run(info: dict[str, Any]) -> None:
+    from tabulate import tabulate
+
+    plan = info["plan"]
+    click.echo(f"recipe {info['recipe']}: method {plan['method']}, "
+               f"{info['parameters']:,} parameters in the vanilla model")
+    rows = [
+        [lt["name"], lt["din"], lt["dout"], lt["k"], lt["rows_sparsified"], lt["cols_sparsified"],
+         lt["keep"], f"{lt['params_before']:,}", f"{lt['params_after']:,}"]
+        for lt in info["layers"]
+    ]
+    if rows:
+        click.echo(tabulate(rows, ["layer", "Din", "Dout", "k", "rows sparsified",
+                                   "cols sparsified", "kept per row/col", "params before",
+                                   "params after (S as k×k)"], tablefmt="simple"))
+    click.echo(f"theoretical C.R.: {info['theoretical_cr']:.3f}× (paper's parameter count)")
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    from fairdeploy.report import terminal_text
+
+    click.echo(terminal_text(report))
+    boot = report.get("bootstrap")
+    if boot:
+        for name, per in boot["differences"].items():
+            parts = []
+            for metric in ("eopp1", "eodd", "avg_precision"):
+                d = per.get(metric)
+                if d is None or d["value"] is None:
+                    continue
+                sig = "significant" if d["significant"] else "not significant"
+                parts.append(f"{metric} {d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] "
+                             f"({sig})")
+            click.echo(f"{name} vs {boot['baseline']}, {round(100 * boot['confidence'])} % CI: "
+                       + "; ".join(parts))
+    ver = report.get("verify")
+    if ver:
+        click.echo(f"ONNX verify: {'PASSED' if ver['passed'] else 'FAILED'} "
+                   f"(max |Δ| {ver['max_abs_error']:.3g} on {ver['samples']} test inputs)")
+    onnx_info = report.get("onnx")
+    if onnx_info:
+        click.echo(f"measured C.R.: initializers {onnx_info['initializer_cr']:.3f}×, "
+                   f"files {onnx_info['file_cr']:.3f}×")
+    click.echo(f"run folder: {report['run_dir']}")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@_apply(recipe_option)
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Run folder (default: exports/<recipe>-<method>-<hash>).")
+@click.option("--dry-run", is_flag=True,
+              help="Validate recipe and checkpoint and print the plan; reads no data.")
+@click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
+@_apply(device_option, trust_option, exports_option, cache_option)
+def optimize(
+    checkpoint: str, recipe_path: str, out: str | None, dry_run: bool, no_latency: bool,
+    device: str, trust_checkpoint: bool, exports_dir: str, no_cache: bool,
+) -> None:
+    """Apply the recipe's method to CHECKPOINT; export, verify and report."""
+    from fairdeploy import app
+
+    if dry_run:
+        _print_dry_run(app.dry_run(checkpoint, recipe_path, trust_checkpoint=trust_checkpoint))
+        return
+    _check_device(device)
+    report = app.run_optimize(
+        checkpoint, recipe_path, out=out, exports_dir=exports_dir, device=device,
+        trust_checkpoint=trust_checkpoint, cache_dir=None if no_cache else "default",
+        latency=not no_latency, echo=click.echo,
+    )
+    _print_report(report)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@_apply(recipe_option)
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Report folder (default: exports/<recipe>-compare-<hash>).")
+@_apply(device_option, trust_option, exports_option, cache_option)
+def compare(
+    checkpoint: str, recipe_path: str, out: str | None, device: str, trust_checkpoint: bool,
+    exports_dir: str, no_cache: bool,
+) -> None:
+    """Run every method of the recipe's compare list on CHECKPOINT: the paper's table."""
+    from fairdeploy import app
+
+    _check_device(device)
+    report = app.run_compare(
+        checkpoint, recipe_path, out=out, exports_dir=exports_dir, device=device,
+        trust_checkpoint=trust_checkpoint, cache_dir=None if no_cache else "default",
+        echo=click.echo,
+    )
+    _print_report(report)
+
+
+@main.command()
+@_apply(recipe_option)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the trained checkpoint.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override train.epochs.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Override train.lr.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Override train.batch_size.")
+@click.option("--seed", type=int, default=None, help="Override train.seed.")
+@click.option("--no-resume", is_flag=True, help="Start over instead of resuming <output>.train.")
+@_apply(device_option)
+def train(
+    recipe_path: str, output: str, epochs: int | None, lr: float | None,
+    batch_size: int | None, seed: int | None, no_resume: bool, device: str,
+) -> None:
+    """Pre-train the recipe's model on its training split (the paper's schedule)."""
+    from fairdeploy import app
+
+    _check_device(device)
+    overrides = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed}
+    result = app.run_train(
+        recipe_path, output, overrides={k: v for k, v in overrides.items() if v is not None},
+        resume=not no_resume, device=device,
+    )
+    last = result.history[-1] if result.history else {}
+    if last:
+        acc = last.get("val_accuracy", float("nan"))
+        click.echo(f"epoch {last['epoch']}: val accuracy {acc:.4f}")
+    click.echo(f"checkpoint: {output}")
+
+
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Run folder (default: exports/demo).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Override the demo recipe's training epochs.")
+@_apply(exports_option)
+def demo(out: str | None, epochs: int | None, exports_dir: str) -> None:
+    """FairLRF end to end on CelebA's attribute table (needs the demo extra)."""
+    from fairdeploy import app
+
+    report = app.run_demo(exports_dir=exports_dir, out=out, epochs=epochs, echo=click.echo)
+    _print_report(report)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--top", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Classes to print per input.")
+@_apply(provider_option, json_option)
+def predict(
+    model: str, inputs: tuple[str, ...], top: int, provider: str, json_path: str | None
+) -> None:
+    """Classify INPUTS (images, or .npy/.csv feature rows) with MODEL, using only its metadata."""
+    from fairdeploy.serve import predict_files
+
+    results = predict_files(model, list(inputs), top=top, provider=provider)
+    for r in results:
+        classes = ", ".join(f"{c['class']} {c['probability']:.3f}" for c in r["top"])
+        click.echo(f"{r['input']}: {classes}")
+    _write_json(json_path, {"predictions": results})
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -30,13 +30,13 @@ def num_selected(sr: float, dim: int) -> int:
     """Rows (or columns) a sparse SVD selects: ``⌊sr · dim⌋``."""
     _check_fraction("sr", sr)
     # The small epsilon keeps 0.3 * 10 from flooring to 2 through float error.
-    return int(math.floor(sr * dim + 1e-9))
+    return math.floor(sr * dim + 1e-9)
 
 
 def kept_entries(rr: float, rank: int) -> int:
     """Entries a selected row/column keeps: ``⌊rr · k⌋`` (rr = 0 zeroes it whole)."""
     _check_fraction("rr", rr)
-    return int(math.floor(rr * rank + 1e-9))
+    return math.floor(rr * rank + 1e-9)
 
 
 @dataclass(frozen=True)

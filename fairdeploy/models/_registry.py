@@ -63,14 +63,18 @@ def build_model(arch: str, num_classes: int, **kwargs: Any) -> nn.Module:
         import torchvision
 
         try:
-            model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+            model = torchvision.models.get_model(
+                arch, weights=None, num_classes=num_classes, **kwargs
+            )
         except ValueError:
             raise FairDeployError(
                 f"model.arch {arch!r} is unknown: use one of {', '.join(list_models())}, a "
                 "torchvision classification model name, or 'package.module:factory'"
             ) from None
     if not isinstance(model, nn.Module):
-        raise FairDeployError(f"model.arch {arch!r} returned {type(model).__name__}, not an nn.Module")
+        raise FairDeployError(
+            f"model.arch {arch!r} returned {type(model).__name__}, not an nn.Module"
+        )
     return model
 
 

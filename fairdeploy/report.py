@@ -1,0 +1,333 @@
+"""report.json and report.md: the paper-style table for vanilla vs processed models.
+
+The report is built from one JSON-serializable dict (``report.json``, with
+``schema_version``); ``report.md`` and the terminal table are renderings of it, so
+what the terminal shows is what the file says. Every figure names its unit and
+convention in the column header or in the notes under the table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from fairdeploy._io import atomic_write_text
+
+__all__ = ["SCHEMA_VERSION", "fairness_table", "render_markdown", "write_report"]
+
+#: Version of report.json's layout; bumped on any incompatible change.
+SCHEMA_VERSION = 1
+
+_METHOD_LABELS = {
+    "vanilla": "Vanilla",
+    "truncated_svd": "Truncated SVD",
+    "slr_w": "SLR-w",
+    "slr_a": "SLR-a",
+    "fairlrf": "FairLRF",
+    "fairprune": "FairPrune",
+    "fairquantize": "FairQuantize",
+}
+
+
+def method_label(method: Mapping[str, Any]) -> str:
+    """The row label of a method: its name and its settings, e.g. ``FairLRF (sr=0.4, ...)``."""
+    name = method["method"]
+    label = _METHOD_LABELS.get(name, name)
+    layers = method.get("plan", {}).get("layers", [])
+    if not layers:
+        return label
+    parts = []
+    for lp in layers:
+        s = f"k={lp['rank']}"
+        if name in ("slr_w", "slr_a", "fairlrf"):
+            s += f", sr={lp['sr']:g}, rr={lp['rr']:g}"
+        if name == "fairlrf":
+            s += f", β={lp['beta']:.3g}"
+        parts.append(s if len(layers) == 1 else f"{lp['layer']}: {s}")
+    return f"{label} ({'; '.join(parts)})"
+
+
+def _f(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def _cr(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.3f}×"
+
+
+def fairness_table(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the paper-style table (Tables 1–2 of the paper).
+
+    One block of four rows per method: the unprivileged group, the privileged group,
+    ``Avg.`` (mean of the two) and ``Diff.`` (absolute difference); fairness and
+    compression figures stand on the block's first row.
+    """
+    header = [
+        "Method",
+        "Group",
+        "Precision",
+        "Recall",
+        "F1",
+        "EOpp1 ↓",
+        "EOpp0 ↓",
+        "EOdd ↓",
+        "C.R. theory",
+        "C.R. measured",
+    ]
+    rows: list[list[str]] = []
+    for method in report["methods"]:
+        m = method["metrics"]
+        groups = m["groups"]
+        order = [g for g in groups if not g["privileged"]] + [g for g in groups if g["privileged"]]
+        comp = method.get("compression", {})
+        measured = (comp.get("measured") or {}).get("initializer_cr")
+        fair = m["fairness"]
+        block = []
+        for g in order:
+            tag = "priv." if g["privileged"] else "unpriv."
+            block.append(
+                ["", f"{g['name']} ({tag})", _f(g["precision"]), _f(g["recall"]), _f(g["f1"])]
+            )
+        block.append(
+            ["", "Avg.", _f(m["precision"]["avg"]), _f(m["recall"]["avg"]), _f(m["f1"]["avg"])]
+        )
+        block.append(
+            [
+                "",
+                "Diff. ↓",
+                _f(m["precision"]["diff"]),
+                _f(m["recall"]["diff"]),
+                _f(m["f1"]["diff"]),
+            ]
+        )
+        for i, row in enumerate(block):
+            if i == 0:
+                row[0] = method_label(method)
+                row += [
+                    _f(fair["eopp1"]),
+                    _f(fair["eopp0"]),
+                    _f(fair["eodd"]),
+                    _cr(comp.get("theoretical_cr")),
+                    _cr(measured),
+                ]
+            else:
+                row += [""] * 5
+            rows.append(row)
+    return header, rows
+
+
+def _interval_rows(report: Mapping[str, Any]) -> list[list[str]]:
+    boot = report.get("bootstrap")
+    if not boot:
+        return []
+    pct = round(100 * boot["confidence"])
+    rows = []
+    for method in report["methods"]:
+        name = method["name"]
+        per = boot["intervals"].get(name, {})
+        diffs = boot["differences"].get(name, {})
+        for metric in ("eopp1", "eopp0", "eodd", "avg_precision"):
+            ci = per.get(metric)
+            if ci is None:
+                continue
+            row = [
+                method_label(method),
+                metric,
+                f"{_f(ci['value'])} [{_f(ci['low'])}, {_f(ci['high'])}]",
+            ]
+            d = diffs.get(metric)
+            if d is None:
+                row += ["—", "—"]
+            else:
+                row += [
+                    f"{d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+                    if d["value"] is not None and d["low"] is not None
+                    else "n/a",
+                    "yes" if d["significant"] else f"no ({pct} % CI contains 0)",
+                ]
+            rows.append(row)
+    return rows
+
+
+def _latency_rows(report: Mapping[str, Any]) -> list[list[str]]:
+    lat = report.get("latency")
+    if not lat:
+        return []
+    rows = []
+    for entry in lat.get("rows", []):
+        rows.append(
+            [
+                entry["scope"],
+                entry["model"],
+                str(entry["batch"]),
+                f"{entry['median_ms']:.3f}",
+                f"{entry['p90_ms']:.3f}",
+                "" if entry.get("speedup") is None else f"{entry['speedup']:.2f}×",
+            ]
+        )
+    return rows
+
+
+def _layer_rows(report: Mapping[str, Any]) -> list[list[str]]:
+    rows = []
+    for method in report["methods"]:
+        for lt in method.get("compression", {}).get("layers", []):
+            rows.append(
+                [
+                    method_label(method),
+                    lt["name"],
+                    str(lt["din"]),
+                    str(lt["dout"]),
+                    str(lt["k"]),
+                    f"{lt['rows_sparsified']}/{lt['cols_sparsified']}",
+                    str(lt["keep"]),
+                    f"{lt['params_before']:,}",
+                    f"{lt['params_after']:,}",
+                    f"{lt['params_stored']:,}",
+                ]
+            )
+    return rows
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """report.md: the fairness table, intervals, per-layer compression, latency, notes."""
+    task = report["task"]
+    priv = task["privileged"]
+    out = [
+        "# fairdeploy report",
+        "",
+        f"- checkpoint: `{report['checkpoint']['path']}` "
+        f"(sha256 {report['checkpoint']['sha256'][:12]}…)",
+        f"- recipe: `{report['recipe']['path']}` (hash {report['recipe']['hash'][:12]}…)",
+        f"- task: {task['num_classes']} classes; sensitive attribute groups "
+        f"{', '.join(task['group_names'])}; privileged: **{priv['name']}** ({priv['how']})",
+        f"- evaluated on the `{report['evaluation']['split']}` split: "
+        f"{report['evaluation']['samples']} samples "
+        f"({report['evaluation']['unknown_group']} with unknown group left out of group metrics)",
+        f"- FairLRF scoring: Hessian estimator `{report['scoring']['estimator']}`, "
+        f"{report['scoring']['samples_per_group']} samples per group from "
+        f"`{report['scoring']['split']}`, seed {report['scoring']['seed']}",
+        "",
+        "## Accuracy and fairness",
+        "",
+    ]
+    header, rows = fairness_table(report)
+    out.append(tabulate(rows, header, tablefmt="github"))
+    out += [
+        "",
+        "Precision, recall and F1 are macro averages over classes within each group (fractions, "
+        'not %). EOpp1 (the paper\'s "EOpp") = mean over classes of |ΔTPR|, EOpp0 = mean of '
+        "|ΔTNR|, EOdd = mean of |ΔTPR + ΔFPR| / 2 — the convention of the paper's tables; "
+        "report.json also has the sum convention of the paper's equations and the TPR and FPR "
+        "gaps separately. C.R. theory is the paper's parameter-count ratio (S counted as k×k); "
+        "C.R. measured is the ratio of ONNX initializer bytes, vanilla / processed.",
+    ]
+    ci_rows = _interval_rows(report)
+    if ci_rows:
+        boot = report["bootstrap"]
+        pct = round(100 * boot["confidence"])
+        out += [
+            "",
+            f"## {pct} % bootstrap confidence intervals",
+            "",
+            f"{boot['n_resamples']} resamples of the test samples (seed {boot['seed']}), "
+            f"percentile intervals; Δ is the paired difference against `{boot['baseline']}` "
+            "on the same resamples. A change whose interval contains 0 is not significant.",
+            "",
+            tabulate(
+                ci_rows,
+                ["Method", "Metric", "Value [CI]", f"Δ vs {boot['baseline']} [CI]", "Significant"],
+                tablefmt="github",
+            ),
+        ]
+    layer_rows = _layer_rows(report)
+    if layer_rows:
+        out += [
+            "",
+            "## Factorized layers",
+            "",
+            tabulate(
+                layer_rows,
+                [
+                    "Method",
+                    "Layer",
+                    "Din",
+                    "Dout",
+                    "k",
+                    "rows/cols sparsified",
+                    "kept per sparsified row",
+                    "params before",
+                    "params after (paper, S as k×k)",
+                    "params stored (S as k)",
+                ],
+                tablefmt="github",
+            ),
+        ]
+    sizes = report.get("onnx")
+    if sizes:
+        out += [
+            "",
+            "## Deployed artifact",
+            "",
+            tabulate(
+                [
+                    [k, f"{v['initializer_bytes']:,}", f"{v['file_bytes']:,}"]
+                    for k, v in sizes["models"].items()
+                ],
+                ["ONNX model", "initializer bytes", "file bytes"],
+                tablefmt="github",
+            ),
+            "",
+            f"Measured C.R.: initializers {_cr(sizes.get('initializer_cr'))}, "
+            f"files {_cr(sizes.get('file_cr'))}.",
+        ]
+    verify = report.get("verify")
+    if verify:
+        out += [
+            "",
+            f"Verification (ONNX Runtime vs PyTorch on {verify['samples']} real test inputs): "
+            f"**{'PASSED' if verify['passed'] else 'FAILED'}**, "
+            f"max |Δ| {verify['max_abs_error']:.3g}, "
+            f"argmax agreement {100 * verify['argmax_agreement']:.2f} %, "
+            f"atol {verify['atol']:g}, rtol {verify['rtol']:g}.",
+        ]
+    lat_rows = _latency_rows(report)
+    if lat_rows:
+        lat = report["latency"]
+        out += [
+            "",
+            "## Latency (ONNX Runtime)",
+            "",
+            f"Provider {lat['provider']}, {lat['threads']} intra-op threads, {lat['note']}.",
+            "",
+            tabulate(
+                lat_rows,
+                ["Scope", "Model", "Batch", "Median (ms)", "p90 (ms)", "Speed-up vs vanilla"],
+                tablefmt="github",
+            ),
+        ]
+    return "\n".join(out) + "\n"
+
+
+def write_report(report: Mapping[str, Any], directory: str | Path) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.md`` into ``directory`` (atomically)."""
+    directory = Path(directory)
+    data = {"schema_version": SCHEMA_VERSION, **report}
+    json_path = directory / "report.json"
+    md_path = directory / "report.md"
+    atomic_write_text(json_path, json.dumps(data, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(md_path, render_markdown(data))
+    return json_path, md_path
+
+
+def terminal_text(report: Mapping[str, Any], *, methods: Sequence[str] | None = None) -> str:
+    """The fairness table as plain text for the terminal."""
+    header, rows = fairness_table(report)
+    return tabulate(rows, header, tablefmt="simple")

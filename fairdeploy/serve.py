@@ -1,0 +1,166 @@
+"""Serve an exported model with ONNX Runtime using only its own metadata.
+
+The metadata written by export (``fairdeploy.preprocessing``, ``fairdeploy.class_names``)
+is enough to turn image files or feature rows into predictions: no recipe, no torch.
+Image preprocessing reproduces the evaluation transform (PIL bilinear resize to
+size×size, center crop, scale to [0, 1], normalize with mean/std, NCHW).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fairdeploy.errors import FairDeployError
+
+__all__ = ["load_inputs", "model_metadata", "predict_files", "preprocess_image"]
+
+_PREFIX = "fairdeploy."
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def model_metadata(session: Any) -> dict[str, Any]:
+    """The ``fairdeploy.*`` metadata of an ORT session's model, JSON-decoded."""
+    out: dict[str, Any] = {}
+    for key, value in session.get_modelmeta().custom_metadata_map.items():
+        if key.startswith(_PREFIX):
+            try:
+                out[key[len(_PREFIX) :]] = json.loads(value)
+            except json.JSONDecodeError:
+                out[key[len(_PREFIX) :]] = value
+    return out
+
+
+def preprocess_image(path: str | os.PathLike[str], pre: dict[str, Any]) -> np.ndarray:
+    """One image file as the model's (3, crop, crop) float32 input."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = pre["resize"][1], pre["resize"][0]
+            im = im.resize((w, h), Image.BILINEAR)
+            ch, cw = pre["crop"]
+            top = round((h - ch) / 2.0)
+            left = round((w - cw) / 2.0)
+            im = im.crop((left, top, left + cw, top + ch))
+            arr = np.asarray(im, dtype=np.float32) / 255.0
+    except (OSError, UnidentifiedImageError) as exc:
+        raise FairDeployError(f"cannot read image {str(path)!r}: {exc}") from None
+    mean = np.asarray(pre["mean"], dtype=np.float32)
+    std = np.asarray(pre["std"], dtype=np.float32)
+    return ((arr - mean) / std).transpose(2, 0, 1).astype(np.float32)
+
+
+def _feature_rows(path: Path, width: int | None) -> np.ndarray:
+    if path.suffix.lower() == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise FairDeployError(f"cannot read {str(path)!r} as a .npy array: {exc}") from None
+    else:
+        try:
+            with open(path, newline="") as f:
+                rows = [r for r in csv.reader(f) if r]
+            if rows and width is not None and len(rows[0]) == width:
+                try:
+                    [float(v) for v in rows[0]]
+                except ValueError:
+                    rows = rows[1:]  # a header row
+            elif rows:
+                try:
+                    [float(v) for v in rows[0]]
+                except ValueError:
+                    rows = rows[1:]
+            arr = np.asarray([[float(v) for v in r] for r in rows], dtype=np.float32)
+        except (OSError, ValueError) as exc:
+            raise FairDeployError(
+                f"cannot read {str(path)!r} as CSV feature rows (numbers, one row per input): {exc}"
+            ) from None
+    arr = np.asarray(arr, dtype=np.float32)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2 or (width is not None and arr.shape[1] != width):
+        raise FairDeployError(
+            f"{str(path)!r} holds an array of shape {arr.shape}; the model expects rows of "
+            f"{width} features"
+        )
+    return arr
+
+
+def load_inputs(
+    paths: Sequence[str | os.PathLike[str]], metadata: dict[str, Any]
+) -> tuple[list[str], np.ndarray]:
+    """Model inputs from image files or .npy/.csv feature rows, with one label per input."""
+    pre = metadata.get("preprocessing") or {}
+    kind = pre.get("kind")
+    names: list[str] = []
+    batches: list[np.ndarray] = []
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise FairDeployError(f"input {str(p)!r} does not exist")
+        if p.suffix.lower() in _IMAGE_SUFFIXES:
+            if kind != "image":
+                raise FairDeployError(
+                    f"{str(p)!r} is an image but the model takes {kind or 'unknown'} inputs: "
+                    "give .npy or .csv feature rows"
+                )
+            batches.append(preprocess_image(p, pre)[None])
+            names.append(str(p))
+        elif p.suffix.lower() in (".npy", ".csv"):
+            shape = pre.get("input_shape")
+            width = int(shape[0]) if shape and len(shape) == 1 else None
+            rows = _feature_rows(p, width)
+            batches.append(rows)
+            names += [f"{p}[{i}]" for i in range(len(rows))] if len(rows) > 1 else [str(p)]
+        else:
+            raise FairDeployError(
+                f"input {str(p)!r}: unsupported file type; give images "
+                f"({', '.join(sorted(_IMAGE_SUFFIXES))}) or .npy/.csv feature rows"
+            )
+    return names, np.concatenate(batches).astype(np.float32)
+
+
+def predict_files(
+    model: str | os.PathLike[str],
+    inputs: Sequence[str | os.PathLike[str]],
+    *,
+    top: int = 1,
+    provider: str = "cpu",
+) -> list[dict[str, Any]]:
+    """Classify files with an exported model; class names come from its metadata.
+
+    Returns one dict per input: ``input`` and ``top`` (a list of ``{"class", "index",
+    "probability"}``, softmax probabilities, most likely first).
+    """
+    from fairdeploy.providers import make_session
+
+    if not Path(model).is_file():
+        raise FairDeployError(f"model {str(model)!r} does not exist")
+    session = make_session(model, provider=provider)
+    meta = model_metadata(session)
+    names, x = load_inputs(inputs, meta)
+    input_name = session.get_inputs()[0].name
+    logits = session.run(None, {input_name: x})[0].astype(np.float64)
+    z = logits - logits.max(axis=1, keepdims=True)
+    prob = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    classes = meta.get("class_names") or [str(i) for i in range(prob.shape[1])]
+    out = []
+    for name, p in zip(names, prob, strict=True):
+        order = np.argsort(-p, kind="stable")[:top]
+        out.append(
+            {
+                "input": name,
+                "top": [
+                    {"class": classes[i], "index": int(i), "probability": float(p[i])}
+                    for i in order
+                ],
+            }
+        )
+    return out

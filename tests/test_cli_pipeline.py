@@ -1,0 +1,321 @@
+"""End to end through the CLI on a small tabular task: train, optimize, verify, predict,
+compare, and the bad-input paths. The shipped artifact's numbers are re-derived here from
+ONNX Runtime's own outputs with fairlearn, independently of fairdeploy's metrics."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fairdeploy.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _make_data(path: Path, n: int = 900, d: int = 8, seed: int = 0) -> None:
+    """Three learnable classes; group 1's features are noisier, so the groups differ."""
+    rng = np.random.default_rng(seed)
+    group = rng.integers(0, 2, n)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    w = rng.normal(size=(d, 3))
+    y = (x @ w + rng.normal(scale=0.3 + 0.9 * group[:, None], size=(n, 3))).argmax(1)
+    split = np.array(["train"] * (n // 2) + ["val"] * (n // 4) + ["test"] * (n - n // 2 - n // 4))
+    np.savez(path, x=x, y=y.astype(np.int64), group=group.astype(np.int64), split=split)
+
+
+RECIPE = """\
+name: tiny
+model:
+  arch: mlp
+  num_classes: 3
+  kwargs: {{in_features: 8, widths: [32, 32]}}
+data:
+  kind: npz
+  path: {data}
+  split: {{mode: column}}
+sensitive:
+  attribute: group
+  groups: {{a: [0], b: [1]}}
+  privileged: auto
+method:
+  name: {method}
+  beta: 5/9
+  layers:
+    - {{layer: {layer}, rank: {rank}, sr: 0.25, rr: 0.5}}
+  scoring: {{samples_per_group: 128, batch_size: 64}}
+train: {{epochs: 4, lr: 0.05, step_epochs: 2, batch_size: 64, augment: false}}
+export: {{verify_samples: 200}}
+report: {{latency_batches: [1, 8], latency_warmup: 1, latency_iterations: 5}}
+"""
+
+
+def _recipe(
+    tmp: Path,
+    *,
+    method: str = "fairlrf",
+    layer: str = "layers.2",
+    rank: int = 8,
+    name: str = "recipe.yaml",
+    data: str = "data.npz",
+) -> Path:
+    p = tmp / name
+    p.write_text(RECIPE.format(data=data, method=method, layer=layer, rank=rank))
+    return p
+
+
+def _invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("e2e")
+    _make_data(tmp / "data.npz")
+    _recipe(tmp)
+    code, out = _invoke("train", "--recipe", str(tmp / "recipe.yaml"), "-o", str(tmp / "ckpt.pt"))
+    assert code == 0, out
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def optimized(trained: Path) -> Path:
+    code, out = _invoke(
+        "optimize",
+        str(trained / "ckpt.pt"),
+        "--recipe",
+        str(trained / "recipe.yaml"),
+        "--out",
+        str(trained / "run"),
+        "--exports",
+        str(trained / "exports"),
+    )
+    assert code == 0, out
+    assert "ONNX verify: PASSED" in out
+    return trained / "run"
+
+
+def test_train_writes_a_weights_only_checkpoint(trained: Path) -> None:
+    ckpt = torch.load(trained / "ckpt.pt", weights_only=True)
+    assert set(ckpt["state_dict"]) >= {"layers.0.weight", "layers.2.weight", "layers.4.bias"}
+
+
+def test_optimize_writes_the_run_folder(optimized: Path) -> None:
+    names = {p.name for p in optimized.iterdir()}
+    assert {
+        "model.onnx",
+        "model.verify.npz",
+        "model.pt",
+        "recipe.yaml",
+        "report.json",
+        "report.md",
+    } <= names
+    assert not [n for n in names if n.startswith(".")]  # no temporary leftovers
+    report = json.loads((optimized / "report.json").read_text())
+    assert report["schema_version"] == 1
+    assert [m["name"] for m in report["methods"]] == ["vanilla", "fairlrf"]
+    assert report["verify"]["passed"]
+    fair = report["methods"][1]
+    assert fair["compression"]["theoretical_cr"] > 1
+    # Measured parameters agree with the theoretical count (S stored as k values).
+    measured = fair["compression"]["measured"]["parameter_cr"]
+    assert measured == pytest.approx(fair["compression"]["theoretical_cr_stored"], rel=0.01)
+    md = (optimized / "report.md").read_text()
+    assert "FairLRF (k=8, sr=0.25, rr=0.5" in md and "bootstrap" in md
+    # The processed checkpoint loads without pickles.
+    torch.load(optimized / "model.pt", weights_only=True)
+
+
+def test_report_matches_the_shipped_onnx_model(optimized: Path, trained: Path) -> None:
+    """Recompute the processed model's test metrics from ONNX Runtime with fairlearn."""
+    from fairlearn.metrics import MetricFrame, true_positive_rate
+    from sklearn.metrics import precision_score
+
+    data = np.load(trained / "data.npz")
+    test = data["split"] == "test"
+    x, y, g = data["x"][test], data["y"][test], data["group"][test]
+    sess = ort.InferenceSession(str(optimized / "model.onnx"), providers=["CPUExecutionProvider"])
+    pred = sess.run(None, {sess.get_inputs()[0].name: x})[0].argmax(1)
+    report = json.loads((optimized / "report.json").read_text())
+    m = report["methods"][1]["metrics"]
+    gaps = []
+    for k in range(3):
+        mf = MetricFrame(
+            metrics=true_positive_rate, y_true=y == k, y_pred=pred == k, sensitive_features=g
+        )
+        gaps.append(abs(mf.by_group[1] - mf.by_group[0]))
+    assert m["fairness"]["eopp1"] == pytest.approx(np.mean(gaps), abs=1e-12)
+    for grp in m["groups"]:
+        sel = g == grp["id"]
+        expected = precision_score(y[sel], pred[sel], average="macro", zero_division=0)
+        assert grp["precision"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_verify_command(optimized: Path) -> None:
+    code, out = _invoke("verify", str(optimized / "model.onnx"))
+    assert code == 0, out
+    assert out.strip().splitlines()[-1].startswith("PASSED")
+
+
+def test_second_run_reuses_the_feature_cache_and_is_deterministic(
+    optimized: Path, trained: Path
+) -> None:
+    code, out = _invoke(
+        "optimize",
+        str(trained / "ckpt.pt"),
+        "--recipe",
+        str(trained / "recipe.yaml"),
+        "--out",
+        str(trained / "run2"),
+        "--exports",
+        str(trained / "exports"),
+        "--no-latency",
+    )
+    assert code == 0, out
+    a = json.loads((optimized / "report.json").read_text())
+    b = json.loads((trained / "run2" / "report.json").read_text())
+    assert all(b["feature_cache"]["hits"].values())
+    assert a["methods"] == b["methods"]
+    assert a["bootstrap"] == b["bootstrap"]
+
+
+def test_dry_run_reads_no_data(trained: Path, tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, data="missing.npz")
+    code, out = _invoke("optimize", str(trained / "ckpt.pt"), "--recipe", str(recipe), "--dry-run")
+    assert code == 0, out
+    assert "layers.2" in out and "theoretical C.R." in out
+    # layers.2 is 32×32 = 1,056 params; k=8 → 32·8 + 64 + 8·32 + 32 = 608, minus the
+    # zeroed entries: 8 rows and 8 cols × (8 − 4) = 64 → 544.
+    assert "1,056" in out and "544" in out
+
+
+def test_predict_and_the_serving_example_agree(
+    optimized: Path, trained: Path, tmp_path: Path
+) -> None:
+    data = np.load(trained / "data.npz")
+    rows = data["x"][-3:]
+    np.savetxt(tmp_path / "rows.csv", rows, delimiter=",")
+    code, out = _invoke("predict", str(optimized / "model.onnx"), str(tmp_path / "rows.csv"))
+    assert code == 0, out
+    sess = ort.InferenceSession(str(optimized / "model.onnx"), providers=["CPUExecutionProvider"])
+    expected = sess.run(None, {sess.get_inputs()[0].name: rows})[0].argmax(1)
+    got = [line.split(": ")[1].split()[0] for line in out.strip().splitlines()]
+    assert got == [str(int(k)) for k in expected]
+    ex = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "serve_onnxruntime.py"),
+            str(optimized / "model.onnx"),
+            str(tmp_path / "rows.csv"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert [line.split(": ")[1].split()[0] for line in ex.stdout.strip().splitlines()] == got
+
+
+def test_compare_runs_the_paper_methods(trained: Path) -> None:
+    code, out = _invoke(
+        "compare",
+        str(trained / "ckpt.pt"),
+        "--recipe",
+        str(trained / "recipe.yaml"),
+        "--out",
+        str(trained / "cmp"),
+        "--exports",
+        str(trained / "exports"),
+    )
+    assert code == 0, out
+    report = json.loads((trained / "cmp" / "report.json").read_text())
+    names = [m["name"] for m in report["methods"]]
+    assert names[:5] == ["vanilla", "truncated_svd", "slr_w", "slr_a", "fairlrf"]
+    assert set(report["bootstrap"]["differences"]) == set(names[1:])
+
+
+def _error(args: list[str]) -> str:
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    return lines[0]
+
+
+def test_bad_inputs_give_one_line_and_leave_no_run_folder(trained: Path, tmp_path: Path) -> None:
+    ckpt = str(trained / "ckpt.pt")
+    bad_key = tmp_path / "bad.yaml"
+    bad_key.write_text(_recipe(tmp_path).read_text().replace("name: tiny", "nmae: tiny"))
+    assert "nmae" in _error(
+        ["optimize", ckpt, "--recipe", str(bad_key), "--out", str(tmp_path / "r1")]
+    )
+    msg = _error(
+        [
+            "optimize",
+            ckpt,
+            "--recipe",
+            str(_recipe(tmp_path, layer="layers.9", name="l.yaml")),
+            "--out",
+            str(tmp_path / "r2"),
+        ]
+    )
+    assert "layers.9" in msg and "layers.0" in msg and "layers.4" in msg
+    msg = _error(
+        [
+            "optimize",
+            ckpt,
+            "--recipe",
+            str(_recipe(tmp_path, rank=64, name="r.yaml")),
+            "--out",
+            str(tmp_path / "r3"),
+        ]
+    )
+    assert "rank" in msg and "32" in msg
+    assert "missing.pt" in _error(
+        [
+            "optimize",
+            str(tmp_path / "missing.pt"),
+            "--recipe",
+            str(_recipe(tmp_path)),
+            "--out",
+            str(tmp_path / "r4"),
+        ]
+    )
+    from fairdeploy.models import build_model
+
+    torch.save(build_model("mlp", 3, in_features=8, widths=[32, 32]), tmp_path / "pickled.pt")
+    msg = _error(
+        [
+            "optimize",
+            str(tmp_path / "pickled.pt"),
+            "--recipe",
+            str(_recipe(tmp_path)),
+            "--out",
+            str(tmp_path / "r5"),
+        ]
+    )
+    assert "--trust-checkpoint" in msg
+    # A split in which a group has no samples.
+    d = dict(np.load(trained / "data.npz"))
+    d["group"] = np.where(d["split"] == "test", 0, d["group"])
+    np.savez(tmp_path / "onegroup.npz", **d)
+    msg = _error(
+        [
+            "optimize",
+            ckpt,
+            "--recipe",
+            str(_recipe(tmp_path, data="onegroup.npz", name="g.yaml")),
+            "--out",
+            str(tmp_path / "r6"),
+        ]
+    )
+    assert "test" in msg
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(("r", ".r")) and p.is_dir()]
