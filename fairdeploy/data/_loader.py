@@ -14,9 +14,9 @@ class TensorBatches:
     """Batches sliced straight from a dataset's in-memory ``features`` tensor.
 
     Per-item ``__getitem__`` calls through a DataLoader cost ~10 µs each, which for a
-    tabular dataset of 160,000 rows is most of an epoch. The shuffle order is drawn
-    exactly as ``DataLoader(shuffle=True, generator=g)`` draws it
-    (``torch.randperm(n, generator=g)``), so both give the same batches.
+    tabular dataset of 160,000 rows is most of an epoch. The shuffle order is one
+    ``torch.randperm(n, generator=g)`` per pass, so a seeded generator gives the same
+    batches every run (not the same as a DataLoader's, which draws a worker seed first).
     """
 
     def __init__(
