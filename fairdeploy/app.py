@@ -30,6 +30,7 @@ from fairdeploy.pipeline import (
     Prepared,
     check_plan,
     evaluate,
+    logits_of,
     prepare,
     process_head,
     processed_model,
@@ -286,6 +287,9 @@ def run_optimize(
 
     exp = recipe.export
     x, labels, groups = _verify_batch(prepared, exp.verify_samples)
+    # PyTorch's reference outputs come from the processed head on the cached trunk
+    # features: the full model runs only in ONNX Runtime, for the parity check.
+    ref_out = logits_of(processed.head, prepared.features["test"].features[: len(x)])
     metadata = {
         "producer": "fairdeploy",
         "version": __version__,
@@ -309,6 +313,7 @@ def run_optimize(
                 run / "model.onnx",
                 metadata=metadata,
                 reference_inputs=x,
+                reference_outputs=ref_out,
                 labels=labels,
                 groups=groups,
                 simplify=exp.simplify,
@@ -408,6 +413,7 @@ def _latency(
         "threads": rep.threads,
         "warmup": rep.latency_warmup,
         "iters": rep.latency_iterations,
+        "max_seconds": rep.latency_seconds,
     }
     results = [("whole model", measure(model_path, vanilla_path, label="model", **kw))]
     for lp in plan.layers:

@@ -124,6 +124,10 @@ def _input_array(sess: Any, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     return feeds
 
 
+# Timed runs per model that a time budget never cuts below.
+_MIN_ITERS = 5
+
+
 def _check_batches(batches: Any) -> tuple[int, ...]:
     out = tuple(int(b) for b in batches)
     if not out or any(b < 1 for b in out):
@@ -138,18 +142,26 @@ def _time_sessions(
     warmup: int,
     iters: int,
     interleaved: bool,
+    max_seconds: float | None = None,
 ) -> list[Timing]:
     timings: list[Timing] = []
+    budget = float("inf") if max_seconds is None else max_seconds
     for batch in batches:
         feeds = {name: _input_array(s, batch) for name, s in sessions.items()}
         samples: dict[str, list[float]] = {name: [] for name in sessions}
         order = list(sessions)
+        start = time.perf_counter()
         for name in order:
-            for _ in range(warmup):
+            for i in range(warmup):
+                if i and time.perf_counter() - start > budget / 4:
+                    break  # one warm-up run is enough for a model this slow
                 sessions[name].run(None, feeds[name])
         blocks = [order] if interleaved else [[n] for n in order]
         for block in blocks:
-            for _ in range(iters):
+            start = time.perf_counter()
+            for i in range(iters):
+                if i >= _MIN_ITERS and time.perf_counter() - start > budget / len(blocks):
+                    break
                 for name in block:
                     t0 = time.perf_counter()
                     sessions[name].run(None, feeds[name])
@@ -174,6 +186,7 @@ def measure_latency(
     interleaved: bool = True,
     spinning: bool = False,
     label: str = "",
+    max_seconds: float | None = None,
 ) -> LatencyResult:
     """Time ONNX models in ONNX Runtime.
 
@@ -193,6 +206,10 @@ def measure_latency(
         Alternate candidate and baseline runs (default) or time each in its own block.
     spinning : bool
         Allow worker threads to spin (off by default; see the module docstring).
+    max_seconds : float, optional
+        Time budget per batch size: timed runs stop when it is spent (never below 5 per
+        model; each Timing records how many ran), warm-up after a quarter of it. A whole
+        VGG at batch 128 takes seconds per run on a small CPU.
 
     Returns
     -------
@@ -207,7 +224,10 @@ def measure_latency(
     sessions = {"candidate": _session(candidate, provider, threads, spinning, make_session)}
     if baseline is not None:
         sessions["baseline"] = _session(baseline, provider, threads, spinning, make_session)
-    timings = _time_sessions(sessions, batches, warmup=warmup, iters=iters, interleaved=interleaved)
+    timings = _time_sessions(
+        sessions, batches, warmup=warmup, iters=iters, interleaved=interleaved,
+        max_seconds=max_seconds,
+    )
     result = LatencyResult(
         timings=timings,
         threads=threads,

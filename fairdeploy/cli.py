@@ -123,6 +123,8 @@ def verify(
               help="Comma-separated batch sizes.")
 @click.option("--iters", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
+@click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Time budget per batch size (at least 5 timed runs per model).")
 @click.option("--layer", "layers", multiple=True,
               help="Also time this layer's sub-graph (repeatable; default: the factorized "
                    "layers in MODEL's metadata).")
@@ -130,13 +132,14 @@ def verify(
 def bench(
     model: str, baseline: str | None, batches: tuple[int, ...], iters: int, warmup: int,
     layers: tuple[str, ...], threads: int | None, provider: str, json_path: str | None,
+    max_seconds: float | None,
 ) -> None:
     """Time MODEL (and BASELINE) in ONNX Runtime: median and p90 per batch size."""
     from fairdeploy.bench import measure_latency, measure_layer_latency
     from fairdeploy.export import read_metadata
 
     common = {"batches": batches, "threads": threads, "provider": provider,
-              "warmup": warmup, "iters": iters}
+              "warmup": warmup, "iters": iters, "max_seconds": max_seconds}
     results = [measure_latency(model, baseline, label="model", **common)]
     if not layers:
         layers = tuple(row["layer"] for row in read_metadata(model).get("layers", []))

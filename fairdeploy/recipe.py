@@ -597,6 +597,9 @@ class ReportSpec(_Strict):
     latency_batches: list[PosInt] = Field(default_factory=lambda: [1, 32, 128])
     latency_warmup: NonNegInt = 10
     latency_iterations: PosInt = 100
+    latency_seconds: Annotated[float, BeforeValidator(_no_bool), Field(gt=0)] = Field(
+        20.0, description="time budget per batch size and model pair (at least 5 runs each)"
+    )
     threads: PosInt | None = None
 
     @field_validator("latency_batches")

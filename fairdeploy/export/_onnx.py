@@ -77,6 +77,10 @@ class ExportResult:
     simplified: bool = False
 
 
+# Real inputs checked at export time (layout and ONNX Runtime vs PyTorch).
+_EXPORT_CHECK = 32
+
+
 def verify_npz_path(onnx_path: str | os.PathLike[str]) -> Path:
     """The reference file export writes beside a model: ``model.onnx`` → ``model.verify.npz``."""
     p = Path(onnx_path)
@@ -266,6 +270,7 @@ def export_onnx(
     *,
     metadata: Mapping[str, Any] | None = None,
     reference_inputs: torch.Tensor | np.ndarray | None = None,
+    reference_outputs: torch.Tensor | np.ndarray | None = None,
     labels: np.ndarray | None = None,
     groups: np.ndarray | None = None,
     simplify: bool = False,
@@ -305,6 +310,9 @@ def export_onnx(
         Real inputs: their PyTorch outputs are written to ``<name>.verify.npz`` (arrays
         ``inputs``, ``outputs`` and, when given, ``labels`` and ``groups``) for
         :func:`fairdeploy.verify.verify`.
+    reference_outputs : Tensor or ndarray, optional
+        PyTorch's outputs for ``reference_inputs`` when the caller already has them (e.g.
+        the head run on cached trunk features), so the full model need not run again.
     labels, groups : ndarray, optional
         Targets and group ids of ``reference_inputs`` (verify then reports group fairness
         of the ONNX model's predictions).
@@ -342,7 +350,8 @@ def export_onnx(
     )
     original = model if not model.training else _eval_copy(model)
     with torch.no_grad():
-        check_x = example if ref_x is None else torch.cat([example, ref_x[:256]])
+        # A few real inputs suffice here: verify() compares every reference input later.
+        check_x = example if ref_x is None else torch.cat([example, ref_x[:_EXPORT_CHECK]])
         expected = original(check_x).numpy()
         ready_out = ready(check_x).numpy()
     layout_err = float(np.max(np.abs(ready_out - expected)))
@@ -375,10 +384,18 @@ def export_onnx(
 
     ref_path = None
     if ref_x is not None:
-        with torch.no_grad():
-            outs = np.concatenate(
-                [original(ref_x[i : i + 256]).numpy() for i in range(0, len(ref_x), 256)]
-            )
+        if reference_outputs is not None:
+            outs = np.asarray(_as_tensor(reference_outputs, "reference_outputs").numpy())
+            if len(outs) != len(ref_x):
+                raise FairDeployError(
+                    f"reference_outputs has {len(outs)} rows: give one per reference input "
+                    f"({len(ref_x)})"
+                )
+        else:
+            with torch.no_grad():
+                outs = np.concatenate(
+                    [original(ref_x[i : i + 256]).numpy() for i in range(0, len(ref_x), 256)]
+                )
         arrays: dict[str, np.ndarray] = {"inputs": ref_x.numpy(), "outputs": outs}
         if labels is not None:
             arrays["labels"] = np.asarray(labels)
