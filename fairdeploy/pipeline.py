@@ -26,6 +26,7 @@ from fairdeploy.lrf import (
     SelectionInputs,
     activation_abs_sums,
     factorize_model,
+    following_activation,
     replace_module,
     select_rows_cols,
     sparsify,
@@ -43,19 +44,6 @@ __all__ = [
     "process_head",
     "processed_model",
 ]
-
-# Activations whose output slr_a scores a layer's output nodes by (DESIGN §2).
-_ELEMENTWISE = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Tanh,
-    nn.Sigmoid,
-    nn.Hardswish,
-)
 
 
 @dataclass
@@ -337,19 +325,6 @@ def prepare(
     )
 
 
-def _following_activation(model: nn.Module, layer: str) -> str | None:
-    """Name of the elementwise activation right after ``layer`` in its Sequential, if any."""
-    parent_name, _, child = layer.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if not isinstance(parent, nn.Sequential):
-        return None
-    names = [n for n, _ in parent.named_children()]
-    i = names.index(child)
-    if i + 1 < len(names) and isinstance(parent[i + 1], _ELEMENTWISE):
-        return f"{parent_name}.{names[i + 1]}" if parent_name else names[i + 1]
-    return None
-
-
 def process_head(prepared: Prepared, plan: Plan, *, seed: int = 0) -> ProcessedHead:
     """Apply ``plan`` to the vanilla head: factorize, then score, select and sparsify.
 
@@ -387,7 +362,7 @@ def process_head(prepared: Prepared, plan: Plan, *, seed: int = 0) -> ProcessedH
                 prepared.head,
                 lp.layer,
                 scoring.features.split(1024),
-                activation=_following_activation(prepared.model, lp.layer),
+                activation=following_activation(prepared.model, lp.layer),
             )
         elif plan.method == "fairlrf":
             # Group ids in the data → 0 (unprivileged) and 1 (privileged) of the score.
