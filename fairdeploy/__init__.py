@@ -1,12 +1,65 @@
 """fairdeploy: fairness-oriented low-rank factorization (FairLRF) of PyTorch
 classifiers, exported as smaller ONNX models that ONNX Runtime serves, verified and
 reported with accuracy, group fairness, compression and latency.
+
+The public API is ``__all__``; names load lazily, so ``fairdeploy --help`` does not
+import torch or onnx.
 """
 
-from fairdeploy.errors import FairDeployError
-from fairdeploy.lrf import FactorizedLinear
-from fairdeploy.plan import LayerPlan, Plan
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["FactorizedLinear", "FairDeployError", "LayerPlan", "Plan", "__version__"]
+_EXPORTS = {
+    "FairDeployError": "fairdeploy.errors",
+    "LayerPlan": "fairdeploy.plan",
+    "Plan": "fairdeploy.plan",
+    "FactorizedLinear": "fairdeploy.lrf",
+    "factorize": "fairdeploy.lrf",
+    "factorize_model": "fairdeploy.lrf",
+    "sparsify": "fairdeploy.lrf",
+    "select_rows_cols": "fairdeploy.lrf",
+    "SelectionInputs": "fairdeploy.lrf",
+    "register_strategy": "fairdeploy.lrf",
+    "hessian_diag": "fairdeploy.scoring",
+    "group_hessians": "fairdeploy.scoring",
+    "scoring_indices": "fairdeploy.scoring",
+    "group_metrics": "fairdeploy.metrics",
+    "privileged_group": "fairdeploy.metrics",
+    "bootstrap_metrics": "fairdeploy.metrics",
+    "theoretical_cr": "fairdeploy.compression",
+    "layer_table": "fairdeploy.compression",
+    "load_recipe": "fairdeploy.recipe",
+    "load_checkpoint": "fairdeploy.checkpoint",
+    "save_checkpoint": "fairdeploy.checkpoint",
+    "load_splits": "fairdeploy.data",
+    "build_model": "fairdeploy.models",
+    "register_model": "fairdeploy.models",
+    "split_model": "fairdeploy.features",
+    "compute_features": "fairdeploy.features",
+    "train_model": "fairdeploy.train",
+    "export_onnx": "fairdeploy.export",
+    "read_metadata": "fairdeploy.export",
+    "verify": "fairdeploy.verify",
+    "measure_latency": "fairdeploy.bench",
+    "predict_files": "fairdeploy.serve",
+    "run_optimize": "fairdeploy.app",
+    "run_compare": "fairdeploy.app",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fairdeploy' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -43,3 +43,10 @@ def test_cli_group_has_the_commands():
     from fairdeploy.cli import main
 
     assert {"verify", "bench"} <= set(main.commands)
+
+
+def test_public_api_names_resolve() -> None:
+    import fairdeploy
+
+    for name in fairdeploy.__all__:
+        assert getattr(fairdeploy, name) is not None, name
