@@ -90,9 +90,26 @@ def test_wide_matrix_and_seed_independence() -> None:
     assert torch.allclose(a.U, b.U, atol=1e-4) and torch.allclose(a.Vh, b.Vh, atol=1e-4)
 
 
-def test_auto_falls_back_to_full_svd_on_flat_spectrum() -> None:
-    res = truncated_svd(_matrix(300, 200, SPECTRA["flat"]), 20, solver="auto")
+@pytest.mark.parametrize("shape", [(300, 200), (200, 300)])
+def test_auto_falls_back_to_the_gram_eigenpairs_on_flat_spectrum(shape) -> None:
+    A = _matrix(*shape, SPECTRA["flat"])
+    res = truncated_svd(A, 20, solver="auto")
+    assert res.solver == "gram" and res.fell_back
+    ref_U, ref_S, ref_Vh = torch.linalg.svd(A, full_matrices=False)
+    assert torch.allclose(res.S, ref_S[:20], rtol=1e-10)
+    assert _sin_theta(res.U, ref_U[:, :20]) <= 1e-4
+    assert _sin_theta(res.Vh.T, ref_Vh[:20].T) <= 1e-4
+
+
+def test_auto_falls_back_to_full_svd_when_sigma_k_is_not_separated() -> None:
+    # σ_20 = σ_21 exactly: no subspace bound holds, so the Gram route is refused too.
+    sigma = SPECTRA["flat"].clone()
+    sigma[20] = sigma[19]
+    A = _matrix(300, 200, sigma)
+    res = truncated_svd(A, 20, solver="auto")
     assert res.solver == "full" and res.fell_back
+    ref = torch.linalg.svdvals(A)
+    assert torch.allclose(res.S, ref[:20], rtol=1e-12)
 
 
 def test_auto_uses_full_svd_for_large_rank() -> None:

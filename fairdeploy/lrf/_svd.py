@@ -9,10 +9,11 @@ Two solvers compute the top-k singular triplets in float64:
   rather than a fixed iteration count. The first iterations run in float32 and the
   last ones, where convergence is judged, in float64 (see :func:`truncated_svd`).
 
-``"auto"`` uses the randomized solver when ``k ≤ min(Din, Dout) / 4`` and falls back to
-the full SVD when the randomized one does not reach its error bound, so its result is
-always as accurate as the full SVD's to ~1e-5 (relative) on the top-k singular values
-and subspaces.
+``"auto"`` uses the randomized solver when ``k ≤ min(Din, Dout) / 4`` and, when that does
+not reach its error bound (flat spectra, e.g. a randomly initialised layer), falls back
+to the top eigenpairs of the Gram matrix (accepted under the same a-posteriori bound),
+then to the full SVD, so its result is always as accurate as the full SVD's to ~1e-5
+(relative) on the top-k singular values and subspaces.
 """
 
 from __future__ import annotations
@@ -123,6 +124,44 @@ def _fix_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.T
 def _full_svd(A: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     U, S, Vh = torch.linalg.svd(A, full_matrices=False)
     return U[:, :k], S[:k], Vh[:k]
+
+
+def _gram_svd(A: torch.Tensor, k: int, tol: float) -> tuple[torch.Tensor, ...] | None:
+    """Top-k triplets from the k largest eigenpairs of the smaller Gram matrix.
+
+    A direct method (no iteration count to tune), so it handles the flat spectra where
+    subspace iteration stalls (a randomly initialised layer): the Gram product plus a
+    partial symmetric eigensolver (LAPACK ``syevr`` via SciPy, only the wanted
+    eigenpairs) cost ~5–10× less than a full SVD at 4096². Squaring the matrix loses
+    accuracy for small σ, so the result is accepted only when Wedin's a-posteriori
+    bound ‖Aᵀ U − V S‖ / (σ_k − σ_{k+1}) — computed from A itself — is below ``tol``;
+    otherwise None (the caller runs the full SVD).
+    """
+    try:
+        import scipy.linalg
+    except ImportError:  # pragma: no cover - scipy is a dependency
+        return None
+    m, n = A.shape
+    if k + 1 > min(m, n):
+        return None
+    At = A if m >= n else A.T  # tall: Gram matrix of the smaller side
+    G = (At.T @ At).numpy()
+    size = G.shape[0]
+    w, v = scipy.linalg.eigh(G, subset_by_index=[size - k - 1, size - 1], driver="evr")
+    w, v = torch.from_numpy(w[::-1].copy()), torch.from_numpy(v[:, ::-1].copy())
+    if w[k - 1] <= 0:
+        return None
+    S = w[:k].sqrt()
+    right = v[:, :k]
+    left = (At @ right) / S
+    gap = float(S[-1] - w[k].clamp_min(0).sqrt())
+    if gap <= 0:
+        return None
+    resid = torch.linalg.matrix_norm(At.T @ left - right * S)
+    if float(resid) / gap > tol:
+        return None
+    U, Vh = (left, right.T) if m >= n else (right, left.T)
+    return U, S, Vh
 
 
 def _orth(Y: torch.Tensor) -> torch.Tensor:
@@ -302,13 +341,14 @@ def truncated_svd(
     res = _randomized_svd(A, k, seed=seed, oversample=p, max_iter=max_iter, tol=tol)
     if not res.converged:
         if solver == "auto":
-            U, S, Vh = _full_svd(A, k)
+            gram = _gram_svd(A, k, tol)
+            U, S, Vh = gram if gram is not None else _full_svd(A, k)
             U, Vh = _fix_signs(U, Vh)
             return SVDResult(
                 U=U,
                 S=S,
                 Vh=Vh,
-                solver="full",
+                solver="gram" if gram is not None else "full",
                 iterations=res.iterations,
                 fell_back=True,
             )
