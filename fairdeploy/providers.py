@@ -82,7 +82,17 @@ def make_session(
     opts.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
     providers = resolve_providers(provider)
     src = model if isinstance(model, bytes) else os.fspath(model)
-    sess = ort.InferenceSession(src, opts, providers=providers)
+    if not isinstance(model, bytes) and not os.path.isfile(src):
+        raise FairDeployError(f"ONNX model {src!r} does not exist: give a .onnx file")
+    try:
+        sess = ort.InferenceSession(src, opts, providers=providers)
+    except Exception as exc:  # ORT raises its own Fail/InvalidProtobuf/... types
+        what = "the model" if isinstance(model, bytes) else repr(src)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FairDeployError(
+            f"{what} cannot be loaded by ONNX Runtime ({type(exc).__name__}: {first[:200]}): "
+            "give a .onnx file written by fairdeploy optimize or export_onnx"
+        ) from None
     if providers[0] == _CUDA and session_provider(sess) != _CUDA:
         # onnxruntime-gpu lists CUDA even without a usable GPU, then runs on the CPU.
         warnings.warn(

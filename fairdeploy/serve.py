@@ -143,15 +143,7 @@ def predict_files(
 
     if not Path(model).is_file():
         raise FairDeployError(f"model {str(model)!r} does not exist")
-    try:
-        session = make_session(model, provider=provider)
-    except Exception as exc:  # ONNX Runtime's errors derive from Exception only
-        if not type(exc).__module__.startswith("onnxruntime"):
-            raise
-        raise FairDeployError(
-            f"model {str(model)!r} cannot be loaded by ONNX Runtime ({type(exc).__name__}: "
-            f"{str(exc).strip()}): give the model.onnx written by fairdeploy optimize"
-        ) from None
+    session = make_session(model, provider=provider)  # unreadable models → FairDeployError
     meta = model_metadata(session)
     names, x = load_inputs(inputs, meta)
     input_name = session.get_inputs()[0].name

@@ -294,6 +294,19 @@ def _fairness(ref: Reference, logits: np.ndarray, privileged: int | None):
     return (result.to_dict() if hasattr(result, "to_dict") else dict(result)), ""
 
 
+def _check_is_onnx(path: Path) -> None:
+    """A file that does not parse as an ONNX model is a user mistake, said up front."""
+    import onnx
+
+    try:
+        onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise FairDeployError(
+            f"{str(path)!r} is not an ONNX model ({type(exc).__name__}): give the model.onnx "
+            "written by fairdeploy optimize"
+        ) from None
+
+
 def verify(
     onnx_path: str | os.PathLike[str],
     *,
@@ -345,6 +358,7 @@ def verify(
         raise FairDeployError(
             f"ONNX model {str(path)!r} does not exist: give the path of a .onnx file"
         )
+    _check_is_onnx(path)
     if reference is None:
         reference = verify_npz_path(path)
     ref = reference if isinstance(reference, Reference) else load_reference(reference)

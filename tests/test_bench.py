@@ -130,3 +130,16 @@ def test_cli_bench(models, tmp_path):
     assert [x["label"] for x in payload["results"]] == ["model", "layer 2"]
     r = CliRunner().invoke(main, ["bench", str(tmp / "proc.onnx"), "--batch", "a"])
     assert r.exit_code == 2 and "--batch" in r.output
+
+
+def test_bench_on_a_file_that_is_not_onnx_is_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from fairdeploy.cli import main
+
+    bad = tmp_path / "ckpt.pt"
+    bad.write_bytes(b"PK\x03\x04 not onnx")
+    result = CliRunner().invoke(main, ["bench", str(bad), "--batch", "1"])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "cannot be loaded by ONNX Runtime" in lines[0]

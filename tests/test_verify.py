@@ -140,5 +140,5 @@ def test_unloadable_model_is_a_user_error(exported, tmp_path):
     path, *_ = exported
     bad = tmp_path / "garbage.onnx"
     bad.write_bytes(b"not a model")
-    with pytest.raises(FairDeployError, match="cannot load"):
+    with pytest.raises(FairDeployError, match="is not an ONNX model"):
         verify(bad, reference=path.with_name("m.verify.npz"))
