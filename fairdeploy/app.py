@@ -93,6 +93,19 @@ def _run_name(recipe_path: Path, recipe: Recipe, plan: Plan) -> str:
     return f"{stem}-{plan.method}-{recipe_hash(recipe)[:8]}"
 
 
+def _public_permissions(root: Path) -> None:
+    """Give a run folder the permissions a plain mkdir/open would (temporary names are
+    created owner-only), so a serving process running as another user can read it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(root, 0o777 & ~umask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o777 & ~umask)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), 0o666 & ~umask)
+
+
 @contextlib.contextmanager
 def _staging_dir(final: Path):
     """A temporary folder beside ``final``, renamed onto it when the block succeeds.
@@ -107,6 +120,7 @@ def _staging_dir(final: Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _public_permissions(tmp)
     old = None
     if final.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
@@ -174,6 +188,19 @@ def _base_report(prepared: Prepared, recipe_path: Path, recipe: Recipe) -> dict[
             "row_score": spec.row_score,
         },
         "feature_cache": {"hits": prepared.cache_hits, "first_layer": prepared.first_layer},
+        "data": {
+            name: {
+                "samples": len(ds),
+                "skipped": dict(getattr(ds, "skipped", {}) or {}),
+                "group_counts": {
+                    g: int((np.asarray(ds.groups) == i).sum())
+                    for i, g in enumerate(prepared.group_names)
+                }
+                | {"unknown": int((np.asarray(ds.groups) < 0).sum())},
+            }
+            for name, ds in prepared.splits.items()
+        },
+        "notes": _notes(prepared),
         "units": {
             "precision/recall/f1": "fraction in [0, 1], macro over classes within a group",
             "eopp0/eopp1/eodd": "fraction, mean over classes (EOdd halved); see fairness_sum",
@@ -182,6 +209,42 @@ def _base_report(prepared: Prepared, recipe_path: Path, recipe: Recipe) -> dict[
             "bytes": "bytes",
         },
     }
+
+
+# Below this many test samples in a group, group rates are too noisy to audit.
+_FEW_SAMPLES = 30
+
+
+def _notes(prepared: Prepared) -> list[str]:
+    """Warnings a reader of the report must see next to the numbers."""
+    notes = []
+    test = prepared.features["test"]
+    for gid, name in enumerate(prepared.group_names):
+        n = int((test.groups == gid).sum())
+        if n < _FEW_SAMPLES:
+            notes.append(
+                f"only {n} test samples in group {name!r}: its rates and the fairness gaps "
+                "are dominated by sampling noise"
+            )
+    for split, ds in prepared.splits.items():
+        skipped = sum((getattr(ds, "skipped", {}) or {}).values())
+        if skipped:
+            notes.append(
+                f"{skipped} samples of the {split} split were skipped (missing or unreadable "
+                f"files: {dict(ds.skipped)})"
+            )
+    if "tie" in prepared.privileged_info["how"]:
+        notes.append(f"privileged group: {prepared.privileged_info['how']}")
+    return notes
+
+
+def _prediction_notes(preds: dict[str, np.ndarray]) -> list[str]:
+    return [
+        f"{name} predicts a single class on every test sample: its fairness gaps are not "
+        "evidence of fairness"
+        for name, p in preds.items()
+        if len(np.unique(p)) == 1
+    ]
 
 
 def _bootstrap(prepared: Prepared, preds: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -281,6 +344,7 @@ def run_optimize(
     if plan.method != "vanilla":
         preds[plan.method] = pred
     report["bootstrap"] = _bootstrap(prepared, preds)
+    report["notes"] += _prediction_notes(preds)
     report["selections"] = {
         k: {kk: len(v) for kk, v in d.items()} for k, d in processed.selections.items()
     }
@@ -356,6 +420,11 @@ def run_optimize(
             privileged=prepared.privileged,
         )
         report["verify"] = _verify_summary(vres, exp, len(x))
+        # The run folder is renamed when complete: record paths relative to it.
+        report["verify"]["details"]["reference"] = "model.verify.npz"
+        report["verify"]["reference_outputs"] = (
+            "PyTorch: the processed head on the cached trunk features of the same inputs"
+        )
         if not vres:
             raise FairDeployError(
                 f"the exported model does not match PyTorch ({vres.summary_lines()[-1]}); "
@@ -536,6 +605,7 @@ def run_compare(
         entries.append(_method_entry(prepared, name, plan, metrics))
     report["methods"] = entries
     report["bootstrap"] = _bootstrap(prepared, preds)
+    report["notes"] += _prediction_notes(preds)
     final = (
         Path(out)
         if out is not None

@@ -204,6 +204,8 @@ def _print_report(report: dict[str, Any]) -> None:
     from fairdeploy.report import terminal_text
 
     click.echo(terminal_text(report))
+    for note in report.get("notes", []):
+        click.echo(f"warning: {note}")
     boot = report.get("bootstrap")
     if boot:
         for name, per in boot["differences"].items():

@@ -300,6 +300,12 @@ def prepare(
         num_classes=len(class_names),
         group_names=group_names,
     )
+    if named == "auto" and val_metrics.recall[0] == val_metrics.recall[1]:
+        how = (
+            "auto: the vanilla model's macro recall on the validation split is tied "
+            f"({val_metrics.recall[0]:.4f}); the tie goes to the second group listed — "
+            "name the privileged group in the recipe (sensitive.privileged)"
+        )
     info = {
         "id": int(priv),
         "name": group_names[priv],

@@ -78,6 +78,8 @@ def fairness_table(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]
         "EOpp1 ↓",
         "EOpp0 ↓",
         "EOdd ↓",
+        "TPR gap ↓",
+        "FPR gap ↓",
         "C.R. theory",
         "C.R. measured",
     ]
@@ -114,11 +116,13 @@ def fairness_table(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]
                     _f(fair["eopp1"]),
                     _f(fair["eopp0"]),
                     _f(fair["eodd"]),
+                    _f(m["tpr_gap"]),
+                    _f(m["fpr_gap"]),
                     _cr(comp.get("theoretical_cr")),
                     _cr(measured),
                 ]
             else:
-                row += [""] * 5
+                row += [""] * 7
             rows.append(row)
     return header, rows
 
@@ -214,19 +218,21 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"- FairLRF scoring: Hessian estimator `{report['scoring']['estimator']}`, "
         f"{report['scoring']['samples_per_group']} samples per group from "
         f"`{report['scoring']['split']}`, seed {report['scoring']['seed']}",
-        "",
-        "## Accuracy and fairness",
-        "",
     ]
+    if report.get("notes"):
+        out += ["", "**Warnings:**", ""] + [f"- {n}" for n in report["notes"]]
+    out += ["", "## Accuracy and fairness", ""]
     header, rows = fairness_table(report)
     out.append(tabulate(rows, header, tablefmt="github"))
     out += [
         "",
         "Precision, recall and F1 are macro averages over classes within each group (fractions, "
         'not %). EOpp1 (the paper\'s "EOpp") = mean over classes of |ΔTPR|, EOpp0 = mean of '
-        "|ΔTNR|, EOdd = mean of |ΔTPR + ΔFPR| / 2 — the convention of the paper's tables; "
-        "report.json also has the sum convention of the paper's equations and the TPR and FPR "
-        "gaps separately. C.R. theory is the paper's parameter-count ratio (S counted as k×k); "
+        "|ΔTNR|, EOdd = mean of |ΔTPR + ΔFPR| / 2 — the convention of the paper's tables "
+        "(report.json also has the sum convention of the paper's equations). EOdd's signed sum "
+        "can cancel (a model that predicts positive more often for one group can score 0), so "
+        "the TPR gap (mean |ΔTPR|) and FPR gap (mean |ΔFPR|) stand beside it. "
+        "C.R. theory is the paper's parameter-count ratio (S counted as k×k); "
         "C.R. measured is the ratio of ONNX initializer bytes, vanilla / processed.",
     ]
     ci_rows = _interval_rows(report)
