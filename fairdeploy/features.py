@@ -567,6 +567,46 @@ class FeatureCache:
             )
         return fs, False
 
+    def get_or_compute_tensors(
+        self,
+        kind: str,
+        key_parts: Mapping[str, Any],
+        compute: Callable[[], dict[str, torch.Tensor]],
+    ) -> tuple[dict[str, torch.Tensor], bool]:
+        """Like :meth:`get_or_compute` for a flat dict of tensors (e.g. SVD factors or
+        Hessian diagonals), stored as ``<kind>-<key>.pt``."""
+        key = self.key({"kind": kind, **key_parts})
+        path = self.directory / f"{kind}-{key}.pt"
+        if path.exists():
+            try:
+                payload = torch.load(path, map_location="cpu", weights_only=True)
+                if payload.get("format") != _CACHE_FORMAT or payload.get("key") != key:
+                    raise ValueError("not a fairdeploy cache file for this key")
+                return dict(payload["tensors"]), True
+            except Exception as exc:  # any unreadable file is a miss, never a crash
+                warnings.warn(
+                    f"ignoring unreadable cache file {str(path)!r} ({type(exc).__name__}); "
+                    "recomputing it",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        tensors = compute()
+        payload = {
+            "format": _CACHE_FORMAT,
+            "key": key,
+            "key_parts": _canonical_json(dict(key_parts)),
+            "tensors": {k: _compact(v) for k, v in tensors.items()},
+        }
+        try:
+            _atomic_torch_save(payload, path)
+        except OSError as exc:
+            warnings.warn(
+                f"could not write cache file {str(path)!r} ({exc}); computed but not cached",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return tensors, False
+
     def clear(self) -> int:
         """Delete every cached feature file in the directory; return how many."""
         removed = 0

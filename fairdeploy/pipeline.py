@@ -10,6 +10,8 @@ cached features. Only export and its parity check run the full model.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ from fairdeploy.lrf import (
     FactorizedLinear,
     SelectionInputs,
     activation_abs_sums,
-    factorize_model,
+    factorize,
     following_activation,
     replace_module,
     select_rows_cols,
@@ -85,6 +87,8 @@ class Prepared:
     privileged_info: dict[str, Any]
     cache_hits: dict[str, bool] = field(default_factory=dict)
     preprocessing: dict[str, Any] | None = None
+    cache: FeatureCache | None = None
+    cache_key: dict[str, Any] = field(default_factory=dict)
 
     @property
     def unprivileged(self) -> int:
@@ -234,6 +238,7 @@ def prepare(
         train_groups, per_group=scoring_spec.samples_per_group, seed=scoring_spec.seed
     )
     order = np.concatenate([idx[0], idx[1]])
+    idx_key = {"per_group": scoring_spec.samples_per_group, "seed": scoring_spec.seed}
     scoring_groups = {0: np.arange(len(idx[0])), 1: np.arange(len(idx[0]), len(order))}
 
     sha = file_sha256(checkpoint)
@@ -328,6 +333,15 @@ def prepare(
         privileged_info=info,
         cache_hits=hits,
         preprocessing=getattr(test_ds, "preprocessing", None),
+        cache=cache,
+        cache_key={
+            "checkpoint": sha,
+            "arch": recipe.model.model_dump(mode="json"),
+            "data": data_cfg,
+            "sensitive": sensitive_cfg,
+            "layer": first,
+            "scoring": idx_key,
+        },
     )
 
 
@@ -349,7 +363,7 @@ def process_head(prepared: Prepared, plan: Plan, *, seed: int = 0) -> ProcessedH
         )
     spec = prepared.recipe.method.scoring
     scoring = prepared.features["scoring"]
-    head = factorize_model(prepared.head, plan, seed=seed)
+    head = _factorized_head(prepared, plan, seed=seed)
     selections: dict[str, dict[str, list[int]]] = {}
     if plan.method == "truncated_svd":
         return ProcessedHead(plan, head)
@@ -372,25 +386,79 @@ def process_head(prepared: Prepared, plan: Plan, *, seed: int = 0) -> ProcessedH
             )
         elif plan.method == "fairlrf":
             # Group ids in the data → 0 (unprivileged) and 1 (privileged) of the score.
-            groups = scoring.groups.clone()
-            h = group_hessians(
-                head,
-                lp.layer,
-                scoring.features,
-                scoring.targets,
-                groups,
-                group_ids=(prepared.unprivileged, prepared.privileged),
-                estimator=spec.estimator,
-                batch_size=spec.batch_size,
-                seed=spec.seed,
-            )
-            inputs["hessians"] = {0: h[prepared.unprivileged], 1: h[prepared.privileged]}
+            ids = (prepared.unprivileged, prepared.privileged)
+
+            def hessians(
+                layer_name: str = lp.layer, head: nn.Module = head, ids: tuple = ids
+            ) -> dict[str, torch.Tensor]:
+                h = group_hessians(
+                    head,
+                    layer_name,
+                    scoring.features,
+                    scoring.targets,
+                    scoring.groups,
+                    group_ids=ids,
+                    estimator=spec.estimator,
+                    batch_size=spec.batch_size,
+                    seed=spec.seed,
+                )
+                return {f"{g}.{p}": t for g, d in h.items() for p, t in d.items()}
+
+            # The head's state so far: every layer's rank, earlier layers' selections.
+            key = {
+                "ranks": [(p.layer, p.rank) for p in plan.layers],
+                "before": hashlib.sha256(
+                    json.dumps(selections, sort_keys=True).encode()
+                ).hexdigest(),
+                "method": plan.method,
+                "layer": lp.layer,
+                "estimator": spec.estimator,
+                "batch_size": spec.batch_size,
+                "seed": spec.seed,
+                "svd_seed": seed,
+            }
+            h = _cached(prepared, "hessian", key, hessians)
+            inputs["hessians"] = {
+                role: {p: h[f"{g}.{p}"] for p in ("U", "V")} for role, g in enumerate(ids)
+            }
         rows, cols = select_rows_cols(
             plan.method, layer, sr=lp.sr, rr=lp.rr, inputs=SelectionInputs(**inputs)
         )
         head = replace_module(head, lp.layer, sparsify(layer, lp.sr, lp.rr, rows, cols))
         selections[lp.layer] = {"rows": rows.tolist(), "cols": cols.tolist()}
     return ProcessedHead(plan, head, selections)
+
+
+def _cached(
+    prepared: Prepared, kind: str, key: dict[str, Any], compute: Any
+) -> dict[str, torch.Tensor]:
+    """``compute()`` through the persisted cache (keyed by checkpoint, data and cut too)."""
+    if prepared.cache is None:
+        return compute()
+    parts = {**prepared.cache_key, **key}
+    return prepared.cache.get_or_compute_tensors(kind, parts, compute)[0]
+
+
+def _factorized_head(prepared: Prepared, plan: Plan, *, seed: int) -> nn.Module:
+    """A copy of the vanilla head with every plan layer replaced by its truncated SVD.
+
+    The factors are cached: a sweep over (sr, rr, β) at one rank decomposes once.
+    """
+    head = copy.deepcopy(prepared.head)
+    for lp in plan.layers:
+        linear = prepared.head.get_submodule(lp.layer)
+
+        def svd(linear: nn.Module = linear, rank: int = lp.rank) -> dict[str, torch.Tensor]:
+            f = factorize(linear, rank, seed=seed)
+            return {"U": f.U.detach(), "S": f.S.detach(), "V": f.V.detach()}
+
+        try:
+            t = _cached(prepared, "svd", {"layer": lp.layer, "rank": lp.rank, "seed": seed}, svd)
+        except FairDeployError as exc:
+            raise FairDeployError(f"layer {lp.layer!r}: {exc}") from None
+        bias = None if linear.bias is None else linear.bias.detach()
+        head.set_submodule(lp.layer, FactorizedLinear(t["U"], t["S"], t["V"], bias))
+    return head
 
 
 def processed_model(prepared: Prepared, processed: ProcessedHead) -> nn.Module:

@@ -183,6 +183,8 @@ def test_second_run_reuses_the_feature_cache_and_is_deterministic(
     a = json.loads((optimized / "report.json").read_text())
     b = json.loads((trained / "run2" / "report.json").read_text())
     assert all(b["feature_cache"]["hits"].values())
+    cached = {p.name.split("-")[0] for p in (trained / "exports" / ".cache").iterdir()}
+    assert {"features", "svd", "hessian", "vanilla"} <= cached
     assert a["methods"] == b["methods"]
     assert a["bootstrap"] == b["bootstrap"]
 
