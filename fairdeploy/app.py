@@ -700,3 +700,43 @@ def run_demo(
         progress=progress,
         echo=echo,
     )
+
+
+def reference_from_checkpoint(
+    onnx_path: str | Path,
+    checkpoint: str | Path,
+    recipe_path: str | Path,
+    *,
+    split: str = "test",
+    samples: int | None = None,
+    trust_checkpoint: bool = False,
+) -> tuple[Any, int | None]:
+    """A verify reference from a checkpoint and a recipe: the PyTorch model's outputs on
+    the first ``samples`` inputs of a data split, with their labels and groups.
+
+    ``checkpoint`` may be a vanilla checkpoint or ``optimize``'s ``model.pt`` (its
+    factorized layers are rebuilt from the stored factors). Returns the reference and
+    the privileged group id named in the ONNX model's metadata (None if absent).
+    """
+    from fairdeploy.export import read_metadata
+    from fairdeploy.verify import reference_from_model
+
+    recipe = load_recipe(recipe_path)
+    model = load_checkpoint(
+        checkpoint,
+        arch=recipe.model.arch,
+        num_classes=recipe.model.num_classes,
+        model_kwargs=recipe.model.kwargs,
+        trust_checkpoint=trust_checkpoint,
+    )
+    ds = load_splits(recipe, splits=(split,))[split]
+    n = min(samples or recipe.export.verify_samples, len(ds))
+    xs, ys, gs = zip(*(ds[i] for i in range(n)), strict=True)
+    ref = reference_from_model(
+        model, torch.stack([torch.as_tensor(x) for x in xs]).float().numpy(),
+        labels=np.asarray(ys), groups=np.asarray(gs),
+    )
+    meta = read_metadata(onnx_path)
+    names = meta.get("group_names") or []
+    priv = meta.get("privileged")
+    return ref, (names.index(priv) if priv in names else None)

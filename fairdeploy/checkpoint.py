@@ -86,8 +86,9 @@ def load_checkpoint(
         return module.eval()
     state = _find_state_dict(obj, path)
     model = build_model(arch, num_classes, **dict(model_kwargs or {}))
+    state = _strip_prefixes(state, model.state_dict())
+    _factorized_slots(model, state)
     expected = model.state_dict()
-    state = _strip_prefixes(state, expected)
     _check_fit(state, expected, path=path, arch=arch, num_classes=num_classes)
     model.load_state_dict(state, strict=True)
     return model.eval()
@@ -232,7 +233,9 @@ def _is_state_dict(obj: Any) -> bool:
         isinstance(obj, Mapping)
         and len(obj) > 0
         and all(isinstance(k, str) for k in obj)
-        and all(torch.is_tensor(v) for v in obj.values())
+        # Module extra state (e.g. a FactorizedLinear's sparsity record) is a plain dict.
+        and all(torch.is_tensor(v) or k.endswith("._extra_state") for k, v in obj.items())
+        and any(torch.is_tensor(v) for v in obj.values())
     )
 
 
@@ -253,6 +256,34 @@ def _find_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
         f"checkpoint {path} holds a {type(obj).__name__}, not a state dict: save "
         "model.state_dict() with torch.save"
     )
+
+
+def _factorized_slots(model: nn.Module, state: Mapping[str, Any]) -> None:
+    """Swap in a FactorizedLinear wherever a processed checkpoint (``optimize``'s
+    model.pt) stores ``<layer>.U/.S/.V`` for an ``nn.Linear`` of the architecture, so its
+    weights load with the usual shape checks."""
+    from fairdeploy.lrf import FactorizedLinear
+
+    for key in state:
+        if not key.endswith(".U"):
+            continue
+        name = key[:-2]
+        if not all(f"{name}.{p}" in state for p in ("S", "V")):
+            continue
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if not isinstance(linear, nn.Linear):
+            continue
+        U, S, V = state[f"{name}.U"], state[f"{name}.S"], state[f"{name}.V"]
+        layer = FactorizedLinear(
+            torch.zeros(U.shape), torch.zeros(S.shape), torch.zeros(V.shape), linear.bias
+        )
+        for buf in ("sparse_rows", "sparse_cols"):
+            if f"{name}.{buf}" in state:
+                setattr(layer, buf, torch.zeros_like(state[f"{name}.{buf}"]))
+        model.set_submodule(name, layer)
 
 
 def _strip_prefixes(
@@ -285,7 +316,9 @@ def _check_fit(
     shapes = [
         (k, tuple(expected[k].shape), tuple(state[k].shape))
         for k in expected
-        if k in state and tuple(expected[k].shape) != tuple(state[k].shape)
+        if k in state
+        and torch.is_tensor(expected[k])
+        and tuple(expected[k].shape) != tuple(getattr(state[k], "shape", ()))
     ]
     if not (missing or unexpected or shapes):
         return

@@ -61,6 +61,28 @@ json_option = click.option(
 )
 
 
+recipe_option = click.option(
+    "--recipe", "recipe_path", required=True, type=click.Path(dir_okay=False),
+    help="The YAML recipe (see recipes/).",
+)
+device_option = click.option(
+    "--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+    help="Where the PyTorch trunk runs (features, training).",
+)
+trust_option = click.option(
+    "--trust-checkpoint", is_flag=True,
+    help="Allow a checkpoint that pickles a whole module (runs code from the file: "
+         "only for files you trust).",
+)
+exports_option = click.option(
+    "--exports", "exports_dir", type=click.Path(file_okay=False), default="exports",
+    show_default=True, help="Folder for run outputs and the feature cache (.cache/).",
+)
+cache_option = click.option(
+    "--no-cache", is_flag=True, help="Do not read or write the persisted feature cache.",
+)
+
+
 def _apply(*decorators: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def deco(f: Any) -> Any:
         for d in reversed(decorators):
@@ -97,17 +119,45 @@ def main() -> None:
     "--reference", type=click.Path(dir_okay=False), default=None,
     help="Reference .npz (inputs, outputs[, labels, groups]); default <model>.verify.npz.",
 )
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="Reference from this checkpoint (vanilla, or optimize's model.pt) run in "
+                   "PyTorch on a data split; needs --recipe.")
+@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), default=None,
+              help="Recipe naming the model and data for --checkpoint.")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test",
+              show_default=True, help="Data split for --checkpoint.")
+@click.option("--samples", type=click.IntRange(min=1), default=None,
+              help="Inputs of the split to compare (default: the recipe's export.verify_samples).")
 @click.option("--atol", type=click.FloatRange(min=0), default=1e-4, show_default=True)
 @click.option("--rtol", type=click.FloatRange(min=0), default=1e-3, show_default=True)
-@_apply(provider_option, json_option)
+@_apply(provider_option, trust_option, json_option)
 def verify(
-    model: str, reference: str | None, atol: float, rtol: float, provider: str,
-    json_path: str | None,
+    model: str, reference: str | None, checkpoint: str | None, recipe_path: str | None,
+    split: str, samples: int | None, atol: float, rtol: float, provider: str,
+    trust_checkpoint: bool, json_path: str | None,
 ) -> None:
-    """Check MODEL and compare ONNX Runtime's outputs with a reference; exit 1 on failure."""
+    """Check MODEL and compare ONNX Runtime's outputs with a reference; exit 1 on failure.
+
+    The reference is REFERENCE, or MODEL's <name>.verify.npz, or --checkpoint with
+    --recipe (then the group fairness of the ONNX model's predictions on that split is
+    reported too).
+    """
     from fairdeploy.verify import verify as run_verify
 
-    result = run_verify(model, reference=reference, atol=atol, rtol=rtol, provider=provider)
+    privileged = None
+    if (checkpoint is None) != (recipe_path is None):
+        raise click.UsageError("--checkpoint and --recipe go together")
+    if checkpoint is not None:
+        if reference is not None:
+            raise click.UsageError("give either --reference or --checkpoint/--recipe")
+        from fairdeploy import app
+
+        reference, privileged = app.reference_from_checkpoint(
+            model, checkpoint, recipe_path, split=split, samples=samples,
+            trust_checkpoint=trust_checkpoint,
+        )
+    result = run_verify(model, reference=reference, atol=atol, rtol=rtol, provider=provider,
+                        privileged=privileged)
     for line in result.summary_lines():
         click.echo(line)
     _write_json(json_path, result.to_dict())
@@ -149,28 +199,6 @@ def bench(
         for line in r.summary_lines():
             click.echo(line)
     _write_json(json_path, {"results": [r.to_dict() for r in results]})
-
-
-recipe_option = click.option(
-    "--recipe", "recipe_path", required=True, type=click.Path(dir_okay=False),
-    help="The YAML recipe (see recipes/).",
-)
-device_option = click.option(
-    "--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-    help="Where the PyTorch trunk runs (features, training).",
-)
-trust_option = click.option(
-    "--trust-checkpoint", is_flag=True,
-    help="Allow a checkpoint that pickles a whole module (runs code from the file: "
-         "only for files you trust).",
-)
-exports_option = click.option(
-    "--exports", "exports_dir", type=click.Path(file_okay=False), default="exports",
-    show_default=True, help="Folder for run outputs and the feature cache (.cache/).",
-)
-cache_option = click.option(
-    "--no-cache", is_flag=True, help="Do not read or write the persisted feature cache.",
-)
 
 
 def _check_device(device: str) -> None:

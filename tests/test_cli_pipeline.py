@@ -321,3 +321,23 @@ def test_bad_inputs_give_one_line_and_leave_no_run_folder(trained: Path, tmp_pat
     )
     assert "test" in msg
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(("r", ".r")) and p.is_dir()]
+
+
+def test_verify_against_checkpoint_and_recipe(optimized: Path, trained: Path) -> None:
+    """The "checkpoint + recipe" reference: optimize's model.pt rebuilt and run in PyTorch
+    on the test split; fairness of the ONNX model's predictions is reported."""
+    code, out = _invoke(
+        "verify", str(optimized / "model.onnx"), "--checkpoint", str(optimized / "model.pt"),
+        "--recipe", str(optimized / "recipe.yaml"), "--samples", "50", "--json",
+        str(trained / "v.json"),
+    )
+    assert code == 0, out
+    assert out.strip().splitlines()[-1].startswith("PASSED")
+    result = json.loads((trained / "v.json").read_text())
+    assert result["n_samples"] == 50 and result["fairness"] is not None
+    # The vanilla checkpoint is a different model: the comparison must fail.
+    code, out = _invoke(
+        "verify", str(optimized / "model.onnx"), "--checkpoint", str(trained / "ckpt.pt"),
+        "--recipe", str(optimized / "recipe.yaml"),
+    )
+    assert code == 1 and out.strip().splitlines()[-1].startswith("FAILED")
