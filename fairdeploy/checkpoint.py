@@ -32,7 +32,7 @@ from torch import nn
 from fairdeploy.errors import FairDeployError
 from fairdeploy.models import build_model
 
-__all__ = ["checkpoint_metadata", "load_checkpoint", "save_checkpoint"]
+__all__ = ["check_plain_value", "checkpoint_metadata", "load_checkpoint", "save_checkpoint"]
 
 _FORMAT = "fairdeploy-checkpoint"
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
@@ -126,7 +126,7 @@ def save_checkpoint(
         "format": _FORMAT, "version": 1, "torch_version": str(torch.__version__)
     }
     for key, value in (extra or {}).items():
-        _check_plain(value, f"extra[{key!r}]")
+        check_plain_value(value, f"save_checkpoint extra[{key!r}]")
         metadata[str(key)] = value
     # Module extra state (e.g. FactorizedLinear's sparsity record) is a plain dict.
     state: dict[str, Any] = {}
@@ -134,7 +134,7 @@ def save_checkpoint(
         if torch.is_tensor(v):
             state[k] = v.detach().cpu().clone()
         else:
-            _check_plain(v, f"state_dict[{k!r}]")
+            check_plain_value(v, f"save_checkpoint state_dict[{k!r}]")
             state[k] = v
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -349,20 +349,22 @@ def _fmt(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
 
 
-def _check_plain(value: Any, where: str) -> None:
+def check_plain_value(value: Any, where: str) -> None:
+    """Raise FairDeployError unless ``value`` is what ``torch.load(weights_only=True)``
+    reads without unpickling code: str, int, float, bool, None, lists/dicts of them."""
     if value is None or isinstance(value, str | int | float | bool):
         return
     if isinstance(value, list | tuple):
         for i, v in enumerate(value):
-            _check_plain(v, f"{where}[{i}]")
+            check_plain_value(v, f"{where}[{i}]")
         return
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         for k, v in value.items():
             if not isinstance(k, str):
-                raise FairDeployError(f"save_checkpoint {where}: key {k!r} is not a string")
-            _check_plain(v, f"{where}[{k!r}]")
+                raise FairDeployError(f"{where}: key {k!r} is not a string")
+            check_plain_value(v, f"{where}[{k!r}]")
         return
     raise FairDeployError(
-        f"save_checkpoint {where}: {type(value).__name__} is not allowed (use str, int, float, "
-        "bool, None, or lists/dicts of them, so the file loads with weights_only=True)"
+        f"{where}: {type(value).__name__} is not allowed (use str, int, float, bool, None, "
+        "or lists/dicts of them, so the file loads with weights_only=True)"
     )

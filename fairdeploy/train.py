@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fairdeploy.checkpoint import save_checkpoint
+from fairdeploy.checkpoint import check_plain_value, save_checkpoint
 from fairdeploy.data._loader import batch_loader
 from fairdeploy.errors import FairDeployError
 from fairdeploy.features import _atomic_torch_save, _progress
@@ -136,26 +136,6 @@ def _evaluate(model: nn.Module, loader: Any,
             correct += (logits.argmax(1) == y).sum()
             n += y.numel()
     return float(loss_sum) / max(n, 1), float(correct) / max(n, 1)
-
-
-def _check_plain(value: Any, where: str) -> None:
-    """Only values ``torch.load(weights_only=True)`` reads without unpickling code."""
-    if value is None or isinstance(value, str | int | float | bool):
-        return
-    if isinstance(value, list | tuple):
-        for i, v in enumerate(value):
-            _check_plain(v, f"{where}[{i}]")
-        return
-    if isinstance(value, Mapping):
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise FairDeployError(f"{where}: key {k!r} is not a string")
-            _check_plain(v, f"{where}[{k!r}]")
-        return
-    raise FairDeployError(
-        f"{where}: {type(value).__name__} is not allowed (use str, int, float, bool, None, "
-        "or lists/dicts of them, so the checkpoint loads with weights_only=True)"
-    )
 
 
 def _cpu_state_dict(model: nn.Module) -> dict[str, Any]:
@@ -280,7 +260,7 @@ def train_model(
     if reserved:
         raise ValueError(f"metadata may not set {sorted(reserved)}: train_model writes them")
     # Checked now, not after 100 epochs when the checkpoint is written.
-    _check_plain(metadata, "metadata")
+    check_plain_value(metadata, "metadata")
 
     device = torch.device(device)
     config = {
