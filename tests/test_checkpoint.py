@@ -137,3 +137,30 @@ def test_loading_returns_a_fresh_model_each_time(tmp_path):
     with torch.no_grad():
         a.layers[0].weight.zero_()
     assert not torch.equal(a.layers[0].weight, b.layers[0].weight)
+
+
+def test_non_persistent_buffers_keep_their_init(tmp_path):
+    """Models are built without random init (meta device) unless a buffer that no state
+    dict carries needs its constructor's value."""
+    import torch
+    from torch import nn
+
+    from fairdeploy.checkpoint import load_checkpoint
+    from fairdeploy.models import register_model
+
+    class WithScale(nn.Module):
+        def __init__(self, num_classes: int) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, num_classes)
+            self.register_buffer("scale", torch.full((3,), 2.0), persistent=False)
+
+        def forward(self, x):
+            return self.fc(x * self.scale)
+
+    register_model("_test_with_scale")(lambda num_classes: WithScale(num_classes))
+    src = WithScale(2)
+    torch.save(src.state_dict(), tmp_path / "c.pt")
+    model = load_checkpoint(tmp_path / "c.pt", arch="_test_with_scale", num_classes=2)
+    assert torch.equal(model.scale, torch.full((3,), 2.0))
+    x = torch.randn(4, 3)
+    assert torch.equal(model(x), src(x))

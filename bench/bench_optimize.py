@@ -1,0 +1,128 @@
+"""Wall time of `optimize` on vgg11_paper against one trunk pass over the same images.
+
+    python bench/bench_optimize.py [--images 240] [--threads 2]
+
+Builds a fixture image_csv dataset (random JPEGs) and a random-init vgg11_paper checkpoint
+in a temporary folder, then times, in this process:
+
+1. the baseline: one forward pass of the frozen trunk (everything before FC-2) over the
+   images `optimize` reads (the scoring sets, validation and test);
+2. `optimize` (FairLRF on classifier.3, k=64, sr=0.4, rr=0; export, verify, report; no
+   latency measurement) with an empty feature cache;
+3. the same run again, features read from the persisted cache.
+
+Targets (issue 4): run 1 ≤ 1.3 × the trunk pass; run 2 ≤ 0.2 × run 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fairdeploy.app import run_optimize
+from fairdeploy.data import load_splits
+from fairdeploy.features import compute_features, split_model
+from fairdeploy.models import build_model
+from fairdeploy.recipe import load_recipe
+from fairdeploy.scoring import scoring_indices
+
+RECIPE = """\
+name: bench
+model: {{arch: vgg11_paper, num_classes: 4}}
+data:
+  kind: image_csv
+  csv: {csv}
+  split: {{mode: column}}
+  check_images: none
+sensitive: {{attribute: group, groups: {{a: [0], b: [1]}}, privileged: auto}}
+method:
+  name: fairlrf
+  beta: 5/9
+  layers: [{{layer: classifier.3, rank: 64, sr: 0.4, rr: 0.0}}]
+  scoring: {{samples_per_group: {per_group}, batch_size: 64}}
+export: {{simplify: false, verify_samples: {verify}}}
+"""
+
+
+def _fixture(root: Path, n: int) -> Path:
+    rng = np.random.default_rng(0)
+    (root / "imgs").mkdir(parents=True)
+    rows = ["path,label,group,split"]
+    for i in range(n):
+        arr = rng.integers(0, 256, size=(128, 128, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(root / "imgs" / f"{i}.jpg", quality=90)
+        split = "train" if i < n // 2 else ("val" if i < 3 * n // 4 else "test")
+        rows.append(f"imgs/{i}.jpg,{i % 4},{(i // 4) % 2},{split}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root / "labels.csv"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=240)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--spectrum", choices=["random", "power"], default="random",
+        help="FC-2 weight: random init (flat spectrum: the SVD's worst case) or a trained-like "
+        "power-law spectrum σ_i ∝ i^-0.5 (the randomized solver converges)",
+    )
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        csv = _fixture(tmp / "data", args.images)
+        per_group = args.images // 8
+        verify = args.images // 4
+        (tmp / "r.yaml").write_text(RECIPE.format(csv=csv, per_group=per_group, verify=verify))
+        torch.manual_seed(0)
+        state = build_model("vgg11_paper", 4).state_dict()
+        if args.spectrum == "power":
+            w = state["classifier.3.weight"].double()
+            q1, _ = torch.linalg.qr(torch.randn(4096, 4096, dtype=torch.float64))
+            q2, _ = torch.linalg.qr(torch.randn(4096, 4096, dtype=torch.float64))
+            sigma = torch.arange(1, 4097, dtype=torch.float64) ** -0.5
+            sigma *= w.norm() / sigma.norm()
+            state["classifier.3.weight"] = ((q1 * sigma) @ q2.T).float()
+        torch.save(state, tmp / "ckpt.pt")
+
+        recipe = load_recipe(tmp / "r.yaml")
+        splits = load_splits(recipe)
+        model = build_model("vgg11_paper", 4)
+        model.load_state_dict(torch.load(tmp / "ckpt.pt", weights_only=True))
+        trunk, _ = split_model(model.eval(), "classifier.3")
+        idx = scoring_indices(splits["train"].groups, per_group=per_group)
+        scoring = splits["train"].subset(np.concatenate([idx[0], idx[1]]))
+        n_read = len(scoring) + len(splits["val"]) + len(splits["test"])
+        t = time.perf_counter()
+        for ds in (scoring, splits["val"], splits["test"]):
+            compute_features(trunk, ds, progress=False)
+        trunk_s = time.perf_counter() - t
+
+        times = []
+        for run in (1, 2):
+            t = time.perf_counter()
+            report = run_optimize(
+                tmp / "ckpt.pt", tmp / "r.yaml", out=tmp / f"run{run}", exports_dir=tmp / "exp",
+                latency=False, progress=False, echo=lambda s: None,
+            )
+            times.append(time.perf_counter() - t)
+            assert report["verify"]["passed"]
+        print(
+            f"vgg11_paper, {n_read} images read (of {args.images}), {args.threads} threads, "
+            f"FC-2 spectrum {args.spectrum}"
+        )
+        print(f"trunk pass (baseline):       {trunk_s:8.2f} s")
+        print(f"optimize, empty cache:       {times[0]:8.2f} s  = {times[0] / trunk_s:.2f}× trunk "
+              "(target ≤ 1.3)")
+        print(f"optimize, persisted cache:   {times[1]:8.2f} s  = {times[1] / times[0]:.2f}× run 1 "
+              "(target ≤ 0.2)")
+
+
+if __name__ == "__main__":
+    main()
