@@ -645,7 +645,10 @@ def run_train(
     settings.update(overrides or {})
     augment = settings.pop("augment")
     splits = load_splits(recipe, splits=("train", "val"), augment=augment)
-    model = build_model(recipe.model.arch, recipe.model.num_classes, **recipe.model.kwargs)
+    # The initial weights come from the same seed: same recipe and seed, same checkpoint.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings["seed"])
+        model = build_model(recipe.model.arch, recipe.model.num_classes, **recipe.model.kwargs)
     return train_model(
         model,
         splits["train"],

@@ -341,3 +341,17 @@ def test_verify_against_checkpoint_and_recipe(optimized: Path, trained: Path) ->
         "--recipe", str(optimized / "recipe.yaml"),
     )
     assert code == 1 and out.strip().splitlines()[-1].startswith("FAILED")
+
+
+def test_train_is_deterministic_across_processes(trained: Path, tmp_path: Path) -> None:
+    """Same recipe and seed in a fresh process → the same weights (model init included)."""
+    ckpt = tmp_path / "again.pt"
+    subprocess.run(
+        [sys.executable, "-m", "fairdeploy.cli", "train", "--recipe",
+         str(trained / "recipe.yaml"), "-o", str(ckpt)],
+        check=True, capture_output=True,
+    )
+    a = torch.load(trained / "ckpt.pt", weights_only=True)["state_dict"]
+    b = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
