@@ -355,3 +355,26 @@ def test_train_is_deterministic_across_processes(trained: Path, tmp_path: Path) 
     b = torch.load(ckpt, weights_only=True)["state_dict"]
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_target_layers(trained: Path, tmp_path: Path) -> None:
+    """Multi-layer FairLRF: the cut is at the first layer the forward pass reaches (listed
+    second here); both layers are factorized, sparsified, exported and verified."""
+    text = (trained / "recipe.yaml").read_text().replace(
+        "    - {layer: layers.2, rank: 8, sr: 0.25, rr: 0.5}",
+        "    - {layer: layers.2, rank: 8, sr: 0.25, rr: 0.5}\n"
+        "    - {layer: layers.0, rank: 4, sr: 0.25, rr: 0.0}",
+    )
+    recipe = tmp_path / "two.yaml"
+    recipe.write_text(text.replace("path: data.npz", f"path: {trained / 'data.npz'}"))
+    code, out = _invoke(
+        "optimize", str(trained / "ckpt.pt"), "--recipe", str(recipe), "--out",
+        str(tmp_path / "run"), "--exports", str(tmp_path / "exp"), "--no-latency",
+    )
+    assert code == 0, out
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["feature_cache"]["first_layer"] == "layers.0"
+    layers = {lt["name"]: lt for lt in report["methods"][1]["compression"]["layers"]}
+    assert layers["layers.0"]["k"] == 4 and layers["layers.0"]["rows_sparsified"] == 2
+    assert layers["layers.2"]["keep"] == 4
+    assert report["verify"]["passed"]
