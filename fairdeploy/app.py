@@ -55,10 +55,19 @@ def _plan_dict(plan: Plan) -> dict[str, Any]:
 
 
 def _load(
-    checkpoint: str | Path, recipe_path: str | Path, *, trust_checkpoint: bool
+    checkpoint: str | Path,
+    recipe_path: str | Path,
+    *,
+    trust_checkpoint: bool,
+    require_lrf: bool = True,
 ) -> tuple[Recipe, Plan, torch.nn.Module]:
     recipe = load_recipe(recipe_path)
     plan = recipe.to_plan()
+    if require_lrf and not plan.is_lrf:
+        raise FairDeployError(
+            f"method.name: {plan.method!r} cannot be optimized yet: use one of truncated_svd, "
+            "slr_w, slr_a, fairlrf (fairdeploy compare shows the vanilla model next to them)"
+        )
     model = load_checkpoint(
         checkpoint,
         arch=recipe.model.arch,
@@ -88,9 +97,33 @@ def dry_run(
     }
 
 
-def _run_name(recipe_path: Path, recipe: Recipe, plan: Plan) -> str:
+def _run_name(recipe_path: Path, recipe: Recipe, what: str, checkpoint_sha256: str) -> str:
+    """``<recipe>-<method>-<hash>``; the hash covers the recipe and the checkpoint's content,
+    so two checkpoints optimized with one recipe get two folders."""
+    import hashlib
+
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", recipe.name or recipe_path.stem)
-    return f"{stem}-{plan.method}-{recipe_hash(recipe)[:8]}"
+    digest = hashlib.sha256(f"{recipe_hash(recipe)}:{checkpoint_sha256}".encode()).hexdigest()
+    return f"{stem}-{what}-{digest[:8]}"
+
+
+def _check_out(final: Path) -> None:
+    """Refuse, before any work, an output folder we cannot write or must not replace."""
+    if final.exists() and not final.is_dir():
+        raise FairDeployError(f"--out {str(final)!r} is a file: give a folder path")
+    if final.is_dir() and any(final.iterdir()) and not (final / "report.json").is_file():
+        raise FairDeployError(
+            f"--out {str(final)!r} exists and is not a fairdeploy run folder (no report.json): "
+            "give a new or empty folder, so nothing of yours is replaced"
+        )
+    _ensure_dir(final.parent)
+
+
+def _ensure_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FairDeployError(f"cannot create the folder {str(path)!r} ({exc.strerror})") from None
 
 
 def _public_permissions(root: Path) -> None:
@@ -120,14 +153,21 @@ def _staging_dir(final: Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _public_permissions(tmp)
     old = None
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
-        os.replace(final, old / "run")
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        _public_permissions(tmp)
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
+            os.replace(final, old / "run")
+        os.replace(tmp, final)
+    except OSError as exc:
+        if old is not None and not final.exists():
+            os.replace(old / "run", final)  # put the earlier run back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise FairDeployError(f"cannot write the run folder {str(final)!r}: {exc}") from None
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _verify_batch(prepared: Prepared, n: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
@@ -270,7 +310,9 @@ def _prepare_from(
     progress: bool,
     plans: list[Plan] | None = None,
 ) -> tuple[Recipe, Plan, Prepared]:
-    recipe, plan, model = _load(checkpoint, recipe_path, trust_checkpoint=trust_checkpoint)
+    recipe, plan, model = _load(
+        checkpoint, recipe_path, trust_checkpoint=trust_checkpoint, require_lrf=plans is None
+    )
     splits = load_splits(recipe)
     # The cut must precede every target layer of every plan that will run on it.
     layers = {lp.layer: lp for p in [plan, *(plans or [])] for lp in p.layers}
@@ -316,6 +358,7 @@ def run_optimize(
     exports_dir = Path(exports_dir)
     if cache_dir == "default":
         cache_dir = exports_dir / ".cache"
+    _check_out(Path(out)) if out is not None else _ensure_dir(exports_dir)  # before any work
     recipe, plan, prepared = _prepare_from(
         checkpoint,
         recipe_path,
@@ -324,7 +367,12 @@ def run_optimize(
         device=device,
         progress=progress,
     )
-    final = Path(out) if out is not None else exports_dir / _run_name(recipe_path, recipe, plan)
+    final = (
+        Path(out)
+        if out is not None
+        else exports_dir / _run_name(recipe_path, recipe, plan.method, prepared.checkpoint_sha256)
+    )
+    _check_out(final)
 
     echo(
         f"privileged group: {prepared.privileged_info['name']} ({prepared.privileged_info['how']})"
@@ -358,6 +406,7 @@ def run_optimize(
         "producer": "fairdeploy",
         "version": __version__,
         "recipe_hash": recipe_hash(recipe),
+        "checkpoint_sha256": prepared.checkpoint_sha256,
         "method": plan.method,
         "plan": _plan_dict(plan),
         "class_names": prepared.class_names,
@@ -569,6 +618,7 @@ def run_compare(
     exports_dir = Path(exports_dir)
     if cache_dir == "default":
         cache_dir = exports_dir / ".cache"
+    _check_out(Path(out)) if out is not None else _ensure_dir(exports_dir)  # before any work
     recipe = load_recipe(recipe_path)
     methods = recipe.compare or [recipe.method]
     plans = [m.to_plan() for m in methods]
@@ -609,12 +659,9 @@ def run_compare(
     final = (
         Path(out)
         if out is not None
-        else exports_dir
-        / (
-            f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', recipe.name or recipe_path.stem)}-compare-"
-            f"{recipe_hash(recipe)[:8]}"
-        )
+        else exports_dir / _run_name(recipe_path, recipe, "compare", prepared.checkpoint_sha256)
     )
+    _check_out(final)
     with _staging_dir(final) as run:
         save_resolved_recipe(recipe, run / "recipe.yaml")
         write_report(report, run)
@@ -734,10 +781,14 @@ def reference_from_checkpoint(
     )
     ds = load_splits(recipe, splits=(split,))[split]
     n = min(samples or recipe.export.verify_samples, len(ds))
+    if n == 0:
+        raise FairDeployError(f"--split {split}: the split is empty; choose another split")
     xs, ys, gs = zip(*(ds[i] for i in range(n)), strict=True)
     ref = reference_from_model(
-        model, torch.stack([torch.as_tensor(x) for x in xs]).float().numpy(),
-        labels=np.asarray(ys), groups=np.asarray(gs),
+        model,
+        torch.stack([torch.as_tensor(x) for x in xs]).float().numpy(),
+        labels=np.asarray(ys),
+        groups=np.asarray(gs),
     )
     meta = read_metadata(onnx_path)
     names = meta.get("group_names") or []

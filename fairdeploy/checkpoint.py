@@ -373,13 +373,14 @@ def _fmt(shape: tuple[int, ...]) -> str:
 def check_plain_value(value: Any, where: str) -> None:
     """Raise FairDeployError unless ``value`` is what ``torch.load(weights_only=True)``
     reads without unpickling code: str, int, float, bool, None, lists/dicts of them."""
-    if value is None or isinstance(value, str | int | float | bool):
+    # Exact types: numpy scalars and enums subclass float/int but need unpickling.
+    if value is None or type(value) in (str, int, float, bool):
         return
-    if isinstance(value, list | tuple):
+    if type(value) in (list, tuple):
         for i, v in enumerate(value):
             check_plain_value(v, f"{where}[{i}]")
         return
-    if isinstance(value, Mapping):
+    if type(value) is dict:
         for k, v in value.items():
             if not isinstance(k, str):
                 raise FairDeployError(f"{where}: key {k!r} is not a string")

@@ -22,13 +22,20 @@ from fairdeploy.errors import FairDeployError
 
 
 class _Group(click.Group):
-    """A click group that turns FairDeployError into ``Error: ...`` and exit code 1."""
+    """A click group that turns FairDeployError into ``Error: ...`` and exit code 1.
+
+    Operating-system errors (a full disk, a folder without write permission) are the
+    user's environment, not a bug: they get the same one-line treatment.
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except FairDeployError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise click.ClickException(f"{exc.strerror or exc}{where}") from None
 
 
 def _batch_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
@@ -95,16 +102,9 @@ def _apply(*decorators: Callable[[Any], Any]) -> Callable[[Any], Any]:
 def _write_json(path: str | None, payload: dict[str, Any]) -> None:
     if path is None:
         return
-    import os
-    import tempfile
-    from pathlib import Path
+    from fairdeploy._io import atomic_write_text
 
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=target.parent, suffix=".json", delete=False) as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        tmp = f.name
-    os.replace(tmp, target)
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -240,7 +240,7 @@ def _print_report(report: dict[str, Any]) -> None:
             parts = []
             for metric in ("eopp1", "eodd", "avg_precision"):
                 d = per.get(metric)
-                if d is None or d["value"] is None:
+                if d is None or None in (d["value"], d["low"], d["high"]):
                     continue
                 sig = "significant" if d["significant"] else "not significant"
                 parts.append(f"{metric} {d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] "

@@ -10,8 +10,10 @@ cached features. Only export and its parity check run the full model.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fairdeploy import __version__
 from fairdeploy.errors import FairDeployError
 from fairdeploy.features import FeatureCache, FeatureSet, compute_features, file_sha256, split_model
 from fairdeploy.lrf import (
@@ -252,6 +255,18 @@ def prepare(
         "val": (splits["val"], None),
         "test": (test_ds, None),
     }
+    # What every cached value depends on. The data's content is fingerprinted per split,
+    # so data regenerated at the same path is not served from a stale cache.
+    base_key = {
+        "fairdeploy": __version__,
+        "torch": torch.__version__,
+        "device": str(device),
+        "checkpoint": sha,
+        "arch": recipe.model.model_dump(mode="json"),
+        "data": data_cfg,
+        "sensitive": sensitive_cfg,
+        "cut": first,
+    }
     for name, (ds, subset) in jobs.items():
 
         def compute(ds: Any = ds, name: str = name) -> FeatureSet:
@@ -263,13 +278,10 @@ def prepare(
             features[name], hits[name] = compute(), False
         else:
             parts = {
-                "checkpoint": sha,
-                "arch": recipe.model.model_dump(mode="json"),
-                "data": data_cfg,
-                "sensitive": sensitive_cfg,
+                **base_key,
                 "split": name,
                 "subset": subset,
-                "layer": first,
+                "content": dataset_fingerprint(ds),
             }
             features[name], hits[name] = cache.get_or_compute(parts, compute)
 
@@ -335,12 +347,9 @@ def prepare(
         preprocessing=getattr(test_ds, "preprocessing", None),
         cache=cache,
         cache_key={
-            "checkpoint": sha,
-            "arch": recipe.model.model_dump(mode="json"),
-            "data": data_cfg,
-            "sensitive": sensitive_cfg,
-            "layer": first,
+            **base_key,
             "scoring": idx_key,
+            "content": {n: dataset_fingerprint(d) for n, d in splits.items()},
         },
     )
 
@@ -404,12 +413,13 @@ def process_head(prepared: Prepared, plan: Plan, *, seed: int = 0) -> ProcessedH
                 )
                 return {f"{g}.{p}": t for g, d in h.items() for p, t in d.items()}
 
-            # The head's state so far: every layer's rank, earlier layers' selections.
+            # The head's state so far: every layer's rank, the earlier layers' settings and
+            # selections (not this layer's sr/rr/β: a sweep over them reuses the Hessians).
+            earlier = [p for p in plan.layers[: plan.layers.index(lp)]]
+            state = {"settings": [dataclasses.asdict(p) for p in earlier], "rows": selections}
             key = {
                 "ranks": [(p.layer, p.rank) for p in plan.layers],
-                "before": hashlib.sha256(
-                    json.dumps(selections, sort_keys=True).encode()
-                ).hexdigest(),
+                "before": hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest(),
                 "method": plan.method,
                 "layer": lp.layer,
                 "estimator": spec.estimator,
@@ -427,6 +437,21 @@ def process_head(prepared: Prepared, plan: Plan, *, seed: int = 0) -> ProcessedH
         head = replace_module(head, lp.layer, sparsify(layer, lp.sr, lp.rr, rows, cols))
         selections[lp.layer] = {"rows": rows.tolist(), "cols": cols.tolist()}
     return ProcessedHead(plan, head, selections)
+
+
+def dataset_fingerprint(ds: Any) -> str:
+    """A hash of what a dataset holds: labels, groups and, per kind, the input tensor's bytes
+    or each image file's (path, size, mtime). Cheap next to a trunk pass."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(np.asarray(ds.targets, dtype=np.int64)).tobytes())
+    h.update(np.ascontiguousarray(np.asarray(ds.groups, dtype=np.int64)).tobytes())
+    features = getattr(ds, "features", None)
+    if torch.is_tensor(features):
+        h.update(features.detach().cpu().contiguous().numpy().tobytes())
+    for p in getattr(ds, "paths", ()):
+        st = os.stat(p)
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def _cached(

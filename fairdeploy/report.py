@@ -78,8 +78,6 @@ def fairness_table(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]
         "EOpp1 ↓",
         "EOpp0 ↓",
         "EOdd ↓",
-        "TPR gap ↓",
-        "FPR gap ↓",
         "C.R. theory",
         "C.R. measured",
     ]
@@ -116,13 +114,11 @@ def fairness_table(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]
                     _f(fair["eopp1"]),
                     _f(fair["eopp0"]),
                     _f(fair["eodd"]),
-                    _f(m["tpr_gap"]),
-                    _f(m["fpr_gap"]),
                     _cr(comp.get("theoretical_cr")),
                     _cr(measured),
                 ]
             else:
-                row += [""] * 7
+                row += [""] * 5
             rows.append(row)
     return header, rows
 
@@ -230,8 +226,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         'not %). EOpp1 (the paper\'s "EOpp") = mean over classes of |ΔTPR|, EOpp0 = mean of '
         "|ΔTNR|, EOdd = mean of |ΔTPR + ΔFPR| / 2 — the convention of the paper's tables "
         "(report.json also has the sum convention of the paper's equations). EOdd's signed sum "
-        "can cancel (a model that predicts positive more often for one group can score 0), so "
-        "the TPR gap (mean |ΔTPR|) and FPR gap (mean |ΔFPR|) stand beside it. "
+        "can cancel (a model that predicts positive more often for one group can score 0); "
+        "EOpp1 is the unsigned TPR gap and EOpp0 the unsigned FPR gap (TNR = 1 − FPR), so read "
+        "them beside it. "
         "C.R. theory is the paper's parameter-count ratio (S counted as k×k); "
         "C.R. measured is the ratio of ONNX initializer bytes, vanilla / processed.",
     ]

@@ -164,3 +164,15 @@ def test_non_persistent_buffers_keep_their_init(tmp_path):
     assert torch.equal(model.scale, torch.full((3,), 2.0))
     x = torch.randn(4, 3)
     assert torch.equal(model(x), src(x))
+
+
+def test_numpy_scalars_are_refused_in_checkpoint_metadata():
+    """np.float64 subclasses float but weights_only=True cannot load it."""
+    import numpy as np
+
+    from fairdeploy.checkpoint import check_plain_value
+    from fairdeploy.errors import FairDeployError
+
+    check_plain_value({"a": [1, 2.0, "x", None, True]}, "extra")
+    with pytest.raises(FairDeployError, match=r"extra\['a'\]: float64 is not allowed"):
+        check_plain_value({"a": np.float64(1.0)}, "extra")

@@ -378,3 +378,47 @@ def test_two_target_layers(trained: Path, tmp_path: Path) -> None:
     assert layers["layers.0"]["k"] == 4 and layers["layers.0"]["rows_sparsified"] == 2
     assert layers["layers.2"]["keep"] == 4
     assert report["verify"]["passed"]
+
+
+def test_out_never_replaces_a_folder_that_is_not_a_run(trained: Path, tmp_path: Path) -> None:
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    msg = _error(["optimize", str(trained / "ckpt.pt"), "--recipe", str(trained / "recipe.yaml"),
+                  "--out", str(mine)])
+    assert "not a fairdeploy run folder" in msg
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    (tmp_path / "afile").write_text("x")
+    msg = _error(["optimize", str(trained / "ckpt.pt"), "--recipe", str(trained / "recipe.yaml"),
+                  "--out", str(tmp_path / "afile" / "run")])
+    assert "afile" in msg
+
+
+def test_changed_data_at_the_same_path_is_not_served_from_the_cache(tmp_path: Path) -> None:
+    _make_data(tmp_path / "data.npz")
+    recipe = _recipe(tmp_path)
+    code, out = _invoke("train", "--recipe", str(recipe), "-o", str(tmp_path / "c.pt"),
+                        "--epochs", "1")
+    assert code == 0, out
+    args = ["optimize", str(tmp_path / "c.pt"), "--recipe", str(recipe), "--exports",
+            str(tmp_path / "exp"), "--no-latency"]
+    assert _invoke(*args, "--out", str(tmp_path / "r1"))[0] == 0
+    d = dict(np.load(tmp_path / "data.npz"))
+    d["y"] = (d["y"] + 1) % 3  # same file name, new labels
+    np.savez(tmp_path / "data.npz", **d)
+    assert _invoke(*args, "--out", str(tmp_path / "r2"))[0] == 0
+    a = json.loads((tmp_path / "r1" / "report.json").read_text())
+    b = json.loads((tmp_path / "r2" / "report.json").read_text())
+    assert not any(b["feature_cache"]["hits"].values())
+    assert a["methods"][0]["metrics"] != b["methods"][0]["metrics"]
+
+
+def test_non_lrf_methods_are_refused_before_any_data_is_read(trained: Path, tmp_path: Path) -> None:
+    text = (trained / "recipe.yaml").read_text()
+    start = text.index("method:")
+    end = text.index("train:")
+    recipe = tmp_path / "fp.yaml"
+    recipe.write_text(text[:start] + "method: {name: fairprune, prune_ratio: 0.5}\n" + text[end:])
+    msg = _error(["optimize", str(trained / "ckpt.pt"), "--recipe", str(recipe), "--out",
+                  str(tmp_path / "r")])
+    assert "fairprune" in msg and "fairlrf" in msg
