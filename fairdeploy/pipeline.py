@@ -25,7 +25,14 @@ from torch import nn
 
 from fairdeploy import __version__
 from fairdeploy.errors import FairDeployError
-from fairdeploy.features import FeatureCache, FeatureSet, compute_features, file_sha256, split_model
+from fairdeploy.features import (
+    FeatureCache,
+    FeatureSet,
+    compute_features,
+    file_sha256,
+    layers_in_call_order,
+    split_model,
+)
 from fairdeploy.lrf import (
     FactorizedLinear,
     SelectionInputs,
@@ -108,29 +115,6 @@ class ProcessedHead:
     selections: dict[str, dict[str, list[int]]] = field(default_factory=dict)
 
 
-def execution_order(model: nn.Module, names: list[str], example: torch.Tensor) -> list[str]:
-    """``names`` sorted by the order in which the model calls those modules."""
-    order: list[str] = []
-    hooks = []
-    for name in names:
-        mod = model.get_submodule(name)
-        hooks.append(mod.register_forward_hook(lambda m, i, o, n=name: order.append(n)))
-    try:
-        with torch.inference_mode():
-            model.eval()(example)
-    finally:
-        for h in hooks:
-            h.remove()
-    missing = [n for n in names if n not in order]
-    if missing:
-        raise FairDeployError(f"layer(s) {missing} are never called by the model's forward pass")
-    seen: list[str] = []
-    for n in order:
-        if n not in seen:
-            seen.append(n)
-    return seen
-
-
 def predict_features(
     head: nn.Module, features: torch.Tensor, *, batch_size: int = 1024
 ) -> np.ndarray:
@@ -167,7 +151,8 @@ def evaluate(
     return metrics, pred
 
 
-def _check_layers(model: nn.Module, plan: Plan) -> None:
+def check_plan(model: nn.Module, plan: Plan) -> None:
+    """Raise FairDeployError if a plan layer is missing, not Linear, or its rank too large."""
     linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     for lp in plan.layers:
         try:
@@ -186,11 +171,6 @@ def _check_layers(model: nn.Module, plan: Plan) -> None:
                 f"method.layers: rank {lp.rank} for layer {lp.layer!r} "
                 f"({mod.in_features}→{mod.out_features}) is too large: use 1 ≤ rank ≤ {limit}"
             )
-
-
-def check_plan(model: nn.Module, plan: Plan) -> None:
-    """Raise FairDeployError if a plan layer is missing, not Linear, or its rank too large."""
-    _check_layers(model, plan)
 
 
 def prepare(
@@ -228,11 +208,10 @@ def prepare(
     test_ds = splits["test"]
     if not layers:
         raise FairDeployError("the plan has no target layers: name at least one in method.layers")
-    _check_layers(model, plan)
-    example = test_ds[0][0].unsqueeze(0) if len(test_ds) else None
-    if example is None:
+    check_plan(model, plan)
+    if not len(test_ds):
         raise FairDeployError("the test split is empty: check data.split")
-    first = execution_order(model, layers, example)[0]
+    first = layers_in_call_order(model, layers)[0]
     trunk, head = split_model(model, first)
 
     scoring_spec = recipe.method.scoring
@@ -246,7 +225,8 @@ def prepare(
 
     sha = file_sha256(checkpoint)
     cache = FeatureCache(cache_dir) if cache_dir is not None else None
-    data_cfg = recipe.data.model_dump(mode="json")
+    # num_workers changes how the data is read, not what it is.
+    data_cfg = recipe.data.model_dump(mode="json", exclude={"num_workers"})
     sensitive_cfg = recipe.sensitive.model_dump(mode="json")
     features: dict[str, FeatureSet] = {}
     hits: dict[str, bool] = {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -330,7 +330,7 @@ def write_report(report: Mapping[str, Any], directory: str | Path) -> tuple[Path
     return json_path, md_path
 
 
-def terminal_text(report: Mapping[str, Any], *, methods: Sequence[str] | None = None) -> str:
+def terminal_text(report: Mapping[str, Any]) -> str:
     """The fairness table as plain text for the terminal."""
     header, rows = fairness_table(report)
     return tabulate(rows, header, tablefmt="simple")
