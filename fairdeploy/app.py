@@ -436,7 +436,21 @@ def run_optimize(
             )
             vanilla_dir = Path(tempfile.mkdtemp(prefix=".vanilla.", dir=run))
             try:
-                vanilla = _vanilla_onnx(prepared, x[:2], exp, cache_dir, vanilla_dir, export_onnx)
+                # The vanilla export carries the same metadata (as method "vanilla"), so file
+                # sizes compare like with like and it can be served and benched too.
+                vanilla_meta = {
+                    **metadata,
+                    "method": "vanilla",
+                    "plan": _plan_dict(Plan(method="vanilla")),
+                    "theoretical_cr": 1.0,
+                    "fairness": {
+                        k: entries[0]["metrics"]["fairness"][k] for k in ("eopp0", "eopp1", "eodd")
+                    }
+                    | {"convention": "mean over classes; EOdd halved", "split": "test"},
+                }
+                vanilla = _vanilla_onnx(
+                    prepared, x[:2], exp, cache_dir, vanilla_dir, export_onnx, vanilla_meta
+                )
                 sizes = {
                     "vanilla": onnx_sizes(vanilla),
                     "processed": onnx_sizes(run / "model.onnx"),
@@ -508,7 +522,13 @@ def _ratios(sizes: dict[str, dict[str, int]]) -> dict[str, float]:
 
 
 def _vanilla_onnx(
-    prepared: Prepared, example: torch.Tensor, exp: Any, cache_dir: Any, tmp: Path, export
+    prepared: Prepared,
+    example: torch.Tensor,
+    exp: Any,
+    cache_dir: Any,
+    tmp: Path,
+    export: Any,
+    metadata: dict[str, Any],
 ) -> Path:
     """The vanilla model's ONNX export, for measured compression and latency.
 
@@ -528,12 +548,13 @@ def _vanilla_onnx(
             "simplify": exp.simplify,
             "input_shape": list(example.shape[1:]),
             "version": __version__,
+            "metadata": metadata,
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
         path = Path(cache_dir) / f"vanilla-{digest}.onnx"
         if path.is_file():
             return path
-    export(prepared.model, example, path, opset=exp.opset, simplify=exp.simplify)
+    export(prepared.model, example, path, opset=exp.opset, simplify=exp.simplify, metadata=metadata)
     return path
 
 

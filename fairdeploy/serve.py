@@ -58,7 +58,17 @@ def preprocess_image(path: str | os.PathLike[str], pre: dict[str, Any]) -> np.nd
     return ((arr - mean) / std).transpose(2, 0, 1).astype(np.float32)
 
 
-def _feature_rows(path: Path, width: int | None) -> np.ndarray:
+def _is_number_row(row: Sequence[str]) -> bool:
+    try:
+        [float(v) for v in row]
+    except ValueError:
+        return False
+    return True
+
+
+def _feature_rows(path: Path, width: int | None, names: Sequence[str] | None) -> np.ndarray:
+    """Rows of features from .npy or .csv. A CSV header is matched by name against the
+    model's feature names (columns reordered to the model's order), never just dropped."""
     if path.suffix.lower() == ".npy":
         try:
             arr = np.load(path, allow_pickle=False)
@@ -68,18 +78,24 @@ def _feature_rows(path: Path, width: int | None) -> np.ndarray:
         try:
             with open(path, newline="") as f:
                 rows = [r for r in csv.reader(f) if r]
-            if rows and width is not None and len(rows[0]) == width:
-                try:
-                    [float(v) for v in rows[0]]
-                except ValueError:
-                    rows = rows[1:]  # a header row
-            elif rows:
-                try:
-                    [float(v) for v in rows[0]]
-                except ValueError:
-                    rows = rows[1:]
+            if rows and not _is_number_row(rows[0]):
+                header, rows = [c.strip() for c in rows[0]], rows[1:]
+                if names is None:
+                    raise FairDeployError(
+                        f"{str(path)!r} has a header row but the model's metadata names no "
+                        "features to match it against: remove the header"
+                    )
+                missing = [n for n in names if n not in header]
+                if missing:
+                    raise FairDeployError(
+                        f"{str(path)!r}: the header lacks the model's feature(s) "
+                        f"{missing[:5]}; the model expects {len(names)} columns named "
+                        f"{list(names)[:5]}..."
+                    )
+                order = [header.index(n) for n in names]
+                rows = [[r[i] for i in order] for r in rows]
             arr = np.asarray([[float(v) for v in r] for r in rows], dtype=np.float32)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, IndexError) as exc:
             raise FairDeployError(
                 f"cannot read {str(path)!r} as CSV feature rows (numbers, one row per input): {exc}"
             ) from None
@@ -116,7 +132,7 @@ def load_inputs(
         elif p.suffix.lower() in (".npy", ".csv"):
             shape = pre.get("input_shape")
             width = int(shape[0]) if shape and len(shape) == 1 else None
-            rows = _feature_rows(p, width)
+            rows = _feature_rows(p, width, pre.get("features"))
             batches.append(rows)
             names += [f"{p}[{i}]" for i in range(len(rows))] if len(rows) > 1 else [str(p)]
         else:

@@ -422,3 +422,16 @@ def test_non_lrf_methods_are_refused_before_any_data_is_read(trained: Path, tmp_
     msg = _error(["optimize", str(trained / "ckpt.pt"), "--recipe", str(recipe), "--out",
                   str(tmp_path / "r")])
     assert "fairprune" in msg and "fairlrf" in msg
+
+
+def test_predict_matches_a_csv_header_by_name(tmp_path: Path) -> None:
+    """Demo-style tabular metadata names its features: a CSV header is reordered to them."""
+    from fairdeploy.serve import load_inputs
+
+    meta = {"preprocessing": {"kind": "tabular", "features": ["a", "b", "c"], "input_shape": [3]}}
+    (tmp_path / "x.csv").write_text("c,a,b\n3,1,2\n6,4,5\n")
+    _, x = load_inputs([tmp_path / "x.csv"], meta)
+    assert x.tolist() == [[1, 2, 3], [4, 5, 6]]
+    (tmp_path / "bad.csv").write_text("a,b,d\n1,2,3\n")
+    with pytest.raises(Exception, match="lacks the model's feature"):
+        load_inputs([tmp_path / "bad.csv"], meta)
