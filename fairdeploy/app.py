@@ -657,6 +657,8 @@ def run_compare(
     preds: dict[str, np.ndarray] = {}
     vanilla_metrics, preds["vanilla"] = evaluate(prepared, prepared.head)
     entries.append(_method_entry(prepared, "vanilla", Plan(method="vanilla"), vanilla_metrics))
+    # Validation-split figures, for choosing a method and its settings without the test split.
+    entries[-1]["metrics_val"] = evaluate(prepared, prepared.head, split="val")[0].to_dict()
     seen = {"vanilla"}
     for plan in plans:
         if plan.method == "vanilla":
@@ -674,6 +676,7 @@ def run_compare(
         processed = process_head(prepared, plan)
         metrics, preds[name] = evaluate(prepared, processed.head)
         entries.append(_method_entry(prepared, name, plan, metrics))
+        entries[-1]["metrics_val"] = evaluate(prepared, processed.head, split="val")[0].to_dict()
     report["methods"] = entries
     report["bootstrap"] = _bootstrap(prepared, preds)
     report["notes"] += _prediction_notes(preds)

@@ -232,6 +232,28 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "C.R. theory is the paper's parameter-count ratio (S counted as k×k); "
         "C.R. measured is the ratio of ONNX initializer bytes, vanilla / processed.",
     ]
+    val_rows = [
+        [
+            method_label(m),
+            _f(m["metrics_val"]["precision"]["avg"]),
+            _f(m["metrics_val"]["fairness"]["eopp1"]),
+            _f(m["metrics_val"]["fairness"]["eodd"]),
+        ]
+        for m in report["methods"]
+        if "metrics_val" in m
+    ]
+    if val_rows:
+        out += [
+            "",
+            "## Validation split (for choosing a method and its settings)",
+            "",
+            "Choose on these, then read the test-split table above once: tuning sr, rr and β "
+            "on the test split would overstate the gain.",
+            "",
+            tabulate(
+                val_rows, ["Method", "Avg. precision", "EOpp1 ↓", "EOdd ↓"], tablefmt="github"
+            ),
+        ]
     ci_rows = _interval_rows(report)
     if ci_rows:
         boot = report["bootstrap"]

@@ -241,6 +241,8 @@ def test_compare_runs_the_paper_methods(trained: Path) -> None:
     names = [m["name"] for m in report["methods"]]
     assert names[:5] == ["vanilla", "truncated_svd", "slr_w", "slr_a", "fairlrf"]
     assert set(report["bootstrap"]["differences"]) == set(names[1:])
+    assert all("metrics_val" in m for m in report["methods"])
+    assert "## Validation split" in (trained / "cmp" / "report.md").read_text()
 
 
 def _error(args: list[str]) -> str:
