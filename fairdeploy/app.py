@@ -273,6 +273,14 @@ def _notes(prepared: Prepared) -> list[str]:
                 f"{skipped} samples of the {split} split were skipped (missing or unreadable "
                 f"files: {dict(ds.skipped)})"
             )
+    asked = prepared.recipe.method.scoring.samples_per_group
+    got = len(prepared.scoring_groups[0])
+    if got < asked:
+        notes.append(
+            f"the scoring sets hold {got} samples per group, fewer than the "
+            f"{asked} asked for (capped by the smaller group in the training split): the "
+            "Hessian diagonals behind FairLRF's selection are noisier"
+        )
     if "tie" in prepared.privileged_info["how"]:
         notes.append(f"privileged group: {prepared.privileged_info['how']}")
     return notes
