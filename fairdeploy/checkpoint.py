@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fairdeploy._io import atomic_torch_save
 from fairdeploy.errors import FairDeployError
 from fairdeploy.models import build_model
 
@@ -158,15 +158,7 @@ def save_checkpoint(
             check_plain_value(v, f"save_checkpoint state_dict[{k!r}]")
             state[k] = v
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save({"state_dict": state, "metadata": metadata}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_torch_save({"state_dict": state, "metadata": metadata}, path)
     return path
 
 

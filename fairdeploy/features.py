@@ -15,7 +15,6 @@ import hashlib
 import json
 import operator
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from fairdeploy._io import atomic_torch_save
 from fairdeploy.data._loader import batch_loader
 from fairdeploy.errors import FairDeployError
 
@@ -602,7 +602,7 @@ class FeatureCache:
             "tensors": {k: _compact(v) for k, v in tensors.items()},
         }
         try:
-            _atomic_torch_save(payload, path)
+            atomic_torch_save(payload, path)
         except OSError as exc:
             warnings.warn(
                 f"could not write cache file {str(path)!r} ({exc}); computed but not cached",
@@ -618,21 +618,6 @@ class FeatureCache:
             p.unlink(missing_ok=True)
             removed += 1
         return removed
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:
@@ -652,7 +637,7 @@ def _save_features(path: Path, key: str, parts_json: str, fs: FeatureSet) -> Non
         "targets": _compact(fs.targets),
         "groups": _compact(fs.groups),
     }
-    _atomic_torch_save(payload, path)
+    atomic_torch_save(payload, path)
 
 
 def _load_features(path: Path, key: str) -> FeatureSet:

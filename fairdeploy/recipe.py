@@ -28,7 +28,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -48,6 +47,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from fairdeploy._io import atomic_write_text
 from fairdeploy.errors import FairDeployError
 from fairdeploy.plan import LRF_METHODS, METHODS, LayerPlan, Plan
 
@@ -1035,13 +1035,5 @@ def save_resolved_recipe(recipe: Recipe, path: str | os.PathLike[str]) -> Path:
         f"# Resolved fairdeploy recipe (recipe_hash {recipe_hash(recipe)}).\n"
         + yaml.safe_dump(_resolved_dict(recipe), sort_keys=False, allow_unicode=True)
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
     return path

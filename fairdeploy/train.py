@@ -20,10 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from fairdeploy._io import atomic_torch_save
 from fairdeploy.checkpoint import check_plain_value, save_checkpoint
 from fairdeploy.data._loader import batch_loader
 from fairdeploy.errors import FairDeployError
-from fairdeploy.features import _atomic_torch_save, _progress
+from fairdeploy.features import _progress
 
 __all__ = ["TrainResult", "resume_state_path", "train_model"]
 
@@ -356,7 +357,7 @@ def train_model(
                 history.append(record)
                 bar.update(task, status=_status(history))
                 if state_path is not None:
-                    _atomic_torch_save(
+                    atomic_torch_save(
                         {
                             "format": _STATE_FORMAT,
                             "epoch": epoch + 1,
