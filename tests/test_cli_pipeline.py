@@ -5,6 +5,7 @@ ONNX Runtime's own outputs with fairlearn, independently of fairdeploy's metrics
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,12 @@ def test_optimize_writes_the_run_folder(optimized: Path) -> None:
         "report.md",
     } <= names
     assert not [n for n in names if n.startswith(".")]  # no temporary leftovers
+    # Readable as a plain mkdir/open would make them (temporary names are owner-only).
+    umask = os.umask(0)
+    os.umask(umask)
+    assert optimized.stat().st_mode & 0o777 == 0o777 & ~umask
+    for p in optimized.iterdir():
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p
     report = json.loads((optimized / "report.json").read_text())
     assert report["schema_version"] == 1
     assert [m["name"] for m in report["methods"]] == ["vanilla", "fairlrf"]
