@@ -12,6 +12,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from fairdeploy.recipe import CELEBA_ATTRIBUTES
@@ -172,3 +173,16 @@ def make_celeba_attributes(path: Path, numbers: list[int] | None = None, *, seed
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("celeba.csv", out.getvalue())
     return {"numbers": numbers, "values": values}
+
+
+class TripleDataset(torch.utils.data.Dataset):
+    """(x, y, group) triples, with ``targets``/``groups`` arrays like the real datasets."""
+
+    def __init__(self, x: torch.Tensor, y: np.ndarray, g: np.ndarray) -> None:
+        self.x, self.targets, self.groups = x, y, g
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        return self.x[i], int(self.targets[i]), int(self.groups[i])

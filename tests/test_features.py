@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from _fixtures import TripleDataset
 from torch import nn
 
 from fairdeploy.errors import FairDeployError
@@ -24,26 +25,8 @@ from fairdeploy.models import build_model
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: with 2 threads on a busy 2-core runner, thread synchronization
-    # dominates each op (measured 0.7 ms vs 4.5 ms per step).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-class TripleDataset(torch.utils.data.Dataset):
-    """(x, y, group) triples, with ``targets``/``groups`` arrays like the real datasets."""
-
-    def __init__(self, x: torch.Tensor, y: np.ndarray, g: np.ndarray) -> None:
-        self.x, self.targets, self.groups = x, y, g
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int):
-        return self.x[i], int(self.targets[i]), int(self.groups[i])
+def _one_thread(one_thread):
+    """Every test here runs single-threaded (see conftest.one_thread)."""
 
 
 def _data(n: int = 37, d: int = 6, seed: int = 0) -> TripleDataset:
