@@ -119,6 +119,21 @@ def _check_out(final: Path) -> None:
     _ensure_dir(final.parent)
 
 
+def _paths(
+    recipe_path: str | Path, exports_dir: str | Path, cache_dir: Any, out: str | Path | None
+) -> tuple[Path, Path, Path | None]:
+    """Normalise a command's paths and check, before any work, that its output can be
+    written: ``cache_dir="default"`` means ``<exports>/.cache``."""
+    exports_dir = Path(exports_dir)
+    if out is not None:
+        _check_out(Path(out))
+    else:
+        _ensure_dir(exports_dir)
+    if cache_dir == "default":
+        cache_dir = exports_dir / ".cache"
+    return Path(recipe_path), exports_dir, None if cache_dir is None else Path(cache_dir)
+
+
 def _ensure_dir(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -172,10 +187,13 @@ def _staging_dir(final: Path):
 
 def _verify_batch(prepared: Prepared, n: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """The first ``n`` test samples as model inputs, with their labels and groups."""
-    ds = prepared.splits["test"]
-    n = min(n, len(ds))
+    return _first_samples(prepared.splits["test"], n)
+
+
+def _first_samples(ds: Any, n: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """The first ``n`` items of a dataset as a float input batch, labels and groups."""
     xs, ys, gs = [], [], []
-    for i in range(n):
+    for i in range(min(n, len(ds))):
         x, y, g = ds[i]
         xs.append(torch.as_tensor(x))
         ys.append(int(y))
@@ -362,11 +380,7 @@ def run_optimize(
     from fairdeploy.export import export_onnx, onnx_sizes, update_metadata
     from fairdeploy.verify import verify
 
-    recipe_path = Path(recipe_path)
-    exports_dir = Path(exports_dir)
-    if cache_dir == "default":
-        cache_dir = exports_dir / ".cache"
-    _check_out(Path(out)) if out is not None else _ensure_dir(exports_dir)  # before any work
+    recipe_path, exports_dir, cache_dir = _paths(recipe_path, exports_dir, cache_dir, out)
     recipe, plan, prepared = _prepare_from(
         checkpoint,
         recipe_path,
@@ -643,11 +657,7 @@ def run_compare(
     ``exports/<recipe>-compare-<hash>``); no ONNX export (run ``optimize`` for the
     chosen method).
     """
-    recipe_path = Path(recipe_path)
-    exports_dir = Path(exports_dir)
-    if cache_dir == "default":
-        cache_dir = exports_dir / ".cache"
-    _check_out(Path(out)) if out is not None else _ensure_dir(exports_dir)  # before any work
+    recipe_path, exports_dir, cache_dir = _paths(recipe_path, exports_dir, cache_dir, out)
     recipe = load_recipe(recipe_path)
     methods = recipe.compare or [recipe.method]
     plans = [m.to_plan() for m in methods]
@@ -815,13 +825,8 @@ def reference_from_checkpoint(
     n = min(samples or recipe.export.verify_samples, len(ds))
     if n == 0:
         raise FairDeployError(f"--split {split}: the split is empty; choose another split")
-    xs, ys, gs = zip(*(ds[i] for i in range(n)), strict=True)
-    ref = reference_from_model(
-        model,
-        torch.stack([torch.as_tensor(x) for x in xs]).float().numpy(),
-        labels=np.asarray(ys),
-        groups=np.asarray(gs),
-    )
+    x, labels, groups = _first_samples(ds, n)
+    ref = reference_from_model(model, x.numpy(), labels=labels, groups=groups)
     meta = read_metadata(onnx_path)
     names = meta.get("group_names") or []
     priv = meta.get("privileged")
