@@ -18,7 +18,8 @@ import time
 
 import torch
 
-from fairdeploy.features import FeatureCache, FeatureSet, compute_features, split_model
+from fairdeploy.cache import FeatureCache
+from fairdeploy.features import FeatureSet, compute_features, split_model
 from fairdeploy.models import build_model
 
 

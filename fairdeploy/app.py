@@ -6,8 +6,6 @@ JSON-serializable result; ``cli.py`` only parses arguments and prints.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import shutil
 import tempfile
@@ -38,6 +36,7 @@ from fairdeploy.pipeline import (
 from fairdeploy.plan import Plan
 from fairdeploy.recipe import Recipe, load_recipe, recipe_hash, save_resolved_recipe
 from fairdeploy.report import write_report
+from fairdeploy.rundir import check_out, ensure_dir, staging_dir
 
 __all__ = ["DEFAULT_EXPORTS", "dry_run", "run_compare", "run_optimize"]
 
@@ -107,18 +106,6 @@ def _run_name(recipe_path: Path, recipe: Recipe, what: str, checkpoint_sha256: s
     return f"{stem}-{what}-{digest[:8]}"
 
 
-def _check_out(final: Path) -> None:
-    """Refuse, before any work, an output folder we cannot write or must not replace."""
-    if final.exists() and not final.is_dir():
-        raise FairDeployError(f"--out {str(final)!r} is a file: give a folder path")
-    if final.is_dir() and any(final.iterdir()) and not (final / "report.json").is_file():
-        raise FairDeployError(
-            f"--out {str(final)!r} exists and is not a fairdeploy run folder (no report.json): "
-            "give a new or empty folder, so nothing of yours is replaced"
-        )
-    _ensure_dir(final.parent)
-
-
 def _paths(
     recipe_path: str | Path, exports_dir: str | Path, cache_dir: Any, out: str | Path | None
 ) -> tuple[Path, Path, Path | None]:
@@ -126,63 +113,12 @@ def _paths(
     written: ``cache_dir="default"`` means ``<exports>/.cache``."""
     exports_dir = Path(exports_dir)
     if out is not None:
-        _check_out(Path(out))
+        check_out(Path(out))
     else:
-        _ensure_dir(exports_dir)
+        ensure_dir(exports_dir)
     if cache_dir == "default":
         cache_dir = exports_dir / ".cache"
     return Path(recipe_path), exports_dir, None if cache_dir is None else Path(cache_dir)
-
-
-def _ensure_dir(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise FairDeployError(f"cannot create the folder {str(path)!r} ({exc.strerror})") from None
-
-
-def _public_permissions(root: Path) -> None:
-    """Give a run folder the permissions a plain mkdir/open would (temporary names are
-    created owner-only), so a serving process running as another user can read it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(root, 0o777 & ~umask)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for d in dirnames:
-            os.chmod(os.path.join(dirpath, d), 0o777 & ~umask)
-        for f in filenames:
-            os.chmod(os.path.join(dirpath, f), 0o666 & ~umask)
-
-
-@contextlib.contextmanager
-def _staging_dir(final: Path):
-    """A temporary folder beside ``final``, renamed onto it when the block succeeds.
-
-    A failed run leaves nothing behind; a successful one replaces an earlier run of the
-    same name only once the new one is complete.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    try:
-        _public_permissions(tmp)
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
-            os.replace(final, old / "run")
-        os.replace(tmp, final)
-    except OSError as exc:
-        if old is not None and not final.exists():
-            os.replace(old / "run", final)  # put the earlier run back
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise FairDeployError(f"cannot write the run folder {str(final)!r}: {exc}") from None
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def _verify_batch(prepared: Prepared, n: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
@@ -394,7 +330,7 @@ def run_optimize(
         if out is not None
         else exports_dir / _run_name(recipe_path, recipe, plan.method, prepared.checkpoint_sha256)
     )
-    _check_out(final)
+    check_out(final)
 
     echo(
         f"privileged group: {prepared.privileged_info['name']} ({prepared.privileged_info['how']})"
@@ -439,7 +375,7 @@ def run_optimize(
         "fairness": {k: entries[-1]["metrics"]["fairness"][k] for k in ("eopp0", "eopp1", "eodd")}
         | {"convention": "mean over classes; EOdd halved", "split": "test"},
     }
-    with _staging_dir(final) as run:
+    with staging_dir(final) as run:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=(DeprecationWarning, FutureWarning))
             res = export_onnx(
@@ -703,8 +639,8 @@ def run_compare(
         if out is not None
         else exports_dir / _run_name(recipe_path, recipe, "compare", prepared.checkpoint_sha256)
     )
-    _check_out(final)
-    with _staging_dir(final) as run:
+    check_out(final)
+    with staging_dir(final) as run:
         save_resolved_recipe(recipe, run / "recipe.yaml")
         write_report(report, run)
     report["run_dir"] = str(final)

@@ -13,7 +13,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,15 +23,9 @@ import torch
 from torch import nn
 
 from fairdeploy import __version__
+from fairdeploy.cache import FeatureCache, dataset_fingerprint, file_sha256
 from fairdeploy.errors import FairDeployError
-from fairdeploy.features import (
-    FeatureCache,
-    FeatureSet,
-    compute_features,
-    file_sha256,
-    layers_in_call_order,
-    split_model,
-)
+from fairdeploy.features import FeatureSet, compute_features, layers_in_call_order, split_model
 from fairdeploy.lrf import (
     FactorizedLinear,
     SelectionInputs,
@@ -417,21 +410,6 @@ def process_head(prepared: Prepared, plan: Plan, *, seed: int = 0) -> ProcessedH
         head = replace_module(head, lp.layer, sparsify(layer, lp.sr, lp.rr, rows, cols))
         selections[lp.layer] = {"rows": rows.tolist(), "cols": cols.tolist()}
     return ProcessedHead(plan, head, selections)
-
-
-def dataset_fingerprint(ds: Any) -> str:
-    """A hash of what a dataset holds: labels, groups and, per kind, the input tensor's bytes
-    or each image file's (path, size, mtime). Cheap next to a trunk pass."""
-    h = hashlib.sha256()
-    h.update(np.ascontiguousarray(np.asarray(ds.targets, dtype=np.int64)).tobytes())
-    h.update(np.ascontiguousarray(np.asarray(ds.groups, dtype=np.int64)).tobytes())
-    features = getattr(ds, "features", None)
-    if torch.is_tensor(features):
-        h.update(features.detach().cpu().contiguous().numpy().tobytes())
-    for p in getattr(ds, "paths", ()):
-        st = os.stat(p)
-        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
 
 
 def _cached(

@@ -11,12 +11,11 @@ import torch
 from _fixtures import TripleDataset
 from torch import nn
 
+from fairdeploy.cache import FeatureCache, file_sha256
 from fairdeploy.errors import FairDeployError
 from fairdeploy.features import (
-    FeatureCache,
     FeatureSet,
     compute_features,
-    file_sha256,
     layers_in_call_order,
     split_model,
 )

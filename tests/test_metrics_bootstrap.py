@@ -8,13 +8,8 @@ import numpy as np
 import pytest
 
 from fairdeploy.errors import FairDeployError
-from fairdeploy.metrics import (
-    BOOTSTRAP_METRICS,
-    _bootstrap_values,
-    _resample_blocks,
-    bootstrap_metrics,
-    group_metrics,
-)
+from fairdeploy.metrics import BOOTSTRAP_METRICS, bootstrap_metrics, group_metrics
+from fairdeploy.metrics._bootstrap import _bootstrap_values, _resample_blocks
 
 
 def _case(seed: int = 0, n: int = 1500, k: int = 4):
@@ -65,7 +60,7 @@ def test_blocks_do_not_change_the_values(monkeypatch, block):
     assert (groups != -1).sum() % 2 == 1
     kwargs = {"privileged": 1, "num_classes": 4, "n_resamples": 9, "seed": 5}
     whole = _bootstrap_values(y_true, preds, groups, **kwargs)
-    import fairdeploy.metrics as metrics
+    import fairdeploy.metrics._bootstrap as metrics
 
     monkeypatch.setattr(metrics, "_BOOTSTRAP_BLOCK", block)
     blocked = _bootstrap_values(y_true, preds, groups, **kwargs)

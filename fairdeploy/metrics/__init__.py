@@ -1,0 +1,26 @@
+"""Group accuracy and fairness metrics, with bootstrap confidence intervals.
+
+``_group``: per-group accuracy, precision, recall, F1 and the fairness gaps (DESIGN §3).
+``_bootstrap``: paired bootstrap intervals of the gaps and of their changes between methods.
+"""
+
+from fairdeploy.metrics._bootstrap import (
+    BOOTSTRAP_METRICS,
+    BootstrapMetrics,
+    ConfidenceInterval,
+    PairedDifference,
+    bootstrap_metrics,
+)
+from fairdeploy.metrics._group import UNKNOWN_GROUP, GroupMetrics, group_metrics, privileged_group
+
+__all__ = [
+    "BOOTSTRAP_METRICS",
+    "UNKNOWN_GROUP",
+    "BootstrapMetrics",
+    "ConfidenceInterval",
+    "GroupMetrics",
+    "PairedDifference",
+    "bootstrap_metrics",
+    "group_metrics",
+    "privileged_group",
+]

