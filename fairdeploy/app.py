@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from fairdeploy import __version__
+from fairdeploy.cache import FeatureCache
 from fairdeploy.checkpoint import load_checkpoint, save_checkpoint
 from fairdeploy.compression import layer_table, theoretical_cr
 from fairdeploy.data import load_splits
@@ -493,27 +494,26 @@ def _vanilla_onnx(
     Kept in the cache folder (keyed by checkpoint content, architecture, opset,
     simplification and input shape), so a second run does not export it again.
     """
-    import hashlib
-    import json
+
+    def create(path: Path) -> None:
+        export(
+            prepared.model, example, path, opset=exp.opset, simplify=exp.simplify,
+            metadata=metadata,
+        )
 
     if cache_dir is None:
-        path = tmp / "vanilla.onnx"
-    else:
-        key = {
-            "checkpoint": prepared.checkpoint_sha256,
-            "model": prepared.recipe.model.model_dump(mode="json"),
-            "opset": exp.opset,
-            "simplify": exp.simplify,
-            "input_shape": list(example.shape[1:]),
-            "version": __version__,
-            "metadata": metadata,
-        }
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-        path = Path(cache_dir) / f"vanilla-{digest}.onnx"
-        if path.is_file():
-            return path
-    export(prepared.model, example, path, opset=exp.opset, simplify=exp.simplify, metadata=metadata)
-    return path
+        create(tmp / "vanilla.onnx")
+        return tmp / "vanilla.onnx"
+    key = {
+        "checkpoint": prepared.checkpoint_sha256,
+        "model": prepared.recipe.model.model_dump(mode="json"),
+        "opset": exp.opset,
+        "simplify": exp.simplify,
+        "input_shape": list(example.shape[1:]),
+        "version": __version__,
+        "metadata": metadata,
+    }
+    return FeatureCache(cache_dir).get_or_create_file("vanilla", key, create, suffix=".onnx")[0]
 
 
 def _verify_summary(vres: Any, exp: Any, n: int) -> dict[str, Any]:

@@ -185,6 +185,27 @@ class FeatureCache:
             )
         return tensors, False
 
+    def get_or_create_file(
+        self,
+        kind: str,
+        key_parts: Mapping[str, Any],
+        create: Callable[[Path], None],
+        *,
+        suffix: str,
+    ) -> tuple[Path, bool]:
+        """The cached file for ``key_parts`` (e.g. the vanilla ONNX export), created on a miss.
+
+        ``create(path)`` writes the file at ``path`` (atomically: the caller's writer
+        renames when complete). Returns the path and whether it was a hit.
+        """
+        key = self.key({"kind": kind, **key_parts})
+        path = self.directory / f"{kind}-{key[:24]}{suffix}"
+        if path.is_file():
+            return path, True
+        self.directory.mkdir(parents=True, exist_ok=True)
+        create(path)
+        return path, False
+
     def clear(self) -> int:
         """Delete every cached file (features, SVD factors, Hessians, vanilla exports)."""
         removed = 0
