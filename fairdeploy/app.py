@@ -1,109 +1,124 @@
-"""The commands' work, without click: optimize, compare and the dry-run plan.
+"""The commands' work, without click: thin users of :class:`~fairdeploy.Experiment`.
 
-Each function takes plain values, runs the library steps of DESIGN §1 and returns a
-JSON-serializable result; ``cli.py`` only parses arguments and prints.
+Each function takes plain values, runs the steps (prepare, apply, evaluate, export,
+verify, report) and returns a typed result; ``cli.py`` only parses arguments and prints.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 import tempfile
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from fairdeploy import __version__
 from fairdeploy.cache import FeatureCache
-from fairdeploy.checkpoint import load_checkpoint, save_checkpoint
-from fairdeploy.compression import layer_table, theoretical_cr
+from fairdeploy.checkpoint import save_checkpoint
 from fairdeploy.data import load_splits
 from fairdeploy.errors import FairDeployError
-from fairdeploy.metrics import bootstrap_metrics
-from fairdeploy.pipeline import (
-    Prepared,
-    check_plan,
-    evaluate,
-    logits_of,
-    prepare,
-    process_head,
-    processed_model,
-)
+from fairdeploy.experiment import Experiment, first_samples
+from fairdeploy.methods import Processed, get_method
+from fairdeploy.metrics import GroupMetrics
 from fairdeploy.plan import Plan
 from fairdeploy.recipe import Recipe, load_recipe, recipe_hash, save_resolved_recipe
-from fairdeploy.report import write_report
+from fairdeploy.report import (
+    base_report,
+    bootstrap_block,
+    latency_block,
+    method_entry,
+    plan_notes,
+    prediction_notes,
+    size_ratios,
+    verify_summary,
+    write_report,
+)
 from fairdeploy.rundir import check_out, ensure_dir, staging_dir
 
-__all__ = ["DEFAULT_EXPORTS", "dry_run", "run_compare", "run_optimize"]
+__all__ = [
+    "DEFAULT_EXPORTS",
+    "CompareResult",
+    "DryRun",
+    "OptimizeResult",
+    "dry_run",
+    "run_compare",
+    "run_optimize",
+]
 
 DEFAULT_EXPORTS = Path("exports")
 Echo = Callable[[str], None]
 
 
-def _plan_dict(plan: Plan) -> dict[str, Any]:
-    return {
-        "method": plan.method,
-        "layers": [asdict(lp) for lp in plan.layers],
-        "prune_ratio": plan.prune_ratio,
-        "quantize_ratio": plan.quantize_ratio,
-    }
+@dataclass(frozen=True)
+class DryRun:
+    """What ``optimize --dry-run`` found, from the recipe and the checkpoint's shapes."""
+
+    recipe: Path
+    plan: Plan
+    label: str
+    layers: list[dict[str, Any]]
+    theoretical_cr: float
+    parameters: int
+    warnings: list[str] = field(default_factory=list)
 
 
-def _load(
-    checkpoint: str | Path,
-    recipe_path: str | Path,
-    *,
-    trust_checkpoint: bool,
-    require_lrf: bool = True,
-) -> tuple[Recipe, Plan, torch.nn.Module]:
-    recipe = load_recipe(recipe_path)
-    plan = recipe.to_plan()
-    if require_lrf and not plan.is_lrf:
-        raise FairDeployError(
-            f"method.name: {plan.method!r} cannot be optimized yet: use one of truncated_svd, "
-            "slr_w, slr_a, fairlrf (fairdeploy compare shows the vanilla model next to them)"
-        )
-    model = load_checkpoint(
-        checkpoint,
-        arch=recipe.model.arch,
-        num_classes=recipe.model.num_classes,
-        model_kwargs=recipe.model.kwargs,
-        trust_checkpoint=trust_checkpoint,
-    )
-    check_plan(model, plan)
-    return recipe, plan, model
+@dataclass(frozen=True)
+class OptimizeResult:
+    """A finished ``optimize`` run.
 
-
-def dry_run(
-    checkpoint: str | Path, recipe_path: str | Path, *, trust_checkpoint: bool = False
-) -> dict[str, Any]:
-    """Validate recipe and checkpoint and describe the plan; reads no data.
-
-    Returns the plan, the per-layer table (Din, Dout, k, rows/cols sparsified,
-    parameters before/after) and the theoretical compression ratio.
+    Attributes
+    ----------
+    run_dir : Path
+        The run folder (model.onnx, model.verify.npz, model.pt, recipe.yaml, reports).
+    plan : Plan
+        What was applied.
+    metrics : dict
+        ``"vanilla"`` and the method's name → test-split :class:`GroupMetrics`.
+    verified : bool
+        Whether ONNX Runtime matched PyTorch within the recipe's tolerances.
+    report : dict
+        Everything report.json holds.
     """
-    _, plan, model = _load(checkpoint, recipe_path, trust_checkpoint=trust_checkpoint)
-    return {
-        "recipe": str(recipe_path),
-        "plan": _plan_dict(plan),
-        "layers": layer_table(model, plan),
-        "theoretical_cr": theoretical_cr(model, plan),
-        "parameters": sum(p.numel() for p in model.parameters()),
-    }
+
+    run_dir: Path
+    plan: Plan
+    metrics: dict[str, GroupMetrics]
+    verified: bool
+    report: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CompareResult:
+    """A finished ``compare`` run: one row per plan (the first is vanilla).
+
+    ``plans``, ``metrics`` (test split) and ``metrics_val`` (validation split) are keyed
+    by row name (the method's name, with ``-2``, ``-3`` … for repeated methods).
+    ``skipped`` lists the plans that could not run here and why.
+    """
+
+    run_dir: Path
+    plans: dict[str, Plan]
+    metrics: dict[str, GroupMetrics]
+    metrics_val: dict[str, GroupMetrics]
+    skipped: dict[str, str]
+    report: dict[str, Any]
+
+
+# --------------------------------------------------------------------------- paths
 
 
 def _run_name(recipe_path: Path, recipe: Recipe, what: str, checkpoint_sha256: str) -> str:
     """``<recipe>-<method>-<hash>``; the hash covers the recipe and the checkpoint's content,
     so two checkpoints optimized with one recipe get two folders."""
-    import hashlib
-
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", recipe.name or recipe_path.stem)
     digest = hashlib.sha256(f"{recipe_hash(recipe)}:{checkpoint_sha256}".encode()).hexdigest()
+    what = re.sub(r"[^A-Za-z0-9_.-]+", "-", what)
     return f"{stem}-{what}-{digest[:8]}"
 
 
@@ -122,175 +137,65 @@ def _paths(
     return Path(recipe_path), exports_dir, None if cache_dir is None else Path(cache_dir)
 
 
-def _verify_batch(prepared: Prepared, n: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """The first ``n`` test samples as model inputs, with their labels and groups."""
-    return _first_samples(prepared.splits["test"], n)
-
-
-def _first_samples(ds: Any, n: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """The first ``n`` items of a dataset as a float input batch, labels and groups."""
-    xs, ys, gs = [], [], []
-    for i in range(min(n, len(ds))):
-        x, y, g = ds[i]
-        xs.append(torch.as_tensor(x))
-        ys.append(int(y))
-        gs.append(int(g))
-    return torch.stack(xs).float(), np.asarray(ys), np.asarray(gs)
-
-
-def _method_entry(prepared: Prepared, name: str, plan: Plan, metrics: Any) -> dict[str, Any]:
-    layers = layer_table(prepared.model, plan)
-    total = sum(p.numel() for p in prepared.model.parameters())
-    stored = total - sum(lt["params_before"] - lt["params_stored"] for lt in layers)
-    return {
-        "name": name,
-        "method": plan.method,
-        "plan": _plan_dict(plan),
-        "metrics": metrics.to_dict(),
-        "compression": {
-            "theoretical_cr": theoretical_cr(prepared.model, plan),
-            # The same count with S stored as k values, as the exported graph stores it.
-            "theoretical_cr_stored": total / stored,
-            "layers": layers,
-        },
-    }
-
-
-def _base_report(prepared: Prepared, recipe_path: Path, recipe: Recipe) -> dict[str, Any]:
-    test = prepared.features["test"]
-    spec = recipe.method.scoring
-    n_scoring = len(prepared.scoring_groups[0])
-    return {
-        "fairdeploy_version": __version__,
-        "checkpoint": {"path": str(prepared.checkpoint), "sha256": prepared.checkpoint_sha256},
-        "recipe": {"path": str(recipe_path), "hash": recipe_hash(recipe)},
-        "task": {
-            "num_classes": len(prepared.class_names),
-            "class_names": prepared.class_names,
-            "group_names": prepared.group_names,
-            "privileged": prepared.privileged_info,
-        },
-        "evaluation": {
-            "split": "test",
-            "samples": len(test),
-            "unknown_group": int((test.groups < 0).sum()),
-        },
-        "scoring": {
-            "estimator": spec.estimator,
-            "samples_per_group": n_scoring,
-            "split": "train",
-            "seed": spec.seed,
-            "row_score": spec.row_score,
-        },
-        "feature_cache": {"hits": prepared.cache_hits, "first_layer": prepared.first_layer},
-        "data": {
-            name: {
-                "samples": len(ds),
-                "skipped": dict(getattr(ds, "skipped", {}) or {}),
-                "group_counts": {
-                    g: int((np.asarray(ds.groups) == i).sum())
-                    for i, g in enumerate(prepared.group_names)
-                }
-                | {"unknown": int((np.asarray(ds.groups) < 0).sum())},
-            }
-            for name, ds in prepared.splits.items()
-        },
-        "notes": _notes(prepared),
-        "units": {
-            "precision/recall/f1": "fraction in [0, 1], macro over classes within a group",
-            "eopp0/eopp1/eodd": "fraction, mean over classes (EOdd halved); see fairness_sum",
-            "cr": "ratio vanilla / processed (×)",
-            "latency": "milliseconds per batch",
-            "bytes": "bytes",
-        },
-    }
-
-
-# Below this many test samples in a group, group rates are too noisy to audit.
-_FEW_SAMPLES = 30
-
-
-def _notes(prepared: Prepared) -> list[str]:
-    """Warnings a reader of the report must see next to the numbers."""
-    notes = []
-    test = prepared.features["test"]
-    for gid, name in enumerate(prepared.group_names):
-        n = int((test.groups == gid).sum())
-        if n < _FEW_SAMPLES:
-            notes.append(
-                f"only {n} test samples in group {name!r}: its rates and the fairness gaps "
-                "are dominated by sampling noise"
-            )
-    for split, ds in prepared.splits.items():
-        skipped = sum((getattr(ds, "skipped", {}) or {}).values())
-        if skipped:
-            notes.append(
-                f"{skipped} samples of the {split} split were skipped (missing or unreadable "
-                f"files: {dict(ds.skipped)})"
-            )
-    asked = prepared.recipe.method.scoring.samples_per_group
-    got = len(prepared.scoring_groups[0])
-    if got < asked:
-        notes.append(
-            f"the scoring sets hold {got} samples per group, fewer than the "
-            f"{asked} asked for (capped by the smaller group in the training split): the "
-            "Hessian diagonals behind FairLRF's selection are noisier"
-        )
-    if "tie" in prepared.privileged_info["how"]:
-        notes.append(f"privileged group: {prepared.privileged_info['how']}")
-    return notes
-
-
-def _prediction_notes(preds: dict[str, np.ndarray]) -> list[str]:
-    return [
-        f"{name} predicts a single class on every test sample: its fairness gaps are not "
-        "evidence of fairness"
-        for name, p in preds.items()
-        if len(np.unique(p)) == 1
-    ]
-
-
-def _bootstrap(prepared: Prepared, preds: dict[str, np.ndarray]) -> dict[str, Any]:
-    test = prepared.features["test"]
-    return bootstrap_metrics(
-        test.targets.numpy(),
-        preds,
-        test.groups.numpy(),
-        baseline="vanilla",
-        privileged=prepared.privileged,
-        num_classes=len(prepared.class_names),
-        seed=prepared.recipe.method.scoring.seed,
-    ).to_dict()
-
-
-def _prepare_from(
+def _experiment(
+    recipe: Recipe,
     checkpoint: str | Path,
-    recipe_path: str | Path,
     *,
-    trust_checkpoint: bool,
-    cache_dir: str | Path | None,
+    cache_dir: Path | None,
     device: str,
     progress: bool,
-    plans: list[Plan] | None = None,
-) -> tuple[Recipe, Plan, Prepared]:
-    recipe, plan, model = _load(
-        checkpoint, recipe_path, trust_checkpoint=trust_checkpoint, require_lrf=plans is None
-    )
-    splits = load_splits(recipe)
-    # The cut must precede every target layer of every plan that will run on it.
-    layers = {lp.layer: lp for p in [plan, *(plans or [])] for lp in p.layers}
-    cut_plan = Plan(method="truncated_svd", layers=tuple(layers.values()))
-    prepared = prepare(
+    trust_checkpoint: bool,
+) -> Experiment:
+    return Experiment(
         recipe,
-        model,
-        splits,
         checkpoint,
-        plan=cut_plan,
         cache_dir=cache_dir,
         device=device,
         progress=progress,
+        trust_checkpoint=trust_checkpoint,
     )
-    return recipe, plan, prepared
+
+
+def _runnable(plan: Plan, what: str) -> None:
+    reason = plan.implementation.unavailable
+    if reason:
+        from fairdeploy.methods import list_methods
+
+        ready = [n for n in list_methods() if not get_method(n).unavailable]
+        raise FairDeployError(
+            f"{what}: {plan.method!r} cannot run: {reason} (use one of {', '.join(ready)})"
+        )
+
+
+# --------------------------------------------------------------------------- dry run
+
+
+def dry_run(
+    checkpoint: str | Path, recipe_path: str | Path, *, trust_checkpoint: bool = False
+) -> DryRun:
+    """Validate recipe and checkpoint and describe the plan; reads no data.
+
+    Gives the per-layer table (Din, Dout, k, rows/cols sparsified, parameters
+    before/after), the theoretical compression ratio and the plan's warnings.
+    """
+    recipe = load_recipe(recipe_path)
+    plan = recipe.method
+    _runnable(plan, "method.name")
+    exp = Experiment(recipe, checkpoint, trust_checkpoint=trust_checkpoint)
+    exp.check(plan)
+    impl = plan.implementation
+    return DryRun(
+        recipe=Path(recipe_path),
+        plan=plan,
+        label=impl.describe(plan),
+        layers=impl.layer_table(plan, exp.model),
+        theoretical_cr=impl.theoretical_cr(plan, exp.model),
+        parameters=sum(p.numel() for p in exp.model.parameters()),
+        warnings=impl.warnings(plan, exp.model),
+    )
+
+
+# --------------------------------------------------------------------------- optimize
 
 
 def run_optimize(
@@ -305,160 +210,42 @@ def run_optimize(
     progress: bool = True,
     latency: bool = True,
     echo: Echo = print,
-) -> dict[str, Any]:
-    """The whole optimize pipeline; writes the run folder and returns the report dict.
+) -> OptimizeResult:
+    """The whole optimize pipeline; writes the run folder.
 
     The run folder (``out``, default ``exports/<recipe>-<method>-<hash>``) receives
     ``model.onnx`` (+ ``model.verify.npz``), ``model.pt``, ``recipe.yaml`` (resolved),
     ``report.json`` and ``report.md``. It is built under a temporary name and renamed
     when complete, so a failure leaves no partial run folder.
     """
-    from fairdeploy.bench import measure_latency, measure_layer_latency
-    from fairdeploy.export import export_onnx, onnx_sizes, update_metadata
-    from fairdeploy.verify import verify
-
     recipe_path, exports_dir, cache_dir = _paths(recipe_path, exports_dir, cache_dir, out)
-    recipe, plan, prepared = _prepare_from(
-        checkpoint,
-        recipe_path,
+    recipe = load_recipe(recipe_path)
+    plan = recipe.method
+    _runnable(plan, "method.name")
+    exp = _experiment(
+        recipe, checkpoint, cache_dir=cache_dir, device=device, progress=progress,
         trust_checkpoint=trust_checkpoint,
-        cache_dir=cache_dir,
-        device=device,
-        progress=progress,
     )
-    final = (
-        Path(out)
-        if out is not None
-        else exports_dir / _run_name(recipe_path, recipe, plan.method, prepared.checkpoint_sha256)
+    exp.prepare([plan])
+    final = Path(out) if out is not None else exports_dir / _run_name(
+        recipe_path, recipe, plan.method, exp.checkpoint_sha256
     )
     check_out(final)
+    info = exp.context.privileged_info
+    echo(f"privileged group: {info['name']} ({info['how']})")
 
-    echo(
-        f"privileged group: {prepared.privileged_info['name']} ({prepared.privileged_info['how']})"
-    )
-    vanilla_plan = Plan(method="vanilla")
-    vanilla_metrics, vanilla_pred = evaluate(prepared, prepared.head)
-    processed = process_head(prepared, plan)
-    metrics, pred = evaluate(prepared, processed.head)
-    model = processed_model(prepared, processed)
-
-    report = _base_report(prepared, recipe_path, recipe)
-    entries = [_method_entry(prepared, "vanilla", vanilla_plan, vanilla_metrics)]
-    if plan.method != "vanilla":
-        entries.append(_method_entry(prepared, plan.method, plan, metrics))
-    report["methods"] = entries
-    preds = {"vanilla": vanilla_pred}
-    if plan.method != "vanilla":
-        preds[plan.method] = pred
-    report["bootstrap"] = _bootstrap(prepared, preds)
-    report["notes"] += _prediction_notes(preds)
+    rows = _evaluate_plans(exp, recipe_path, plan, [plan], echo)
+    main, report = rows.processed[-1], rows.report
     report["selections"] = {
-        k: {kk: len(v) for kk, v in d.items()} for k, d in processed.selections.items()
-    }
-
-    exp = recipe.export
-    x, labels, groups = _verify_batch(prepared, exp.verify_samples)
-    # PyTorch's reference outputs come from the processed head on the cached trunk
-    # features: the full model runs only in ONNX Runtime, for the parity check.
-    ref_out = logits_of(processed.head, prepared.features["test"].features[: len(x)])
-    metadata = {
-        "producer": "fairdeploy",
-        "version": __version__,
-        "recipe_hash": recipe_hash(recipe),
-        "checkpoint_sha256": prepared.checkpoint_sha256,
-        "method": plan.method,
-        "plan": _plan_dict(plan),
-        "class_names": prepared.class_names,
-        "group_names": prepared.group_names,
-        "privileged": prepared.privileged_info["name"],
-        "preprocessing": prepared.preprocessing,
-        "theoretical_cr": entries[-1]["compression"]["theoretical_cr"],
-        "fairness": {k: entries[-1]["metrics"]["fairness"][k] for k in ("eopp0", "eopp1", "eodd")}
-        | {"convention": "mean over classes; EOdd halved", "split": "test"},
+        k: {kk: len(v) for kk, v in d.items()} for k, d in main.selections.items()
     }
     with staging_dir(final) as run:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", category=(DeprecationWarning, FutureWarning))
-            res = export_onnx(
-                model,
-                x[:2],
-                run / "model.onnx",
-                metadata=metadata,
-                reference_inputs=x,
-                reference_outputs=ref_out,
-                labels=labels,
-                groups=groups,
-                simplify=exp.simplify,
-                opset=exp.opset,
-                atol=exp.tolerances.atol,
-                rtol=exp.tolerances.rtol,
-            )
-            vanilla_dir = Path(tempfile.mkdtemp(prefix=".vanilla.", dir=run))
-            try:
-                # The vanilla export carries the same metadata (as method "vanilla"), so file
-                # sizes compare like with like and it can be served and benched too.
-                vanilla_meta = {
-                    **metadata,
-                    "method": "vanilla",
-                    "plan": _plan_dict(Plan(method="vanilla")),
-                    "theoretical_cr": 1.0,
-                    "fairness": {
-                        k: entries[0]["metrics"]["fairness"][k] for k in ("eopp0", "eopp1", "eodd")
-                    }
-                    | {"convention": "mean over classes; EOdd halved", "split": "test"},
-                }
-                vanilla = _vanilla_onnx(
-                    prepared, x[:2], exp, cache_dir, vanilla_dir, export_onnx, vanilla_meta
-                )
-                sizes = {
-                    "vanilla": onnx_sizes(vanilla),
-                    "processed": onnx_sizes(run / "model.onnx"),
-                }
-                update_metadata(run / "model.onnx", {"measured_cr": _ratios(sizes)})
-                # The metadata entry itself adds a few hundred bytes to the file.
-                sizes["processed"] = onnx_sizes(run / "model.onnx")
-                cr = _ratios(sizes)
-                lat = None
-                if latency:
-                    lat = _latency(
-                        recipe,
-                        run / "model.onnx",
-                        vanilla,
-                        plan,
-                        measure_latency,
-                        measure_layer_latency,
-                    )
-            finally:
-                shutil.rmtree(vanilla_dir, ignore_errors=True)
-        entries[-1]["compression"]["measured"] = cr
-        entries[0]["compression"]["measured"] = dict.fromkeys(cr, 1.0)
-        report["onnx"] = {"models": sizes, **cr}
-        report["export_layout"] = [lay.to_dict() for lay in res.layers]
-        vres = verify(
-            run / "model.onnx",
-            atol=exp.tolerances.atol,
-            rtol=exp.tolerances.rtol,
-            min_argmax_agreement=exp.tolerances.argmax_agreement,
-            privileged=prepared.privileged,
-        )
-        report["verify"] = _verify_summary(vres, exp, len(x))
-        # The run folder is renamed when complete: record paths relative to it.
-        report["verify"]["details"]["reference"] = "model.verify.npz"
-        report["verify"]["reference_outputs"] = (
-            "PyTorch: the processed head on the cached trunk features of the same inputs"
-        )
-        if not vres:
-            raise FairDeployError(
-                f"the exported model does not match PyTorch ({vres.summary_lines()[-1]}); "
-                "raise export.tolerances in the recipe only if the difference is acceptable"
-            )
-        if lat is not None:
-            report["latency"] = lat
+        verified = _deploy(exp, main, report, run, cache_dir, latency=latency)
         save_checkpoint(
-            model,
+            exp.model_of(main),
             run / "model.pt",
             extra={
-                "plan": _plan_dict(plan),
+                "plan": plan.to_dict(),
                 "arch": recipe.model.arch,
                 "num_classes": recipe.model.num_classes,
                 "recipe_hash": recipe_hash(recipe),
@@ -467,37 +254,147 @@ def run_optimize(
         save_resolved_recipe(recipe, run / "recipe.yaml")
         write_report(report, run)
     report["run_dir"] = str(final)
-    return report
+    return OptimizeResult(final, plan, rows.metrics, verified, report)
 
 
-def _ratios(sizes: dict[str, dict[str, int]]) -> dict[str, float]:
-    """Measured compression: vanilla ÷ processed initializer bytes, file bytes, parameters."""
-    a, b = sizes["vanilla"], sizes["processed"]
-    return {
-        "initializer_cr": a["initializer_bytes"] / b["initializer_bytes"],
-        "file_cr": a["file_bytes"] / b["file_bytes"],
-        "parameter_cr": a["parameters"] / b["parameters"],
-    }
+@dataclass
+class _Rows:
+    """Every plan applied and evaluated, vanilla first, and the report's method table."""
+
+    names: list[str]
+    processed: list[Processed]
+    metrics: dict[str, GroupMetrics]
+    metrics_val: dict[str, GroupMetrics]
+    report: dict[str, Any]
+
+
+def _evaluate_plans(
+    exp: Experiment,
+    recipe_path: Path,
+    main: Plan,
+    plans: list[Plan],
+    echo: Echo,
+    *,
+    validation: bool = False,
+) -> _Rows:
+    """Apply every plan after vanilla and build the report's method table."""
+    report = base_report(exp, recipe_path, main)
+    report["notes"] += plan_notes(exp, plans)
+    rows: dict[str, Processed] = {"vanilla": exp.apply(Plan("vanilla"))}
+    for plan in plans:
+        if plan.method == "vanilla":
+            continue
+        name, i = plan.method, 2
+        while name in rows:
+            name, i = f"{plan.method}-{i}", i + 1
+        if len(plans) > 1:
+            echo(f"running {name} ...")
+        rows[name] = exp.apply(plan)
+    metrics = {name: exp.evaluate(p, "test") for name, p in rows.items()}
+    metrics_val = {name: exp.evaluate(p, "val") for name, p in rows.items()} if validation else {}
+    preds = {name: exp.predictions(p, "test") for name, p in rows.items()}
+    report["methods"] = [
+        method_entry(exp, name, p.plan, metrics[name], metrics_val=metrics_val.get(name))
+        for name, p in rows.items()
+    ]
+    for p in rows.values():
+        report["notes"] += p.notes
+    report["bootstrap"] = bootstrap_block(exp, preds, seed=_seed(main))
+    report["notes"] += prediction_notes(preds)
+    return _Rows(list(rows), list(rows.values()), metrics, metrics_val, report)
+
+
+def _seed(plan: Plan) -> int:
+    spec = getattr(plan, "scoring", None)
+    return int(spec.seed) if spec is not None else 0
+
+
+def _deploy(
+    exp: Experiment,
+    processed: Processed,
+    report: dict[str, Any],
+    run: Path,
+    cache_dir: Path | None,
+    *,
+    latency: bool,
+) -> bool:
+    """Export, measure sizes (and latency) against the vanilla export, verify; fills the
+    report's ``onnx``, ``export_layout``, ``verify`` and ``latency`` blocks."""
+    from fairdeploy.export import onnx_sizes, update_metadata
+
+    tol = exp.recipe.export.tolerances
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=(DeprecationWarning, FutureWarning))
+        res = exp.export(processed, run / "model.onnx")
+        vanilla_dir = Path(tempfile.mkdtemp(prefix=".vanilla.", dir=run))
+        try:
+            vanilla = _vanilla_onnx(exp, report, cache_dir, vanilla_dir)
+            sizes = {"vanilla": onnx_sizes(vanilla), "processed": onnx_sizes(run / "model.onnx")}
+            update_metadata(run / "model.onnx", {"measured_cr": size_ratios(sizes)})
+            # The metadata entry itself adds a few hundred bytes to the file.
+            sizes["processed"] = onnx_sizes(run / "model.onnx")
+            cr = size_ratios(sizes)
+            if latency:
+                report["latency"] = _latency(exp, run / "model.onnx", vanilla, processed.plan)
+        finally:
+            shutil.rmtree(vanilla_dir, ignore_errors=True)
+    report["methods"][-1]["compression"]["measured"] = cr
+    report["methods"][0]["compression"]["measured"] = dict.fromkeys(cr, 1.0)
+    report["onnx"] = {"models": sizes, **cr}
+    report["export_layout"] = [lay.to_dict() for lay in res.layers]
+    vres = exp.verify(run / "model.onnx")
+    n = len(exp.test_inputs(exp.recipe.export.verify_samples)[1])
+    report["verify"] = verify_summary(vres, tol, n)
+    # The run folder is renamed when complete: record paths relative to it.
+    report["verify"]["details"]["reference"] = "model.verify.npz"
+    report["verify"]["reference_outputs"] = (
+        "PyTorch: the processed head on the cached trunk features of the same inputs"
+        if processed.head is not None
+        else "PyTorch: the processed model on the same inputs"
+    )
+    if not vres:
+        raise FairDeployError(
+            f"the exported model does not match PyTorch ({vres.summary_lines()[-1]}); "
+            "raise export.tolerances in the recipe only if the difference is acceptable"
+        )
+    return True
 
 
 def _vanilla_onnx(
-    prepared: Prepared,
-    example: torch.Tensor,
-    exp: Any,
-    cache_dir: Any,
-    tmp: Path,
-    export: Any,
-    metadata: dict[str, Any],
+    exp: Experiment, report: dict[str, Any], cache_dir: Path | None, tmp: Path
 ) -> Path:
     """The vanilla model's ONNX export, for measured compression and latency.
 
-    Kept in the cache folder (keyed by checkpoint content, architecture, opset,
-    simplification and input shape), so a second run does not export it again.
+    Cached (when a cache folder is given) under a key of what determines the vanilla
+    graph and its metadata — checkpoint content, architecture, data and sensitive
+    settings, export settings, input shape — and not the method's settings, so a sweep
+    over β or sr exports the vanilla model once.
     """
+    from fairdeploy.export import export_onnx
+
+    ctx = exp.context
+    recipe = exp.recipe
+    exp_spec = recipe.export
+    example = exp.test_inputs(2)[0]
+    vanilla_entry = report["methods"][0]
+    metadata = {
+        "producer": "fairdeploy",
+        "version": __version__,
+        "checkpoint_sha256": exp.checkpoint_sha256,
+        "method": "vanilla",
+        "plan": Plan("vanilla").to_dict(),
+        "class_names": ctx.class_names,
+        "group_names": ctx.group_names,
+        "privileged": ctx.privileged_info["name"],
+        "preprocessing": ctx.preprocessing,
+        "theoretical_cr": 1.0,
+        "fairness": {k: vanilla_entry["metrics"]["fairness"][k] for k in ("eopp0", "eopp1", "eodd")}
+        | {"convention": "mean over classes; EOdd halved", "split": "test"},
+    }
 
     def create(path: Path) -> None:
-        export(
-            prepared.model, example, path, opset=exp.opset, simplify=exp.simplify,
+        export_onnx(
+            ctx.model, example, path, opset=exp_spec.opset, simplify=exp_spec.simplify,
             metadata=metadata,
         )
 
@@ -505,36 +402,23 @@ def _vanilla_onnx(
         create(tmp / "vanilla.onnx")
         return tmp / "vanilla.onnx"
     key = {
-        "checkpoint": prepared.checkpoint_sha256,
-        "model": prepared.recipe.model.model_dump(mode="json"),
-        "opset": exp.opset,
-        "simplify": exp.simplify,
+        "checkpoint": exp.checkpoint_sha256,
+        "model": recipe.model.model_dump(mode="json"),
+        "data": ctx.cache_key["content"],
+        "sensitive": recipe.sensitive.model_dump(mode="json"),
+        "opset": exp_spec.opset,
+        "simplify": exp_spec.simplify,
         "input_shape": list(example.shape[1:]),
         "version": __version__,
-        "metadata": metadata,
     }
     return FeatureCache(cache_dir).get_or_create_file("vanilla", key, create, suffix=".onnx")[0]
 
 
-def _verify_summary(vres: Any, exp: Any, n: int) -> dict[str, Any]:
-    d = vres.to_dict()
-    outs = vres.outputs
-    return {
-        "passed": bool(vres),
-        "samples": n,
-        "atol": exp.tolerances.atol,
-        "rtol": exp.tolerances.rtol,
-        "max_abs_error": max((o.max_abs_error for o in outs), default=0.0),
-        "argmax_agreement": min((o.argmax_agreement for o in outs), default=1.0),
-        "details": d,
-    }
-
-
-def _latency(
-    recipe: Recipe, model_path: Path, vanilla_path: Path, plan: Plan, measure, measure_layer
-) -> dict[str, Any]:
+def _latency(exp: Experiment, model_path: Path, vanilla_path: Path, plan: Plan) -> dict[str, Any]:
     """Whole-model and per-layer latency, vanilla vs processed, interleaved in one run."""
-    rep = recipe.report
+    from fairdeploy.bench import measure_latency, measure_layer_latency
+
+    rep = exp.recipe.report
     kw = {
         "batches": list(rep.latency_batches),
         "threads": rep.threads,
@@ -542,36 +426,16 @@ def _latency(
         "iters": rep.latency_iterations,
         "max_seconds": rep.latency_seconds,
     }
-    results = [("whole model", measure(model_path, vanilla_path, label="model", **kw))]
-    for lp in plan.layers:
-        results.append(
-            (f"layer {lp.layer}", measure_layer(model_path, lp.layer, vanilla_path, **kw))
-        )
-    rows = []
-    for scope, res in results:
-        for t in sorted(res.timings, key=lambda t: (t.batch, t.model != "baseline")):
-            candidate = t.model == "candidate"
-            rows.append(
-                {
-                    "scope": scope,
-                    "model": "processed" if candidate else "vanilla",
-                    "batch": t.batch,
-                    "median_ms": t.median_ms,
-                    "p90_ms": t.p90_ms,
-                    "iters": t.iters,
-                    "speedup": res.ratios.get(t.batch) if candidate else None,
-                }
+    results = [("whole model", measure_latency(model_path, vanilla_path, label="model", **kw))]
+    if plan.factorizes:
+        for layer in plan.implementation.target_layers(plan):
+            results.append(
+                (f"layer {layer}", measure_layer_latency(model_path, layer, vanilla_path, **kw))
             )
-    first = results[0][1]
-    return {
-        "provider": first.provider,
-        "threads": first.threads if first.threads is not None else "ONNX Runtime default",
-        "note": (
-            f"vanilla and processed timed {first.mode} with worker-thread spinning "
-            f"{'on' if first.spinning else 'off'}, after {kw['warmup']} warm-up runs"
-        ),
-        "rows": rows,
-    }
+    return latency_block(results, rep.latency_warmup)
+
+
+# --------------------------------------------------------------------------- compare
 
 
 def run_compare(
@@ -585,9 +449,10 @@ def run_compare(
     cache_dir: str | Path | None = "default",
     progress: bool = True,
     echo: Echo = print,
-) -> dict[str, Any]:
-    """The paper's table for the user's model: every method of ``recipe.compare`` on the
-    same cached features, with theoretical C.R. and bootstrap intervals.
+) -> CompareResult:
+    """The paper's table for the user's model: every plan of ``recipe.compare`` (each
+    complete on its own) on the same cached features, with theoretical C.R., bootstrap
+    intervals and the validation-split figures to choose on.
 
     Writes ``report.json``/``report.md`` into ``out`` (default
     ``exports/<recipe>-compare-<hash>``); no ONNX export (run ``optimize`` for the
@@ -595,56 +460,42 @@ def run_compare(
     """
     recipe_path, exports_dir, cache_dir = _paths(recipe_path, exports_dir, cache_dir, out)
     recipe = load_recipe(recipe_path)
-    methods = recipe.compare or [recipe.method]
-    plans = [m.to_plan() for m in methods]
-    recipe, _, prepared = _prepare_from(
-        checkpoint,
-        recipe_path,
+    plans, skipped = [], {}
+    for plan in recipe.plans:
+        reason = plan.implementation.unavailable
+        if reason:
+            echo(f"skipping {plan.method}: {reason}")
+            skipped[plan.method] = reason
+        else:
+            plans.append(plan)
+    exp = _experiment(
+        recipe, checkpoint, cache_dir=cache_dir, device=device, progress=progress,
         trust_checkpoint=trust_checkpoint,
-        cache_dir=cache_dir,
-        device=device,
-        progress=progress,
-        plans=plans,
     )
-    report = _base_report(prepared, recipe_path, recipe)
-    entries = []
-    preds: dict[str, np.ndarray] = {}
-    vanilla_metrics, preds["vanilla"] = evaluate(prepared, prepared.head)
-    entries.append(_method_entry(prepared, "vanilla", Plan(method="vanilla"), vanilla_metrics))
-    # Validation-split figures, for choosing a method and its settings without the test split.
-    entries[-1]["metrics_val"] = evaluate(prepared, prepared.head, split="val")[0].to_dict()
-    seen = {"vanilla"}
-    for plan in plans:
-        if plan.method == "vanilla":
-            continue
-        if not plan.is_lrf:
-            echo(f"skipping {plan.method}: not available in fairdeploy yet")
-            continue
-        name = plan.method
-        i = 2
-        while name in seen:
-            name = f"{plan.method}-{i}"
-            i += 1
-        seen.add(name)
-        echo(f"running {name} ...")
-        processed = process_head(prepared, plan)
-        metrics, preds[name] = evaluate(prepared, processed.head)
-        entries.append(_method_entry(prepared, name, plan, metrics))
-        entries[-1]["metrics_val"] = evaluate(prepared, processed.head, split="val")[0].to_dict()
-    report["methods"] = entries
-    report["bootstrap"] = _bootstrap(prepared, preds)
-    report["notes"] += _prediction_notes(preds)
-    final = (
-        Path(out)
-        if out is not None
-        else exports_dir / _run_name(recipe_path, recipe, "compare", prepared.checkpoint_sha256)
+    exp.prepare(plans)
+    final = Path(out) if out is not None else exports_dir / _run_name(
+        recipe_path, recipe, "compare", exp.checkpoint_sha256
     )
     check_out(final)
+    rows = _evaluate_plans(exp, recipe_path, recipe.method, plans, echo, validation=True)
+    report = rows.report
+    if skipped:
+        report["skipped"] = skipped
     with staging_dir(final) as run:
         save_resolved_recipe(recipe, run / "recipe.yaml")
         write_report(report, run)
     report["run_dir"] = str(final)
-    return report
+    return CompareResult(
+        run_dir=final,
+        plans={n: p.plan for n, p in zip(rows.names, rows.processed, strict=True)},
+        metrics=rows.metrics,
+        metrics_val=rows.metrics_val,
+        skipped=skipped,
+        report=report,
+    )
+
+
+# --------------------------------------------------------------------------- train, demo
 
 
 def run_train(
@@ -679,6 +530,7 @@ def run_train(
         splits["train"],
         splits["val"],
         **settings,
+        num_workers=recipe.data.num_workers,
         device=device,
         checkpoint_path=output,
         resume=resume,
@@ -703,7 +555,7 @@ def run_demo(
     epochs: int | None = None,
     echo: Echo = print,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> OptimizeResult:
     """``fairdeploy demo``: train (or reuse) the MLP on CelebA's attribute table, run
     FairLRF on its hidden layer, export, verify and report.
 
@@ -715,8 +567,7 @@ def run_demo(
     find_celeba_table()  # a clear error before any work when the demo data is missing
     exports_dir = Path(exports_dir)
     recipe_path = demo_recipe_path()
-    ckpt_dir = exports_dir / ".demo"
-    ckpt = ckpt_dir / "mlp.pt"
+    ckpt = exports_dir / ".demo" / "mlp.pt"
     overrides = {"epochs": epochs} if epochs else {}
     echo(f"training the demo MLP (or reusing {ckpt}) ...")
     run_train(recipe_path, ckpt, overrides=overrides, progress=progress)
@@ -728,6 +579,9 @@ def run_demo(
         progress=progress,
         echo=echo,
     )
+
+
+# --------------------------------------------------------------------------- verify
 
 
 def reference_from_checkpoint(
@@ -746,8 +600,8 @@ def reference_from_checkpoint(
     factorized layers are rebuilt from the stored factors). Returns the reference and
     the privileged group id named in the ONNX model's metadata (None if absent).
     """
-    from fairdeploy.export import read_metadata
-    from fairdeploy.verify import reference_from_model
+    from fairdeploy.checkpoint import load_checkpoint
+    from fairdeploy.verification import reference_from_model
 
     recipe = load_recipe(recipe_path)
     model = load_checkpoint(
@@ -761,9 +615,23 @@ def reference_from_checkpoint(
     n = min(samples or recipe.export.verify_samples, len(ds))
     if n == 0:
         raise FairDeployError(f"--split {split}: the split is empty; choose another split")
-    x, labels, groups = _first_samples(ds, n)
+    x, labels, groups = first_samples(ds, n)
     ref = reference_from_model(model, x.numpy(), labels=labels, groups=groups)
+    return ref, privileged_id_of(onnx_path)
+
+
+def privileged_id_of(onnx_path: str | Path) -> int | None:
+    """The privileged group's id named in an exported model's metadata (None if absent)."""
+    from fairdeploy.export import read_metadata
+
     meta = read_metadata(onnx_path)
     names = meta.get("group_names") or []
     priv = meta.get("privileged")
-    return ref, (names.index(priv) if priv in names else None)
+    return names.index(priv) if priv in names else None
+
+
+def method_names() -> list[str]:
+    """The registered methods (for help texts)."""
+    from fairdeploy.methods import list_methods
+
+    return [f"{n} ({get_method(n).label})" for n in list_methods()]

@@ -142,7 +142,7 @@ def verify(
     --recipe (then the group fairness of the ONNX model's predictions on that split is
     reported too).
     """
-    from fairdeploy.verify import verify as run_verify
+    from fairdeploy.verification import verify as run_verify
 
     privileged = None
     if (checkpoint is None) != (recipe_path is None):
@@ -210,22 +210,23 @@ def _check_device(device: str) -> None:
         )
 
 
-def _print_dry_run(info: dict[str, Any]) -> None:
+def _print_dry_run(info: Any) -> None:
     from tabulate import tabulate
 
-    plan = info["plan"]
-    click.echo(f"recipe {info['recipe']}: method {plan['method']}, "
-               f"{info['parameters']:,} parameters in the vanilla model")
+    click.echo(f"recipe {info.recipe}: {info.label}, "
+               f"{info.parameters:,} parameters in the vanilla model")
     rows = [
         [lt["name"], lt["din"], lt["dout"], lt["k"], lt["rows_sparsified"], lt["cols_sparsified"],
          lt["keep"], f"{lt['params_before']:,}", f"{lt['params_after']:,}"]
-        for lt in info["layers"]
+        for lt in info.layers
     ]
     if rows:
         click.echo(tabulate(rows, ["layer", "Din", "Dout", "k", "rows sparsified",
                                    "cols sparsified", "kept per row/col", "params before",
                                    "params after (S as k×k)"], tablefmt="simple"))
-    click.echo(f"theoretical C.R.: {info['theoretical_cr']:.3f}× (paper's parameter count)")
+    click.echo(f"theoretical C.R.: {info.theoretical_cr:.3f}× (paper's parameter count)")
+    for text in info.warnings:
+        click.echo(f"warning: {text}")
 
 
 def _print_report(report: dict[str, Any]) -> None:
@@ -278,12 +279,12 @@ def optimize(
         _print_dry_run(app.dry_run(checkpoint, recipe_path, trust_checkpoint=trust_checkpoint))
         return
     _check_device(device)
-    report = app.run_optimize(
+    result = app.run_optimize(
         checkpoint, recipe_path, out=out, exports_dir=exports_dir, device=device,
         trust_checkpoint=trust_checkpoint, cache_dir=None if no_cache else "default",
         latency=not no_latency, echo=click.echo,
     )
-    _print_report(report)
+    _print_report(result.report)
 
 
 @main.command()
@@ -300,12 +301,12 @@ def compare(
     from fairdeploy import app
 
     _check_device(device)
-    report = app.run_compare(
+    result = app.run_compare(
         checkpoint, recipe_path, out=out, exports_dir=exports_dir, device=device,
         trust_checkpoint=trust_checkpoint, cache_dir=None if no_cache else "default",
         echo=click.echo,
     )
-    _print_report(report)
+    _print_report(result.report)
 
 
 @main.command()
@@ -350,8 +351,8 @@ def demo(out: str | None, epochs: int | None, exports_dir: str) -> None:
     """FairLRF end to end on CelebA's attribute table (needs the demo extra)."""
     from fairdeploy import app
 
-    report = app.run_demo(exports_dir=exports_dir, out=out, epochs=epochs, echo=click.echo)
-    _print_report(report)
+    result = app.run_demo(exports_dir=exports_dir, out=out, epochs=epochs, echo=click.echo)
+    _print_report(result.report)
 
 
 @main.command()

@@ -1,24 +1,37 @@
-"""What a method does to a model, as plain values (no weights).
+"""What a method does to a model, as plain values (no weights): the plan.
 
-A :class:`Plan` is the resolved, weight-free description of a compression run: the
-method and, per target layer, the rank and sparse-SVD settings. Compression accounting
-(:func:`fairdeploy.theoretical_cr`), ``optimize --dry-run``, export metadata and the
-report all read it.
+A :class:`Plan` is the validated, self-contained description of one method run: the
+method's name and every setting it reads (target layers, rank, sr, rr, β, ratios, how
+the scoring sets are drawn). Each registered method (:mod:`fairdeploy.methods`) defines
+its plan as a subclass of :class:`Plan` with its own fields, so a setting a method does
+not read is refused, never ignored. ``Plan("fairlrf", layers, beta=0.5)`` builds the
+registered method's plan; a recipe's ``method:`` section and each ``compare:`` entry
+become one. Plans are frozen and compare by value; ``plan.to_dict()`` is what export
+metadata, reports and resolved recipes record.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from typing import Any, Literal
 
+from pydantic import ConfigDict, Field, ValidationError, model_validator
+
+from fairdeploy._schema import Fraction01, NonNegFloat, PosInt, Seed, Strict, schema_error
 from fairdeploy.errors import FairDeployError
 
-__all__ = ["LRF_METHODS", "METHODS", "LayerPlan", "Plan", "kept_entries", "num_selected"]
-
-#: Methods that factorize target layers with truncated SVD.
-LRF_METHODS = ("truncated_svd", "slr_w", "slr_a", "fairlrf")
-#: Every method name a plan may carry.
-METHODS = ("vanilla", *LRF_METHODS, "fairprune", "fairquantize")
+__all__ = [
+    "LayerPlan",
+    "Plan",
+    "SamplingSpec",
+    "ScoringSpec",
+    "kept_entries",
+    "nested_validation",
+    "num_selected",
+]
 
 
 def _check_fraction(name: str, value: float) -> None:
@@ -39,9 +52,50 @@ def kept_entries(rr: float, rank: int) -> int:
     return math.floor(rr * rank + 1e-9)
 
 
-@dataclass(frozen=True)
-class LayerPlan:
-    """Settings for one target layer.
+def _positional(fields: tuple[str, ...], args: tuple[Any, ...], data: dict[str, Any]) -> None:
+    if len(args) > len(fields):
+        raise TypeError(f"at most {len(fields)} positional arguments ({', '.join(fields)})")
+    for name, value in zip(fields, args, strict=False):
+        if name in data:
+            raise TypeError(f"{name!r} given twice")
+        data[name] = value
+
+
+# Set while a plan is being validated as part of something larger (a recipe, or an
+# enclosing plan): errors then stay pydantic errors, so the outer validation reports them
+# with their full key path; the outermost constructor turns them into FairDeployError.
+_NESTED: ContextVar[bool] = ContextVar("fairdeploy_plan_nested", default=False)
+
+
+@contextlib.contextmanager
+def nested_validation() -> Iterator[None]:
+    """Validate plans inside a larger schema: their errors stay ``ValidationError``s."""
+    token = _NESTED.set(True)
+    try:
+        yield
+    finally:
+        _NESTED.reset(token)
+
+
+def _validate(init: Callable[..., None], data: dict[str, Any], what: str) -> None:
+    if _NESTED.get():
+        init(**data)
+        return
+    with nested_validation():
+        try:
+            init(**data)
+        except ValidationError as exc:
+            from fairdeploy.recipe._load import format_validation_error
+
+            raise FairDeployError(format_validation_error(exc, what)) from None
+
+
+class LayerPlan(Strict):
+    """Settings for one target ``nn.Linear`` of a low-rank method.
+
+    ``LayerPlan("classifier.3", 64, 0.4, 0.0, 5/9)`` or by keyword. Which fields a
+    method reads is its plan's business: ``truncated_svd`` refuses sr/rr/β, the SLR
+    methods refuse β, ``fairlrf`` fills a missing β from its plan's ``beta``.
 
     Attributes
     ----------
@@ -54,60 +108,104 @@ class LayerPlan:
     rr : float
         Fraction of the k entries a sparsified row/column KEEPS (``⌊rr·k⌋``);
         ``rr = 0`` zeroes the selected rows/columns entirely.
-    beta : float
-        FairLRF trade-off β in ``½θ²(h0 − β h1)``.
+    beta : float or None
+        FairLRF trade-off β in ``½θ²(h0 − β h1)`` (None: not set).
     """
+
+    model_config = ConfigDict(frozen=True)
 
     layer: str
-    rank: int
-    sr: float = 0.0
-    rr: float = 0.0
-    beta: float = 1.0
+    rank: PosInt
+    sr: Fraction01 = 0.0
+    rr: Fraction01 = 0.0
+    beta: NonNegFloat | None = None
 
-    def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise FairDeployError(
-                f"rank={self.rank!r} for layer {self.layer!r} is not allowed: "
-                "use an integer ≥ 1"
-            )
-        _check_fraction("sr", self.sr)
-        _check_fraction("rr", self.rr)
+    def __init__(self, *args: Any, **data: Any) -> None:
+        _positional(("layer", "rank", "sr", "rr", "beta"), args, data)
+        _validate(super().__init__, data, "LayerPlan")
 
 
-@dataclass(frozen=True)
-class Plan:
-    """A method and its per-layer settings.
+class SamplingSpec(Strict):
+    """How the per-group scoring sets are drawn from the training split.
 
-    Attributes
-    ----------
-    method : str
-        One of :data:`METHODS`.
-    layers : tuple of LayerPlan
-        Target layers for LRF methods (empty for ``vanilla``).
-    prune_ratio : float
-        FairPrune: fraction of the chosen weights pruned (stored dense, C.R. 1).
-    quantize_ratio : float
-        FairQuantize: fraction q of all weights quantized to int8.
+    Every group gets ``min(samples_per_group, smallest group)`` samples, drawn with
+    ``seed`` (DESIGN §2); samples of unknown group are left out.
     """
 
-    method: str
-    layers: tuple[LayerPlan, ...] = field(default_factory=tuple)
-    prune_ratio: float = 0.0
-    quantize_ratio: float = 0.0
+    model_config = ConfigDict(frozen=True)
 
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise FairDeployError(
-                f"method {self.method!r} is unknown: use one of {', '.join(METHODS)}"
+    samples_per_group: PosInt = 1024
+    seed: Seed = 0
+
+
+class ScoringSpec(SamplingSpec):
+    """Per-group Hessian diagonals on the scoring sets: the estimator and its batch size."""
+
+    estimator: Literal["exact", "fisher", "ggn_mc"] = "exact"
+    batch_size: PosInt = 256
+
+
+class Plan(Strict):
+    """Base of every method's plan: the method's name and, in subclasses, its settings.
+
+    ``Plan(name, ...)`` returns the plan of the registered method ``name`` (a
+    subclass); its other arguments are that plan's fields (``layers`` may be given
+    second, positionally). Bad values raise :class:`~fairdeploy.errors.FairDeployError`
+    naming the field.
+    """
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True)
+
+    method: str = Field(
+        alias="name", description="registered method name, or package.module:Class"
+    )
+
+    def __new__(cls, *args: Any, **data: Any) -> Plan:
+        name = args[0] if args else data.get("method", data.get("name"))
+        if cls is Plan and name is not None:
+            from fairdeploy.methods import get_method
+
+            cls = get_method(str(name)).plan_class
+        return super().__new__(cls)
+
+    def __init__(self, *args: Any, **data: Any) -> None:
+        _positional(("method", "layers"), args, data)
+        _validate(super().__init__, data, f"plan {data.get('method', data.get('name'))!r}")
+
+    @model_validator(mode="after")
+    def _registered(self) -> Plan:
+        from fairdeploy.methods import get_method
+
+        try:
+            impl = get_method(self.method)
+        except FairDeployError as exc:
+            raise schema_error("fd_method", "name: {msg}", {"msg": str(exc)}) from None
+        if not isinstance(self, impl.plan_class):
+            raise schema_error(
+                "fd_plan_class",
+                "name: {name!r} does not take a {cls} (its plan is {want})",
+                {"name": self.method, "cls": type(self).__name__,
+                 "want": impl.plan_class.__name__},
             )
-        object.__setattr__(self, "layers", tuple(self.layers))
-        _check_fraction("prune_ratio", self.prune_ratio)
-        _check_fraction("quantize_ratio", self.quantize_ratio)
-        names = [lp.layer for lp in self.layers]
-        if len(set(names)) != len(names):
-            raise FairDeployError(f"a layer is listed twice in the plan: {names}")
+        return self
 
     @property
-    def is_lrf(self) -> bool:
-        """Whether the method factorizes layers (truncated SVD and the sparse SVDs)."""
-        return self.method in LRF_METHODS
+    def implementation(self) -> Any:
+        """The registered :class:`~fairdeploy.methods.Method` this plan belongs to."""
+        from fairdeploy.methods import get_method
+
+        return get_method(self.method)
+
+    @property
+    def factorizes(self) -> bool:
+        """Whether the method replaces target layers by their truncated SVD."""
+        return bool(self.implementation.factorizes)
+
+    @property
+    def label(self) -> str:
+        """The table label: the method's name and its settings."""
+        return str(self.implementation.describe(self))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON-ready values (export metadata, reports): ``{"method": ...}``."""
+        return self.model_dump(mode="json")

@@ -32,7 +32,7 @@ def test_only_cli_imports_click():
 
 def test_library_modules_load_without_click():
     code = (
-        "import sys, fairdeploy, fairdeploy.export, fairdeploy.verify, fairdeploy.bench, "
+        "import sys, fairdeploy, fairdeploy.export, fairdeploy.verification, fairdeploy.bench, "
         "fairdeploy.providers; print('click' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

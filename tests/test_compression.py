@@ -66,11 +66,11 @@ def test_vgg_fc2_by_hand() -> None:
     }
 
 
-def test_truncated_svd_ignores_sr_rr() -> None:
-    model = _vgg_meta(114)
-    plain = theoretical_cr(model, Plan("truncated_svd", (LayerPlan(FC2, 64),)))
-    with_sr = theoretical_cr(model, Plan("truncated_svd", (LayerPlan(FC2, 64, sr=0.5),)))
-    assert plain == with_sr
+def test_truncated_svd_refuses_sr_rr_it_would_ignore() -> None:
+    # A setting that is accepted and then ignored gives a wrong comparison: refuse it.
+    for kwargs in ({"sr": 0.5}, {"rr": 0.5}, {"beta": 0.3}):
+        with pytest.raises(FairDeployError, match=r"layers\[0\]\.(sr|rr|beta): .* truncated_svd"):
+            Plan("truncated_svd", (LayerPlan(FC2, 64, **kwargs),))
 
 
 def _count_processed(model: nn.Module, *, s_as_matrix: bool) -> int:
@@ -125,7 +125,7 @@ def test_break_even_rank() -> None:
 
 def test_errors_name_the_layer_and_rank() -> None:
     model = build_model("mlp", 3, in_features=20, widths=(32,))
-    with pytest.raises(FairDeployError, match=r"rank=21 for layer 'layers.0'.*\[1, 20\]"):
+    with pytest.raises(FairDeployError, match=r"rank 21 for layer 'layers.0'.*1 ≤ rank ≤ 20"):
         theoretical_cr(model, Plan("truncated_svd", (LayerPlan("layers.0", 21),)))
     with pytest.raises(FairDeployError, match=r"'layers.1' is a ReLU.*layers\.0, layers\.2"):
         theoretical_cr(model, Plan("truncated_svd", (LayerPlan("layers.1", 2),)))

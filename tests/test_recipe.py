@@ -64,15 +64,15 @@ def test_celeba_recipe_has_table_1_settings():
     )
     assert (r.data.target, r.sensitive.attribute) == ("Smiling", "Male")
     assert r.sensitive.groups == {"female": [-1], "male": [1]}
-    by_name = {c.name: c for c in r.compare}
+    by_name = {c.method: c for c in r.compare}
     assert list(by_name) == ["vanilla", "truncated_svd", "slr_w", "slr_a", "fairprune",
                              "fairquantize", "fairlrf"]
-    assert by_name["slr_w"].to_plan().layers == (LayerPlan("classifier.3", 1, 0.5, 0.5, 1.0),)
-    assert by_name["truncated_svd"].to_plan().layers[0].sr == 0.0
-    assert by_name["fairprune"].to_plan().prune_ratio == 0.55
+    assert by_name["slr_w"].layers == (LayerPlan("classifier.3", 1, 0.5, 0.5),)
+    assert by_name["truncated_svd"].layers[0].sr == 0.0
+    assert by_name["fairprune"].prune_ratio == 0.55
     assert by_name["fairprune"].beta == pytest.approx(3 / 7)
-    assert by_name["fairquantize"].to_plan().quantize_ratio == 0.10
-    assert by_name["fairlrf"].to_plan() == r.to_plan()
+    assert by_name["fairquantize"].quantize_ratio == 0.10
+    assert by_name["fairlrf"] == r.to_plan()
     assert r.train.epochs == 100 and r.train.gamma == 0.57 and r.train.batch_size == 128
 
 
@@ -105,10 +105,15 @@ def test_beta_as_fraction_string_equals_float_and_hash_ignores_spelling():
     ra, rb = parse_recipe(a), parse_recipe(b)
     assert ra.method.layers[0].beta == 5 / 9
     assert ra.to_plan() == rb.to_plan()
-    # method.beta differs (5/9 vs default 1): it is a different resolved recipe
-    assert recipe_hash(ra) != recipe_hash(rb)
-    b["method"]["beta"] = "5/9"
-    assert recipe_hash(parse_recipe(b)) == recipe_hash(ra)
+    # β defaults to the paper's 5/9: spelled out or not, the same resolved recipe
+    assert recipe_hash(ra) == recipe_hash(rb)
+    b["method"]["beta"] = "1/3"
+    assert recipe_hash(parse_recipe(b)) != recipe_hash(ra)
+
+
+def test_default_beta_is_the_papers_five_ninths():
+    r = parse_recipe(BASE)
+    assert r.method.beta == 5 / 9 and r.method.layers[0].beta == 5 / 9
 
 
 def test_hash_ignores_where_the_data_lives_but_not_settings(tmp_path):
@@ -177,21 +182,31 @@ def test_unknown_key_is_rejected_with_suggestion(tmp_path):
         (_with(method={"name": "fairlrf", "beta": "5/x", "layers": [{"layer": "a", "rank": 1}]}),
          "r.yaml: method.beta: '5/x' is not allowed (use a number or a fraction such as 5/9)"),
         (_with(method={"name": "svd"}),
-         "r.yaml: method.name: 'svd' is not allowed (use one of 'vanilla', 'truncated_svd', "
-         "'slr_w', 'slr_a', 'fairlrf', 'fairprune' or 'fairquantize')"),
+         "r.yaml: method.name: 'svd' is not allowed (use one of vanilla, truncated_svd, slr_w, "
+         "slr_a, fairprune, fairquantize, fairlrf or package.module:Class)"),
         (_with(method={"name": "fairlrf"}),
          "r.yaml: method.layers: required for fairlrf (list the target nn.Linear layers, e.g. "
          "[{layer: classifier.3, rank: 64}])"),
         (_with(method={"name": "truncated_svd", "layers": [{"layer": "a", "rank": 2, "sr": 0.4}]}),
-         "r.yaml: method.layers[0].sr: 0.4 is not allowed for truncated_svd (use 0: it sparsifies "
-         "nothing; slr_w, slr_a and fairlrf take sr)"),
+         "r.yaml: method.layers[0].sr: 0.4 is not allowed for truncated_svd (it does not read "
+         "sr; slr_w, slr_a and fairlrf do)"),
+        (_with(method={"name": "slr_w", "layers": [{"layer": "a", "rank": 2, "beta": 0.4}]}),
+         "r.yaml: method.layers[0].beta: 0.4 is not allowed for slr_w (it does not read beta; "
+         "fairlrf does)"),
+        (_with(method={"name": "slr_w", "beta": 0.4, "layers": [{"layer": "a", "rank": 2}]}),
+         "r.yaml: method.beta: unknown key (allowed: name, layers)"),
         (_with(method={"name": "fairlrf", "layers": [{"layer": "a", "rank": 2}] * 2}),
          "r.yaml: method.layers: 'a' is listed twice (list each layer once)"),
         (_with(method={"name": "vanilla", "prune_ratio": 0.3}),
-         "r.yaml: method.prune_ratio: 0.3 is not allowed for vanilla (only fairprune uses it)"),
+         "r.yaml: method.prune_ratio: unknown key (allowed: name)"),
         (_with(method={"name": "fairprune"}),
-         "r.yaml: method.prune_ratio: 0 is not allowed for fairprune (use a fraction in (0, 1], "
-         "e.g. 0.35)"),
+         "r.yaml: method.prune_ratio: required key is missing"),
+        (_with(method={"name": "fairprune", "prune_ratio": 0}),
+         "r.yaml: method.prune_ratio: 0 is not allowed (use a fraction in (0, 1], e.g. 0.35)"),
+        (_with(method={"name": "fairlrf", "layers": [{"layer": "a", "rank": 2}],
+                       "scoring": {"row_score": "full", "estimatr": "fisher"}}),
+         "r.yaml: method.scoring.estimatr: unknown key (allowed: samples_per_group, seed, "
+         "estimator, batch_size, row_score; did you mean 'estimator'?)"),
         (_with(sensitive={"groups": {"a": [1], "b": [1]}}),
          "r.yaml: sensitive.groups: {'a': [1], 'b': [1]} is not allowed (value 1 is in both "
          "group 'a' and 'b')"),
@@ -224,7 +239,8 @@ def test_unknown_key_is_rejected_with_suggestion(tmp_path):
          "[1, 32])"),
         (_with(train={"gamma": 0}), "r.yaml: train.gamma: 0 is not allowed (use a number > 0)"),
         (_with(compare=["slr_w"], method={"name": "vanilla"}),
-         "r.yaml: compare[0].layers: required for slr_w because method 'vanilla' lists no layers"),
+         "r.yaml: compare[0].layers: required for slr_w because the main method 'vanilla' lists "
+         "no low-rank layers (give each layer and its rank)"),
     ],
 )
 def test_errors_are_one_line_with_key_path(data, expected):
@@ -253,15 +269,15 @@ def test_missing_file_and_non_mapping(tmp_path):
 def test_default_compare_list_uses_paper_slr_settings_and_the_method_itself():
     r = parse_recipe(_with(method={"name": "fairlrf", "beta": 0.5, "layers": [
         {"layer": "layers.2", "rank": 4, "sr": 0.3, "rr": 0.25}]}))
-    plans = {c.name: c.to_plan() for c in r.compare}
+    plans = {c.method: c for c in r.compare}
     assert list(plans) == ["vanilla", "truncated_svd", "slr_w", "slr_a", "fairlrf"]
     assert plans["vanilla"] == Plan("vanilla")
-    assert plans["truncated_svd"].layers == (LayerPlan("layers.2", 4, 0.0, 0.0, 1.0),)
-    assert plans["slr_a"].layers == (LayerPlan("layers.2", 4, 0.5, 0.5, 1.0),)
+    assert plans["truncated_svd"].layers == (LayerPlan("layers.2", 4),)
+    assert plans["slr_a"].layers == (LayerPlan("layers.2", 4, 0.5, 0.5),)
     assert plans["fairlrf"] == r.to_plan()
     # a non-LRF method without layers compares against vanilla only
     r2 = parse_recipe(_with(method={"name": "fairprune", "prune_ratio": 0.35}))
-    assert [c.name for c in r2.compare] == ["vanilla", "fairprune"]
+    assert [c.method for c in r2.compare] == ["vanilla", "fairprune"]
 
 
 def test_defaults_of_the_train_export_and_report_sections():

@@ -14,7 +14,7 @@ from fairdeploy.cli import main
 from fairdeploy.errors import FairDeployError
 from fairdeploy.export import export_onnx
 from fairdeploy.lrf import FactorizedLinear
-from fairdeploy.verify import Reference, load_reference, reference_from_model, verify
+from fairdeploy.verification import Reference, load_reference, reference_from_model, verify
 
 
 @pytest.fixture(scope="module")

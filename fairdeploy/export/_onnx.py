@@ -17,6 +17,7 @@ import onnx
 import torch
 from torch import nn
 
+from fairdeploy._io import atomic_path, publish
 from fairdeploy.errors import FairDeployError
 from fairdeploy.export._layout import LayerLayout, prepare_for_export
 
@@ -155,7 +156,7 @@ def _save_atomic(model: onnx.ModelProto, path: Path) -> None:
         tmp_model = Path(tmp) / path.name
         if size < _SINGLE_FILE_LIMIT:
             onnx.save_model(model, str(tmp_model))
-            os.replace(tmp_model, path)
+            publish(tmp_model, path)
             stale = path.with_name(path.name + ".data")
             if stale.exists():
                 stale.unlink()
@@ -169,15 +170,13 @@ def _save_atomic(model: onnx.ModelProto, path: Path) -> None:
                 location=data_name,
                 size_threshold=1024,
             )
-            os.replace(Path(tmp) / data_name, path.parent / data_name)
-            os.replace(tmp_model, path)
+            publish(Path(tmp) / data_name, path.parent / data_name)
+            publish(tmp_model, path)
 
 
 def _save_npz_atomic(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as f:
+    with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
-        tmp = f.name
-    os.replace(tmp, path)
 
 
 def _torch_export(ready: nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
@@ -309,7 +308,7 @@ def export_onnx(
     reference_inputs : Tensor or ndarray, optional
         Real inputs: their PyTorch outputs are written to ``<name>.verify.npz`` (arrays
         ``inputs``, ``outputs`` and, when given, ``labels`` and ``groups``) for
-        :func:`fairdeploy.verify.verify`.
+        :func:`fairdeploy.verification.verify`.
     reference_outputs : Tensor or ndarray, optional
         PyTorch's outputs for ``reference_inputs`` when the caller already has them (e.g.
         the head run on cached trunk features), so the full model need not run again.

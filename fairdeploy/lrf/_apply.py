@@ -74,10 +74,10 @@ def factorize_model(
     seed : int
         Seed of the randomized solver.
     """
-    if not plan.is_lrf:
+    if not plan.factorizes:
         raise FairDeployError(
-            f"factorize_model needs a low-rank plan, got method {plan.method!r}: "
-            "use truncated_svd, slr_w, slr_a or fairlrf"
+            f"factorize_model needs a low-rank plan, got method {plan.method!r}: use a "
+            "method that factorizes layers (truncated_svd, slr_w, slr_a, fairlrf)"
         )
     factorized = {}
     for lp in plan.layers:

@@ -36,7 +36,6 @@ from fairdeploy.recipe._data import (
     SplitSpec,
 )
 from fairdeploy.recipe._load import load_recipe, parse_recipe
-from fairdeploy.recipe._method import DEFAULT_COMPARE, LayerSpec, MethodSpec, ScoringSpec
 from fairdeploy.recipe._recipe import Recipe
 from fairdeploy.recipe._resolved import recipe_hash, save_resolved_recipe
 from fairdeploy.recipe._sections import (
@@ -52,7 +51,6 @@ from fairdeploy.recipe._sections import (
 __all__ = [
     "CELEBA_ATTRIBUTES",
     "DATA_KINDS",
-    "DEFAULT_COMPARE",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "CelebAAttributesData",
@@ -62,13 +60,10 @@ __all__ = [
     "Fitzpatrick17kData",
     "ImageCsvData",
     "ImagePreprocessing",
-    "LayerSpec",
-    "MethodSpec",
     "ModelSpec",
     "NpzData",
     "Recipe",
     "ReportSpec",
-    "ScoringSpec",
     "SensitiveSpec",
     "SplitSpec",
     "Tolerances",

@@ -12,14 +12,14 @@ from pydantic import (
     model_validator,
 )
 
-from fairdeploy.recipe._fields import (
+from fairdeploy._schema import (
     Fraction01,
     LocalPath,
     NonNegInt,
     PosInt,
     Seed,
-    _fail,
-    _Strict,
+    Strict,
+    schema_error,
 )
 
 __all__ = [
@@ -56,7 +56,7 @@ DATA_KINDS = ("celeba", "fitzpatrick17k", "image_csv", "npz", "celeba_attributes
 _LOCAL_PATH_KEYS = ("root", "csv", "images", "path")
 
 
-class ImagePreprocessing(_Strict):
+class ImagePreprocessing(Strict):
     """``data.preprocessing:`` — resize to ``size``×``size``, center-crop ``crop``, normalize."""
 
     size: PosInt = 128
@@ -67,19 +67,19 @@ class ImagePreprocessing(_Strict):
     @model_validator(mode="after")
     def _check(self) -> ImagePreprocessing:
         if self.crop > self.size:
-            raise _fail(
+            raise schema_error(
                 "fd_crop", "crop: {crop} is not allowed (use crop ≤ size = {size})",
                 {"crop": self.crop, "size": self.size},
             )
         if any(not (s > 0 and math.isfinite(s)) for s in self.std):
-            raise _fail("fd_std", "std: use three finite numbers > 0", {})
+            raise schema_error("fd_std", "std: use three finite numbers > 0", {})
         return self
 
 
 _SPLIT_MODES = ("official", "column", "random", "stratified")
 
 
-class SplitSpec(_Strict):
+class SplitSpec(Strict):
     """``data.split:`` — how samples are divided into train / val / test.
 
     ``official``: CelebA's partition. ``column``: a split column/key of the file
@@ -98,7 +98,7 @@ class SplitSpec(_Strict):
     def _check(self) -> SplitSpec:
         total = self.train + self.val + self.test
         if abs(total - 1.0) > 1e-6:
-            raise _fail(
+            raise schema_error(
                 "fd_fractions",
                 "train + val + test add up to {total}: make the fractions add up to 1",
                 {"total": round(total, 6)},
@@ -106,7 +106,7 @@ class SplitSpec(_Strict):
         return self
 
 
-class _DataBase(_Strict):
+class _DataBase(Strict):
     split: SplitSpec = Field(default_factory=SplitSpec)
     max_samples: PosInt | None = Field(
         None, description="keep at most this many samples per split (seeded), for quick runs"
@@ -121,7 +121,7 @@ class _DataBase(_Strict):
         if self.split.mode is None:
             self.split.mode = self._default_split
         if self.split.mode not in self._allowed_splits:
-            raise _fail(
+            raise schema_error(
                 "fd_split_mode",
                 "split.mode: {mode!r} is not allowed for data.kind {kind} (use one of {allowed})",
                 {

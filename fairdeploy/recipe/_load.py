@@ -16,7 +16,7 @@ from fairdeploy.errors import FairDeployError
 from fairdeploy.recipe._data import DATA_KINDS
 from fairdeploy.recipe._recipe import Recipe
 
-__all__ = ["load_recipe", "parse_recipe"]
+__all__ = ["format_validation_error", "load_recipe", "parse_recipe"]
 
 
 def load_recipe(path: str | os.PathLike[str]) -> Recipe:
@@ -85,10 +85,13 @@ def parse_recipe(
     try:
         return Recipe.model_validate(data, context=context)
     except ValidationError as exc:
-        raise FairDeployError(_format_error(exc, source, _node)) from None
+        raise FairDeployError(format_validation_error(exc, source, _node)) from None
 
 
-def _format_error(exc: ValidationError, source: str, node: yaml.Node | None) -> str:
+def format_validation_error(
+    exc: ValidationError, source: str, node: yaml.Node | None = None
+) -> str:
+    """One line for a schema error: ``source[:line]: key.path: what is wrong (what is allowed)``."""
     errors = exc.errors(include_url=False)
     err = errors[0]
     loc = [p for i, p in enumerate(err["loc"]) if not _is_union_tag(err["loc"], i)]

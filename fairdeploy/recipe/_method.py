@@ -1,164 +1,104 @@
-"""``method:`` and ``compare:`` entries — what is done to the model."""
+"""``method:`` and ``compare:`` — plans of registered methods, read from the recipe.
+
+The ``method:`` section names a registered method (``name: fairlrf``, or
+``name: package.module:Class``); its other keys are that method's plan fields, so a key
+the method does not read is refused. Each ``compare:`` entry is a complete plan of its
+own: a bare name (``- slr_w``) or a mapping; what an entry leaves out is completed from
+the main method by the entry's method (:meth:`fairdeploy.methods.Method.derive`: same
+settings where the main method has them, derived target layers, the paper's sr/rr for
+the SLR methods). Without a ``compare:`` list, ``compare`` runs every method marked
+``default_compare`` that can derive its settings, and the main method.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import (
-    Field,
-    model_validator,
-)
+from pydantic import ValidationInfo
+from pydantic_core import PydanticCustomError
 
-from fairdeploy.plan import LRF_METHODS, METHODS, LayerPlan, Plan
-from fairdeploy.recipe._fields import (
-    Fraction01,
-    NonNegFloat,
-    NonNegInt,
-    PosInt,
-    Seed,
-    _fail,
-    _Strict,
-)
+from fairdeploy.errors import FairDeployError
+from fairdeploy.methods import get_method, list_methods
+from fairdeploy.plan import Plan, nested_validation
 
-__all__ = ["DEFAULT_COMPARE", "LayerSpec", "MethodSpec", "ScoringSpec"]
+__all__ = ["compare_entry", "default_compare", "main_plan"]
 
 
-#: Methods ``fairdeploy compare`` runs when a recipe has no ``compare`` list.
-DEFAULT_COMPARE = ("vanilla", "truncated_svd", "slr_w", "slr_a", "fairlrf")
-#: The paper's SLR-w / SLR-a setting (Tables 1 and 2).
-_SLR_SR, _SLR_RR = 0.5, 0.5
-
-
-
-class LayerSpec(_Strict):
-    """One target ``nn.Linear``: truncated-SVD rank and sparse-SVD settings.
-
-    ``sr``: fraction of rows of U / columns of V sparsified. ``rr``: fraction of the k
-    entries a sparsified row/column KEEPS (⌊rr·k⌋; ``rr: 0`` zeroes it whole — the
-    reference SLR code's meaning, not the paper's prose). ``beta``: FairLRF trade-off
-    (default: ``method.beta``).
-    """
-
-    layer: str
-    rank: PosInt
-    sr: Fraction01 = 0.0
-    rr: Fraction01 = 0.0
-    beta: NonNegFloat | None = None
-
-
-class ScoringSpec(_Strict):
-    """``method.scoring:`` — per-group Hessian diagonals for FairLRF/FairPrune/FairQuantize."""
-
-    estimator: Literal["exact", "fisher", "ggn_mc"] = "exact"
-    samples_per_group: PosInt = 1024
-    batch_size: PosInt = 256
-    seed: Seed = 0
-    row_score: Literal["removed", "full"] = Field(
-        "removed",
-        description="sum entry scores over the entries sparsification removes, or the whole row",
-    )
-
-
-class MethodSpec(_Strict):
-    """``method:`` (and each ``compare`` entry) — what is done to the model."""
-
-    name: Literal[METHODS]  # type: ignore[valid-type]
-    layers: list[LayerSpec] | None = None
-    beta: NonNegFloat = 1.0
-    scoring: ScoringSpec = Field(default_factory=ScoringSpec)
-    prune_ratio: Fraction01 = 0.0
-    prune_layers: list[str] | None = Field(
-        None, description="fairprune: modules to prune (default: every Linear and Conv2d)"
-    )
-    quantize_ratio: Fraction01 = 0.0
-    quantize_steps: PosInt = 1
-    finetune_epochs: NonNegInt = 0
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_name(cls, data: Any) -> Any:
-        # `compare: [vanilla, slr_w]` — a bare name stands for that method with defaults.
-        return {"name": data} if isinstance(data, str) else data
-
-    @model_validator(mode="after")
-    def _check(self) -> MethodSpec:
-        name = self.name
-        if name in LRF_METHODS:
-            if self.layers is not None and not self.layers:
-                raise _fail(
-                    "fd_no_layers",
-                    "layers: [] is not allowed ({name} needs at least one target layer)",
-                    {"name": name},
-                )
-            names = [lp.layer for lp in self.layers or []]
-            dupes = sorted({n for n in names if names.count(n) > 1})
-            if dupes:
-                raise _fail(
-                    "fd_dup_layer",
-                    "layers: {layer!r} is listed twice (list each layer once)",
-                    {"layer": dupes[0]},
-                )
-            if name == "truncated_svd":
-                for i, lp in enumerate(self.layers or []):
-                    if lp.sr != 0:
-                        raise _fail(
-                            "fd_svd_sr",
-                            "layers[{i}].sr: {sr} is not allowed for truncated_svd (use 0: it "
-                            "sparsifies nothing; slr_w, slr_a and fairlrf take sr)",
-                            {"i": i, "sr": lp.sr},
-                        )
-            for lp in self.layers or []:
-                if lp.beta is None:
-                    lp.beta = self.beta
-        elif self.layers:
-            raise _fail(
-                "fd_layers_unused",
-                "layers: not allowed for {name} (only {lrf} factorize layers)",
-                {"name": name, "lrf": ", ".join(LRF_METHODS)},
-            )
-        else:
-            self.layers = []
-        for key, owner in (("prune_ratio", "fairprune"), ("quantize_ratio", "fairquantize")):
-            value = getattr(self, key)
-            if name == owner and value == 0:
-                raise _fail(
-                    "fd_ratio_zero",
-                    "{key}: 0 is not allowed for {name} (use a fraction in (0, 1], e.g. 0.35)",
-                    {"key": key, "name": name},
-                )
-            if name != owner and value != 0:
-                raise _fail(
-                    "fd_ratio_unused",
-                    "{key}: {value} is not allowed for {name} (only {owner} uses it)",
-                    {"key": key, "value": value, "name": name, "owner": owner},
-                )
-        return self
-
-    def to_plan(self) -> Plan:
-        """The weight-free :class:`~fairdeploy.plan.Plan` of this method."""
-        layers = tuple(
-            LayerPlan(layer=lp.layer, rank=lp.rank, sr=lp.sr, rr=lp.rr, beta=float(lp.beta))
-            for lp in self.layers or []
-            if lp.beta is not None
+def _raw(value: Any) -> dict[str, Any]:
+    if isinstance(value, Plan):
+        return value.model_dump(by_alias=True, exclude_unset=True) | {"name": value.method}
+    if isinstance(value, str):
+        return {"name": value}
+    if not isinstance(value, dict):
+        raise PydanticCustomError(
+            "fd_method_type", "use a method name or a mapping with name: and its settings"
         )
-        if len(layers) != len(self.layers or []):
-            raise RuntimeError("MethodSpec.to_plan on an unresolved method (beta missing)")
-        return Plan(
-            method=self.name,
-            layers=layers,
-            prune_ratio=self.prune_ratio,
-            quantize_ratio=self.quantize_ratio,
+    if "name" not in value:
+        raise PydanticCustomError(
+            "fd_method_name",
+            f"name: required key is missing (use one of {', '.join(list_methods())} or "
+            "package.module:Class)",
         )
+    return dict(value)
 
 
+def _method(name: Any) -> Any:
+    if ":" not in str(name) and str(name) not in list_methods():
+        raise PydanticCustomError(
+            "fd_method",
+            f"name: {name!r} is not allowed (use one of {', '.join(list_methods())} or "
+            "package.module:Class)",
+        )
+    try:
+        return get_method(str(name))
+    except FairDeployError as exc:
+        raise PydanticCustomError("fd_method", f"name: {exc}") from None
 
 
-def _derived_layer(lp: LayerSpec, method: str, beta: float) -> LayerSpec:
-    """A compare entry's layer settings derived from the recipe's own method layer."""
-    if method == "truncated_svd":
-        sr, rr = 0.0, 0.0
-    elif method in ("slr_w", "slr_a"):
-        sr, rr = _SLR_SR, _SLR_RR
-    else:  # fairlrf compared against another main method: keep that method's sr/rr
-        sr, rr = lp.sr, lp.rr
-    return LayerSpec(layer=lp.layer, rank=lp.rank, sr=sr, rr=rr, beta=beta)
+def main_plan(value: Any) -> Plan:
+    """Validate the recipe's ``method:`` section into its method's plan."""
+    if isinstance(value, Plan):
+        return value
+    raw = _raw(value)
+    with nested_validation():
+        return _method(raw["name"]).plan_class.model_validate(raw)
+
+
+def compare_entry(value: Any, info: ValidationInfo) -> Plan:
+    """Validate one ``compare:`` entry, completed from the main method (if it validated)."""
+    raw = _raw(value)
+    impl = _method(raw["name"])
+    main = info.data.get("method")
+    if isinstance(main, Plan):
+        given = {k: v for k, v in raw.items() if k != "name"}
+        try:
+            raw = {"name": impl.name, **impl.derive(main, given)}
+        except FairDeployError as exc:
+            raise PydanticCustomError("fd_compare_derive", str(exc)) from None
+        raw.pop("method", None)
+    if isinstance(value, Plan) and isinstance(main, Plan) and value == main:
+        return value
+    with nested_validation():
+        return impl.plan_class.model_validate(raw)
+
+
+def default_compare(main: Plan) -> list[Plan]:
+    """The ``compare`` list of a recipe without one: every ``default_compare`` method
+    that can derive its settings from ``main``, then ``main`` if not among them."""
+    plans: list[Plan] = []
+    for name in list_methods():
+        impl = get_method(name)
+        if not impl.default_compare:
+            continue
+        if name == main.method:
+            plans.append(main)
+            continue
+        try:
+            raw = impl.derive(main, {})
+        except FairDeployError:
+            continue  # e.g. a low-rank method when the main method names no layers
+        with nested_validation():
+            plans.append(impl.plan_class.model_validate(raw))
+    if main not in plans:
+        plans.append(main)
+    return plans

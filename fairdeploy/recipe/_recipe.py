@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import (
+    BeforeValidator,
     Field,
     PrivateAttr,
+    SerializeAsAny,
     model_validator,
 )
 
-from fairdeploy.plan import LRF_METHODS, Plan
+from fairdeploy._schema import Strict, schema_error
+from fairdeploy.plan import Plan
 from fairdeploy.recipe._data import CELEBA_ATTRIBUTES, CelebAAttributesData, CelebAData, DataSpec
-from fairdeploy.recipe._fields import _fail, _Strict
-from fairdeploy.recipe._method import DEFAULT_COMPARE, MethodSpec, _derived_layer
+from fairdeploy.recipe._method import compare_entry, default_compare, main_plan
 from fairdeploy.recipe._sections import (
     ExportSpec,
     ModelSpec,
@@ -27,7 +29,7 @@ from fairdeploy.recipe._sections import (
 __all__ = ["Recipe"]
 
 
-class Recipe(_Strict):
+class Recipe(Strict):
     """A fully resolved fairdeploy recipe. Build it with :func:`load_recipe`."""
 
     version: Literal[1] = 1
@@ -35,8 +37,8 @@ class Recipe(_Strict):
     model: ModelSpec
     data: DataSpec
     sensitive: SensitiveSpec = Field(default_factory=SensitiveSpec)
-    method: MethodSpec
-    compare: list[MethodSpec] | None = None
+    method: SerializeAsAny[Annotated[Plan, BeforeValidator(main_plan)]]
+    compare: list[SerializeAsAny[Annotated[Plan, BeforeValidator(compare_entry)]]] | None = None
     train: TrainSpec = Field(default_factory=TrainSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
     report: ReportSpec = Field(default_factory=ReportSpec)
@@ -58,7 +60,6 @@ class Recipe(_Strict):
     def _resolve(self) -> Recipe:
         self._resolve_sensitive()
         self._resolve_celeba()
-        self._resolve_method()
         self._resolve_compare()
         return self
 
@@ -77,14 +78,14 @@ class Recipe(_Strict):
             elif kind == "fitzpatrick17k":
                 sens.groups = {"light": [1, 2, 3], "dark": [4, 5, 6]}
             else:
-                raise _fail(
+                raise schema_error(
                     "fd_groups_required",
                     "sensitive.groups: required for data.kind {kind} (map two group names to "
                     "the values of {attr!r}, e.g. {{a: [0], b: [1]}})",
                     {"kind": kind, "attr": sens.attribute},
                 )
         if sens.privileged != "auto" and sens.privileged not in sens.groups:
-            raise _fail(
+            raise schema_error(
                 "fd_privileged",
                 "sensitive.privileged: {value!r} is not allowed (use auto or one of {names})",
                 {"value": sens.privileged, "names": ", ".join(sens.groups)},
@@ -99,21 +100,21 @@ class Recipe(_Strict):
             if value not in CELEBA_ATTRIBUTES:
                 close = difflib.get_close_matches(str(value), CELEBA_ATTRIBUTES, n=1)
                 hint = f"did you mean {close[0]!r}? " if close else ""
-                raise _fail(
+                raise schema_error(
                     "fd_attribute",
                     "{key}: {value!r} is not a CelebA attribute ({hint}use one of the 40 names "
                     "of list_attr_celeba.txt, e.g. Smiling, Male, Young)",
                     {"key": key, "value": value, "hint": hint},
                 )
         if data.target == attr:
-            raise _fail(
+            raise schema_error(
                 "fd_target_is_sensitive",
                 "sensitive.attribute: {value!r} is not allowed (it is also data.target: use two "
                 "different attributes)",
                 {"value": attr},
             )
         if self.model.num_classes != 2:
-            raise _fail(
+            raise schema_error(
                 "fd_celeba_classes",
                 "model.num_classes: {n} is not allowed for data.kind {kind} (use 2: the target "
                 "is a binary attribute)",
@@ -130,7 +131,7 @@ class Recipe(_Strict):
                     else f"{leak[0]!r} is the target or the sensitive attribute" if leak
                     else "the list is empty"
                 )
-                raise _fail(
+                raise schema_error(
                     "fd_features",
                     "data.features: {what} (use CelebA attribute names other than data.target "
                     "and sensitive.attribute)",
@@ -139,42 +140,15 @@ class Recipe(_Strict):
             if self.model.arch == "mlp":
                 self.model.kwargs.setdefault("in_features", len(data.features))
 
-    def _resolve_method(self) -> None:
-        if self.method.name in LRF_METHODS and self.method.layers is None:
-            raise _fail(
-                "fd_layers_required",
-                "method.layers: required for {name} (list the target nn.Linear layers, e.g. "
-                "[{{layer: classifier.3, rank: 64}}])",
-                {"name": self.method.name},
-            )
-
     def _resolve_compare(self) -> None:
-        method = self.method
         if self.compare is None:
-            names = list(DEFAULT_COMPARE) if method.layers else ["vanilla"]
-            entries = [
-                method.model_copy(deep=True) if n == method.name else MethodSpec(name=n)
-                for n in names
-            ]
-            if method.name not in names:
-                entries.append(method.model_copy(deep=True))
-            self.compare = entries
-        for i, entry in enumerate(self.compare):
-            if entry.name in LRF_METHODS and entry.layers is None:
-                if not method.layers:
-                    raise _fail(
-                        "fd_compare_layers",
-                        "compare[{i}].layers: required for {name} because method {m!r} lists "
-                        "no layers",
-                        {"i": i, "name": entry.name, "m": method.name},
-                    )
-                if entry.name == method.name:
-                    entry.layers = [lp.model_copy() for lp in method.layers]
-                else:
-                    entry.layers = [
-                        _derived_layer(lp, entry.name, entry.beta) for lp in method.layers
-                    ]
+            self.compare = default_compare(self.method)
 
     def to_plan(self) -> Plan:
-        """The :class:`~fairdeploy.plan.Plan` of ``method``."""
-        return self.method.to_plan()
+        """The :class:`~fairdeploy.plan.Plan` of ``method`` (the recipe holds it as is)."""
+        return self.method
+
+    @property
+    def plans(self) -> list[Plan]:
+        """The ``compare`` plans (each complete on its own)."""
+        return list(self.compare or [self.method])

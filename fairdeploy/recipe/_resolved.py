@@ -18,7 +18,8 @@ __all__ = ["recipe_hash", "save_resolved_recipe"]
 
 
 def _resolved_dict(recipe: Recipe) -> dict[str, Any]:
-    data = recipe.model_dump(mode="json")
+    # Plans are written with ``name:`` first, as recipes write them.
+    data = recipe.model_dump(mode="json", by_alias=True)
     # Readers look for the data kind and location first.
     section = data["data"]
     first = {k: section.pop(k) for k in ("kind", *_LOCAL_PATH_KEYS, "target") if k in section}

@@ -12,16 +12,16 @@ from pydantic import (
     model_validator,
 )
 
-from fairdeploy.recipe._fields import (
+from fairdeploy._schema import (
     Fraction01,
     GroupValue,
     NonNegFloat,
     NonNegInt,
     PosInt,
     Seed,
-    _fail,
-    _no_bool,
-    _Strict,
+    Strict,
+    no_bool,
+    schema_error,
 )
 
 __all__ = [
@@ -35,16 +35,16 @@ __all__ = [
 ]
 
 
-class ModelSpec(_Strict):
+class ModelSpec(Strict):
     """``model:`` — the architecture the checkpoint was trained with."""
 
     arch: str = Field(description="registry name, torchvision name or package.module:factory")
-    num_classes: Annotated[int, BeforeValidator(_no_bool), Field(ge=2)]
+    num_classes: Annotated[int, BeforeValidator(no_bool), Field(ge=2)]
     kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to the factory")
 
 
 
-class SensitiveSpec(_Strict):
+class SensitiveSpec(Strict):
     """``sensitive:`` — the attribute, its two groups, and which one is privileged.
 
     ``groups`` maps each group name to the raw attribute values that belong to it, in
@@ -84,7 +84,7 @@ class SensitiveSpec(_Strict):
     def _check_privileged(self) -> SensitiveSpec:
         groups = self.groups
         if groups is not None and self.privileged != "auto" and self.privileged not in groups:
-            raise _fail(
+            raise schema_error(
                 "fd_privileged",
                 "privileged: {value!r} is not allowed (use auto or one of {names})",
                 {"value": self.privileged, "names": ", ".join(self.groups)},
@@ -105,7 +105,7 @@ def normalize_value(value: Any) -> str:
 
 
 
-class Tolerances(_Strict):
+class Tolerances(Strict):
     """ORT-vs-PyTorch parity: ``max|Δ| ≤ atol + rtol·|ref|`` and argmax agreement."""
 
     atol: NonNegFloat = 1e-4
@@ -113,22 +113,22 @@ class Tolerances(_Strict):
     argmax_agreement: Fraction01 = 0.999
 
 
-class ExportSpec(_Strict):
+class ExportSpec(Strict):
     """``export:`` — ONNX opset, simplification, parity tolerances."""
 
-    opset: Annotated[int, BeforeValidator(_no_bool), Field(ge=13, le=25)] = 18
+    opset: Annotated[int, BeforeValidator(no_bool), Field(ge=13, le=25)] = 18
     simplify: bool = True
     tolerances: Tolerances = Field(default_factory=Tolerances)
     verify_samples: PosInt = 1024
 
 
-class ReportSpec(_Strict):
+class ReportSpec(Strict):
     """``report:`` — latency measurement settings."""
 
     latency_batches: list[PosInt] = Field(default_factory=lambda: [1, 32, 128])
     latency_warmup: NonNegInt = 10
     latency_iterations: PosInt = 100
-    latency_seconds: Annotated[float, BeforeValidator(_no_bool), Field(gt=0)] = Field(
+    latency_seconds: Annotated[float, BeforeValidator(no_bool), Field(gt=0)] = Field(
         20.0, description="time budget per batch size and model pair (at least 5 runs each)"
     )
     threads: PosInt | None = None
@@ -141,7 +141,7 @@ class ReportSpec(_Strict):
         return value
 
 
-class TrainSpec(_Strict):
+class TrainSpec(Strict):
     """``train:`` — settings of ``fairdeploy train`` (the paper's pre-training, §3.1.2).
 
     SGD with ``momentum`` and ``weight_decay``, learning rate ``lr`` multiplied by
@@ -150,11 +150,11 @@ class TrainSpec(_Strict):
     """
 
     epochs: PosInt = 100
-    lr: Annotated[float, BeforeValidator(_no_bool), Field(gt=0)] = 0.01
-    momentum: Annotated[float, BeforeValidator(_no_bool), Field(ge=0, lt=1)] = 0.9
+    lr: Annotated[float, BeforeValidator(no_bool), Field(gt=0)] = 0.01
+    momentum: Annotated[float, BeforeValidator(no_bool), Field(ge=0, lt=1)] = 0.9
     weight_decay: NonNegFloat = 5e-4
     step_epochs: PosInt = 10
-    gamma: Annotated[float, BeforeValidator(_no_bool), Field(gt=0, le=1)] = 0.57
+    gamma: Annotated[float, BeforeValidator(no_bool), Field(gt=0, le=1)] = 0.57
     batch_size: PosInt = 128
     seed: Seed = 0
     augment: bool = True

@@ -1,4 +1,4 @@
-"""report.json and report.md: the paper-style table for vanilla vs processed models.
+"""report.md and the terminal table: renderings of the report dict (report.json).
 
 The report is built from one JSON-serializable dict (``report.json``, with
 ``schema_version``); ``report.md`` and the terminal table are renderings of it, so
@@ -23,33 +23,9 @@ __all__ = ["SCHEMA_VERSION", "fairness_table", "render_markdown", "write_report"
 #: Version of report.json's layout; bumped on any incompatible change.
 SCHEMA_VERSION = 1
 
-_METHOD_LABELS = {
-    "vanilla": "Vanilla",
-    "truncated_svd": "Truncated SVD",
-    "slr_w": "SLR-w",
-    "slr_a": "SLR-a",
-    "fairlrf": "FairLRF",
-    "fairprune": "FairPrune",
-    "fairquantize": "FairQuantize",
-}
-
-
 def method_label(method: Mapping[str, Any]) -> str:
-    """The row label of a method: its name and its settings, e.g. ``FairLRF (sr=0.4, ...)``."""
-    name = method["method"]
-    label = _METHOD_LABELS.get(name, name)
-    layers = method.get("plan", {}).get("layers", [])
-    if not layers:
-        return label
-    parts = []
-    for lp in layers:
-        s = f"k={lp['rank']}"
-        if name in ("slr_w", "slr_a", "fairlrf"):
-            s += f", sr={lp['sr']:g}, rr={lp['rr']:g}"
-        if name == "fairlrf":
-            s += f", β={lp['beta']:.3g}"
-        parts.append(s if len(layers) == 1 else f"{lp['layer']}: {s}")
-    return f"{label} ({'; '.join(parts)})"
+    """The row label of a method entry: its method's label and settings (``label``)."""
+    return str(method.get("label") or method["name"])
 
 
 def _f(value: Any, digits: int = 3) -> str:
@@ -211,10 +187,15 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"- evaluated on the `{report['evaluation']['split']}` split: "
         f"{report['evaluation']['samples']} samples "
         f"({report['evaluation']['unknown_group']} with unknown group left out of group metrics)",
-        f"- FairLRF scoring: Hessian estimator `{report['scoring']['estimator']}`, "
-        f"{report['scoring']['samples_per_group']} samples per group from "
-        f"`{report['scoring']['split']}`, seed {report['scoring']['seed']}",
     ]
+    scoring = report.get("scoring")
+    if scoring:
+        out.append(
+            f"- scoring sets of {scoring['method']}: "
+            + (f"Hessian estimator `{scoring['estimator']}`, " if "estimator" in scoring else "")
+            + f"{scoring['samples_per_group']} samples per group from "
+            f"`{scoring['split']}`, seed {scoring['seed']}"
+        )
     if report.get("notes"):
         out += ["", "**Warnings:**", ""] + [f"- {n}" for n in report["notes"]]
     out += ["", "## Accuracy and fairness", ""]

@@ -278,7 +278,24 @@ def _compare(name: str, got: np.ndarray, ref: np.ndarray, atol: float, rtol: flo
     )
 
 
-def _fairness(ref: Reference, logits: np.ndarray, privileged: int | None):
+def _groups_from_metadata(path: Path) -> tuple[int | None, list[str] | None]:
+    """The privileged group id and the group names an exported model's metadata records."""
+    from fairdeploy.export import read_metadata
+
+    try:
+        meta = read_metadata(path)
+    except Exception:  # a model without (readable) fairdeploy metadata: defaults apply
+        return None, None
+    names = meta.get("group_names")
+    if not (isinstance(names, list) and len(names) == 2 and all(isinstance(n, str) for n in names)):
+        return None, None
+    priv = meta.get("privileged")
+    return (names.index(priv) if priv in names else None), names
+
+
+def _fairness(
+    ref: Reference, logits: np.ndarray, privileged: int | None, group_names: list[str] | None
+):
     if ref.labels is None or ref.groups is None:
         return None, "the reference has no labels and groups"
     try:
@@ -287,6 +304,8 @@ def _fairness(ref: Reference, logits: np.ndarray, privileged: int | None):
         return None, "fairdeploy.metrics is not available"
     y_pred = logits.argmax(-1) if logits.ndim >= 2 and logits.shape[-1] > 1 else (logits > 0)
     kwargs: dict[str, Any] = {} if privileged is None else {"privileged": privileged}
+    if group_names is not None:
+        kwargs["group_names"] = group_names
     if logits.ndim >= 2 and logits.shape[-1] > 1:
         kwargs["num_classes"] = int(logits.shape[-1])
     result = group_metrics(np.asarray(ref.labels), np.asarray(y_pred).astype(np.int64),
@@ -335,7 +354,8 @@ def verify(
     min_argmax_agreement : float
         Fraction of samples whose argmax must agree (default 0.999).
     privileged : int, optional
-        Privileged group id passed to ``group_metrics`` (its default when None).
+        Privileged group id for the fairness of the ONNX predictions; None takes the one
+        named in the model's metadata (group names too), else group 1.
     batch_size : int
         Samples per ONNX Runtime call.
 
@@ -359,6 +379,9 @@ def verify(
             f"ONNX model {str(path)!r} does not exist: give the path of a .onnx file"
         )
     _check_is_onnx(path)
+    meta_priv, group_names = _groups_from_metadata(path)
+    if privileged is None:
+        privileged = meta_priv
     if reference is None:
         reference = verify_npz_path(path)
     ref = reference if isinstance(reference, Reference) else load_reference(reference)
@@ -386,7 +409,7 @@ def verify(
         _compare(n, g, np.asarray(r), atol, rtol, min_argmax_agreement)
         for n, g, r in zip(names, got_all, refs, strict=True)
     ]
-    fairness, note = _fairness(ref, got_all[0], privileged)
+    fairness, note = _fairness(ref, got_all[0], privileged, group_names)
     return VerifyResult(
         passed=checker_ok and all(c.passed for c in comps),
         checker_ok=checker_ok,

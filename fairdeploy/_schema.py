@@ -1,4 +1,9 @@
-"""Value types and the strict base model of every recipe section."""
+"""Value types and the strict base model of every recipe section and method plan.
+
+Shared by the recipe schema (:mod:`fairdeploy.recipe`) and the method plans
+(:mod:`fairdeploy.methods`): a value that is not allowed becomes one line naming the key
+path, the value and what is allowed (the recipe loader adds file and line).
+"""
 
 from __future__ import annotations
 
@@ -18,21 +23,34 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-__all__ = []
+__all__ = [
+    "Fraction01",
+    "GroupValue",
+    "LocalPath",
+    "NonNegFloat",
+    "NonNegInt",
+    "PosFraction",
+    "PosInt",
+    "Seed",
+    "Strict",
+    "no_bool",
+    "parse_fraction",
+    "schema_error",
+]
 
 
 # --------------------------------------------------------------------------- value types
 
 
-def _no_bool(value: Any) -> Any:
+def no_bool(value: Any) -> Any:
     # pydantic's lax mode turns YAML `true` into 1; a boolean where a number belongs is a typo.
     if isinstance(value, bool):
         raise ValueError("use a number, not true/false")
     return value
 
 
-def _parse_fraction(value: Any) -> Any:
-    value = _no_bool(value)
+def parse_fraction(value: Any) -> Any:
+    value = no_bool(value)
     if isinstance(value, str):
         text = value.strip()
         try:
@@ -51,6 +69,12 @@ def _finite(value: float) -> float:
 def _unit_interval(value: float) -> float:
     if not 0.0 <= value <= 1.0:
         raise ValueError("use a number in [0, 1]")
+    return value
+
+
+def _positive_fraction(value: float) -> float:
+    if not 0.0 < value <= 1.0:
+        raise ValueError("use a fraction in (0, 1], e.g. 0.35")
     return value
 
 
@@ -85,24 +109,31 @@ def _expand_path(value: Any, info: ValidationInfo) -> Any:
 
 
 Fraction01 = Annotated[
-    float, BeforeValidator(_parse_fraction), AfterValidator(_finite), AfterValidator(_unit_interval)
+    float, BeforeValidator(parse_fraction), AfterValidator(_finite), AfterValidator(_unit_interval)
+]
+#: A fraction in (0, 1]: a ratio that must do something (prune or quantize some weights).
+PosFraction = Annotated[
+    float,
+    BeforeValidator(parse_fraction),
+    AfterValidator(_finite),
+    AfterValidator(_positive_fraction),
 ]
 NonNegFloat = Annotated[
-    float, BeforeValidator(_parse_fraction), AfterValidator(_finite), AfterValidator(_non_negative)
+    float, BeforeValidator(parse_fraction), AfterValidator(_finite), AfterValidator(_non_negative)
 ]
-PosInt = Annotated[int, BeforeValidator(_no_bool), AfterValidator(_positive_int)]
-NonNegInt = Annotated[int, BeforeValidator(_no_bool), AfterValidator(_non_negative_int)]
-Seed = Annotated[int, BeforeValidator(_no_bool), AfterValidator(_non_negative_int)]
+PosInt = Annotated[int, BeforeValidator(no_bool), AfterValidator(_positive_int)]
+NonNegInt = Annotated[int, BeforeValidator(no_bool), AfterValidator(_non_negative_int)]
+Seed = Annotated[int, BeforeValidator(no_bool), AfterValidator(_non_negative_int)]
 LocalPath = Annotated[Path, BeforeValidator(_expand_path)]
-GroupValue = Annotated[int | float | str, BeforeValidator(_no_bool)]
+GroupValue = Annotated[int | float | str, BeforeValidator(no_bool)]
 
 
-def _fail(kind: str, template: str, ctx: dict[str, Any]) -> PydanticCustomError:
+def schema_error(kind: str, template: str, ctx: dict[str, Any]) -> PydanticCustomError:
     # pydantic's own templates know no !r or {{ }}: format here, hand over plain text.
     return PydanticCustomError(kind, template.format(**ctx))
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
     """Base: unknown keys are an error naming the allowed keys (and the closest one)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=False)
@@ -111,9 +142,11 @@ class _Strict(BaseModel):
     @classmethod
     def _reject_unknown_keys(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            allowed = list(cls.model_fields)
+            # A field with an alias is written by its alias (``name:`` for a plan's method).
+            allowed = [f.alias or name for name, f in cls.model_fields.items()]
+            accepted = {*allowed, *cls.model_fields}
             for key in data:
-                if key not in allowed:
+                if key not in accepted:
                     raise PydanticCustomError(
                         "unknown_key", "unknown key", {"key": str(key), "allowed": allowed}
                     )

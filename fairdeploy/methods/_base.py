@@ -1,0 +1,185 @@
+"""The :class:`Method` interface: what every compression method owns.
+
+A method is a class with a ``name``, a table ``label``, its plan class (a
+:class:`~fairdeploy.plan.Plan` subclass holding every setting it reads, so the recipe
+schema comes from it), what it does to a model (:meth:`Method.apply`, given the shared
+:class:`~fairdeploy.experiment.Context`: the cut model, cached features, scoring sets,
+cached SVD factors and Hessians) and its compression accounting from shapes alone
+(:meth:`Method.layer_table`, :meth:`Method.theoretical_cr`). Register it with
+:func:`~fairdeploy.methods.register_method`, or name it in a recipe as
+``package.module:Class``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel
+from torch import nn
+
+from fairdeploy.plan import Plan
+
+if TYPE_CHECKING:
+    from fairdeploy.experiment import Context
+
+__all__ = ["Method", "Processed", "count_parameters"]
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameter entries (weights and biases) of a module; shapes only."""
+    return sum(p.numel() for p in module.parameters())
+
+
+@dataclass
+class Processed:
+    """A model after a plan was applied.
+
+    Attributes
+    ----------
+    plan : Plan
+        What was applied.
+    head : nn.Module or None
+        The processed head (the model from the cut on) when the method changed only
+        layers at or after the cut: it is evaluated on the cached trunk features.
+    model : nn.Module or None
+        The processed full model, when the method changed the trunk too (then it runs
+        over the data to be evaluated). At least one of ``head`` and ``model`` is set.
+    selections : dict
+        Per layer, what the method chose (e.g. ``{"rows": [...], "cols": [...]}``).
+    details : dict
+        Anything else the method reports (counts, masks' sizes, notes).
+    notes : list of str
+        Warnings a reader of the report must see next to this method's numbers.
+    """
+
+    plan: Plan
+    head: nn.Module | None = None
+    model: nn.Module | None = None
+    selections: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    #: Logits per split, filled by :meth:`fairdeploy.Experiment.logits`.
+    outputs: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.head is None and self.model is None:
+            raise ValueError("Processed needs the processed head or the processed model")
+
+
+class Method:
+    """Base class of every compression method (one instance per registered method).
+
+    Class attributes
+    ----------------
+    name : str
+        Registry name, also the recipe's ``method.name``.
+    label : str
+        Name in tables (``FairLRF``); :meth:`describe` adds the settings.
+    plan_class : type of Plan
+        The method's plan: its fields are the recipe keys it reads.
+    factorizes : bool
+        Whether target layers become :class:`~fairdeploy.lrf.FactorizedLinear`.
+    default_compare : bool
+        Whether ``compare`` runs it when a recipe lists no ``compare:`` entries.
+    unavailable : str or None
+        Why the method cannot run in this installation (``compare`` skips it and says
+        so; ``optimize`` refuses it); None when it can.
+    order : int
+        Position in tables and in :func:`~fairdeploy.methods.list_methods` (the paper's
+        row order for the built-ins; user methods come last by default).
+    """
+
+    name: ClassVar[str]
+    label: ClassVar[str]
+    plan_class: ClassVar[type[Plan]]
+    factorizes: ClassVar[bool] = False
+    default_compare: ClassVar[bool] = False
+    order: ClassVar[int] = 100
+    unavailable: ClassVar[str | None] = None
+
+    # ------------------------------------------------------------------ the plan
+
+    def target_layers(self, plan: Plan) -> tuple[str, ...]:
+        """Qualified names of the modules the plan changes (the cut precedes them all).
+
+        An empty tuple means the method changes nothing (vanilla). A name of ``""``
+        means the whole model (the method touches the trunk; no feature cache).
+        """
+        return ()
+
+    def resolve_layers(self, plan: Plan, model: nn.Module) -> tuple[str, ...]:
+        """:meth:`target_layers` with names like ``all`` expanded against ``model``."""
+        return self.target_layers(plan)
+
+    def derive(self, main: Plan, given: Mapping[str, Any]) -> dict[str, Any]:
+        """The raw settings of a ``compare:`` entry of this method, completed from ``main``.
+
+        ``given`` is what the entry wrote. A setting it leaves out is taken from the
+        recipe's main ``method:`` when that plan has a field of the same name (a nested
+        section, e.g. ``scoring``, only its fields this method knows); otherwise the
+        plan class's default applies. Methods with target layers complete them in
+        :meth:`derive_layers`.
+        """
+        out: dict[str, Any] = {**given, "method": self.name}
+        fields = self.plan_class.model_fields
+        for key, info in fields.items():
+            if key in out or key in ("method", "layers") or key not in type(main).model_fields:
+                continue
+            value = getattr(main, key)
+            sub = info.annotation
+            nested = isinstance(sub, type) and issubclass(sub, BaseModel)
+            if isinstance(value, BaseModel) and nested:
+                # A nested section (e.g. scoring): only the fields this method knows.
+                value = {k: getattr(value, k) for k in sub.model_fields if hasattr(value, k)}
+            out[key] = value
+        if "layers" in fields and "layers" not in given:
+            layers = self.derive_layers(main, given)
+            if layers is not None:
+                out["layers"] = layers
+        return out
+
+    def derive_layers(self, main: Plan, given: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+        """Target layers of a ``compare:`` entry that names none (None: use the default)."""
+        return None
+
+    def example(self, model: nn.Module) -> Plan:
+        """A small valid plan of this method for ``model`` (docs, tests over the registry)."""
+        return self.plan_class(method=self.name)
+
+    def check(self, plan: Plan, model: nn.Module) -> None:
+        """Raise :class:`~fairdeploy.errors.FairDeployError` if ``plan`` does not fit
+        ``model`` (a missing layer, a rank too large); reads shapes only."""
+
+    def warnings(self, plan: Plan, model: nn.Module) -> list[str]:
+        """Things a user must know before trusting the numbers (shapes only)."""
+        return []
+
+    def describe(self, plan: Plan) -> str:
+        """Row label: the method's label and its settings."""
+        return self.label
+
+    # ------------------------------------------------------------------ doing it
+
+    def apply(self, plan: Plan, ctx: Context) -> Processed:
+        """Apply ``plan`` to the experiment's vanilla model (never modified)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ accounting
+
+    def layer_table(self, plan: Plan, model: nn.Module) -> list[dict[str, Any]]:
+        """Per changed layer: shapes and parameter counts (the report's layer table)."""
+        return []
+
+    def theoretical_cr(self, plan: Plan, model: nn.Module) -> float:
+        """The paper's theoretical compression rate: vanilla / processed parameter count
+        (or bits), from shapes alone (the meta device works)."""
+        return 1.0
+
+    def stored_parameters(self, plan: Plan, model: nn.Module) -> int:
+        """Parameters the exported graph stores (e.g. S as k values, not k×k)."""
+        return count_parameters(model)
+
+    def __repr__(self) -> str:
+        return f"<method {self.name}>"

@@ -1,0 +1,64 @@
+"""``slr_a``: sparse SVD selecting rows/columns by absolute activation (SLR, Yang et al.).
+
+Input node i scores Σ |input activation_i| and output node j Σ |output activation_j|
+(after the activation that follows the layer), summed over the scoring samples drawn
+from the training split (``scoring``: samples per group, seed). Compare entries derived
+from another main method use the paper's sr = rr = 0.5.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, ClassVar
+
+from pydantic import Field
+from torch import nn
+
+from fairdeploy.lrf import SelectionInputs, activation_abs_sums, following_activation
+from fairdeploy.methods._lrf import SparseLowRankMethod, SparsePlan
+from fairdeploy.methods._registry import register_method
+from fairdeploy.plan import Plan, SamplingSpec
+
+if TYPE_CHECKING:
+    from fairdeploy.experiment import Context
+
+__all__ = ["SLRActivation", "SLRActivationPlan"]
+
+
+class SLRActivationPlan(SparsePlan):
+    """Target layers with rank, sr and rr; the samples activations are summed over."""
+
+    scoring: SamplingSpec = Field(default_factory=SamplingSpec)
+
+
+@register_method
+class SLRActivation(SparseLowRankMethod):
+    """SLR-a: sparsify the rows/columns of least absolute activation."""
+
+    name: ClassVar[str] = "slr_a"
+    label: ClassVar[str] = "SLR-a"
+    plan_class: ClassVar[type[Plan]] = SLRActivationPlan
+    strategy: ClassVar[str] = "slr_a"
+    paper_sr_rr: ClassVar[tuple[float, float] | None] = (0.5, 0.5)
+    default_compare: ClassVar[bool] = True
+    order: ClassVar[int] = 30
+
+    def selection_inputs(
+        self,
+        plan: Plan,
+        ctx: Context,
+        head: nn.Module,
+        index: int,
+        selections: Mapping[str, Mapping[str, list[int]]],
+    ) -> SelectionInputs:
+        layer = plan.layers[index].layer  # type: ignore[attr-defined]
+        scoring = ctx.scoring_set(plan.scoring)  # type: ignore[attr-defined]
+        # The head keeps the model's qualified names but not its containers, so the
+        # activation after the layer is found in the full model.
+        inputs, outputs = activation_abs_sums(
+            ctx.head,
+            layer,
+            scoring.features.features.split(1024),
+            activation=following_activation(ctx.model, layer),
+        )
+        return SelectionInputs(input_abs_sum=inputs, output_abs_sum=outputs)

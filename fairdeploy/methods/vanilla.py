@@ -1,0 +1,34 @@
+"""``vanilla``: the model as trained, the reference every other method is compared with."""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, ClassVar
+
+from fairdeploy.methods._base import Method, Processed
+from fairdeploy.methods._registry import register_method
+from fairdeploy.plan import Plan
+
+if TYPE_CHECKING:
+    from fairdeploy.experiment import Context
+
+__all__ = ["Vanilla", "VanillaPlan"]
+
+
+class VanillaPlan(Plan):
+    """The unmodified model: no settings."""
+
+
+
+@register_method
+class Vanilla(Method):
+    """The unmodified model (C.R. 1)."""
+
+    name: ClassVar[str] = "vanilla"
+    label: ClassVar[str] = "Vanilla"
+    plan_class: ClassVar[type[Plan]] = VanillaPlan
+    default_compare: ClassVar[bool] = True
+    order: ClassVar[int] = 0
+
+    def apply(self, plan: Plan, ctx: Context) -> Processed:
+        return Processed(plan, head=copy.deepcopy(ctx.head))

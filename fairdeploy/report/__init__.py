@@ -1,0 +1,42 @@
+"""The report: one JSON-serializable dict (report.json), rendered as report.md and a
+terminal table, so what the terminal shows is what the file says.
+
+``_build``: the dict's blocks from an experiment's results. ``_render``: report.md and
+the terminal table (every figure names its unit and convention).
+"""
+
+from fairdeploy.report._build import (
+    base_report,
+    bootstrap_block,
+    latency_block,
+    method_entry,
+    plan_notes,
+    prediction_notes,
+    size_ratios,
+    verify_summary,
+)
+from fairdeploy.report._render import (
+    SCHEMA_VERSION,
+    fairness_table,
+    method_label,
+    render_markdown,
+    terminal_text,
+    write_report,
+)
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "base_report",
+    "bootstrap_block",
+    "fairness_table",
+    "latency_block",
+    "method_entry",
+    "method_label",
+    "plan_notes",
+    "prediction_notes",
+    "render_markdown",
+    "size_ratios",
+    "terminal_text",
+    "verify_summary",
+    "write_report",
+]

@@ -1,0 +1,254 @@
+"""Assembling the report dict (report.json) from an experiment's results.
+
+Every block is built from values (the :class:`~fairdeploy.experiment.Experiment`, plans,
+metrics, predictions); ``report.md`` and the terminal render the same dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fairdeploy import __version__
+from fairdeploy.metrics import GroupMetrics, bootstrap_metrics
+from fairdeploy.plan import Plan
+
+__all__ = [
+    "base_report",
+    "bootstrap_block",
+    "latency_block",
+    "method_entry",
+    "plan_notes",
+    "prediction_notes",
+    "size_ratios",
+    "verify_summary",
+]
+
+# Below this many test samples in a group, group rates are too noisy to audit.
+_FEW_SAMPLES = 30
+
+
+def method_entry(
+    exp: Any,
+    name: str,
+    plan: Plan,
+    metrics: GroupMetrics,
+    *,
+    metrics_val: GroupMetrics | None = None,
+) -> dict[str, Any]:
+    """One method's block: its plan, label, metrics and theoretical compression."""
+    model = exp.model
+    impl = plan.implementation
+    total = sum(p.numel() for p in model.parameters())
+    entry: dict[str, Any] = {
+        "name": name,
+        "method": plan.method,
+        "label": impl.describe(plan),
+        "plan": plan.to_dict(),
+        "metrics": metrics.to_dict(),
+        "compression": {
+            "theoretical_cr": impl.theoretical_cr(plan, model),
+            # What an exported graph stores (e.g. S as k values, not k×k).
+            "theoretical_cr_stored": total / impl.stored_parameters(plan, model),
+            "layers": impl.layer_table(plan, model),
+        },
+    }
+    if metrics_val is not None:
+        entry["metrics_val"] = metrics_val.to_dict()
+    return entry
+
+
+def _scoring_block(plan: Plan, ctx: Any) -> dict[str, Any] | None:
+    spec = getattr(plan, "scoring", None)
+    if spec is None:
+        return None
+    drawn = ctx.scoring_set(spec)
+    return {
+        "method": plan.method,
+        **spec.model_dump(mode="json"),
+        "samples_per_group": drawn.per_group,
+        "samples_per_group_asked": spec.samples_per_group,
+        "split": "train",
+    }
+
+
+def base_report(exp: Any, recipe_path: str | Path | None, main: Plan) -> dict[str, Any]:
+    """The run's header: versions, inputs, task, split sizes, scoring, cache, notes."""
+    from fairdeploy.recipe import recipe_hash
+
+    ctx = exp.context
+    test = ctx.features["test"]
+    report: dict[str, Any] = {
+        "fairdeploy_version": __version__,
+        "checkpoint": {
+            "path": str(exp.checkpoint) if exp.checkpoint is not None else "(in memory)",
+            "sha256": exp.checkpoint_sha256,
+        },
+        "recipe": {
+            "path": str(recipe_path) if recipe_path is not None else "(in memory)",
+            "hash": recipe_hash(exp.recipe),
+        },
+        "task": {
+            "num_classes": len(ctx.class_names),
+            "class_names": ctx.class_names,
+            "group_names": ctx.group_names,
+            "privileged": ctx.privileged_info,
+        },
+        "evaluation": {
+            "split": "test",
+            "samples": len(test),
+            "unknown_group": int((test.groups < 0).sum()),
+        },
+        "feature_cache": {"hits": ctx.cache_hits, "first_layer": ctx.first_layer},
+        "data": {
+            name: {
+                "samples": len(ds),
+                "skipped": dict(getattr(ds, "skipped", {}) or {}),
+                "group_counts": {
+                    g: int((np.asarray(ds.groups) == i).sum())
+                    for i, g in enumerate(ctx.group_names)
+                }
+                | {"unknown": int((np.asarray(ds.groups) < 0).sum())},
+            }
+            for name, ds in ctx.splits.items()
+        },
+        "notes": _notes(ctx),
+        "units": {
+            "precision/recall/f1": "fraction in [0, 1], macro over classes within a group",
+            "eopp0/eopp1/eodd": "fraction, mean over classes (EOdd halved); see fairness_sum",
+            "cr": "ratio vanilla / processed (×)",
+            "latency": "milliseconds per batch",
+            "bytes": "bytes",
+        },
+    }
+    scoring = _scoring_block(main, ctx)
+    if scoring is not None:
+        report["scoring"] = scoring
+    return report
+
+
+def plan_notes(exp: Any, plans: Sequence[Plan]) -> list[str]:
+    """Warnings the plans' methods raise from shapes (rank above break-even, β ≥ 1) and
+    the scoring sets that came out smaller than asked."""
+    notes: list[str] = []
+    for plan in plans:
+        impl = plan.implementation
+        for text in impl.warnings(plan, exp.model):
+            if text not in notes:
+                notes.append(text)
+        spec = getattr(plan, "scoring", None)
+        if spec is not None:
+            got = exp.context.scoring_set(spec).per_group
+            if got < spec.samples_per_group:
+                text = (
+                    f"the scoring sets hold {got} samples per group, fewer than the "
+                    f"{spec.samples_per_group} asked for (capped by the smaller group in the "
+                    "training split): the Hessian diagonals behind the selection are noisier"
+                )
+                if text not in notes:
+                    notes.append(text)
+    return notes
+
+
+def _notes(ctx: Any) -> list[str]:
+    """Warnings about the data a reader of the report must see next to the numbers."""
+    notes = []
+    test = ctx.features["test"]
+    for gid, name in enumerate(ctx.group_names):
+        n = int((test.groups == gid).sum())
+        if n < _FEW_SAMPLES:
+            notes.append(
+                f"only {n} test samples in group {name!r}: its rates and the fairness gaps "
+                "are dominated by sampling noise"
+            )
+    for split, ds in ctx.splits.items():
+        skipped = sum((getattr(ds, "skipped", {}) or {}).values())
+        if skipped:
+            notes.append(
+                f"{skipped} samples of the {split} split were skipped (missing or unreadable "
+                f"files: {dict(ds.skipped)})"
+            )
+    if "tie" in ctx.privileged_info["how"]:
+        notes.append(f"privileged group: {ctx.privileged_info['how']}")
+    return notes
+
+
+def prediction_notes(preds: Mapping[str, np.ndarray]) -> list[str]:
+    """A warning for every method that predicts one class on every test sample."""
+    return [
+        f"{name} predicts a single class on every test sample: its fairness gaps are not "
+        "evidence of fairness"
+        for name, p in preds.items()
+        if len(np.unique(p)) == 1
+    ]
+
+
+def bootstrap_block(exp: Any, preds: Mapping[str, np.ndarray], *, seed: int = 0) -> dict[str, Any]:
+    """Paired bootstrap intervals of every method's test-split predictions vs vanilla."""
+    ctx = exp.context
+    test = ctx.features["test"]
+    return bootstrap_metrics(
+        test.targets.numpy(),
+        dict(preds),
+        test.groups.numpy(),
+        baseline="vanilla",
+        privileged=ctx.privileged,
+        num_classes=len(ctx.class_names),
+        seed=seed,
+    ).to_dict()
+
+
+def size_ratios(sizes: Mapping[str, Mapping[str, int]]) -> dict[str, float]:
+    """Measured compression: vanilla ÷ processed initializer bytes, file bytes, parameters."""
+    a, b = sizes["vanilla"], sizes["processed"]
+    return {
+        "initializer_cr": a["initializer_bytes"] / b["initializer_bytes"],
+        "file_cr": a["file_bytes"] / b["file_bytes"],
+        "parameter_cr": a["parameters"] / b["parameters"],
+    }
+
+
+def verify_summary(vres: Any, tolerances: Any, n: int) -> dict[str, Any]:
+    """The report's verification block from a :class:`~fairdeploy.verification.VerifyResult`."""
+    outs = vres.outputs
+    return {
+        "passed": bool(vres),
+        "samples": n,
+        "atol": tolerances.atol,
+        "rtol": tolerances.rtol,
+        "max_abs_error": max((o.max_abs_error for o in outs), default=0.0),
+        "argmax_agreement": min((o.argmax_agreement for o in outs), default=1.0),
+        "details": vres.to_dict(),
+    }
+
+
+def latency_block(results: Sequence[tuple[str, Any]], warmup: int) -> dict[str, Any]:
+    """The report's latency rows from ``(scope, LatencyResult)`` pairs timed in one run."""
+    rows = []
+    for scope, res in results:
+        for t in sorted(res.timings, key=lambda t: (t.batch, t.model != "baseline")):
+            candidate = t.model == "candidate"
+            rows.append(
+                {
+                    "scope": scope,
+                    "model": "processed" if candidate else "vanilla",
+                    "batch": t.batch,
+                    "median_ms": t.median_ms,
+                    "p90_ms": t.p90_ms,
+                    "iters": t.iters,
+                    "speedup": res.ratios.get(t.batch) if candidate else None,
+                }
+            )
+    first = results[0][1]
+    return {
+        "provider": first.provider,
+        "threads": first.threads if first.threads is not None else "ONNX Runtime default",
+        "note": (
+            f"vanilla and processed timed {first.mode} with worker-thread spinning "
+            f"{'on' if first.spinning else 'off'}, after {warmup} warm-up runs"
+        ),
+        "rows": rows,
+    }

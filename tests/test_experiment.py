@@ -1,0 +1,225 @@
+"""The typed Python API (Experiment) and the bugs found where methods and recipes meet:
+self-contained compare entries (their own β and scoring), the vanilla-export cache key,
+data.num_workers, verify reading the privileged group from the metadata, one name per
+public thing, and one writer's permissions for every file."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from torch import nn
+
+from fairdeploy.cli import main
+from fairdeploy.experiment import Experiment
+from fairdeploy.metrics import group_metrics
+from fairdeploy.models import build_model
+from fairdeploy.plan import LayerPlan, Plan
+from fairdeploy.recipe import parse_recipe
+
+
+def _data(path: Path, n: int = 900, d: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    group = rng.integers(0, 2, n)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    y = (x @ rng.normal(size=(d, 3)) + rng.normal(scale=0.3 + 0.9 * group[:, None], size=(n, 3)))
+    split = np.array(["train"] * (n // 2) + ["val"] * (n // 4) + ["test"] * (n - n // 2 - n // 4))
+    arrays = {"x": x, "y": y.argmax(1), "group": group, "split": split}
+    np.savez(path, **arrays)
+    return arrays
+
+
+def _trained(arrays: dict[str, np.ndarray]) -> nn.Module:
+    torch.manual_seed(0)
+    model = build_model("mlp", 3, in_features=8, widths=(32, 32))
+    train = arrays["split"] == "train"
+    x, y = torch.as_tensor(arrays["x"][train]), torch.as_tensor(arrays["y"][train])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(60):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
+
+
+def _recipe(tmp: Path, **sections) -> dict:
+    recipe = {
+        "model": {"arch": "mlp", "num_classes": 3,
+                  "kwargs": {"in_features": 8, "widths": [32, 32]}},
+        "data": {"kind": "npz", "path": str(tmp / "data.npz"), "split": {"mode": "column"}},
+        "sensitive": {"attribute": "group", "groups": {"a": [0], "b": [1]}},
+        "method": {"name": "fairlrf", "layers": [{"layer": "layers.2", "rank": 8, "sr": 0.25}],
+                   "scoring": {"samples_per_group": 64}},
+        "export": {"verify_samples": 100},
+        "report": {"latency_batches": [1], "latency_warmup": 1, "latency_iterations": 5},
+    }
+    recipe.update(sections)
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, nn.Module]:
+    tmp = tmp_path_factory.mktemp("exp")
+    model = _trained(_data(tmp / "data.npz"))
+    torch.save(model.state_dict(), tmp / "ckpt.pt")
+    (tmp / "r.yaml").write_text(yaml.safe_dump(_recipe(tmp)))
+    return tmp, model
+
+
+def test_in_memory_recipe_and_model_match_an_independent_evaluation(case) -> None:
+    tmp, model = case
+    exp = Experiment(parse_recipe(_recipe(tmp)), model)  # objects, no files but the data
+    ctx = exp.prepare()
+    assert ctx.first_layer == "layers.2"
+    vanilla = exp.apply(Plan("vanilla"))
+    # Independent: the full model on the raw test rows, scored by group_metrics directly.
+    data = np.load(tmp / "data.npz")
+    test = data["split"] == "test"
+    with torch.no_grad():
+        pred = model(torch.as_tensor(data["x"][test])).argmax(1).numpy()
+    want = group_metrics(data["y"][test], pred, data["group"][test],
+                         privileged=ctx.privileged, num_classes=3, group_names=["a", "b"])
+    assert exp.evaluate(vanilla, "test").to_dict() == want.to_dict()
+    # A processed head on cached features equals the full processed model on raw inputs.
+    fair = exp.apply(exp.recipe.method)
+    full = exp.model_of(fair)
+    with torch.no_grad():
+        direct = full(torch.as_tensor(data["x"][test]))
+    torch.testing.assert_close(exp.logits(fair, "test"), direct, rtol=1e-5, atol=1e-5)
+    assert exp.evaluate(full, "test").to_dict() == exp.evaluate(fair, "test").to_dict()
+
+
+def test_export_and_verify_through_the_api(case, tmp_path: Path) -> None:
+    tmp, _ = case
+    exp = Experiment(tmp / "r.yaml", tmp / "ckpt.pt")
+    fair = exp.apply(exp.recipe.method)
+    result = exp.export(fair, tmp_path / "m.onnx")
+    assert result.layers and (tmp_path / "m.verify.npz").is_file()
+    verdict = exp.verify(tmp_path / "m.onnx")
+    assert verdict and verdict.n_samples == 100
+    from fairdeploy.export import read_metadata
+
+    meta = read_metadata(tmp_path / "m.onnx")
+    assert Plan(**meta["plan"]) == exp.recipe.method
+
+
+def test_compare_entries_keep_their_own_beta_and_scoring(case) -> None:
+    tmp, _ = case
+    recipe = parse_recipe(_recipe(tmp, compare=[
+        {"name": "fairlrf", "beta": 0.3},
+        {"name": "fairlrf", "beta": 0.9},
+        {"name": "fairlrf", "scoring": {"samples_per_group": 16, "seed": 5}},
+        "slr_a",
+    ]))
+    low, high, drawn, slr_a = recipe.compare
+    assert [lp.beta for lp in low.layers + high.layers] == [0.3, 0.9]
+    assert low.layers[0].sr == 0.25 and low.layers[0].rank == 8  # from the main method
+    assert (drawn.scoring.samples_per_group, drawn.scoring.seed) == (16, 5)
+    assert drawn.layers[0].beta == pytest.approx(5 / 9)
+    assert slr_a.scoring.samples_per_group == 64  # what the main method draws
+    exp = Experiment(recipe, tmp / "ckpt.pt")
+    runs = [exp.apply(p) for p in (low, high, drawn)]
+    # Each entry is a complete plan: the same as that plan run on its own.
+    for plan, run in zip((low, high, drawn), runs, strict=True):
+        alone = Experiment(recipe, tmp / "ckpt.pt").apply(plan)
+        assert alone.selections == run.selections
+    assert runs[0].selections != runs[1].selections  # β is read
+    assert (16, 5) in exp.context._scoring  # the entry's scoring sets were drawn
+    main = exp.apply(recipe.method)
+    assert main.selections != runs[2].selections  # ... and used
+
+
+def test_a_plan_whose_layer_precedes_the_cut_moves_the_cut(case) -> None:
+    tmp, _ = case
+    exp = Experiment(tmp / "r.yaml", tmp / "ckpt.pt")
+    assert exp.prepare([exp.recipe.method]).first_layer == "layers.2"
+    early = exp.apply(Plan("truncated_svd", (LayerPlan("layers.0", 4),)))
+    assert exp.context.first_layer == "layers.0" and early.head is not None
+
+
+def _optimize(tmp: Path, recipe: dict, out: str) -> dict:
+    (tmp / f"{out}.yaml").write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(main, [
+        "optimize", str(tmp / "ckpt.pt"), "--recipe", str(tmp / f"{out}.yaml"), "--out",
+        str(tmp / out), "--exports", str(tmp / "exports"), "--no-latency",
+    ], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return json.loads((tmp / out / "report.json").read_text())
+
+
+def test_the_vanilla_export_is_cached_across_method_settings(case) -> None:
+    tmp, _ = case
+    cache = tmp / "exports" / ".cache"
+    _optimize(tmp, _recipe(tmp), "beta-default")
+    (first,) = cache.glob("vanilla-*.onnx")
+    stamp = first.stat().st_mtime_ns
+    other = _recipe(tmp)
+    other["method"]["beta"] = 0.3
+    report = _optimize(tmp, other, "beta-0.3")
+    assert list(cache.glob("vanilla-*.onnx")) == [first] and first.stat().st_mtime_ns == stamp
+    assert report["methods"][1]["plan"]["layers"][0]["beta"] == 0.3
+
+
+def test_data_num_workers_is_used(case, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp, _ = case
+    import fairdeploy.experiment as experiment
+
+    seen = []
+    real = experiment.compute_features
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["num_workers"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(experiment, "compute_features", spy)
+    recipe = _recipe(tmp)
+    recipe["data"]["num_workers"] = 2
+    exp = Experiment(parse_recipe(recipe), tmp / "ckpt.pt")
+    exp.prepare()
+    assert seen and set(seen) == {2}
+    plain = Experiment(tmp / "r.yaml", tmp / "ckpt.pt")
+    torch.testing.assert_close(
+        exp.context.features["test"].features, plain.context.features["test"].features
+    )
+
+
+def test_verify_takes_the_privileged_group_from_the_metadata(case, tmp_path: Path) -> None:
+    tmp, _ = case
+    for privileged in ("a", "b"):
+        recipe = _recipe(tmp)
+        recipe["sensitive"]["privileged"] = privileged
+        exp = Experiment(parse_recipe(recipe), tmp / "ckpt.pt")
+        path = tmp_path / f"{privileged}.onnx"
+        exp.export(exp.apply(exp.recipe.method), path)
+        result = CliRunner().invoke(main, ["verify", str(path), "--json", str(tmp_path / "v.json")])
+        assert result.exit_code == 0, result.output
+        fairness = json.loads((tmp_path / "v.json").read_text())["fairness"]
+        groups = {g["name"]: g["privileged"] for g in fairness["groups"]}
+        assert groups == {"a": privileged == "a", "b": privileged == "b"}
+
+
+def test_verify_is_one_thing_whatever_the_import_order() -> None:
+    import fairdeploy
+    import fairdeploy.verification  # noqa: F401
+    from fairdeploy import verify
+
+    assert callable(verify) and verify.__module__ == "fairdeploy.verification"
+
+
+def test_every_exported_file_gets_the_same_permissions(case, tmp_path: Path) -> None:
+    tmp, _ = case
+    exp = Experiment(tmp / "r.yaml", tmp / "ckpt.pt")
+    old = os.umask(0o022)
+    try:
+        exp.export(exp.apply(exp.recipe.method), tmp_path / "m.onnx")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {"m.onnx": 0o644, "m.verify.npz": 0o644}
