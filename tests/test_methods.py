@@ -73,9 +73,9 @@ def test_register_method_refuses_a_taken_name() -> None:
 def test_unknown_and_unimportable_methods_are_one_line_errors() -> None:
     with pytest.raises(FairDeployError, match="'nope' is unknown: use one of vanilla"):
         get_method("nope")
-    with pytest.raises(FairDeployError, match="cannot import 'no_such_module'.*PYTHONPATH"):
+    with pytest.raises(FairDeployError, match=r"cannot import 'no_such_module'.*PYTHONPATH"):
         get_method("no_such_module:Thing")
-    with pytest.raises(FairDeployError, match="is not a fairdeploy.methods.Method subclass"):
+    with pytest.raises(FairDeployError, match=r"is not a fairdeploy\.methods\.Method subclass"):
         get_method("json:dumps")
 
 
