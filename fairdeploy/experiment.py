@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -116,6 +117,7 @@ class Context:
     cache_key: dict[str, Any] = field(default_factory=dict)
     cache_hits: dict[str, bool] = field(default_factory=dict)
     _scoring: dict[tuple[int, int], ScoringSet] = field(default_factory=dict, repr=False)
+    _tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @property
     def unprivileged(self) -> int:
@@ -167,11 +169,16 @@ class Context:
         self, kind: str, key: Mapping[str, Any], compute: Callable[[], dict[str, torch.Tensor]]
     ) -> dict[str, torch.Tensor]:
         """``compute()`` through the persisted cache, keyed by ``key`` and by everything
-        the experiment depends on (checkpoint, data, cut, versions)."""
-        if self.cache is None:
-            return compute()
-        parts = {**self.cache_key, **key}
-        return self.cache.get_or_compute_tensors(kind, parts, compute)[0]
+        the experiment depends on (checkpoint, data, cut, versions). Kept in memory too
+        (also without a cache folder), so a sweep computes each value once."""
+        memo_key = json.dumps([kind, key], sort_keys=True, default=str)
+        if memo_key not in self._tensors:
+            if self.cache is None:
+                self._tensors[memo_key] = compute()
+            else:
+                parts = {**self.cache_key, **key}
+                self._tensors[memo_key] = self.cache.get_or_compute_tensors(kind, parts, compute)[0]
+        return self._tensors[memo_key]
 
     def _features(
         self, description: str, dataset: Any, key: Mapping[str, Any]
