@@ -452,6 +452,8 @@ def run_optimize(
                 labels=labels,
                 groups=groups,
                 simplify=exp.simplify,
+                sparse_layout=exp.sparse_layout,
+                eliminate_dead=exp.eliminate_dead,
                 opset=exp.opset,
                 atol=exp.tolerances.atol,
                 rtol=exp.tolerances.rtol,

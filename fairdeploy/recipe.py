@@ -583,12 +583,15 @@ class Tolerances(_Strict):
 
 
 class ExportSpec(_Strict):
-    """``export:`` — ONNX opset, simplification, parity tolerances."""
+    """``export:`` — ONNX opset, simplification, parity tolerances, sparse layout and
+    dead-neuron elimination (``fairdeploy.export.export_onnx``'s options)."""
 
     opset: Annotated[int, BeforeValidator(_no_bool), Field(ge=13, le=25)] = 18
     simplify: bool = True
     tolerances: Tolerances = Field(default_factory=Tolerances)
     verify_samples: PosInt = 1024
+    sparse_layout: Literal["blocks", "zeros"] = "blocks"
+    eliminate_dead: bool = True
 
 
 class ReportSpec(_Strict):
