@@ -762,6 +762,16 @@ class ModelStructure:
 
     # ------------------------------------------------------------------- links
 
+    def _shared_feature_module(self, step: Step) -> str:
+        """Why a step cannot be part of a link: its module holds per-feature parameters
+        and is called elsewhere too (permuting or slicing it would change that call)."""
+        if step.module is None or not step.op.feature_params or self.calls(step.target) == 1:
+            return ""
+        return (
+            f"{step.target!r} holds one parameter per feature and is called "
+            f"{self.calls(step.target)} times in forward()"
+        )
+
     def _layer_node(self, layer: str) -> tuple[fx.Node | None, str]:
         n = self.calls(layer)
         if n != 1:
@@ -798,6 +808,9 @@ class ModelStructure:
             if step is None or step.source is not cur:
                 return Link(layer, "output", None, tuple(steps),
                             f"{_op_name(self.model, nxt)} ({nxt.name!r}) is not elementwise")
+            shared = self._shared_feature_module(step)
+            if shared:
+                return Link(layer, "output", None, tuple(steps), shared)
             steps.append(step)
             cur = nxt
 
@@ -833,6 +846,9 @@ class ModelStructure:
                 )
                 return Link(layer, "input", None, tuple(reversed(steps)),
                             f"{what} is not elementwise")
+            shared = self._shared_feature_module(step)
+            if shared:
+                return Link(layer, "input", None, tuple(reversed(steps)), shared)
             steps.append(step)
             consumer, cur = cur, step.source
 

@@ -231,6 +231,27 @@ def test_links_fan_out_shared_first_last():
     assert seq.chain_to_output("0")[1] == "2" and seq.chain_to_output("2") == ((), None)
 
 
+class _SharedActivation(nn.Module):
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.act = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 2), act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.act(self.b(self.act(self.a(x)))))
+
+
+def test_shared_module_with_per_feature_parameters_stops_a_link():
+    st = analyze_structure(_SharedActivation(nn.PReLU(5)))
+    assert st.following("a").neighbour is None
+    assert st.following("a").reason == (
+        "'act' holds one parameter per feature and is called 2 times in forward()"
+    )
+    assert st.preceding("c").neighbour is None
+    # The same module without per-feature parameters acts identically at both calls.
+    shared = analyze_structure(_SharedActivation(nn.PReLU(1)))
+    assert shared.following("a").neighbour == "b" and shared.preceding("c").neighbour == "b"
+
+
 def test_rank_dependent_ops_need_a_2d_example():
     model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Flatten(), nn.Linear(5, 2))
     without = analyze_structure(model)
