@@ -50,4 +50,5 @@ def test_optimize_rr0_eliminates_and_verifies(tmp_path: Path, eliminate: bool) -
     plan = Plan("fairlrf", layers=(LayerPlan("layers.2", 8, 0.25, 0.0, 5 / 9),))
     shape = deployed_params(model, layer_table(model, plan), eliminate=eliminate)
     assert shape.params == meta["deployed"]["deployed_params"]
+    assert shape.params == meta["deployed"]["stored_float_elements"]
     assert shape.ratio == pytest.approx(meta["deployed"]["deployed_cr"])

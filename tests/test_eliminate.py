@@ -78,7 +78,7 @@ def test_elimination_is_exact_and_removes_neighbour_neurons(tmp_path, layout):
     assert (lay.input_elimination, lay.output_elimination) == ("removed:0", "removed:5")
     assert (lay.input_perm, lay.output_perm) == ("none", "none")
     # By hand: 9·10 + 9  +  9·4 + 4·5 + 5  +  3·5 + 3 = 178; vanilla 12·10+12 + 12·9+9 + 9·3+3.
-    assert res.deployed_params == _stored(tmp_path / "e.onnx") == 178
+    assert res.deployed_params == res.stored_elements == _stored(tmp_path / "e.onnx") == 178
     assert res.vanilla_params == 132 + 117 + 30
     assert res.deployed_cr == pytest.approx(279 / 178)
     shape = _shape_only(model, x, sparse_layout=layout)
@@ -86,7 +86,8 @@ def test_elimination_is_exact_and_removes_neighbour_neurons(tmp_path, layout):
     meta = read_metadata(tmp_path / "e.onnx")
     assert meta["sparse_layout"] == layout
     assert meta["deployed"] == {"vanilla_params": 279, "deployed_params": 178,
-                                "deployed_cr": pytest.approx(279 / 178), "eliminate_dead": True}
+                                "deployed_cr": pytest.approx(279 / 178),
+                                "stored_float_elements": 178, "eliminate_dead": True}
     assert meta["layers"][0]["eliminated_outputs"] == 4
 
 
@@ -119,8 +120,9 @@ def test_batchnorm_and_per_feature_prelu_between_are_sliced(tmp_path):
     assert ops["BatchNormalization"] == 2
     # Parameters: the shape-only count; ONNX also stores the running statistics.
     shape = _shape_only(model, x)
-    assert shape.exact and shape.ratio == pytest.approx(res.vanilla_params / shape.params)
-    assert res.deployed_params == shape.params + 2 * (9 + 7)
+    assert shape.exact and res.deployed_params == shape.params
+    assert shape.ratio == pytest.approx(res.deployed_cr)
+    assert res.stored_elements == _stored(tmp_path / "bn.onnx") == shape.params + 2 * (9 + 7)
     # Without an example the BatchNorm cannot be proved elementwise: nothing is removed.
     vanilla, rows = _rows_and_vanilla(model)
     blind = deployed_params(vanilla, rows)
@@ -147,7 +149,7 @@ def test_first_layer_keeps_the_model_input(tmp_path, rows, op):
     assert inits["0.u"] == (9, 4) and inits["2.weight"] == (3, 7)
     assert ops[op] == 1 and ops["Concat"] == 0
     shape = _shape_only(model, x)
-    assert shape.params == res.deployed_params
+    assert shape.params == res.deployed_params == _stored(tmp_path / "f.onnx")
     assert shape.layers[0].input_elimination == lay.input_elimination
 
 
@@ -163,7 +165,7 @@ def test_last_layer_keeps_the_logits(tmp_path):
     assert lay.output_elimination == "refused: it feeds the model's output"
     assert lay.eliminated_outputs == 0 and lay.output_perm == "gather"
     assert ort_run(tmp_path / "l.onnx", x).shape == (50, 6)
-    assert _shape_only(model, x).params == res.deployed_params
+    assert _shape_only(model, x).params == res.deployed_params == _stored(tmp_path / "l.onnx")
 
 
 class _Cumsum(nn.Module):
@@ -210,7 +212,7 @@ def test_refusal_is_a_reason_not_an_error(tmp_path, build, why_in, why_out):
         assert lay.output_elimination == f"refused: {why_out}"
     else:
         assert lay.output_elimination == "removed:out"
-    assert _shape_only(model, x).params == res.deployed_params
+    assert _shape_only(model, x).params == res.deployed_params == _stored(tmp_path / "r.onnx")
 
 
 @pytest.mark.parametrize(("act", "bias_created"), [(nn.ReLU, False), (nn.Sigmoid, True)])
@@ -229,7 +231,7 @@ def test_zero_constants_need_no_bias(tmp_path, act, bias_created):
     # Without a bias the exporter stores the weight transposed for a MatMul.
     assert inits.get("4.weight", (2, 6)) == (2, 6) and (8, 2) not in inits.values()
     assert (2, 6) in inits.values() or (6, 2) in inits.values()
-    assert _shape_only(model, x).params == res.deployed_params
+    assert _shape_only(model, x).params == res.deployed_params == _stored(tmp_path / "z.onnx")
 
 
 def _adjacent(rows_b: list[int], cols_a: list[int], keep_a: int = 0) -> nn.Module:
@@ -261,6 +263,7 @@ def test_adjacent_factorized_layers_remove_the_union(tmp_path, rows_b, cols_a, b
     shape = _shape_only(model, x)
     assert not shape.exact
     assert shape.params_min <= res.deployed_params <= shape.params
+    assert res.deployed_params == _stored(tmp_path / "a.onnx")
     assert shape.layers[0].eliminated_outputs == (4, 8)
     if bound:
         assert res.deployed_params == getattr(shape, bound)
@@ -360,3 +363,4 @@ def test_vanilla_export_is_unchanged_by_the_options(tmp_path):
         res = export_onnx(model, torch.randn(3, 6), tmp_path / "v.onnx", eliminate_dead=True,
                           sparse_layout="zeros")
     assert res.layers == [] and res.deployed_params == res.vanilla_params == 6 * 8 + 8 + 18
+    assert res.stored_elements == res.deployed_params and res.deployed_cr == 1.0

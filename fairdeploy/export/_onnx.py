@@ -76,12 +76,17 @@ class ExportResult:
         Whether dead-neuron elimination was asked for (per-layer results, and the reason
         where it was refused, are in ``layers``).
     deployed_params : int or None
-        Elements of the floating-point initializers of the written graph: the
-        parameters it actually stores (plus BatchNorm running statistics, 2 per
-        feature, where the model has BatchNorm).
+        Parameters (weights and biases) of the exported layout: the tensors the graph
+        is built from, after block storage and dead-neuron elimination. Equal to
+        :func:`fairdeploy.export.deployed_params` from shapes.
     vanilla_params : int or None
         Parameters of the same model with every factorized layer dense again
         (``Din·Dout + bias``): the vanilla model's count.
+    stored_elements : int or None
+        Elements of the written graph's floating-point initializers, what the file
+        actually stores: ``deployed_params`` for a model without BatchNorm; the exporter
+        also stores BatchNorm running statistics (or folds a BatchNorm into the
+        convolution before it) and stores identical tensors once.
     """
 
     path: Path
@@ -93,6 +98,7 @@ class ExportResult:
     eliminate_dead: bool = False
     deployed_params: int | None = None
     vanilla_params: int | None = None
+    stored_elements: int | None = None
 
     @property
     def deployed_cr(self) -> float | None:
@@ -423,7 +429,8 @@ def export_onnx(
 
     proto.producer_name = "fairdeploy"
     proto.producer_version = __version__
-    deployed = _float_initializer_elements(proto)
+    deployed = sum(p.numel() for p in ready.parameters())
+    stored = _float_initializer_elements(proto)
     vanilla = _vanilla_params(model, layouts)
     base = {
         "producer": "fairdeploy",
@@ -434,6 +441,7 @@ def export_onnx(
             "vanilla_params": vanilla,
             "deployed_params": deployed,
             "deployed_cr": vanilla / deployed if deployed else None,
+            "stored_float_elements": stored,
             "eliminate_dead": bool(eliminate_dead),
         },
     }
@@ -472,6 +480,7 @@ def export_onnx(
         eliminate_dead=bool(eliminate_dead),
         deployed_params=deployed,
         vanilla_params=vanilla,
+        stored_elements=stored,
     )
 
 
