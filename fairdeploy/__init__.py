@@ -45,6 +45,8 @@ _EXPORTS = {
     "compute_features": "fairdeploy.features",
     "train_model": "fairdeploy.train",
     "export_onnx": "fairdeploy.export",
+    "deployed_params": "fairdeploy.export",
+    "analyze_structure": "fairdeploy.structure",
     "read_metadata": "fairdeploy.export",
     "verify": "fairdeploy.verification",
     "measure_latency": "fairdeploy.bench",

@@ -66,6 +66,9 @@ class DryRun:
     theoretical_cr: float
     parameters: int
     warnings: list[str] = field(default_factory=list)
+    #: Whole-model parameters the exported graph will store (blocks, dead neurons
+    #: removed), from shapes; a range when adjacent sparsified layers overlap.
+    deployed: Any = None
 
 
 @dataclass(frozen=True)
@@ -184,14 +187,26 @@ def dry_run(
     exp = Experiment(recipe, checkpoint, trust_checkpoint=trust_checkpoint)
     exp.check(plan)
     impl = plan.implementation
+    layers = impl.layer_table(plan, exp.model)
+    deployed = None
+    if layers:
+        from fairdeploy.export import deployed_params
+
+        deployed = deployed_params(
+            exp.model,
+            layers,
+            sparse_layout=recipe.export.sparse_layout,
+            eliminate=recipe.export.eliminate_dead,
+        )
     return DryRun(
         recipe=Path(recipe_path),
         plan=plan,
         label=impl.describe(plan),
-        layers=impl.layer_table(plan, exp.model),
+        layers=layers,
         theoretical_cr=impl.theoretical_cr(plan, exp.model),
         parameters=sum(p.numel() for p in exp.model.parameters()),
         warnings=impl.warnings(plan, exp.model),
+        deployed=deployed,
     )
 
 
@@ -342,6 +357,15 @@ def _deploy(
     report["methods"][0]["compression"]["measured"] = dict.fromkeys(cr, 1.0)
     report["onnx"] = {"models": sizes, **cr}
     report["export_layout"] = [lay.to_dict() for lay in res.layers]
+    if res.deployed_cr is not None:
+        report["methods"][-1]["compression"]["deployed"] = {
+            "cr": res.deployed_cr,
+            "parameters": res.deployed_params,
+            "vanilla_parameters": res.vanilla_params,
+            "stored_float_elements": res.stored_elements,
+            "sparse_layout": res.sparse_layout,
+            "eliminate_dead": res.eliminate_dead,
+        }
     vres = exp.verify(run / "model.onnx")
     n = len(exp.test_inputs(exp.recipe.export.verify_samples)[1])
     report["verify"] = verify_summary(vres, tol, n)

@@ -225,6 +225,12 @@ def _print_dry_run(info: Any) -> None:
                                    "cols sparsified", "kept per row/col", "params before",
                                    "params after (S as k×k)"], tablefmt="simple"))
     click.echo(f"theoretical C.R.: {info.theoretical_cr:.3f}× (paper's parameter count)")
+    dep = info.deployed
+    if dep is not None:
+        span = "" if dep.exact else f" to {dep.ratio_max:.3f}× (depends on the selections)"
+        click.echo(f"deployed C.R.: {dep.ratio:.3f}×{span} (whole model, parameters the "
+                   f"exported graph stores: {dep.sparse_layout} layout, dead neurons "
+                   f"{'removed' if dep.eliminate else 'kept'})")
     for text in info.warnings:
         click.echo(f"warning: {text}")
 
@@ -254,6 +260,9 @@ def _print_report(report: dict[str, Any]) -> None:
                    f"(max |Δ| {ver['max_abs_error']:.3g} on {ver['samples']} test inputs)")
     onnx_info = report.get("onnx")
     if onnx_info:
+        deployed = report["methods"][-1].get("compression", {}).get("deployed")
+        if deployed:
+            click.echo(f"deployed C.R.: {deployed['cr']:.3f}× (whole model, parameters stored)")
         click.echo(f"measured C.R.: initializers {onnx_info['initializer_cr']:.3f}×, "
                    f"files {onnx_info['file_cr']:.3f}×")
     click.echo(f"run folder: {report['run_dir']}")

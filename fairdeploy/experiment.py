@@ -504,6 +504,8 @@ class Experiment:
             labels=labels,
             groups=groups,
             simplify=exp.simplify,
+            sparse_layout=exp.sparse_layout,
+            eliminate_dead=exp.eliminate_dead,
             opset=exp.opset,
             atol=exp.tolerances.atol,
             rtol=exp.tolerances.rtol,

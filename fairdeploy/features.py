@@ -3,15 +3,18 @@
 FairLRF changes only the layers from the first target layer on, so everything before it
 (the *trunk*) is frozen. :func:`split_model` cuts a traced model at the input of a named
 layer into ``trunk`` and ``head``; :func:`compute_features` runs the trunk once over a
-dataset; :class:`FeatureCache` keeps the result on disk, keyed by everything it depends
-on, so scoring, selection, evaluation and sweeps run on the small head alone.
+dataset; :class:`fairdeploy.cache.FeatureCache` keeps the result on disk, keyed by
+everything it depends on, so scoring, selection, evaluation and sweeps run on the small
+head alone.
+
+The graph comes from :func:`fairdeploy.structure.trace_graph`, the tracer every reader of
+the model's structure shares (traced here in the model's own train/eval mode).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +25,7 @@ from torch import fx, nn
 
 from fairdeploy.data._loader import batch_loader
 from fairdeploy.errors import FairDeployError
+from fairdeploy.structure import ancestors, describe_node, is_inplace, trace_graph
 
 __all__ = [
     "FeatureSet",
@@ -31,34 +35,6 @@ __all__ = [
 ]
 
 # --------------------------------------------------------------------------- split
-
-
-class _CutTracer(fx.Tracer):
-    """The default tracer, except that the named modules are always leaves.
-
-    The default tracer traces *through* containers (``nn.Sequential``) and custom
-    modules, so a cut at such a module would find no ``call_module`` node for it.
-    """
-
-    def __init__(self, *leaves: str) -> None:
-        super().__init__()
-        self._leaves = set(leaves)
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name in self._leaves or super().is_leaf_module(
-            m, module_qualified_name
-        )
-
-
-def _trace(model: nn.Module, leaves: Sequence[str], where: str) -> fx.Graph:
-    try:
-        return _CutTracer(*leaves).trace(model)
-    except Exception as exc:  # fx raises many types (TraceError, TypeError, ...)
-        raise FairDeployError(
-            f"{where}: torch.fx cannot trace the model ({type(exc).__name__}: {exc}); "
-            "features before the layer cannot be cached for a model whose forward has "
-            "data-dependent control flow"
-        ) from None
 
 
 def _check_submodule(model: nn.Module, layer: str, where: str) -> None:
@@ -89,7 +65,7 @@ def layers_in_call_order(model: nn.Module, layers: Sequence[str]) -> list[str]:
     where = f"cannot order layers {list(layers)!r} of {type(model).__name__}"
     for layer in layers:
         _check_submodule(model, layer, where)
-    graph = _trace(model, layers, where)
+    graph = trace_graph(model, layers, where)
     order = {}
     for i, n in enumerate(graph.nodes):
         if n.op == "call_module" and n.target in layers:
@@ -98,49 +74,6 @@ def layers_in_call_order(model: nn.Module, layers: Sequence[str]) -> list[str]:
     if missing:
         raise FairDeployError(f"{where}: forward() never calls {', '.join(missing)}")
     return sorted(dict.fromkeys(layers), key=order.__getitem__)
-
-
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    """``node`` and every node it depends on."""
-    seen: set[fx.Node] = set()
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return seen
-
-
-_INPLACE_OPERATORS = {
-    getattr(operator, name)
-    for name in ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul",
-                 "iand", "ior", "ixor", "ilshift", "irshift")
-}
-
-
-def _is_inplace(model: nn.Module, node: fx.Node) -> bool:
-    """Whether ``node`` may modify its inputs in place (``ReLU(inplace=True)``, ``x.add_``)."""
-    if node.op == "call_module":
-        return bool(getattr(model.get_submodule(str(node.target)), "inplace", False))
-    if node.op == "call_method":
-        return str(node.target).endswith("_") and not str(node.target).endswith("__")
-    if node.op == "call_function":
-        return (
-            bool(node.kwargs.get("inplace", False))
-            or node.target in _INPLACE_OPERATORS
-            or getattr(node.target, "__name__", "").endswith("_")
-        )
-    return False
-
-
-def _describe(node: fx.Node) -> str:
-    if node.op == "placeholder":
-        return f"the model input {node.target!r}"
-    if node.op == "call_module":
-        return f"the output of module {node.target!r}"
-    name = getattr(node.target, "__name__", str(node.target))
-    return f"the result of {name} ({node.name!r})"
 
 
 def split_model(model: nn.Module, layer: str) -> tuple[nn.Module, nn.Module]:
@@ -182,7 +115,7 @@ def split_model(model: nn.Module, layer: str) -> tuple[nn.Module, nn.Module]:
     """
     where = f"cannot cut {type(model).__name__} at layer {layer!r}"
     _check_submodule(model, layer, where)
-    graph = _trace(model, [layer], where)
+    graph = trace_graph(model, [layer], where)
 
     calls = [n for n in graph.nodes if n.op == "call_module" and n.target == layer]
     if len(calls) != 1:
@@ -194,7 +127,7 @@ def split_model(model: nn.Module, layer: str) -> tuple[nn.Module, nn.Module]:
     if not layer_node.args or not isinstance(layer_node.args[0], fx.Node):
         raise FairDeployError(f"{where}: the layer is not called with a positional input")
     cut = layer_node.args[0]
-    before = _ancestors(cut)
+    before = ancestors(cut)
     (output,) = (n for n in graph.nodes if n.op == "output")
 
     # Walk back from the output, stopping at the cut: everything reached is the head.
@@ -207,7 +140,7 @@ def split_model(model: nn.Module, layer: str) -> tuple[nn.Module, nn.Module]:
             continue
         if n.op == "placeholder" or (n in before and n.op != "get_attr"):
             raise FairDeployError(
-                f"{where}: the part after the cut also uses {_describe(n)}, which is "
+                f"{where}: the part after the cut also uses {describe_node(n)}, which is "
                 "computed before the layer (e.g. a skip connection around it), so the "
                 "layer's input is not the only value crossing the cut; choose a layer "
                 "where it is"
@@ -228,7 +161,7 @@ def split_model(model: nn.Module, layer: str) -> tuple[nn.Module, nn.Module]:
 
     head_graph = fx.Graph()
     features = head_graph.placeholder("features")
-    if any(_is_inplace(model, user) for user in cut.users if user in head_nodes):
+    if any(is_inplace(model, user) for user in cut.users if user in head_nodes):
         # An in-place op on the head's input would overwrite the caller's (cached)
         # features: work on a copy, which the model computed anyway.
         features = head_graph.call_method("clone", (features,))

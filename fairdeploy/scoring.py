@@ -18,6 +18,10 @@ per-sample closed forms:
 * ``diag H[U_ij] = mean_n x_ni² · (A_nᵀ Λ_n A_n)_jj``, ``A_n = J_n Vᵀ diag(S)``,
 
 with ``J_n`` the (C × Dout) Jacobian of the logits w.r.t. the layer output ``o_n``.
+
+What follows the layer (is it piecewise linear? is it elementwise operations and one
+Linear, for the fast closed form?) is read from the head's traced graph by
+:mod:`fairdeploy.structure`, the analysis the feature cut, the export and ``slr_a`` share.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from torch import nn
 
 from fairdeploy.errors import FairDeployError
 from fairdeploy.lrf import FactorizedLinear
+from fairdeploy.structure import ModelStructure, Step, analyze_structure
 
 __all__ = [
     "ESTIMATORS",
@@ -47,54 +52,6 @@ __all__ = [
 
 #: Hessian-diagonal estimators :func:`hessian_diag` offers.
 ESTIMATORS = ("exact", "fisher", "ggn_mc")
-
-# Elementwise maps whose derivative is piecewise constant: between the layer and the
-# final Linear they make the Jacobian ``W diag(m_n)``, which the fast path uses.
-_ELEMENTWISE_PL: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.LeakyReLU,
-    nn.ReLU6,
-    nn.Hardtanh,
-    nn.PReLU,
-    nn.Identity,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
-)
-
-# Module types that are linear or piecewise linear in their input in eval mode; after
-# the layer they keep the Gauss-Newton diagonal equal to the true Hessian diagonal.
-_PIECEWISE_LINEAR: tuple[type[nn.Module], ...] = (
-    *_ELEMENTWISE_PL,
-    nn.Linear,
-    FactorizedLinear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-    nn.BatchNorm1d,  # affine in eval mode
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.Flatten,
-    nn.Unflatten,
-)
 
 # Bound on the elements of one temporary (C-fold or k-fold intermediates) so that
 # memory stays near 64 MiB in float32 whatever batch_size is.
@@ -125,12 +82,15 @@ class _Tap(nn.Module):
         # Not registered as a child: the tap is the only module standing for the layer.
         object.__setattr__(self, "layer", layer)
         self.calls = 0
+        self.input_shape: tuple[int, ...] | None = None
         self.x_sq: torch.Tensor | None = None
         self.zs: torch.Tensor | None = None
         self.o: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
+        if self.input_shape is None:
+            self.input_shape = tuple(x.shape)
         layer = self.layer
         with torch.no_grad():
             out = layer(x)
@@ -149,9 +109,11 @@ class _Head:
     tap: _Tap
     layer: FactorizedLinear
     num_classes: int
-    # Fast path: None, or (elementwise modules, final Linear or None when J = diag(m)).
-    chain: tuple[list[nn.Module], nn.Module | None] | None
-    non_pl: list[str]
+    # Fast path: None, or (elementwise steps, final Linear or None when J = diag(m)).
+    chain: tuple[tuple[Step, ...], nn.Module | None] | None
+    # Operations after the layer that are not piecewise linear; None: unknown (untraced).
+    non_pl: list[str] | None
+    untraced: str = ""
 
     def run(
         self, feats: torch.Tensor, *, graph: bool
@@ -187,55 +149,28 @@ def _find_layer(head: nn.Module, layer: str) -> FactorizedLinear:
 
 
 def _prepare_head(head: nn.Module, layer: str, probe: torch.Tensor) -> _Head:
-    """Copy the head (eval mode, frozen), put a tap on the layer and probe its structure."""
+    """Copy the head (eval mode, frozen), read its structure, put a tap on the layer."""
     _find_layer(head, layer)  # clear error before paying for the copy
     module = copy.deepcopy(head).eval()
     module.requires_grad_(False)
     real = module.get_submodule(layer)
     assert isinstance(real, FactorizedLinear)
+    # What follows the layer, from the one structure analysis (fairdeploy.structure),
+    # read on the copy before the tap stands in for the layer.
+    structure: ModelStructure | None = None
+    untraced = ""
+    try:
+        structure = analyze_structure(module, leaves=[layer], example_input=probe)
+    except FairDeployError as exc:
+        untraced = str(exc)
     tap = _Tap(real)
     parent_name, _, child = layer.rpartition(".")
     setattr(module.get_submodule(parent_name), child, tap)
 
-    # One forward on a few samples with hooks on every leaf module: which modules run
-    # after the layer, and does the layer output flow through them as a plain chain?
-    events: list[tuple[str, nn.Module, object, torch.Tensor | None, object, torch.Tensor | None]]
-    events = []
-    state = {"after": False, "pending": None}
-    input_shape: list[tuple[int, ...]] = []
-
-    def pre_hook(mod: nn.Module, args: tuple) -> None:
-        if state["after"]:
-            a = args[0] if len(args) == 1 and isinstance(args[0], torch.Tensor) else None
-            state["pending"] = (a, None if a is None else a.detach().clone())
-
-    def make_post(name: str):  # a hook factory: the name rides in the closure
-        def post_hook(mod: nn.Module, args: tuple, out: object) -> None:
-            if mod is tap:
-                state["after"] = True
-                input_shape.append(tuple(args[0].shape))
-                assert isinstance(out, torch.Tensor)
-                events.append((name, mod, None, None, out, out.detach().clone()))
-                return
-            if state["after"]:
-                a, a_val = state["pending"] or (None, None)
-                o_val = out.detach().clone() if isinstance(out, torch.Tensor) else None
-                events.append((name, mod, a, a_val, out, o_val))
-
-        return post_hook
-
-    handles = []
-    for name, mod in module.named_modules():
-        if mod is tap or (next(mod.children(), None) is None and mod is not module):
-            handles.append(mod.register_forward_pre_hook(pre_hook))
-            handles.append(mod.register_forward_hook(make_post(name)))
+    # One forward on a few samples: is the layer called once, on rows, giving logits?
     tap.calls = 0
-    try:
-        with torch.no_grad():
-            logits = module(probe)
-    finally:
-        for h in handles:
-            h.remove()
+    with torch.no_grad():
+        logits = module(probe)
     if tap.calls != 1:
         what = "never called" if tap.calls == 0 else f"called {tap.calls} times"
         raise FairDeployError(
@@ -249,50 +184,27 @@ def _prepare_head(head: nn.Module, layer: str, probe: torch.Tensor) -> _Head:
         raise FairDeployError(f"the head returns {shape}; allowed: logits of shape (N, classes)")
     if x_sq is None or x_sq.shape[0] != probe.shape[0]:
         raise FairDeployError(
-            f"layer={layer!r} receives input of shape {input_shape[0]}; hessian_diag "
+            f"layer={layer!r} receives input of shape {tap.input_shape}; hessian_diag "
             f"needs (N, {real.in_features}) with one row per sample"
         )
 
-    after = events[1:]
-    non_pl = sorted(
-        {type(m).__name__ for _, m, *_ in after if not isinstance(m, _PIECEWISE_LINEAR)}
-    )
+    chain = None
+    non_pl = None
+    if structure is not None:
+        non_pl = structure.not_piecewise_linear_after(layer)
+        found = structure.chain_to_output(layer)
+        if found is not None:
+            steps, final = found
+            chain = (steps, None if final is None else module.get_submodule(final))
     return _Head(
         module=module,
         tap=tap,
         layer=real,
         num_classes=int(logits.shape[1]),
-        chain=_plain_chain(events, logits),
+        chain=chain,
         non_pl=non_pl,
+        untraced=untraced,
     )
-
-
-def _plain_chain(
-    events: list, logits: torch.Tensor
-) -> tuple[list[nn.Module], nn.Module | None] | None:
-    """The fast-path structure, or None when the data flow is not provably a plain chain.
-
-    Proven from the probe by object identity and values: each module after the layer
-    receives exactly the previous module's output (same tensor, unchanged values), the
-    head returns the last output unchanged, the modules are elementwise piecewise-linear
-    maps, optionally ending in one Linear. Functional code between modules creates new
-    tensors or changes values, so it makes the check fail and the generic path run.
-    """
-    _, _, _, _, prev, prev_val = events[0]
-    mods: list[nn.Module] = []
-    for _, mod, a, a_val, out, out_val in events[1:]:
-        if a is None or a is not prev or a_val is None or not torch.equal(a_val, prev_val):
-            return None
-        if not isinstance(out, torch.Tensor):
-            return None
-        mods.append(mod)
-        prev, prev_val = out, out_val
-    if logits is not prev or not torch.equal(logits, prev_val):
-        return None
-    last = mods.pop() if mods and isinstance(mods[-1], nn.Linear | FactorizedLinear) else None
-    if not all(isinstance(m, _ELEMENTWISE_PL) for m in mods):
-        return None
-    return mods, last
 
 
 def _as_inputs(features: object, targets: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -372,18 +284,18 @@ def _exact_chain(
     cache: dict[str, list[torch.Tensor]],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same two diagonals when the head after the layer is ``W φ(o) + b`` with an
-    elementwise piecewise-linear φ (or just ``φ(o)``): ``J_n = W diag(m_n)``, ``m_n =
+    elementwise φ (or just ``φ(o)``): ``J_n = W diag(m_n)``, ``m_n =
     φ'(o_n)``, so ``(Jᵀ Λ J)_ll = m_l² (pᵀ(W∘W) − (pᵀW)²)_l`` costs two matrix products
     per chunk (no C-fold VJPs), and ``A_n = W diag(m_n) Vᵀ diag(S)`` for all n is one
     GEMM per chunk.
     """
     assert h.chain is not None
-    mods, last = h.chain
+    steps, last = h.chain
     leaf = o.detach().requires_grad_(True)
     with torch.enable_grad():
         y = leaf.clone()  # in-place activations must not write into the leaf
-        for m in mods:
-            y = m(y)
+        for step in steps:
+            y = step(y)
         # Elementwise maps: the VJP of ones is the Jacobian's diagonal.
         (mask,) = torch.autograd.grad(y, leaf, torch.ones_like(y))
     if last is None:
@@ -503,12 +415,14 @@ def hessian_diag(
         they are checked; ``fisher`` uses them.
     estimator : {"exact", "fisher", "ggn_mc"}
         ``exact`` (default): the Gauss–Newton diagonal in closed form, which equals the
-        true Hessian diagonal when every module after the layer is linear or piecewise
-        linear (Linear, Conv, ReLU/LeakyReLU/Hardtanh, max/avg pooling, dropout and
-        batch norm in eval mode, flatten); otherwise a
-        :class:`HessianApproximationWarning` names the modules and the result is the
-        Gauss–Newton diagonal (a positive semi-definite approximation). Functional
-        calls inside ``forward`` (``torch.sigmoid(...)``) are invisible to this check.
+        true Hessian diagonal when every operation after the layer is linear or
+        piecewise linear (Linear, Conv, ReLU/LeakyReLU/PReLU/Hardtanh, max/avg pooling,
+        dropout and batch norm in eval mode, reshapes, sums with other values);
+        otherwise a :class:`HessianApproximationWarning` names the operations and the
+        result is the Gauss–Newton diagonal (a positive semi-definite approximation).
+        The check reads the head's ``torch.fx`` graph (:mod:`fairdeploy.structure`), so
+        functional calls inside ``forward`` (``torch.sigmoid(...)``) count like modules;
+        a head that cannot be traced gets the warning too, since nothing can be proved.
         ``fisher``: the empirical Fisher, the mean over samples of the squared
         per-sample gradient of CE; about one backward pass. Its magnitudes differ from
         the exact diagonal (it uses the observed label instead of the expectation over
@@ -524,9 +438,10 @@ def hessian_diag(
         fast path also keeps ``C·k·Dout`` elements when that is at most 2²⁵.
     fast : bool
         For ``exact``: use the closed form ``J_n = W diag(φ'(o_n))`` when the head
-        after the layer is provably a chain of elementwise piecewise-linear modules
-        optionally ending in one Linear that produces the logits (checked on a probe
-        forward by tensor identity and values). ``False`` forces the generic path: C
+        after the layer is a chain of elementwise operations (any in the table of
+        :mod:`fairdeploy.structure`, with no fan-out) optionally ending in one Linear
+        whose output is the logits, as the traced graph shows. It gives the same
+        Gauss–Newton diagonal as the generic path. ``False`` forces the generic path: C
         vector–Jacobian products per chunk through whatever follows the layer.
     mc_samples : int
         Label draws per sample for ``ggn_mc``.
@@ -574,6 +489,14 @@ def hessian_diag(
             f"layer={layer!r}: modules after it are not piecewise linear "
             f"({', '.join(h.non_pl)}); estimator='exact' returns the Gauss-Newton "
             "diagonal, not the true Hessian diagonal",
+            HessianApproximationWarning,
+            stacklevel=2,
+        )
+    elif estimator == "exact" and h.non_pl is None:
+        warnings.warn(
+            f"layer={layer!r}: what follows it is unknown ({h.untraced}); estimator='exact' "
+            "returns the Gauss-Newton diagonal, which is the true Hessian diagonal only if "
+            "everything after the layer is piecewise linear",
             HessianApproximationWarning,
             stacklevel=2,
         )

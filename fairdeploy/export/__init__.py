@@ -1,6 +1,13 @@
-"""ONNX export with factorized layers as real smaller MatMuls, metadata, measured sizes."""
+"""ONNX export with factorized layers as real smaller MatMuls, dead-neuron elimination,
+metadata, measured sizes."""
 
-from fairdeploy.export._layout import ExportFactorized, LayerLayout, prepare_for_export
+from fairdeploy.export._eliminate import DeployedLayer, DeployedParams, deployed_params
+from fairdeploy.export._layout import (
+    SPARSE_LAYOUTS,
+    ExportFactorized,
+    LayerLayout,
+    prepare_for_export,
+)
 from fairdeploy.export._onnx import (
     METADATA_PREFIX,
     ExportResult,
@@ -14,10 +21,14 @@ from fairdeploy.export._sizes import layer_table, measured_cr, onnx_sizes
 
 __all__ = [
     "METADATA_PREFIX",
+    "SPARSE_LAYOUTS",
+    "DeployedLayer",
+    "DeployedParams",
     "ExportFactorized",
     "ExportResult",
     "LayerLayout",
     "check_factor_structure",
+    "deployed_params",
     "export_onnx",
     "layer_table",
     "measured_cr",

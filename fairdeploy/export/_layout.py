@@ -4,8 +4,12 @@ A :class:`~fairdeploy.lrf.FactorizedLinear` becomes :class:`ExportFactorized`, w
 the factor blocks that are really stored (S folded into U, structured-sparse rows and
 columns cut out as smaller blocks) and computes with ``Slice`` + ``MatMul`` + ``Concat``.
 The permutations that make the sparsified rows/columns contiguous are folded into the
-neighbouring ``nn.Linear`` (or factorized) layer of the same ``nn.Sequential`` when only
-elementwise modules lie between; otherwise the layer gathers its input/output at run time.
+neighbouring ``nn.Linear`` (or factorized) layer when only elementwise operations lie
+between (what lies between is read from the model's traced graph,
+:mod:`fairdeploy.structure`); otherwise the layer gathers its input/output at run time.
+With ``eliminate_dead``, neurons that whole zeroed rows of U / columns of V leave dead are
+removed first (:mod:`fairdeploy.export._eliminate`); the permutations then act on what
+remains.
 
 Why this layout: measured on ONNX Runtime (CPU), a run-time ``Gather`` made a sparse layer
 0.4–1.0× as fast as simply storing the zeros, while ``Slice`` after a folded permutation
@@ -22,27 +26,32 @@ import torch
 from torch import nn
 
 from fairdeploy.errors import FairDeployError
-from fairdeploy.lrf import FactorizedLinear
-
-__all__ = ["ELEMENTWISE_MODULES", "ExportFactorized", "LayerLayout", "prepare_for_export"]
-
-#: Modules that act on each feature independently and identically, so a permutation of
-#: the feature axis commutes with them (Dropout is the identity in eval mode).
-ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Hardswish,
-    nn.Hardtanh,
-    nn.Dropout,
-    nn.AlphaDropout,
-    nn.Identity,
+from fairdeploy.export._eliminate import (
+    LayerSpec,
+    _keep_features,
+    _keep_inputs,
+    apply_elimination,
+    plan_elimination,
 )
+from fairdeploy.lrf import FactorizedLinear
+from fairdeploy.structure import ELEMENTWISE_MODULES as _STRUCTURE_ELEMENTWISE
+from fairdeploy.structure import Link, ModelStructure, analyze_structure
+
+__all__ = [
+    "ELEMENTWISE_MODULES",
+    "SPARSE_LAYOUTS",
+    "ExportFactorized",
+    "LayerLayout",
+    "prepare_for_export",
+    "sparse_layout_name",
+]
+
+#: Module types of the one elementwise table (:mod:`fairdeploy.structure`); whether an
+#: instance qualifies is decided there (e.g. BatchNorm1d only in eval mode on 2-D input).
+ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = _STRUCTURE_ELEMENTWISE
+
+#: The two ways to store a structured-sparse factor (``export.sparse_layout``).
+SPARSE_LAYOUTS = ("blocks", "zeros")
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,15 @@ class LayerLayout:
     input_perm, output_perm : str
         ``"none"``, ``"folded:<layer>"`` (folded into that neighbour's weights) or
         ``"gather"`` (a run-time Gather).
+    eliminated_inputs, eliminated_outputs : int
+        Dead-neuron elimination: input features removed (with the producing layer's
+        output neurons, or dropped at this layer's input) and output features removed
+        (their constants folded into the next layer's bias).
+    input_elimination, output_elimination : str
+        ``"off"`` (not asked), ``"none"`` (nothing dead), ``"removed:<neighbour>"``,
+        ``"dropped at input: <why the neighbour could not lose them>"`` (a Slice or
+        Gather at this layer's input; the neighbour, or the model input, keeps them) or
+        ``"refused: <reason>"``.
     """
 
     layer: str
@@ -89,6 +107,10 @@ class LayerLayout:
     dense_params: int
     input_perm: str
     output_perm: str
+    eliminated_inputs: int = 0
+    eliminated_outputs: int = 0
+    input_elimination: str = "off"
+    output_elimination: str = "off"
 
     def to_dict(self) -> dict[str, int | str]:
         """The layout as a JSON-ready dict."""
@@ -106,6 +128,8 @@ class ExportFactorized(nn.Module):
         o  = concat(z @ V[:, C̄], z[..., :q] @ V[:q, C]) + b[output_perm]
 
     When nothing is sparsified it is ``(x @ U') @ V + b``: two MatMuls and the bias.
+    ``input_select`` (dead inputs dropped at the layer): the layer first keeps those
+    input features, with a Slice when they form one range, else a Gather.
     """
 
     def __init__(
@@ -115,8 +139,18 @@ class ExportFactorized(nn.Module):
         sparse: bool,
         gather_input: bool,
         gather_output: bool,
+        input_select: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
+        self.select_range: tuple[int, int] | None = None
+        sel = None if input_select is None else input_select.long().cpu()
+        if sel is not None and torch.equal(sel, torch.arange(int(sel[0]), int(sel[0]) + len(sel))):
+            self.select_range = (int(sel[0]), int(sel[0]) + len(sel))
+            sel = None
+        if sel is not None:
+            self.register_buffer("input_select", sel.to(layer.U.device))
+        else:
+            self.input_select = None
         U = (layer.U * layer.S).detach()
         V = layer.V.detach()
         din, k = U.shape
@@ -165,6 +199,10 @@ class ExportFactorized(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Compute the layer from its stored blocks."""
+        if self.select_range is not None:
+            x = x[..., self.select_range[0] : self.select_range[1]]
+        elif self.input_select is not None:
+            x = x.index_select(-1, self.input_select)
         if self.input_index is not None:
             x = x.index_select(-1, self.input_index)
         head: torch.Tensor | None = None
@@ -267,27 +305,123 @@ def _permute_neighbour(module: nn.Module, *, out_perm=None, in_perm=None) -> nn.
     return m
 
 
-def _find_neighbour(
-    seq: nn.Sequential, names: list[str], i: int, step: int, side: str
-) -> int | None:
-    """Index of the Linear that feeds (step −1) / consumes (step +1) child ``i`` through
-    elementwise modules only, if it can take a permutation on that side."""
-    j = i + step
-    while 0 <= j < len(names):
-        child = seq[j]
-        if isinstance(child, nn.Linear):
-            return j
-        if isinstance(child, FactorizedLinear):
-            # Its own sparsity needs that side's order: it cannot absorb ours as well.
-            return None if _needs_perm(child, "out" if step < 0 else "in") else j
-        if not isinstance(child, ELEMENTWISE_MODULES):
-            return None
-        j += step
-    return None
+def sparse_layout_name(sparse_layout: bool | str) -> str:
+    """``"blocks"`` or ``"zeros"`` from the option's accepted spellings.
+
+    ``True``/``"blocks"``: structured-sparse factors as real smaller blocks (Slice +
+    MatMul + Concat). ``False``/``"zeros"``: the factors whole, zeros included.
+    """
+    if sparse_layout is True or sparse_layout == "blocks":
+        return "blocks"
+    if sparse_layout is False or sparse_layout == "zeros":
+        return "zeros"
+    raise FairDeployError(
+        f"sparse_layout={sparse_layout!r} is not allowed: use 'blocks' (real smaller blocks) "
+        "or 'zeros' (factors stored whole, zeros included)"
+    )
+
+
+def _spec(name: str, layer: FactorizedLinear) -> LayerSpec:
+    return LayerSpec(
+        name=name,
+        din=layer.in_features,
+        dout=layer.out_features,
+        rank=layer.rank,
+        keep=int(layer.keep),
+        rows=int(layer.sparse_rows.numel()),
+        cols=int(layer.sparse_cols.numel()),
+        bias=layer.bias is not None,
+    )
+
+
+def _eliminate(
+    ready: nn.Module,
+    names: list[str],
+    structure: ModelStructure | None,
+    untraced: str,
+    *,
+    blocks: bool,
+) -> tuple[dict[str, dict[str, tuple[str, int]]], dict[str, torch.Tensor]]:
+    """Dead-neuron elimination on ``ready`` (in place): per-layer status and the inputs
+    each layer that drops its dead inputs itself still reads."""
+    specs = {n: _spec(n, ready.get_submodule(n)) for n in names}
+    plan = plan_elimination(structure, specs, untraced)
+    done = apply_elimination(ready, plan)
+    status: dict[str, dict[str, tuple[str, int]]] = {}
+    select: dict[str, torch.Tensor] = {}
+    for name, spec in specs.items():
+        got = done.get(name, {})
+        status[name] = {}
+        for side, dead, refused in (
+            ("input", spec.dead_inputs, plan.refused_inputs),
+            ("output", spec.constant_outputs, plan.refused_outputs),
+        ):
+            if side in got:
+                status[name][side] = got[side]
+                continue
+            if not dead:
+                status[name][side] = ("none", 0)
+                continue
+            reason = got.get(f"refused_{side}") or refused.get(name, "")
+            if side == "input" and blocks and spec.rows < spec.din:
+                # No neighbour can lose them: the layer reads only its live inputs.
+                layer = ready.get_submodule(name)
+                assert isinstance(layer, FactorizedLinear)
+                dead_rows = set(layer.sparse_rows.tolist())
+                keep = torch.tensor(
+                    [i for i in range(layer.in_features) if i not in dead_rows], dtype=torch.long
+                )
+                with torch.no_grad():
+                    _keep_inputs(layer, keep)
+                select[name] = keep
+                status[name][side] = (f"dropped at input: {reason}", spec.rows)
+            else:
+                status[name][side] = (f"refused: {reason}", 0)
+    return status, select
+
+
+def _fold_plan(
+    ready: nn.Module, names: list[str], structure: ModelStructure
+) -> tuple[dict[str, str], dict[str, str], dict[str, dict[str, torch.Tensor]], list]:
+    """Which side of which factorized layer folds its permutation into which neighbour."""
+    folded_in: dict[str, str] = {}
+    folded_out: dict[str, str] = {}
+    neighbour_perms: dict[str, dict[str, torch.Tensor]] = {}
+    link_perms: list[tuple[Link, torch.Tensor]] = []
+    for name in names:
+        layer = ready.get_submodule(name)
+        assert isinstance(layer, FactorizedLinear)
+        for side in ("in", "out"):
+            if not _needs_perm(layer, side):
+                continue
+            link = structure.preceding(name) if side == "in" else structure.following(name)
+            if link.neighbour is None:
+                continue
+            nb = ready.get_submodule(link.neighbour)
+            # A factorized neighbour whose own sparsity needs that side's order cannot
+            # absorb ours as well.
+            other = "out" if side == "in" else "in"
+            if isinstance(nb, FactorizedLinear) and _needs_perm(nb, other):
+                continue
+            if side == "in":
+                perm = _contiguous_last(layer.sparse_rows.long(), layer.in_features)
+                neighbour_perms.setdefault(link.neighbour, {})["out_perm"] = perm
+                folded_in[name] = link.neighbour
+            else:
+                perm = _contiguous_last(layer.sparse_cols.long(), layer.out_features)
+                neighbour_perms.setdefault(link.neighbour, {})["in_perm"] = perm
+                folded_out[name] = link.neighbour
+            link_perms.append((link, perm))
+    return folded_in, folded_out, neighbour_perms, link_perms
 
 
 def prepare_for_export(
-    model: nn.Module, *, sparse_layout: bool = True, fold_permutations: bool = True
+    model: nn.Module,
+    *,
+    sparse_layout: bool | str = True,
+    fold_permutations: bool = True,
+    eliminate_dead: bool = False,
+    example_input: torch.Tensor | None = None,
 ) -> tuple[nn.Module, list[LayerLayout]]:
     """Copy ``model`` into the module layout that the exported graph computes.
 
@@ -295,89 +429,95 @@ def prepare_for_export(
     ----------
     model : nn.Module
         The model, with :class:`FactorizedLinear` layers where factorized. Not modified.
-    sparse_layout : bool
-        Store structured-sparse factors as real smaller blocks (default). ``False`` stores
-        the factors whole, zeros included (the "dense with zeros" baseline for benchmarks).
+    sparse_layout : {"blocks", "zeros"} or bool
+        ``"blocks"``/``True`` (default): structured-sparse factors as real smaller blocks.
+        ``"zeros"``/``False``: the factors whole, zeros included (fewer ops, more bytes).
     fold_permutations : bool
         Fold the row/column permutations into neighbouring layers where possible
         (default); ``False`` always gathers at run time.
+    eliminate_dead : bool
+        Remove the neurons that whole zeroed rows of U / columns of V (``rr = 0``) leave
+        dead, from the neighbouring Linear layers, exactly (see
+        :mod:`fairdeploy.export._eliminate`). A no-op when no row/column is zeroed whole.
+    example_input : torch.Tensor, optional
+        A batch the model accepts: lets BatchNorm1d and flatten between layers count as
+        elementwise (their meaning depends on the input's rank).
 
     Returns
     -------
     (nn.Module, list of LayerLayout)
         The export-ready copy (eval mode) and one layout record per factorized layer.
     """
+    layout = sparse_layout_name(sparse_layout)
+    blocks = layout == "blocks"
     ready = copy.deepcopy(model).eval()
     factorized = {n: m for n, m in ready.named_modules() if isinstance(m, FactorizedLinear)}
     for name, layer in factorized.items():
         _check_sparsity_record(name, layer)
-    # Which side of which factorized layer is folded into which neighbour.
+    names = list(factorized)
+    counts = {name: _layout_counts(layer) for name, layer in factorized.items()}
+    structure: ModelStructure | None = None
+    untraced = ""
+    if names and ((fold_permutations and blocks) or eliminate_dead):
+        try:
+            structure = analyze_structure(ready, example_input=example_input)
+        except FairDeployError as exc:
+            untraced = str(exc)
+    status: dict[str, dict[str, tuple[str, int]]] = {
+        n: {"input": ("off", 0), "output": ("off", 0)} for n in names
+    }
+    select: dict[str, torch.Tensor] = {}
+    if eliminate_dead and names:
+        status, select = _eliminate(ready, names, structure, untraced, blocks=blocks)
     folded_in: dict[str, str] = {}
     folded_out: dict[str, str] = {}
-    neighbour_perms: dict[str, dict[str, torch.Tensor]] = {}
-    if fold_permutations and sparse_layout:
-        for seq_name, seq in ready.named_modules():
-            if not isinstance(seq, nn.Sequential):
-                continue
-            names = [n for n, _ in seq.named_children()]
-            for i, child_name in enumerate(names):
-                child = seq[i]
-                if not isinstance(child, FactorizedLinear):
-                    continue
-                full = f"{seq_name}.{child_name}" if seq_name else child_name
-                for side, step in (("in", -1), ("out", +1)):
-                    if not _needs_perm(child, side):
-                        continue
-                    j = _find_neighbour(seq, names, i, step, side)
-                    if j is None:
-                        continue
-                    nb = f"{seq_name}.{names[j]}" if seq_name else names[j]
-                    if side == "in":
-                        perm = _contiguous_last(child.sparse_rows.long(), child.in_features)
-                        neighbour_perms.setdefault(nb, {})["out_perm"] = perm
-                        folded_in[full] = nb
-                    else:
-                        perm = _contiguous_last(child.sparse_cols.long(), child.out_features)
-                        neighbour_perms.setdefault(nb, {})["in_perm"] = perm
-                        folded_out[full] = nb
-    for nb, perms in neighbour_perms.items():
-        ready.set_submodule(nb, _permute_neighbour(ready.get_submodule(nb), **perms))
+    if fold_permutations and blocks and structure is not None:
+        folded_in, folded_out, neighbour_perms, link_perms = _fold_plan(ready, names, structure)
+        for link, perm in link_perms:
+            for step in link.feature_modules:  # per-feature parameters follow the features
+                assert step.module is not None
+                with torch.no_grad():
+                    _keep_features(step.module, perm)
+        for nb, perms in neighbour_perms.items():
+            ready.set_submodule(nb, _permute_neighbour(ready.get_submodule(nb), **perms))
     layouts: list[LayerLayout] = []
-    for name in factorized:
-        layer = ready.get_submodule(name)  # may be a permuted copy
-        counts = _layout_counts(layer)
-        if not sparse_layout:
-            counts["stored_params"] = counts["dense_params"] - counts["din"] * counts["dout"] + (
-                counts["din"] * counts["rank"] + counts["rank"] * counts["dout"]
-            )
-        if counts["stored_params"] >= counts["dense_params"]:
-            k, din, dout = counts["rank"], counts["din"], counts["dout"]
+    for name in names:
+        layer = ready.get_submodule(name)  # may be a permuted or reduced copy
+        assert isinstance(layer, FactorizedLinear)
+        export = ExportFactorized(
+            layer,
+            sparse=blocks,
+            gather_input=name not in folded_in,
+            gather_output=name not in folded_out,
+            input_select=select.get(name),
+        )
+        c = dict(counts[name])
+        c["stored_params"] = sum(p.numel() for p in export.parameters())
+        if c["stored_params"] >= c["dense_params"]:
+            k, din, dout = c["rank"], c["din"], c["dout"]
             warnings.warn(
-                f"layer {name!r}: the factorized layer stores {counts['stored_params']} "
-                f"parameters, not fewer than the dense layer's {counts['dense_params']} "
+                f"layer {name!r}: the factorized layer stores {c['stored_params']} "
+                f"parameters, not fewer than the dense layer's {c['dense_params']} "
                 f"(rank {k}; break-even rank is {din * dout // (din + dout)}): lower the rank",
                 UserWarning,
                 stacklevel=2,
             )
-        row_perm = _needs_perm(layer, "in") and sparse_layout
-        col_perm = _needs_perm(layer, "out") and sparse_layout
+        row_perm = _needs_perm(layer, "in") and blocks
+        col_perm = _needs_perm(layer, "out") and blocks
         in_mode = ("folded:" + folded_in[name]) if name in folded_in else "gather"
         out_mode = ("folded:" + folded_out[name]) if name in folded_out else "gather"
+        (in_status, n_in), (out_status, n_out) = status[name]["input"], status[name]["output"]
         layouts.append(
             LayerLayout(
                 layer=name,
                 input_perm=in_mode if row_perm else "none",
                 output_perm=out_mode if col_perm else "none",
-                **counts,
+                eliminated_inputs=n_in,
+                eliminated_outputs=n_out,
+                input_elimination=in_status,
+                output_elimination=out_status,
+                **c,
             )
         )
-        ready.set_submodule(
-            name,
-            ExportFactorized(
-                layer,
-                sparse=sparse_layout,
-                gather_input=name not in folded_in,
-                gather_output=name not in folded_out,
-            ),
-        )
+        ready.set_submodule(name, export)
     return ready, layouts

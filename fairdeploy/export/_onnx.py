@@ -19,7 +19,7 @@ from torch import nn
 
 from fairdeploy._io import atomic_path, publish
 from fairdeploy.errors import FairDeployError
-from fairdeploy.export._layout import LayerLayout, prepare_for_export
+from fairdeploy.export._layout import LayerLayout, prepare_for_export, sparse_layout_name
 
 __all__ = [
     "METADATA_PREFIX",
@@ -46,6 +46,8 @@ DOCUMENTED_KEYS = (
     "measured_cr",
     "fairness",
     "layers",
+    "sparse_layout",
+    "deployed",
 )
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -69,6 +71,23 @@ class ExportResult:
         Max |ONNX Runtime − PyTorch| on the reference inputs, checked at export.
     simplified : bool
         Whether onnxsim simplification was applied (and re-checked).
+    sparse_layout : {"blocks", "zeros"}
+        How structured-sparse factors are stored.
+    eliminate_dead : bool
+        Whether dead-neuron elimination was asked for (per-layer results, and the reason
+        where it was refused, are in ``layers``).
+    deployed_params : int or None
+        Parameters (weights and biases) of the exported layout: the tensors the graph
+        is built from, after block storage and dead-neuron elimination. Equal to
+        :func:`fairdeploy.export.deployed_params` from shapes.
+    vanilla_params : int or None
+        Parameters of the same model with every factorized layer dense again
+        (``Din·Dout + bias``): the vanilla model's count.
+    stored_elements : int or None
+        Elements of the written graph's floating-point initializers, what the file
+        actually stores: ``deployed_params`` for a model without BatchNorm; the exporter
+        also stores BatchNorm running statistics (or folds a BatchNorm into the
+        convolution before it) and stores identical tensors once.
     """
 
     path: Path
@@ -76,6 +95,26 @@ class ExportResult:
     layers: list[LayerLayout] = field(default_factory=list)
     max_abs_error: float | None = None
     simplified: bool = False
+    sparse_layout: str = "blocks"
+    eliminate_dead: bool = False
+    deployed_params: int | None = None
+    vanilla_params: int | None = None
+    stored_elements: int | None = None
+
+    @property
+    def deployed_cr(self) -> float | None:
+        """Deployed C.R.: ``vanilla_params / deployed_params`` (whole model)."""
+        if not self.deployed_params or self.vanilla_params is None:
+            return None
+        return self.vanilla_params / self.deployed_params
+
+    @property
+    def eliminated(self) -> dict[str, dict[str, int]]:
+        """Per factorized layer: input and output features dead-neuron elimination removed."""
+        return {
+            lay.layer: {"inputs": lay.eliminated_inputs, "outputs": lay.eliminated_outputs}
+            for lay in self.layers
+        }
 
 
 # Real inputs checked at export time (layout and ONNX Runtime vs PyTorch).
@@ -273,8 +312,9 @@ def export_onnx(
     labels: np.ndarray | None = None,
     groups: np.ndarray | None = None,
     simplify: bool = False,
-    sparse_layout: bool = True,
+    sparse_layout: bool | str = True,
     fold_permutations: bool = True,
+    eliminate_dead: bool = False,
     opset: int = 17,
     atol: float = 1e-4,
     rtol: float = 1e-3,
@@ -318,8 +358,19 @@ def export_onnx(
     simplify : bool
         Run onnxsim and keep its result only if the factors stay separate and the outputs
         still match.
-    sparse_layout, fold_permutations : bool
+    sparse_layout : {"blocks", "zeros"} or bool
+        ``"blocks"`` (or True, default): structured-sparse factors as real smaller
+        blocks, the permutations folded where possible. ``"zeros"`` (or False): the
+        factors stored whole with their zeros: more bytes, no Slice/Concat (see the
+        README for when each is faster).
+    fold_permutations : bool
         See :func:`fairdeploy.export.prepare_for_export`.
+    eliminate_dead : bool
+        Remove the neurons that whole zeroed rows of U / columns of V (``rr = 0``) leave
+        dead in the neighbouring Linear layers (exact; see
+        :func:`fairdeploy.export.prepare_for_export`). Off by default here so the graph
+        keeps the paper's per-layer layout; the recipe key
+        ``export.eliminate_dead`` turns it on for ``optimize``.
     opset : int
         ONNX opset.
     atol, rtol : float
@@ -344,8 +395,13 @@ def export_onnx(
             )
     encoded = _encode_metadata(dict(metadata or {}))
 
+    layout = sparse_layout_name(sparse_layout)
     ready, layouts = prepare_for_export(
-        model, sparse_layout=sparse_layout, fold_permutations=fold_permutations
+        model,
+        sparse_layout=layout,
+        fold_permutations=fold_permutations,
+        eliminate_dead=eliminate_dead,
+        example_input=example[:2],
     )
     original = model if not model.training else _eval_copy(model)
     with torch.no_grad():
@@ -372,10 +428,21 @@ def export_onnx(
 
     proto.producer_name = "fairdeploy"
     proto.producer_version = __version__
+    deployed = sum(p.numel() for p in ready.parameters())
+    stored = _float_initializer_elements(proto)
+    vanilla = _vanilla_params(model, layouts)
     base = {
         "producer": "fairdeploy",
         "version": __version__,
         "layers": [lay.to_dict() for lay in layouts],
+        "sparse_layout": layout,
+        "deployed": {
+            "vanilla_params": vanilla,
+            "deployed_params": deployed,
+            "deployed_cr": vanilla / deployed if deployed else None,
+            "stored_float_elements": stored,
+            "eliminate_dead": bool(eliminate_dead),
+        },
     }
     _set_metadata(proto, {**_encode_metadata(base), **encoded})
     onnx.checker.check_model(proto, full_check=True)
@@ -408,7 +475,28 @@ def export_onnx(
         layers=layouts,
         max_abs_error=float(err.max()),
         simplified=simplified,
+        sparse_layout=layout,
+        eliminate_dead=bool(eliminate_dead),
+        deployed_params=deployed,
+        vanilla_params=vanilla,
+        stored_elements=stored,
     )
+
+
+def _float_initializer_elements(proto: onnx.ModelProto) -> int:
+    """Elements of the floating-point initializers: the weights the graph stores."""
+    from fairdeploy.export._sizes import _FLOAT_TYPES, _numel
+
+    return sum(_numel(t) for t in proto.graph.initializer if t.data_type in _FLOAT_TYPES)
+
+
+def _vanilla_params(model: nn.Module, layouts: list[LayerLayout]) -> int:
+    """Parameters of ``model`` with every factorized layer counted as the dense Linear."""
+    total = sum(p.numel() for p in model.parameters())
+    for lay in layouts:
+        layer = model.get_submodule(lay.layer)
+        total += lay.dense_params - sum(p.numel() for p in layer.parameters())
+    return total
 
 
 def _eval_copy(model: nn.Module) -> nn.Module:

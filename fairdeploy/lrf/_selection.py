@@ -287,9 +287,9 @@ def activation_abs_sums(
         DataLoader yields ``(x, y, ...)``).
     activation : str or None
         Qualified name of the module whose output is "the activated output". ``"auto"``
-        (default): the module right after ``layer`` in its parent ``nn.Sequential`` when
-        it is an elementwise activation (ReLU, GELU, ...); if there is none, the
-        layer's own output is used. ``None``: always the layer's own output.
+        (default): the activation module that follows ``layer`` in the traced graph,
+        past no-ops such as Dropout (:func:`following_activation`); if there is none,
+        the layer's own output is used. ``None``: always the layer's own output.
 
     Returns
     -------
@@ -338,26 +338,30 @@ def activation_abs_sums(
     return sums["in"], sums["out"]
 
 
-_ELEMENTWISE = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
-    nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softplus,
-)  # fmt: skip
-
-
 def following_activation(model: nn.Module, layer: str) -> str | None:
-    """Qualified name of the elementwise activation right after ``layer``, if any.
+    """Qualified name of the activation module that follows ``layer``, if any.
 
-    The module that follows ``layer`` in its parent ``nn.Sequential`` when it is an
-    elementwise activation (ReLU, GELU, Tanh, ...); None otherwise (the layer is the
-    last of its Sequential, sits in another container, or is followed by something
-    else). This is what ``activation_abs_sums(..., activation="auto")`` uses.
+    Read from the model's traced graph (:mod:`fairdeploy.structure`, the analysis the
+    feature cut, the scoring and the export share): the first operation after ``layer``
+    that is not a no-op in eval mode (Dropout, Identity) when it is an elementwise
+    activation module (ReLU, LeakyReLU, PReLU, ELU, SELU, GELU, SiLU, Mish, Tanh, …)
+    that receives the layer's output alone. None when the layer's output is the model's
+    output or is used more than once, when something else comes first (BatchNorm, a
+    reshape), or when the activation is a function call (``F.relu``: there is no module
+    whose output could be hooked). This is what ``activation_abs_sums(...,
+    activation="auto")`` uses.
+
+    Raises
+    ------
+    FairDeployError
+        If ``layer`` is not a module of the model, or the model cannot be traced
+        (pass ``activation=`` explicitly to :func:`activation_abs_sums` then).
     """
-    parent_name, _, child = layer.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if not isinstance(parent, nn.Sequential):
-        return None
-    names = [n for n, _ in parent.named_children()]
-    pos = names.index(child)
-    if pos + 1 < len(names) and isinstance(parent[pos + 1], _ELEMENTWISE):
-        return f"{parent_name}.{names[pos + 1]}" if parent_name else names[pos + 1]
-    return None
+    from fairdeploy.structure import analyze_structure  # structure imports lrf
+
+    if not layer or layer not in dict(model.named_modules()):
+        raise FairDeployError(
+            f"layer {layer!r} is not a module of the model: give a qualified name such as "
+            "'classifier.3'"
+        )
+    return analyze_structure(model, leaves=[layer]).following_activation(layer)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BeforeValidator,
@@ -114,12 +114,15 @@ class Tolerances(Strict):
 
 
 class ExportSpec(Strict):
-    """``export:`` — ONNX opset, simplification, parity tolerances."""
+    """``export:`` — ONNX opset, simplification, parity tolerances, sparse layout and
+    dead-neuron elimination (``fairdeploy.export.export_onnx``'s options)."""
 
     opset: Annotated[int, BeforeValidator(no_bool), Field(ge=13, le=25)] = 18
     simplify: bool = True
     tolerances: Tolerances = Field(default_factory=Tolerances)
     verify_samples: PosInt = 1024
+    sparse_layout: Literal["blocks", "zeros"] = "blocks"
+    eliminate_dead: bool = True
 
 
 class ReportSpec(Strict):

@@ -294,6 +294,18 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"Measured C.R.: initializers {_cr(sizes.get('initializer_cr'))}, "
             f"files {_cr(sizes.get('file_cr'))}.",
         ]
+        deployed = report["methods"][-1].get("compression", {}).get("deployed")
+        if deployed:
+            theory = report["methods"][-1]["compression"]["theoretical_cr"]
+            out += [
+                "",
+                f"Compression, three ways: the paper's {_cr(theory)} (the factorized layers "
+                f"only, S as k×k); deployed {_cr(deployed['cr'])} (whole model, the "
+                f"{deployed['parameters']:,} parameters the graph stores: "
+                f"{deployed['sparse_layout']} layout, dead neurons "
+                f"{'removed' if deployed['eliminate_dead'] else 'kept'}); measured bytes "
+                f"{_cr(sizes.get('initializer_cr'))} (initializers).",
+            ]
     verify = report.get("verify")
     if verify:
         out += [
