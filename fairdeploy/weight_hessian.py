@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,6 +62,7 @@ __all__ = [
     "DENSE_LAYER_TYPES",
     "ESTIMATORS",
     "dense_layers",
+    "group_pair",
     "group_weight_hessians",
     "resolve_layers",
     "weight_hessian_diag",
@@ -500,6 +501,55 @@ def weight_hessian_diag(
     finally:
         rec.remove()
     return {n: acc[n] / n_total for n in names}
+
+
+def group_pair(
+    hessians: Mapping[int, Mapping[str, torch.Tensor]], pname: str, param: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h0, h1)`` for one parameter from :func:`group_weight_hessians`' result, checked.
+
+    Parameters
+    ----------
+    hessians : mapping
+        ``{0: {param name: diagonal}, 1: {...}}``.
+    pname : str
+        The parameter's qualified name (``"classifier.0.weight"``).
+    param : torch.Tensor
+        The parameter, for its shape.
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        The unprivileged (group 0) and privileged (group 1) diagonals, float64.
+
+    Raises
+    ------
+    FairDeployError
+        A missing group or entry, a shape that is not the parameter's, NaN or inf.
+    """
+    out = []
+    for gid in (0, 1):
+        if gid not in hessians:
+            raise FairDeployError(
+                f"hessians has no group {gid} (groups given: {sorted(hessians)}); give "
+                "{0: ..., 1: ...} as group_weight_hessians returns"
+            )
+        h = hessians[gid].get(pname)
+        if h is None:
+            raise FairDeployError(
+                f"hessians[{gid}] has no entry {pname!r}; compute the Hessians of every "
+                "chosen layer's weight (group_weight_hessians(model, [f'{layer}.weight', "
+                "...], ...))"
+            )
+        if tuple(h.shape) != tuple(param.shape):
+            raise FairDeployError(
+                f"hessians[{gid}][{pname!r}] has shape {tuple(h.shape)}; the parameter has "
+                f"{tuple(param.shape)}"
+            )
+        if not torch.isfinite(h).all():
+            raise FairDeployError(f"hessians[{gid}][{pname!r}] contains NaN or inf")
+        out.append(h.double())
+    return out[0], out[1]
 
 
 def group_weight_hessians(
