@@ -142,3 +142,21 @@ def test_errors():
     hess[0]["0.weight"][0, 0, 0, 0] = float("nan")
     with pytest.raises(FairDeployError, match="contains NaN or inf"):
         fairprune(model, hess, prune_ratio=0.5, beta=0.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    model = _net().double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 2, 6, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (40,), generator=g)
+    groups = torch.arange(40) % 2
+    names = [f"{n}.weight" for n in LAYERS]
+    cpu = fairprune(model, group_weight_hessians(model, names, x, y, groups),
+                    prune_ratio=0.4, beta=1 / 3)
+    gpu_model = model.cuda()
+    gpu = fairprune(gpu_model, group_weight_hessians(gpu_model, names, x, y, groups),
+                    prune_ratio=0.4, beta=1 / 3)
+    for n in LAYERS:
+        assert torch.equal(gpu.masks[n].cpu(), cpu.masks[n])
+        assert gpu.model.get_submodule(n).weight.device.type == "cuda"

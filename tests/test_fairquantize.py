@@ -213,3 +213,20 @@ def test_errors():
         fairquantize(model, x, y, g, quantize_ratio=0.1, beta=0.5, layers=["1"])
     with pytest.raises(FairDeployError, match="weight contains NaN or inf"):
         channel_scales(torch.tensor([[float("inf")]]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_steps_with_finetuning():
+    model = _net().cuda()
+    x, y, g = _data()
+    train = FeatureSet(*_data(64, seed=5))
+    res = fairquantize(
+        model, x, y, g, quantize_ratio=0.5, beta=5 / 9, steps=2, finetune_epochs=1,
+        train_set=train, finetune={"lr": 0.05, "device": "cuda"},
+    )
+    assert res.total_quantized == planned_quantized_count(model, 0.5)
+    for n in LAYERS:
+        w = res.model.get_submodule(n).weight.detach()
+        assert w.device.type == "cuda"
+        m = res.masks[n]
+        assert torch.equal(w[m], dequantize_per_channel(res.values[n], res.scales[n])[m])

@@ -267,3 +267,17 @@ def test_shared_layer_is_refused():
     x, y = _data((3,))
     with pytest.raises(FairDeployError, match="layer 'fc' is called 2 times"):
         weight_hessian_diag(_Twice().double(), ["fc.weight"], x, y)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    model = _conv_net()
+    x, y = _data((2, 8, 8))
+    names = ["0.weight", "3.weight", "9.weight", "12.bias"]
+    for est in ("exact", "ggn_mc"):
+        cpu = weight_hessian_diag(model, names, x, y, estimator=est, mc_samples=3)
+        gpu = weight_hessian_diag(model.cuda(), names, x, y, estimator=est, mc_samples=3)
+        model.cpu()
+        for n in names:
+            assert gpu[n].device.type == "cuda"
+            _close(gpu[n].cpu(), cpu[n], 1e-9)  # same draws: they are made on the CPU
