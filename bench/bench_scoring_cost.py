@@ -18,8 +18,9 @@ fine-tuning; FairPrune once. Every time is measured in this process, interleaved
 against one forward+backward (mean CE, all parameter gradients) of the dense head on the
 same samples and against FairLRF. Weights are random (cost does not depend on values).
 
-Run: ``python bench/bench_scoring_cost.py [--samples 256] [--image-samples 4]
-[--classes 114] [--repeats 3] [--quick] [--device cpu|cuda]``.
+Run: ``python bench/bench_scoring_cost.py [--samples 256] [--image-samples 2]
+[--classes 114] [--repeats 3] [--estimator exact|fisher|ggn_mc] [--quick]
+[--device cpu|cuda]``.
 """
 
 from __future__ import annotations
@@ -45,12 +46,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
+def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """Wall and process-CPU seconds (CPU time is stretched less by other processes on
+    a shared machine)."""
     _sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
     _sync(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def _factorized_fc2(model: nn.Module, k: int, device: torch.device) -> nn.Module:
@@ -67,21 +70,26 @@ def _factorized_fc2(model: nn.Module, k: int, device: torch.device) -> nn.Module
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--samples", type=int, default=256, help="cached-feature samples")
-    ap.add_argument("--image-samples", type=int, default=4,
-                    help="images for the all-layers run (0 skips it)")
+    ap.add_argument("--samples", type=int, default=None,
+                    help="cached-feature samples (default 256; --quick 64)")
+    ap.add_argument("--image-samples", type=int, default=None,
+                    help="images for the all-layers run (default 2; --quick 1; 0 skips it)")
     ap.add_argument("--image-batch", type=int, default=4, help="chunk size of the images")
     ap.add_argument("--classes", type=int, default=114)
     ap.add_argument("--rank", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=None, help="default 3; --quick 1")
+    ap.add_argument("--image-repeats", type=int, default=1,
+                    help="repeats of the (slow) all-layers run")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--estimator", default="exact", choices=["exact", "fisher", "ggn_mc"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true",
-                    help="64 samples, 2 images, 1 repeat: a smoke run in under a minute")
+                    help="64 samples, 1 image, 1 repeat (about 2 minutes on 2 CPU cores, "
+                    "nearly all of it the exact all-layers Hessian of one image)")
     args = ap.parse_args()
-    if args.quick:
-        args.samples, args.image_samples, args.repeats = 64, 2, 1
+    for key, full, quick in (("samples", 256, 64), ("image_samples", 2, 1), ("repeats", 3, 1)):
+        if getattr(args, key) is None:
+            setattr(args, key, quick if args.quick else full)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
@@ -118,39 +126,47 @@ def main() -> None:
         runs["reference: fwd+bwd model, images"] = fwd_bwd_images
         runs["FairPrune/FQ: all 11 layers, images"] = lambda: weight_hessian_diag(
             model, all_params, images, y_img, estimator=args.estimator, batch_size=args.image_batch)
-    for fn in runs.values():  # warm-up: allocator, thread pool, lazy imports
-        if args.repeats > 1:
+    expensive = "FairPrune/FQ: all 11 layers, images"
+    for name, fn in runs.items():  # warm-up: allocator, thread pool, lazy imports
+        if name != expensive:
             fn()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.repeats):
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+    for r in range(args.repeats):
         for name, fn in runs.items():
-            times[name].append(_timed(fn, device))
-    med = {name: statistics.median(t) for name, t in times.items()}
+            if name != expensive or r < args.image_repeats:
+                times[name].append(_timed(fn, device))
+    wall = {name: statistics.median(w for w, _ in t) for name, t in times.items()}
+    cpu = {name: statistics.median(c for _, c in t) for name, t in times.items()}
 
     load = os.getloadavg()
     print(
         f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
         f"vgg11_paper with {c} classes, estimator {args.estimator}, median of "
-        f"{args.repeats} (interleaved), load average {load[0]:.2f} {load[1]:.2f} "
-        f"{load[2]:.2f} on {os.cpu_count()} CPUs"
+        f"{args.repeats} (interleaved; all-layers run: {args.image_repeats}), load average "
+        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs at the end"
     )
-    base = med["reference: fwd+bwd dense head"]
-    lrf = med["FairLRF: U,V of FC-2 (k)"]
-    print(f"{n} cached-feature samples; k = {args.rank}")
-    print(f"{'':38s} {'s':>9s} {'ms/sample':>10s} {'vs fwd+bwd':>11s} {'vs FairLRF':>11s}")
-    for name in ("reference: fwd+bwd dense head", "FairLRF: U,V of FC-2 (k)",
-                 "FairPrune/FQ: FC-1,2,3 weights"):
-        t = med[name]
-        print(f"{name:38s} {t:9.3f} {1e3 * t / n:10.2f} {t / base:10.1f}x {t / lrf:10.1f}x")
+    print(f"{n} cached-feature samples; k = {args.rank}. Ratios of wall time (CPU time)")
+    print(f"{'':38s} {'wall s':>8s} {'ms/sample':>10s} {'vs fwd+bwd':>16s} {'vs FairLRF':>16s}")
+
+    def row(name: str, per: int, base: str, lrf_per: tuple[float, float] | None) -> None:
+        w, cp = wall[name], cpu[name]
+        vs_base = f"{w / wall[base]:6.1f} ({cp / cpu[base]:6.1f})"
+        if lrf_per is None:
+            vs_lrf = f"{w / wall[lrf]:6.1f} ({cp / cpu[lrf]:6.1f})"
+        else:
+            vs_lrf = f"{w / per / lrf_per[0]:6.0f} ({cp / per / lrf_per[1]:6.0f})"
+        print(f"{name:38s} {w:8.3f} {1e3 * w / per:10.2f} {vs_base:>16s} {vs_lrf:>16s}")
+
+    lrf = "FairLRF: U,V of FC-2 (k)"
+    base = "reference: fwd+bwd dense head"
+    for name in (base, lrf, "FairPrune/FQ: FC-1,2,3 weights"):
+        row(name, n, base, None)
     if args.image_samples:
         m = args.image_samples
-        ref_img = med["reference: fwd+bwd model, images"]
         print(f"{m} images of 112×112 (per-sample ratio against FairLRF's per-sample cost)")
-        for name in ("reference: fwd+bwd model, images", "FairPrune/FQ: all 11 layers, images"):
-            t = med[name]
-            per = t / m
-            print(f"{name:38s} {t:9.3f} {1e3 * per:10.2f} {t / ref_img:10.1f}x "
-                  f"{per / (lrf / n):10.1f}x")
+        per_lrf = (wall[lrf] / n, cpu[lrf] / n)
+        for name in ("reference: fwd+bwd model, images", expensive):
+            row(name, m, "reference: fwd+bwd model, images", per_lrf)
     print("FairQuantize pays the scoring once per step (the reference: 20 steps) plus "
           "fine-tuning; FairPrune once; both for each of the two groups, as FairLRF.")
 
