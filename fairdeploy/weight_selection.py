@@ -76,6 +76,24 @@ def selection_counts(
     return fraction_count(fraction, sum(sizes.values()))
 
 
+def _lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the k lowest entries of a 1-D tensor; among equal scores the lower index
+    first. A selection (``kthvalue``) and a scan, not a sort: 45 M VGG-11 weights take
+    about a second instead of 13."""
+    n = scores.numel()
+    mask = torch.zeros(n, dtype=torch.bool, device=scores.device)
+    if k <= 0:
+        return mask
+    if k >= n:
+        return mask.fill_(True)
+    kth = torch.kthvalue(scores, k).values
+    mask = scores < kth
+    need = k - int(mask.sum())
+    ties = torch.nonzero(scores == kth).flatten()[:need]  # nonzero is in index order
+    mask[ties] = True
+    return mask
+
+
 def lowest_entries(
     scores: Mapping[str, torch.Tensor], fraction: float, *, scope: str = "layer"
 ) -> dict[str, torch.Tensor]:
@@ -108,7 +126,7 @@ def lowest_entries(
     check_scope(scope)
     flat = {name: s.detach().reshape(-1) for name, s in scores.items()}
     for name, s in flat.items():
-        if torch.isnan(s).any() or torch.isposinf(s).any():
+        if not bool((s < math.inf).all()):  # one pass: False for NaN and +inf
             raise FairDeployError(
                 f"layer {name!r} has NaN or +inf scores: check its weights and Hessian "
                 "diagonals for NaN/inf"
@@ -116,16 +134,12 @@ def lowest_entries(
     masks = {n: torch.zeros(s.numel(), dtype=torch.bool, device=s.device) for n, s in flat.items()}
     if scope == "layer":
         for name, s in flat.items():
-            k = fraction_count(fraction, s.numel())
-            # Stable sort: among equal scores the lower index comes first.
-            masks[name][torch.sort(s, stable=True).indices[:k]] = True
+            masks[name] = _lowest_k(s, fraction_count(fraction, s.numel()))
     elif flat:
         names = list(flat)
         device = flat[names[0]].device
         allv = torch.cat([flat[n].to(dtype=torch.float64, device=device) for n in names])
-        k = fraction_count(fraction, allv.numel())
-        chosen = torch.zeros(allv.numel(), dtype=torch.bool, device=device)
-        chosen[torch.sort(allv, stable=True).indices[:k]] = True
+        chosen = _lowest_k(allv, fraction_count(fraction, allv.numel()))
         start = 0
         for n in names:
             size = flat[n].numel()

@@ -101,6 +101,21 @@ def test_ties_are_broken_by_position():
     assert glob["b"].all() and glob["a"].flatten().tolist() == [True] + [False] * 5
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_selection_with_many_ties_matches_a_stable_sort(seed):
+    # Brute force: numpy's stable argsort, first k. Scores from few values: many ties,
+    # -inf markers (FairQuantize's earlier entries) included.
+    rng = np.random.default_rng(seed)
+    s = rng.integers(-3, 4, size=(7, 11)).astype(np.float64)
+    s[rng.random(s.shape) < 0.1] = -np.inf
+    for frac in (0.0, 0.13, 0.5, 0.77, 1.0):
+        k = math.floor(frac * s.size)
+        ref = np.zeros(s.size, dtype=bool)
+        ref[np.argsort(s.ravel(), kind="stable")[:k]] = True
+        got = lowest_entries({"w": torch.from_numpy(s)}, frac)["w"]
+        assert np.array_equal(got.numpy().ravel(), ref)
+
+
 def test_counts_floor_exactly():
     assert fraction_count(0.29, 100) == 29  # 0.29 * 100 = 28.999999999999996 in floats
     assert fraction_count(5 / 9, 9) == 5 and fraction_count(0.1, 45_000_007) == 4_500_000
@@ -160,3 +175,10 @@ def test_cuda_matches_cpu():
     for n in LAYERS:
         assert torch.equal(gpu.masks[n].cpu(), cpu.masks[n])
         assert gpu.model.get_submodule(n).weight.device.type == "cuda"
+
+
+def test_nan_scores_are_refused():
+    with pytest.raises(FairDeployError, match="layer 'w' has NaN or \\+inf scores"):
+        lowest_entries({"w": torch.tensor([0.0, float("nan")])}, 0.5)
+    with pytest.raises(FairDeployError, match="layer 'w' has NaN or \\+inf scores"):
+        lowest_entries({"w": torch.tensor([0.0, float("inf")])}, 0.5)
