@@ -286,7 +286,7 @@ def _check_rows(
             )
 
 
-def _patches(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer input as (n, groups, L, K) patches so that the output at position l of
     group g is ``patches[n, g, l] @ W_gᵀ`` with ``W_g`` the (Dout/groups × K) weight."""
     if isinstance(module, nn.Conv2d):
@@ -295,10 +295,9 @@ def _patches(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         cols = F.unfold(xp, module.kernel_size, dilation=module.dilation, stride=module.stride)
         g = module.groups
         n, gk, length = cols.shape
-        return cols.view(n, g, gk // g, length).transpose(2, 3), g
+        return cols.view(n, g, gk // g, length).transpose(2, 3)
     # Linear on (n, ..., Din): every row of a sample shares the weight.
-    n = x.shape[0]
-    return x.reshape(n, 1, -1, x.shape[-1]), 1
+    return x.reshape(x.shape[0], 1, -1, x.shape[-1])
 
 
 def _out_rows(module: nn.Module, q: torch.Tensor, groups: int) -> torch.Tensor:
@@ -313,30 +312,33 @@ def _out_rows(module: nn.Module, q: torch.Tensor, groups: int) -> torch.Tensor:
 def _accumulate_shared(
     module: nn.Module,
     q: torch.Tensor,
-    patches: torch.Tensor,
-    groups: int,
+    x: torch.Tensor,
     weight: float,
     acc_w: torch.Tensor | None,
     acc_b: torch.Tensor | None,
 ) -> None:
     """Add ``weight · Σ_b Σ_n G_nb²`` (per-sample weight gradients, formed explicitly)
-    and the same for the bias, for a layer whose weight is shared across positions."""
+    and the same for the bias, for a layer whose weight is shared across positions.
+
+    ``q``: VJPs at the layer output (b, n, …); ``x``: the layer input (n, …). Patches
+    are unfolded for a few samples at a time, so neither they nor the per-sample
+    gradients exceed about ``_TEMP_ELEMENTS`` elements.
+    """
+    groups = module.groups if isinstance(module, nn.Conv2d) else 1
     rows = _out_rows(module, q, groups)  # (b, n, g, L, Do)
-    b, n, g, _, do = rows.shape
-    k = patches.shape[-1]
+    b, n, g, length, do = rows.shape
     if acc_b is not None:
         gb = rows.sum(3).reshape(b, n, g * do)
         acc_b.add_(weight * (gb * gb).sum((0, 1)))
     if acc_w is None:
         return
-    # Samples per batched GEMM so the (m·g, Do, K) gradients stay near _TEMP_ELEMENTS.
-    m = max(1, _TEMP_ELEMENTS // max(1, g * do * k))
+    k = acc_w[0].numel() if isinstance(module, nn.Conv2d) else acc_w.shape[1]
+    m = max(1, _TEMP_ELEMENTS // max(1, g * k * max(do, length)))
     sq = torch.zeros(g, do, k, dtype=q.dtype, device=q.device)
-    for bi in range(b):
-        for n0 in range(0, n, m):
-            r = rows[bi, n0 : n0 + m]  # (m, g, L, Do)
-            p = patches[n0 : n0 + m]  # (m, g, L, K)
-            grad = torch.matmul(r.transpose(-1, -2), p)  # (m, g, Do, K)
+    for n0 in range(0, n, m):
+        p = _patches(module, x[n0 : n0 + m])  # (m, g, L, K)
+        for bi in range(b):
+            grad = torch.matmul(rows[bi, n0 : n0 + m].transpose(-1, -2), p)  # (m, g, Do, K)
             sq += (grad * grad).sum(0)
     acc_w.add_(weight * sq.reshape(acc_w.shape))
 
@@ -424,8 +426,7 @@ def weight_hessian_diag(
     if not isinstance(model, nn.Module):
         raise FairDeployError(f"model is a {type(model).__name__}; allowed: a torch.nn.Module")
     resolved = _resolve_params(model, names)
-    ref = next(iter(model.parameters()))
-    device = ref.device
+    device = next(iter(model.parameters())).device
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
     net = copy.deepcopy(model).eval()
@@ -471,20 +472,14 @@ def weight_hessian_diag(
             outputs = [outs[t.name] for t in targets_]
             # Row-wise Linear layers: Σ_b q² per sample, then one GEMM with x² per chunk.
             d = {t.name: torch.zeros_like(outs[t.name]) for t in targets_ if rec.rowwise[t.name]}
-            patches = {
-                t.name: _patches(t.module, ins[t.name])
-                for t in targets_
-                if not rec.rowwise[t.name]
-            }
             _check_rows(targets_, ins, outs, logits.shape[0])
             for qs, w in _curvature_vjps(logits, outputs, labels=labels, draws=draws):
                 for t, q in zip(targets_, qs, strict=True):
                     if rec.rowwise[t.name]:
                         d[t.name].add_((q * q).sum(0), alpha=w)
                     else:
-                        pt, g = patches[t.name]
                         _accumulate_shared(
-                            t.module, q, pt, g, w,
+                            t.module, q, ins[t.name], w,
                             acc.get(t.kinds.get("weight", "")),
                             acc.get(t.kinds.get("bias", "")),
                         )
@@ -497,7 +492,7 @@ def weight_hessian_diag(
                     acc[t.kinds["weight"]].add_(d[t.name].T @ ins[t.name].to(d[t.name].dtype))
                 if "bias" in t.kinds:
                     acc[t.kinds["bias"]].add_(d[t.name].sum(0))
-            del logits, outputs, outs, ins, d, patches
+            del logits, outputs, outs, ins, d
     finally:
         rec.remove()
     return {n: acc[n] / n_total for n in names}
