@@ -12,6 +12,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from fairdeploy.errors import FairDeployError
+from fairdeploy.features import split_model
 from fairdeploy.scoring import HessianApproximationWarning
 from fairdeploy.weight_hessian import (
     dense_layers,
@@ -142,11 +143,11 @@ def test_head_on_features_equals_full_model_on_images():
     # (fed the trunk's output, as the feature cache would provide it).
     model = _conv_net()
     x, y = _data((2, 8, 8))
-    trunk, head = model[:9], model[9:]
+    trunk, head = split_model(model.eval(), "9")  # the pipeline's cut (torch.fx)
     with torch.no_grad():
-        feats = trunk.eval()(x)
+        feats = trunk(x)
     full = weight_hessian_diag(model, ["9.weight", "12.bias"], x, y)
-    part = weight_hessian_diag(head, ["9.weight", "12.bias"], feats, y)  # slicing keeps names
+    part = weight_hessian_diag(head, ["9.weight", "12.bias"], feats, y)  # names are kept
     _close(part["9.weight"], full["9.weight"], 1e-12)
     _close(part["12.bias"], full["12.bias"], 1e-12)
 
