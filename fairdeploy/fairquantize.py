@@ -409,7 +409,7 @@ def fairquantize(
                 fresh = c & ~masks[n]
                 new += int(fresh.sum())
                 q, _ = quantize_per_channel(weights[n], scales[n])
-                values[n] = torch.where(fresh, q, values[n])
+                values[n] = torch.where(fresh, q.to(values[n].device), values[n])
                 masks[n] = c
             frozen.clear()
             hold(net)

@@ -216,8 +216,9 @@ def test_errors():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_steps_with_finetuning():
-    model = _net().cuda()
+@pytest.mark.parametrize("start", ["cuda", "cpu"])  # cpu: fine-tuning moves it to the GPU
+def test_cuda_steps_with_finetuning(start):
+    model = _net().to(start)
     x, y, g = _data()
     train = FeatureSet(*_data(64, seed=5))
     res = fairquantize(
@@ -229,4 +230,5 @@ def test_cuda_steps_with_finetuning():
         w = res.model.get_submodule(n).weight.detach()
         assert w.device.type == "cuda"
         m = res.masks[n]
-        assert torch.equal(w[m], dequantize_per_channel(res.values[n], res.scales[n])[m])
+        dq = dequantize_per_channel(res.values[n], res.scales[n]).to(w.device)
+        assert torch.equal(w[m.to(w.device)], dq[m.to(w.device)])
