@@ -201,13 +201,14 @@ class _Recorder:
         self.outputs: dict[str, torch.Tensor] = {}
         self.rowwise: dict[str, bool] = {}
         self.handles = [
-            t.module.register_forward_hook(self._hook(t.name)) for t in targets
+            t.module.register_forward_hook(self._hook(t.name), with_kwargs=True)
+            for t in targets
         ]
 
     def _hook(self, name: str):  # a hook factory: the name rides in the closure
-        def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> torch.Tensor:
             self.calls[name] += 1
-            x = args[0].detach()
+            x = (args[0] if args else kwargs["input"]).detach()
             rowwise = isinstance(mod, nn.Linear) and x.ndim == 2
             self.rowwise[name] = rowwise
             self.inputs[name] = x * x if rowwise else x.clone()
@@ -278,6 +279,12 @@ def _check_rows(
     """Per-sample gradients need the layer's input and output batched along dim 0."""
     for t in targets:
         x, o = ins[t.name], outs[t.name]
+        if not o.requires_grad:
+            raise FairDeployError(
+                f"layer {t.name!r} runs without autograd (torch.no_grad or inference_mode "
+                "in the model's forward, or a caller's inference_mode); weight Hessians need "
+                "its output to carry a graph to the logits"
+            )
         if x.ndim < 2 or x.shape[0] != n or o.shape[0] != n:
             raise FairDeployError(
                 f"layer {t.name!r} receives input of shape {tuple(x.shape)} and returns "
@@ -413,8 +420,9 @@ def weight_hessian_diag(
     ------
     FairDeployError
         A name that is not the weight/bias of a Linear or Conv2d, a layer that does not
-        run exactly once, a model that does not return (N, C) logits, mismatched or
-        empty inputs/targets, a target outside [0, C), bad options.
+        run exactly once or runs without autograd, inputs/outputs not batch-first, a
+        model that does not return (N, C) logits, mismatched or empty inputs/targets, a
+        target outside [0, C), bad options.
     """
     _check_options(estimator, batch_size, mc_samples)
     names = [param_names] if isinstance(param_names, str) else list(param_names)

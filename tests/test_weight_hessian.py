@@ -282,3 +282,20 @@ def test_cuda_matches_cpu():
         for n in names:
             assert gpu[n].device.type == "cuda"
             _close(gpu[n].cpu(), cpu[n], 1e-9)  # same draws: they are made on the CPU
+
+
+class _FrozenInside(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.out = nn.Linear(3, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = self.body(x)
+        return self.out(torch.relu(h))
+
+
+def test_layer_without_autograd_is_refused():
+    x, y = _data((3,))
+    with pytest.raises(FairDeployError, match="layer 'body' runs without autograd"):
+        weight_hessian_diag(_FrozenInside().double(), ["body.weight"], x, y)
