@@ -48,7 +48,6 @@ from torch import nn
 
 from fairdeploy.errors import FairDeployError
 from fairdeploy.scoring import (
-    _PIECEWISE_LINEAR,
     _TEMP_ELEMENTS,
     ESTIMATORS,
     HessianApproximationWarning,
@@ -227,24 +226,85 @@ class _Recorder:
             h.remove()
 
 
-def _probe(net: nn.Module, targets: list[_Target], rec: _Recorder, x: torch.Tensor) -> int:
-    """One no-grad forward on a few samples: every chosen layer runs exactly once, the
-    model returns (N, C) logits; warn about non-piecewise-linear modules after a layer.
-    Returns C."""
+def _leaf_order(net: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module]]:
+    """The leaf modules in the order one no-grad forward on ``x`` calls them."""
     order: list[tuple[str, nn.Module]] = []
     handles = [
         m.register_forward_hook(lambda mod, a, o, name=name: order.append((name, mod)))
         for name, m in net.named_modules()
         if name and next(m.children(), None) is None
     ]
-    for t in targets:
-        rec.calls[t.name] = 0
     try:
         with torch.no_grad():
-            logits = net(x)
+            net(x)
     finally:
         for h in handles:
             h.remove()
+    return order
+
+
+def _not_piecewise_linear_after(
+    net: nn.Module, names: Sequence[str], probe: torch.Tensor
+) -> dict[str, list[str] | None]:
+    """Per layer, the operations after it that are not piecewise linear (``[]``: the
+    logits are piecewise linear in the layer's output, so ``exact`` is the true Hessian
+    diagonal), or None when that cannot be worked out (the model cannot be traced)."""
+    try:
+        from fairdeploy.structure import analyze_structure
+    except ImportError:
+        # Transitional, until this branch meets fairdeploy.structure (the one torch.fx
+        # analysis, which also sees functional calls): the leaf modules that run after
+        # each layer, checked against scoring's module table. Delete after the merge.
+        from fairdeploy.scoring import _PIECEWISE_LINEAR  # type: ignore[attr-defined]
+
+        order = _leaf_order(net, probe)
+        position = {name: i for i, (name, _) in enumerate(order)}
+        return {
+            n: sorted(
+                {
+                    type(m).__name__
+                    for _, m in order[position[n] + 1 :]
+                    if not isinstance(m, _PIECEWISE_LINEAR)
+                }
+            )
+            if n in position
+            else []
+            for n in names
+        }
+    try:
+        structure = analyze_structure(net, leaves=list(names), example_input=probe)
+    except FairDeployError:
+        return {n: None for n in names}
+    return {n: structure.not_piecewise_linear_after(n) for n in names}
+
+
+def _warn_not_exact(non_pl: dict[str, list[str] | None]) -> None:
+    for name, ops in non_pl.items():
+        if ops is None:
+            warnings.warn(
+                f"layer {name!r}: what follows it is unknown (the model cannot be traced); "
+                "estimator='exact' returns the Gauss-Newton diagonal, the true Hessian "
+                "diagonal only if everything after the layer is piecewise linear",
+                HessianApproximationWarning,
+                stacklevel=3,
+            )
+        elif ops:
+            warnings.warn(
+                f"layer {name!r}: operations after it are not piecewise linear "
+                f"({', '.join(ops)}); estimator='exact' returns the Gauss-Newton diagonal, "
+                "not the true Hessian diagonal",
+                HessianApproximationWarning,
+                stacklevel=3,
+            )
+
+
+def _probe(net: nn.Module, targets: list[_Target], rec: _Recorder, x: torch.Tensor) -> int:
+    """One no-grad forward on a few samples: every chosen layer runs exactly once and
+    the model returns (N, C) logits. Returns C."""
+    for t in targets:
+        rec.calls[t.name] = 0
+    with torch.no_grad():
+        logits = net(x)
     rec.take()
     for t in targets:
         if rec.calls[t.name] != 1:
@@ -256,20 +316,6 @@ def _probe(net: nn.Module, targets: list[_Target], rec: _Recorder, x: torch.Tens
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
         raise FairDeployError(f"the model returns {shape}; allowed: logits of shape (N, classes)")
-    position = {name: i for i, (name, _) in enumerate(order)}
-    for t in targets:
-        after = order[position[t.name] + 1 :] if t.name in position else []
-        non_pl = sorted(
-            {type(m).__name__ for _, m in after if not isinstance(m, _PIECEWISE_LINEAR)}
-        )
-        if non_pl:
-            warnings.warn(
-                f"layer {t.name!r}: modules after it are not piecewise linear "
-                f"({', '.join(non_pl)}); the estimate is the Gauss-Newton diagonal, not "
-                "the true Hessian diagonal",
-                HessianApproximationWarning,
-                stacklevel=3,
-            )
     return int(logits.shape[1])
 
 
@@ -453,9 +499,13 @@ def weight_hessian_diag(
             t = t.to(dtype)
         return t.to(device)
 
+    probe = chunk(x_all, 0)[:2]
+    non_pl = _not_piecewise_linear_after(net, [t.name for t in targets_], probe)
     rec = _Recorder(targets_)
     try:
-        num_classes = _probe(net, targets_, rec, chunk(x_all, 0)[:2])
+        num_classes = _probe(net, targets_, rec, probe)
+        if estimator == "exact":
+            _warn_not_exact(non_pl)
         if int(y_all.max()) >= num_classes:
             raise FairDeployError(
                 f"targets contains {int(y_all.max())}; allowed: class indices in "
