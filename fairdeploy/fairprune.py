@@ -169,7 +169,8 @@ def fairprune(
     hessians : mapping
         ``{0: {...}, 1: {...}}`` Hessian diagonals of the chosen weights, from
         :func:`~fairdeploy.weight_hessian.group_weight_hessians` on balanced scoring
-        sets of the unprivileged (0) and privileged (1) groups.
+        sets, keyed by role: 0 the unprivileged, 1 the privileged group (re-key when the
+        data's ids differ: ``{0: h[unpriv_id], 1: h[priv_id]}``).
     prune_ratio : float
         Fraction in [0, 1] of the chosen weights to prune.
     beta : float

@@ -295,6 +295,7 @@ def fairquantize(
     batch_size: int = 64,
     mc_samples: int = 1,
     seed: int = 0,
+    group_ids: Sequence[int] = (0, 1),
     hessians: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
 ) -> QuantizeResult:
     """Quantize the ``quantize_ratio`` fraction of weights with the lowest FairQuantize score.
@@ -305,8 +306,8 @@ def fairquantize(
         The vanilla model, or a head fed cached features when every chosen layer is in
         it. Not modified.
     inputs, targets, groups : torch.Tensor
-        The scoring sets (model inputs, labels, group ids 0/1; other ids are ignored),
-        balanced by the caller (:func:`~fairdeploy.scoring.scoring_indices`).
+        The scoring sets (model inputs, labels, group ids; ids not in ``group_ids`` are
+        ignored), balanced by the caller (:func:`~fairdeploy.scoring.scoring_indices`).
     quantize_ratio : float
         Fraction q in [0, 1] of the chosen weights to quantize.
     beta : float
@@ -333,9 +334,12 @@ def fairquantize(
     estimator, batch_size, mc_samples, seed
         Hessian settings, as in :func:`~fairdeploy.weight_hessian.weight_hessian_diag`;
         ``seed`` also seeds fine-tuning (``seed + step``).
+    group_ids : (int, int)
+        The ids in ``groups`` of the unprivileged and the privileged group, in that
+        order (h0 and h1 of the score); default (0, 1).
     hessians : mapping, optional
-        ``{0: {...}, 1: {...}}`` Hessian diagonals of the chosen weights for the first
-        step (e.g. cached); later steps always recompute them.
+        Hessian diagonals of the chosen weights for the first step (e.g. cached), keyed
+        by role: ``{0: unprivileged, 1: privileged}``; later steps always recompute them.
 
     Returns
     -------
@@ -387,11 +391,19 @@ def fairquantize(
             mask, dq = frozen[key]
             w.copy_(torch.where(mask, dq, w))
 
+    unpriv, priv = (int(g) for g in group_ids)
+    if unpriv == priv:
+        raise FairDeployError(f"group_ids={tuple(group_ids)!r} must name two different groups")
+
     for step in range(1, steps + 1):
-        h = hessians if step == 1 and hessians is not None else group_weight_hessians(
-            net, pnames, inputs, targets, groups,
-            estimator=estimator, batch_size=batch_size, mc_samples=mc_samples, seed=seed,
-        )
+        if step == 1 and hessians is not None:
+            h = hessians
+        else:
+            by_id = group_weight_hessians(
+                net, pnames, inputs, targets, groups, group_ids=(unpriv, priv),
+                estimator=estimator, batch_size=batch_size, mc_samples=mc_samples, seed=seed,
+            )
+            h = {0: by_id[unpriv], 1: by_id[priv]}  # roles of the score
         scores = {}
         for n, p in zip(names, pnames, strict=True):
             h0, h1 = group_pair(h, p, weights[n])

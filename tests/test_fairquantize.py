@@ -180,6 +180,18 @@ def test_step1_entries_survive_step2():
         assert torch.equal(w2[m], w1[m])
 
 
+def test_group_ids_name_the_roles():
+    # The privileged group as id 0 in the data: naming it gives the same result as
+    # relabelling the data.
+    model = _net()
+    x, y, g = _data()
+    a = fairquantize(model, x, y, g, quantize_ratio=0.3, beta=5 / 9)
+    b = fairquantize(model, x, y, 1 - g, quantize_ratio=0.3, beta=5 / 9, group_ids=(1, 0))
+    c = fairquantize(model, x, y, 1 - g, quantize_ratio=0.3, beta=5 / 9)
+    assert all(torch.equal(a.masks[n], b.masks[n]) for n in LAYERS)
+    assert any(not torch.equal(a.masks[n], c.masks[n]) for n in LAYERS)
+
+
 def test_deterministic():
     _, a = _finetune_run(steps=2, epochs=1)
     _, b = _finetune_run(steps=2, epochs=1)
