@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -235,31 +235,91 @@ def _check_options(estimator: str, batch_size: int, mc_samples: int) -> None:
         raise FairDeployError(f"mc_samples={mc_samples!r} is invalid; allowed: an integer ≥ 1")
 
 
+def _class_block(n: int, width: int, c: int) -> int:
+    """Cotangents per vmapped backward so that a (block, n, max(width, C)) temporary
+    stays near ``_TEMP_ELEMENTS`` elements."""
+    return max(1, _TEMP_ELEMENTS // max(1, n * max(width, c)))
+
+
+def _curvature_vjps(
+    logits: torch.Tensor,
+    outputs: Sequence[torch.Tensor],
+    *,
+    labels: torch.Tensor | None = None,
+    draws: torch.Tensor | None = None,
+) -> Iterator[tuple[tuple[torch.Tensor, ...], float]]:
+    """VJPs of the logits at ``outputs`` whose squares add up to a curvature diagonal.
+
+    The shared engine of every estimator here and in :mod:`fairdeploy.weight_hessian`.
+    Yields ``(vjps, weight)`` per block of cotangents, ``vjps[i]`` of shape
+    ``(block, n, *outputs[i].shape[1:])``: for a quantity ``g_n`` linear in the VJP
+    (a layer output's, or a weight's per-sample gradient),
+    ``Σ_blocks weight · Σ_b g_nb²`` is
+
+    * ``exact`` (neither ``labels`` nor ``draws``): the Gauss–Newton diagonal
+      ``diag(Gᵀ Λ_n G)``, from the C cotangents ``r_c = √p_c (e_c − p)`` with
+      ``Σ_c r_c r_cᵀ = Λ_n = diag(p_n) − p_n p_nᵀ`` (sums of squares: no cancellation
+      the way ``pᵀJ² − (pᵀJ)²`` can cancel);
+    * ``fisher`` (``labels``, shape (n,)): the squared per-sample gradient of CE with
+      the observed label, cotangent ``p_n − e_{y_n}``;
+    * ``ggn_mc`` (``draws``, shape (m, n)): the same averaged over m label draws
+      (``weight`` = 1/m), an unbiased estimate of ``exact`` since
+      ``E[(p − e_y)(p − e_y)ᵀ] = Λ``.
+
+    ``logits`` must carry a graph back to every output. Blocks of more than one
+    cotangent run as one vmapped backward; an output the logits do not depend on gets
+    zeros.
+    """
+    p = torch.softmax(logits.detach(), dim=-1)
+    n, c = p.shape
+    width = sum(math.prod(o.shape[1:]) for o in outputs)
+    if labels is not None:
+        draws = labels[None]
+    exact = draws is None
+    total = c if draws is None else draws.shape[0]
+    weight = 1.0 if draws is None else 1.0 / draws.shape[0]
+    sp = p.sqrt()
+    block = _class_block(n, width, c)
+    for b0 in range(0, total, block):
+        b1 = min(total, b0 + block)
+        if exact:
+            cls = torch.arange(b0, b1, device=p.device)
+            cot = -sp.T[cls, :, None] * p[None]  # cot[b, n, :] = √p_nc (e_c − p_n), c = cls[b]
+            cot[torch.arange(len(cls)), :, cls] += sp.T[cls]
+        else:
+            cot = p[None] - F.one_hot(draws[b0:b1], c).to(p.dtype)  # ∂CE_n/∂logits_n
+        more = b1 < total
+        if b1 - b0 == 1:  # a plain backward, no vmap machinery to load
+            grads = torch.autograd.grad(
+                logits, outputs, cot[0], retain_graph=more, allow_unused=True
+            )
+            grads = tuple(None if g is None else g[None] for g in grads)
+        else:
+            grads = torch.autograd.grad(
+                logits, outputs, cot, retain_graph=more, is_grads_batched=True,
+                allow_unused=True,
+            )
+        yield (
+            tuple(
+                o.new_zeros(b1 - b0, *o.shape) if g is None else g
+                for g, o in zip(grads, outputs, strict=True)
+            ),
+            weight,
+        )
+
+
 def _exact_generic(
     o: torch.Tensor, logits: torch.Tensor, vt: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample ``(Jᵀ Λ J)_ll`` (n × Dout) and ``(Aᵀ Λ A)_jj`` (n × k) by C VJPs.
 
-    ``Λ_n = Σ_c r_c r_cᵀ`` with ``r_c = √p_c (e_c − p)``; a VJP with cotangent ``r_c``
-    gives ``q_c = r_cᵀ J_n``, and the diagonals are sums of squares of ``q_c`` and of
-    ``q_c Vᵀ diag(S)``, which cannot cancel the way ``pᵀJ² − (pᵀJ)²`` can. ``logits``
-    must carry a graph back to the leaf ``o``; the VJPs of a class block run as one
-    vmapped backward.
+    A VJP with cotangent ``r_c`` gives ``q_c = r_cᵀ J_n`` (:func:`_curvature_vjps`);
+    the diagonals are sums of squares of ``q_c`` and of ``q_c Vᵀ diag(S)``.
+    ``logits`` must carry a graph back to the leaf ``o``.
     """
-    p = torch.softmax(logits.detach(), dim=-1)
-    n, c = p.shape
-    sp = p.sqrt()
     d = torch.zeros_like(o)
-    e = o.new_zeros(n, vt.shape[1])
-    block = max(1, _TEMP_ELEMENTS // max(1, n * max(o.shape[1], c)))
-    for c0 in range(0, c, block):
-        cls = torch.arange(c0, min(c, c0 + block), device=o.device)
-        # cot[b, n, :] = √p_nc (e_c − p_n) for class c = cls[b].
-        cot = -sp.T[cls, :, None] * p[None]
-        cot[torch.arange(len(cls)), :, cls] += sp.T[cls]
-        (q,) = torch.autograd.grad(  # (block, n, Dout)
-            logits, o, cot, retain_graph=c0 + block < c, is_grads_batched=True
-        )
+    e = o.new_zeros(o.shape[0], vt.shape[1])
+    for (q,), _ in _curvature_vjps(logits, (o,)):  # q: (block, n, Dout)
         d += (q * q).sum(0)
         qa = q @ vt  # (block, n, k)
         e += (qa * qa).sum(0)
@@ -332,6 +392,15 @@ def _exact_chain(
     return d, e
 
 
+def _draw_labels(
+    p: torch.Tensor, mc_samples: int, gen: torch.Generator
+) -> torch.Tensor:
+    """``mc_samples`` labels per sample drawn from the model's p, shape (mc, n); drawn on
+    the CPU in float64 so the seeded stream is device-independent."""
+    idx = torch.multinomial(p.double().cpu(), mc_samples, replacement=True, generator=gen)
+    return idx.T.to(p.device)
+
+
 def _squared_grads(
     o: torch.Tensor,
     logits: torch.Tensor,
@@ -349,30 +418,16 @@ def _squared_grads(
     Samples are independent in eval mode, so one backward of the summed loss yields
     every per-sample gradient; draws are batched into one vmapped backward per block.
     """
-    p = torch.softmax(logits.detach(), dim=-1)
-    n, c = p.shape
-    if labels is not None:
-        draws = labels[None]  # (1, n)
-    else:
-        # Drawn on the CPU in float64 so the seeded stream is device-independent.
-        idx = torch.multinomial(p.double().cpu(), mc_samples, replacement=True, generator=gen)
-        draws = idx.T.to(p.device)  # (mc, n)
+    draws = None
+    if labels is None:
+        draws = _draw_labels(torch.softmax(logits.detach(), dim=-1), mc_samples, gen)
     g2 = torch.zeros_like(o)
-    gu2 = o.new_zeros(n, vt.shape[1])
-    block = max(1, _TEMP_ELEMENTS // max(1, n * max(o.shape[1], c)))
-    for b0 in range(0, draws.shape[0], block):
-        y = draws[b0 : b0 + block]
-        cot = p[None] - F.one_hot(y, c).to(p.dtype)  # (b, n, C): ∂CE_n/∂logits_n
-        more = b0 + block < draws.shape[0]
-        if len(y) == 1:  # fisher: a plain backward, no vmap machinery to load
-            (g,) = torch.autograd.grad(logits, o, cot[0], retain_graph=more)
-            g = g[None]
-        else:
-            (g,) = torch.autograd.grad(logits, o, cot, retain_graph=more, is_grads_batched=True)
-        g2 += (g * g).sum(0)
+    gu2 = o.new_zeros(o.shape[0], vt.shape[1])
+    for (g,), weight in _curvature_vjps(logits, (o,), labels=labels, draws=draws):
+        g2 += weight * (g * g).sum(0)
         gu = g @ vt  # ∂CE_n/∂(x_n U)
-        gu2 += (gu * gu).sum(0)
-    return g2 / draws.shape[0], gu2 / draws.shape[0]
+        gu2 += weight * (gu * gu).sum(0)
+    return g2, gu2
 
 
 # --------------------------------------------------------------------------- public API

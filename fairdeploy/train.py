@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,6 +195,7 @@ def train_model(
     progress: bool = True,
     num_workers: int = 0,
     metadata: Mapping[str, Any] | None = None,
+    after_step: Callable[[nn.Module], None] | None = None,
 ) -> TrainResult:
     """Train a classifier with the paper's recipe; return a trained copy.
 
@@ -239,6 +240,10 @@ def train_model(
         Extra entries for the final checkpoint's ``metadata``, e.g. ``{"arch":
         "vgg11_paper", "num_classes": 2}``: str, int, float, bool, None, or lists/dicts
         of them.
+    after_step : callable, optional
+        Called with the model being trained after every optimizer step, under
+        ``torch.no_grad()``; it may change parameters in place (FairQuantize uses it
+        to hold quantized weights at their values while the rest is fine-tuned).
 
     Returns
     -------
@@ -335,6 +340,9 @@ def train_model(
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
+                    if after_step is not None:
+                        with torch.no_grad():
+                            after_step(net)
                     loss_sum += loss.detach().double() * y.numel()
                     correct += (logits.detach().argmax(1) == y).sum()
                     seen += y.numel()
