@@ -27,12 +27,12 @@ from fairdeploy.export import PackSpec, _packed, export_onnx, onnx_sizes, pack_w
 # Ops only the rebuild graphs use in these tests' models.
 REBUILD_OPS = {"BitShift", "CumSum", "Where", "Not", "And", "Cast", "Slice", "ConstantOfShape",
                "Mul", "Sub", "Transpose"}
-# Initializer bytes of the constants every rebuild shares (the formula's fixed part):
-# Reshape shapes [-1, 1] and [-1] (int64), the 8 uint8 shifts and the 7, CumSum's axis and
-# the 1 subtracted (int32 scalars).
-SHARED = 16 + 8 + 8 + 1 + 4 + 4
-SLICE_START = 8  # int64 [0], shared, when a mask's length is not a multiple of 8
-ZERO_SCALAR = 4  # float32 0, shared, when a tensor has pruned entries
+# Initializer bytes of the constants the rebuilds share (the formula's fixed part): the 8
+# uint8 shifts and the 7, the Reshape shape [-1] (int64), CumSum's axis (int32).
+SHARED = 8 + 1 + 8 + 4
+ONE = 4  # int32 1, to count a class's complement
+SLICE_START = 8  # int64 [0], when a mask's length is not a multiple of 8
+ZERO_SCALAR = 4  # float32 0, when a tensor has pruned entries
 
 
 def quantize(w: torch.Tensor, mask: torch.Tensor):
@@ -185,21 +185,27 @@ def test_onnx_runtime_folds_the_rebuild_when_the_session_loads(tmp_path):
 
 
 def expected_packed_bytes(spec: PackSpec) -> int:
-    """Initializer bytes of one packed tensor, from the storage formula."""
+    """Initializer bytes of one packed tensor, from the storage formula: a bit per entry
+    for the most numerous class, a bit per remaining entry (+ 1 padding bit) when there are
+    three classes, 1 byte per int8 and 4 per float entry (+ one padding entry per table
+    read through a mask), a float32 scale per output channel, the int64 shape, and the
+    int64 length of a mask whose length is not a multiple of 8."""
     w = spec.weight
     n = w.numel()
     nz = 0 if spec.pruned is None else int(spec.pruned.sum())
     nq = 0 if spec.quantized is None else int(spec.quantized.sum())
     nf = n - nz - nq
     sizes = sorted((c for c in (nz, nq, nf) if c), reverse=True)
-    total = 8 * w.ndim + nq + 4 * nf  # shape constant, int8 values, float values
+    masked = len(sizes) >= 2
+    total = 8 * w.ndim
     if nq:
-        total += 4 * w.shape[0]  # one float32 scale per output channel
-    if len(sizes) >= 2:
-        total += math.ceil(n / 8) + (8 if n % 8 else 0)  # mask (+ its length for Slice)
+        total += nq + masked + 4 * w.shape[0]
+    if nf:
+        total += 4 * (nf + masked)
+    if masked:
+        total += math.ceil(n / 8) + (8 if n % 8 else 0)
     if len(sizes) == 3:
-        rest = n - sizes[0]
-        total += math.ceil(rest / 8) + (8 if rest % 8 else 0)
+        total += math.ceil((n - sizes[0] + 1) / 8)
     return total
 
 
@@ -215,7 +221,8 @@ def test_bytes_shrink_exactly_as_the_formula_says(tmp_path, q, p):
                                            tmp_path)
     n = 61 * 47
     assert n % 8  # the Slice path is exercised
-    shared = SHARED + SLICE_START + (ZERO_SCALAR if p else 0)
+    three = bool(p and q)
+    shared = SHARED + SLICE_START + (ZERO_SCALAR if p else 0) + (ONE if q or three else 0)
     own = expected_packed_bytes(spec)
     before, after = onnx_sizes(dense), onnx_sizes(packed)
     assert after["initializer_bytes"] == before["initializer_bytes"] - 4 * n + own + shared
@@ -228,7 +235,7 @@ def test_bytes_shrink_exactly_as_the_formula_says(tmp_path, q, p):
     # Stored bits per weight: (1 − p)·32 − 24q + mask bits + scale bits, p and q the
     # fractions drawn, within the shape constants.
     pf, qf = t.zero / n, t.int8 / n
-    mask_bits = 1 + (1 - max(pf, qf, 1 - pf - qf) if p and q else 0)
+    mask_bits = 1 + (1 - max(pf, qf, 1 - pf - qf) if three else 0)
     scale_bits = 32 * 47 / n if q else 0
     theory = (1 - pf) * 32 - 24 * qf + mask_bits + scale_bits
     assert t.bits_per_entry == pytest.approx(theory, abs=0.1)

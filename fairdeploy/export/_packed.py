@@ -294,8 +294,8 @@ def _classes(parameter: str, spec: PackSpec) -> _Classes:
                 "quantized: an entry belongs to one class"
             )
         q, scales = _int8_parts(where, is_int8, spec, shape)
-        channel = np.repeat(np.arange(shape[0]), n // shape[0])[is_int8]
-        deq = q.astype(np.float32) * scales[channel]
+        per_channel = is_int8.reshape(shape[0], -1).sum(axis=1)
+        deq = q.astype(np.float32) * np.repeat(scales, per_channel)
         # Compare bits, so -0.0 and NaN are not glossed over.
         diff = deq.view(np.uint32) != flat[is_int8].view(np.uint32)
         if np.any(diff):
@@ -448,28 +448,27 @@ class _Tensor:
         self.nodes.append(helper.make_node(op, inputs, [out], **attrs))
         return out
 
-    def unpack(self, packed: np.ndarray, n: int, key: str) -> str:
-        """Bool tensor (n,) from bits packed by np.packbits (first entry in the top bit)."""
+    def unpack(self, bits: np.ndarray, key: str, *, exact: bool) -> str:
+        """uint8 0/1 per entry of ``bits``, stored bit-packed (np.packbits: first entry in the
+        top bit). ``exact``: cut to ``len(bits)``; else up to 7 padding zeros follow."""
         g = self.g
-        x = self.node("Reshape", [self.init(key, packed), g.const("col", np.array([-1, 1]))])
+        packed = self.init(key, np.packbits(bits).reshape(-1, 1))
         # (x << k) >> 7 is bit k counted from the top: uint8 shifts drop the high bits.
-        x = self.node("BitShift", [x, g.const("shifts", np.arange(8, dtype=np.uint8))],
+        x = self.node("BitShift", [packed, g.const("shifts", np.arange(8, dtype=np.uint8))],
                       direction="LEFT")
         x = self.node("BitShift", [x, g.const("seven", np.array(7, np.uint8))],
                       direction="RIGHT")
         x = self.node("Reshape", [x, g.const("flat", np.array([-1]))])
-        if n % 8:
-            end = self.init(key + "_len", np.array([n]))
+        if exact and bits.size % 8:
+            end = self.init(key + "_len", np.array([bits.size]))
             x = self.node("Slice", [x, g.const("start", np.array([0])), end])
-        return self.node("Cast", [x], to=TensorProto.BOOL)
+        return x
 
-    def compact_index(self, mask: str) -> str:
-        """For each entry, its position among the entries where ``mask`` is set (−1 before
-        the first; read only where the mask is set)."""
-        g = self.g
-        c = self.node("Cast", [mask], to=TensorProto.INT32)
-        c = self.node("CumSum", [c, g.const("axis0", np.array(0, np.int32))])
-        return self.node("Sub", [c, g.const("one", np.array(1, np.int32))])
+    def position(self, indicator: str) -> str:
+        """For each entry, how many entries before it have ``indicator`` 1 (int32): the
+        entry's position in its class's compact values where the indicator is 1."""
+        return self.node("CumSum", [indicator, self.g.const("axis0", np.array(0, np.int32))],
+                         exclusive=1)
 
 
 def _pack_order(counts: dict[str, int]) -> list[str]:
@@ -478,38 +477,47 @@ def _pack_order(counts: dict[str, int]) -> list[str]:
 
 
 def _build_tensor(graph: _Graph, cls: _Classes, target: str, transposed: bool) -> _Tensor:
-    """Compact initializers and rebuild nodes whose last output is ``target``."""
+    """Compact initializers and rebuild nodes whose last output is ``target``.
+
+    ONNX Runtime's constant folding costs about as much per byte of every intermediate
+    tensor as loading the weight itself, so the graph keeps full-size intermediates few and
+    narrow: uint8 bits, one int32 CumSum per class (exclusive, so no "− 1"; each compact
+    table carries one padding entry so the count after a class's last entry is still a
+    valid index), int8 until de-quantization. ``NonZero``/``ScatterND`` would be cheaper
+    for a rare class, but ONNX Runtime does not fold ``NonZero``.
+    """
     t = _Tensor(graph, target)
     w = cls.weight
     shape = tuple(w.shape)
-    n = w.size
     flat = w.reshape(-1)
     pshape = t.init("shape", np.array(shape, np.int64))
     order = _pack_order(cls.counts)
     is_class = {ZERO: cls.is_zero, INT8: cls.is_int8, FLOAT: ~(cls.is_zero | cls.is_int8)}
     dense_name = graph.fresh() if transposed else target
+    i32 = TensorProto.INT32
 
     def dequantized(index: str | None, *, flat_out: bool) -> str:
-        vals = t.init("int8", cls.q)
-        if index is not None:
-            vals = t.node("Gather", [vals, index])
-        x = t.node("Cast", [vals], to=TensorProto.FLOAT)
-        x = t.node("Reshape", [x, pshape])
+        if index is None:
+            x = t.node("Reshape", [t.init("int8", cls.q), pshape])
+        else:
+            x = t.node("Gather", [t.init("int8", np.append(cls.q, np.int8(0))), index])
+            x = t.node("Reshape", [x, pshape])  # int8: a quarter of the bytes of float
+        x = t.node("Cast", [x], to=TensorProto.FLOAT)
         bshape = (shape[0],) + (1,) * (len(shape) - 1)
         x = t.node("Mul", [x, t.init("scales", cls.scales.reshape(bshape))],
                    None if flat_out else dense_name)
         return t.node("Reshape", [x, graph.const("flat", np.array([-1]))]) if flat_out else x
 
-    def values(c: str, mask: Any) -> str:
-        """Flat (n,) values of class ``c`` read at every entry (valid where its mask is set;
-        ``mask`` makes that mask on demand, a zero class needs none)."""
+    def values(c: str, indicator: Any) -> str:
+        """Flat values of class ``c`` at every entry (valid where ``indicator()``, an int32
+        0/1 tensor made on demand, is 1; a zero class needs none)."""
         if c == ZERO:
             return graph.const("zero", np.array(0, np.float32))  # broadcast by Where
-        index = t.compact_index(mask()) if mask is not None else None
+        index = t.position(indicator())
         if c == INT8:
             return dequantized(index, flat_out=True)
-        vals = t.init("float", flat[is_class[FLOAT]])
-        return t.node("Gather", [vals, index]) if index is not None else vals
+        table = np.append(flat[is_class[FLOAT]], np.float32(0))
+        return t.node("Gather", [t.init("float", table), index])
 
     if len(order) == 1:  # one class: no mask needed (float alone is never packed)
         if order[0] == ZERO:
@@ -519,28 +527,43 @@ def _build_tensor(graph: _Graph, cls: _Classes, target: str, transposed: bool) -
             dequantized(None, flat_out=False)
     else:
         a = order[0]
-        m_a = t.unpack(np.packbits(is_class[a]), n, "mask")
+        bits_a = t.unpack(is_class[a], "mask", exact=True)
         made: dict[str, str] = {}
 
-        def not_a() -> str:
-            if "not_a" not in made:
-                made["not_a"] = t.node("Not", [m_a])
-            return made["not_a"]
+        def once(key: str, make: Any) -> str:
+            if key not in made:
+                made[key] = make()
+            return made[key]
 
-        v_a = values(a, lambda: m_a)
+        def ind_a() -> str:
+            return once("a", lambda: t.node("Cast", [bits_a], to=i32))
+
+        def not_a() -> str:
+            one = graph.const("one", np.array(1, np.int32))
+            return once("not_a", lambda: t.node("Sub", [one, ind_a()]))
+
+        v_a = values(a, ind_a)
         if len(order) == 2:
             v_rest = values(order[1], not_a)
         else:
             b, c = order[1], order[2]
             rest = ~is_class[a]
-            m_sub = t.unpack(np.packbits(is_class[b][rest]), int(rest.sum()), "mask2")
-            # Spread the second mask (one bit per non-A entry) over all entries; it is
-            # garbage where A is set, which the outer Where overrides.
-            m_b_any = t.node("Gather", [m_sub, t.compact_index(not_a())])
-            v_b = values(b, lambda: t.node("And", [not_a(), m_b_any]))
-            v_c = values(c, lambda: t.node("And", [not_a(), t.node("Not", [m_b_any])]))
-            v_rest = t.node("Where", [m_b_any, v_b, v_c])
-        merged = t.node("Where", [m_a, v_a, v_rest])
+            # One bit per non-A entry (plus a padding bit, so the count after the last
+            # non-A entry still indexes a bit), spread over all entries by position; the
+            # value read at an A entry is meaningless and overridden by the outer Where.
+            bits_b = t.unpack(np.append(is_class[b][rest], False), "mask2", exact=False)
+            b_any = t.node("Gather", [bits_b, t.position(not_a())])
+
+            def ind_b() -> str:
+                return once("b", lambda: t.node(
+                    "Mul", [t.node("Cast", [b_any], to=i32), not_a()]))
+
+            v_b = values(b, ind_b)
+            v_c = values(c, lambda: t.node("Sub", [not_a(), ind_b()]))
+            cond_b = t.node("Cast", [b_any], to=TensorProto.BOOL)
+            v_rest = t.node("Where", [cond_b, v_b, v_c])
+        cond_a = t.node("Cast", [bits_a], to=TensorProto.BOOL)
+        merged = t.node("Where", [cond_a, v_a, v_rest])
         t.node("Reshape", [merged, pshape], dense_name)
     if transposed:
         t.node("Transpose", [dense_name], target, perm=[1, 0])
@@ -578,6 +601,8 @@ def _check_rebuild(graph: _Graph, built: list[tuple[_Tensor, np.ndarray]]) -> No
     )
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # Executed, not folded: the same kernels, several times faster than constant folding.
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(model.SerializeToString(), opts,
                                 providers=["CPUExecutionProvider"])
     got = sess.run(None, {})
@@ -587,6 +612,40 @@ def _check_rebuild(graph: _Graph, built: list[tuple[_Tensor, np.ndarray]]) -> No
 
 
 # --------------------------------------------------------------------------- public API
+
+
+@dataclass(eq=False)
+class _Plan:
+    """How one weight will be stored (filled in while deciding)."""
+
+    cls: _Classes
+    initializer: onnx.TensorProto
+    transposed: bool
+    dense_file: int  # serialized bytes of the dense initializer
+    built: _Tensor | None = None  # the rebuild graph, when packing pays
+    packed_file: int = 0
+    reason: str = ""
+
+    def record(self) -> PackedTensor:
+        counts = self.cls.counts
+        dense_bytes = _tensor_bytes(self.initializer)
+        packed = self.built is not None
+        return PackedTensor(
+            parameter=self.cls.parameter,
+            initializer=self.initializer.name,
+            transposed=self.transposed,
+            stored="packed" if packed else "dense",
+            reason=self.reason,
+            entries=self.cls.weight.size,
+            zero=counts[ZERO],
+            int8=counts[INT8],
+            float=counts[FLOAT],
+            dense_bytes=dense_bytes,
+            packed_bytes=(sum(_tensor_bytes(i) for i in self.built.inits)  # type: ignore[union-attr]
+                          if packed else dense_bytes),
+            dense_file_bytes=self.dense_file,
+            packed_file_bytes=self.packed_file if packed else self.dense_file,
+        )
 
 
 def _load(model: str | os.PathLike[str] | onnx.ModelProto) -> onnx.ModelProto:
@@ -667,7 +726,7 @@ def pack_weights(
         | {i.name for i in proto.graph.input}
         | {o for n in proto.graph.node for o in n.output}
     )
-    plans: list[tuple[_Classes, str, bool, _Tensor | None, str]] = []
+    plans: list[_Plan] = []
     claimed: dict[str, str] = {}
     for cls in classes:
         target, transposed = _find_initializer(cls.parameter, cls.weight, inits)
@@ -683,73 +742,51 @@ def pack_weights(
                 "time), so it cannot be rebuilt from constants: export without "
                 "keep_initializers_as_inputs"
             )
-        counts = cls.counts
-        if counts[FLOAT] == cls.weight.size:
-            plans.append((cls, target, transposed, None, "no pruned or int8 entries"))
-            continue
-        t = _build_tensor(graph, cls, target, transposed)
-        packed_file = sum(i.ByteSize() for i in t.inits) + sum(n.ByteSize() for n in t.nodes)
-        dense_file = inits[target].ByteSize()
-        if packed_file >= dense_file:
-            plans.append((cls, target, transposed, None,
-                          f"packing would take {packed_file} bytes, dense takes {dense_file}"))
+        plan = _Plan(cls, inits[target], transposed, inits[target].ByteSize())
+        if cls.counts[FLOAT] == cls.weight.size:
+            plan.reason = "no pruned or int8 entries"
         else:
-            plans.append((cls, target, transposed, t, f"saves {dense_file - packed_file} bytes"))
+            t = _build_tensor(graph, cls, target, transposed)
+            size = sum(i.ByteSize() for i in t.inits) + sum(n.ByteSize() for n in t.nodes)
+            if size < plan.dense_file:
+                plan.built, plan.packed_file = t, size
+                plan.reason = f"saves {plan.dense_file - size} bytes"
+            else:
+                plan.reason = f"packing would take {size} bytes, dense takes {plan.dense_file}"
+        plans.append(plan)
 
-    packed = [p for p in plans if p[3] is not None]
-    # Shared constants are counted once: keep only those the chosen tensors use.
-    used = {i for _, _, _, t, _ in packed for n in t.nodes for i in n.input}  # type: ignore[union-attr]
+    packed = [p for p in plans if p.built is not None]
+    # Shared constants are stored once: keep those the chosen rebuilds use, and pack
+    # nothing if they would cost more than packing saves.
+    used = {i for p in packed for n in p.built.nodes for i in n.input}  # type: ignore[union-attr]
     shared = [c for name, c in graph.shared.items() if name in used]
-    saving = sum(inits[p[1]].ByteSize() for p in packed) - sum(
-        sum(i.ByteSize() for i in p[3].inits) + sum(n.ByteSize() for n in p[3].nodes)
-        for p in packed  # type: ignore[union-attr]
-    )
+    saving = sum(p.dense_file - p.packed_file for p in packed)
     if packed and saving <= sum(c.ByteSize() for c in shared):
-        why = "the constants shared by the rebuilds would cost more than packing saves"
-        plans = [(c, tg, tr, None, why if t is not None else r) for c, tg, tr, t, r in plans]
+        for p in packed:
+            p.built, p.packed_file = None, p.dense_file
+            p.reason = "the constants shared by the rebuilds would cost more than packing saves"
         packed, shared = [], []
 
     if check and packed:
-        built = []
-        for cls, _, transposed, t, _ in packed:
-            expected = cls.weight.copy()
-            expected.reshape(-1)[cls.is_zero] = 0.0  # +0.0: the rebuild writes positive zeros
-            built.append((t, expected.T.copy() if transposed else expected))
-        _check_rebuild(graph, built)
+        expected = []
+        for p in packed:
+            w = p.cls.weight.copy()
+            w.reshape(-1)[p.cls.is_zero] = 0.0  # +0.0: the rebuild writes positive zeros
+            expected.append(np.ascontiguousarray(w.T) if p.transposed else w)
+        _check_rebuild(graph, [(p.built, e) for p, e in zip(packed, expected, strict=True)])
+        del expected
 
-    replaced = {p[1] for p in packed}
+    replaced = {p.initializer.name for p in packed}
     kept_inits = [i for i in proto.graph.initializer if i.name not in replaced]
-    new_inits = [i for _, _, _, t, _ in packed for i in t.inits] + shared  # type: ignore[union-attr]
-    new_nodes = [n for _, _, _, t, _ in packed for n in t.nodes] + list(proto.graph.node)  # type: ignore[union-attr]
+    new_inits = [i for p in packed for i in p.built.inits] + shared  # type: ignore[union-attr]
+    new_nodes = [n for p in packed for n in p.built.nodes]  # type: ignore[union-attr]
+    new_nodes += list(proto.graph.node)
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(kept_inits + new_inits)
     del proto.graph.node[:]
     proto.graph.node.extend(new_nodes)
 
-    records = []
-    for cls, target, transposed, t, reason in plans:
-        counts = cls.counts
-        dense_bytes = _tensor_bytes(inits[target])
-        if t is None:
-            packed_bytes, packed_file = dense_bytes, inits[target].ByteSize()
-        else:
-            packed_bytes = sum(_tensor_bytes(i) for i in t.inits)
-            packed_file = sum(i.ByteSize() for i in t.inits) + sum(n.ByteSize() for n in t.nodes)
-        records.append(PackedTensor(
-            parameter=cls.parameter,
-            initializer=target,
-            transposed=transposed,
-            stored="packed" if t is not None else "dense",
-            reason=reason,
-            entries=cls.weight.size,
-            zero=counts[ZERO],
-            int8=counts[INT8],
-            float=counts[FLOAT],
-            dense_bytes=dense_bytes,
-            packed_bytes=packed_bytes,
-            dense_file_bytes=inits[target].ByteSize(),
-            packed_file_bytes=packed_file,
-        ))
+    records = [p.record() for p in plans]
     if packed:
         summary = {r.initializer: {"zero": r.zero, "int8": r.int8, "float": r.float,
                                    "transposed": r.transposed}
