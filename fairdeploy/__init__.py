@@ -43,6 +43,8 @@ _EXPORTS = {
     "train_model": "fairdeploy.train",
     "export_onnx": "fairdeploy.export",
     "read_metadata": "fairdeploy.export",
+    "pack_weights": "fairdeploy.export",
+    "PackSpec": "fairdeploy.export",
     "verify": "fairdeploy.verify",
     "measure_latency": "fairdeploy.bench",
     "predict_files": "fairdeploy.serve",
