@@ -458,3 +458,41 @@ def test_onnx_sizes_counts_int8_uint8_and_sparse_initializers(tmp_path):
     assert sizes["initializer_bytes"] == 48 + 10 + 7 + 16 + 20 + 40
     assert sizes["parameters"] == 12 + 10 + 5  # floats, int8 values, sparse values
     assert sizes["initializers"] == 5
+
+
+def test_packing_that_saves_less_than_the_shared_constants_is_dropped(tmp_path):
+    """The first int8 count at which packing one tensor pays saves a few bytes: less than
+    the constants every rebuild shares, so nothing is packed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 2)).eval()
+    w0 = model[0].weight.detach().clone()
+    order = torch.randperm(w0.numel(), generator=torch.Generator().manual_seed(0))
+    dense_file = numpy_helper.from_array(w0.numpy(), "0.weight").ByteSize()
+
+    def packed(nq: int):
+        mask = torch.zeros(w0.numel(), dtype=torch.bool)
+        mask[order[:nq]] = True
+        deq, qv, scale = quantize(w0, mask.reshape(w0.shape))
+        spec = PackSpec(weight=deq, quantized=mask.reshape(w0.shape), int8_values=qv,
+                        scales=scale)
+        t = _packed._build_tensor(_packed._Graph(set()), _packed._classes("0.weight", spec),
+                                  "0.weight", False)
+        size = sum(i.ByteSize() for i in t.inits) + sum(n.ByteSize() for n in t.nodes)
+        return size, deq, spec
+
+    lo, hi = 1, w0.numel()  # packing does not pay at lo, pays at hi (each int8 saves 3 B)
+    assert packed(lo)[0] >= dense_file > packed(hi)[0]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if packed(mid)[0] < dense_file else (mid, hi)
+    size, deq, spec = packed(hi)
+    assert dense_file - size < 10
+    with torch.no_grad():
+        model[0].weight.copy_(deq)
+    dense = tmp_path / "dense.onnx"
+    export_onnx(model, torch.randn(2, 64), dense)
+    proto, report = pack_weights(dense, {"0.weight": spec})
+    (t,) = report.tensors
+    assert t.stored == "dense" and "shared by the rebuilds" in t.reason
+    assert report.initializer_bytes_after == report.initializer_bytes_before
+    assert not any(n.op_type == "BitShift" for n in proto.graph.node)
