@@ -377,7 +377,9 @@ def test_bad_specs_raise_user_errors(exported, tmp_path):
     mask = torch.zeros(w.shape, dtype=torch.bool)
     mask[0, :5] = True
     cases = [
-        (PackSpec(weight=torch.randn(80, 96)), "was not found in the ONNX model"),
+        (PackSpec(weight=torch.randn(80, 96)),
+         r"was not found in the ONNX model.*initializer '2\.weight' has shape \(80, 96\) and "
+         "other values"),
         (PackSpec(weight=w, pruned=mask), "5 pruned entries of the weight are not 0"),
         (PackSpec(weight=w, quantized=mask, int8_values=torch.ones(w.shape, dtype=torch.int8),
                   scales=torch.ones(80)), "5 of 5 quantized entries differ"),

@@ -383,10 +383,15 @@ def _find_initializer(
     if len(found) == 1:
         return found[0]
     if not found:
+        named = (
+            f" (initializer {parameter!r} has shape {tuple(inits[parameter].dims)} and other "
+            "values)" if parameter in inits else ""
+        )
         raise FairDeployError(
             f"weight {parameter!r} {tuple(weight.shape)} was not found in the ONNX model: no "
-            "float32 initializer holds its values (as stored or transposed). Export the model "
-            "that holds exactly these (de-quantized, pruned) weights, and pack that export"
+            f"float32 initializer holds its values (as stored or transposed){named}. Export "
+            "the model that holds exactly these (de-quantized, pruned) weights, and pack that "
+            "export"
         )
     raise FairDeployError(
         f"weight {parameter!r} matches {len(found)} initializers by value "
@@ -584,7 +589,9 @@ def _initializer_bytes(model: onnx.ModelProto) -> int:
 # --------------------------------------------------------------------------- self-check
 
 
-def _check_rebuild(graph: _Graph, built: list[tuple[_Tensor, np.ndarray]]) -> None:
+def _check_rebuild(
+    graph: _Graph, built: list[tuple[_Tensor, np.ndarray]], opset: int
+) -> None:
     """Run only the rebuild graphs in ONNX Runtime and compare with the expected tensors,
     bit for bit (pruned entries as +0.0). A mismatch is a bug in this module."""
     import onnxruntime as ort
@@ -597,7 +604,7 @@ def _check_rebuild(graph: _Graph, built: list[tuple[_Tensor, np.ndarray]]) -> No
     ]
     model = helper.make_model(
         helper.make_graph(nodes, "rebuild", [], outs, inits),
-        opset_imports=[helper.make_opsetid("", _MIN_OPSET)],
+        opset_imports=[helper.make_opsetid("", opset)],
     )
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -773,7 +780,8 @@ def pack_weights(
             w = p.cls.weight.copy()
             w.reshape(-1)[p.cls.is_zero] = 0.0  # +0.0: the rebuild writes positive zeros
             expected.append(np.ascontiguousarray(w.T) if p.transposed else w)
-        _check_rebuild(graph, [(p.built, e) for p, e in zip(packed, expected, strict=True)])
+        pairs = [(p.built, e) for p, e in zip(packed, expected, strict=True)]
+        _check_rebuild(graph, pairs, opset)  # type: ignore[arg-type]
         del expected
 
     replaced = {p.initializer.name for p in packed}
