@@ -54,6 +54,8 @@ _EXPORTS = {
     "deployed_params": "fairdeploy.export",
     "analyze_structure": "fairdeploy.structure",
     "read_metadata": "fairdeploy.export",
+    "pack_weights": "fairdeploy.export",
+    "PackSpec": "fairdeploy.export",
     "verify": "fairdeploy.verification",
     "measure_latency": "fairdeploy.bench",
     "predict_files": "fairdeploy.serve",

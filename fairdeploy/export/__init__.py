@@ -17,6 +17,7 @@ from fairdeploy.export._onnx import (
     update_metadata,
     verify_npz_path,
 )
+from fairdeploy.export._packed import PackedTensor, PackReport, PackSpec, pack_weights
 from fairdeploy.export._sizes import layer_table, measured_cr, onnx_sizes
 
 __all__ = [
@@ -27,12 +28,16 @@ __all__ = [
     "ExportFactorized",
     "ExportResult",
     "LayerLayout",
+    "PackReport",
+    "PackSpec",
+    "PackedTensor",
     "check_factor_structure",
     "deployed_params",
     "export_onnx",
     "layer_table",
     "measured_cr",
     "onnx_sizes",
+    "pack_weights",
     "prepare_for_export",
     "read_metadata",
     "update_metadata",

@@ -20,6 +20,9 @@ _FLOAT_TYPES = {
     onnx.TensorProto.BFLOAT16,
     onnx.TensorProto.DOUBLE,
 }
+#: Initializer types that hold weight values: floats, and int8 (quantized weights, e.g. the
+#: int8 entries of a packed weight); uint8 bit masks and integer index/shape constants are not.
+_PARAM_TYPES = _FLOAT_TYPES | {onnx.TensorProto.INT8}
 
 
 def _load_header(path: str | os.PathLike[str]) -> onnx.ModelProto:
@@ -52,18 +55,23 @@ def onnx_sizes(path: str | os.PathLike[str]) -> dict[str, int]:
     Returns
     -------
     dict
-        ``initializer_bytes`` (sum over initializers of elements × element size),
+        ``initializer_bytes`` (sum over initializers of elements × element size; int8 and
+        uint8 count 1 byte; a ``sparse_initializer`` counts its values and its indices),
         ``file_bytes`` (the .onnx file plus every external data file it references),
-        ``parameters`` (elements of floating-point initializers: the weights and biases),
-        ``initializers`` (their number).
+        ``parameters`` (elements of floating-point and int8 initializers: the weights and
+        biases as stored, not bit masks or index constants; the values of a sparse one),
+        ``initializers`` (their number, sparse ones included).
     """
     model = _load_header(path)
     init_bytes = params = 0
     data_files: set[str] = set()
-    for t in model.graph.initializer:
+    dense = list(model.graph.initializer)
+    sparse = list(model.graph.sparse_initializer)
+    tensors = [(t, True) for t in dense] + [(s.values, True) for s in sparse]
+    for t, holds_values in tensors + [(s.indices, False) for s in sparse]:
         n = _numel(t)
         init_bytes += n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        if t.data_type in _FLOAT_TYPES:
+        if holds_values and t.data_type in _PARAM_TYPES:
             params += n
         if external_data_helper.uses_external_data(t):
             info = external_data_helper.ExternalDataInfo(t)
@@ -77,7 +85,7 @@ def onnx_sizes(path: str | os.PathLike[str]) -> dict[str, int]:
         "initializer_bytes": init_bytes,
         "file_bytes": file_bytes,
         "parameters": params,
-        "initializers": len(model.graph.initializer),
+        "initializers": len(dense) + len(sparse),
     }
 
 
