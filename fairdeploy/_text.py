@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["fixed", "plural", "seconds"]
+__all__ = ["ago", "fixed", "nbytes", "plural", "seconds"]
 
 
 def plural(n: int, singular: str, plural_form: str | None = None) -> str:
@@ -27,3 +27,24 @@ def fixed(value: Any, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return f"{float(value):.{digits}f}"
+
+
+def nbytes(n: int) -> str:
+    """``812 B``, ``8.4 kB``, ``531.2 MB``, ``1.20 GB`` (powers of 1000)."""
+    if n < 1000:
+        return f"{n} B"
+    for unit, scale in (("kB", 1e3), ("MB", 1e6)):
+        if n < scale * 1000:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 1e9:.2f} GB"
+
+
+def ago(elapsed: float) -> str:
+    """Seconds in the past as ``just now``, ``12 min ago``, ``5.0 h ago``, ``3.2 days ago``."""
+    if elapsed < 60:
+        return "just now"
+    if elapsed < 3600:
+        return f"{elapsed / 60:.0f} min ago"
+    if elapsed < 86400:
+        return f"{elapsed / 3600:.1f} h ago"
+    return f"{elapsed / 86400:.1f} days ago"

@@ -14,7 +14,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from fairdeploy import __version__
+from fairdeploy._text import nbytes
 from fairdeploy.cache import FeatureCache, file_sha256
 from fairdeploy.checkpoint import save_checkpoint
 from fairdeploy.data import load_splits
@@ -300,13 +301,13 @@ def _check_export(exp: Experiment, *, progress: bool = False) -> str:
         path = Path(tmp) / "vanilla.onnx"
         with (
             phase("export check: vanilla model", unit="", enabled=progress),
-            exporting(f"the vanilla model ({'×'.join(map(str, shape))} inputs)"),
+            exporting(f"the vanilla model (input of shape {'×'.join(map(str, shape))})"),
         ):
             export_onnx(exp.model, example, path, opset=spec.opset, simplify=False)
         size = onnx_sizes(path)["file_bytes"]
     return (
-        f"ok: the vanilla model exports to ONNX ({'×'.join(map(str, shape))} inputs, "
-        f"{size / 1e6:,.1f} MB)"
+        f"ok: the vanilla model exports to ONNX (input of shape "
+        f"{'×'.join(map(str, shape))} per sample, {nbytes(size)})"
     )
 
 
@@ -361,7 +362,7 @@ def run_optimize(
         k: {kk: len(v) for kk, v in d.items()} for k, d in main.selections.items()
     }
     with staging_dir(final) as run:
-        with warnings_as_notes() as deploy_notes:
+        with warnings_as_notes(covered=report["methods"][-1]["warnings"]) as deploy_notes:
             verified = _deploy(exp, main, report, run, cache_dir, latency=latency_mode)
         report["methods"][-1]["warnings"] = _unique(
             [*report["methods"][-1]["warnings"], *deploy_notes]
@@ -432,9 +433,10 @@ def _evaluate_plans(
             name, i = f"{plan.method}-{i}", i + 1
         if len(plans) > 1:
             echo(f"running {name} ...")
-        with warnings_as_notes() as caught:
+        static = plan_notes(exp, [plan])
+        with warnings_as_notes(covered=static) as caught:
             rows[name] = exp.apply(plan)
-        method_notes[name] = _unique([*plan_notes(exp, [plan]), *rows[name].notes, *caught])
+        method_notes[name] = _unique([*static, *rows[name].notes, *caught])
     splits = ("test", "val") if validation else ("test",)
     preds = {
         name: {split: exp.predictions(p, split) for split in splits} for name, p in rows.items()
@@ -472,19 +474,25 @@ _QUIET_CATEGORIES = (DeprecationWarning, FutureWarning, PendingDeprecationWarnin
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
 
 
+#: Warning categories a method's own (static) warning can stand for, and the word in it.
+_COVERED_BY = {"FactorizationWarning": "break-even", "HessianApproximationWarning":
+               "HessianApproximationWarning"}
+
+
 @contextlib.contextmanager
-def warnings_as_notes() -> Iterator[list[str]]:
+def warnings_as_notes(covered: Sequence[str] = ()) -> Iterator[list[str]]:
     """Collect the warnings fairdeploy raises inside the block as report notes.
 
     The list yielded is filled when the block ends: one sentence per distinct warning
     raised from fairdeploy's own code (an approximate Hessian, a cache file recomputed,
     a layer stored larger than dense), instead of ``file.py:line: Warning`` text on
-    stderr. A ``FactorizationWarning`` is left out: the method's own warning (rank above
-    break-even) says the same next to its numbers. Deprecation notices of the libraries
-    are dropped; any other library warning is shown as usual.
+    stderr. A ``FactorizationWarning`` or ``HessianApproximationWarning`` is left out
+    when one of the ``covered`` texts (the method's own warnings: rank above break-even,
+    modules after the layer that are not piecewise linear) already says it: those stand
+    next to the numbers also when the factors or Hessians come from the cache and
+    nothing warns. Deprecation notices of the libraries are dropped; any other library
+    warning is shown as usual.
     """
-    from fairdeploy.lrf import FactorizationWarning
-
     notes: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -494,7 +502,8 @@ def warnings_as_notes() -> Iterator[list[str]]:
             w.category.__module__.startswith("fairdeploy")
         )
         if ours:
-            if issubclass(w.category, FactorizationWarning):
+            word = _COVERED_BY.get(w.category.__name__)
+            if word is not None and any(word in text for text in covered):
                 continue
             text = str(w.message).strip()
             if text not in notes:

@@ -414,7 +414,15 @@ def _cache_dir(exports_dir: str) -> Any:
 
 
 def _megabytes(n: int) -> str:
-    return f"{n / 1e6:,.1f} MB"
+    from fairdeploy._text import nbytes
+
+    return nbytes(n)
+
+
+def _files(n: int) -> str:
+    from fairdeploy._text import plural
+
+    return plural(n, "file")
 
 
 @cache.command("ls")
@@ -425,6 +433,7 @@ def cache_ls(exports_dir: str, json_path: str | None) -> None:
 
     from tabulate import tabulate
 
+    from fairdeploy._text import ago, plural
     from fairdeploy.cache_files import cache_entries
 
     directory = _cache_dir(exports_dir)
@@ -441,11 +450,11 @@ def cache_ls(exports_dir: str, json_path: str | None) -> None:
                 owner = f"sha256 {e.checkpoint_sha256[:12]}… (no run folder names it)"
             else:
                 owner = "unknown"
-            days = (now - e.last_used) / 86400
-            rows.append([e.kind, _megabytes(e.size), f"{days:.1f} days ago", owner, e.what,
+            rows.append([e.kind, _megabytes(e.size), ago(now - e.last_used), owner, e.what,
                          e.path.name])
         total = sum(e.size for e in entries)
-        click.echo(f"{directory}: {len(entries)} entries, {_megabytes(total)}")
+        click.echo(f"{directory}: {plural(len(entries), 'entry', 'entries')}, "
+                   f"{_megabytes(total)}")
         click.echo(tabulate(rows, ["kind", "size", "last used", "checkpoint", "what", "file"],
                             tablefmt="simple", disable_numparse=True))
     _write_json(json_path, {"directory": str(directory),
@@ -460,7 +469,7 @@ def cache_clear(exports_dir: str) -> None:
 
     directory = _cache_dir(exports_dir)
     removed = clear_cache(directory)
-    click.echo(f"{directory}: removed {removed.files} files, {_megabytes(removed.bytes)}")
+    click.echo(f"{directory}: removed {_files(removed.files)}, {_megabytes(removed.bytes)}")
 
 
 @cache.command("prune")
@@ -473,8 +482,8 @@ def cache_prune(keep_days: float, exports_dir: str) -> None:
 
     directory = _cache_dir(exports_dir)
     removed = prune_cache(directory, keep_days=keep_days)
-    click.echo(f"{directory}: removed {removed.files} files, {_megabytes(removed.bytes)}; "
-               f"kept {removed.kept}")
+    click.echo(f"{directory}: removed {_files(removed.files)}, {_megabytes(removed.bytes)}; "
+               f"kept {_files(removed.kept)}")
 
 
 if __name__ == "__main__":  # pragma: no cover

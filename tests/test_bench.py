@@ -59,6 +59,21 @@ def test_measure_latency_reports_every_model_and_batch(models):
     json.dumps(res.to_dict())
 
 
+def test_a_budget_too_small_skips_the_batch_size_and_says_why(models):
+    tmp, _ = models
+    # One run takes far more than a microsecond: no batch size fits three runs.
+    res = measure_latency(tmp / "proc.onnx", tmp / "vanilla.onnx", batches=(1, 4), warmup=0,
+                          iters=5, max_seconds=1e-6, min_iters=3, skip_over_budget=True)
+    assert res.timings == [] and res.ratios == {} and set(res.skipped) == {1, 4}
+    assert "3 runs do not fit the 0.00 s budget" in res.skipped[1]
+    assert res.summary_lines()[-1].startswith("  batch 4: not timed (one run of each model")
+    assert res.to_dict()["skipped"]["1"] == res.skipped[1]
+    # Without the flag a budget only shortens the runs, never below min_iters.
+    kept = measure_latency(tmp / "proc.onnx", batches=(2,), warmup=0, iters=9,
+                           max_seconds=1e-6, min_iters=2)
+    assert [t.iters for t in kept.timings] == [2] and kept.skipped == {}
+
+
 def test_blocks_mode_without_baseline(models):
     tmp, _ = models
     res = measure_latency(tmp / "proc.onnx", batches=[3], warmup=0, iters=3, interleaved=False)

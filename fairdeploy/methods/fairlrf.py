@@ -99,6 +99,16 @@ class FairLRF(SparseLowRankMethod):
                     "both groups (h0 ≈ h1) negative, so the most important rows are removed "
                     "first; the paper uses β < 1 (5/9, 3/7)"
                 )
+        if plan.scoring.estimator == "exact":  # type: ignore[attr-defined]
+            for lp in plan.layers:  # type: ignore[attr-defined]
+                curved = curved_modules_after(model, lp.layer)
+                if curved:
+                    out.append(
+                        f"layer {lp.layer}: the modules after it are not piecewise linear "
+                        f"({', '.join(curved)}): the 'exact' Hessian estimator gives the "
+                        "Gauss-Newton diagonal there, an approximation of the Hessian "
+                        "diagonal (HessianApproximationWarning)"
+                    )
         return out
 
     def selection_inputs(
@@ -151,3 +161,18 @@ class FairLRF(SparseLowRankMethod):
             beta=lp.beta,
             row_score=spec.row_score,
         )
+
+
+def curved_modules_after(model: nn.Module, layer: str) -> list[str]:
+    """Types of the leaf modules registered after ``layer`` that are not piecewise linear
+    (Tanh, GELU, Softmax ...): with them the 'exact' estimator's Gauss-Newton diagonal is
+    an approximation. Shapes only (for ``--dry-run`` and the report, also on a cache
+    hit); scoring itself checks the modules that really run after the layer."""
+    from fairdeploy.scoring import _PIECEWISE_LINEAR
+
+    leaves = [(n, m) for n, m in model.named_modules() if next(m.children(), None) is None]
+    names = [n for n, _ in leaves]
+    if layer not in names:
+        return []
+    rest = leaves[names.index(layer) + 1 :]
+    return sorted({type(m).__name__ for _, m in rest if not isinstance(m, _PIECEWISE_LINEAR)})

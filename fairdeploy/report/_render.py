@@ -239,7 +239,8 @@ def _interval_rows(report: Mapping[str, Any]) -> list[list[str]]:
 
 
 def _difference_lines(report: Mapping[str, Any]) -> list[str]:
-    """Per method, one line of paired differences against the baseline, in words."""
+    """Per method, its paired differences against the baseline, in words: one line for
+    the fairness gaps, one for accuracy, precision and recall."""
     boot = report.get("bootstrap")
     if not boot or not boot.get("differences"):
         return []
@@ -249,14 +250,20 @@ def _difference_lines(report: Mapping[str, Any]) -> list[str]:
         f"Change against {boot['baseline']} on the test split (paired bootstrap, {pct} % "
         "intervals; fairness gaps are better lower, accuracy, precision and recall higher):"
     ]
+    metrics = _boot_metrics(boot)
     for name, per in boot["differences"].items():
-        parts = [
-            f"{_METRIC_NAMES[metric]} {_difference_text(metric, per[metric])} "
-            f"{_direction(metric, per[metric])}"
-            for metric in _boot_metrics(boot)
-            if metric in per
-        ]
-        lines.append(f"  {labels.get(name, name)}: " + "; ".join(parts))
+        lines.append(f"  {labels.get(name, name)}")
+        for kind, group in (
+            ("fairness", [m for m in metrics if m in _LOWER_IS_BETTER]),
+            ("accuracy", [m for m in metrics if m not in _LOWER_IS_BETTER]),
+        ):
+            parts = [
+                f"{_METRIC_NAMES[m]} {_difference_text(m, per[m])} {_direction(m, per[m])}"
+                for m in group
+                if m in per
+            ]
+            if parts:
+                lines.append(f"    {kind}: " + "; ".join(parts))
     return lines
 
 
