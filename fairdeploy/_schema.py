@@ -104,8 +104,7 @@ def _expand_path(value: Any, info: ValidationInfo) -> Any:
     path = Path(os.path.expandvars(os.path.expanduser(os.fspath(value))))
     base = (info.context or {}).get("base_dir")
     if base is not None and not path.is_absolute():
-        # Lexically normalised (run/../../data.npz → data.npz), symlinks left as they are.
-        path = Path(os.path.normpath(Path(base) / path))
+        path = Path(base) / path
     return path
 
 

@@ -210,7 +210,8 @@ def test_resolved_recipe_paths_are_relative_to_the_run_folder(day: dict, tmp_pat
     moved = tmp_path / "moved"
     shutil.copytree(day["tmp"], moved, ignore=shutil.ignore_patterns(".cache"))
     again = load_recipe(moved / "exports" / day["run"].name / "recipe.yaml")
-    assert again.data.path == moved / "data.npz" and again.data.path.is_file()
+    assert again.data.path.resolve() == (moved / "data.npz").resolve()
+    assert again.data.path.is_file()
     assert recipe_hash(again) == day["report"]["recipe"]["hash"]
 
 
