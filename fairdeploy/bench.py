@@ -161,6 +161,21 @@ def _check_batches(batches: Any) -> tuple[int, ...]:
     return out
 
 
+def _predicted_overrun(per_sample: float, batch: int, min_iters: int, budget: float) -> str:
+    """Why ``batch`` cannot fit ``min_iters`` rounds in ``budget`` seconds, predicted from
+    the seconds per sample of a round at the last batch size timed ("" when it may fit).
+
+    Time grows about linearly with the batch, at most (per-sample cost falls with the
+    batch): a batch size predicted not to fit is skipped without spending a warm-up run.
+    """
+    if per_sample * batch * min_iters <= budget:
+        return ""
+    return (
+        f"one run of each model would take about {per_sample * batch:.2f} s (from the "
+        f"smaller batch): {min_iters} runs do not fit the {budget:.2f} s budget"
+    )
+
+
 def _time_sessions(
     sessions: dict[str, Any],
     batches: tuple[int, ...],
@@ -176,7 +191,14 @@ def _time_sessions(
     timings: list[Timing] = []
     skipped: dict[int, str] = {}
     budget = float("inf") if max_seconds is None else max_seconds
+    per_sample = 0.0  # seconds of one round of runs per sample, from the last batch size
     for batch in batches:
+        why = _predicted_overrun(per_sample, batch, min_iters, budget)
+        if skip_over_budget and why:
+            skipped[batch] = why
+            if on_batch is not None:
+                on_batch()
+            continue
         feeds = {name: _input_array(s, batch) for name, s in sessions.items()}
         samples: dict[str, list[float]] = {name: [] for name in sessions}
         order = list(sessions)
@@ -190,6 +212,7 @@ def _time_sessions(
                 sessions[name].run(None, feeds[name])
                 last[name] = time.perf_counter() - t0
         per_round = sum(last.values())
+        per_sample = per_round / batch
         if skip_over_budget and per_round * min_iters > budget:
             skipped[batch] = (
                 f"one run of each model takes {per_round:.2f} s: {min_iters} runs do not fit "
