@@ -162,13 +162,15 @@ def _check_batches(batches: Any) -> tuple[int, ...]:
 
 
 def _predicted_overrun(per_sample: float, batch: int, min_iters: int, budget: float) -> str:
-    """Why ``batch`` cannot fit ``min_iters`` rounds in ``budget`` seconds, predicted from
-    the seconds per sample of a round at the last batch size timed ("" when it may fit).
+    """Why ``batch`` cannot fit in ``budget`` seconds, predicted from the seconds per
+    sample of one round of runs at the last batch size timed ("" when it may fit).
 
-    Time grows about linearly with the batch, at most (per-sample cost falls with the
-    batch): a batch size predicted not to fit is skipped without spending a warm-up run.
+    Time grows at most linearly with the batch (the per-sample cost falls as the batch
+    grows), so the prediction is pessimistic: a batch size is skipped unseen only when
+    even a single round is predicted to take the whole budget; otherwise one warm-up
+    round decides (see :func:`_time_sessions`).
     """
-    if per_sample * batch * min_iters <= budget:
+    if per_sample * batch <= budget:
         return ""
     return (
         f"one run of each model would take about {per_sample * batch:.2f} s (from the "
