@@ -3,11 +3,14 @@
     python examples/serve_onnxruntime.py exports/<run>/model.onnx INPUT [INPUT ...]
 
 INPUT is an image file (image models) or a .npy/.csv file of feature rows (tabular models).
-Everything needed to preprocess and label the inputs is in the model's metadata.
+A CSV may start with a header row: its columns are matched by name to the feature names in
+the model's metadata (and reordered). Everything needed to preprocess and label the inputs
+is in the model's metadata.
 """
 
+import argparse
+import csv
 import json
-import sys
 
 import numpy as np
 import onnxruntime as ort
@@ -23,10 +26,22 @@ def load_image(path, pre):
     return x.transpose(2, 0, 1)[None]
 
 
-def load_rows(path):
+def load_rows(path, names):
     if path.endswith(".npy"):
         return np.atleast_2d(np.load(path).astype(np.float32))
-    return np.atleast_2d(np.loadtxt(path, delimiter=",", dtype=np.float32))
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f) if r]
+    try:
+        float(rows[0][0])
+    except ValueError:  # a header row: pick the model's features by name, in its order
+        header = [c.strip() for c in rows[0]]
+        if not names:
+            raise SystemExit(f"{path}: has a header, but the model names no features") from None
+        missing = [n for n in names if n not in header]
+        if missing:
+            raise SystemExit(f"{path}: the header lacks the model's features {missing}") from None
+        rows = [[r[header.index(n)] for n in names] for r in rows[1:]]
+    return np.atleast_2d(np.asarray(rows, dtype=np.float32))
 
 
 def main(model_path, inputs):
@@ -39,7 +54,10 @@ def main(model_path, inputs):
     pre, classes = meta["preprocessing"], meta["class_names"]
     input_name = session.get_inputs()[0].name
     for path in inputs:
-        x = load_image(path, pre) if pre["kind"] == "image" else load_rows(path)
+        if pre["kind"] == "image":
+            x = load_image(path, pre)
+        else:
+            x = load_rows(path, pre.get("features"))
         logits = session.run(None, {input_name: x})[0]
         p = np.exp(logits - logits.max(1, keepdims=True))
         p /= p.sum(1, keepdims=True)
@@ -49,6 +67,11 @@ def main(model_path, inputs):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 3:
-        sys.exit(__doc__)
-    main(sys.argv[1], sys.argv[2:])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", help="the exported model.onnx")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image, .npy or .csv file")
+    args = parser.parse_args()
+    main(args.model, args.inputs)

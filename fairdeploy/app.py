@@ -6,12 +6,15 @@ verify, report) and returns a typed result; ``cli.py`` only parses arguments and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
+import os
 import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,8 @@ from typing import Any
 import torch
 
 from fairdeploy import __version__
-from fairdeploy.cache import FeatureCache
+from fairdeploy._text import nbytes
+from fairdeploy.cache import FeatureCache, file_sha256
 from fairdeploy.checkpoint import save_checkpoint
 from fairdeploy.data import load_splits
 from fairdeploy.errors import FairDeployError
@@ -27,6 +31,7 @@ from fairdeploy.experiment import Experiment, first_samples
 from fairdeploy.methods import Processed, get_method
 from fairdeploy.metrics import GroupMetrics
 from fairdeploy.plan import Plan
+from fairdeploy.progress import phase
 from fairdeploy.recipe import Recipe, load_recipe, recipe_hash, save_resolved_recipe
 from fairdeploy.report import (
     base_report,
@@ -34,7 +39,7 @@ from fairdeploy.report import (
     latency_block,
     method_entry,
     plan_notes,
-    prediction_notes,
+    single_class_note,
     size_ratios,
     verify_summary,
     write_report,
@@ -57,7 +62,11 @@ Echo = Callable[[str], None]
 
 @dataclass(frozen=True)
 class DryRun:
-    """What ``optimize --dry-run`` found, from the recipe and the checkpoint's shapes."""
+    """What ``optimize --dry-run`` found, from the recipe and the checkpoint's shapes.
+
+    ``export_check`` says whether the vanilla model exports to ONNX (it was exported to
+    a temporary file and checked), or why it was not tried.
+    """
 
     recipe: Path
     plan: Plan
@@ -69,6 +78,7 @@ class DryRun:
     #: Whole-model parameters the exported graph will store (blocks, dead neurons
     #: removed), from shapes; a range when adjacent sparsified layers overlap.
     deployed: Any = None
+    export_check: str = ""
 
 
 @dataclass(frozen=True)
@@ -116,10 +126,37 @@ class CompareResult:
 # --------------------------------------------------------------------------- paths
 
 
+def _template_names() -> dict[str, Path]:
+    """``name:`` of every recipe shipped in the package → its file."""
+    import yaml
+
+    names: dict[str, Path] = {}
+    for path in sorted((Path(__file__).parent / "recipes").glob("*.yaml")):
+        try:
+            name = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("name")
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+        if isinstance(name, str):
+            names[name] = path.resolve()
+    return names
+
+
+def run_name_stem(recipe_path: Path | None, recipe: Recipe) -> str:
+    """The first part of a run folder's name: the recipe's ``name:``, or the recipe file's
+    name when there is none or when it is still the name of the shipped template it was
+    copied from (every copy of image_csv.yaml would otherwise be ``my-images``)."""
+    name = recipe.name
+    if recipe_path is not None:
+        template = _template_names().get(name or "")
+        if not name or (template is not None and template != Path(recipe_path).resolve()):
+            name = Path(recipe_path).stem
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name or "recipe")
+
+
 def _run_name(recipe_path: Path, recipe: Recipe, what: str, checkpoint_sha256: str) -> str:
     """``<recipe>-<method>-<hash>``; the hash covers the recipe and the checkpoint's content,
     so two checkpoints optimized with one recipe get two folders."""
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", recipe.name or recipe_path.stem)
+    stem = run_name_stem(recipe_path, recipe)
     digest = hashlib.sha256(f"{recipe_hash(recipe)}:{checkpoint_sha256}".encode()).hexdigest()
     what = re.sub(r"[^A-Za-z0-9_.-]+", "-", what)
     return f"{stem}-{what}-{digest[:8]}"
@@ -174,12 +211,21 @@ def _runnable(plan: Plan, what: str) -> None:
 
 
 def dry_run(
-    checkpoint: str | Path, recipe_path: str | Path, *, trust_checkpoint: bool = False
+    checkpoint: str | Path,
+    recipe_path: str | Path,
+    *,
+    trust_checkpoint: bool = False,
+    export_check: bool = True,
+    progress: bool = False,
 ) -> DryRun:
-    """Validate recipe and checkpoint and describe the plan; reads no data.
+    """Validate recipe and checkpoint, describe the plan, and check that the model
+    exports to ONNX; reads no data.
 
     Gives the per-layer table (Din, Dout, k, rows/cols sparsified, parameters
-    before/after), the theoretical compression ratio and the plan's warnings.
+    before/after), the theoretical compression ratio and the plan's warnings. With
+    ``export_check`` the vanilla model is exported once on a random input of the
+    recipe's input shape (seconds), so an operator the exporter cannot handle fails
+    here, with one line, rather than after the trunk pass of a real run.
     """
     recipe = load_recipe(recipe_path)
     plan = recipe.method
@@ -207,6 +253,76 @@ def dry_run(
         parameters=sum(p.numel() for p in exp.model.parameters()),
         warnings=impl.warnings(plan, exp.model),
         deployed=deployed,
+        export_check=_check_export(exp, progress=progress) if export_check else "",
+    )
+
+
+def input_shape(recipe: Recipe, model: torch.nn.Module) -> tuple[int, ...] | None:
+    """One sample's input shape, from the recipe alone where it can tell (images: 3 ×
+    crop × crop; the attribute table: its feature count; an npz: the header of its
+    feature array), else from the model's first layer when it is a Linear; None if
+    neither tells."""
+    data = recipe.data
+    pre = getattr(data, "preprocessing", None)
+    if pre is not None:
+        return (3, pre.crop, pre.crop)
+    if data.kind == "celeba_attributes" and data.features:
+        return (len(data.features),)
+    if data.kind == "npz":
+        shape = _npz_array_shape(data.path, data.x_key)
+        if shape is not None:
+            return shape[1:]
+    first = next((m for m in model.modules() if not any(True for _ in m.children())), None)
+    if isinstance(first, torch.nn.Linear):
+        return (first.in_features,)
+    return None
+
+
+def _npz_array_shape(path: Path, key: str) -> tuple[int, ...] | None:
+    """The shape of one array of an .npz, from its header only (no array is read)."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _, _ = read(f)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+    return tuple(int(d) for d in shape)
+
+
+def _check_export(exp: Experiment, *, progress: bool = False) -> str:
+    """Export the vanilla model to a temporary ONNX file (checker and ONNX Runtime parity
+    included) and say so; raises FairDeployError with the fix when it cannot be exported."""
+    from fairdeploy.export import export_onnx, onnx_sizes
+
+    shape = input_shape(exp.recipe, exp.model)
+    if shape is None:
+        return "not checked: the input shape is unknown without reading the data"
+    example = torch.randn((2, *shape), generator=torch.Generator().manual_seed(0))
+    spec = exp.recipe.export
+    with (
+        tempfile.TemporaryDirectory(prefix="fairdeploy-dry-run-") as tmp,
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("ignore")
+        path = Path(tmp) / "vanilla.onnx"
+        with (
+            phase("export check: vanilla model", unit="", enabled=progress),
+            exporting(f"the vanilla model (input of shape {'×'.join(map(str, shape))})"),
+        ):
+            export_onnx(exp.model, example, path, opset=spec.opset, simplify=False)
+        size = onnx_sizes(path)["file_bytes"]
+    return (
+        f"ok: the vanilla model exports to ONNX (input of shape "
+        f"{'×'.join(map(str, shape))} per sample, {nbytes(size)})"
     )
 
 
@@ -223,25 +339,31 @@ def run_optimize(
     trust_checkpoint: bool = False,
     cache_dir: str | Path | None = "default",
     progress: bool = True,
-    latency: bool = True,
+    latency: bool | str = True,
     echo: Echo = print,
 ) -> OptimizeResult:
     """The whole optimize pipeline; writes the run folder.
 
     The run folder (``out``, default ``exports/<recipe>-<method>-<hash>``) receives
-    ``model.onnx`` (+ ``model.verify.npz``), ``model.pt``, ``recipe.yaml`` (resolved),
-    ``report.json`` and ``report.md``. It is built under a temporary name and renamed
-    when complete, so a failure leaves no partial run folder.
+    ``model.onnx`` (+ ``model.verify.npz``), ``vanilla.onnx`` (the baseline export),
+    ``model.pt``, ``recipe.yaml`` (resolved), ``report.json`` and ``report.md``. It is
+    built under a temporary name and renamed when complete, so a failure leaves no
+    partial run folder.
+
+    ``latency``: ``"quick"``, ``"full"`` or ``"off"``; True means the recipe's
+    ``report.latency`` (quick by default: a few seconds), False means off.
     """
     recipe_path, exports_dir, cache_dir = _paths(recipe_path, exports_dir, cache_dir, out)
     recipe = load_recipe(recipe_path)
+    latency_mode = _latency_mode(latency, recipe)
     plan = recipe.method
     _runnable(plan, "method.name")
     exp = _experiment(
         recipe, checkpoint, cache_dir=cache_dir, device=device, progress=progress,
         trust_checkpoint=trust_checkpoint,
     )
-    exp.prepare([plan])
+    with warnings_as_notes() as prepare_notes:
+        exp.prepare([plan])
     final = Path(out) if out is not None else exports_dir / _run_name(
         recipe_path, recipe, plan.method, exp.checkpoint_sha256
     )
@@ -249,13 +371,18 @@ def run_optimize(
     info = exp.context.privileged_info
     echo(f"privileged group: {info['name']} ({info['how']})")
 
-    rows = _evaluate_plans(exp, recipe_path, plan, [plan], echo)
+    rows = _evaluate_plans(exp, recipe_path, plan, [plan], echo, notes=prepare_notes)
     main, report = rows.processed[-1], rows.report
     report["selections"] = {
         k: {kk: len(v) for kk, v in d.items()} for k, d in main.selections.items()
     }
     with staging_dir(final) as run:
-        verified = _deploy(exp, main, report, run, cache_dir, latency=latency)
+        with warnings_as_notes(covered=report["methods"][-1]["warnings"]) as deploy_notes:
+            verified = _deploy(exp, main, report, run, cache_dir, latency=latency_mode)
+        report["methods"][-1]["warnings"] = _unique(
+            [*report["methods"][-1]["warnings"], *deploy_notes]
+        )
+        report["notes"] = _unique([*report["notes"], *deploy_notes])
         save_checkpoint(
             exp.model_of(main),
             run / "model.pt",
@@ -266,10 +393,20 @@ def run_optimize(
                 "recipe_hash": recipe_hash(recipe),
             },
         )
-        save_resolved_recipe(recipe, run / "recipe.yaml")
+        save_resolved_recipe(recipe, run / "recipe.yaml", relative_to=final)
         write_report(report, run)
     report["run_dir"] = str(final)
     return OptimizeResult(final, plan, rows.metrics, verified, report)
+
+
+def _latency_mode(latency: bool | str, recipe: Recipe) -> str:
+    if latency is True:
+        return recipe.report.latency
+    if latency is False:
+        return "off"
+    if latency not in ("quick", "full", "off"):
+        raise FairDeployError(f"--latency {latency!r} is not allowed: use quick, full or off")
+    return str(latency)
 
 
 @dataclass
@@ -291,11 +428,18 @@ def _evaluate_plans(
     echo: Echo,
     *,
     validation: bool = False,
+    notes: list[str] | None = None,
 ) -> _Rows:
-    """Apply every plan after vanilla and build the report's method table."""
+    """Apply every plan after vanilla and build the report's method table.
+
+    Every method's warnings (from its plan's shapes, its scoring sets, what it did, the
+    Python warnings it raised, a single predicted class) go into its own entry and into
+    the run's ``notes``.
+    """
     report = base_report(exp, recipe_path, main)
-    report["notes"] += plan_notes(exp, plans)
+    report["notes"] += notes or []
     rows: dict[str, Processed] = {"vanilla": exp.apply(Plan("vanilla"))}
+    method_notes: dict[str, list[str]] = {"vanilla": []}
     for plan in plans:
         if plan.method == "vanilla":
             continue
@@ -304,19 +448,85 @@ def _evaluate_plans(
             name, i = f"{plan.method}-{i}", i + 1
         if len(plans) > 1:
             echo(f"running {name} ...")
-        rows[name] = exp.apply(plan)
+        static = plan_notes(exp, [plan])
+        with warnings_as_notes(covered=static) as caught:
+            rows[name] = exp.apply(plan)
+        method_notes[name] = _unique([*static, *rows[name].notes, *caught])
+    splits = ("test", "val") if validation else ("test",)
+    preds = {
+        name: {split: exp.predictions(p, split) for split in splits} for name, p in rows.items()
+    }
     metrics = {name: exp.evaluate(p, "test") for name, p in rows.items()}
     metrics_val = {name: exp.evaluate(p, "val") for name, p in rows.items()} if validation else {}
-    preds = {name: exp.predictions(p, "test") for name, p in rows.items()}
+    class_names = exp.context.class_names
+    for name in rows:
+        single = single_class_note(name, preds[name]["test"], class_names)
+        if single is not None:
+            method_notes[name].append(single)
     report["methods"] = [
-        method_entry(exp, name, p.plan, metrics[name], metrics_val=metrics_val.get(name))
+        method_entry(
+            exp, name, p.plan, metrics[name], metrics_val=metrics_val.get(name),
+            predictions=preds[name], warnings=method_notes[name],
+        )
         for name, p in rows.items()
     ]
-    for p in rows.values():
-        report["notes"] += p.notes
-    report["bootstrap"] = bootstrap_block(exp, preds, seed=_seed(main))
-    report["notes"] += prediction_notes(preds)
+    report["bootstrap"] = bootstrap_block(
+        exp, {name: pr["test"] for name, pr in preds.items()}, seed=_seed(main)
+    )
+    several = len(rows) > 2
+    for entry in report["methods"]:
+        for text in entry["warnings"]:
+            report["notes"].append(f"{entry['label']}: {text}" if several else text)
+    report["notes"] = _unique(report["notes"])
     return _Rows(list(rows), list(rows.values()), metrics, metrics_val, report)
+
+
+def _unique(texts: list[str]) -> list[str]:
+    return list(dict.fromkeys(texts))
+
+
+_QUIET_CATEGORIES = (DeprecationWarning, FutureWarning, PendingDeprecationWarning)
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+
+
+#: Warning categories a method's own (static) warning can stand for, and the word in it.
+_COVERED_BY = {"FactorizationWarning": "break-even", "HessianApproximationWarning":
+               "HessianApproximationWarning"}
+
+
+@contextlib.contextmanager
+def warnings_as_notes(covered: Sequence[str] = ()) -> Iterator[list[str]]:
+    """Collect the warnings fairdeploy raises inside the block as report notes.
+
+    The list yielded is filled when the block ends: one sentence per distinct warning
+    raised from fairdeploy's own code (an approximate Hessian, a cache file recomputed,
+    a layer stored larger than dense), instead of ``file.py:line: Warning`` text on
+    stderr. A ``FactorizationWarning`` or ``HessianApproximationWarning`` is left out
+    when one of the ``covered`` texts (the method's own warnings: rank above break-even,
+    modules after the layer that are not piecewise linear) already says it: those stand
+    next to the numbers also when the factors or Hessians come from the cache and
+    nothing warns. Deprecation notices of the libraries are dropped; any other library
+    warning is shown as usual.
+    """
+    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield notes
+    for w in caught:
+        ours = str(Path(w.filename).resolve()).startswith(_PACKAGE_DIR) or (
+            w.category.__module__.startswith("fairdeploy")
+        )
+        if ours:
+            word = _COVERED_BY.get(w.category.__name__)
+            if word is not None and any(word in text for text in covered):
+                continue
+            text = str(w.message).strip()
+            if text not in notes:
+                notes.append(text)
+        elif not issubclass(w.category, _QUIET_CATEGORIES) and "TracerWarning" not in (
+            w.category.__name__
+        ):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def _seed(plan: Plan) -> int:
@@ -331,31 +541,41 @@ def _deploy(
     run: Path,
     cache_dir: Path | None,
     *,
-    latency: bool,
+    latency: str,
 ) -> bool:
-    """Export, measure sizes (and latency) against the vanilla export, verify; fills the
-    report's ``onnx``, ``export_layout``, ``verify`` and ``latency`` blocks."""
+    """Export, keep the vanilla export beside it, measure sizes (and latency), verify;
+    fills the report's ``onnx``, ``export_layout``, ``verify`` and ``latency`` blocks."""
     from fairdeploy.export import onnx_sizes, update_metadata
 
     tol = exp.recipe.export.tolerances
+    show = exp.progress
+    model_path = run / "model.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=(DeprecationWarning, FutureWarning))
-        res = exp.export(processed, run / "model.onnx")
-        vanilla_dir = Path(tempfile.mkdtemp(prefix=".vanilla.", dir=run))
-        try:
-            vanilla = _vanilla_onnx(exp, report, cache_dir, vanilla_dir)
-            sizes = {"vanilla": onnx_sizes(vanilla), "processed": onnx_sizes(run / "model.onnx")}
-            update_metadata(run / "model.onnx", {"measured_cr": size_ratios(sizes)})
-            # The metadata entry itself adds a few hundred bytes to the file.
-            sizes["processed"] = onnx_sizes(run / "model.onnx")
-            cr = size_ratios(sizes)
-            if latency:
-                report["latency"] = _latency(exp, run / "model.onnx", vanilla, processed.plan)
-        finally:
-            shutil.rmtree(vanilla_dir, ignore_errors=True)
+        with (
+            phase("export: model.onnx, ONNX checker, parity on a few inputs", unit="",
+                  enabled=show),
+            exporting("the processed model"),
+        ):
+            res = exp.export(processed, model_path)
+        vanilla = _vanilla_onnx(exp, report, cache_dir, run)
+        sizes = {"vanilla": onnx_sizes(vanilla), "processed": onnx_sizes(model_path)}
+        update_metadata(
+            model_path,
+            {
+                "measured_cr": size_ratios(sizes),
+                # `fairdeploy bench model.onnx` times the model against this file.
+                "baseline": {"path": vanilla.name, "sha256": file_sha256(vanilla)},
+            },
+        )
+        # The metadata entry itself adds a few hundred bytes to the file.
+        sizes["processed"] = onnx_sizes(model_path)
+        cr = size_ratios(sizes)
+        if latency != "off":
+            report["latency"] = _latency(exp, model_path, vanilla, processed.plan, latency)
     report["methods"][-1]["compression"]["measured"] = cr
     report["methods"][0]["compression"]["measured"] = dict.fromkeys(cr, 1.0)
-    report["onnx"] = {"models": sizes, **cr}
+    report["onnx"] = {"models": sizes, **cr, "baseline_file": vanilla.name}
     report["export_layout"] = [lay.to_dict() for lay in res.layers]
     if res.deployed_cr is not None:
         report["methods"][-1]["compression"]["deployed"] = {
@@ -366,11 +586,22 @@ def _deploy(
             "sparse_layout": res.sparse_layout,
             "eliminate_dead": res.eliminate_dead,
         }
-    vres = exp.verify(run / "model.onnx")
-    n = len(exp.test_inputs(exp.recipe.export.verify_samples)[1])
+    ref = exp.reference(processed)
+    n = len(ref.inputs)
+    with phase(f"verify: ONNX Runtime vs PyTorch on {n:,} test inputs", unit="", enabled=show):
+        vres = exp.verify(model_path, reference=ref)
     report["verify"] = verify_summary(vres, tol, n)
-    # The run folder is renamed when complete: record paths relative to it.
-    report["verify"]["details"]["reference"] = "model.verify.npz"
+    stored = _stored_reference_samples(run / "model.verify.npz")
+    report["verify"]["reference_file"] = {
+        "path": "model.verify.npz",
+        "samples": stored,
+        "note": (
+            f"holds all {n:,} inputs"
+            if stored >= n
+            else f"holds the first {stored:,} of the {n:,} inputs (capped at "
+            f"export.verify_npz_max_mb = {exp.recipe.export.verify_npz_max_mb:g} MB)"
+        ),
+    }
     report["verify"]["reference_outputs"] = (
         "PyTorch: the processed head on the cached trunk features of the same inputs"
         if processed.head is not None
@@ -384,15 +615,77 @@ def _deploy(
     return True
 
 
+def _stored_reference_samples(path: Path) -> int:
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as npz:
+        return int(npz["inputs"].shape[0])
+
+
+def export_error_message(what: str, exc: BaseException) -> str:
+    """One line for an exporter failure: what failed, the exporter's own first sentence,
+    and how to fix it (the exporter's message can run to a hundred lines of graph)."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    first = first.split(" [Caused by")[0]
+    first = re.sub(r"\s*Please feel free to request support.*$", "", first).strip()
+    if len(first) > 240:
+        first = first[:237] + "..."
+    if "adaptive_avg_pool" in text or "adaptive_max_pool" in text:
+        hint = (
+            "adaptive pooling exports only when its input size is a multiple of its output "
+            "size: choose data.preprocessing.crop so that the last feature map divides it "
+            "(e.g. 224 for torchvision's 7×7 pooling), or use an architecture without it "
+            "(vgg11_paper replaces it with identity for 112×112 inputs)"
+        )
+    else:
+        hint = (
+            "the model's forward must be exportable with torch.onnx.export: replace the "
+            "operation it names (optimize --dry-run checks this in seconds)"
+        )
+    return f"{what} cannot be exported to ONNX ({type(exc).__name__}: {first}); {hint}"
+
+
+@contextlib.contextmanager
+def exporting(what: str) -> Iterator[None]:
+    """Turn an ONNX exporter failure inside the block into one ``FairDeployError`` line
+    (the exporter's own prints are kept off the user's terminal)."""
+    import torch
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    except torch.onnx.errors.OnnxExporterError as exc:
+        raise FairDeployError(export_error_message(what, exc)) from None
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """``target`` as a hard link to ``source`` (no second copy on disk, and it outlives a
+    cleared cache), or a copy where links are not possible (another file system)."""
+    for src, dst in ((source, target), (_data_file(source), _data_file(target))):
+        if not src.exists():
+            continue
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+
+def _data_file(onnx_path: Path) -> Path:
+    return onnx_path.with_name(onnx_path.name + ".data")
+
+
 def _vanilla_onnx(
-    exp: Experiment, report: dict[str, Any], cache_dir: Path | None, tmp: Path
+    exp: Experiment, report: dict[str, Any], cache_dir: Path | None, run: Path
 ) -> Path:
-    """The vanilla model's ONNX export, for measured compression and latency.
+    """The vanilla model's ONNX export, as ``vanilla.onnx`` in the run folder: the
+    baseline of measured compression and latency, and of ``fairdeploy bench``.
 
     Cached (when a cache folder is given) under a key of what determines the vanilla
     graph and its metadata — checkpoint content, architecture, data and sensitive
     settings, export settings, input shape — and not the method's settings, so a sweep
-    over β or sr exports the vanilla model once.
+    over β or sr exports the vanilla model once; the run folder gets a hard link to the
+    cached file (a copy across file systems).
     """
     from fairdeploy.export import export_onnx
 
@@ -417,14 +710,19 @@ def _vanilla_onnx(
     }
 
     def create(path: Path) -> None:
-        export_onnx(
-            ctx.model, example, path, opset=exp_spec.opset, simplify=exp_spec.simplify,
-            metadata=metadata,
-        )
+        with (
+            phase("export: vanilla.onnx (the baseline)", unit="", enabled=exp.progress),
+            exporting("the vanilla model"),
+        ):
+            export_onnx(
+                ctx.model, example, path, opset=exp_spec.opset, simplify=exp_spec.simplify,
+                metadata=metadata,
+            )
 
+    target = run / "vanilla.onnx"
     if cache_dir is None:
-        create(tmp / "vanilla.onnx")
-        return tmp / "vanilla.onnx"
+        create(target)
+        return target
     key = {
         "checkpoint": exp.checkpoint_sha256,
         "model": recipe.model.model_dump(mode="json"),
@@ -435,28 +733,61 @@ def _vanilla_onnx(
         "input_shape": list(example.shape[1:]),
         "version": __version__,
     }
-    return FeatureCache(cache_dir).get_or_create_file("vanilla", key, create, suffix=".onnx")[0]
+    cached = FeatureCache(cache_dir).get_or_create_file("vanilla", key, create, suffix=".onnx")[0]
+    _link_or_copy(cached, target)
+    return target
 
 
-def _latency(exp: Experiment, model_path: Path, vanilla_path: Path, plan: Plan) -> dict[str, Any]:
-    """Whole-model and per-layer latency, vanilla vs processed, interleaved in one run."""
+#: What ``--latency quick`` never goes below: timed runs per model and batch size.
+_QUICK_MIN_RUNS = 3
+
+
+def _latency(
+    exp: Experiment, model_path: Path, vanilla_path: Path, plan: Plan, mode: str
+) -> dict[str, Any]:
+    """Whole-model and per-layer latency, vanilla vs processed, interleaved in one run.
+
+    ``quick`` shares ``report.latency_quick_seconds`` between every scope and batch size
+    (at least 3 runs per model) and skips a batch size whose runs do not fit; ``full``
+    gives each batch size ``report.latency_seconds`` (at least 5 runs).
+    """
     from fairdeploy.bench import measure_latency, measure_layer_latency
 
     rep = exp.recipe.report
-    kw = {
+    layers = list(plan.implementation.target_layers(plan)) if plan.factorizes else []
+    scopes = 1 + len(layers)
+    kw: dict[str, Any] = {
         "batches": list(rep.latency_batches),
         "threads": rep.threads,
-        "warmup": rep.latency_warmup,
         "iters": rep.latency_iterations,
-        "max_seconds": rep.latency_seconds,
+        "progress": exp.progress,
     }
-    results = [("whole model", measure_latency(model_path, vanilla_path, label="model", **kw))]
-    if plan.factorizes:
-        for layer in plan.implementation.target_layers(plan):
-            results.append(
-                (f"layer {layer}", measure_layer_latency(model_path, layer, vanilla_path, **kw))
-            )
-    return latency_block(results, rep.latency_warmup)
+    if mode == "quick":
+        kw |= {
+            "warmup": min(rep.latency_warmup, 2),
+            "max_seconds": rep.latency_quick_seconds / (scopes * len(rep.latency_batches)),
+            "min_iters": _QUICK_MIN_RUNS,
+            "skip_over_budget": True,
+        }
+    else:
+        kw |= {"warmup": rep.latency_warmup, "max_seconds": rep.latency_seconds}
+    results = [
+        ("whole model", measure_latency(model_path, vanilla_path, label="model", **kw))
+    ]
+    for layer in layers:
+        results.append(
+            (f"layer {layer}", measure_layer_latency(model_path, layer, vanilla_path, **kw))
+        )
+    block = latency_block(results, kw["warmup"])
+    block["mode"] = mode
+    block["mode_note"] = (
+        f"quick: {rep.latency_quick_seconds:g} s shared by every scope and batch size, at "
+        f"least {_QUICK_MIN_RUNS} runs per model; optimize --latency full (or fairdeploy "
+        "bench) for the long measurement"
+        if mode == "quick"
+        else f"full: up to {rep.latency_seconds:g} s per batch size, at least 5 runs per model"
+    )
+    return block
 
 
 # --------------------------------------------------------------------------- compare
@@ -496,17 +827,20 @@ def run_compare(
         recipe, checkpoint, cache_dir=cache_dir, device=device, progress=progress,
         trust_checkpoint=trust_checkpoint,
     )
-    exp.prepare(plans)
+    with warnings_as_notes() as prepare_notes:
+        exp.prepare(plans)
     final = Path(out) if out is not None else exports_dir / _run_name(
         recipe_path, recipe, "compare", exp.checkpoint_sha256
     )
     check_out(final)
-    rows = _evaluate_plans(exp, recipe_path, recipe.method, plans, echo, validation=True)
+    rows = _evaluate_plans(
+        exp, recipe_path, recipe.method, plans, echo, validation=True, notes=prepare_notes
+    )
     report = rows.report
     if skipped:
         report["skipped"] = skipped
     with staging_dir(final) as run:
-        save_resolved_recipe(recipe, run / "recipe.yaml")
+        save_resolved_recipe(recipe, run / "recipe.yaml", relative_to=final)
         write_report(report, run)
     report["run_dir"] = str(final)
     return CompareResult(
@@ -616,13 +950,15 @@ def reference_from_checkpoint(
     split: str = "test",
     samples: int | None = None,
     trust_checkpoint: bool = False,
+    progress: bool = False,
 ) -> tuple[Any, int | None]:
     """A verify reference from a checkpoint and a recipe: the PyTorch model's outputs on
     the first ``samples`` inputs of a data split, with their labels and groups.
 
     ``checkpoint`` may be a vanilla checkpoint or ``optimize``'s ``model.pt`` (its
     factorized layers are rebuilt from the stored factors). Returns the reference and
-    the privileged group id named in the ONNX model's metadata (None if absent).
+    the privileged group id named in the ONNX model's metadata (None if absent). Use
+    :func:`reference_notes` for what the user must know to read the comparison.
     """
     from fairdeploy.checkpoint import load_checkpoint
     from fairdeploy.verification import reference_from_model
@@ -639,9 +975,32 @@ def reference_from_checkpoint(
     n = min(samples or recipe.export.verify_samples, len(ds))
     if n == 0:
         raise FairDeployError(f"--split {split}: the split is empty; choose another split")
-    x, labels, groups = first_samples(ds, n)
-    ref = reference_from_model(model, x.numpy(), labels=labels, groups=groups)
+    with phase(f"reference: PyTorch on {n:,} {split} samples", unit="", enabled=progress):
+        x, labels, groups = first_samples(ds, n)
+        ref = reference_from_model(model, x.numpy(), labels=labels, groups=groups)
     return ref, privileged_id_of(onnx_path)
+
+
+def reference_notes(onnx_path: str | Path, checkpoint: str | Path) -> list[str]:
+    """What to know before reading a comparison with a checkpoint: a vanilla checkpoint
+    against a processed model is expected to differ."""
+    from fairdeploy.checkpoint import checkpoint_metadata
+    from fairdeploy.export import read_metadata
+
+    method = read_metadata(onnx_path).get("method")
+    try:
+        ckpt_plan = checkpoint_metadata(checkpoint).get("plan")
+    except FairDeployError:
+        return []
+    ckpt_method = ckpt_plan.get("method") if isinstance(ckpt_plan, dict) else None
+    if method and method != "vanilla" and ckpt_method in (None, "vanilla"):
+        return [
+            f"the model's metadata records method {method!r}, and {str(checkpoint)!r} is a "
+            "vanilla checkpoint: the two models differ, so a mismatch is expected. To check "
+            "the export, compare with the run folder's model.pt (--checkpoint "
+            "<run>/model.pt --recipe <run>/recipe.yaml) or its model.verify.npz (the default)"
+        ]
+    return []
 
 
 def privileged_id_of(onnx_path: str | Path) -> int | None:

@@ -18,11 +18,14 @@ from typing import Any
 
 import numpy as np
 
+from fairdeploy._text import plural
 from fairdeploy.errors import FairDeployError
+from fairdeploy.progress import phase
 
 __all__ = [
     "LatencyResult",
     "Timing",
+    "default_baseline",
     "extract_layer",
     "layer_nodes",
     "measure_latency",
@@ -62,7 +65,12 @@ class LatencyResult:
     spinning : bool
         Whether worker threads were allowed to spin.
     mode : str
-        ``"interleaved"`` or ``"blocks"`` (each session timed in its own block).
+        ``"interleaved"`` (one run of each model in turn, so a change in machine load hits
+        both alike) or ``"blocks"`` (each model timed alone, one after the other).
+    label : str
+        What was timed (``model``, ``layer classifier.3``).
+    skipped : dict
+        Batch → why it was not timed (a time budget too small for a model this slow).
     """
 
     timings: list[Timing]
@@ -72,6 +80,7 @@ class LatencyResult:
     spinning: bool = False
     mode: str = "interleaved"
     label: str = ""
+    skipped: dict[int, str] = field(default_factory=dict)
 
     def timing(self, model: str, batch: int) -> Timing:
         """The timing of ``model`` (``candidate``/``baseline``) at ``batch``."""
@@ -90,23 +99,40 @@ class LatencyResult:
             "provider": self.provider,
             "spinning": self.spinning,
             "mode": self.mode,
+            "skipped": {str(b): why for b, why in self.skipped.items()},
         }
 
-    def summary_lines(self) -> list[str]:
-        """Human-readable table lines."""
-        head = (
-            f"{self.label + ': ' if self.label else ''}provider={self.provider} "
-            f"threads={self.threads or 'default'} mode={self.mode} "
-            f"spinning={'on' if self.spinning else 'off'}"
+    def summary_lines(self, names: dict[str, str] | None = None) -> list[str]:
+        """Human-readable lines, in plain words.
+
+        ``names`` maps ``candidate``/``baseline`` to what to call them (default: the
+        model's file name and ``baseline``).
+        """
+        names = {"candidate": "model", "baseline": "baseline", **(names or {})}
+        how = (
+            "timed interleaved: one run of each model in turn, so load changes hit both"
+            if self.mode == "interleaved"
+            else "each model timed alone"
         )
-        lines = [head]
+        threads = plural(self.threads, "thread") if self.threads else "default threads"
+        scope = "whole model" if self.label in ("", "model") else self.label
+        lines = [
+            f"{scope}: {self.provider}, {threads}, {how}, "
+            f"worker-thread spinning {'on' if self.spinning else 'off'}"
+        ]
+        width = max(len(n) for n in names.values())
         for t in self.timings:
             lines.append(
-                f"  {t.model:<9} batch={t.batch:<4} median={t.median_ms:9.3f} ms  "
-                f"p90={t.p90_ms:9.3f} ms  ({t.iters} iters)"
+                f"  {names.get(t.model, t.model):<{width}}  batch {t.batch:<4} median "
+                f"{t.median_ms:9.3f} ms  p90 {t.p90_ms:9.3f} ms  ({plural(t.iters, 'run')})"
             )
         for b, r in self.ratios.items():
-            lines.append(f"  speed-up baseline/candidate at batch {b}: {r:.2f}×")
+            lines.append(
+                f"  at batch {b}: {names['candidate']} is {r:.2f}× as fast as "
+                f"{names['baseline']}"
+            )
+        for b, why in self.skipped.items():
+            lines.append(f"  batch {b}: not timed ({why})")
         return lines
 
 
@@ -135,6 +161,23 @@ def _check_batches(batches: Any) -> tuple[int, ...]:
     return out
 
 
+def _predicted_overrun(per_sample: float, batch: int, min_iters: int, budget: float) -> str:
+    """Why ``batch`` cannot fit in ``budget`` seconds, predicted from the seconds per
+    sample of one round of runs at the last batch size timed ("" when it may fit).
+
+    Time grows at most linearly with the batch (the per-sample cost falls as the batch
+    grows), so the prediction is pessimistic: a batch size is skipped unseen only when
+    even a single round is predicted to take the whole budget; otherwise one warm-up
+    round decides (see :func:`_time_sessions`).
+    """
+    if per_sample * batch <= budget:
+        return ""
+    return (
+        f"one run of each model would take about {per_sample * batch:.2f} s (from the "
+        f"smaller batch): {min_iters} runs do not fit the {budget:.2f} s budget"
+    )
+
+
 def _time_sessions(
     sessions: dict[str, Any],
     batches: tuple[int, ...],
@@ -143,24 +186,48 @@ def _time_sessions(
     iters: int,
     interleaved: bool,
     max_seconds: float | None = None,
-) -> list[Timing]:
+    min_iters: int = _MIN_ITERS,
+    skip_over_budget: bool = False,
+    on_batch: Any = None,
+) -> tuple[list[Timing], dict[int, str]]:
     timings: list[Timing] = []
+    skipped: dict[int, str] = {}
     budget = float("inf") if max_seconds is None else max_seconds
+    per_sample = 0.0  # seconds of one round of runs per sample, from the last batch size
     for batch in batches:
+        why = _predicted_overrun(per_sample, batch, min_iters, budget)
+        if skip_over_budget and why:
+            skipped[batch] = why
+            if on_batch is not None:
+                on_batch()
+            continue
         feeds = {name: _input_array(s, batch) for name, s in sessions.items()}
         samples: dict[str, list[float]] = {name: [] for name in sessions}
         order = list(sessions)
         start = time.perf_counter()
+        last = dict.fromkeys(order, 0.0)
         for name in order:
-            for i in range(warmup):
+            for i in range(max(warmup, 1 if skip_over_budget else 0)):
                 if i and time.perf_counter() - start > budget / 4:
                     break  # one warm-up run is enough for a model this slow
+                t0 = time.perf_counter()
                 sessions[name].run(None, feeds[name])
+                last[name] = time.perf_counter() - t0
+        per_round = sum(last.values())
+        per_sample = per_round / batch
+        if skip_over_budget and per_round * min_iters > budget:
+            skipped[batch] = (
+                f"one run of each model takes {per_round:.2f} s: {min_iters} runs do not fit "
+                f"the {budget:.2f} s budget"
+            )
+            if on_batch is not None:
+                on_batch()
+            continue
         blocks = [order] if interleaved else [[n] for n in order]
         for block in blocks:
             start = time.perf_counter()
             for i in range(iters):
-                if i >= _MIN_ITERS and time.perf_counter() - start > budget / len(blocks):
+                if i >= min_iters and time.perf_counter() - start > budget / len(blocks):
                     break
                 for name in block:
                     t0 = time.perf_counter()
@@ -171,7 +238,9 @@ def _time_sessions(
             timings.append(
                 Timing(name, batch, float(np.median(a)), float(np.percentile(a, 90)), len(a))
             )
-    return timings
+        if on_batch is not None:
+            on_batch()
+    return timings, skipped
 
 
 def measure_latency(
@@ -187,6 +256,9 @@ def measure_latency(
     spinning: bool = False,
     label: str = "",
     max_seconds: float | None = None,
+    min_iters: int = _MIN_ITERS,
+    skip_over_budget: bool = False,
+    progress: bool = False,
 ) -> LatencyResult:
     """Time ONNX models in ONNX Runtime.
 
@@ -207,9 +279,17 @@ def measure_latency(
     spinning : bool
         Allow worker threads to spin (off by default; see the module docstring).
     max_seconds : float, optional
-        Time budget per batch size: timed runs stop when it is spent (never below 5 per
-        model; each Timing records how many ran), warm-up after a quarter of it. A whole
-        VGG at batch 128 takes seconds per run on a small CPU.
+        Time budget per batch size: timed runs stop when it is spent (never below
+        ``min_iters`` per model; each Timing records how many ran), warm-up after a
+        quarter of it. A whole VGG at batch 128 takes seconds per run on a small CPU.
+    min_iters : int
+        Timed runs per model that the budget never cuts below (default 5).
+    skip_over_budget : bool
+        Skip a batch size (recorded in ``skipped``) when one warm-up run of each model
+        shows that ``min_iters`` runs would not fit in ``max_seconds``; keeps a quick
+        measurement quick on a slow model.
+    progress : bool
+        Report progress per batch size (:mod:`fairdeploy.progress`).
 
     Returns
     -------
@@ -219,15 +299,21 @@ def measure_latency(
     from fairdeploy.providers import make_session, session_provider
 
     batches = _check_batches(batches)
-    if warmup < 0 or iters < 1:
-        raise FairDeployError(f"warmup={warmup}, iters={iters}: use warmup ≥ 0 and iters ≥ 1")
+    if warmup < 0 or iters < 1 or min_iters < 1:
+        raise FairDeployError(
+            f"warmup={warmup}, iters={iters}, min_iters={min_iters}: use warmup ≥ 0 and "
+            "iters, min_iters ≥ 1"
+        )
     sessions = {"candidate": _session(candidate, provider, threads, spinning, make_session)}
     if baseline is not None:
         sessions["baseline"] = _session(baseline, provider, threads, spinning, make_session)
-    timings = _time_sessions(
-        sessions, batches, warmup=warmup, iters=iters, interleaved=interleaved,
-        max_seconds=max_seconds,
-    )
+    what = f"latency: {'whole model' if label in ('', 'model') else label}"
+    with phase(what, total=len(batches), unit="batch size", enabled=progress) as bar:
+        timings, skipped = _time_sessions(
+            sessions, batches, warmup=warmup, iters=iters, interleaved=interleaved,
+            max_seconds=max_seconds, min_iters=min_iters, skip_over_budget=skip_over_budget,
+            on_batch=bar.advance,
+        )
     result = LatencyResult(
         timings=timings,
         threads=threads,
@@ -235,12 +321,44 @@ def measure_latency(
         spinning=spinning,
         mode="interleaved" if interleaved and baseline is not None else "blocks",
         label=label,
+        skipped=skipped,
     )
     if baseline is not None:
         for b in batches:
+            if b in skipped:
+                continue
             ratio = result.timing("baseline", b).median_ms / result.timing("candidate", b).median_ms
             result.ratios[b] = ratio
     return result
+
+
+def default_baseline(model: str | os.PathLike[str]) -> tuple[Path | None, str]:
+    """The baseline ``optimize`` keeps beside a model: ``vanilla.onnx``, named (with its
+    SHA-256) in the model's ``fairdeploy.baseline`` metadata.
+
+    Returns the path, or None and why not (empty when the model names no baseline).
+    """
+    from fairdeploy.cache import file_sha256
+    from fairdeploy.export import read_metadata
+
+    try:
+        entry = read_metadata(model).get("baseline")
+    except FairDeployError:  # not a readable model: timing it says so
+        return None, ""
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+        return None, ""
+    path = Path(model).parent / entry["path"]
+    if not path.is_file():
+        return None, (
+            f"the model's metadata names {entry['path']!r} as its baseline, but {str(path)!r} "
+            "does not exist; give --baseline FILE"
+        )
+    if entry.get("sha256") and file_sha256(path) != entry["sha256"]:
+        return None, (
+            f"{str(path)!r} is not the file the model's metadata names (its SHA-256 differs); "
+            "give --baseline FILE"
+        )
+    return path, ""
 
 
 def _session(model, provider, threads, spinning, make_session):

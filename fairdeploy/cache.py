@@ -8,6 +8,7 @@ or inconsistent file is a miss (with a warning), never a crash.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -123,7 +124,9 @@ class FeatureCache:
         path = self.directory / f"features-{key}.pt"
         if path.exists():
             try:
-                return _load_features(path, key), True
+                fs = _load_features(path, key)
+                _touch(path)
+                return fs, True
             except Exception as exc:  # any unreadable file is a miss, never a crash
                 warnings.warn(
                     f"ignoring unreadable feature cache file {str(path)!r} "
@@ -160,6 +163,7 @@ class FeatureCache:
                 payload = torch.load(path, map_location="cpu", weights_only=True)
                 if payload.get("format") != _CACHE_FORMAT or payload.get("key") != key:
                     raise ValueError("not a fairdeploy cache file for this key")
+                _touch(path)
                 return dict(payload["tensors"]), True
             except Exception as exc:  # any unreadable file is a miss, never a crash
                 warnings.warn(
@@ -201,6 +205,7 @@ class FeatureCache:
         key = self.key({"kind": kind, **key_parts})
         path = self.directory / f"{kind}-{key[:24]}{suffix}"
         if path.is_file():
+            _touch(path)
             return path, True
         self.directory.mkdir(parents=True, exist_ok=True)
         create(path)
@@ -213,6 +218,12 @@ class FeatureCache:
             p.unlink(missing_ok=True)
             removed += 1
         return removed
+
+
+def _touch(path: Path) -> None:
+    """Mark a cache file as used now: ``fairdeploy cache prune`` removes unused ones."""
+    with contextlib.suppress(OSError):  # a read-only cache still serves hits
+        os.utime(path)
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:

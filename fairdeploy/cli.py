@@ -145,6 +145,7 @@ def verify(
     from fairdeploy.verification import verify as run_verify
 
     privileged = None
+    notes: list[str] = []
     if (checkpoint is None) != (recipe_path is None):
         raise click.UsageError("--checkpoint and --recipe go together")
     if checkpoint is not None:
@@ -152,12 +153,13 @@ def verify(
             raise click.UsageError("give either --reference or --checkpoint/--recipe")
         from fairdeploy import app
 
+        notes = app.reference_notes(model, checkpoint)
         reference, privileged = app.reference_from_checkpoint(
             model, checkpoint, recipe_path, split=split, samples=samples,
-            trust_checkpoint=trust_checkpoint,
+            trust_checkpoint=trust_checkpoint, progress=True,
         )
     result = run_verify(model, reference=reference, atol=atol, rtol=rtol, provider=provider,
-                        privileged=privileged)
+                        privileged=privileged, notes=notes, progress=True)
     for line in result.summary_lines():
         click.echo(line)
     _write_json(json_path, result.to_dict())
@@ -168,7 +170,9 @@ def verify(
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--baseline", type=click.Path(dir_okay=False), default=None,
-              help="Baseline model (e.g. the vanilla export), timed interleaved with MODEL.")
+              help="Model to compare with, timed interleaved with MODEL (default: the "
+                   "vanilla.onnx that optimize keeps beside MODEL, named in its metadata).")
+@click.option("--no-baseline", is_flag=True, help="Time MODEL alone.")
 @click.option("--batch", "batches", default="1,32", show_default=True, callback=_batch_list,
               help="Comma-separated batch sizes.")
 @click.option("--iters", type=click.IntRange(min=1), default=100, show_default=True)
@@ -180,25 +184,46 @@ def verify(
                    "layers in MODEL's metadata).")
 @_apply(threads_option, provider_option, json_option)
 def bench(
-    model: str, baseline: str | None, batches: tuple[int, ...], iters: int, warmup: int,
-    layers: tuple[str, ...], threads: int | None, provider: str, json_path: str | None,
-    max_seconds: float | None,
+    model: str, baseline: str | None, no_baseline: bool, batches: tuple[int, ...], iters: int,
+    warmup: int, layers: tuple[str, ...], threads: int | None, provider: str,
+    json_path: str | None, max_seconds: float | None,
 ) -> None:
-    """Time MODEL (and BASELINE) in ONNX Runtime: median and p90 per batch size."""
-    from fairdeploy.bench import measure_latency, measure_layer_latency
+    """Time MODEL (against a baseline) in ONNX Runtime: median and p90 per batch size.
+
+    Without --baseline, the vanilla export that optimize keeps beside MODEL
+    (vanilla.onnx, named in MODEL's metadata) is the baseline.
+    """
+    from fairdeploy.bench import default_baseline, measure_latency, measure_layer_latency
     from fairdeploy.export import read_metadata
 
+    if baseline is not None and no_baseline:
+        raise click.UsageError("give either --baseline or --no-baseline")
+    if baseline is None and not no_baseline:
+        found, why = default_baseline(model)
+        if found is not None:
+            baseline = str(found)
+            click.echo(f"baseline: {baseline} (the vanilla export named in the model's "
+                       "metadata; --baseline FILE for another, --no-baseline for none)")
+        elif why:
+            click.echo(f"no baseline: {why}")
     common = {"batches": batches, "threads": threads, "provider": provider,
-              "warmup": warmup, "iters": iters, "max_seconds": max_seconds}
+              "warmup": warmup, "iters": iters, "max_seconds": max_seconds, "progress": True}
     results = [measure_latency(model, baseline, label="model", **common)]
     if not layers:
         layers = tuple(row["layer"] for row in read_metadata(model).get("layers", []))
     for layer in layers:
         results.append(measure_layer_latency(model, layer, baseline, **common))
+    from pathlib import Path
+
+    names = {"candidate": Path(model).name}
+    if baseline is not None:
+        names["baseline"] = Path(baseline).name
+        if names["baseline"] == names["candidate"]:
+            names = {"candidate": "model", "baseline": "baseline"}
     for r in results:
-        for line in r.summary_lines():
+        for line in r.summary_lines(names):
             click.echo(line)
-    _write_json(json_path, {"results": [r.to_dict() for r in results]})
+    _write_json(json_path, {"baseline": baseline, "results": [r.to_dict() for r in results]})
 
 
 def _check_device(device: str) -> None:
@@ -223,7 +248,8 @@ def _print_dry_run(info: Any) -> None:
     if rows:
         click.echo(tabulate(rows, ["layer", "Din", "Dout", "k", "rows sparsified",
                                    "cols sparsified", "kept per row/col", "params before",
-                                   "params after (S as k×k)"], tablefmt="simple"))
+                                   "params after (S as k×k)"], tablefmt="simple",
+                            disable_numparse=True))
     click.echo(f"theoretical C.R.: {info.theoretical_cr:.3f}× (paper's parameter count)")
     dep = info.deployed
     if dep is not None:
@@ -231,6 +257,8 @@ def _print_dry_run(info: Any) -> None:
         click.echo(f"deployed C.R.: {dep.ratio:.3f}×{span} (whole model, parameters the "
                    f"exported graph stores: {dep.sparse_layout} layout, dead neurons "
                    f"{'removed' if dep.eliminate else 'kept'})")
+    if info.export_check:
+        click.echo(f"ONNX export: {info.export_check}")
     for text in info.warnings:
         click.echo(f"warning: {text}")
 
@@ -239,32 +267,6 @@ def _print_report(report: dict[str, Any]) -> None:
     from fairdeploy.report import terminal_text
 
     click.echo(terminal_text(report))
-    for note in report.get("notes", []):
-        click.echo(f"warning: {note}")
-    boot = report.get("bootstrap")
-    if boot:
-        for name, per in boot["differences"].items():
-            parts = []
-            for metric in ("eopp1", "eodd", "avg_precision"):
-                d = per.get(metric)
-                if d is None or None in (d["value"], d["low"], d["high"]):
-                    continue
-                sig = "significant" if d["significant"] else "not significant"
-                parts.append(f"{metric} {d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] "
-                             f"({sig})")
-            click.echo(f"{name} vs {boot['baseline']}, {round(100 * boot['confidence'])} % CI: "
-                       + "; ".join(parts))
-    ver = report.get("verify")
-    if ver:
-        click.echo(f"ONNX verify: {'PASSED' if ver['passed'] else 'FAILED'} "
-                   f"(max |Δ| {ver['max_abs_error']:.3g} on {ver['samples']} test inputs)")
-    onnx_info = report.get("onnx")
-    if onnx_info:
-        deployed = report["methods"][-1].get("compression", {}).get("deployed")
-        if deployed:
-            click.echo(f"deployed C.R.: {deployed['cr']:.3f}× (whole model, parameters stored)")
-        click.echo(f"measured C.R.: initializers {onnx_info['initializer_cr']:.3f}×, "
-                   f"files {onnx_info['file_cr']:.3f}×")
     click.echo(f"run folder: {report['run_dir']}")
 
 
@@ -274,24 +276,33 @@ def _print_report(report: dict[str, Any]) -> None:
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Run folder (default: exports/<recipe>-<method>-<hash>).")
 @click.option("--dry-run", is_flag=True,
-              help="Validate recipe and checkpoint and print the plan; reads no data.")
-@click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
+              help="Validate recipe and checkpoint, print the plan and check that the model "
+                   "exports to ONNX; reads no data.")
+@click.option("--latency", "latency", type=click.Choice(["quick", "full", "off"]),
+              default=None,
+              help="Latency measurement: quick (a few seconds in all), full (the recipe's "
+                   "report.latency_seconds per batch size), off. Default: the recipe's "
+                   "report.latency (quick).")
+@click.option("--no-latency", is_flag=True, help="Same as --latency off (kept for scripts).")
 @_apply(device_option, trust_option, exports_option, cache_option)
 def optimize(
-    checkpoint: str, recipe_path: str, out: str | None, dry_run: bool, no_latency: bool,
-    device: str, trust_checkpoint: bool, exports_dir: str, no_cache: bool,
+    checkpoint: str, recipe_path: str, out: str | None, dry_run: bool, latency: str | None,
+    no_latency: bool, device: str, trust_checkpoint: bool, exports_dir: str, no_cache: bool,
 ) -> None:
     """Apply the recipe's method to CHECKPOINT; export, verify and report."""
     from fairdeploy import app
 
     if dry_run:
-        _print_dry_run(app.dry_run(checkpoint, recipe_path, trust_checkpoint=trust_checkpoint))
+        _print_dry_run(app.dry_run(checkpoint, recipe_path, trust_checkpoint=trust_checkpoint,
+                                   progress=True))
         return
+    if no_latency and latency not in (None, "off"):
+        raise click.UsageError("give either --no-latency or --latency")
     _check_device(device)
     result = app.run_optimize(
         checkpoint, recipe_path, out=out, exports_dir=exports_dir, device=device,
         trust_checkpoint=trust_checkpoint, cache_dir=None if no_cache else "default",
-        latency=not no_latency, echo=click.echo,
+        latency="off" if no_latency else (latency or True), echo=click.echo,
     )
     _print_report(result.report)
 
@@ -347,7 +358,11 @@ def train(
     if last:
         acc = last.get("val_accuracy", float("nan"))
         click.echo(f"epoch {last['epoch']}: val accuracy {acc:.4f}")
-    click.echo(f"checkpoint: {output}")
+    if result.unchanged:
+        click.echo(f"checkpoint: {output} (unchanged: all {len(result.history)} epochs were "
+                   "already done; --epochs N to train longer, --no-resume to start over)")
+    else:
+        click.echo(f"checkpoint: {output}")
 
 
 @main.command()
@@ -366,21 +381,115 @@ def demo(out: str | None, epochs: int | None, exports_dir: str) -> None:
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("--top", type=click.IntRange(min=1), default=1, show_default=True,
               help="Classes to print per input.")
+@click.option("--strict", is_flag=True,
+              help="Stop at the first unreadable input instead of skipping it with a warning.")
 @_apply(provider_option, json_option)
 def predict(
-    model: str, inputs: tuple[str, ...], top: int, provider: str, json_path: str | None
+    model: str, inputs: tuple[str, ...], top: int, strict: bool, provider: str,
+    json_path: str | None,
 ) -> None:
-    """Classify INPUTS (images, or .npy/.csv feature rows) with MODEL, using only its metadata."""
-    from fairdeploy.serve import predict_files
+    """Classify INPUTS (images or folders of them, or .npy/.csv feature rows) with MODEL,
+    using only its metadata. Unreadable files are skipped with a warning (--strict stops)."""
+    from fairdeploy.serve import predict as run_predict
 
-    results = predict_files(model, list(inputs), top=top, provider=provider)
-    for r in results:
+    result = run_predict(model, list(inputs), top=top, provider=provider, strict=strict)
+    for r in result.predictions:
         classes = ", ".join(f"{c['class']} {c['probability']:.3f}" for c in r["top"])
         click.echo(f"{r['input']}: {classes}")
-    _write_json(json_path, {"predictions": results})
+    for path, why in result.skipped:
+        click.echo(f"warning: skipped {path}: {why}", err=True)
+    _write_json(json_path, {
+        "predictions": result.predictions,
+        "skipped": [{"input": p, "reason": why} for p, why in result.skipped],
+    })
+
+
+@main.group()
+def cache() -> None:
+    """Inspect or empty the persisted cache (features, SVD factors, Hessians, vanilla
+    exports) under <exports>/.cache."""
+
+
+def _cache_dir(exports_dir: str) -> Any:
+    from pathlib import Path
+
+    return Path(exports_dir) / ".cache"
+
+
+def _megabytes(n: int) -> str:
+    from fairdeploy._text import nbytes
+
+    return nbytes(n)
+
+
+def _files(n: int) -> str:
+    from fairdeploy._text import plural
+
+    return plural(n, "file")
+
+
+@cache.command("ls")
+@_apply(exports_option, json_option)
+def cache_ls(exports_dir: str, json_path: str | None) -> None:
+    """List the cache's entries: size, last use, and the checkpoint each belongs to."""
+    import time
+
+    from tabulate import tabulate
+
+    from fairdeploy._text import ago, plural
+    from fairdeploy.cache_files import cache_entries
+
+    directory = _cache_dir(exports_dir)
+    entries = cache_entries(directory)
+    if not entries:
+        click.echo(f"{directory}: empty")
+    else:
+        now = time.time()
+        rows = []
+        for e in entries:
+            if e.checkpoints:
+                owner = ", ".join(e.checkpoints)
+            elif e.checkpoint_sha256:
+                owner = f"sha256 {e.checkpoint_sha256[:12]}… (no run folder names it)"
+            else:
+                owner = "unknown"
+            rows.append([e.kind, _megabytes(e.size), ago(now - e.last_used), owner, e.what,
+                         e.path.name])
+        total = sum(e.size for e in entries)
+        click.echo(f"{directory}: {plural(len(entries), 'entry', 'entries')}, "
+                   f"{_megabytes(total)}")
+        click.echo(tabulate(rows, ["kind", "size", "last used", "checkpoint", "what", "file"],
+                            tablefmt="simple", disable_numparse=True))
+    _write_json(json_path, {"directory": str(directory),
+                            "entries": [e.to_dict() for e in entries]})
+
+
+@cache.command("clear")
+@_apply(exports_option)
+def cache_clear(exports_dir: str) -> None:
+    """Delete every cache entry (they are recomputed when needed)."""
+    from fairdeploy.cache_files import clear_cache
+
+    directory = _cache_dir(exports_dir)
+    removed = clear_cache(directory)
+    click.echo(f"{directory}: removed {_files(removed.files)}, {_megabytes(removed.bytes)}")
+
+
+@cache.command("prune")
+@click.option("--keep-days", type=click.FloatRange(min=0), required=True,
+              help="Keep entries used within this many days; delete the others.")
+@_apply(exports_option)
+def cache_prune(keep_days: float, exports_dir: str) -> None:
+    """Delete the cache entries not used for more than --keep-days days."""
+    from fairdeploy.cache_files import prune_cache
+
+    directory = _cache_dir(exports_dir)
+    removed = prune_cache(directory, keep_days=keep_days)
+    click.echo(f"{directory}: removed {_files(removed.files)}, {_megabytes(removed.bytes)}; "
+               f"kept {_files(removed.kept)}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -263,6 +263,7 @@ class Experiment:
         self._splits = dict(splits) if splits is not None else None
         self._plans: list[Plan] = []
         self._ctx: Context | None = None
+        self._references: dict[int, tuple[Processed, Any]] = {}
 
     # ------------------------------------------------------------------ plans
 
@@ -486,30 +487,56 @@ class Experiment:
         """Export the processed model to ONNX with the recipe's ``export:`` settings.
 
         Writes ``path`` and ``<path stem>.verify.npz`` (the first ``samples`` test inputs
-        — default ``export.verify_samples`` — with PyTorch's outputs, labels and groups).
+        — default ``export.verify_samples`` — with PyTorch's outputs, labels and groups;
+        only the first of them that fit in ``export.verify_npz_max_mb``).
         Returns the :class:`~fairdeploy.export.ExportResult`.
         """
         from fairdeploy.export import export_onnx
 
         exp = self.recipe.export
-        x, labels, groups = self.test_inputs(samples or exp.verify_samples)
-        ref = self.reference_outputs(processed, x)
+        ref = self.reference(processed, samples)
+        x = torch.from_numpy(ref.inputs)
         return export_onnx(
             self.model_of(processed),
             x[:2],
             path,
             metadata=dict(metadata) if metadata is not None else self.metadata(processed),
             reference_inputs=x,
-            reference_outputs=ref,
-            labels=labels,
-            groups=groups,
+            reference_outputs=ref.outputs,
+            labels=ref.labels,
+            groups=ref.groups,
             simplify=exp.simplify,
             sparse_layout=exp.sparse_layout,
             eliminate_dead=exp.eliminate_dead,
             opset=exp.opset,
             atol=exp.tolerances.atol,
             rtol=exp.tolerances.rtol,
+            reference_max_bytes=int(exp.verify_npz_max_mb * 1e6),
         )
+
+    def reference(self, processed: Processed, samples: int | None = None) -> Any:
+        """The verification reference of a processed model: the first ``samples`` test
+        inputs (default ``export.verify_samples``), PyTorch's outputs, labels and groups,
+        as a :class:`~fairdeploy.verification.Reference` (computed once per model)."""
+        from fairdeploy.verification import Reference
+
+        n = samples or self.recipe.export.verify_samples
+        memo = self._references.get(id(processed))
+        if memo is not None and memo[0] is processed and len(memo[1].inputs) == min(
+            n, len(self.context.splits["test"])
+        ):
+            return memo[1]
+        x, labels, groups = self.test_inputs(n)
+        out = self.reference_outputs(processed, x)
+        ref = Reference(
+            inputs=x.numpy(),
+            outputs=out.numpy(),
+            labels=labels,
+            groups=groups,
+            source=f"the first {len(x)} test inputs (PyTorch outputs)",
+        )
+        self._references[id(processed)] = (processed, ref)
+        return ref
 
     def reference_outputs(self, processed: Processed, x: torch.Tensor) -> torch.Tensor:
         """PyTorch's outputs for the first ``len(x)`` test inputs ``x``: from the processed
@@ -540,7 +567,11 @@ class Experiment:
             "preprocessing": ctx.preprocessing,
             "theoretical_cr": theoretical_cr(ctx.model, plan),
             "fairness": {k: fairness[k] for k in ("eopp0", "eopp1", "eodd")}
-            | {"convention": "mean over classes; EOdd halved", "split": "test"},
+            | {
+                "convention": "mean over classes; EOdd halved",
+                "split": "test",
+                "samples": len(self.labels("test")[0]),
+            },
         }
 
     def verify(self, path: str | os.PathLike[str], **kwargs: Any) -> Any:

@@ -25,6 +25,7 @@ from torch import fx, nn
 
 from fairdeploy.data._loader import batch_loader
 from fairdeploy.errors import FairDeployError
+from fairdeploy.progress import phase
 from fairdeploy.structure import ancestors, describe_node, is_inplace, trace_graph
 
 __all__ = [
@@ -245,36 +246,6 @@ class FeatureSet:
         return FeatureSet(self.features[idx], self.targets[idx], self.groups[idx])
 
 
-def _progress(enabled: bool, *, transient: bool, fields: str = ""):  # type: ignore[no-untyped-def]
-    """A rich progress bar, silent when disabled or when stderr is not a terminal."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    console = Console(stderr=True)
-    columns = [
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    ]
-    if fields:
-        columns.append(TextColumn(fields))
-    return Progress(
-        *columns,
-        console=console,
-        transient=transient,
-        disable=not (enabled and console.is_terminal),
-    )
-
-
 def _param_dtype(module: nn.Module) -> torch.dtype:
     for p in module.parameters():
         if p.is_floating_point():
@@ -307,7 +278,8 @@ def compute_features(
     device : str or torch.device
         Where the trunk runs; the features are returned on the CPU.
     progress : bool
-        Show a transient progress bar (only on a terminal).
+        Report progress (:mod:`fairdeploy.progress`: a bar on a terminal, one log line
+        otherwise).
     description : str
         The progress bar's label, e.g. ``"features: test split"``.
 
@@ -338,8 +310,7 @@ def compute_features(
     tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
-        with torch.inference_mode(), _progress(progress, transient=True) as bar:
-            task = bar.add_task(description, total=n)
+        with torch.inference_mode(), phase(description, total=n, enabled=progress) as bar:
             for batch in loader:
                 x, y, g = _unpack(batch, description)
                 if x.is_floating_point():
@@ -355,7 +326,7 @@ def compute_features(
                 targets[pos : pos + b] = torch.as_tensor(y).long()
                 groups[pos : pos + b] = torch.as_tensor(g).long()
                 pos += b
-                bar.advance(task, b)
+                bar.advance(b)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         for m, mode in was_training:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +22,11 @@ import torch
 from torch import nn
 
 from fairdeploy._io import atomic_torch_save
+from fairdeploy._text import seconds
 from fairdeploy.checkpoint import check_plain_value, save_checkpoint
 from fairdeploy.data._loader import batch_loader
 from fairdeploy.errors import FairDeployError
-from fairdeploy.features import _progress
+from fairdeploy.progress import log, phase
 
 __all__ = ["TrainResult", "resume_state_path", "train_model"]
 
@@ -59,12 +61,16 @@ class TrainResult:
         Epochs already done when this call started (0 for a fresh run).
     checkpoint_path : Path or None
         The final checkpoint, if one was written.
+    unchanged : bool
+        True when every epoch was already done and the checkpoint already held these
+        weights: the file was left as it was (same SHA-256).
     """
 
     model: nn.Module
     history: list[dict[str, float]] = field(default_factory=list)
     resumed_from: int = 0
     checkpoint_path: Path | None = None
+    unchanged: bool = False
 
 
 def resume_state_path(checkpoint_path: str | Path) -> Path:
@@ -233,7 +239,9 @@ def train_model(
         hyperparameters and training-set size; ``epochs`` may be larger). False starts
         over and overwrites it.
     progress : bool
-        Show a progress bar with loss and accuracy (only on a terminal).
+        Report progress (:mod:`fairdeploy.progress`): a bar with loss and accuracy on a
+        terminal; otherwise one log line per epoch (loss, accuracy, validation loss and
+        accuracy, learning rate, elapsed time).
     num_workers : int
         DataLoader worker processes.
     metadata : mapping, optional
@@ -322,10 +330,10 @@ def train_model(
         )
         dtype = _param_dtype(net)
         steps = len(train_loader)
-        status = "{task.fields[status]}"
-        with _progress(progress, transient=False, fields=status) as bar:
-            task = bar.add_task("Training", total=epochs * steps, completed=start * steps,
-                                status=_status(history))
+        started = time.perf_counter()
+        with phase("training", total=(epochs - start) * steps, unit="step",
+                   enabled=progress and start < epochs) as bar:
+            bar.status(_status(history))
             for epoch in range(start, epochs):
                 net.train()
                 epoch_lr = float(optimizer.param_groups[0]["lr"])
@@ -347,10 +355,10 @@ def train_model(
                     correct += (logits.detach().argmax(1) == y).sum()
                     seen += y.numel()
                     if i % 10 == 9 or i == steps - 1:  # syncs with the device: not every step
-                        bar.update(task, status=f"epoch {epoch + 1}/{epochs} "
+                        bar.status(f"epoch {epoch + 1}/{epochs} "
                                    f"loss {float(loss_sum) / seen:.4f} "
                                    f"acc {float(correct) / seen:.3f}")
-                    bar.advance(task)
+                    bar.advance()
                 scheduler.step()
                 record = {
                     "epoch": epoch + 1,
@@ -363,7 +371,12 @@ def train_model(
                         net, val_loader, device
                     )
                 history.append(record)
-                bar.update(task, status=_status(history))
+                bar.status(_status(history))
+                log(
+                    f"training: epoch {epoch + 1}/{epochs}: {_status(history, epoch=False)}, "
+                    f"lr {epoch_lr:.3g}, {seconds(time.perf_counter() - started)} elapsed",
+                    enabled=progress,
+                )
                 if state_path is not None:
                     atomic_torch_save(
                         {
@@ -380,16 +393,52 @@ def train_model(
                     )
         net.eval()
 
+    unchanged = False
     if ckpt is not None:
-        save_checkpoint(net, ckpt, extra={**metadata, "history": history, "train_config": config})
-    return TrainResult(model=net, history=history, resumed_from=start, checkpoint_path=ckpt)
+        extra = {**metadata, "history": history, "train_config": config}
+        # A finished run asked again: keep the file. torch.save gives every file a new
+        # serialization id, so rewriting equal weights would change the checkpoint's
+        # SHA-256, and with it every cache key and run folder name that depends on it.
+        unchanged = start == epochs and _same_checkpoint(ckpt, net, extra)
+        if not unchanged:
+            save_checkpoint(net, ckpt, extra=extra)
+    return TrainResult(
+        model=net, history=history, resumed_from=start, checkpoint_path=ckpt, unchanged=unchanged
+    )
 
 
-def _status(history: list[dict[str, float]]) -> str:
+def _same_checkpoint(path: Path, net: nn.Module, extra: Mapping[str, Any]) -> bool:
+    """Whether ``path`` already holds exactly these weights and this training metadata."""
+    if not path.is_file():
+        return False
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        state, meta = saved["state_dict"], saved["metadata"]
+    except Exception:  # unreadable or foreign: write a fresh one
+        return False
+    current = net.state_dict()
+    if not isinstance(state, dict) or state.keys() != current.keys():
+        return False
+    for k, v in current.items():
+        w = state[k]
+        if torch.is_tensor(v) != torch.is_tensor(w):
+            return False
+        if torch.is_tensor(v):
+            v = v.detach().cpu()
+            if v.dtype != w.dtype or v.shape != w.shape or not torch.equal(v, w):
+                return False
+        elif v != w:
+            return False
+    return all(meta.get(k) == v for k, v in extra.items())
+
+
+def _status(history: list[dict[str, float]], *, epoch: bool = True) -> str:
+    """The last epoch in words: ``loss 0.4123, accuracy 0.812, val accuracy 0.801``."""
     if not history:
         return ""
     h = history[-1]
-    s = f"epoch {h['epoch']} loss {h['train_loss']:.4f} acc {h['train_accuracy']:.3f}"
+    s = f"epoch {h['epoch']} " if epoch else ""
+    s += f"loss {h['train_loss']:.4f}, accuracy {h['train_accuracy']:.3f}"
     if "val_accuracy" in h:
-        s += f" val acc {h['val_accuracy']:.3f}"
+        s += f", val loss {h['val_loss']:.4f}, val accuracy {h['val_accuracy']:.3f}"
     return s

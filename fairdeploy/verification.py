@@ -25,7 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from fairdeploy._text import plural
 from fairdeploy.errors import FairDeployError
+from fairdeploy.progress import phase
 
 __all__ = [
     "OutputComparison",
@@ -62,6 +64,9 @@ class Reference:
     labels: np.ndarray | None = None
     groups: np.ndarray | None = None
     source: str = ""
+    #: How many samples the full reference had, when this one keeps only the first
+    #: (``model.verify.npz`` is capped by size); None when it is complete.
+    total: int | None = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,9 @@ class VerifyResult:
     fairness: dict[str, Any] | None = None
     fairness_note: str = ""
     required_argmax_agreement: float = DEFAULT_ARGMAX_AGREEMENT
+    #: What a reader must know to interpret the result (a subset, a reference that is
+    #: expected to differ), one sentence each.
+    notes: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
         return self.passed
@@ -144,33 +152,62 @@ class VerifyResult:
             "fairness": self.fairness,
             "fairness_note": self.fairness_note,
             "required_argmax_agreement": self.required_argmax_agreement,
+            "notes": list(self.notes),
         }
 
     def summary_lines(self) -> list[str]:
         """Human-readable lines, ending with the PASSED/FAILED line."""
         lines = [
             f"checker: {'ok' if self.checker_ok else 'FAILED: ' + self.checker_message}",
-            f"reference: {self.reference} ({self.n_samples} samples), provider: {self.provider}",
+            f"reference: {self.reference} ({plural(self.n_samples, 'sample')}), "
+            f"provider: {self.provider}",
         ]
         for o in self.outputs:
             lines.append(
-                f"output {o.name}: max|Δ|={o.max_abs_error:.3g} max rel={o.max_rel_error:.3g} "
-                f"argmax agreement={o.argmax_agreement:.4%} "
-                f"(atol={o.atol:g}, rtol={o.rtol:g}; would pass with atol ≥ {o.min_atol:.3g} "
-                f"or rtol ≥ {o.min_rtol:.3g}) {'ok' if o.passed else 'FAILED'}"
+                f"output {o.name}: max |Δ| {o.max_abs_error:.3g}, max relative "
+                f"{o.max_rel_error:.3g}, argmax agreement {o.argmax_agreement:.2%} "
+                f"(required {self.required_argmax_agreement:.2%}): "
+                f"{'ok' if o.passed else 'FAILED'}"
             )
+            lines.append(f"  {tolerance_text(o)}")
         if self.fairness is not None:
             fair = self.fairness.get("fairness", self.fairness)
-            shown = [f"{k}={fair[k]:.4f}" for k in ("eopp0", "eopp1", "eodd") if k in fair]
+            labels = {"eopp1": "EOpp1", "eopp0": "EOpp0", "eodd": "EOdd"}
+            shown = [f"{label} {fair[k]:.3f}" for k, label in labels.items()
+                     if fair.get(k) is not None]
             for k in ("precision", "recall", "f1"):
                 v = self.fairness.get(k)
-                if isinstance(v, dict) and "avg" in v:
-                    shown.append(f"{k} avg={v['avg']:.4f} diff={v['diff']:.4f}")
-            lines.append(f"group metrics of the ONNX predictions: {', '.join(shown)}")
+                if isinstance(v, dict) and v.get("avg") is not None:
+                    shown.append(f"{k} avg {v['avg']:.3f} diff {v['diff']:.3f}")
+            lines.append(
+                f"group metrics of the ONNX predictions on these "
+                f"{plural(self.n_samples, 'sample')}: {', '.join(shown)}"
+            )
         elif self.fairness_note:
             lines.append(f"fairness: {self.fairness_note}")
+        lines += [f"note: {n}" for n in self.notes]
         lines.append(("PASSED" if self.passed else "FAILED") + f": {self.reference}")
         return lines
+
+
+def tolerance_text(o: OutputComparison) -> str:
+    """The tolerances that would pass, in words: the smallest atol at the rtol used and
+    the smallest rtol at the atol used (a pass needs |Δ| ≤ atol + rtol·|ref| everywhere)."""
+    if o.max_abs_error == 0:
+        return "identical outputs: any atol and rtol pass"
+    if math.isinf(o.min_atol):
+        return "no tolerance passes: the outputs are not finite"
+    atol = f"smallest atol that passes at rtol {o.rtol:g}: {o.min_atol:.3g}"
+    if o.min_atol == 0:
+        atol += f" (rtol {o.rtol:g} alone covers every difference)"
+    if math.isinf(o.min_rtol):
+        rtol = (f"no rtol passes at atol {o.atol:g} (a reference value of 0 differs by more "
+                "than atol)")
+    else:
+        rtol = f"smallest rtol that passes at atol {o.atol:g}: {o.min_rtol:.3g}"
+        if o.min_rtol == 0:
+            rtol += f" (atol {o.atol:g} alone covers every difference)"
+    return f"{atol}; {rtol}"
 
 
 def load_reference(path: str | os.PathLike[str]) -> Reference:
@@ -199,12 +236,14 @@ def load_reference(path: str | os.PathLike[str]) -> Reference:
             raise FairDeployError(
                 f"reference file {str(p)!r}: '{k}' has {len(arrays[k])} rows, 'inputs' has {n}"
             )
+    total = arrays.get("samples_total")
     return Reference(
         inputs=arrays["inputs"],
         outputs=arrays["outputs"],
         labels=arrays.get("labels"),
         groups=arrays.get("groups"),
         source=str(p),
+        total=int(total) if total is not None and total.ndim == 0 else None,
     )
 
 
@@ -336,6 +375,8 @@ def verify(
     min_argmax_agreement: float = DEFAULT_ARGMAX_AGREEMENT,
     privileged: int | None = None,
     batch_size: int = 256,
+    notes: tuple[str, ...] | list[str] = (),
+    progress: bool = False,
 ) -> VerifyResult:
     """Check an ONNX model and compare ONNX Runtime's outputs with a reference.
 
@@ -358,6 +399,10 @@ def verify(
         named in the model's metadata (group names too), else group 1.
     batch_size : int
         Samples per ONNX Runtime call.
+    notes : sequence of str
+        Sentences to carry into the result (e.g. why a mismatch is expected).
+    progress : bool
+        Report progress (:mod:`fairdeploy.progress`).
 
     Returns
     -------
@@ -397,7 +442,14 @@ def verify(
         raise FairDeployError(f"ONNX Runtime cannot load {str(path)!r}: {exc}") from None
     in_name = sess.get_inputs()[0].name if sess.get_inputs() else INPUT_NAME
     x = np.ascontiguousarray(ref.inputs, dtype=np.float32)
-    outs = [sess.run(None, {in_name: x[i : i + batch_size]}) for i in range(0, len(x), batch_size)]
+    if sess.get_inputs():
+        _check_input_shape(x, sess.get_inputs()[0].shape, ref.source)
+    with phase(f"verify: ONNX Runtime on {plural(len(x), 'reference input')}", total=len(x),
+               enabled=progress) as bar:
+        outs = []
+        for i in range(0, len(x), batch_size):
+            outs.append(sess.run(None, {in_name: x[i : i + batch_size]}))
+            bar.advance(len(outs[-1][0]))
     names = [o.name for o in sess.get_outputs()]
     got_all = [np.concatenate([o[j] for o in outs]) for j in range(len(names))]
     refs = ref.outputs if isinstance(ref.outputs, list | tuple) else [ref.outputs]
@@ -410,6 +462,11 @@ def verify(
         for n, g, r in zip(names, got_all, refs, strict=True)
     ]
     fairness, note = _fairness(ref, got_all[0], privileged, group_names)
+    all_notes = list(notes)
+    if fairness is not None:
+        scope = _fairness_scope(path, ref)
+        if scope:
+            all_notes.append(scope)
     return VerifyResult(
         passed=checker_ok and all(c.passed for c in comps),
         checker_ok=checker_ok,
@@ -421,5 +478,48 @@ def verify(
         fairness=fairness,
         fairness_note=note,
         required_argmax_agreement=min_argmax_agreement,
+        notes=tuple(all_notes),
+    )
+
+
+def _check_input_shape(x: np.ndarray, expected: list[Any], source: str) -> None:
+    """The reference inputs must fit the model's input: same rank, same fixed sizes."""
+    want = ["batch" if i == 0 else d for i, d in enumerate(expected)]
+    shown = "(" + ", ".join(str(d) for d in want) + ")"
+    if x.ndim != len(expected) or any(
+        isinstance(d, int) and d != x.shape[i] for i, d in enumerate(expected) if i
+    ):
+        raise FairDeployError(
+            f"the reference inputs ({source}) have shape {tuple(x.shape)} but the model takes "
+            f"{shown}: the reference belongs to another model or was saved with another "
+            "layout; give the .npz written beside this model (<name>.verify.npz) or inputs of "
+            "that shape"
+        )
+
+
+def _fairness_scope(path: Path, ref: Reference) -> str:
+    """Say when the group metrics above come from a subset of the data the report used."""
+    from fairdeploy.export import read_metadata
+
+    try:
+        recorded = read_metadata(path).get("fairness") or {}
+    except Exception:  # no readable metadata: nothing to compare with
+        recorded = {}
+    n = len(ref.inputs)
+    full = recorded.get("samples")
+    split = recorded.get("split", "test")
+    if ref.total is not None and ref.total > n:
+        subset = f"the first {n:,} of the {ref.total:,} reference inputs ({ref.source} is capped)"
+    elif full is not None and full > n:
+        subset = f"{plural(n, 'sample')}, a subset of the {full:,} {split} samples"
+    else:
+        return ""
+    eopp1 = recorded.get("eopp1")
+    their = (
+        f" (EOpp1 {eopp1:.3f} on all {full:,} samples)" if eopp1 is not None and full else ""
+    )
+    return (
+        f"the group metrics above are computed on {subset}; the model's metadata and its "
+        f"report use the whole {split} split{their}: a subset's figures differ by sampling"
     )
 

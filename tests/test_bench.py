@@ -55,8 +55,36 @@ def test_measure_latency_reports_every_model_and_batch(models):
         assert res.ratios[b] == pytest.approx(expected)
     assert res.mode == "interleaved" and res.spinning is False and res.threads == 1
     assert res.provider == "CPUExecutionProvider"
-    assert "spinning=off" in res.summary_lines()[0]
+    assert "spinning off" in res.summary_lines()[0]
     json.dumps(res.to_dict())
+
+
+def test_a_budget_too_small_skips_the_batch_size_and_says_why(models):
+    tmp, _ = models
+    # One run takes far more than a microsecond: no batch size fits three runs.
+    res = measure_latency(tmp / "proc.onnx", tmp / "vanilla.onnx", batches=(1, 4), warmup=0,
+                          iters=5, max_seconds=1e-6, min_iters=3, skip_over_budget=True)
+    assert res.timings == [] and res.ratios == {} and set(res.skipped) == {1, 4}
+    assert "3 runs do not fit the 0.00 s budget" in res.skipped[1]
+    assert res.summary_lines()[-1].startswith("  batch 4: not timed (one run of each model")
+    assert res.to_dict()["skipped"]["1"] == res.skipped[1]
+    # Without the flag a budget only shortens the runs, never below min_iters.
+    kept = measure_latency(tmp / "proc.onnx", batches=(2,), warmup=0, iters=9,
+                           max_seconds=1e-6, min_iters=2)
+    assert [t.iters for t in kept.timings] == [2] and kept.skipped == {}
+
+
+def test_a_batch_size_predicted_not_to_fit_is_skipped_before_it_runs():
+    from fairdeploy.bench import _predicted_overrun
+
+    # 2 ms a round per sample at the smaller batch → about 128 ms a round at batch 64,
+    # more than a 0.1 s budget: skipped unseen. At batch 40 (80 ms) one warm-up round
+    # decides instead (the linear prediction overestimates).
+    why = _predicted_overrun(2e-3, 64, 3, 0.1)
+    assert why.startswith("one run of each model would take about 0.13 s")
+    assert "3 runs do not fit the 0.10 s budget" in why
+    assert _predicted_overrun(2e-3, 40, 3, 0.1) == ""
+    assert _predicted_overrun(0.0, 10**6, 3, 0.1) == ""  # nothing timed yet
 
 
 def test_blocks_mode_without_baseline(models):
@@ -125,7 +153,7 @@ def test_cli_bench(models, tmp_path):
                                   str(tmp / "vanilla.onnx"), "--batch", "1,2", "--iters", "3",
                                   "--warmup", "1", "--threads", "1", "--json", str(out)])
     assert r.exit_code == 0, r.output
-    assert "layer 2" in r.output and "speed-up" in r.output
+    assert "layer 2" in r.output and "as fast as vanilla.onnx" in r.output
     payload = json.loads(out.read_text())
     assert [x["label"] for x in payload["results"]] == ["model", "layer 2"]
     r = CliRunner().invoke(main, ["bench", str(tmp / "proc.onnx"), "--batch", "a"])

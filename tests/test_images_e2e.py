@@ -159,3 +159,29 @@ def test_bad_inputs_are_one_line_errors(run, case):
     assert not (tmp / "bad_exports").exists() or not [
         p for p in (tmp / "bad_exports").iterdir() if p.name != ".cache"
     ]
+
+
+def test_predict_a_folder_skips_unreadable_images(run, tmp_path):
+    tmp, info = run
+    out = tmp / "run"
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    files = [tmp / "data/celeba/img_align_celeba" / f for f in info["files"][:3]]
+    for f in files:
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    (folder / "notes.txt").write_text("ignored: not an input type")
+    result = CliRunner().invoke(main, ["predict", str(out / "model.onnx"), str(folder)])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert [ln.split(": ")[0] for ln in lines] == [str(folder / f.name) for f in files]
+    assert f"warning: skipped {folder / 'broken.jpg'}: cannot read image" in result.stderr
+    # The same predictions as the files given one by one.
+    from fairdeploy.serve import predict_files
+
+    alone = predict_files(out / "model.onnx", files)
+    assert [ln.split(": ")[1].split()[0] for ln in lines] == [r["top"][0]["class"] for r in alone]
+    strict = CliRunner().invoke(main, ["predict", str(out / "model.onnx"), str(folder),
+                                       "--strict"])
+    assert strict.exit_code == 1 and "Traceback" not in strict.output
+    assert strict.output.strip().splitlines()[-1].startswith("Error: cannot read image")

@@ -46,7 +46,9 @@ def test_resample_values_match_group_metrics_on_the_resampled_data():
             m = group_metrics(
                 y_true[known][rows], pred[known][rows], groups[known][rows], num_classes=k
             )
-            expected = [m.eopp0, m.eopp1, m.eodd, m.precision_avg]
+            expected = [
+                m.eopp0, m.eopp1, m.eodd, m.precision_avg, m.recall_avg, np.mean(m.accuracy)
+            ]
             np.testing.assert_allclose(values[name][:, b], expected, rtol=1e-12, atol=1e-15)
 
 
@@ -84,8 +86,11 @@ def test_point_values_and_intervals():
     )
     for name, pred in preds.items():
         m = group_metrics(y_true, pred, groups)
+        # Accuracy by hand: the share of right predictions in each group, then the mean.
+        acc = [np.mean(pred[groups == g] == y_true[groups == g]) for g in (0, 1)]
         expected = {"eopp0": m.eopp0, "eopp1": m.eopp1, "eodd": m.eodd,
-                    "avg_precision": m.precision_avg}
+                    "avg_precision": m.precision_avg, "avg_recall": m.recall_avg,
+                    "avg_accuracy": np.mean(acc)}
         for metric in BOOTSTRAP_METRICS:
             ci = result.intervals[name][metric]
             assert ci.value == pytest.approx(expected[metric])

@@ -16,7 +16,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from fairdeploy.verification import verify
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -31,6 +30,7 @@ from fairdeploy.export import (
     pack_weights,
     verify_npz_path,
 )
+from fairdeploy.verification import verify
 
 # Ops only the rebuild graphs use in these tests' models.
 REBUILD_OPS = {"BitShift", "CumSum", "Where", "Not", "And", "Cast", "Slice", "ConstantOfShape",

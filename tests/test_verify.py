@@ -101,7 +101,7 @@ def test_cli_verify_passes_and_reports_fairness(exported, tmp_path):
         tpr = [np.mean(pred[(labels == c) & (groups == gr)] == c) for gr in (0, 1)]
         gaps.append(abs(tpr[1] - tpr[0]))
     assert res.fairness["fairness"]["eopp1"] == pytest.approx(np.mean(gaps))
-    assert "eopp1" in r.output
+    assert f"EOpp1 {np.mean(gaps):.3f}" in r.output
 
 
 def test_reference_errors_are_user_errors(exported, tmp_path):

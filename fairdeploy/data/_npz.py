@@ -49,6 +49,7 @@ def load_npz_table(data: NpzData, sensitive: SensitiveSpec) -> Table:
                     )
             arrays = {k: npz[k] for k in keys_wanted}
             file_names = npz["class_names"] if "class_names" in keys else None
+            file_features = npz["feature_names"] if "feature_names" in keys else None
     except (ValueError, OSError, zipfile.BadZipFile) as exc:
         raise FairDeployError(
             f"data.path {path}: cannot be read as an .npz without pickles ({exc}): save plain "
@@ -87,14 +88,42 @@ def load_npz_table(data: NpzData, sensitive: SensitiveSpec) -> Table:
     if data.split.mode == "column":
         split = parse_split_values(arrays[data.split_key].tolist(), where=f"{path}")
     features = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    preprocessing = {"kind": "tensor", "input_shape": list(x.shape[1:]), "dtype": "float32"}
+    names = _feature_names(data, file_features, x, path)
+    if names is not None:
+        preprocessing["features"] = names
     return Table(
         where=f"data.path {path}",
         sample_ids=[str(i) for i in range(n)],
         targets=y,
         group_values=g.tolist(),
         class_names=class_names,
-        preprocessing={"kind": "tensor", "input_shape": list(x.shape[1:]), "dtype": "float32"},
+        preprocessing=preprocessing,
         split=split,
         features=features,
         attribute=attr,
     )
+
+
+def _feature_names(
+    data: NpzData, in_file: np.ndarray | None, x: np.ndarray, path: object
+) -> list[str] | None:
+    """The names of x's columns: ``data.feature_names``, else the file's ``feature_names``
+    array; checked to be one distinct name per column of 2-D features."""
+    if data.feature_names is not None:
+        names, where = [str(n) for n in data.feature_names], "data.feature_names"
+    elif in_file is not None:
+        names, where = [str(n) for n in np.asarray(in_file).reshape(-1).tolist()], (
+            f"{path}: array 'feature_names'"
+        )
+    else:
+        return None
+    if x.ndim != 2 or len(names) != x.shape[1]:
+        raise FairDeployError(
+            f"{where} has {len(names)} names but {data.x_key!r} has shape {x.shape}: give one "
+            "name per feature column (2-D features)"
+        )
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise FairDeployError(f"{where}: the names {dup[:3]} repeat; give distinct names")
+    return names

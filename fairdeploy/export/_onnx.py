@@ -213,6 +213,27 @@ def _save_atomic(model: onnx.ModelProto, path: Path) -> None:
             publish(tmp_model, path)
 
 
+def capped_reference(
+    arrays: Mapping[str, np.ndarray], max_bytes: int | None
+) -> dict[str, np.ndarray]:
+    """The first rows of every array that fit in ``max_bytes`` (at least one row).
+
+    Images make a large reference (3×112×112 float32 is 147 KB a sample): beyond the cap
+    the file keeps a prefix of the samples, and ``samples_total`` (a 0-d array) says how
+    many the full reference had. Rows are cut, never rounded (float16 inputs would no
+    longer reproduce the stored outputs).
+    """
+    out = dict(arrays)
+    n = len(out["inputs"])
+    row = sum(a[:1].nbytes for a in out.values() if a.ndim)
+    if max_bytes is None or n == 0 or row * n <= max_bytes:
+        return out
+    keep = max(1, int(max_bytes // max(row, 1)))
+    out = {k: a[:keep] if a.ndim else a for k, a in out.items()}
+    out["samples_total"] = np.asarray(n, dtype=np.int64)
+    return out
+
+
 def _save_npz_atomic(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
@@ -318,6 +339,7 @@ def export_onnx(
     opset: int = 17,
     atol: float = 1e-4,
     rtol: float = 1e-3,
+    reference_max_bytes: int | None = None,
 ) -> ExportResult:
     """Export a classifier to ONNX with factorized layers as real smaller MatMuls.
 
@@ -375,6 +397,10 @@ def export_onnx(
         ONNX opset.
     atol, rtol : float
         Tolerance of the export-time parity check.
+    reference_max_bytes : int, optional
+        Cap on the size of ``<name>.verify.npz``: only the first reference samples that
+        fit are written (at least one), and ``samples_total`` records how many there were.
+        None writes them all.
 
     Returns
     -------
@@ -468,7 +494,7 @@ def export_onnx(
         if groups is not None:
             arrays["groups"] = np.asarray(groups)
         ref_path = verify_npz_path(path)
-        _save_npz_atomic(ref_path, arrays)
+        _save_npz_atomic(ref_path, capped_reference(arrays, reference_max_bytes))
     return ExportResult(
         path=path,
         reference_path=ref_path,

@@ -99,6 +99,16 @@ class FairLRF(SparseLowRankMethod):
                     "both groups (h0 ≈ h1) negative, so the most important rows are removed "
                     "first; the paper uses β < 1 (5/9, 3/7)"
                 )
+        if plan.scoring.estimator == "exact":  # type: ignore[attr-defined]
+            for lp in plan.layers:  # type: ignore[attr-defined]
+                curved = curved_modules_after(model, lp.layer)
+                if curved:
+                    out.append(
+                        f"layer {lp.layer}: the modules after it are not piecewise linear "
+                        f"({', '.join(curved)}): the 'exact' Hessian estimator gives the "
+                        "Gauss-Newton diagonal there, an approximation of the Hessian "
+                        "diagonal (HessianApproximationWarning)"
+                    )
         return out
 
     def selection_inputs(
@@ -151,3 +161,17 @@ class FairLRF(SparseLowRankMethod):
             beta=lp.beta,
             row_score=spec.row_score,
         )
+
+
+def curved_modules_after(model: nn.Module, layer: str) -> list[str]:
+    """The operations after ``layer`` that are not piecewise linear (Tanh, GELU,
+    Softmax ...): with them the 'exact' estimator's Gauss-Newton diagonal is an
+    approximation. From the model's traced graph (:mod:`fairdeploy.structure`), before any
+    Hessian is computed — for ``--dry-run`` and the report, also on a cache hit."""
+    from fairdeploy.errors import FairDeployError
+    from fairdeploy.structure import analyze_structure
+
+    try:
+        return analyze_structure(model, leaves=[layer]).not_piecewise_linear_after(layer)
+    except FairDeployError:
+        return ["(unknown: the model cannot be traced)"]

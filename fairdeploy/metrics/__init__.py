@@ -6,6 +6,7 @@
 
 from fairdeploy.metrics._bootstrap import (
     BOOTSTRAP_METRICS,
+    LOWER_IS_BETTER,
     BootstrapMetrics,
     ConfidenceInterval,
     PairedDifference,
@@ -15,6 +16,7 @@ from fairdeploy.metrics._group import UNKNOWN_GROUP, GroupMetrics, group_metrics
 
 __all__ = [
     "BOOTSTRAP_METRICS",
+    "LOWER_IS_BETTER",
     "UNKNOWN_GROUP",
     "BootstrapMetrics",
     "ConfidenceInterval",

@@ -26,6 +26,7 @@ from fairdeploy.metrics._group import (
 
 __all__ = [
     "BOOTSTRAP_METRICS",
+    "LOWER_IS_BETTER",
     "BootstrapMetrics",
     "ConfidenceInterval",
     "PairedDifference",
@@ -33,7 +34,9 @@ __all__ = [
 ]
 
 #: The metrics :func:`bootstrap_metrics` gives intervals for.
-BOOTSTRAP_METRICS = ("eopp0", "eopp1", "eodd", "avg_precision")
+BOOTSTRAP_METRICS = ("eopp0", "eopp1", "eodd", "avg_precision", "avg_recall", "avg_accuracy")
+#: Metrics where a lower value is better (fairness gaps); the others are better higher.
+LOWER_IS_BETTER = frozenset({"eopp0", "eopp1", "eodd"})
 # Bounds the (resamples × samples) block drawn at once: 1M int32 indices and their
 # float64 multiplicities, ~12 MB.
 _BOOTSTRAP_BLOCK = 1_000_000
@@ -130,8 +133,9 @@ class BootstrapMetrics:
         Seed of the resampling; the same inputs and seed give the same intervals.
     intervals : dict
         ``intervals[method][metric]``: a :class:`ConfidenceInterval`, for the metrics
-        ``eopp0``, ``eopp1``, ``eodd`` (mean convention) and ``avg_precision`` (mean of
-        the two groups' macro precision).
+        ``eopp0``, ``eopp1``, ``eodd`` (mean convention), ``avg_precision`` and
+        ``avg_recall`` (mean of the two groups' macro precision / recall) and
+        ``avg_accuracy`` (mean of the two groups' accuracy).
     differences : dict
         ``differences[method][metric]``: a :class:`PairedDifference` against the
         baseline, for every method but the baseline.
@@ -224,6 +228,8 @@ def _bootstrap_values(
             values[1] = m["eopp1"]
             values[2] = m["eodd"]
             values[3] = m["precision"].mean(axis=-1)  # NaN if a group was drawn empty
+            values[4] = m["recall"].mean(axis=-1)
+            values[5] = m["accuracy"].mean(axis=-1)
         start += b
     return out
 
@@ -253,7 +259,7 @@ def bootstrap_metrics(
     confidence: float = 0.95,
     seed: int = 0,
 ) -> BootstrapMetrics:
-    """Bootstrap confidence intervals of EOpp0/EOpp1/EOdd and Avg. precision.
+    """Bootstrap confidence intervals of EOpp0/EOpp1/EOdd and Avg. precision/recall/accuracy.
 
     Test samples (those of known group) are resampled with replacement ``n_resamples``
     times; every method is scored on the same resampled indices, so its difference from
@@ -327,7 +333,10 @@ def bootstrap_metrics(
         for name, p in preds.items()
     }
     point_values = {
-        name: (m.eopp0, m.eopp1, m.eodd, m.precision_avg) for name, m in points.items()
+        name: (
+            m.eopp0, m.eopp1, m.eodd, m.precision_avg, m.recall_avg, float(np.mean(m.accuracy))
+        )
+        for name, m in points.items()
     }
     samples = _bootstrap_values(
         yt, preds, g, privileged=privileged, num_classes=k, n_resamples=n_resamples,

@@ -50,15 +50,7 @@ def build_model(arch: str, num_classes: int, **kwargs: Any) -> nn.Module:
     if arch in _REGISTRY:
         return _REGISTRY[arch](num_classes=num_classes, **kwargs)
     if ":" in arch:
-        module_name, _, attr = arch.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise FairDeployError(
-                f"model.arch {arch!r} cannot be imported ({exc}): give 'package.module:factory' "
-                "of a function that returns an nn.Module"
-            ) from None
-        model = factory(num_classes=num_classes, **kwargs)
+        model = _import_factory(arch)(num_classes=num_classes, **kwargs)
     else:
         import torchvision
 
@@ -76,6 +68,44 @@ def build_model(arch: str, num_classes: int, **kwargs: Any) -> nn.Module:
             f"model.arch {arch!r} returned {type(model).__name__}, not an nn.Module"
         )
     return model
+
+
+def _import_factory(arch: str) -> Callable[..., nn.Module]:
+    """The factory named by ``package.module:factory``, or one line saying what failed."""
+    module_name, _, attr = arch.partition(":")
+    if not module_name or not attr:
+        raise FairDeployError(
+            f"model.arch {arch!r} is not allowed: write 'package.module:factory' (a module "
+            "and, after the colon, a function that returns an nn.Module)"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or module_name
+        if module_name == missing or module_name.startswith(missing + "."):
+            raise FairDeployError(
+                f"model.arch {arch!r}: the module {module_name!r} is not importable: it must be "
+                "an installed package or a module on the Python path — run with its folder on "
+                "PYTHONPATH (PYTHONPATH=/path/to/folder fairdeploy ...) or pip install it; the "
+                "fairdeploy command does not search the current folder"
+            ) from None
+        raise FairDeployError(
+            f"model.arch {arch!r}: importing {module_name!r} failed because it imports "
+            f"{missing!r}, which is not installed: install it"
+        ) from None
+    except ImportError as exc:
+        raise FairDeployError(
+            f"model.arch {arch!r}: importing {module_name!r} failed ({exc})"
+        ) from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        raise FairDeployError(
+            f"model.arch {arch!r}: module {module_name!r} has no function {attr!r} (it has "
+            f"{', '.join(public[:8]) or 'none'}): give 'package.module:factory' of a function "
+            "that returns an nn.Module"
+        )
+    return factory
 
 
 from fairdeploy.models import _zoo  # noqa: E402, F401  (registers the built-in models)

@@ -199,7 +199,12 @@ class ImageCsvData(_ImageDataBase):
 
 
 class NpzData(_DataBase):
-    """An ``.npz`` of arrays: features ``x``, labels ``y``, ``group``[, ``split``]."""
+    """An ``.npz`` of arrays: features ``x``, labels ``y``, ``group``[, ``split``].
+
+    ``feature_names`` (or a ``feature_names`` array in the file) names the columns of
+    2-D features: the exported model's metadata carries them, so ``fairdeploy predict``
+    reads a CSV with a header row by name.
+    """
 
     kind: Literal["npz"]
     path: LocalPath
@@ -207,6 +212,9 @@ class NpzData(_DataBase):
     target: str = Field("y", description="label array (integers 0..C-1)")
     split_key: str = "split"
     class_names: list[str] | None = None
+    feature_names: list[str] | None = Field(
+        None, description="names of the feature columns (default: the file's feature_names)"
+    )
 
     _default_split: ClassVar[str] = "column"
     _allowed_splits: ClassVar[tuple[str, ...]] = ("column", "random", "stratified")

@@ -58,9 +58,38 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
             f"{path}: the recipe must be a mapping of sections (model, data, sensitive, "
             f"method, ...), found {type(data).__name__}"
         )
-    recipe = parse_recipe(data, source=str(path), base_dir=path.resolve().parent, _node=node)
+    real_dir = path.resolve().parent
+    _check_symlinked_paths(path, real_dir, data)
+    recipe = parse_recipe(data, source=str(path), base_dir=real_dir, _node=node)
     recipe._source = path
     return recipe
+
+
+def _check_symlinked_paths(path: Path, real_dir: Path, data: dict[str, Any]) -> None:
+    """Relative data paths resolve from the recipe file's real folder, also when it was
+    opened through a symlink (``recipes/`` in the repository links to the package's
+    ``fairdeploy/recipes/``). Where that finds nothing but the symlink's folder would,
+    say so now rather than leave the user to guess which folder was meant."""
+    from fairdeploy.recipe._data import _LOCAL_PATH_KEYS
+
+    link_dir = Path(os.path.abspath(path)).parent
+    section = data.get("data")
+    if link_dir == real_dir or not isinstance(section, dict):
+        return
+    for key in _LOCAL_PATH_KEYS:
+        value = section.get(key)
+        if not isinstance(value, str) or Path(os.path.expanduser(value)).is_absolute():
+            continue
+        tried = Path(os.path.normpath(real_dir / value))
+        # Lexically: the kernel would resolve "link/.." through the link's target.
+        meant = Path(os.path.normpath(link_dir / value))
+        if not tried.exists() and meant.exists():
+            raise FairDeployError(
+                f"{path}: data.{key}: {value!r} resolves from the recipe's real folder "
+                f"{real_dir} (the file is reached through a symlink) to {tried}, which does "
+                f"not exist; {meant} does: give an absolute path, or copy the recipe instead "
+                "of linking it"
+            )
 
 
 def parse_recipe(

@@ -41,16 +41,61 @@ def recipe_hash(recipe: Recipe) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def save_resolved_recipe(recipe: Recipe, path: str | os.PathLike[str]) -> Path:
-    """Write the resolved recipe as YAML (all defaults filled, absolute paths), atomically.
+def _relative(target: str, start: Path) -> str:
+    """``target`` relative to the folder ``start`` when they share a folder below the file
+    system's root (a project folder); else unchanged (absolute)."""
+    t = Path(target)
+    if not t.is_absolute():
+        return target
+    start = Path(os.path.abspath(start))
+    common = Path(os.path.commonpath([t, start]))
+    if common == Path(common.anchor):
+        return target
+    return os.path.relpath(t, start)
 
-    The file loads back with :func:`load_recipe` into an equal recipe with the same
-    :func:`recipe_hash`. Returns the path written.
+
+def _relative_paths(data: dict[str, Any], folder: Path) -> None:
+    section = data["data"]
+    root = section.get("root")
+    for key in _LOCAL_PATH_KEYS:
+        value = section.get(key)
+        if not isinstance(value, str):
+            continue
+        if section.get("kind") == "fitzpatrick17k" and key != "root":
+            # csv and images are read relative to root: keep them so.
+            if root and Path(value).is_relative_to(root):
+                section[key] = os.path.relpath(value, root)
+            continue
+        section[key] = _relative(value, folder)
+
+
+def save_resolved_recipe(
+    recipe: Recipe,
+    path: str | os.PathLike[str],
+    *,
+    relative_to: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Write the resolved recipe as YAML (all defaults filled), atomically.
+
+    Data paths are absolute, or with ``relative_to`` (the folder the file will finally
+    live in, e.g. a run folder written under a temporary name) relative to that folder
+    where the data and the folder share a folder below the file system's root: a project
+    moved or copied as a whole keeps working. The file loads back with
+    :func:`load_recipe` (relative paths resolve from the recipe's folder) into an equal
+    recipe with the same :func:`recipe_hash`. Returns the path written.
     """
     path = Path(path)
+    data = _resolved_dict(recipe)
+    if relative_to is not None:
+        _relative_paths(data, Path(relative_to))
     text = (
         f"# Resolved fairdeploy recipe (recipe_hash {recipe_hash(recipe)}).\n"
-        + yaml.safe_dump(_resolved_dict(recipe), sort_keys=False, allow_unicode=True)
+        + (
+            f"# Data paths are relative to this file's folder ({Path(relative_to).name}).\n"
+            if relative_to is not None
+            else ""
+        )
+        + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
     )
     atomic_write_text(path, text)
     return path

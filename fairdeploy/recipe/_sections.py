@@ -115,7 +115,13 @@ class Tolerances(Strict):
 
 class ExportSpec(Strict):
     """``export:`` — ONNX opset, simplification, parity tolerances, sparse layout and
-    dead-neuron elimination (``fairdeploy.export.export_onnx``'s options)."""
+    dead-neuron elimination (``fairdeploy.export.export_onnx``'s options).
+
+    ``verify_samples`` test inputs are compared (ONNX Runtime vs PyTorch) when the
+    model is exported; ``model.verify.npz`` keeps the first of them that fit in
+    ``verify_npz_max_mb`` megabytes (all of them for tabular data; about 55 images of
+    3×112×112), for a later ``fairdeploy verify``.
+    """
 
     opset: Annotated[int, BeforeValidator(no_bool), Field(ge=13, le=25)] = 18
     simplify: bool = True
@@ -123,16 +129,29 @@ class ExportSpec(Strict):
     verify_samples: PosInt = 1024
     sparse_layout: Literal["blocks", "zeros"] = "blocks"
     eliminate_dead: bool = True
+    verify_npz_max_mb: Annotated[float, BeforeValidator(no_bool), Field(gt=0)] = 8.0
 
 
 class ReportSpec(Strict):
-    """``report:`` — latency measurement settings."""
+    """``report:`` — latency measurement settings.
 
+    ``latency``: ``quick`` (default) times every scope and batch size within
+    ``latency_quick_seconds`` in all, at least 3 runs per model, and skips a batch size
+    whose runs do not fit (a whole VGG at batch 128); ``full`` uses
+    ``latency_seconds`` per batch size and at least 5 runs; ``off`` measures nothing.
+    """
+
+    latency: Literal["quick", "full", "off"] = "quick"
+    latency_quick_seconds: Annotated[float, BeforeValidator(no_bool), Field(gt=0)] = Field(
+        5.0, description="total time budget of the quick latency measurement"
+    )
     latency_batches: list[PosInt] = Field(default_factory=lambda: [1, 32, 128])
     latency_warmup: NonNegInt = 10
     latency_iterations: PosInt = 100
     latency_seconds: Annotated[float, BeforeValidator(no_bool), Field(gt=0)] = Field(
-        20.0, description="time budget per batch size and model pair (at least 5 runs each)"
+        20.0,
+        description="latency: full — time budget per batch size and model pair (at least 5 "
+        "runs each)",
     )
     threads: PosInt | None = None
 

@@ -6,13 +6,17 @@ the terminal table (every figure names its unit and convention).
 """
 
 from fairdeploy.report._build import (
+    accuracy_summary,
     base_report,
     bootstrap_block,
+    change_direction,
     latency_block,
     method_entry,
     plan_notes,
     prediction_notes,
+    single_class_note,
     size_ratios,
+    skipped_in_words,
     verify_summary,
 )
 from fairdeploy.report._render import (
@@ -21,13 +25,16 @@ from fairdeploy.report._render import (
     method_label,
     render_markdown,
     terminal_text,
+    validation_table,
     write_report,
 )
 
 __all__ = [
     "SCHEMA_VERSION",
+    "accuracy_summary",
     "base_report",
     "bootstrap_block",
+    "change_direction",
     "fairness_table",
     "latency_block",
     "method_entry",
@@ -35,8 +42,11 @@ __all__ = [
     "plan_notes",
     "prediction_notes",
     "render_markdown",
+    "single_class_note",
     "size_ratios",
+    "skipped_in_words",
     "terminal_text",
+    "validation_table",
     "verify_summary",
     "write_report",
 ]

@@ -13,22 +13,48 @@ from typing import Any
 import numpy as np
 
 from fairdeploy import __version__
-from fairdeploy.metrics import GroupMetrics, bootstrap_metrics
+from fairdeploy._text import plural
+from fairdeploy.metrics import LOWER_IS_BETTER, GroupMetrics, bootstrap_metrics
 from fairdeploy.plan import Plan
 
 __all__ = [
+    "accuracy_summary",
     "base_report",
     "bootstrap_block",
+    "change_direction",
     "latency_block",
     "method_entry",
     "plan_notes",
     "prediction_notes",
+    "single_class_note",
     "size_ratios",
+    "skipped_in_words",
     "verify_summary",
 ]
 
 # Below this many test samples in a group, group rates are too noisy to audit.
 _FEW_SAMPLES = 30
+
+
+def _json_float(value: float) -> float | None:
+    value = float(value)
+    return None if np.isnan(value) else value
+
+
+def accuracy_summary(
+    metrics: GroupMetrics, y_true: Any, y_pred: Any
+) -> dict[str, Any]:
+    """Accuracy beside the group metrics: over every sample of the split (``overall``,
+    unknown-group samples included), and the mean (``avg``) and absolute difference
+    (``diff``) of the two groups' accuracies, like precision/recall/F1."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    a0, a1 = metrics.accuracy
+    return {
+        "overall": _json_float(np.mean(y_true == y_pred)) if len(y_true) else None,
+        "samples": len(y_true),
+        "avg": _json_float((a0 + a1) / 2),
+        "diff": _json_float(abs(a0 - a1)),
+    }
 
 
 def method_entry(
@@ -38,8 +64,17 @@ def method_entry(
     metrics: GroupMetrics,
     *,
     metrics_val: GroupMetrics | None = None,
+    predictions: Mapping[str, np.ndarray] | None = None,
+    warnings: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """One method's block: its plan, label, metrics and theoretical compression."""
+    """One method's block: its plan, label, metrics and theoretical compression.
+
+    ``predictions`` (split → predicted class ids) adds ``accuracy`` (split →
+    :func:`accuracy_summary`); ``metrics`` stays ``GroupMetrics.to_dict()``, whose
+    groups carry their own accuracy. ``warnings`` are the
+    things a reader must know next to this method's numbers (rank above break-even,
+    β ≥ 1, a single predicted class, an approximate Hessian).
+    """
     model = exp.model
     impl = plan.implementation
     total = sum(p.numel() for p in model.parameters())
@@ -49,6 +84,7 @@ def method_entry(
         "label": impl.describe(plan),
         "plan": plan.to_dict(),
         "metrics": metrics.to_dict(),
+        "warnings": list(warnings),
         "compression": {
             "theoretical_cr": impl.theoretical_cr(plan, model),
             # What an exported graph stores (e.g. S as k values, not k×k).
@@ -58,6 +94,13 @@ def method_entry(
     }
     if metrics_val is not None:
         entry["metrics_val"] = metrics_val.to_dict()
+    by_split = {"test": metrics, "val": metrics_val}
+    if predictions is not None:
+        entry["accuracy"] = {
+            split: accuracy_summary(m, exp.labels(split)[0], predictions[split])
+            for split, m in by_split.items()
+            if m is not None and split in predictions
+        }
     return entry
 
 
@@ -117,6 +160,7 @@ def base_report(exp: Any, recipe_path: str | Path | None, main: Plan) -> dict[st
         },
         "notes": _notes(ctx),
         "units": {
+            "accuracy": "fraction in [0, 1]: right predictions / samples",
             "precision/recall/f1": "fraction in [0, 1], macro over classes within a group",
             "eopp0/eopp1/eodd": "fraction, mean over classes (EOdd halved); see fairness_sum",
             "cr": "ratio vanilla / processed (×)",
@@ -144,9 +188,9 @@ def plan_notes(exp: Any, plans: Sequence[Plan]) -> list[str]:
             got = exp.context.scoring_set(spec).per_group
             if got < spec.samples_per_group:
                 text = (
-                    f"the scoring sets hold {got} samples per group, fewer than the "
-                    f"{spec.samples_per_group} asked for (capped by the smaller group in the "
-                    "training split): the Hessian diagonals behind the selection are noisier"
+                    f"the scoring sets hold {plural(got, 'sample')} per group, fewer than the "
+                    f"{spec.samples_per_group:,} asked for (capped by the smaller group in the "
+                    "training split): the scores behind the selection are noisier"
                 )
                 if text not in notes:
                     notes.append(text)
@@ -161,36 +205,74 @@ def _notes(ctx: Any) -> list[str]:
         n = int((test.groups == gid).sum())
         if n < _FEW_SAMPLES:
             notes.append(
-                f"only {n} test samples in group {name!r}: its rates and the fairness gaps "
-                "are dominated by sampling noise"
+                f"only {plural(n, 'test sample')} in group {name!r}: its rates and the "
+                "fairness gaps are dominated by sampling noise"
             )
     for split, ds in ctx.splits.items():
-        skipped = sum((getattr(ds, "skipped", {}) or {}).values())
-        if skipped:
+        skipped = dict(getattr(ds, "skipped", {}) or {})
+        if sum(skipped.values()):
             notes.append(
-                f"{skipped} samples of the {split} split were skipped (missing or unreadable "
-                f"files: {dict(ds.skipped)})"
+                f"{plural(sum(skipped.values()), 'sample')} of the {split} split "
+                f"{'was' if sum(skipped.values()) == 1 else 'were'} skipped "
+                f"({skipped_in_words(skipped)})"
             )
     if "tie" in ctx.privileged_info["how"]:
         notes.append(f"privileged group: {ctx.privileged_info['how']}")
     return notes
 
 
+_SKIP_REASONS = {
+    "missing_image": ("missing image file", "missing image files"),
+    "bad_image": ("unreadable image", "unreadable images"),
+}
+
+
+def skipped_in_words(skipped: Mapping[str, int]) -> str:
+    """``{"missing_image": 3, "bad_image": 1}`` → ``3 missing image files, 1 unreadable image``."""
+    parts = []
+    for key, n in skipped.items():
+        if n:
+            one, many = _SKIP_REASONS.get(key, (key.replace("_", " "),) * 2)
+            parts.append(plural(n, one, many))
+    return ", ".join(parts)
+
+
+def single_class_note(name: str, preds: np.ndarray, class_names: Sequence[str] = ()) -> str | None:
+    """The warning for a model that predicts one class on every test sample, else None."""
+    values = np.unique(preds)
+    if len(values) != 1:
+        return None
+    k = int(values[0])
+    cls = f" ({class_names[k]!r})" if k < len(class_names) else ""
+    return (
+        f"{name} predicts a single class{cls} on every test sample: its fairness gaps are "
+        "not evidence of fairness (a constant prediction has equal rates in both groups)"
+    )
+
+
 def prediction_notes(preds: Mapping[str, np.ndarray]) -> list[str]:
     """A warning for every method that predicts one class on every test sample."""
-    return [
-        f"{name} predicts a single class on every test sample: its fairness gaps are not "
-        "evidence of fairness"
-        for name, p in preds.items()
-        if len(np.unique(p)) == 1
-    ]
+    return [t for name, p in preds.items() if (t := single_class_note(name, p)) is not None]
+
+
+def change_direction(metric: str, difference: Mapping[str, Any]) -> str:
+    """A paired difference in words: ``better``, ``worse`` or ``not significant``.
+
+    Fairness gaps (EOpp0, EOpp1, EOdd) are better lower; precision, recall and accuracy
+    better higher. Significant means the paired interval excludes 0.
+    """
+    low, high = difference.get("low"), difference.get("high")
+    if not difference.get("significant") or low is None or high is None:
+        return "not significant"
+    went_down = high < 0
+    return "better" if went_down == (metric in LOWER_IS_BETTER) else "worse"
 
 
 def bootstrap_block(exp: Any, preds: Mapping[str, np.ndarray], *, seed: int = 0) -> dict[str, Any]:
     """Paired bootstrap intervals of every method's test-split predictions vs vanilla."""
     ctx = exp.context
     test = ctx.features["test"]
-    return bootstrap_metrics(
+    block = bootstrap_metrics(
         test.targets.numpy(),
         dict(preds),
         test.groups.numpy(),
@@ -199,6 +281,11 @@ def bootstrap_block(exp: Any, preds: Mapping[str, np.ndarray], *, seed: int = 0)
         num_classes=len(ctx.class_names),
         seed=seed,
     ).to_dict()
+    block["lower_is_better"] = sorted(LOWER_IS_BETTER)
+    for per in block["differences"].values():
+        for metric, diff in per.items():
+            diff["direction"] = change_direction(metric, diff)
+    return block
 
 
 def size_ratios(sizes: Mapping[str, Mapping[str, int]]) -> dict[str, float]:
@@ -243,12 +330,22 @@ def latency_block(results: Sequence[tuple[str, Any]], warmup: int) -> dict[str, 
                 }
             )
     first = results[0][1]
+    how = (
+        "timed interleaved (one run of each in turn, so load changes hit both alike)"
+        if first.mode == "interleaved"
+        else "each timed alone"
+    )
     return {
         "provider": first.provider,
         "threads": first.threads if first.threads is not None else "ONNX Runtime default",
         "note": (
-            f"vanilla and processed timed {first.mode} with worker-thread spinning "
-            f"{'on' if first.spinning else 'off'}, after {warmup} warm-up runs"
+            f"vanilla and processed {how}, worker-thread spinning "
+            f"{'on' if first.spinning else 'off'}, after up to {warmup} warm-up runs"
         ),
         "rows": rows,
+        "skipped": [
+            {"scope": scope, "batch": batch, "why": why}
+            for scope, res in results
+            for batch, why in getattr(res, "skipped", {}).items()
+        ],
     }

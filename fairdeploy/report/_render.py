@@ -1,53 +1,89 @@
-"""report.md and the terminal table: renderings of the report dict (report.json).
+"""report.md and the terminal text: renderings of the report dict (report.json).
 
 The report is built from one JSON-serializable dict (``report.json``, with
-``schema_version``); ``report.md`` and the terminal table are renderings of it, so
+``schema_version``); ``report.md`` and the terminal text are renderings of it, so
 what the terminal shows is what the file says. Every figure names its unit and
-convention in the column header or in the notes under the table.
+convention in the column header or in the notes under the table; every number has a
+fixed number of decimals (3 for fractions and ratios); every paired difference says
+its direction in words (better, worse, not significant); a method's warnings stand
+under the table that shows its numbers.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from tabulate import tabulate
 
 from fairdeploy._io import atomic_write_text
+from fairdeploy._text import fixed, plural
 
-__all__ = ["SCHEMA_VERSION", "fairness_table", "render_markdown", "write_report"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "fairness_table",
+    "method_label",
+    "render_markdown",
+    "terminal_text",
+    "validation_table",
+    "write_report",
+]
 
-#: Version of report.json's layout; bumped on any incompatible change.
+#: Version of report.json's layout; bumped on any incompatible change (keys are only
+#: ever added within a version).
 SCHEMA_VERSION = 1
+
+#: How each bootstrap metric is named in tables, and whether lower is better.
+_METRIC_NAMES = {
+    "eopp1": "EOpp1",
+    "eopp0": "EOpp0",
+    "eodd": "EOdd",
+    "avg_accuracy": "Avg. accuracy",
+    "avg_precision": "Avg. precision",
+    "avg_recall": "Avg. recall",
+}
+_LOWER_IS_BETTER = ("eopp0", "eopp1", "eodd")
+#: Marks a method with warnings in the tables; the warnings follow the table.
+WARNING_MARK = "⚠"
+
 
 def method_label(method: Mapping[str, Any]) -> str:
     """The row label of a method entry: its method's label and settings (``label``)."""
     return str(method.get("label") or method["name"])
 
 
-def _f(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return f"{value:.{digits}f}"
+def _marked_label(method: Mapping[str, Any]) -> str:
+    label = method_label(method)
+    return f"{label} {WARNING_MARK}" if method.get("warnings") else label
+
+
+_f = fixed
 
 
 def _cr(value: Any) -> str:
     return "n/a" if value is None else f"{value:.3f}×"
 
 
-def fairness_table(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the paper-style table (Tables 1–2 of the paper).
+def _table(rows: Sequence[Sequence[str]], header: Sequence[str], fmt: str) -> str:
+    # Numbers are already strings with fixed decimals: tabulate must not re-parse them
+    # (it would print 0.850 as 0.85 and 1.000 as 1).
+    return tabulate(rows, header, tablefmt=fmt, disable_numparse=True)
 
-    One block of four rows per method: the unprivileged group, the privileged group,
-    ``Avg.`` (mean of the two) and ``Diff.`` (absolute difference); fairness and
-    compression figures stand on the block's first row.
+
+def fairness_table(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the paper-style table (Tables 1–2 of the paper), with accuracy.
+
+    One block per method: the unprivileged group, the privileged group, ``Avg.`` (mean
+    of the two), ``Diff.`` (absolute difference) and ``All`` (accuracy over every test
+    sample, unknown group included); fairness and compression figures stand on the
+    block's first row. A method with warnings is marked ⚠.
     """
     header = [
         "Method",
         "Group",
+        "Accuracy",
         "Precision",
         "Recall",
         "F1",
@@ -65,27 +101,45 @@ def fairness_table(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]
         comp = method.get("compression", {})
         measured = (comp.get("measured") or {}).get("initializer_cr")
         fair = m["fairness"]
+        acc = (method.get("accuracy") or {}).get("test") or {}
         block = []
         for g in order:
             tag = "priv." if g["privileged"] else "unpriv."
             block.append(
-                ["", f"{g['name']} ({tag})", _f(g["precision"]), _f(g["recall"]), _f(g["f1"])]
+                [
+                    "",
+                    f"{g['name']} ({tag})",
+                    _f(g.get("accuracy")),
+                    _f(g["precision"]),
+                    _f(g["recall"]),
+                    _f(g["f1"]),
+                ]
             )
         block.append(
-            ["", "Avg.", _f(m["precision"]["avg"]), _f(m["recall"]["avg"]), _f(m["f1"]["avg"])]
+            [
+                "",
+                "Avg.",
+                _f(acc.get("avg")) if acc else "",
+                _f(m["precision"]["avg"]),
+                _f(m["recall"]["avg"]),
+                _f(m["f1"]["avg"]),
+            ]
         )
         block.append(
             [
                 "",
                 "Diff. ↓",
+                _f(acc.get("diff")) if acc else "",
                 _f(m["precision"]["diff"]),
                 _f(m["recall"]["diff"]),
                 _f(m["f1"]["diff"]),
             ]
         )
+        if acc:
+            block.append(["", f"All ({acc['samples']:,})", _f(acc.get("overall")), "", "", ""])
         for i, row in enumerate(block):
             if i == 0:
-                row[0] = method_label(method)
+                row[0] = _marked_label(method)
                 row += [
                     _f(fair["eopp1"]),
                     _f(fair["eopp0"]),
@@ -99,37 +153,118 @@ def fairness_table(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]
     return header, rows
 
 
+def validation_table(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the validation-split table (``compare``): one row per method,
+    the figures to choose a method and its settings on. Empty rows when absent."""
+    header = [
+        "Method",
+        "Accuracy",
+        "Avg. precision",
+        "Avg. recall",
+        "EOpp1 ↓",
+        "EOpp0 ↓",
+        "EOdd ↓",
+        "C.R. theory",
+    ]
+    rows = []
+    for m in report["methods"]:
+        val = m.get("metrics_val")
+        if not val:
+            continue
+        acc = ((m.get("accuracy") or {}).get("val") or {}).get("overall")
+        rows.append(
+            [
+                _marked_label(m),
+                _f(acc),
+                _f(val["precision"]["avg"]),
+                _f(val["recall"]["avg"]),
+                _f(val["fairness"]["eopp1"]),
+                _f(val["fairness"]["eopp0"]),
+                _f(val["fairness"]["eodd"]),
+                _cr(m.get("compression", {}).get("theoretical_cr")),
+            ]
+        )
+    return header, rows
+
+
+def _direction(metric: str, d: Mapping[str, Any]) -> str:
+    """``better`` / ``worse`` / ``not significant`` (also for reports written before the
+    direction was stored)."""
+    if "direction" in d:
+        return str(d["direction"])
+    low, high = d.get("low"), d.get("high")
+    if not d.get("significant") or low is None or high is None:
+        return "not significant"
+    return "better" if (high < 0) == (metric in _LOWER_IS_BETTER) else "worse"
+
+
+def _signed(value: Any) -> str:
+    return "n/a" if value is None else f"{value:+.3f}"
+
+
+def _difference_text(metric: str, d: Mapping[str, Any]) -> str:
+    if d.get("value") is None or d.get("low") is None:
+        return "n/a"
+    return f"{_signed(d['value'])} [{_signed(d['low'])}, {_signed(d['high'])}]"
+
+
+def _boot_metrics(boot: Mapping[str, Any]) -> list[str]:
+    present = {m for per in boot.get("intervals", {}).values() for m in per}
+    return [m for m in _METRIC_NAMES if m in present]
+
+
 def _interval_rows(report: Mapping[str, Any]) -> list[list[str]]:
     boot = report.get("bootstrap")
     if not boot:
         return []
-    pct = round(100 * boot["confidence"])
     rows = []
     for method in report["methods"]:
         name = method["name"]
         per = boot["intervals"].get(name, {})
         diffs = boot["differences"].get(name, {})
-        for metric in ("eopp1", "eopp0", "eodd", "avg_precision"):
+        for metric in _boot_metrics(boot):
             ci = per.get(metric)
             if ci is None:
                 continue
+            better = "lower is better" if metric in _LOWER_IS_BETTER else "higher is better"
             row = [
                 method_label(method),
-                metric,
+                f"{_METRIC_NAMES[metric]} ({better})",
                 f"{_f(ci['value'])} [{_f(ci['low'])}, {_f(ci['high'])}]",
             ]
             d = diffs.get(metric)
-            if d is None:
-                row += ["—", "—"]
-            else:
-                row += [
-                    f"{d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
-                    if d["value"] is not None and d["low"] is not None
-                    else "n/a",
-                    "yes" if d["significant"] else f"no ({pct} % CI contains 0)",
-                ]
+            row += ["—", "—"] if d is None else [_difference_text(metric, d), _direction(metric, d)]
             rows.append(row)
     return rows
+
+
+def _difference_lines(report: Mapping[str, Any]) -> list[str]:
+    """Per method, its paired differences against the baseline, in words: one line for
+    the fairness gaps, one for accuracy, precision and recall."""
+    boot = report.get("bootstrap")
+    if not boot or not boot.get("differences"):
+        return []
+    pct = round(100 * boot["confidence"])
+    labels = {m["name"]: method_label(m) for m in report["methods"]}
+    lines = [
+        f"Change against {boot['baseline']} on the test split (paired bootstrap, {pct} % "
+        "intervals; fairness gaps are better lower, accuracy, precision and recall higher):"
+    ]
+    metrics = _boot_metrics(boot)
+    for name, per in boot["differences"].items():
+        lines.append(f"  {labels.get(name, name)}")
+        for kind, group in (
+            ("fairness", [m for m in metrics if m in _LOWER_IS_BETTER]),
+            ("accuracy", [m for m in metrics if m not in _LOWER_IS_BETTER]),
+        ):
+            parts = [
+                f"{_METRIC_NAMES[m]} {_difference_text(m, per[m])} {_direction(m, per[m])}"
+                for m in group
+                if m in per
+            ]
+            if parts:
+                lines.append(f"    {kind}: " + "; ".join(parts))
+    return lines
 
 
 def _latency_rows(report: Mapping[str, Any]) -> list[list[str]]:
@@ -145,6 +280,7 @@ def _latency_rows(report: Mapping[str, Any]) -> list[list[str]]:
                 str(entry["batch"]),
                 f"{entry['median_ms']:.3f}",
                 f"{entry['p90_ms']:.3f}",
+                str(entry.get("iters", "")),
                 "" if entry.get("speedup") is None else f"{entry['speedup']:.2f}×",
             ]
         )
@@ -172,69 +308,84 @@ def _layer_rows(report: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
-def render_markdown(report: Mapping[str, Any]) -> str:
-    """report.md: the fairness table, intervals, per-layer compression, latency, notes."""
+def _method_warnings(report: Mapping[str, Any], *, validation: bool = False) -> list[str]:
+    """The ⚠ lines under a table: each marked method's warnings."""
+    lines = []
+    for m in report["methods"]:
+        if validation and "metrics_val" not in m:
+            continue
+        for text in m.get("warnings", []):
+            lines.append(f"{WARNING_MARK} {method_label(m)}: {text}")
+    return lines
+
+
+_TABLE_NOTE = (
+    "Accuracy is the share of right predictions; precision, recall and F1 are macro "
+    "averages over classes within each group (fractions, not %). `All` is the accuracy over "
+    "every test sample, those of unknown group included. EOpp1 (the paper's \"EOpp\") = "
+    "mean over classes of |ΔTPR|, EOpp0 = mean of |ΔTNR|, EOdd = mean of |ΔTPR + ΔFPR| / 2 — "
+    "the convention of the paper's tables (report.json also has the sum convention of the "
+    "paper's equations). EOdd's signed sum can cancel (a model that predicts positive more "
+    "often for one group can score 0); EOpp1 is the unsigned TPR gap and EOpp0 the unsigned "
+    "FPR gap (TNR = 1 − FPR), so read them beside it. C.R. theory is the paper's "
+    "parameter-count ratio (S counted as k×k); C.R. measured is the ratio of ONNX "
+    "initializer bytes, vanilla / processed."
+)
+
+
+def _header_lines(report: Mapping[str, Any]) -> list[str]:
     task = report["task"]
     priv = task["privileged"]
+    ev = report["evaluation"]
     out = [
-        "# fairdeploy report",
-        "",
         f"- checkpoint: `{report['checkpoint']['path']}` "
         f"(sha256 {report['checkpoint']['sha256'][:12]}…)",
         f"- recipe: `{report['recipe']['path']}` (hash {report['recipe']['hash'][:12]}…)",
-        f"- task: {task['num_classes']} classes; sensitive attribute groups "
-        f"{', '.join(task['group_names'])}; privileged: **{priv['name']}** ({priv['how']})",
-        f"- evaluated on the `{report['evaluation']['split']}` split: "
-        f"{report['evaluation']['samples']} samples "
-        f"({report['evaluation']['unknown_group']} with unknown group left out of group metrics)",
+        f"- task: {plural(task['num_classes'], 'class', 'classes')}; sensitive attribute "
+        f"groups {', '.join(task['group_names'])}; privileged: **{priv['name']}** "
+        f"({priv['how']})",
+        f"- evaluated on the `{ev['split']}` split: {plural(ev['samples'], 'sample')} "
+        f"({ev['unknown_group']:,} with unknown group left out of group metrics)",
     ]
     scoring = report.get("scoring")
     if scoring:
         out.append(
             f"- scoring sets of {scoring['method']}: "
             + (f"Hessian estimator `{scoring['estimator']}`, " if "estimator" in scoring else "")
-            + f"{scoring['samples_per_group']} samples per group from "
+            + f"{plural(scoring['samples_per_group'], 'sample')} per group from "
             f"`{scoring['split']}`, seed {scoring['seed']}"
         )
+    return out
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """report.md: warnings, the validation table (compare), the test table with accuracy,
+    intervals and paired differences in words, per-layer compression, the deployed
+    artifact, verification, latency."""
+    out = ["# fairdeploy report", "", *_header_lines(report)]
     if report.get("notes"):
         out += ["", "**Warnings:**", ""] + [f"- {n}" for n in report["notes"]]
-    out += ["", "## Accuracy and fairness", ""]
-    header, rows = fairness_table(report)
-    out.append(tabulate(rows, header, tablefmt="github"))
-    out += [
-        "",
-        "Precision, recall and F1 are macro averages over classes within each group (fractions, "
-        'not %). EOpp1 (the paper\'s "EOpp") = mean over classes of |ΔTPR|, EOpp0 = mean of '
-        "|ΔTNR|, EOdd = mean of |ΔTPR + ΔFPR| / 2 — the convention of the paper's tables "
-        "(report.json also has the sum convention of the paper's equations). EOdd's signed sum "
-        "can cancel (a model that predicts positive more often for one group can score 0); "
-        "EOpp1 is the unsigned TPR gap and EOpp0 the unsigned FPR gap (TNR = 1 − FPR), so read "
-        "them beside it. "
-        "C.R. theory is the paper's parameter-count ratio (S counted as k×k); "
-        "C.R. measured is the ratio of ONNX initializer bytes, vanilla / processed.",
-    ]
-    val_rows = [
-        [
-            method_label(m),
-            _f(m["metrics_val"]["precision"]["avg"]),
-            _f(m["metrics_val"]["fairness"]["eopp1"]),
-            _f(m["metrics_val"]["fairness"]["eodd"]),
-        ]
-        for m in report["methods"]
-        if "metrics_val" in m
-    ]
+    val_header, val_rows = validation_table(report)
     if val_rows:
         out += [
             "",
-            "## Validation split (for choosing a method and its settings)",
+            "## Validation split: choose here",
             "",
-            "Choose on these, then read the test-split table above once: tuning sr, rr and β "
-            "on the test split would overstate the gain.",
+            "Choose a method and its settings (sr, rr, β) on these figures, then read the "
+            "test-split table below once: tuning on the test split would overstate the gain.",
             "",
-            tabulate(
-                val_rows, ["Method", "Avg. precision", "EOpp1 ↓", "EOdd ↓"], tablefmt="github"
-            ),
+            _table(val_rows, val_header, "github"),
         ]
+        warn = _method_warnings(report, validation=True)
+        if warn:
+            out += ["", *warn]
+    out += ["", "## Accuracy and fairness (test split)", ""]
+    header, rows = fairness_table(report)
+    out.append(_table(rows, header, "github"))
+    warn = _method_warnings(report)
+    if warn:
+        out += ["", *warn]
+    out += ["", _TABLE_NOTE]
     ci_rows = _interval_rows(report)
     if ci_rows:
         boot = report["bootstrap"]
@@ -243,14 +394,15 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             "",
             f"## {pct} % bootstrap confidence intervals",
             "",
-            f"{boot['n_resamples']} resamples of the test samples (seed {boot['seed']}), "
+            f"{boot['n_resamples']:,} resamples of the test samples (seed {boot['seed']}), "
             f"percentile intervals; Δ is the paired difference against `{boot['baseline']}` "
-            "on the same resamples. A change whose interval contains 0 is not significant.",
+            "on the same resamples. A change whose interval contains 0 is not significant; "
+            "otherwise it is better or worse by the metric's direction.",
             "",
-            tabulate(
+            _table(
                 ci_rows,
-                ["Method", "Metric", "Value [CI]", f"Δ vs {boot['baseline']} [CI]", "Significant"],
-                tablefmt="github",
+                ["Method", "Metric", "Value [CI]", f"Δ vs {boot['baseline']} [CI]", "Change"],
+                "github",
             ),
         ]
     layer_rows = _layer_rows(report)
@@ -259,7 +411,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             "",
             "## Factorized layers",
             "",
-            tabulate(
+            _table(
                 layer_rows,
                 [
                     "Method",
@@ -273,22 +425,23 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                     "params after (paper, S as k×k)",
                     "params stored (S as k)",
                 ],
-                tablefmt="github",
+                "github",
             ),
         ]
     sizes = report.get("onnx")
     if sizes:
+        names = {"vanilla": sizes.get("baseline_file", "vanilla"), "processed": "model.onnx"}
         out += [
             "",
             "## Deployed artifact",
             "",
-            tabulate(
+            _table(
                 [
-                    [k, f"{v['initializer_bytes']:,}", f"{v['file_bytes']:,}"]
+                    [names.get(k, k), f"{v['initializer_bytes']:,}", f"{v['file_bytes']:,}"]
                     for k, v in sizes["models"].items()
                 ],
                 ["ONNX model", "initializer bytes", "file bytes"],
-                tablefmt="github",
+                "github",
             ),
             "",
             f"Measured C.R.: initializers {_cr(sizes.get('initializer_cr'))}, "
@@ -306,16 +459,15 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                 f"{'removed' if deployed['eliminate_dead'] else 'kept'}); measured bytes "
                 f"{_cr(sizes.get('initializer_cr'))} (initializers).",
             ]
+        if "baseline_file" in sizes:
+            out += [
+                "",
+                f"`{sizes['baseline_file']}` beside the model is the vanilla export: "
+                "`fairdeploy bench model.onnx` times the model against it.",
+            ]
     verify = report.get("verify")
     if verify:
-        out += [
-            "",
-            f"Verification (ONNX Runtime vs PyTorch on {verify['samples']} real test inputs): "
-            f"**{'PASSED' if verify['passed'] else 'FAILED'}**, "
-            f"max |Δ| {verify['max_abs_error']:.3g}, "
-            f"argmax agreement {100 * verify['argmax_agreement']:.2f} %, "
-            f"atol {verify['atol']:g}, rtol {verify['rtol']:g}.",
-        ]
+        out += ["", _verify_line(verify, markdown=True)]
     lat_rows = _latency_rows(report)
     if lat_rows:
         lat = report["latency"]
@@ -323,15 +475,39 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             "",
             "## Latency (ONNX Runtime)",
             "",
-            f"Provider {lat['provider']}, {lat['threads']} intra-op threads, {lat['note']}.",
+            f"Provider {lat['provider']}, {lat['threads']} intra-op threads, {lat['note']}."
+            + (f" Measurement {lat['mode_note']}." if lat.get("mode_note") else ""),
             "",
-            tabulate(
+            _table(
                 lat_rows,
-                ["Scope", "Model", "Batch", "Median (ms)", "p90 (ms)", "Speed-up vs vanilla"],
-                tablefmt="github",
+                ["Scope", "Model", "Batch", "Median (ms)", "p90 (ms)", "Runs",
+                 "Speed-up vs vanilla"],
+                "github",
             ),
         ]
+        skipped = _latency_skips(lat)
+        if skipped:
+            out += ["", *skipped]
     return "\n".join(out) + "\n"
+
+
+def _latency_skips(lat: Mapping[str, Any]) -> list[str]:
+    return [f"- {s['scope']}, batch {s['batch']}: not timed ({s['why']})"
+            for s in lat.get("skipped", [])]
+
+
+def _verify_line(verify: Mapping[str, Any], *, markdown: bool = False) -> str:
+    passed = "PASSED" if verify["passed"] else "FAILED"
+    if markdown:
+        passed = f"**{passed}**"
+    ref = verify.get("reference_file") or {}
+    stored = f"; {ref['path']} {ref['note']}" if ref.get("note") else ""
+    return (
+        f"ONNX verification (ONNX Runtime vs PyTorch on {plural(verify['samples'], 'test input')})"
+        f": {passed}, max |Δ| {verify['max_abs_error']:.3g}, argmax agreement "
+        f"{100 * verify['argmax_agreement']:.2f} %, atol {verify['atol']:g}, rtol "
+        f"{verify['rtol']:g}{stored}."
+    )
 
 
 def write_report(report: Mapping[str, Any], directory: str | Path) -> tuple[Path, Path]:
@@ -346,6 +522,51 @@ def write_report(report: Mapping[str, Any], directory: str | Path) -> tuple[Path
 
 
 def terminal_text(report: Mapping[str, Any]) -> str:
-    """The fairness table as plain text for the terminal."""
+    """What the terminal shows after ``optimize``/``compare``: the validation table first
+    (``compare``: the one to choose on), the test table with accuracy, each method's
+    warnings under it, the paired differences in words, then verification, measured
+    compression and latency in one line each."""
+    out: list[str] = []
+    val_header, val_rows = validation_table(report)
+    if val_rows:
+        out += [
+            "Validation split — choose the method and its settings on these:",
+            _table(val_rows, val_header, "simple"),
+            "",
+            "Test split — read once, after choosing:",
+        ]
     header, rows = fairness_table(report)
-    return tabulate(rows, header, tablefmt="simple")
+    out.append(_table(rows, header, "simple"))
+    shown = set()
+    for line in _method_warnings(report):
+        out.append(line)
+        shown.add(line.split(": ", 1)[-1])
+    for note in report.get("notes", []):
+        # Warnings about the run (data, cache) that no method row carries.
+        if not any(note.endswith(text) for text in shown):
+            out.append(f"warning: {note}")
+    out += _difference_lines(report)
+    verify = report.get("verify")
+    if verify:
+        out.append(_verify_line(verify))
+    onnx_info = report.get("onnx")
+    if onnx_info:
+        deployed = report["methods"][-1].get("compression", {}).get("deployed")
+        if deployed:
+            out.append(f"deployed C.R.: {_cr(deployed['cr'])} (whole model, parameters stored)")
+        out.append(
+            f"measured C.R.: initializers {_cr(onnx_info.get('initializer_cr'))}, "
+            f"files {_cr(onnx_info.get('file_cr'))}"
+        )
+    lat = report.get("latency")
+    if lat:
+        ups = [
+            f"{r['scope']} batch {r['batch']} {r['speedup']:.2f}×"
+            for r in lat.get("rows", [])
+            if r.get("speedup") is not None
+        ]
+        how = f" ({lat['mode']})" if lat.get("mode") else ""
+        out.append(f"latency{how}, speed-up vs vanilla: " + ", ".join(ups) if ups else
+                   f"latency{how}: no batch size fit the time budget")
+        out += [line.removeprefix("- ") for line in _latency_skips(lat)]
+    return "\n".join(out)
