@@ -121,6 +121,26 @@ class ExportSpec(_Strict):
     tolerances: Tolerances = Field(default_factory=Tolerances)
     verify_samples: PosInt = 1024
 
+    @field_validator("opset")
+    @classmethod
+    def _exporter_supports(cls, value: int) -> int:
+        # Checked when the recipe loads, not after the trunk pass, when export would fail.
+        highest = max_export_opset()
+        if value > highest:
+            raise ValueError(f"use an opset from 13 to {highest}: the highest this torch's "
+                             "ONNX exporter writes")
+        return value
+
+
+def max_export_opset() -> int:
+    """The highest ONNX opset the installed torch's TorchScript exporter writes."""
+    try:
+        from torch.onnx import _constants
+    except ImportError:  # pragma: no cover - torch without its ONNX exporter
+        return 17
+    default = _constants.ONNX_MAX_OPSET
+    return int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", default))
+
 
 class ReportSpec(_Strict):
     """``report:`` — latency measurement settings."""
