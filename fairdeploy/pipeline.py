@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from fairdeploy import __version__
+from fairdeploy._probe import check_model_takes_inputs
 from fairdeploy.cache import FeatureCache, dataset_fingerprint, file_sha256
 from fairdeploy.errors import FairDeployError
 from fairdeploy.features import FeatureSet, compute_features, layers_in_call_order, split_model
@@ -204,6 +205,9 @@ def prepare(
     check_plan(model, plan)
     if not len(test_ds):
         raise FairDeployError("the test split is empty: check data.split")
+    check_model_takes_inputs(
+        model, test_ds, what="the test split", num_classes=recipe.model.num_classes
+    )
     first = layers_in_call_order(model, layers)[0]
     trunk, head = split_model(model, first)
 
