@@ -193,7 +193,17 @@ def load_reference(path: str | os.PathLike[str]) -> Reference:
             f"reference file {str(p)!r} lacks array(s) {', '.join(missing)}: it needs "
             "'inputs' and 'outputs' (optionally 'labels', 'groups')"
         )
+    for k, arr in arrays.items():
+        if k in ("inputs", "outputs", "labels", "groups") and (
+            arr.ndim == 0 or not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr)
+        ):
+            raise FairDeployError(
+                f"reference file {str(p)!r}: '{k}' is a {arr.dtype} array of shape {arr.shape}: "
+                "it must hold real numbers, one row per sample"
+            )
     n = len(arrays["inputs"])
+    if n == 0:
+        raise FairDeployError(f"reference file {str(p)!r} holds no samples ('inputs' is empty)")
     for k in ("outputs", "labels", "groups"):
         if k in arrays and len(arrays[k]) != n:
             raise FairDeployError(
@@ -225,8 +235,11 @@ def reference_from_model(
 
     import torch
 
+    from fairdeploy._probe import check_model_takes_inputs
+
     m = copy.deepcopy(model).eval() if model.training else model
     x = torch.as_tensor(np.asarray(inputs), dtype=torch.float32)
+    check_model_takes_inputs(m, x, what="the reference inputs")
     with torch.no_grad():
         outs = [m(x[i : i + batch_size]).numpy() for i in range(0, len(x), batch_size)]
     return Reference(
@@ -286,12 +299,43 @@ def _fairness(ref: Reference, logits: np.ndarray, privileged: int | None):
     except ImportError:
         return None, "fairdeploy.metrics is not available"
     y_pred = logits.argmax(-1) if logits.ndim >= 2 and logits.shape[-1] > 1 else (logits > 0)
+    groups = np.asarray(ref.groups)
+    present = {int(g): int((groups == g).sum()) for g in (0, 1)}
+    if not all(present.values()):
+        # Group metrics are undefined without samples of both groups; parity is still
+        # checked. Typical cause: too few verification samples (export.verify_samples).
+        return None, (
+            f"not computed: the {len(groups)} reference samples hold {present[0]} of group 0 "
+            f"and {present[1]} of group 1; group metrics need both (use more samples: "
+            "export.verify_samples, or --samples with --checkpoint)"
+        )
     kwargs: dict[str, Any] = {} if privileged is None else {"privileged": privileged}
     if logits.ndim >= 2 and logits.shape[-1] > 1:
         kwargs["num_classes"] = int(logits.shape[-1])
-    result = group_metrics(np.asarray(ref.labels), np.asarray(y_pred).astype(np.int64),
-                           np.asarray(ref.groups), **kwargs)
+    try:
+        result = group_metrics(np.asarray(ref.labels), np.asarray(y_pred).astype(np.int64),
+                               groups, **kwargs)
+    except FairDeployError as exc:  # e.g. labels outside the model's classes
+        return None, f"not computed: {exc}"
     return (result.to_dict() if hasattr(result, "to_dict") else dict(result)), ""
+
+
+def _check_input_shape(sess: Any, x: np.ndarray, source: str) -> None:
+    """The reference's per-sample shape must be what the model's input declares."""
+    inputs = sess.get_inputs()
+    if not inputs:
+        return
+    declared = list(inputs[0].shape)[1:]
+    got = list(x.shape[1:])
+    fixed = [d if isinstance(d, int) else None for d in declared]
+    if len(fixed) != len(got) or any(
+        d is not None and d != g for d, g in zip(fixed, got, strict=True)
+    ):
+        want = tuple(d if d is not None else "?" for d in fixed)
+        raise FairDeployError(
+            f"the reference inputs from {source} have shape {tuple(got)} per sample but the "
+            f"model takes {want}: the reference belongs to another model"
+        )
 
 
 def _check_is_onnx(path: Path) -> None:
@@ -374,7 +418,17 @@ def verify(
         raise FairDeployError(f"ONNX Runtime cannot load {str(path)!r}: {exc}") from None
     in_name = sess.get_inputs()[0].name if sess.get_inputs() else INPUT_NAME
     x = np.ascontiguousarray(ref.inputs, dtype=np.float32)
-    outs = [sess.run(None, {in_name: x[i : i + batch_size]}) for i in range(0, len(x), batch_size)]
+    _check_input_shape(sess, x, ref.source)
+    try:
+        outs = [
+            sess.run(None, {in_name: x[i : i + batch_size]}) for i in range(0, len(x), batch_size)
+        ]
+    except Exception as exc:  # ORT's InvalidArgument/Fail for inputs the graph cannot take
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FairDeployError(
+            f"ONNX Runtime cannot run {str(path)!r} on the reference inputs from {ref.source} "
+            f"({first[:200]}): the reference belongs to another model"
+        ) from None
     names = [o.name for o in sess.get_outputs()]
     got_all = [np.concatenate([o[j] for o in outs]) for j in range(len(names))]
     refs = ref.outputs if isinstance(ref.outputs, list | tuple) else [ref.outputs]
