@@ -30,7 +30,14 @@ from fairdeploy._signals import cleanup_on_sigterm
 from fairdeploy._stale import make_owned_dir, remove_stale
 from fairdeploy.errors import FairDeployError
 
-__all__ = ["MANIFEST", "check_out", "ensure_dir", "run_manifest", "staging_dir"]
+__all__ = [
+    "MANIFEST",
+    "check_out",
+    "check_unchanged",
+    "ensure_dir",
+    "run_manifest",
+    "staging_dir",
+]
 
 #: The file, in every run folder, that lists what the run wrote.
 MANIFEST = "manifest.json"
@@ -84,6 +91,35 @@ def run_manifest(folder: Path) -> dict[str, Any] | None:
         ):
             return None
     return data
+
+
+def check_unchanged(path: str | os.PathLike[str]) -> None:
+    """Raise if ``path`` sits in a run folder whose manifest records other content for it.
+
+    ``verify`` and ``predict`` call this on the model (and reference) they read: a file
+    altered after ``optimize`` wrote it — a flipped byte in a weight, a hand edit — would
+    otherwise be served or checked as if it were the run's. Files outside a run folder
+    carry no such record and are not checked (ONNX itself has no checksum).
+    """
+    p = Path(path)
+    manifest = run_manifest(p.parent)
+    if manifest is None:
+        return
+    rec = manifest["files"].get(p.name)
+    if rec is None:
+        return
+    try:
+        st = p.stat()
+    except OSError:
+        return  # a missing file is reported by the caller
+    if st.st_size == rec["bytes"] and (
+        st.st_mtime_ns == rec.get("mtime_ns") or _sha256(p) == rec["sha256"]
+    ):
+        return
+    raise FairDeployError(
+        f"{str(p)!r} was changed after the run wrote it (its size or SHA-256 differs from "
+        f"{MANIFEST}): restore it, or run fairdeploy optimize again"
+    )
 
 
 def _check_replaceable(final: Path) -> None:

@@ -30,7 +30,14 @@ _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".w
 def model_metadata(session: Any) -> dict[str, Any]:
     """The ``fairdeploy.*`` metadata of an ORT session's model, JSON-decoded."""
     out: dict[str, Any] = {}
-    for key, value in session.get_modelmeta().custom_metadata_map.items():
+    try:
+        items = session.get_modelmeta().custom_metadata_map.items()
+    except UnicodeDecodeError as exc:  # protobuf strings must be UTF-8; damaged ones are not
+        raise FairDeployError(
+            f"the model's metadata is not valid UTF-8 ({exc.reason}): the file is damaged; "
+            "re-export it with fairdeploy optimize"
+        ) from None
+    for key, value in items:
         if key.startswith(_PREFIX):
             try:
                 out[key[len(_PREFIX) :]] = json.loads(value)
@@ -133,8 +140,11 @@ def _feature_rows(path: Path, width: int | None, names: Sequence[str] | None) ->
     if path.suffix.lower() == ".npy":
         try:
             arr = np.load(path, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as exc:
-            raise FairDeployError(f"cannot read {str(path)!r} as a .npy array: {exc}") from None
+        except Exception as exc:  # ValueError, EOFError, TokenError, MemoryError on bad bytes
+            raise FairDeployError(
+                f"cannot read {str(path)!r} as a .npy array ({type(exc).__name__}: "
+                f"{str(exc)[:200]})"
+            ) from None
         if not isinstance(arr, np.ndarray):
             raise FairDeployError(
                 f"{str(path)!r} is an .npz archive, not a .npy array: save the rows with np.save"
@@ -237,9 +247,11 @@ def predict_files(
     "probability"}``, softmax probabilities, most likely first).
     """
     from fairdeploy.providers import make_session
+    from fairdeploy.rundir import check_unchanged
 
     if not Path(model).is_file():
         raise FairDeployError(f"model {str(model)!r} does not exist")
+    check_unchanged(model)
     session = make_session(model, provider=provider)  # unreadable models → FairDeployError
     meta = model_metadata(session)
     check_metadata(meta, model)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -287,6 +288,8 @@ def train_model(
         "data": _data_fingerprint(train_set, val_set),
     }
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
+    if ckpt is not None:
+        _check_output(ckpt)
     state_path = resume_state_path(ckpt) if ckpt is not None else None
 
     rng_devices = [device.index or 0] if device.type == "cuda" else []
@@ -399,6 +402,29 @@ def train_model(
     if ckpt is not None:
         save_checkpoint(net, ckpt, extra={**metadata, "history": history, "train_config": config})
     return TrainResult(model=net, history=history, resumed_from=start, checkpoint_path=ckpt)
+
+
+def _check_output(ckpt: Path) -> None:
+    """The checkpoint path may be new, or a checkpoint fairdeploy wrote (it is replaced):
+    anything else there (a data file, a recipe, another tool's checkpoint) is the user's
+    and is never overwritten."""
+    from fairdeploy.checkpoint import checkpoint_metadata
+
+    if ckpt.is_dir():
+        raise FairDeployError(f"-o {str(ckpt)!r} is a folder: give the checkpoint's file path")
+    if not ckpt.exists():
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ours = checkpoint_metadata(ckpt).get("format") == "fairdeploy-checkpoint"
+    except FairDeployError:
+        ours = False
+    if not ours:
+        raise FairDeployError(
+            f"-o {str(ckpt)!r} exists and is not a checkpoint written by fairdeploy train: give "
+            "a new path, or move that file away first (it is never overwritten)"
+        )
 
 
 def _data_fingerprint(train_set: Any, val_set: Any | None) -> str:

@@ -393,6 +393,7 @@ def verify(
     from fairdeploy.export import verify_npz_path
     from fairdeploy.export._onnx import INPUT_NAME
     from fairdeploy.providers import make_session, session_provider
+    from fairdeploy.rundir import check_unchanged
 
     for name, tol in (("atol", atol), ("rtol", rtol)):
         if not (isinstance(tol, int | float) and tol >= 0 and math.isfinite(tol)):
@@ -403,8 +404,11 @@ def verify(
             f"ONNX model {str(path)!r} does not exist: give the path of a .onnx file"
         )
     _check_is_onnx(path)
+    check_unchanged(path)
     if reference is None:
         reference = verify_npz_path(path)
+    if not isinstance(reference, Reference):
+        check_unchanged(reference)
     ref = reference if isinstance(reference, Reference) else load_reference(reference)
 
     try:

@@ -30,10 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: Examples per property test: ``HYPOTHESIS_PROFILE=thorough`` runs the large profile.
 THOROUGH = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
+#: Random (not derandomized) examples: the thorough profile, or an explicit example count.
+RANDOM = THOROUGH or bool(os.environ.get("HYPOTHESIS_EXAMPLES"))
 
 
 def examples(ci: int, thorough: int) -> int:
-    """``ci`` examples normally, ``thorough`` under ``HYPOTHESIS_PROFILE=thorough``."""
+    """``ci`` examples normally, ``thorough`` under ``HYPOTHESIS_PROFILE=thorough``;
+    ``HYPOTHESIS_EXAMPLES=N`` sets every property test to N (for quick explorations)."""
+    if os.environ.get("HYPOTHESIS_EXAMPLES"):
+        return int(os.environ["HYPOTHESIS_EXAMPLES"])
     return thorough if THOROUGH else ci
 
 

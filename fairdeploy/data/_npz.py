@@ -10,9 +10,6 @@ a ``class_names`` array in the file, else ``"0"``…``"C−1"``. Loaded with
 
 from __future__ import annotations
 
-import zipfile
-import zlib
-
 import numpy as np
 import torch
 
@@ -22,6 +19,11 @@ from fairdeploy.errors import FairDeployError
 from fairdeploy.recipe import NpzData, SensitiveSpec
 
 __all__ = ["load_npz_table"]
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else ""
+
 
 # Class ids index a list of class names: a larger id is a mistake (or a hash), not a class.
 _MAX_CLASS_ID = 1_000_000
@@ -45,10 +47,11 @@ def load_npz_table(data: NpzData, sensitive: SensitiveSpec) -> Table:
         raise FairDeployError(
             f"data.path {path}: the file is empty or cut short: save the arrays with np.savez"
         ) from None
-    except (ValueError, OSError, zipfile.BadZipFile, zlib.error) as exc:
+    except Exception as exc:  # numpy's parsers raise ValueError, TokenError, MemoryError...
         raise FairDeployError(
-            f"data.path {path}: cannot be read as an .npz without pickles ({exc}): save plain "
-            "numeric/string arrays with np.savez"
+            f"data.path {path}: cannot be read as an .npz without pickles "
+            f"({type(exc).__name__}: {_first_line(exc)}): save plain numeric/string arrays "
+            "with np.savez"
         ) from None
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise FairDeployError(
@@ -69,11 +72,16 @@ def load_npz_table(data: NpzData, sensitive: SensitiveSpec) -> Table:
                     )
             arrays = {k: npz[k] for k in keys_wanted}
             file_names = npz["class_names"] if "class_names" in keys else None
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-        # A damaged member: zipfile checks each one's CRC-32 as it is read.
+    except FairDeployError:
+        raise
+    except Exception as exc:
+        # A damaged member: zipfile checks each one's CRC-32 as it is read; numpy's header
+        # parser raises ValueError, SyntaxError or tokenize's TokenError on damaged headers,
+        # MemoryError on a header that claims a huge shape.
         raise FairDeployError(
             f"data.path {path}: cannot be read as an .npz without pickles "
-            f"({type(exc).__name__}: {exc}): save plain numeric/string arrays with np.savez"
+            f"({type(exc).__name__}: {_first_line(exc)}): save plain numeric/string arrays "
+            "with np.savez"
         ) from None
     x, y, g = arrays[data.x_key], arrays[data.target], arrays[attr]
     n = len(x) if x.ndim else 0

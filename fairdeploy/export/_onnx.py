@@ -123,13 +123,44 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     model = _load_header(path)
     out: dict[str, Any] = {}
-    for p in model.metadata_props:
-        if p.key.startswith(METADATA_PREFIX):
+    try:
+        props = [(p.key, p.value) for p in model.metadata_props]
+    except UnicodeDecodeError:  # protobuf strings must be UTF-8; damaged ones are not
+        raise FairDeployError(
+            f"ONNX model {str(path)!r} has damaged metadata (not UTF-8): re-export it with "
+            "fairdeploy optimize"
+        ) from None
+    for key, value in props:
+        if key.startswith(METADATA_PREFIX):
             try:
-                out[p.key[len(METADATA_PREFIX) :]] = json.loads(p.value)
+                out[key[len(METADATA_PREFIX) :]] = json.loads(value)
             except json.JSONDecodeError:
-                out[p.key[len(METADATA_PREFIX) :]] = p.value
+                out[key[len(METADATA_PREFIX) :]] = value
+    _check_metadata_types(out, path)
     return out
+
+
+def _check_metadata_types(meta: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
+    """Known keys must have the types fairdeploy writes: a damaged or hand-edited entry is
+    a user-facing error, not a crash in whatever reads it."""
+
+    def names(v: Any) -> bool:
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+    checks = {
+        "layers": lambda v: isinstance(v, list)
+        and all(isinstance(r, dict) and isinstance(r.get("layer"), str) for r in v),
+        "class_names": names,
+        "group_names": names,
+        "privileged": lambda v: v is None or isinstance(v, str),
+        "preprocessing": lambda v: isinstance(v, dict),
+    }
+    bad = [k for k, ok in checks.items() if k in meta and not ok(meta[k])]
+    if bad:
+        raise FairDeployError(
+            f"ONNX model {str(path)!r} has damaged fairdeploy metadata ({', '.join(bad)}): "
+            "re-export it with fairdeploy optimize"
+        )
 
 
 def update_metadata(path: str | os.PathLike[str], metadata: Mapping[str, Any]) -> None:
