@@ -399,6 +399,35 @@ def test_resume_after_the_data_changed_at_the_same_path_and_size(proj: Tiny) -> 
     assert [h["epoch"] for h in meta["history"]] == [1, 2]
 
 
+def test_train_never_overwrites_a_file_that_is_not_its_checkpoint(proj: Tiny) -> None:
+    before = proj.data.read_bytes()
+    out = invoke("train", "--recipe", proj.recipe, "-o", proj.data, "--epochs", "1")
+    assert check_contract(out) == "error" and "never overwritten" in out.text
+    assert proj.data.read_bytes() == before
+    # Its own checkpoint is replaced by a new run.
+    assert check_contract(invoke("train", "--recipe", proj.recipe, "-o", proj.ckpt,
+                                 "--epochs", "1", "--no-resume")) == "ok"
+
+
+def test_verify_and_predict_refuse_a_model_changed_after_its_run(
+    shipped: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(shipped, run)
+    np.save(tmp_path / "ok.npy", np.zeros((2, 6), np.float32))
+    assert check_contract(invoke("predict", run / "model.onnx", tmp_path / "ok.npy")) == "ok"
+    raw = bytearray((run / "model.onnx").read_bytes())
+    raw[-40] ^= 0x01  # inside the last initializer or the metadata: ONNX has no checksum
+    (run / "model.onnx").write_bytes(bytes(raw))
+    for args in (["verify", run / "model.onnx"], ["predict", run / "model.onnx",
+                                                  tmp_path / "ok.npy"]):
+        out = invoke(*args)
+        assert check_contract(out, verify=True) == "error", out.text
+        assert "changed after the run wrote it" in out.text
+
+
 # ------------------------------------------------------------------------------ full disk
 
 

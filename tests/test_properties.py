@@ -557,6 +557,10 @@ def test_npz_data(data: st.DataObject, base: Path, tiny: Tiny, exports: Path) ->
         )
         if kind == "ok":
             check_report_against_onnx(run)
+            if file_damage:  # damage the run did not notice must have changed nothing
+                with np.load(ws / "data.npz", allow_pickle=False) as got:
+                    for k in ("x", "y", "group", "split"):
+                        assert np.array_equal(got[k], arrays[k]), k
 
 
 # -------------------------------------------------------------------------------- CSV data
