@@ -23,7 +23,7 @@ __all__ = ["atomic_path", "atomic_torch_save", "atomic_write_bytes", "atomic_wri
 _SWEPT: set[str] = set()
 
 
-def sweep_once(folder: Path) -> None:
+def _sweep_once(folder: Path) -> None:
     """Remove dead processes' temporaries from ``folder``, once per process."""
     key = os.path.abspath(folder)
     if key not in _SWEPT:
@@ -40,7 +40,7 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sweep_once(path.parent)
+    _sweep_once(path.parent)
     with cleanup_on_sigterm():
         tmp_path = make_owned_file(path.parent, path.name, suffix or ".tmp")
         try:

@@ -297,7 +297,8 @@ def tensors_checksum(key: str, tensors: Mapping[str, torch.Tensor]) -> str:
             raise TypeError(f"cache entry {name!r} is a {type(t).__name__}, not a tensor")
         t = t.detach().cpu().contiguous()
         h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # hashed in place, no copy
     return h.hexdigest()
 
 

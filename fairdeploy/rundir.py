@@ -135,7 +135,8 @@ def _check_replaceable(final: Path) -> None:
     if manifest is None:
         raise FairDeployError(
             f"--out {str(final)!r} exists and is not a fairdeploy run folder (no valid "
-            f"{MANIFEST} listing the files a run wrote): {fix}"
+            f"{MANIFEST} listing the files a run wrote; folders from fairdeploy versions "
+            f"without manifests too): {fix}"
         )
     files = manifest["files"]
     for entry in entries:
