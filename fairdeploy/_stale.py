@@ -12,6 +12,9 @@ itself; the next fairdeploy run that writes into the same folder calls
 - only from this host (a folder shared over the network may hold another machine's);
 - only when no process with that id runs, or the one that does started at another
   time (the id was reused), or it is a zombie (killed, not yet reaped).
+
+Containers that share a folder and a host name but not a process table would see each
+other's processes as gone; give them distinct host names (the default) or folders.
 """
 
 from __future__ import annotations

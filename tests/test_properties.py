@@ -509,7 +509,7 @@ def _mutate_arrays(draw: st.DrawFn, d: dict[str, np.ndarray]) -> dict[str, np.nd
             d["y"] = d["y"].astype(draw(st.sampled_from([np.float32, "<U2", np.bool_])))
             if d["y"].dtype == np.float32 and len(d["y"]) and draw(st.booleans()):
                 d["y"][0] = 0.5
-        elif op == "group_values" and len(d["group"]):
+        elif op == "group_values" and len(d["group"]) and d["group"].dtype != object:
             g = d["group"].astype(object if draw(st.booleans()) else np.int64)
             g[: draw(st.integers(1, len(g)))] = draw(st.sampled_from([0, 1, 2, -1]))
             d["group"] = g.astype(np.int64) if g.dtype == object else g

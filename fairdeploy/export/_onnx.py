@@ -125,11 +125,14 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     try:
         props = [(p.key, p.value) for p in model.metadata_props]
-    except UnicodeDecodeError:  # protobuf strings must be UTF-8; damaged ones are not
+    except UnicodeDecodeError:
+        props = [(b"", b"")]
+    # Protobuf strings must be UTF-8; damaged ones come back as bytes (or fail to decode).
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in props):
         raise FairDeployError(
             f"ONNX model {str(path)!r} has damaged metadata (not UTF-8): re-export it with "
             "fairdeploy optimize"
-        ) from None
+        )
     for key, value in props:
         if key.startswith(METADATA_PREFIX):
             try:
