@@ -483,9 +483,11 @@ def _mutate_arrays(draw: st.DrawFn, d: dict[str, np.ndarray]) -> dict[str, np.nd
             "group_values", "split_values", "drop_key", "class_names", "object",
         ]))
         if op == "x_dtype":
-            d["x"] = d["x"].astype(draw(st.sampled_from(
-                [np.float64, np.float16, np.int64, np.int8, np.bool_, np.complex64, "<U4"])))
-        elif op == "x_cells" and d["x"].ndim == 2 and d["x"].size:
+            dtype = draw(st.sampled_from(
+                [np.float64, np.float16, np.int64, np.int8, np.bool_, np.complex64, "<U4"]))
+            with contextlib.suppress(ValueError, TypeError):  # e.g. text that is no number
+                d["x"] = d["x"].astype(dtype)
+        elif op == "x_cells" and d["x"].ndim == 2 and d["x"].size and d["x"].dtype.kind in "fiub":
             x = d["x"].astype(np.float64)
             for _ in range(draw(st.integers(1, 3))):
                 x[draw(st.integers(0, len(x) - 1)), draw(st.integers(0, x.shape[1] - 1))] = (
@@ -501,12 +503,14 @@ def _mutate_arrays(draw: st.DrawFn, d: dict[str, np.ndarray]) -> dict[str, np.nd
                     d[k] = d[k][:m]
         elif op == "x_ndim":
             d["x"] = d["x"].reshape(-1) if draw(st.booleans()) else d["x"][..., None]
-        elif op == "y_values" and len(d["y"]):
+        elif op == "y_values" and len(d["y"]) and d["y"].dtype.kind in "fiub":
             y = d["y"].astype(np.int64)
             y[draw(st.integers(0, len(y) - 1))] = draw(st.sampled_from([-1, 3, 7, 10**7]))
             d["y"] = y
         elif op == "y_dtype":
-            d["y"] = d["y"].astype(draw(st.sampled_from([np.float32, "<U2", np.bool_])))
+            dtype = draw(st.sampled_from([np.float32, "<U2", np.bool_]))
+            with contextlib.suppress(ValueError, TypeError):
+                d["y"] = d["y"].astype(dtype)
             if d["y"].dtype == np.float32 and len(d["y"]) and draw(st.booleans()):
                 d["y"][0] = 0.5
         elif op == "group_values" and len(d["group"]) and d["group"].dtype != object:
