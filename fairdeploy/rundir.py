@@ -97,9 +97,11 @@ def check_unchanged(path: str | os.PathLike[str]) -> None:
     """Raise if ``path`` sits in a run folder whose manifest records other content for it.
 
     ``verify`` and ``predict`` call this on the model (and reference) they read: a file
-    altered after ``optimize`` wrote it — a flipped byte in a weight, a hand edit — would
-    otherwise be served or checked as if it were the run's. Files outside a run folder
-    carry no such record and are not checked (ONNX itself has no checksum).
+    altered after ``optimize`` wrote it — a flipped byte in a weight, a hand edit, bit rot
+    that leaves the modification time alone — would otherwise be served or checked as if
+    it were the run's. The SHA-256 is always compared (one more read of the file). Files
+    outside a run folder carry no such record and are not checked (ONNX itself has no
+    checksum).
     """
     p = Path(path)
     manifest = run_manifest(p.parent)
@@ -112,9 +114,7 @@ def check_unchanged(path: str | os.PathLike[str]) -> None:
         st = p.stat()
     except OSError:
         return  # a missing file is reported by the caller
-    if st.st_size == rec["bytes"] and (
-        st.st_mtime_ns == rec.get("mtime_ns") or _sha256(p) == rec["sha256"]
-    ):
+    if st.st_size == rec["bytes"] and _sha256(p) == rec["sha256"]:
         return
     raise FairDeployError(
         f"{str(p)!r} was changed after the run wrote it (its size or SHA-256 differs from "
