@@ -1,12 +1,21 @@
-"""Atomic file writes: a temporary name in the same folder, then a rename."""
+"""Atomic file writes: a temporary name in the same folder, then a rename.
+
+The temporary name says which process owns it (:mod:`fairdeploy._stale`): a write cut
+short by SIGKILL leaves a file that the next write into the same folder removes, and a
+SIGTERM during the write removes it at once (:mod:`fairdeploy._signals`). A full disk
+surfaces as an ``OSError`` naming the file, whichever library did the writing.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from fairdeploy._signals import cleanup_on_sigterm
+from fairdeploy._stale import make_owned_file, remove_stale
 
 __all__ = [
     "atomic_path",
@@ -25,26 +34,37 @@ def publish(tmp: str | Path, path: str | Path) -> None:
     os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
 
+# Folders already cleared of dead processes' temporaries by this process.
+_SWEPT: set[str] = set()
+
+
+def _sweep_once(folder: Path) -> None:
+    """Remove dead processes' temporaries from ``folder``, once per process."""
+    key = os.path.abspath(folder)
+    if key not in _SWEPT:
+        remove_stale(folder)
+        _SWEPT.add(key)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
 
-    On an exception the temporary file is removed and ``path`` is left as it was, so a
-    reader never sees a half-written file.
+    On an exception (SIGTERM included) the temporary file is removed and ``path`` is
+    left as it was, so a reader never sees a half-written file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        publish(tmp_path, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
-        raise
+    _sweep_once(path.parent)
+    with cleanup_on_sigterm():
+        tmp_path = make_owned_file(path.parent, path.name, suffix or ".tmp")
+        try:
+            yield tmp_path
+            publish(tmp_path, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp_path.unlink()
+            raise
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -59,10 +79,23 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_torch_save(obj: object, path: str | Path) -> None:
-    """``torch.save`` to ``path`` atomically, flushed to disk before the rename."""
+    """``torch.save`` to ``path`` atomically, flushed to disk before the rename.
+
+    torch's archive writer reports a failed write (a full disk, a file size limit) as a
+    ``RuntimeError`` about stream positions; it is raised here as an ``OSError`` naming
+    the file, like every other failed write.
+    """
     import torch
 
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+        try:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        except RuntimeError as exc:
+            text = str(exc)
+            if "inline_container" not in text and "PytorchStreamWriter" not in text:
+                raise
+            raise OSError(
+                errno.EIO, "could not write the file (is the disk full?)", str(path)
+            ) from None

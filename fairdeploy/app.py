@@ -23,7 +23,7 @@ import torch
 
 from fairdeploy import __version__
 from fairdeploy._text import nbytes
-from fairdeploy.cache import FeatureCache, file_sha256
+from fairdeploy.cache import CacheWarning, FeatureCache, file_sha256
 from fairdeploy.checkpoint import save_checkpoint
 from fairdeploy.data import load_splits
 from fairdeploy.errors import FairDeployError
@@ -377,12 +377,15 @@ def run_optimize(
         k: {kk: len(v) for kk, v in d.items()} for k, d in main.selections.items()
     }
     with staging_dir(final) as run:
-        with warnings_as_notes(covered=report["methods"][-1]["warnings"]) as deploy_notes:
+        run_notes: list[str] = []
+        with warnings_as_notes(
+            covered=report["methods"][-1]["warnings"], run_notes=run_notes
+        ) as deploy_notes:
             verified = _deploy(exp, main, report, run, cache_dir, latency=latency_mode)
         report["methods"][-1]["warnings"] = _unique(
             [*report["methods"][-1]["warnings"], *deploy_notes]
         )
-        report["notes"] = _unique([*report["notes"], *deploy_notes])
+        report["notes"] = _unique([*report["notes"], *run_notes, *deploy_notes])
         save_checkpoint(
             exp.model_of(main),
             run / "model.pt",
@@ -449,7 +452,7 @@ def _evaluate_plans(
         if len(plans) > 1:
             echo(f"running {name} ...")
         static = plan_notes(exp, [plan])
-        with warnings_as_notes(covered=static) as caught:
+        with warnings_as_notes(covered=static, run_notes=report["notes"]) as caught:
             rows[name] = exp.apply(plan)
         method_notes[name] = _unique([*static, *rows[name].notes, *caught])
     splits = ("test", "val") if validation else ("test",)
@@ -495,7 +498,9 @@ _COVERED_BY = {"FactorizationWarning": "break-even", "HessianApproximationWarnin
 
 
 @contextlib.contextmanager
-def warnings_as_notes(covered: Sequence[str] = ()) -> Iterator[list[str]]:
+def warnings_as_notes(
+    covered: Sequence[str] = (), *, run_notes: list[str] | None = None
+) -> Iterator[list[str]]:
     """Collect the warnings fairdeploy raises inside the block as report notes.
 
     The list yielded is filled when the block ends: one sentence per distinct warning
@@ -506,7 +511,8 @@ def warnings_as_notes(covered: Sequence[str] = ()) -> Iterator[list[str]]:
     modules after the layer that are not piecewise linear) already says it: those stand
     next to the numbers also when the factors or Hessians come from the cache and
     nothing warns. Deprecation notices of the libraries are dropped; any other library
-    warning is shown as usual.
+    warning is shown as usual. A :class:`~fairdeploy.cache.CacheWarning` (a cached value
+    recomputed) concerns the run, not a method: it goes to ``run_notes`` when given.
     """
     notes: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
@@ -521,8 +527,12 @@ def warnings_as_notes(covered: Sequence[str] = ()) -> Iterator[list[str]]:
             if word is not None and any(word in text for text in covered):
                 continue
             text = str(w.message).strip()
-            if text not in notes:
-                notes.append(text)
+            target = (
+                run_notes if run_notes is not None and issubclass(w.category, CacheWarning)
+                else notes
+            )
+            if text not in target:
+                target.append(text)
         elif not issubclass(w.category, _QUIET_CATEGORIES) and "TracerWarning" not in (
             w.category.__name__
         ):

@@ -2,8 +2,18 @@
 
 Every cached value is keyed by the canonical JSON of its key parts (checkpoint content
 hash, data config, a fingerprint of the data's content, the cut, versions, ...). Files
-are written atomically and read with ``torch.load(weights_only=True)``; an unreadable
-or inconsistent file is a miss (with a warning), never a crash.
+are written atomically and read with ``torch.load(weights_only=True)``.
+
+Every entry carries a content checksum, checked on every read: a tensor entry stores the
+SHA-256 of its key and of each tensor's dtype, shape and bytes; a file entry (the vanilla
+ONNX export) has a ``<file>.check`` beside it with the size and SHA-256 of each file,
+written last. An unreadable, truncated, altered or incomplete entry is a miss: a
+``CacheWarning`` (a ``RuntimeWarning``) names it and the value is recomputed and
+written again, so a damaged cache never changes a result and never fails a run. A cache
+that cannot be written (a full disk, no permission) only costs the reuse: the run goes
+on with a warning.
+Temporaries of writes cut short by SIGKILL are removed by the next run
+(:mod:`fairdeploy._stale`).
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -20,14 +31,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from fairdeploy._io import atomic_torch_save
+from fairdeploy._io import atomic_torch_save, atomic_write_text
+from fairdeploy._signals import cleanup_on_sigterm
+from fairdeploy._stale import is_owned_temporary, make_owned_dir, remove_stale
 from fairdeploy.errors import FairDeployError
 from fairdeploy.features import FeatureSet
 
-__all__ = ["FeatureCache", "dataset_fingerprint", "file_sha256"]
+
+class CacheWarning(RuntimeWarning):
+    """A cached value could not be used (damaged, altered, unwritable) and was recomputed:
+    the numbers are right, the run was slower. Reported once per run, not per method."""
+
+
+__all__ = ["CacheWarning", "FeatureCache", "dataset_fingerprint", "file_sha256", "tensors_checksum"]
 
 # Bump when the cached file layout or the meaning of a key changes: old files then miss.
-_CACHE_FORMAT = "fairdeploy-feature-cache/1"
+_CACHE_FORMAT = "fairdeploy-feature-cache/2"  # /2: content checksums
 
 
 _HASH_CACHE: dict[tuple[str, int, int], str] = {}
@@ -83,19 +102,20 @@ class FeatureCache:
     The key is the SHA-256 of the canonical JSON of ``key_parts`` (plus a format
     version). The caller puts in it everything the features depend on: the checkpoint's
     content hash (:func:`file_sha256`), the data config, the preprocessing, the split
-    name and the layer. Files are written atomically and read with
-    ``torch.load(weights_only=True)``; an unreadable or inconsistent file is reported
-    with a warning and recomputed.
+    name and the layer. Files are written atomically, read with
+    ``torch.load(weights_only=True)`` and checked against their content checksum; an
+    unreadable, altered or inconsistent file is reported with a warning and recomputed.
 
     Parameters
     ----------
     directory : str or os.PathLike
         Where the ``<key>.pt`` files live (created on first write), e.g.
-        ``exports/.cache``.
+        ``exports/.cache``. Temporaries left there by killed runs are removed.
     """
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
+        remove_stale(self.directory)
 
     def key(self, key_parts: Mapping[str, Any]) -> str:
         """The hex SHA-256 cache key of ``key_parts`` (order of mapping keys is irrelevant)."""
@@ -118,34 +138,22 @@ class FeatureCache:
         -------
         features : FeatureSet
         hit : bool
-            True if they were read from the cache.
+            True if they were read from the cache (and passed their checksum).
         """
         key = self.key(key_parts)
         path = self.directory / f"features-{key}.pt"
-        if path.exists():
-            try:
-                fs = _load_features(path, key)
-                _touch(path)
-                return fs, True
-            except Exception as exc:  # any unreadable file is a miss, never a crash
-                warnings.warn(
-                    f"ignoring unreadable feature cache file {str(path)!r} "
-                    f"({type(exc).__name__}: {exc}); recomputing it",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+        tensors = _read_entry(path, key, "feature cache file")
+        if tensors is not None and set(tensors) == {"features", "targets", "groups"}:
+            _touch(path)
+            return FeatureSet(tensors["features"], tensors["targets"], tensors["groups"]), True
         fs = compute()
         if not isinstance(fs, FeatureSet):
             raise TypeError(f"compute() returned {type(fs).__name__}, not a FeatureSet")
-        try:
-            _save_features(path, key, _canonical_json(dict(key_parts)), fs)
-        except OSError as exc:
-            warnings.warn(
-                f"could not write feature cache file {str(path)!r} ({exc}); the features "
-                "were computed but not cached (choose a writable cache directory)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        _write_entry(
+            path, key, dict(key_parts),
+            {"features": fs.features, "targets": fs.targets, "groups": fs.groups},
+            what="feature cache file",
+        )
         return fs, False
 
     def get_or_compute_tensors(
@@ -158,35 +166,12 @@ class FeatureCache:
         Hessian diagonals), stored as ``<kind>-<key>.pt``."""
         key = self.key({"kind": kind, **key_parts})
         path = self.directory / f"{kind}-{key}.pt"
-        if path.exists():
-            try:
-                payload = torch.load(path, map_location="cpu", weights_only=True)
-                if payload.get("format") != _CACHE_FORMAT or payload.get("key") != key:
-                    raise ValueError("not a fairdeploy cache file for this key")
-                _touch(path)
-                return dict(payload["tensors"]), True
-            except Exception as exc:  # any unreadable file is a miss, never a crash
-                warnings.warn(
-                    f"ignoring unreadable cache file {str(path)!r} ({type(exc).__name__}); "
-                    "recomputing it",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+        tensors = _read_entry(path, key, "cache file")
+        if tensors is not None:
+            _touch(path)
+            return tensors, True
         tensors = compute()
-        payload = {
-            "format": _CACHE_FORMAT,
-            "key": key,
-            "key_parts": _canonical_json(dict(key_parts)),
-            "tensors": {k: _compact(v) for k, v in tensors.items()},
-        }
-        try:
-            atomic_torch_save(payload, path)
-        except OSError as exc:
-            warnings.warn(
-                f"could not write cache file {str(path)!r} ({exc}); computed but not cached",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        _write_entry(path, key, dict(key_parts), tensors, what="cache file")
         return tensors, False
 
     def get_or_create_file(
@@ -199,23 +184,63 @@ class FeatureCache:
     ) -> tuple[Path, bool]:
         """The cached file for ``key_parts`` (e.g. the vanilla ONNX export), created on a miss.
 
-        ``create(path)`` writes the file at ``path`` (atomically: the caller's writer
-        renames when complete). Returns the path and whether it was a hit.
+        ``create(path)`` writes the file at ``path``; it runs in a private temporary
+        folder, and what it wrote there (``path`` and a ``path.data`` of external
+        weights, if any) is moved into the cache, followed by ``<name>.check`` with each
+        file's size and SHA-256. A hit is a file whose check passes; a missing, damaged
+        or truncated file (or one without its check) is created again. Returns the path
+        and whether it was a hit.
+
+        Raises
+        ------
+        OSError
+            When the cache folder cannot hold the file (the caller needs it on disk).
         """
         key = self.key({"kind": kind, **key_parts})
-        path = self.directory / f"{kind}-{key[:24]}{suffix}"
-        if path.is_file():
-            _touch(path)
+        name = f"{kind}-{key[:24]}{suffix}"
+        path = self.directory / name
+        if path.is_file() and _file_entry_ok(path, key):
             return path, True
         self.directory.mkdir(parents=True, exist_ok=True)
-        create(path)
+        with cleanup_on_sigterm():
+            work = make_owned_dir(self.directory, name)
+            try:
+                create(work / name)
+                made = sorted(
+                    p.name for p in work.iterdir() if p.is_file() and p.name.startswith(name)
+                )
+                if name not in made:
+                    raise RuntimeError(f"create() did not write {name}")
+                files = {}
+                # External weights first, the model that references them last, the check
+                # after both: a reader never pairs a new model with old weights.
+                for fname in sorted(made, key=lambda n: n == name):
+                    files[fname] = {
+                        "bytes": (work / fname).stat().st_size,
+                        "sha256": _sha256_file(work / fname),
+                    }
+                    os.replace(work / fname, self.directory / fname)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            check = {"format": _CACHE_FORMAT, "key": key, "files": files}
+            atomic_write_text(_check_path(path), json.dumps(check, sort_keys=True) + "\n")
         return path, False
 
     def clear(self) -> int:
-        """Delete every cached file (features, SVD factors, Hessians, vanilla exports)."""
+        """Delete every cached file (features, SVD factors, Hessians, vanilla exports,
+        their checks) and every temporary left by a killed run."""
         removed = 0
-        for p in [*self.directory.glob("*-*.pt"), *self.directory.glob("vanilla-*.onnx")]:
+        patterns = ("*-*.pt", "vanilla-*.onnx", "vanilla-*.onnx.data", "*.check")
+        for p in [q for pat in patterns for q in self.directory.glob(pat)]:
             p.unlink(missing_ok=True)
+            removed += 1
+        for p in list(self.directory.iterdir()) if self.directory.is_dir() else []:
+            if not is_owned_temporary(p.name):
+                continue
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
             removed += 1
         return removed
 
@@ -226,6 +251,51 @@ def _touch(path: Path) -> None:
         os.utime(path)
 
 
+def _check_path(path: Path) -> Path:
+    return path.with_name(path.name + ".check")
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _file_entry_ok(path: Path, key: str) -> bool:
+    """Whether a cached file and its companions match their ``.check``; warns if not."""
+    check = _check_path(path)
+    problem = None
+    try:
+        doc = json.loads(check.read_text(encoding="utf-8"))
+        if not isinstance(doc, dict) or doc.get("format") != _CACHE_FORMAT:
+            problem = "its check file is not in this version's format"
+        elif doc.get("key") != key or path.name not in doc.get("files", {}):
+            problem = "its check file belongs to another entry"
+        else:
+            for fname, rec in doc["files"].items():
+                f = path.with_name(fname)
+                if not f.is_file() or f.stat().st_size != rec["bytes"]:
+                    problem = f"{fname} is missing or has another size than recorded"
+                elif _sha256_file(f) != rec["sha256"]:
+                    problem = f"{fname} failed its SHA-256 check"
+                if problem:
+                    break
+    except FileNotFoundError:
+        problem = "it has no check file (an older fairdeploy, or a write cut short)"
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        problem = f"its check file is unreadable ({type(exc).__name__})"
+    if problem is None:
+        return True
+    warnings.warn(
+        f"ignoring cache file {str(path)!r}: {problem}; creating it again",
+        CacheWarning,
+        stacklevel=3,
+    )
+    return False
+
+
 def _compact(t: torch.Tensor) -> torch.Tensor:
     # torch.save writes a view's whole storage: copy views of larger tensors.
     t = t.detach().cpu().contiguous()
@@ -234,25 +304,73 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _save_features(path: Path, key: str, parts_json: str, fs: FeatureSet) -> None:
+def tensors_checksum(key: str, tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a cache entry's key and of each tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256(key.encode())
+    for name in sorted(tensors):
+        t = tensors[name]
+        if not torch.is_tensor(t):
+            raise TypeError(f"cache entry {name!r} is a {type(t).__name__}, not a tensor")
+        t = t.detach().cpu().contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # hashed in place, no copy
+    return h.hexdigest()
+
+
+def _write_entry(
+    path: Path, key: str, key_parts: dict[str, Any], tensors: Mapping[str, torch.Tensor],
+    *, what: str,
+) -> None:
+    compact = {k: _compact(v) for k, v in tensors.items()}
     payload = {
         "format": _CACHE_FORMAT,
         "key": key,
-        "key_parts": parts_json,  # for humans inspecting the cache
-        "features": _compact(fs.features),
-        "targets": _compact(fs.targets),
-        "groups": _compact(fs.groups),
+        "key_parts": _canonical_json(key_parts),  # for humans inspecting the cache
+        "checksum": tensors_checksum(key, compact),
+        "tensors": compact,
     }
-    atomic_torch_save(payload, path)
+    try:
+        atomic_torch_save(payload, path)
+    except OSError as exc:
+        warnings.warn(
+            f"could not write {what} {str(path)!r} ({exc.strerror or exc}); the values were "
+            "computed but not cached (free some disk space or choose a writable --exports)",
+            CacheWarning,
+            stacklevel=3,
+        )
 
 
-def _load_features(path: Path, key: str) -> FeatureSet:
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != _CACHE_FORMAT:
-        raise ValueError("not a fairdeploy feature cache file")
-    if payload.get("key") != key:
-        raise ValueError("the file's key does not match its name")
-    return FeatureSet(payload["features"], payload["targets"], payload["groups"])
+def _read_entry(path: Path, key: str, what: str) -> dict[str, torch.Tensor] | None:
+    """The tensors of a cache entry, or None (with a warning when a file was there)."""
+    if not path.exists():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(payload, dict) or payload.get("format") != _CACHE_FORMAT:
+            raise ValueError(f"not a fairdeploy {what} of this version")
+        if payload.get("key") != key:
+            raise ValueError("the file's key does not match its name")
+        tensors = payload.get("tensors")
+        if not isinstance(tensors, dict):
+            raise ValueError("it holds no tensors")
+        if tensors_checksum(key, tensors) != payload.get("checksum"):
+            raise ValueError("its content does not match its checksum (altered or damaged)")
+        return dict(tensors)
+    except Exception as exc:  # any unreadable file is a miss, never a crash
+        warnings.warn(
+            f"ignoring unreadable {what} {str(path)!r} ({type(exc).__name__}: "
+            f"{_first_line(exc)}); "
+            "recomputing it",
+            CacheWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else ""
 
 
 def dataset_fingerprint(ds: Any) -> str:

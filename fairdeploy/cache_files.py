@@ -87,8 +87,8 @@ def _cache_files(directory: Path) -> list[Path]:
         return []
     out = []
     for p in sorted(directory.iterdir()):
-        if not p.is_file() or p.name.endswith(".onnx.data"):
-            continue
+        if not p.is_file() or p.name.endswith((".onnx.data", ".check")):
+            continue  # part of the entry they sit beside
         if p.name.split("-", 1)[0] in _KINDS or _is_partial(p):
             out.append(p)
     return out
@@ -99,10 +99,13 @@ def _is_partial(p: Path) -> bool:
     return p.name.startswith(".") and any(f"{k}-" in p.name for k in _KINDS)
 
 
+def _companions(p: Path) -> list[Path]:
+    """Files that belong to a cache entry: its external weights and its checksum record."""
+    return [p.with_name(p.name + ".data"), p.with_name(p.name + ".check")]
+
+
 def _size(p: Path) -> int:
-    size = p.stat().st_size
-    data = p.with_name(p.name + ".data")
-    return size + (data.stat().st_size if data.is_file() else 0)
+    return p.stat().st_size + sum(c.stat().st_size for c in _companions(p) if c.is_file())
 
 
 def _run_checkpoints(exports: Path) -> dict[str, set[str]]:
@@ -194,7 +197,8 @@ def _remove(paths: list[Path]) -> tuple[int, int]:
     for p in paths:
         try:
             size += _size(p)
-            p.with_name(p.name + ".data").unlink(missing_ok=True)
+            for c in _companions(p):
+                c.unlink(missing_ok=True)
             p.unlink()
             files += 1
         except FileNotFoundError:

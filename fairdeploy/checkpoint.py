@@ -18,8 +18,11 @@ arbitrary code from the file.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
+import re
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -83,17 +86,65 @@ def load_checkpoint(
     obj = _read(path, trust_checkpoint=trust_checkpoint)
     module = _find_module(obj)
     if module is not None:
+        _check_finite(dict(module.named_parameters()), path)
         return module.eval()
     state = _find_state_dict(obj, path)
+    _check_plain_tensors(state, path)
     model = _build_uninitialized(arch, num_classes, dict(model_kwargs or {}))
     state = _strip_prefixes(state, model.state_dict())
     _factorized_slots(model, state)
     expected = model.state_dict()
     _check_fit(state, expected, path=path, arch=arch, num_classes=num_classes)
+    params = {name for name, _ in model.named_parameters()}
+    _check_finite({k: v for k, v in state.items() if k in params}, path)
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
-        model = model.to_empty(device="cpu")
-    model.load_state_dict(state, strict=True)
+        try:
+            model = model.to_empty(device="cpu")
+        except (RuntimeError, MemoryError) as exc:
+            raise FairDeployError(
+                f"model.arch {arch!r} does not fit in memory ({type(exc).__name__}: "
+                f"{_first_line(exc)})"
+            ) from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # e.g. a dtype the parameter cannot take
+        raise FairDeployError(
+            f"checkpoint {path} does not load into model.arch {arch!r} ({_first_line(exc)})"
+        ) from None
     return model.eval()
+
+
+def _check_plain_tensors(state: Mapping[str, Any], path: Path) -> None:
+    """Refuse tensors a dense float model cannot take as they are: sparse or quantized
+    layouts, meta tensors (no data), complex numbers."""
+    for key, t in state.items():
+        if not torch.is_tensor(t):
+            continue
+        problem = None
+        if t.layout != torch.strided:
+            problem = f"is a sparse tensor ({t.layout}): save it dense (t.to_dense())"
+        elif t.is_quantized:
+            problem = f"is quantized ({t.dtype}): save the float weights (t.dequantize())"
+        elif t.is_meta:
+            problem = "has no data (a meta tensor): save the materialised weights"
+        elif t.is_complex():
+            problem = f"holds complex numbers ({t.dtype}): a classifier's weights are real"
+        if problem:
+            raise FairDeployError(f"checkpoint {path}: {key!r} {problem}")
+
+
+def _check_finite(tensors: Mapping[str, Any], path: Path) -> None:
+    """Refuse parameters holding NaN or infinity: every number computed from them would be
+    meaningless (training diverged, or the file is damaged)."""
+    for key, t in tensors.items():
+        if torch.is_tensor(t) and t.is_floating_point() and not t.is_meta:
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise FairDeployError(
+                    f"checkpoint {path}: parameter {key!r} holds {bad} non-finite value"
+                    f"{'s' if bad > 1 else ''} (NaN or infinity): training diverged or the file "
+                    "is damaged; give a checkpoint with finite weights"
+                )
 
 
 def _build_uninitialized(arch: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
@@ -107,8 +158,8 @@ def _build_uninitialized(arch: str, num_classes: int, kwargs: dict[str, Any]) ->
         with torch.device("meta"):
             model = build_model(arch, num_classes, **kwargs)
     except FairDeployError:
-        raise
-    except Exception:  # a custom factory that computes on real tensors
+        # A custom factory that computes on real tensors fails on the meta device: build
+        # it for real (a factory that fails there too raises the error to show).
         return build_model(arch, num_classes, **kwargs)
     if any(m._non_persistent_buffers_set for m in model.modules()):
         return build_model(arch, num_classes, **kwargs)
@@ -176,16 +227,31 @@ def _read(path: Path, *, trust_checkpoint: bool) -> Any:
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "no such file"
         raise FairDeployError(f"checkpoint {path}: {what}")
-    if not _looks_like_torch_file(path):
+    kind = _torch_file_kind(path)
+    if kind is None:
         raise FairDeployError(
             f"checkpoint {path} is not a PyTorch checkpoint or is damaged (neither a torch.save "
             "zip archive nor a legacy torch pickle): give a file written by torch.save"
         )
+    if kind == "zip":
+        _check_archive(path)
+    else:
+        warnings.warn(
+            f"checkpoint {path} is in torch's legacy (pre-1.6) format, which carries no "
+            "checksums: damage to its tensor bytes cannot be detected. Re-save it with "
+            "torch.save(torch.load(path), path) to get a checked archive",
+            UserWarning,
+            stacklevel=3,
+        )
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return _torch_load(path, weights_only=True)
     except pickle.UnpicklingError as exc:
         if not str(exc).startswith("Weights only load failed"):
             raise _corrupt(path, exc) from None
+        if not _names_importable_globals(str(exc)):
+            # The weights-only unpickler reports damaged bytes as "unsupported" opcodes or
+            # globals with garbled names: that is damage, not a pickled module.
+            raise _corrupt(path, _unpickler_reason(exc)) from None
         if not trust_checkpoint:
             raise FairDeployError(
                 f"checkpoint {path} holds pickled Python objects (e.g. a whole nn.Module), not "
@@ -196,7 +262,7 @@ def _read(path: Path, *, trust_checkpoint: bool) -> Any:
     except Exception as exc:  # torch raises RuntimeError, KeyError, EOFError... on bad bytes
         raise _corrupt(path, exc) from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return _torch_load(path, weights_only=False)
     except Exception as exc:
         raise FairDeployError(
             f"checkpoint {path} cannot be unpickled even with --trust-checkpoint "
@@ -205,24 +271,85 @@ def _read(path: Path, *, trust_checkpoint: bool) -> Any:
         ) from None
 
 
+def _torch_load(path: Path, *, weights_only: bool) -> Any:
+    with warnings.catch_warnings():
+        # torch warns about sparse-tensor invariants and legacy storages; the checks
+        # below say what matters, once.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+
+
+def _check_archive(path: Path) -> None:
+    """Every record of a torch.save zip archive must match its CRC-32.
+
+    ``torch.load`` does not check them, so bytes flipped inside a tensor record would
+    load as different weights without a word.
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+        raise _corrupt(
+            path, f"a truncated or broken zip archive, {type(exc).__name__}: {_first_line(exc)}"
+        ) from None
+    if bad is not None:
+        raise FairDeployError(
+            f"checkpoint {path} is damaged: its record {bad!r} does not match the CRC-32 "
+            "stored in the archive (the file was altered or corrupted after torch.save wrote "
+            "it): restore it from a good copy"
+        )
+
+
+_GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL ([^\s]+)")
+
+
+def _names_importable_globals(message: str) -> bool:
+    """Whether a weights-only failure names a real Python global (a pickled object) rather
+    than garbage decoded from damaged bytes. Only finds the top-level package: nothing is
+    imported or run."""
+    m = _GLOBAL_RE.search(message)
+    if m is None:
+        return False
+    name = m.group(1)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+", name):
+        return False
+    try:
+        return importlib.util.find_spec(name.split(".", 1)[0]) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _unpickler_reason(exc: BaseException) -> str:
+    text = str(exc)
+    i = text.find("WeightsUnpickler error:")
+    detail = text[i + len("WeightsUnpickler error:") :].strip().splitlines() if i >= 0 else []
+    return detail[0][:200] if detail else "invalid pickle data"
+
+
 # torch.save's legacy (non-zip) format starts with a pickled magic number.
 _LEGACY_MAGIC = b"\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 
 
-def _looks_like_torch_file(path: Path) -> bool:
-    # Checked up front: the weights-only unpickler reports random bytes as "unsupported
-    # globals", which would wrongly read as a pickled module.
-    if zipfile.is_zipfile(path):
-        return True
+def _torch_file_kind(path: Path) -> str | None:
+    """``"zip"``, ``"legacy"`` or None. Checked up front: the weights-only unpickler
+    reports random bytes as "unsupported globals", which would wrongly read as a
+    pickled module."""
     with path.open("rb") as fh:
         head = fh.read(32)
-    return _LEGACY_MAGIC in head
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if _LEGACY_MAGIC in head:
+        return "legacy"
+    if zipfile.is_zipfile(path):  # a zip with a prefix (self-extracting, padded)
+        return "zip"
+    return None
 
 
-def _corrupt(path: Path, exc: BaseException) -> FairDeployError:
+def _corrupt(path: Path, exc: BaseException | str) -> FairDeployError:
+    reason = exc if isinstance(exc, str) else f"{type(exc).__name__}: {_first_line(exc)}"
     return FairDeployError(
-        f"checkpoint {path} is not a PyTorch checkpoint or is damaged ({type(exc).__name__}: "
-        f"{_first_line(exc)}): give a file written by torch.save"
+        f"checkpoint {path} is not a PyTorch checkpoint or is damaged ({reason}): give a file "
+        "written by torch.save, or restore it from a good copy"
     )
 
 
@@ -333,6 +460,21 @@ def _check_fit(
         and torch.is_tensor(expected[k])
         and tuple(expected[k].shape) != tuple(getattr(state[k], "shape", ()))
     ]
+    dtypes = [
+        (k, expected[k].dtype, state[k].dtype)
+        for k in expected
+        if k in state
+        and torch.is_tensor(expected[k])
+        and torch.is_tensor(state[k])
+        and expected[k].is_floating_point()
+        and not state[k].is_floating_point()
+    ]
+    if dtypes:
+        k, e, f = dtypes[0]
+        raise FairDeployError(
+            f"checkpoint {path}: {k!r} is stored as {f}, the model's parameter is {e}: integer "
+            "weights would be cast silently; save the float weights"
+        )
     if not (missing or unexpected or shapes):
         return
     parts = []

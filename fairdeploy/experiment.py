@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from fairdeploy import __version__
+from fairdeploy._probe import check_model_takes_inputs
 from fairdeploy.cache import FeatureCache, dataset_fingerprint, file_sha256
 from fairdeploy.errors import FairDeployError
 from fairdeploy.features import FeatureSet, compute_features, layers_in_call_order, split_model
@@ -333,6 +334,11 @@ class Experiment:
         test_ds = splits["test"]
         if not len(test_ds):
             raise FairDeployError("the test split is empty: check data.split")
+        # Two samples through the model before any long pass: a width that does not fit,
+        # wrong logits or non-finite outputs are one line now, not a traceback later.
+        check_model_takes_inputs(
+            self.model, test_ds, what="the test split", num_classes=recipe.model.num_classes
+        )
         trunk, head = split_model(self.model, first)
         names = getattr(test_ds, "class_names", None) or range(recipe.model.num_classes)
         class_names = [str(c) for c in names]

@@ -333,6 +333,14 @@ def compute_features(
             m.training = mode
     if pos != n or features is None:
         raise RuntimeError(f"the data loader yielded {pos} samples, the dataset has {n}")
+    finite = torch.isfinite(features.reshape(n, -1)).all(dim=1)
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite).flatten()
+        raise FairDeployError(
+            f"{description}: the trunk's outputs are not finite (NaN or infinity) for "
+            f"{len(bad)} of {n} samples (first: sample {int(bad[0])}): the inputs or the weights "
+            "overflow float32; check the data's scale and the checkpoint"
+        )
     return FeatureSet(features, targets, groups)
 
 

@@ -8,6 +8,8 @@ a warning that says why, so a result is never silently attributed to the wrong d
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import warnings
 
@@ -85,7 +87,10 @@ def make_session(
     if not isinstance(model, bytes) and not os.path.isfile(src):
         raise FairDeployError(f"ONNX model {src!r} does not exist: give a .onnx file")
     try:
-        sess = ort.InferenceSession(src, opts, providers=providers)
+        # ORT prints an "EP Error ... falling back" banner to stdout before retrying a
+        # model it cannot load: the error below says it in one line instead.
+        with contextlib.redirect_stdout(io.StringIO()):
+            sess = ort.InferenceSession(src, opts, providers=providers)
     except Exception as exc:  # ORT raises its own Fail/InvalidProtobuf/... types
         what = "the model" if isinstance(model, bytes) else repr(src)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -1,39 +1,189 @@
 """Run folders: checked before any work, assembled under a temporary name, renamed when complete.
 
-A failed run leaves nothing behind; an earlier run folder is replaced only once the new
-one is complete; a folder that is not a run folder is never replaced.
+Promises (each has a test in ``tests/test_rundir.py`` or ``tests/test_crash.py``):
+
+- A failed, interrupted (Ctrl-C, SIGTERM) or killed run leaves no run folder and no
+  partial one: the folder is staged as ``.<name>.fdtmp-<owner>`` beside it and renamed
+  when complete. A SIGKILL cannot be caught; its staging folder is removed by the next
+  run in the same parent folder, once its process is gone (:mod:`fairdeploy._stale`).
+- Every run folder holds ``manifest.json``: the name, size and SHA-256 of every file the
+  run wrote. An existing ``--out`` folder is replaced only when it holds nothing but the
+  files its manifest lists, unchanged; anything else in it (a user's file, a subfolder,
+  an edited report) makes the run refuse before any work, and again just before the
+  rename. Nothing a run did not write is ever deleted.
+- An earlier run is replaced only once the new one is complete; if the rename fails the
+  earlier run is put back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+from fairdeploy._signals import cleanup_on_sigterm
+from fairdeploy._stale import make_owned_dir, remove_stale
 from fairdeploy.errors import FairDeployError
 
-__all__ = ["check_out", "ensure_dir", "staging_dir"]
+__all__ = [
+    "MANIFEST",
+    "check_out",
+    "check_unchanged",
+    "ensure_dir",
+    "run_manifest",
+    "staging_dir",
+]
+
+#: The file, in every run folder, that lists what the run wrote.
+MANIFEST = "manifest.json"
+_FORMAT = "fairdeploy-run-manifest/1"
 
 
 def check_out(final: Path) -> None:
-    """Refuse, before any work, an output folder we cannot write or must not replace."""
+    """Refuse, before any work, an output folder we cannot write or must not replace.
+
+    ``final`` may be missing, empty, or a run folder whose ``manifest.json`` lists every
+    file in it, each unchanged since the run wrote it.
+    """
     if final.exists() and not final.is_dir():
         raise FairDeployError(f"--out {str(final)!r} is a file: give a folder path")
-    if final.is_dir() and any(final.iterdir()) and not (final / "report.json").is_file():
-        raise FairDeployError(
-            f"--out {str(final)!r} exists and is not a fairdeploy run folder (no report.json): "
-            "give a new or empty folder, so nothing of yours is replaced"
-        )
+    if final.is_dir():
+        _check_replaceable(final)
     ensure_dir(final.parent)
 
 
 def ensure_dir(path: Path) -> None:
+    """Create ``path`` (and its parents), or say why it cannot be."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise FairDeployError(f"cannot create the folder {str(path)!r} ({exc.strerror})") from None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_manifest(folder: Path) -> dict[str, Any] | None:
+    """The parsed ``manifest.json`` of a run folder, or None when it has no valid one."""
+    try:
+        data = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    files = data.get("files") if isinstance(data, dict) else None
+    if data.get("format") != _FORMAT or not isinstance(files, dict):
+        return None
+    for name, entry in files.items():
+        if (
+            not isinstance(name, str) or "/" in name or os.sep in name or name in ("", ".", "..")
+            or not isinstance(entry, dict)
+            or not isinstance(entry.get("bytes"), int)
+            or not isinstance(entry.get("sha256"), str)
+        ):
+            return None
+    return data
+
+
+def check_unchanged(path: str | os.PathLike[str]) -> None:
+    """Raise if ``path`` sits in a run folder whose manifest records other content for it.
+
+    ``verify`` and ``predict`` call this on the model (and reference) they read: a file
+    altered after ``optimize`` wrote it — a flipped byte in a weight, a hand edit, bit rot
+    that leaves the modification time alone — would otherwise be served or checked as if
+    it were the run's. The SHA-256 is always compared (one more read of the file). Files
+    outside a run folder carry no such record and are not checked (ONNX itself has no
+    checksum).
+    """
+    p = Path(path)
+    manifest = run_manifest(p.parent)
+    if manifest is None:
+        return
+    rec = manifest["files"].get(p.name)
+    if rec is None:
+        return
+    try:
+        st = p.stat()
+    except OSError:
+        return  # a missing file is reported by the caller
+    if st.st_size == rec["bytes"] and _sha256(p) == rec["sha256"]:
+        return
+    raise FairDeployError(
+        f"{str(p)!r} was changed after the run wrote it (its size or SHA-256 differs from "
+        f"{MANIFEST}): restore it, or run fairdeploy optimize again"
+    )
+
+
+def _check_replaceable(final: Path) -> None:
+    """Raise unless everything in ``final`` was written by a fairdeploy run, unchanged."""
+    try:
+        entries = sorted(os.scandir(final), key=lambda e: e.name)
+    except OSError as exc:
+        raise FairDeployError(f"--out {str(final)!r} cannot be read ({exc.strerror})") from None
+    if not entries:
+        return
+    manifest = run_manifest(final)
+    fix = "give a new or empty folder, so nothing of yours is replaced"
+    if manifest is None:
+        raise FairDeployError(
+            f"--out {str(final)!r} exists and is not a fairdeploy run folder (no valid "
+            f"{MANIFEST} listing the files a run wrote; folders from fairdeploy versions "
+            f"without manifests too): {fix}"
+        )
+    files = manifest["files"]
+    for entry in entries:
+        if entry.name == MANIFEST:
+            continue
+        recorded = files.get(entry.name)
+        if recorded is None or not entry.is_file(follow_symlinks=False):
+            what = "a folder" if entry.is_dir(follow_symlinks=False) else "a file"
+            raise FairDeployError(
+                f"--out {str(final)!r} holds {what} that no fairdeploy run wrote "
+                f"({entry.name!r}): {fix}, or move it out first"
+            )
+        st = entry.stat(follow_symlinks=False)
+        same = st.st_size == recorded["bytes"] and (
+            st.st_mtime_ns == recorded.get("mtime_ns")
+            or _sha256(Path(entry.path)) == recorded["sha256"]
+        )
+        if not same:
+            raise FairDeployError(
+                f"--out {str(final)!r}: {entry.name!r} was changed after the run wrote it: "
+                f"{fix}, or move the file out first"
+            )
+
+
+def _write_manifest(folder: Path) -> None:
+    from fairdeploy import __version__
+
+    files = {}
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.name == MANIFEST:
+            continue
+        if not entry.is_file(follow_symlinks=False):
+            raise RuntimeError(f"a run folder holds {entry.name!r}, which is not a file")
+        st = entry.stat()
+        files[entry.name] = {
+            "bytes": st.st_size,
+            "sha256": _sha256(Path(entry.path)),
+            "mtime_ns": st.st_mtime_ns,
+        }
+    doc = {
+        "format": _FORMAT,
+        "written_by": f"fairdeploy {__version__}",
+        "note": "every file this run wrote; a later run replaces this folder only if it "
+        "holds exactly these files, unchanged",
+        "files": files,
+    }
+    (folder / MANIFEST).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
 def _public_permissions(root: Path) -> None:
@@ -50,31 +200,57 @@ def _public_permissions(root: Path) -> None:
 
 
 @contextlib.contextmanager
-def staging_dir(final: Path):
+def staging_dir(final: Path) -> Iterator[Path]:
     """A temporary folder beside ``final``, renamed onto it when the block succeeds.
 
-    A failed run leaves nothing behind; a successful one replaces an earlier run of the
-    same name only once the new one is complete.
+    A failed or interrupted run (an exception, Ctrl-C, SIGTERM) leaves nothing behind;
+    a successful one writes ``manifest.json`` and replaces an earlier run of the same
+    name only once the new one is complete, and only if that earlier folder still
+    holds nothing but its own files.
     """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    ensure_dir(final.parent)
+    remove_stale(final.parent)
+    with cleanup_on_sigterm():
+        tmp = make_owned_dir(final.parent, final.name)
+        try:
+            yield tmp
+            _write_manifest(tmp)
+            _public_permissions(tmp)
+            _swap_in(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` onto ``final``, moving an earlier run out of the way first.
+
+    The earlier run is deleted only after the new one is in place; if anything fails
+    (or the process is interrupted) before that, it is put back.
+    """
     old = None
     try:
-        _public_permissions(tmp)
         if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
+            _check_replaceable(final)  # again: the folder may have changed during the run
+            old = make_owned_dir(final.parent, f"{final.name}.old")
             os.replace(final, old / "run")
+            # Something may have been added between the check and the move.
+            _check_replaceable(old / "run")
         os.replace(tmp, final)
-    except OSError as exc:
-        if old is not None and not final.exists():
-            os.replace(old / "run", final)  # put the earlier run back
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise FairDeployError(f"cannot write the run folder {str(final)!r}: {exc}") from None
-    finally:
+    except BaseException as exc:
+        kept = ""
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            if (old / "run").exists() and not final.exists():
+                try:
+                    os.replace(old / "run", final)  # put the earlier run back
+                except OSError:
+                    kept = f"; the earlier run is kept at {str(old / 'run')!r}"
+            if not kept:
+                shutil.rmtree(old, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise FairDeployError(
+                f"cannot write the run folder {str(final)!r}: {exc}{kept}"
+            ) from None
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

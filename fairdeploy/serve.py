@@ -24,6 +24,7 @@ from fairdeploy.errors import FairDeployError
 __all__ = [
     "Inputs",
     "Predictions",
+    "check_metadata",
     "expand_inputs",
     "load_inputs",
     "model_metadata",
@@ -40,7 +41,14 @@ _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".w
 def model_metadata(session: Any) -> dict[str, Any]:
     """The ``fairdeploy.*`` metadata of an ORT session's model, JSON-decoded."""
     out: dict[str, Any] = {}
-    for key, value in session.get_modelmeta().custom_metadata_map.items():
+    try:
+        items = session.get_modelmeta().custom_metadata_map.items()
+    except UnicodeDecodeError as exc:  # protobuf strings must be UTF-8; damaged ones are not
+        raise FairDeployError(
+            f"the model's metadata is not valid UTF-8 ({exc.reason}): the file is damaged; "
+            "re-export it with fairdeploy optimize"
+        ) from None
+    for key, value in items:
         if key.startswith(_PREFIX):
             try:
                 out[key[len(_PREFIX) :]] = json.loads(value)
@@ -50,11 +58,17 @@ def model_metadata(session: Any) -> dict[str, Any]:
 
 
 def preprocess_image(path: str | os.PathLike[str], pre: dict[str, Any]) -> np.ndarray:
-    """One image file as the model's (3, crop, crop) float32 input."""
-    from PIL import Image, UnidentifiedImageError
+    """One image file as the model's (3, crop, crop) float32 input.
+
+    Images over :data:`fairdeploy._image_limit.MAX_IMAGE_PIXELS` are refused from their
+    header, before decoding.
+    """
+    from PIL import Image
+
+    from fairdeploy._image_limit import open_image
 
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             im = im.convert("RGB")
             w, h = pre["resize"][1], pre["resize"][0]
             im = im.resize((w, h), Image.BILINEAR)
@@ -63,11 +77,64 @@ def preprocess_image(path: str | os.PathLike[str], pre: dict[str, Any]) -> np.nd
             left = round((w - cw) / 2.0)
             im = im.crop((left, top, left + cw, top + ch))
             arr = np.asarray(im, dtype=np.float32) / 255.0
-    except (OSError, UnidentifiedImageError) as exc:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        # UnidentifiedImageError is an OSError; ImageTooLarge a ValueError.
         raise FairDeployError(f"cannot read image {str(path)!r}: {exc}") from None
     mean = np.asarray(pre["mean"], dtype=np.float32)
     std = np.asarray(pre["std"], dtype=np.float32)
     return ((arr - mean) / std).transpose(2, 0, 1).astype(np.float32)
+
+
+def _numbers(value: Any, n: int | None) -> bool:
+    return (
+        isinstance(value, list)
+        and (n is None or len(value) == n)
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    )
+
+
+def check_metadata(metadata: dict[str, Any], model: str | os.PathLike[str]) -> None:
+    """Refuse metadata that cannot describe how to serve the model (damaged or hand-edited):
+    a wrong number would be worse than none."""
+    fix = f"model {str(model)!r} has unusable fairdeploy metadata"
+    pre = metadata.get("preprocessing")
+    if pre is None:
+        pre = {}
+    if not isinstance(pre, dict):
+        raise FairDeployError(
+            f"{fix}: 'preprocessing' is not a JSON mapping ({str(pre)[:60]!r}); re-export the "
+            "model with fairdeploy optimize"
+        )
+    problems = []
+    if pre.get("kind") == "image":
+        for key, n in (("resize", 2), ("crop", 2), ("mean", 3), ("std", 3)):
+            if not _numbers(pre.get(key), n):
+                problems.append(f"preprocessing.{key} is {pre.get(key)!r}")
+        if _numbers(pre.get("crop"), 2) and any(c < 1 for c in pre["crop"]):
+            problems.append(f"preprocessing.crop is {pre['crop']!r}")
+        if _numbers(pre.get("resize"), 2) and any(c < 1 for c in pre["resize"]):
+            problems.append(f"preprocessing.resize is {pre['resize']!r}")
+        if _numbers(pre.get("std"), 3) and any(v == 0 for v in pre["std"]):
+            problems.append("preprocessing.std has a zero")
+    shape = pre.get("input_shape")
+    if shape is not None and not (
+        _numbers(shape, None) and all(isinstance(d, int) and d >= 1 for d in shape)
+    ):
+        problems.append(f"preprocessing.input_shape is {shape!r}")
+    feats = pre.get("features")
+    if feats is not None and not (
+        isinstance(feats, list) and all(isinstance(f, str) for f in feats)
+    ):
+        problems.append("preprocessing.features is not a list of names")
+    names = metadata.get("class_names")
+    if names is not None and not (
+        isinstance(names, list) and all(isinstance(c, str) for c in names)
+    ):
+        problems.append("class_names is not a list of names")
+    if problems:
+        raise FairDeployError(
+            f"{fix} ({'; '.join(problems)[:300]}); re-export the model with fairdeploy optimize"
+        )
 
 
 def _is_number_row(row: Sequence[str]) -> bool:
@@ -84,12 +151,25 @@ def _feature_rows(path: Path, width: int | None, names: Sequence[str] | None) ->
     if path.suffix.lower() == ".npy":
         try:
             arr = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise FairDeployError(f"cannot read {str(path)!r} as a .npy array: {exc}") from None
+        except Exception as exc:  # ValueError, EOFError, TokenError, MemoryError on bad bytes
+            raise FairDeployError(
+                f"cannot read {str(path)!r} as a .npy array ({type(exc).__name__}: "
+                f"{str(exc)[:200]})"
+            ) from None
+        if not isinstance(arr, np.ndarray):
+            raise FairDeployError(
+                f"{str(path)!r} is an .npz archive, not a .npy array: save the rows with np.save"
+            )
+        if not np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_ or np.iscomplexobj(
+            arr
+        ):
+            raise FairDeployError(
+                f"{str(path)!r} holds a {arr.dtype} array: feature rows must be real numbers"
+            )
     else:
         try:
-            with open(path, newline="") as f:
-                rows = [r for r in csv.reader(f) if r]
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                rows = [r for r in csv.reader(f, strict=True) if r]
             if rows and not _is_number_row(rows[0]):
                 header, rows = [c.strip() for c in rows[0]], rows[1:]
                 if names is None:
@@ -109,17 +189,26 @@ def _feature_rows(path: Path, width: int | None, names: Sequence[str] | None) ->
                 order = [header.index(n) for n in names]
                 rows = [[r[i] for i in order] for r in rows]
             arr = np.asarray([[float(v) for v in r] for r in rows], dtype=np.float32)
-        except (OSError, ValueError, IndexError) as exc:
+        except (OSError, ValueError, IndexError, csv.Error) as exc:
             raise FairDeployError(
                 f"cannot read {str(path)!r} as CSV feature rows (numbers, one row per input): {exc}"
             ) from None
-    arr = np.asarray(arr, dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        arr = np.asarray(arr, dtype=np.float32)
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2 or (width is not None and arr.shape[1] != width):
         raise FairDeployError(
             f"{str(path)!r} holds an array of shape {arr.shape}; the model expects rows of "
             f"{width} features"
+        )
+    if len(arr) == 0:
+        raise FairDeployError(f"{str(path)!r} holds no rows: give at least one input")
+    bad = np.flatnonzero(~np.isfinite(arr).all(axis=1))
+    if len(bad):
+        raise FairDeployError(
+            f"{str(path)!r}: row {int(bad[0])} has a non-finite value (NaN, infinity, or a "
+            "number too large for float32): the model cannot classify it"
         )
     return arr
 
@@ -250,22 +339,49 @@ def predict(
     the first one.
     """
     from fairdeploy.providers import make_session
+    from fairdeploy.rundir import check_unchanged
 
     if not Path(model).is_file():
         raise FairDeployError(f"model {str(model)!r} does not exist")
+    check_unchanged(model)
     session = make_session(model, provider=provider)  # unreadable models → FairDeployError
     meta = model_metadata(session)
+    check_metadata(meta, model)
     read = read_inputs(inputs, meta, strict=strict)
+    if not session.get_inputs() or not session.get_outputs():
+        raise FairDeployError(f"model {str(model)!r} has no inputs or outputs to run")
     input_name = session.get_inputs()[0].name
-    logits = np.concatenate(
-        [
-            session.run(None, {input_name: read.x[i : i + _PREDICT_BATCH]})[0]
-            for i in range(0, len(read.x), _PREDICT_BATCH)
-        ]
-    ).astype(np.float64)
+    try:
+        logits = np.concatenate(
+            [
+                session.run(None, {input_name: read.x[i : i + _PREDICT_BATCH]})[0]
+                for i in range(0, len(read.x), _PREDICT_BATCH)
+            ]
+        ).astype(np.float64)
+    except Exception as exc:  # ORT's InvalidArgument for inputs of the wrong shape
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FairDeployError(
+            f"model {str(model)!r} cannot run on these inputs (shape {read.x.shape[1:]}): "
+            f"{first[:200]}"
+        ) from None
+    if logits.ndim != 2 or len(logits) != len(read.names):
+        raise FairDeployError(
+            f"model {str(model)!r} returned shape {logits.shape} for {len(read.names)} inputs: "
+            "it is not a classifier with (batch, classes) logits"
+        )
+    if not np.isfinite(logits).all():
+        raise FairDeployError(
+            f"model {str(model)!r} returned non-finite logits (NaN or infinity): its weights "
+            "are damaged or the inputs are far outside its training range"
+        )
     z = logits - logits.max(axis=1, keepdims=True)
     prob = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
     classes = meta.get("class_names") or [str(i) for i in range(prob.shape[1])]
+    if len(classes) != prob.shape[1]:
+        raise FairDeployError(
+            f"model {str(model)!r} returns {prob.shape[1]} classes but its metadata names "
+            f"{len(classes)}: re-export the model with fairdeploy optimize"
+        )
     out = []
     for name, p in zip(read.names, prob, strict=True):
         order = np.argsort(-p, kind="stable")[:top]

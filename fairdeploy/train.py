@@ -11,8 +11,10 @@ stopped and ends with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from fairdeploy._io import atomic_torch_save
+from fairdeploy._probe import check_model_takes_inputs
 from fairdeploy._text import seconds
 from fairdeploy.checkpoint import check_plain_value, save_checkpoint
 from fairdeploy.data._loader import batch_loader
@@ -42,6 +45,7 @@ _RESUME_KEYS = (
     "batch_size",
     "seed",
     "train_size",
+    "data",
 )
 
 
@@ -170,6 +174,11 @@ def _load_resume_state(path: Path, config: Mapping[str, Any], epochs: int) -> di
     saved = state["config"]
     for key in _RESUME_KEYS:
         if saved.get(key) != config[key]:
+            if key == "data":
+                raise FairDeployError(
+                    f"the resume state {str(path)!r} was trained on other data (the training "
+                    f"or validation split's content changed since); {fix}"
+                )
             raise FairDeployError(
                 f"the resume state {str(path)!r} was trained with {key}={saved.get(key)!r}, "
                 f"this run asks for {key}={config[key]!r}; {fix}"
@@ -287,8 +296,13 @@ def train_model(
         "batch_size": batch_size,
         "seed": seed,
         "train_size": len(train_set),
+        # What the data holds, not only how much: a resume after the data changed at the
+        # same path and size must not continue from weights trained on the old data.
+        "data": _data_fingerprint(train_set, val_set),
     }
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
+    if ckpt is not None:
+        _check_output(ckpt)
     state_path = resume_state_path(ckpt) if ckpt is not None else None
 
     rng_devices = [device.index or 0] if device.type == "cuda" else []
@@ -296,6 +310,7 @@ def train_model(
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         net = copy.deepcopy(model).to(device)
+        check_model_takes_inputs(net, train_set, what="the training split")
         optimizer = torch.optim.SGD(
             net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
         )
@@ -359,6 +374,12 @@ def train_model(
                                    f"loss {float(loss_sum) / seen:.4f} "
                                    f"acc {float(correct) / seen:.3f}")
                     bar.advance()
+                if not math.isfinite(float(loss_sum)):
+                    raise FairDeployError(
+                        f"training diverged: the loss is not finite (NaN or infinity) in epoch "
+                        f"{epoch + 1}; nothing of this epoch was saved. Lower the learning rate "
+                        "(--lr / train.lr), or check the data's scale"
+                    )
                 scheduler.step()
                 record = {
                     "epoch": epoch + 1,
@@ -369,6 +390,12 @@ def train_model(
                 if val_loader is not None:
                     record["val_loss"], record["val_accuracy"] = _evaluate(
                         net, val_loader, device
+                    )
+                if not all(bool(torch.isfinite(p).all()) for p in net.parameters()):
+                    raise FairDeployError(
+                        f"training diverged: weights became non-finite in epoch {epoch + 1}; "
+                        "nothing of this epoch was saved. Lower the learning rate (--lr / "
+                        "train.lr), or check the data's scale"
                     )
                 history.append(record)
                 bar.status(_status(history))
@@ -430,6 +457,47 @@ def _same_checkpoint(path: Path, net: nn.Module, extra: Mapping[str, Any]) -> bo
         elif v != w:
             return False
     return all(meta.get(k) == v for k, v in extra.items())
+
+
+def _check_output(ckpt: Path) -> None:
+    """The checkpoint path may be new, or a checkpoint fairdeploy wrote (it is replaced):
+    anything else there (a data file, a recipe, another tool's checkpoint) is the user's
+    and is never overwritten."""
+    from fairdeploy.checkpoint import checkpoint_metadata
+
+    if ckpt.is_dir():
+        raise FairDeployError(f"-o {str(ckpt)!r} is a folder: give the checkpoint's file path")
+    if not ckpt.exists():
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ours = checkpoint_metadata(ckpt).get("format") == "fairdeploy-checkpoint"
+    except FairDeployError:
+        ours = False
+    if not ours:
+        raise FairDeployError(
+            f"-o {str(ckpt)!r} exists and is not a checkpoint written by fairdeploy train: give "
+            "a new path, or move that file away first (it is never overwritten)"
+        )
+
+
+def _data_fingerprint(train_set: Any, val_set: Any | None) -> str:
+    """SHA-256 of the training and validation data's content, as the feature cache keys it
+    (:func:`fairdeploy.cache.dataset_fingerprint`: labels, groups, and the input tensor's
+    bytes or each image file's size and modification time). A custom dataset without
+    ``targets``/``groups`` arrays is fingerprinted by its length only."""
+    from fairdeploy.cache import dataset_fingerprint
+
+    parts = []
+    for ds in (train_set, val_set):
+        if ds is None:
+            parts.append("none")
+        elif hasattr(ds, "targets") and hasattr(ds, "groups"):
+            parts.append(dataset_fingerprint(ds))
+        else:
+            parts.append(f"len={len(ds)}")
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
 def _status(history: list[dict[str, float]], *, epoch: bool = True) -> str:

@@ -230,7 +230,17 @@ def load_reference(path: str | os.PathLike[str]) -> Reference:
             f"reference file {str(p)!r} lacks array(s) {', '.join(missing)}: it needs "
             "'inputs' and 'outputs' (optionally 'labels', 'groups')"
         )
+    for k, arr in arrays.items():
+        if k in ("inputs", "outputs", "labels", "groups") and (
+            arr.ndim == 0 or not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr)
+        ):
+            raise FairDeployError(
+                f"reference file {str(p)!r}: '{k}' is a {arr.dtype} array of shape {arr.shape}: "
+                "it must hold real numbers, one row per sample"
+            )
     n = len(arrays["inputs"])
+    if n == 0:
+        raise FairDeployError(f"reference file {str(p)!r} holds no samples ('inputs' is empty)")
     for k in ("outputs", "labels", "groups"):
         if k in arrays and len(arrays[k]) != n:
             raise FairDeployError(
@@ -264,8 +274,11 @@ def reference_from_model(
 
     import torch
 
+    from fairdeploy._probe import check_model_takes_inputs
+
     m = copy.deepcopy(model).eval() if model.training else model
     x = torch.as_tensor(np.asarray(inputs), dtype=torch.float32)
+    check_model_takes_inputs(m, x, what="the reference inputs")
     with torch.no_grad():
         outs = [m(x[i : i + batch_size]).numpy() for i in range(0, len(x), batch_size)]
     return Reference(
@@ -342,13 +355,26 @@ def _fairness(
     except ImportError:
         return None, "fairdeploy.metrics is not available"
     y_pred = logits.argmax(-1) if logits.ndim >= 2 and logits.shape[-1] > 1 else (logits > 0)
+    groups = np.asarray(ref.groups)
+    present = {int(g): int((groups == g).sum()) for g in (0, 1)}
+    if not all(present.values()):
+        # Group metrics are undefined without samples of both groups; parity is still
+        # checked. Typical cause: too few verification samples (export.verify_samples).
+        return None, (
+            f"not computed: the {len(groups)} reference samples hold {present[0]} of group 0 "
+            f"and {present[1]} of group 1; group metrics need both (use more samples: "
+            "export.verify_samples, or --samples with --checkpoint)"
+        )
     kwargs: dict[str, Any] = {} if privileged is None else {"privileged": privileged}
     if group_names is not None:
         kwargs["group_names"] = group_names
     if logits.ndim >= 2 and logits.shape[-1] > 1:
         kwargs["num_classes"] = int(logits.shape[-1])
-    result = group_metrics(np.asarray(ref.labels), np.asarray(y_pred).astype(np.int64),
-                           np.asarray(ref.groups), **kwargs)
+    try:
+        result = group_metrics(np.asarray(ref.labels), np.asarray(y_pred).astype(np.int64),
+                               groups, **kwargs)
+    except FairDeployError as exc:  # e.g. labels outside the model's classes
+        return None, f"not computed: {exc}"
     return (result.to_dict() if hasattr(result, "to_dict") else dict(result)), ""
 
 
@@ -414,6 +440,7 @@ def verify(
     from fairdeploy.export import verify_npz_path
     from fairdeploy.export._onnx import INPUT_NAME
     from fairdeploy.providers import make_session, session_provider
+    from fairdeploy.rundir import check_unchanged
 
     for name, tol in (("atol", atol), ("rtol", rtol)):
         if not (isinstance(tol, int | float) and tol >= 0 and math.isfinite(tol)):
@@ -427,8 +454,11 @@ def verify(
     meta_priv, group_names = _groups_from_metadata(path)
     if privileged is None:
         privileged = meta_priv
+    check_unchanged(path)
     if reference is None:
         reference = verify_npz_path(path)
+    if not isinstance(reference, Reference):
+        check_unchanged(reference)
     ref = reference if isinstance(reference, Reference) else load_reference(reference)
 
     try:
@@ -448,7 +478,15 @@ def verify(
                enabled=progress) as bar:
         outs = []
         for i in range(0, len(x), batch_size):
-            outs.append(sess.run(None, {in_name: x[i : i + batch_size]}))
+            try:
+                outs.append(sess.run(None, {in_name: x[i : i + batch_size]}))
+            except Exception as exc:  # ORT's InvalidArgument/Fail for inputs it cannot take
+                text = str(exc).strip()
+                first = text.splitlines()[0] if text else type(exc).__name__
+                raise FairDeployError(
+                    f"ONNX Runtime cannot run {str(path)!r} on the reference inputs from "
+                    f"{ref.source} ({first[:200]}): the reference belongs to another model"
+                ) from None
             bar.advance(len(outs[-1][0]))
     names = [o.name for o in sess.get_outputs()]
     got_all = [np.concatenate([o[j] for o in outs]) for j in range(len(names))]

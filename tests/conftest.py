@@ -15,3 +15,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def _hypothesis_profiles() -> None:
+    """``ci`` (default: derandomized, nothing written to .hypothesis/) and ``thorough``
+    (random, many cases), chosen with ``HYPOTHESIS_PROFILE``. The reliability properties
+    set their own case counts per profile (tests/_reliability.py: ``examples``)."""
+    import os
+
+    from hypothesis import HealthCheck, settings
+
+    common = {"deadline": None, "database": None,
+              "suppress_health_check": [HealthCheck.too_slow]}
+    settings.register_profile("ci", derandomize=True, **common)
+    settings.register_profile("thorough", max_examples=1000, **common)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+_hypothesis_profiles()

@@ -286,7 +286,7 @@ def test_cache_miss_then_hit(tmp_path):
     files = sorted(os.listdir(tmp_path / "cache"))
     assert len(files) == 2 and all(f.startswith("features-") and f.endswith(".pt") for f in files)
     payload = torch.load(cache.path(parts), weights_only=True)
-    assert torch.equal(payload["features"], fs1.features)
+    assert torch.equal(payload["tensors"]["features"], fs1.features)
 
 
 def test_cache_stores_a_subset_without_its_parent(tmp_path):

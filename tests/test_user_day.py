@@ -124,7 +124,9 @@ def test_every_number_in_the_tables_has_fixed_decimals(day: dict) -> None:
     numbers = [c for c in cells if re.fullmatch(r"[\d.]+×?", c)]
     assert len(numbers) > 20
     assert all(re.fullmatch(r"\d+\.\d{3}×?", c) for c in numbers), numbers
+    # The terminal table only: progress log lines above it carry timings such as 0.6 s.
     out_table = day["out"].split("⚠ FairLRF")[0]
+    out_table = out_table[out_table.index("Method"):]
     assert not re.search(r"\s0\.\d{1,2}\s", out_table), out_table  # no 0.85, 0.7
 
 
@@ -470,13 +472,15 @@ def test_cache_ls_clear_and_prune(day: dict, tmp_path: Path) -> None:
     exports = tmp_path / "exports"
     shutil.copytree(day["tmp"] / "exports", exports)
     cache = exports / ".cache"
-    files = sorted(p for p in cache.iterdir() if p.is_file())
+    everything = sorted(p for p in cache.iterdir() if p.is_file())
+    # A file entry's checksum record (<name>.check) is part of that entry.
+    files = [p for p in everything if not p.name.endswith(".check")]
     code, out = _invoke("cache", "ls", "--exports", str(exports), "--json",
                         str(tmp_path / "ls.json"))
     assert code == 0, out
     listed = json.loads((tmp_path / "ls.json").read_text())["entries"]
     assert sorted(Path(e["path"]).name for e in listed) == [p.name for p in files]
-    assert sum(e["size"] for e in listed) == sum(p.stat().st_size for p in files)
+    assert sum(e["size"] for e in listed) == sum(p.stat().st_size for p in everything)
     ckpt = str(day["tmp"] / "ckpt.pt")
     assert all(e["checkpoints"] == [ckpt] for e in listed)
     assert {e["kind"] for e in listed} == {"features", "svd", "hessian", "vanilla"}

@@ -51,7 +51,7 @@ def parse_attribute_file(path: Path) -> tuple[list[str], list[str], np.ndarray]:
             io.StringIO("\n".join(ln.split(None, 1)[1] for ln in body)),
             dtype=np.int8, comments=None, ndmin=2,
         )
-    except (IndexError, ValueError, UnicodeDecodeError) as exc:
+    except (IndexError, ValueError, UnicodeDecodeError, OSError) as exc:
         raise FairDeployError(
             f"{path}: not a CelebA attribute file ({exc}): expected the image count, the "
             "attribute names, then one line per image ('000001.jpg' and a −1/1 per attribute)"
@@ -71,8 +71,12 @@ def parse_partition_file(path: Path) -> dict[str, int]:
             f"{path}: no such file (CelebA's official partition; or set data.split.mode: "
             "random / stratified)"
         )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FairDeployError(f"{path}: cannot be read as UTF-8 text ({exc})") from None
     out: dict[str, int] = {}
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for i, line in enumerate(text.splitlines(), start=1):
         parts = line.split()
         if not parts:
             continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from fairdeploy.data._images import open_image
 from fairdeploy.errors import FairDeployError
 
 __all__ = ["GroupedDataset", "ImageGroupedDataset", "TensorGroupedDataset"]
@@ -149,9 +151,10 @@ class ImageGroupedDataset(GroupedDataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         path = self.paths[i]
         try:
-            with Image.open(path) as im:
+            with open_image(path) as im, warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 image = im.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise FairDeployError(
                 f"image {path} cannot be decoded ({exc}); it passed the check at load time: "
                 "set data.check_images: full to decode every image up front and skip bad ones"

@@ -11,10 +11,9 @@ counted and skipped.
 
 from __future__ import annotations
 
-import csv
-
 import numpy as np
 
+from fairdeploy.data._csv import read_csv
 from fairdeploy.data._table import Table
 from fairdeploy.data._transforms import preprocessing_dict
 from fairdeploy.errors import FairDeployError
@@ -37,10 +36,7 @@ def load_fitzpatrick_table(data: Fitzpatrick17kData, sensitive: SensitiveSpec) -
             f"data.images {data.images}: no such folder: store the images fetched from the CSV's "
             "url column there as <md5hash>.jpg"
         )
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        columns = reader.fieldnames or []
-        rows = list(reader)
+    columns, rows = read_csv(path, what=f"data.csv {path}")
     attribute = str(sensitive.attribute)
     if attribute not in columns and attribute == "fitzpatrick_scale" and "fitzpatrick" in columns:
         attribute = "fitzpatrick"  # older copies of the CSV

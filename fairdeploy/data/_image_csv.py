@@ -9,11 +9,11 @@ when every label is an integer.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
 
+from fairdeploy.data._csv import read_csv
 from fairdeploy.data._splits import parse_split_values
 from fairdeploy.data._table import Table
 from fairdeploy.data._transforms import preprocessing_dict
@@ -55,10 +55,7 @@ def load_image_csv_table(data: ImageCsvData, sensitive: SensitiveSpec) -> Table:
             f"{data.target}, {sensitive.attribute}[, {data.split_column}] and image paths "
             f"relative to {data.root}"
         )
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        columns = reader.fieldnames or []
-        rows = list(reader)
+    columns, rows = read_csv(path, what=f"data.csv {path}")
     needed = [("data.path_column", data.path_column), ("data.target", data.target),
               ("sensitive.attribute", str(sensitive.attribute))]
     if data.split.mode == "column":

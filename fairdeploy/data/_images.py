@@ -1,7 +1,12 @@
-"""Checking image files at load time: missing and undecodable files are skipped."""
+"""Checking image files at load time: missing, undecodable and oversized files are skipped.
+
+An image over :data:`~fairdeploy._image_limit.MAX_IMAGE_PIXELS` (64 megapixels) counts
+as a bad image (see :mod:`fairdeploy._image_limit`); the check reads only the header.
+"""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -9,9 +14,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fairdeploy._image_limit import MAX_IMAGE_PIXELS, open_image
 from fairdeploy.errors import FairDeployError
 
-__all__ = ["check_image_files"]
+__all__ = ["MAX_IMAGE_PIXELS", "check_image_files", "open_image"]
 
 _OK, _MISSING, _BAD = 0, 1, 2
 
@@ -20,11 +26,10 @@ def _status(path: Path, mode: str) -> int:
     try:
         if mode == "none":
             return _OK if path.is_file() else _MISSING
-        with Image.open(path) as im:
+        with open_image(path) as im, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             if mode == "full":
                 im.load()
-            else:
-                im.size  # noqa: B018  (the header has been parsed once size is known)
         return _OK
     except FileNotFoundError:
         return _MISSING
@@ -48,7 +53,7 @@ def check_image_files(
         The image files.
     mode : {"header", "full", "none"}
         ``header`` opens each file and parses its header (fast; catches missing,
-        empty and non-image files); ``full`` decodes every image (slow, catches
+        empty, non-image and oversized files); ``full`` decodes every image (slow, catches
         truncated data too); ``none`` only checks that the file exists.
     max_bad : float
         Largest allowed fraction of unusable files; more raises.
@@ -82,7 +87,8 @@ def check_image_files(
         first = [str(p) for p, s in zip(paths, status, strict=True) if s != _OK][:3]
         raise FairDeployError(
             f"{where}: {counted} of {n} images are unusable ({missing} missing, {bad} "
-            f"undecodable; e.g. {', '.join(first)}), more than data.max_bad_images = {max_bad}: "
+            f"undecodable or over {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels; e.g. "
+            f"{', '.join(first)}), more than data.max_bad_images = {max_bad}: "
             "fix the files or raise data.max_bad_images"
         )
     return status == _OK, {"missing_image": missing, "bad_image": bad}

@@ -10,8 +10,6 @@ a ``class_names`` array in the file, else ``"0"``…``"C−1"``. Loaded with
 
 from __future__ import annotations
 
-import zipfile
-
 import numpy as np
 import torch
 
@@ -21,6 +19,14 @@ from fairdeploy.errors import FairDeployError
 from fairdeploy.recipe import NpzData, SensitiveSpec
 
 __all__ = ["load_npz_table"]
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else ""
+
+
+# Class ids index a list of class names: a larger id is a mistake (or a hash), not a class.
+_MAX_CLASS_ID = 1_000_000
 
 
 def load_npz_table(data: NpzData, sensitive: SensitiveSpec) -> Table:
@@ -36,7 +42,24 @@ def load_npz_table(data: NpzData, sensitive: SensitiveSpec) -> Table:
             f"{', '.join(keys_wanted)} (np.savez)"
         )
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        loaded = np.load(path, allow_pickle=False)
+    except EOFError:
+        raise FairDeployError(
+            f"data.path {path}: the file is empty or cut short: save the arrays with np.savez"
+        ) from None
+    except Exception as exc:  # numpy's parsers raise ValueError, TokenError, MemoryError...
+        raise FairDeployError(
+            f"data.path {path}: cannot be read as an .npz without pickles "
+            f"({type(exc).__name__}: {_first_line(exc)}): save plain numeric/string arrays "
+            "with np.savez"
+        ) from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise FairDeployError(
+            f"data.path {path} holds a single .npy array, not an .npz archive of named arrays: "
+            f"save them with np.savez(path, {', '.join(f'{k}=...' for k in keys_wanted)})"
+        )
+    try:
+        with loaded as npz:
             keys = list(npz.keys())
             for key in keys_wanted:
                 if key not in keys:
@@ -50,27 +73,63 @@ def load_npz_table(data: NpzData, sensitive: SensitiveSpec) -> Table:
             arrays = {k: npz[k] for k in keys_wanted}
             file_names = npz["class_names"] if "class_names" in keys else None
             file_features = npz["feature_names"] if "feature_names" in keys else None
-    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+    except FairDeployError:
+        raise
+    except Exception as exc:
+        # A damaged member: zipfile checks each one's CRC-32 as it is read; numpy's header
+        # parser raises ValueError, SyntaxError or tokenize's TokenError on damaged headers,
+        # MemoryError on a header that claims a huge shape.
         raise FairDeployError(
-            f"data.path {path}: cannot be read as an .npz without pickles ({exc}): save plain "
-            "numeric/string arrays with np.savez"
+            f"data.path {path}: cannot be read as an .npz without pickles "
+            f"({type(exc).__name__}: {_first_line(exc)}): save plain numeric/string arrays "
+            "with np.savez"
         ) from None
     x, y, g = arrays[data.x_key], arrays[data.target], arrays[attr]
-    n = len(x)
+    n = len(x) if x.ndim else 0
+    if x.ndim < 2:
+        raise FairDeployError(
+            f"{path}: array {data.x_key!r} has shape {x.shape}: give one row of features per "
+            f"sample, shape (samples, features) (x[:, None] for a single feature)"
+        )
+    if n == 0:
+        raise FairDeployError(f"{path}: array {data.x_key!r} has no rows: the data set is empty")
+    if x.size == 0:
+        raise FairDeployError(f"{path}: array {data.x_key!r} has shape {x.shape}: no features")
     for key, arr in arrays.items():
-        if arr.ndim == 0 or len(arr) != n:
+        if key != data.x_key and arr.ndim != 1:
+            raise FairDeployError(
+                f"{path}: array {key!r} has shape {arr.shape}, expected one value per row "
+                f"({n},)"
+            )
+        if len(arr) != n:
             raise FairDeployError(
                 f"{path}: array {key!r} has shape {arr.shape}, expected {n} rows like "
                 f"{data.x_key!r}"
             )
-    if not np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_:
-        raise FairDeployError(f"{path}: array {data.x_key!r} is {x.dtype}, expected numbers")
+    if not np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_ or np.iscomplexobj(x):
+        raise FairDeployError(f"{path}: array {data.x_key!r} is {x.dtype}, expected real numbers")
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below
+        x32 = np.asarray(x, dtype=np.float32)
+    bad_rows = np.flatnonzero(~np.isfinite(x32).reshape(n, -1).all(axis=1))
+    if len(bad_rows):
+        overflow = bool(np.isfinite(x).all())
+        raise FairDeployError(
+            f"{path}: array {data.x_key!r} has non-finite values (NaN or infinity"
+            f"{', or too large for float32' if overflow else ''}) in {len(bad_rows)} row"
+            f"{'s' if len(bad_rows) > 1 else ''} (first: row {int(bad_rows[0])}): drop or "
+            "impute them; the model and every score computed from it would be meaningless"
+        )
     if not (np.issubdtype(y.dtype, np.integer) or (
         np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0)
-    )) or y.ndim != 1:
+    )):
         raise FairDeployError(
             f"{path}: array {data.target!r} ({y.dtype}, shape {y.shape}) is not allowed (use one "
             "integer class id 0..C−1 per row)"
+        )
+    if np.abs(y).max() > _MAX_CLASS_ID:
+        raise FairDeployError(
+            f"{path}: array {data.target!r} has class id {y.flat[np.abs(y).argmax()]!r}: use "
+            "class ids 0..C−1 (and data.class_names for their names)"
         )
     y = y.astype(np.int64)
     if data.class_names is not None:
@@ -78,8 +137,8 @@ def load_npz_table(data: NpzData, sensitive: SensitiveSpec) -> Table:
     elif file_names is not None:
         class_names = [str(c) for c in file_names.tolist()]
     else:
-        class_names = [str(i) for i in range(int(y.max()) + 1 if n else 0)]
-    if n and (y.min() < 0 or y.max() >= len(class_names)):
+        class_names = [str(i) for i in range(int(y.max()) + 1)]
+    if y.min() < 0 or y.max() >= len(class_names):
         raise FairDeployError(
             f"{path}: array {data.target!r} has class ids {int(y.min())}..{int(y.max())}, "
             f"not allowed with {len(class_names)} class names (use ids 0..{len(class_names) - 1})"
@@ -87,7 +146,7 @@ def load_npz_table(data: NpzData, sensitive: SensitiveSpec) -> Table:
     split = None
     if data.split.mode == "column":
         split = parse_split_values(arrays[data.split_key].tolist(), where=f"{path}")
-    features = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    features = torch.from_numpy(np.ascontiguousarray(x32))
     preprocessing = {"kind": "tensor", "input_shape": list(x.shape[1:]), "dtype": "float32"}
     names = _feature_names(data, file_features, x, path)
     if names is not None:

@@ -163,13 +163,47 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     model = _load_header(path)
     out: dict[str, Any] = {}
-    for p in model.metadata_props:
-        if p.key.startswith(METADATA_PREFIX):
+    try:
+        props = [(p.key, p.value) for p in model.metadata_props]
+    except UnicodeDecodeError:
+        props = [(b"", b"")]
+    # Protobuf strings must be UTF-8; damaged ones come back as bytes (or fail to decode).
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in props):
+        raise FairDeployError(
+            f"ONNX model {str(path)!r} has damaged metadata (not UTF-8): re-export it with "
+            "fairdeploy optimize"
+        )
+    for key, value in props:
+        if key.startswith(METADATA_PREFIX):
             try:
-                out[p.key[len(METADATA_PREFIX) :]] = json.loads(p.value)
+                out[key[len(METADATA_PREFIX) :]] = json.loads(value)
             except json.JSONDecodeError:
-                out[p.key[len(METADATA_PREFIX) :]] = p.value
+                out[key[len(METADATA_PREFIX) :]] = value
+    _check_metadata_types(out, path)
     return out
+
+
+def _check_metadata_types(meta: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
+    """Known keys must have the types fairdeploy writes: a damaged or hand-edited entry is
+    a user-facing error, not a crash in whatever reads it."""
+
+    def names(v: Any) -> bool:
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+    checks = {
+        "layers": lambda v: isinstance(v, list)
+        and all(isinstance(r, dict) and isinstance(r.get("layer"), str) for r in v),
+        "class_names": names,
+        "group_names": names,
+        "privileged": lambda v: v is None or isinstance(v, str),
+        "preprocessing": lambda v: isinstance(v, dict),
+    }
+    bad = [k for k, ok in checks.items() if k in meta and not ok(meta[k])]
+    if bad:
+        raise FairDeployError(
+            f"ONNX model {str(path)!r} has damaged fairdeploy metadata ({', '.join(bad)}): "
+            "re-export it with fairdeploy optimize"
+        )
 
 
 def update_metadata(path: str | os.PathLike[str], metadata: Mapping[str, Any]) -> None:
@@ -437,7 +471,7 @@ def export_onnx(
         ready_out = ready(check_x).numpy()
     layout_err = float(np.max(np.abs(ready_out - expected)))
     if not np.all(np.abs(ready_out - expected) <= atol + rtol * np.abs(expected)):
-        raise RuntimeError(f"export layout differs from the model by {layout_err:g}")
+        raise _tolerance_error("the export layout (rearranged layers)", layout_err, atol, rtol)
 
     proto = _torch_export(ready, example, opset)
     check_factor_structure(proto, ready, layouts)
@@ -447,10 +481,7 @@ def export_onnx(
     got = _ort_outputs(proto.SerializeToString(), check_x.numpy())
     err = np.abs(got - expected)
     if not np.all(err <= atol + rtol * np.abs(expected)):
-        raise RuntimeError(
-            f"ONNX Runtime output differs from PyTorch by {float(err.max()):g} "
-            f"(atol={atol}, rtol={rtol})"
-        )
+        raise _tolerance_error("ONNX Runtime's output", float(err.max()), atol, rtol)
 
     proto.producer_name = "fairdeploy"
     proto.producer_version = __version__
@@ -523,6 +554,16 @@ def _vanilla_params(model: nn.Module, layouts: list[LayerLayout]) -> int:
         layer = model.get_submodule(lay.layer)
         total += lay.dense_params - sum(p.numel() for p in layer.parameters())
     return total
+
+
+def _tolerance_error(what: str, err: float, atol: float, rtol: float) -> FairDeployError:
+    # Float32 sums in another order differ in the last bits: a zero tolerance cannot pass.
+    return FairDeployError(
+        f"{what} differs from PyTorch by {err:.3g}, more than export.tolerances allow "
+        f"(atol={atol:g}, rtol={rtol:g}): float32 arithmetic in another order differs in the "
+        "last bits, so use atol ≥ 1e-6 (the default is 1e-4); a difference far above that is "
+        "a fairdeploy bug, please report it"
+    )
 
 
 def _eval_copy(model: nn.Module) -> nn.Module:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from fairdeploy.errors import FairDeployError
@@ -44,25 +46,58 @@ def build_model(arch: str, num_classes: int, **kwargs: Any) -> nn.Module:
         Number of output classes.
     **kwargs
         Passed to the factory (e.g. ``widths`` for ``mlp``).
+
+    Raises
+    ------
+    FairDeployError
+        An unknown or unimportable ``arch``; a factory that raises (an unknown keyword,
+        a negative width, ...) or returns something other than an ``nn.Module``; a
+        model larger than this machine's memory (checked on the meta device first, so
+        nothing is allocated).
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise FairDeployError(f"num_classes={num_classes!r} is not allowed: use an integer ≥ 2")
-    if arch in _REGISTRY:
-        return _REGISTRY[arch](num_classes=num_classes, **kwargs)
-    if ":" in arch:
-        model = _import_factory(arch)(num_classes=num_classes, **kwargs)
-    else:
-        import torchvision
+    factory = _factory(arch)
+    if torch.empty(()).device.type != "meta":
+        _check_fits_in_memory(arch, factory, num_classes, kwargs)
+    return _call(arch, factory, num_classes, kwargs)
 
-        try:
-            model = torchvision.models.get_model(
-                arch, weights=None, num_classes=num_classes, **kwargs
-            )
-        except ValueError:
-            raise FairDeployError(
-                f"model.arch {arch!r} is unknown: use one of {', '.join(list_models())}, a "
-                "torchvision classification model name, or 'package.module:factory'"
-            ) from None
+
+def _factory(arch: str) -> Callable[..., Any]:
+    if not isinstance(arch, str) or not arch:
+        raise FairDeployError(f"model.arch {arch!r} is not allowed: give an architecture name")
+    if arch in _REGISTRY:
+        return _REGISTRY[arch]
+    if ":" in arch:
+        return _import_factory(arch)
+    import torchvision
+
+    if arch not in torchvision.models.list_models():
+        raise FairDeployError(
+            f"model.arch {arch!r} is unknown: use one of {', '.join(list_models())}, a "
+            "torchvision classification model name, or 'package.module:factory'"
+        )
+
+    def tv_factory(num_classes: int, **kwargs: Any) -> nn.Module:
+        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+
+    return tv_factory
+
+
+def _call(
+    arch: str, factory: Callable[..., Any], num_classes: int, kwargs: dict[str, Any]
+) -> nn.Module:
+    try:
+        model = factory(num_classes=num_classes, **kwargs)
+    except FairDeployError:
+        raise
+    except Exception as exc:  # TypeError (unknown kwarg), RuntimeError (negative width), ...
+        shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())[:200] or "none"
+        raise FairDeployError(
+            f"model.arch {arch!r} cannot be built with num_classes={num_classes} and "
+            f"model.kwargs ({shown}): {type(exc).__name__}: {_first_line(exc)}; check "
+            "model.kwargs and model.num_classes"
+        ) from None
     if not isinstance(model, nn.Module):
         raise FairDeployError(
             f"model.arch {arch!r} returned {type(model).__name__}, not an nn.Module"
@@ -98,6 +133,11 @@ def _import_factory(arch: str) -> Callable[..., nn.Module]:
             f"model.arch {arch!r}: importing {module_name!r} failed ({exc})"
         ) from None
     factory = getattr(module, attr, None)
+    if factory is not None and not callable(factory):
+        raise FairDeployError(
+            f"model.arch {arch!r} is a {type(factory).__name__}, not a function: give "
+            "'package.module:factory' of a function that returns an nn.Module"
+        )
     if not callable(factory):
         public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
         raise FairDeployError(
@@ -106,6 +146,42 @@ def _import_factory(arch: str) -> Callable[..., nn.Module]:
             "that returns an nn.Module"
         )
     return factory
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_fits_in_memory(
+    arch: str, factory: Callable[..., Any], num_classes: int, kwargs: dict[str, Any]
+) -> None:
+    """Refuse a model larger than the machine's memory before allocating it (a huge
+    ``num_classes`` or width would otherwise exhaust memory, or take minutes to fail)."""
+    limit = _memory_bytes()
+    if limit is None:
+        return
+    try:
+        with torch.device("meta"):
+            model = factory(num_classes=num_classes, **kwargs)
+        size = sum(
+            t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())
+        )
+    except Exception:
+        return  # factories that compute on real tensors: built for real, errors said there
+    if size > limit:
+        raise FairDeployError(
+            f"model.arch {arch!r} with num_classes={num_classes} and these model.kwargs needs "
+            f"{size / 2**30:,.1f} GiB for its weights, more than this machine's memory "
+            f"({limit / 2**30:,.1f} GiB): check model.num_classes and model.kwargs"
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else repr(exc)[:200]
 
 
 from fairdeploy.models import _zoo  # noqa: E402, F401  (registers the built-in models)

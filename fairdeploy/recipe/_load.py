@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import reprlib
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,19 @@ from fairdeploy.recipe._data import DATA_KINDS
 from fairdeploy.recipe._recipe import Recipe
 
 __all__ = ["format_validation_error", "load_recipe", "parse_recipe"]
+
+
+#: Limits checked before any Python object is built from a recipe file. A recipe is a
+#: few kilobytes of sections and lists; these are orders of magnitude above any real one
+#: and far below what would exhaust time or memory (an alias "billion laughs" expands
+#: 9 aliases of 9 items nine levels deep into 387 million values; 100,000 nested
+#: brackets overflow the parser's recursion).
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_DEPTH = 64
+MAX_RECIPE_NODES = 200_000  # values after alias expansion
+MAX_RECIPE_CHARS = 8 << 20  # characters of scalars after alias expansion
+
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when available: 20× faster
 
 
 def load_recipe(path: str | os.PathLike[str]) -> Recipe:
@@ -35,24 +49,38 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
     Raises
     ------
     FairDeployError
-        Missing file, YAML syntax error (with its line), or a schema error naming the
-        line, the key path, the value found and what is allowed.
+        Missing file, YAML syntax error (with its line), a file over the size, nesting
+        or alias-expansion limits (:data:`MAX_RECIPE_BYTES`, :data:`MAX_RECIPE_DEPTH`,
+        :data:`MAX_RECIPE_NODES`, :data:`MAX_RECIPE_CHARS`), or a schema error naming
+        the line, the key path, the value found and what is allowed.
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise FairDeployError(
+                f"recipe {path} is {size:,} bytes, over the {MAX_RECIPE_BYTES:,}-byte limit for "
+                "a recipe: give the YAML recipe file (a few kilobytes), not a data file"
+            )
+        # Read one byte more than allowed: the file may be growing, or a device.
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_RECIPE_BYTES + 1)
+        if len(raw) > MAX_RECIPE_BYTES:
+            raise FairDeployError(
+                f"recipe {path} is over the {MAX_RECIPE_BYTES:,}-byte limit for a recipe"
+            )
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise FairDeployError(f"recipe {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FairDeployError(f"recipe {path}: cannot be read ({exc})") from None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise FairDeployError(f"{path}{where}: invalid YAML ({problem})") from None
+    except IsADirectoryError:
+        raise FairDeployError(f"recipe {path} is a folder: give the recipe's .yaml file") from None
+    except UnicodeDecodeError as exc:
+        raise FairDeployError(
+            f"recipe {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise FairDeployError(f"recipe {path}: cannot be read ({exc.strerror or exc})") from None
+    node, data = _parse_yaml(text, str(path))
     if not isinstance(data, dict):
         raise FairDeployError(
             f"{path}: the recipe must be a mapping of sections (model, data, sensitive, "
@@ -90,6 +118,96 @@ def _check_symlinked_paths(path: Path, real_dir: Path, data: dict[str, Any]) -> 
                 f"not exist; {meant} does: give an absolute path, or copy the recipe instead "
                 "of linking it"
             )
+
+
+def _parse_yaml(text: str, source: str) -> tuple[yaml.Node | None, Any]:
+    """The node graph and the Python value of a YAML text, within the limits above.
+
+    Three passes: the event stream (libyaml's parser keeps an explicit stack, so any
+    nesting is safe to scan) checks the depth; the node graph (aliases are shared
+    nodes, not copies) is measured as it would be expanded; only then are Python
+    objects built.
+    """
+    try:
+        depth = 0
+        for event in yaml.parse(text, Loader=_Loader):
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_RECIPE_DEPTH:
+                    raise FairDeployError(
+                        f"{source}:{event.start_mark.line + 1}: the recipe nests deeper than "
+                        f"{MAX_RECIPE_DEPTH} levels: a recipe is a few levels of sections "
+                        "and lists"
+                    )
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+        loader = _Loader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None, None
+            _check_expansion(node, source)
+            data = loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise FairDeployError(f"{source}{where}: invalid YAML ({problem})") from None
+    except (ValueError, OverflowError, TypeError, RecursionError) as exc:
+        # The constructors of ints, floats and timestamps raise plain Python errors
+        # (an int of 5,000 digits, a 13th month).
+        raise FairDeployError(
+            f"{source}: invalid YAML value ({type(exc).__name__}: {_first_line(exc)})"
+        ) from None
+    return node, data
+
+
+def _check_expansion(root: yaml.Node, source: str) -> None:
+    """Refuse a node graph whose aliases expand past the limits, or into a cycle."""
+    sizes: dict[int, tuple[int, int]] = {}
+    visiting: set[int] = set()
+
+    def size(node: yaml.Node) -> tuple[int, int]:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in visiting:
+            raise FairDeployError(
+                f"{source}:{node.start_mark.line + 1}: an alias refers to a value that "
+                "contains it (a cycle): recipes cannot be recursive"
+            )
+        visiting.add(key)
+        nodes, chars = 1, 0
+        if isinstance(node, yaml.ScalarNode):
+            chars = len(node.value)
+        else:
+            children = (
+                [c for pair in node.value for c in pair]
+                if isinstance(node, yaml.MappingNode)
+                else node.value
+            )
+            for child in children:
+                n, c = size(child)
+                nodes, chars = nodes + n, chars + c
+                if nodes > MAX_RECIPE_NODES or chars > MAX_RECIPE_CHARS:
+                    raise FairDeployError(
+                        f"{source}:{node.start_mark.line + 1}: the recipe expands (through "
+                        f"aliases) to more than {MAX_RECIPE_NODES:,} values or "
+                        f"{MAX_RECIPE_CHARS:,} characters: write the values out, or use "
+                        "fewer nested aliases"
+                    )
+        visiting.discard(key)
+        sizes[key] = (nodes, chars)
+        return nodes, chars
+
+    size(root)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else repr(exc)[:200]
 
 
 def parse_recipe(
@@ -223,8 +341,15 @@ def _join_loc(loc: list[Any]) -> str:
     return out
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 2, 50, 50, 40
+_REPR.maxlist = _REPR.maxdict = _REPR.maxtuple = _REPR.maxset = 4
+
+
 def _short(value: Any) -> str:
-    text = repr(value)
+    # reprlib stops early: the full repr of a large (or alias-expanded) value could take
+    # minutes and gigabytes.
+    text = _REPR.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 

@@ -131,6 +131,26 @@ class ExportSpec(Strict):
     eliminate_dead: bool = True
     verify_npz_max_mb: Annotated[float, BeforeValidator(no_bool), Field(gt=0)] = 8.0
 
+    @field_validator("opset")
+    @classmethod
+    def _exporter_supports(cls, value: int) -> int:
+        # Checked when the recipe loads, not after the trunk pass, when export would fail.
+        highest = max_export_opset()
+        if value > highest:
+            raise ValueError(f"use an opset from 13 to {highest}: the highest this torch's "
+                             "ONNX exporter writes")
+        return value
+
+
+def max_export_opset() -> int:
+    """The highest ONNX opset the installed torch's TorchScript exporter writes."""
+    try:
+        from torch.onnx import _constants
+    except ImportError:  # pragma: no cover - torch without its ONNX exporter
+        return 17
+    default = _constants.ONNX_MAX_OPSET
+    return int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", default))
+
 
 class ReportSpec(Strict):
     """``report:`` — latency measurement settings.

@@ -1,0 +1,44 @@
+"""The largest image fairdeploy decodes (torch-free, so serving can use it too).
+
+An image over :data:`MAX_IMAGE_PIXELS` (64 megapixels, e.g. 8192×8192) is refused from
+its header, before decoding: decoding it whole would take gigabytes for one sample (a
+144-megapixel file decodes to 432 MB of RGB before it is resized to 128×128), and it is
+far above any classifier's input. Pillow's own limit (a warning at 89 megapixels, an
+error at 179) is replaced by this one.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+from PIL import Image
+
+__all__ = ["MAX_IMAGE_PIXELS", "ImageTooLarge", "open_image"]
+
+#: Largest image (width × height) that is decoded; larger files are bad images.
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+class ImageTooLarge(ValueError):
+    """An image over :data:`MAX_IMAGE_PIXELS`."""
+
+
+def open_image(path: str | os.PathLike[str]) -> Image.Image:
+    """``Image.open`` with the pixel cap checked from the header, before any decoding.
+
+    Raises :class:`ImageTooLarge` (a ``ValueError``) over the cap, and whatever
+    ``Image.open`` raises for missing or unreadable files. Pillow's decompression-bomb
+    warning is silenced: this cap is stricter.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        im = Image.open(path)
+    w, h = im.size
+    if w * h > MAX_IMAGE_PIXELS:
+        im.close()
+        raise ImageTooLarge(
+            f"{w}×{h} = {w * h / 1e6:.0f} megapixels, over the "
+            f"{MAX_IMAGE_PIXELS / 1e6:.0f}-megapixel limit"
+        )
+    return im
