@@ -8,6 +8,7 @@ the terminal table (every figure names its unit and convention).
 from fairdeploy.report._build import (
     base_report,
     bootstrap_block,
+    draws_block,
     latency_block,
     method_entry,
     plan_notes,
@@ -28,6 +29,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "base_report",
     "bootstrap_block",
+    "draws_block",
     "fairness_table",
     "latency_block",
     "method_entry",

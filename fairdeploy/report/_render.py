@@ -132,6 +132,62 @@ def _interval_rows(report: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
+#: Metrics shown in the spread-over-draws table, in this order.
+_DRAW_METRICS = ("avg_precision", "accuracy", "balanced_accuracy", "eopp1", "eodd")
+
+
+def _spread_cell(sp: Mapping[str, Any] | None) -> str:
+    if not sp or sp.get("median") is None:
+        return "n/a"
+    return f"{sp['median']:.3f} [{sp['min']:.3f}, {sp['max']:.3f}]"
+
+
+def draws_lines(report: Mapping[str, Any]) -> list[str]:
+    """report.md lines of the spread over scoring draws (methods with ``repeats > 1``)."""
+    rows, overlap = [], []
+    for method in report["methods"]:
+        block = method.get("draws")
+        if not block:
+            continue
+        for split, per in block["metrics"].items():
+            rows.append(
+                [method_label(method), split, str(block["draws"])]
+                + [_spread_cell(per.get(m)) for m in _DRAW_METRICS]
+            )
+        for layer, parts in block.get("selection_overlap", {}).items():
+            overlap.append(
+                f"- {method_label(method)}, layer `{layer}`: rows {parts['rows']['mean']:.2f} "
+                f"(lowest pair {parts['rows']['min']:.2f}), columns {parts['cols']['mean']:.2f} "
+                f"(lowest pair {parts['cols']['min']:.2f})"
+            )
+    if not rows:
+        return []
+    out = [
+        "",
+        "## Spread over scoring draws",
+        "",
+        "Median [min, max] over independent draws of the scoring sets (seeds `seed`, "
+        "`seed + 1`, …). The model in the table above uses the first draw; this spread is "
+        "what choosing other training samples for the scoring sets would change, which the "
+        "bootstrap intervals over test samples do not show.",
+        "",
+        tabulate(
+            rows,
+            ["Method", "Split", "Draws", *(f"{m} median [min, max]" for m in _DRAW_METRICS)],
+            tablefmt="github",
+        ),
+    ]
+    if overlap:
+        out += [
+            "",
+            "Overlap of the sparsified rows/columns across draws (Jaccard, mean over pairs of "
+            "draws; 1 = every draw chose the same):",
+            "",
+            *overlap,
+        ]
+    return out
+
+
 def _latency_rows(report: Mapping[str, Any]) -> list[list[str]]:
     lat = report.get("latency")
     if not lat:
@@ -193,8 +249,15 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         out.append(
             f"- scoring sets of {scoring['method']}: "
             + (f"Hessian estimator `{scoring['estimator']}`, " if "estimator" in scoring else "")
-            + f"{scoring['samples_per_group']} samples per group from "
-            f"`{scoring['split']}`, seed {scoring['seed']}"
+            + (
+                f"{scoring['how']} from `{scoring['split']}` ("
+                + " + ".join(str(n) for n in scoring["group_sizes"]) + " samples)"
+                if "how" in scoring
+                else f"{scoring['samples_per_group']} samples per group from `{scoring['split']}`"
+            )
+            + f", seed {scoring['seed']}"
+            + (f", {scoring['draws']} draws (seeds from {scoring['seed']})"
+               if scoring.get("draws", 1) > 1 else "")
         )
     if report.get("notes"):
         out += ["", "**Warnings:**", ""] + [f"- {n}" for n in report["notes"]]
@@ -235,6 +298,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                 val_rows, ["Method", "Avg. precision", "EOpp1 ↓", "EOdd ↓"], tablefmt="github"
             ),
         ]
+    out += draws_lines(report)
     ci_rows = _interval_rows(report)
     if ci_rows:
         boot = report["bootstrap"]
