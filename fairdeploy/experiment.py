@@ -348,6 +348,7 @@ class Experiment:
         self._splits = dict(splits) if splits is not None else None
         self._plans: list[Plan] = []
         self._ctx: Context | None = None
+        self._after_cut: set[tuple[str, ...]] = set()
 
     # ------------------------------------------------------------------ plans
 
@@ -397,11 +398,14 @@ class Experiment:
         ctx = self.context
         self.check(plan)
         layers = self._head_layers([plan])
-        if layers and layers_in_call_order(self.model, [ctx.first_layer, *layers])[0] != (
-            ctx.first_layer
-        ):
-            # The plan changes a layer before the cut: cut earlier (features from cache).
-            ctx = self.prepare([*self._plans, plan])
+        key = (ctx.first_layer, *layers)
+        if layers and key not in self._after_cut:
+            # Tracing the model costs more than applying a sweep point: once per layer set.
+            if layers_in_call_order(self.model, list(key))[0] != ctx.first_layer:
+                # The plan changes a layer before the cut: cut earlier (features cached).
+                ctx = self.prepare([*self._plans, plan])
+            else:
+                self._after_cut.add(key)
         return ctx
 
     def _splits_or_load(self) -> dict[str, Any]:
