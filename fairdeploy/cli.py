@@ -333,6 +333,10 @@ def _print_sweep(result: Any) -> None:
         click.echo(result.message)
     test = result.test
     if test:
+        click.echo("test split (read once): " + "; ".join(
+            f"{test['labels'][k]}: EOdd {m['fairness']['eodd']:.4f}, avg precision "
+            f"{m['precision']['avg']:.4f}" for k, m in test["metrics"].items()
+        ))
         for against, key in (("vanilla", "vs_vanilla"), ("truncated SVD", "vs_svd")):
             parts = []
             for metric in ("eodd", "eopp1", "avg_precision"):
@@ -445,12 +449,22 @@ def train(
               help="Run folder (default: exports/demo).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Override the demo recipe's training epochs.")
+@click.option("--sweep", "sweep_", is_flag=True,
+              help="Sweep the demo recipe's grid on the validation split, choose a point by "
+                   "its rule and compare it on test with vanilla and truncated SVD "
+                   "(exports/demo-sweep).")
 @_apply(exports_option)
-def demo(out: str | None, epochs: int | None, exports_dir: str) -> None:
+def demo(out: str | None, epochs: int | None, sweep_: bool, exports_dir: str) -> None:
     """FairLRF end to end on CelebA's attribute table (needs the demo extra)."""
     from fairdeploy import app
 
-    result = app.run_demo(exports_dir=exports_dir, out=out, epochs=epochs, echo=click.echo)
+    result = app.run_demo(exports_dir=exports_dir, out=out, epochs=epochs, echo=click.echo,
+                          sweep=sweep_)
+    if sweep_:
+        _print_sweep(result)
+        if result.message and result.chosen is None:
+            click.get_current_context().exit(1)
+        return
     _print_report(result.report)
 
 

@@ -167,7 +167,8 @@ class SweepSpec(Strict):
     ``grid`` maps keys of ``layer``, ``rank``, ``sr``, ``rr``, ``beta`` to a list of
     values, a comma-separated string, an inclusive range ``start:stop:step``, or (layer)
     ``all``; ``--grid KEY=VALUES`` on the command line replaces the same key. ``methods``:
-    the low-rank methods to sweep (default: the recipe's method). ``select``: the rule
+    the low-rank methods to sweep (default: the recipe's method). ``repeats``: scoring
+    draws per point (default: the method's ``scoring.repeats``). ``select``: the rule
     (``min eodd s.t. avg_precision >= vanilla - 0.01``; grammar in
     :mod:`fairdeploy.sweep`). ``guard``: the collapse guard; ``guard_tolerance``: its
     tolerance (default: from the rule, else 0.01). ``plots``: write the PNG plots.
@@ -175,6 +176,7 @@ class SweepSpec(Strict):
 
     grid: dict[str, Any] = Field(default_factory=dict)
     methods: list[str] | None = None
+    repeats: PosInt | None = None
     select: str | None = None
     guard: bool = True
     guard_tolerance: Annotated[float, BeforeValidator(no_bool), Field(ge=0, le=1)] | None = None

@@ -229,13 +229,15 @@ def render_sweep_markdown(summary: Mapping[str, Any], rows: Sequence[SweepRow]) 
     """sweep.md: the setup, every row (median [min, max] over draws), the per-layer table,
     the choice and its test-split comparison."""
     sel = summary.get("selection")
+    grid = "; ".join(
+        f"{k} = {', '.join(_setting(v) for v in vs)}" for k, vs in summary["grid"].items()
+    )
     out = [
         "# fairdeploy sweep",
         "",
         f"- checkpoint sha256 {summary['identity']['checkpoint_sha256'][:12]}…, recipe "
         f"`{summary['recipe']}`",
-        f"- grid: {', '.join(f'{k} = {v}' for k, v in summary['grid'].items())}; methods: "
-        f"{', '.join(summary['methods'])}",
+        f"- grid: {grid}; methods: {', '.join(summary['methods'])}",
         f"- every row evaluated on the **{summary['split']}** split "
         f"({summary['samples']} samples); the test split is read only for the chosen point",
         f"- scoring sets: {summary['scoring']}",
@@ -306,13 +308,14 @@ def test_lines(test: Mapping[str, Any]) -> list[str]:
     for name, m in test["metrics"].items():
         f = m["fairness"]
         rows.append([
-            test["labels"][name], f"{m['precision']['avg']:.3f}", f"{f['eopp1']:.3f}",
-            f"{f['eodd']:.3f}",
+            test["labels"][name], f"{m['precision']['avg']:.4f}", f"{f['eopp1']:.4f}",
+            f"{f['eodd']:.4f}",
         ])
     out = [
         "### The chosen point on the test split (read once)",
         "",
-        tabulate(rows, ["Model", "Avg. precision", "EOpp1 ↓", "EOdd ↓"], tablefmt="github"),
+        tabulate(rows, ["Model", "Avg. precision", "EOpp1 ↓", "EOdd ↓"], tablefmt="github",
+                 disable_numparse=True),
         "",
     ]
     for against, key in (("vanilla", "vs_vanilla"), ("truncated SVD", "vs_svd")):
