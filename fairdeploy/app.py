@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from fairdeploy import __version__
+from fairdeploy._io import atomic_write_text
 from fairdeploy.cache import FeatureCache
 from fairdeploy.checkpoint import save_checkpoint
 from fairdeploy.data import load_splits
@@ -798,10 +799,8 @@ def run_sweep(
             f"validation split with the rule: {selection.text if selection else ''}\n"
             f"# Deploy it: fairdeploy optimize CHECKPOINT --recipe THIS_FILE\n"
         )
-        for path in {final / "chosen.yaml", *([Path(write_recipe)] if write_recipe else [])}:
+        for path in (final / "chosen.yaml", *([Path(write_recipe)] if write_recipe else [])):
             save_resolved_recipe(chosen_r, path)
-            from fairdeploy._io import atomic_write_text
-
             atomic_write_text(path, header + path.read_text(encoding="utf-8"))
         files["chosen_recipe"] = final / "chosen.yaml"
         if write_recipe:
