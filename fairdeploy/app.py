@@ -190,6 +190,7 @@ def dry_run(
     exp = Experiment(recipe, checkpoint, trust_checkpoint=trust_checkpoint)
     exp.check(plan)
     impl = plan.implementation
+    notes = impl.warnings(plan, exp.model) + _sampling_notes(recipe, plan)
     return DryRun(
         recipe=Path(recipe_path),
         plan=plan,
@@ -197,8 +198,30 @@ def dry_run(
         layers=impl.layer_table(plan, exp.model),
         theoretical_cr=impl.theoretical_cr(plan, exp.model),
         parameters=sum(p.numel() for p in exp.model.parameters()),
-        warnings=impl.warnings(plan, exp.model),
+        warnings=notes,
     )
+
+
+#: Data kinds whose inputs are image files: every training sample costs a trunk pass.
+_IMAGE_KINDS = ("celeba", "fitzpatrick17k", "image_csv")
+
+
+def _sampling_notes(recipe: Recipe, plan: Plan) -> list[str]:
+    """What the plan's scoring sets will cost, where it is more than a draw."""
+    spec = getattr(plan, "scoring", None)
+    if spec is None or recipe.data.kind not in _IMAGE_KINDS:
+        return []
+    if spec.samples_per_group == "all":
+        return [
+            "scoring.samples_per_group: all runs the trunk over every image of the training "
+            "split once (cached afterwards); auto or a number draws that many per group instead"
+        ]
+    if spec.repeats > 1:
+        return [
+            f"scoring.repeats: {spec.repeats} draws {spec.repeats} scoring sets; their images "
+            "go through the trunk once, together"
+        ]
+    return []
 
 
 # --------------------------------------------------------------------------- optimize
