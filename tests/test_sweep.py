@@ -494,3 +494,16 @@ def test_recipe_sweep_section(task: Path) -> None:
     (task / "bad.yaml").write_text(yaml.safe_dump(bad))
     with pytest.raises(FairDeployError, match=r"sweep.select: .*expected a metric"):
         load_recipe(task / "bad.yaml")
+
+
+def test_dry_run_says_what_all_costs_on_images(task: Path) -> None:
+    from fairdeploy.app import dry_run
+
+    r = _recipe(task / "data.npz")
+    r["data"] = {"kind": "image_csv", "csv": str(task / "images.csv")}
+    r["method"]["scoring"] = {"samples_per_group": "all"}
+    (task / "img.yaml").write_text(yaml.safe_dump(r))
+    info = dry_run(task / "ckpt.pt", task / "img.yaml")
+    assert any("every image of the training split" in w for w in info.warnings)
+    tabular = dry_run(task / "ckpt.pt", task / "r.yaml")
+    assert not any("training split" in w for w in tabular.warnings)
