@@ -63,6 +63,9 @@ _EXPORTS = {
     "run_compare": "fairdeploy.app",
     "OptimizeResult": "fairdeploy.app",
     "CompareResult": "fairdeploy.app",
+    "run_sweep": "fairdeploy.app",
+    "SweepResult": "fairdeploy.app",
+    "parse_selection": "fairdeploy.sweep",
 }
 
 __all__ = ["__version__", *_EXPORTS]

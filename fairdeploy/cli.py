@@ -329,6 +329,98 @@ def compare(
     _print_report(result.report)
 
 
+def _print_sweep(result: Any) -> None:
+    """The sweep's outcome on the terminal: files, the choice, its test comparison."""
+    from fairdeploy.sweep import describe_settings
+
+    points = [r for r in result.rows if r.kind == "point"]
+    click.echo(f"sweep: {len(points)} points on the validation split -> {result.out_dir}")
+    for name in ("csv", "md"):
+        if name in result.files:
+            click.echo(f"  {result.files[name]}")
+    if result.message:
+        click.echo(result.message)
+    test = result.test
+    if test:
+        click.echo("test split (read once): " + "; ".join(
+            f"{test['labels'][k]}: EOdd {m['fairness']['eodd']:.4f}, avg precision "
+            f"{m['precision']['avg']:.4f}" for k, m in test["metrics"].items()
+        ))
+        for against, key in (("vanilla", "vs_vanilla"), ("truncated SVD", "vs_svd")):
+            parts = []
+            for metric in ("eodd", "eopp1", "avg_precision"):
+                d = test[key].get(metric)
+                if not d or d.get("low") is None:
+                    continue
+                sig = "significant" if d["significant"] else "not significant"
+                parts.append(f"{metric} {d['value']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] "
+                             f"({sig})")
+            click.echo(f"test split, chosen − {against} (95 % CI): " + "; ".join(parts))
+        click.echo(test["verdict"]["text"][0].upper() + test["verdict"]["text"][1:] + ".")
+        written = result.files.get("written_recipe", result.files["chosen_recipe"])
+        click.echo(f"chosen recipe: {result.files['chosen_recipe']} ("
+                   f"{describe_settings(result.chosen.settings)}); deploy it with "
+                   f"fairdeploy optimize CHECKPOINT --recipe {written}")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@_apply(recipe_option)
+@click.option("--grid", "grid", multiple=True, metavar="KEY=VALUES",
+              help="A grid key and its values (repeatable): sr=0:0.9:0.1 (inclusive range), "
+                   "rr=0,0.25,0.5, beta=1/3,5/9,0.8, rank=16,64, layer=classifier.0,classifier.3 "
+                   "or layer=all. Replaces the recipe's sweep.grid entry of that key.")
+@click.option("--method", "methods", multiple=True,
+              help="A low-rank method to sweep (repeatable; default: the recipe's method).")
+@click.option("--repeats", type=click.IntRange(min=1), default=None,
+              help="Independent scoring draws per point (overrides scoring.repeats); the tables "
+                   "show the median and range over draws.")
+@click.option("--select", "select", default=None, metavar="RULE",
+              help="Choose a point on the validation split, e.g. "
+                   "\"min eodd s.t. avg_precision >= vanilla - 0.01\" (grammar: README, "
+                   "'Sweeps'); the chosen point is then evaluated once on the test split.")
+@click.option("--no-guard", is_flag=True,
+              help="Switch off the collapse guard (accuracy / macro recall within the tolerance "
+                   "of vanilla, no group's class rate below half of vanilla's).")
+@click.option("--guard-tolerance", type=click.FloatRange(min=0, max=1), default=None,
+              help="The guard's tolerance (default: the rule's 'vanilla - t', else 0.01).")
+@click.option("--write-recipe", type=click.Path(dir_okay=False), default=None,
+              help="Also write the chosen setting as a runnable recipe here (always written as "
+                   "chosen.yaml in the sweep folder).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Sweep folder (default: exports/<recipe>-sweep-<hash>); a rerun resumes it.")
+@click.option("--restart", is_flag=True,
+              help="Discard the folder's journal (another checkpoint's or recipe's sweep) and "
+                   "start over.")
+@click.option("--no-plots", is_flag=True, help="Do not write the PNG plots.")
+@_apply(device_option, trust_option, exports_option, cache_option)
+def sweep(
+    checkpoint: str, recipe_path: str, grid: tuple[str, ...], methods: tuple[str, ...],
+    repeats: int | None, select: str | None, no_guard: bool, guard_tolerance: float | None,
+    write_recipe: str | None, out: str | None, restart: bool, no_plots: bool, device: str,
+    trust_checkpoint: bool, exports_dir: str, no_cache: bool,
+) -> None:
+    """Evaluate a grid of settings on the validation split and (with --select) choose one.
+
+    Every point is evaluated against vanilla and truncated SVD at the same rank, reusing
+    cached features, SVD factors and Hessians; finished points are journaled, so an
+    interrupted sweep resumes. Exit code 1 when no point satisfies --select.
+    """
+    from fairdeploy import app
+
+    _check_device(device)
+    result = app.run_sweep(
+        checkpoint, recipe_path, grid=grid, methods=methods or None, repeats=repeats,
+        select=select, guard=False if no_guard else None, guard_tolerance=guard_tolerance,
+        write_recipe=write_recipe, out=out, exports_dir=exports_dir, device=device,
+        trust_checkpoint=trust_checkpoint, cache_dir=None if no_cache else "default",
+        plots=False if no_plots else None, restart=restart, echo=click.echo,
+    )
+    _print_sweep(result)
+    if result.message and result.chosen is None:
+        click.get_current_context().exit(1)
+
+
 @main.command()
 @_apply(recipe_option)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
@@ -370,12 +462,22 @@ def train(
               help="Run folder (default: exports/demo).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Override the demo recipe's training epochs.")
+@click.option("--sweep", "sweep_", is_flag=True,
+              help="Sweep the demo recipe's grid on the validation split, choose a point by "
+                   "its rule and compare it on test with vanilla and truncated SVD "
+                   "(exports/demo-sweep).")
 @_apply(exports_option)
-def demo(out: str | None, epochs: int | None, exports_dir: str) -> None:
+def demo(out: str | None, epochs: int | None, sweep_: bool, exports_dir: str) -> None:
     """FairLRF end to end on CelebA's attribute table (needs the demo extra)."""
     from fairdeploy import app
 
-    result = app.run_demo(exports_dir=exports_dir, out=out, epochs=epochs, echo=click.echo)
+    result = app.run_demo(exports_dir=exports_dir, out=out, epochs=epochs, echo=click.echo,
+                          sweep=sweep_)
+    if sweep_:
+        _print_sweep(result)
+        if result.message and result.chosen is None:
+            click.get_current_context().exit(1)
+        return
     _print_report(result.report)
 
 

@@ -40,7 +40,7 @@ from fairdeploy.features import FeatureSet, compute_features, layers_in_call_ord
 from fairdeploy.lrf import FactorizedLinear, linear_layers
 from fairdeploy.methods import Processed
 from fairdeploy.metrics import GroupMetrics, group_metrics, privileged_group
-from fairdeploy.plan import Plan, SamplingSpec
+from fairdeploy.plan import AUTO_SAMPLES_PER_GROUP, Plan, SamplingSpec
 from fairdeploy.recipe import Recipe, load_recipe, parse_recipe
 from fairdeploy.scoring import scoring_indices
 
@@ -70,8 +70,29 @@ class ScoringSet:
 
     @property
     def per_group(self) -> int:
-        """Samples in each group's set (the smaller group caps it)."""
-        return len(self.positions[0])
+        """Samples in the smaller group's set (all sets have this size unless every
+        training sample of each group was taken)."""
+        return min(len(p) for p in self.positions.values())
+
+    @property
+    def sizes(self) -> tuple[int, int]:
+        """Samples in group 0's and group 1's set."""
+        return len(self.positions[0]), len(self.positions[1])
+
+
+def _scoring_set(
+    fs: FeatureSet,
+    idx: Mapping[int, np.ndarray],
+    order: np.ndarray,
+    per_group: int | str,
+    seed: int | None,
+) -> ScoringSet:
+    n0 = len(idx[0])
+    positions = {0: np.arange(n0), 1: np.arange(n0, len(order))}
+    key = {"per_group": per_group, "seed": seed, "n": len(order)}
+    if per_group == "all":
+        key["sizes"] = [n0, len(order) - n0]
+    return ScoringSet(fs, positions, order, key)
 
 
 @dataclass
@@ -117,7 +138,9 @@ class Context:
     cache: FeatureCache | None = None
     cache_key: dict[str, Any] = field(default_factory=dict)
     cache_hits: dict[str, bool] = field(default_factory=dict)
-    _scoring: dict[tuple[int, int], ScoringSet] = field(default_factory=dict, repr=False)
+    _scoring: dict[tuple[int | str, int | None], ScoringSet] = field(
+        default_factory=dict, repr=False
+    )
     _tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @property
@@ -127,26 +150,88 @@ class Context:
 
     # ------------------------------------------------------------------ shared, cached
 
+    def training_inputs_in_memory(self) -> bool:
+        """Whether the training split's inputs are tensors held in memory (tabular data):
+        then the trunk pass over all of them is cheap, and ``samples_per_group: auto``
+        means ``all``."""
+        return torch.is_tensor(getattr(self.splits["train"], "features", None))
+
+    def resolve_sampling(self, spec: SamplingSpec) -> SamplingSpec:
+        """``spec`` with ``samples_per_group: auto`` replaced by what it means here:
+        ``all`` for tabular data (training inputs in memory) with ``repeats: 1``, else
+        :data:`~fairdeploy.plan.AUTO_SAMPLES_PER_GROUP` (1024)."""
+        if spec.samples_per_group != "auto":
+            return spec
+        every = self.training_inputs_in_memory() and spec.repeats == 1
+        value: int | str = "all" if every else AUTO_SAMPLES_PER_GROUP
+        return type(spec).model_validate(spec.model_dump() | {"samples_per_group": value})
+
+    def _draw_indices(self, per_group: int | str, seed: int) -> dict[int, np.ndarray]:
+        groups = np.asarray(self.splits["train"].groups)
+        if per_group == "all":
+            present = sorted({int(v) for v in np.unique(groups)})
+            out = {g: np.flatnonzero(groups == g).astype(np.int64) for g in (0, 1)}
+            for g, idx in out.items():
+                if not idx.size:
+                    raise FairDeployError(
+                        f"group {g} has no samples in the training split (groups present: "
+                        f"{present}); scoring needs samples of every group"
+                    )
+            return out
+        return scoring_indices(groups, per_group=int(per_group), seed=seed)
+
     def scoring_set(self, spec: SamplingSpec) -> ScoringSet:
-        """The balanced per-group scoring sets drawn by ``spec`` from the training split,
-        as trunk features (computed once per draw, persisted in the cache)."""
-        wanted = (spec.samples_per_group, spec.seed)
+        """The per-group scoring sets drawn by ``spec`` from the training split (the draw
+        of ``spec.seed``), as trunk features (computed once per draw, persisted in the
+        cache). ``samples_per_group: all`` takes every training sample of each group."""
+        spec = self.resolve_sampling(spec)
+        per_group = spec.samples_per_group
+        seed = None if per_group == "all" else spec.seed
+        wanted = (per_group, seed)
         if wanted not in self._scoring:
-            train = self.splits["train"]
-            idx = scoring_indices(
-                np.asarray(train.groups), per_group=spec.samples_per_group, seed=spec.seed
-            )
+            idx = self._draw_indices(per_group, spec.seed)
             order = np.concatenate([idx[0], idx[1]])
+            if per_group == "all":
+                what = f"every sample of each group ({len(idx[0])} + {len(idx[1])})"
+                subset: Any = "every sample of known group"
+            else:
+                what = f"{len(idx[0])} per group, seed {spec.seed}"
+                subset = order.tolist()
             fs, hit = self._features(
-                f"scoring (train, {len(idx[0])} per group, seed {spec.seed})",
-                train.subset(order),
-                {"split": "scoring", "subset": order.tolist()},
+                f"scoring (train, {what})",
+                self.splits["train"].subset(order),
+                {"split": "scoring", "subset": subset},
             )
-            self.cache_hits[f"scoring:{spec.samples_per_group}:{spec.seed}"] = hit
-            positions = {0: np.arange(len(idx[0])), 1: np.arange(len(idx[0]), len(order))}
-            key = {"per_group": spec.samples_per_group, "seed": spec.seed, "n": len(order)}
-            self._scoring[wanted] = ScoringSet(fs, positions, order, key)
+            self.cache_hits[f"scoring:{per_group}:{seed}"] = hit
+            self._scoring[wanted] = _scoring_set(fs, idx, order, per_group, seed)
         return self._scoring[wanted]
+
+    def scoring_sets(self, spec: SamplingSpec) -> list[ScoringSet]:
+        """The scoring sets of every draw of ``spec`` (``spec.repeats`` seeds from
+        ``spec.seed``). Draws not computed yet get their trunk features from one pass
+        over the union of their samples (cached), not one pass each."""
+        spec = self.resolve_sampling(spec)
+        seeds = spec.draw_seeds
+        per_group = spec.samples_per_group
+        todo = [s for s in seeds if (per_group, s) not in self._scoring]
+        if per_group != "all" and len(todo) > 1:
+            draws = {s: self._draw_indices(per_group, s) for s in todo}
+            union = np.unique(np.concatenate([d[g] for d in draws.values() for g in (0, 1)]))
+            fs, hit = self._features(
+                f"scoring (train, {len(todo)} draws of {len(draws[todo[0]][0])} per group: "
+                f"{len(union)} samples)",
+                self.splits["train"].subset(union),
+                {"split": "scoring", "subset": union.tolist()},
+            )
+            for s, idx in draws.items():
+                order = np.concatenate([idx[0], idx[1]])
+                self.cache_hits[f"scoring:{per_group}:{s}"] = hit
+                part = fs.subset(np.searchsorted(union, order))
+                self._scoring[(per_group, s)] = _scoring_set(part, idx, order, per_group, s)
+        return [
+            self.scoring_set(type(spec).model_validate(spec.model_dump() | {"seed": s}))
+            for s in seeds
+        ]
 
     def factorized(self, layer: str, rank: int, *, seed: int = 0) -> FactorizedLinear:
         """A new :class:`~fairdeploy.lrf.FactorizedLinear` of the vanilla ``layer`` at
@@ -265,6 +350,7 @@ class Experiment:
         self._plans: list[Plan] = []
         self._ctx: Context | None = None
         self._references: dict[int, tuple[Processed, Any]] = {}
+        self._after_cut: set[tuple[str, ...]] = set()
 
     # ------------------------------------------------------------------ plans
 
@@ -314,11 +400,14 @@ class Experiment:
         ctx = self.context
         self.check(plan)
         layers = self._head_layers([plan])
-        if layers and layers_in_call_order(self.model, [ctx.first_layer, *layers])[0] != (
-            ctx.first_layer
-        ):
-            # The plan changes a layer before the cut: cut earlier (features from cache).
-            ctx = self.prepare([*self._plans, plan])
+        key = (ctx.first_layer, *layers)
+        if layers and key not in self._after_cut:
+            # Tracing the model costs more than applying a sweep point: once per layer set.
+            if layers_in_call_order(self.model, list(key))[0] != ctx.first_layer:
+                # The plan changes a layer before the cut: cut earlier (features cached).
+                ctx = self.prepare([*self._plans, plan])
+            else:
+                self._after_cut.add(key)
         return ctx
 
     def _splits_or_load(self) -> dict[str, Any]:
@@ -399,6 +488,27 @@ class Experiment:
         if impl.unavailable:
             raise FairDeployError(f"method {plan.method!r}: {impl.unavailable}")
         return impl.apply(plan, ctx)
+
+    def draws(self, plan: Plan, *, prefetch: bool = True) -> list[Plan]:
+        """The plans of ``plan``'s scoring draws, the draw of ``scoring.seed`` first.
+
+        A plan whose ``scoring`` asks for ``repeats: R`` gives R plans, each with one
+        draw (``repeats: 1``, seed ``seed + r``) and ``samples_per_group: auto``
+        resolved, so each is a complete, validated plan (applying the first equals
+        applying ``plan``). With ``prefetch`` the draws' scoring sets are computed now,
+        together (one trunk pass over the union of their samples). A plan without
+        scoring sets is its own only draw.
+        """
+        spec = getattr(plan, "scoring", None)
+        if not isinstance(spec, SamplingSpec):
+            return [plan]
+        ctx = self._ensure_cut(plan)
+        resolved = ctx.resolve_sampling(spec)
+        if prefetch and len(resolved.draw_seeds) > 1:
+            ctx.scoring_sets(resolved)
+        raw = plan.model_dump(mode="json", by_alias=True)
+        one = resolved.model_dump(mode="json") | {"repeats": 1}
+        return [Plan(**(raw | {"scoring": one | {"seed": s}})) for s in resolved.draw_seeds]
 
     def model_of(self, processed: Processed) -> nn.Module:
         """The full processed model (the vanilla trunk with the processed head's layers

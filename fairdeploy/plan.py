@@ -16,14 +16,16 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from fairdeploy._schema import Fraction01, NonNegFloat, PosInt, Seed, Strict, schema_error
 from fairdeploy.errors import FairDeployError
 
 __all__ = [
+    "AUTO_SAMPLES_PER_GROUP",
+    "SAMPLE_COUNT_WORDS",
     "LayerPlan",
     "Plan",
     "SamplingSpec",
@@ -125,17 +127,72 @@ class LayerPlan(Strict):
         _validate(super().__init__, data, "LayerPlan")
 
 
+#: The words ``samples_per_group`` takes besides a count.
+SAMPLE_COUNT_WORDS = ("all", "auto")
+#: ``samples_per_group: auto`` on data whose training inputs are not held in memory.
+AUTO_SAMPLES_PER_GROUP = 1024
+
+
+def _sample_count(value: Any) -> Any:
+    """``samples_per_group``: an integer ≥ 1, ``all`` or ``auto``."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in SAMPLE_COUNT_WORDS:
+            return text
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError("use an integer ≥ 1, all or auto") from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("use an integer ≥ 1, all or auto")
+    return value
+
+
+SampleCount = Annotated[int | str, BeforeValidator(_sample_count)]
+
+
 class SamplingSpec(Strict):
     """How the per-group scoring sets are drawn from the training split.
 
-    Every group gets ``min(samples_per_group, smallest group)`` samples, drawn with
-    ``seed`` (DESIGN §2); samples of unknown group are left out.
+    ``samples_per_group``: a number n gives every group ``min(n, smallest group)``
+    samples, drawn with ``seed`` (DESIGN §2); ``all`` takes every training sample of
+    each group (the sets then differ in size; each group's Hessian is a mean over its
+    own set, so that does not bias it); ``auto`` (the default) is ``all`` when the
+    training split's inputs are tensors held in memory (tabular data: the trunk pass
+    over them is cheap) and ``repeats`` is 1, and 1024 otherwise (images: ``all``
+    would cost one trunk pass over the whole training split). Samples of unknown
+    group are left out.
+
+    ``repeats``: R independent draws, seeds ``seed``, ``seed + 1`` … ``seed + R − 1``
+    (one ``numpy.random.default_rng`` stream each). A plan is applied with the draw of
+    ``seed``; ``optimize``, ``compare`` and ``sweep`` apply the other draws too and
+    report the spread of the metrics over draws and the overlap of the selections.
+    ``all`` has one possible draw, so it needs ``repeats: 1``.
     """
 
     model_config = ConfigDict(frozen=True)
 
-    samples_per_group: PosInt = 1024
+    samples_per_group: SampleCount = "auto"
     seed: Seed = 0
+    repeats: PosInt = 1
+
+    @model_validator(mode="after")
+    def _one_draw_of_all(self) -> SamplingSpec:
+        if self.samples_per_group == "all" and self.repeats > 1:
+            raise schema_error(
+                "fd_repeats_all",
+                "repeats: {r} is not allowed with samples_per_group: all (every draw would be "
+                "the same set: use repeats: 1, or a number of samples per group to draw)",
+                {"r": self.repeats},
+            )
+        return self
+
+    @property
+    def draw_seeds(self) -> tuple[int, ...]:
+        """The seeds of the R draws: ``seed``, ``seed + 1`` … (one seed for ``all``)."""
+        if self.samples_per_group == "all":
+            return (self.seed,)
+        return tuple(self.seed + r for r in range(self.repeats))
 
 
 class ScoringSpec(SamplingSpec):

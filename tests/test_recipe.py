@@ -60,7 +60,8 @@ def test_every_shipped_recipe_loads_and_round_trips(path, tmp_path):
 def test_celeba_recipe_has_table_1_settings():
     r = load_recipe(RECIPES / "celeba.yaml")
     assert r.to_plan() == Plan(
-        "fairlrf", (LayerPlan("classifier.3", rank=1, sr=0.8, rr=0.65, beta=5 / 9),)
+        "fairlrf", (LayerPlan("classifier.3", rank=1, sr=0.8, rr=0.65, beta=5 / 9),),
+        scoring={"samples_per_group": 1024},  # images: a draw, not every training sample
     )
     assert (r.data.target, r.sensitive.attribute) == ("Smiling", "Male")
     assert r.sensitive.groups == {"female": [-1], "male": [1]}
@@ -205,7 +206,7 @@ def test_unknown_key_is_rejected_with_suggestion(tmp_path):
          "r.yaml: method.prune_ratio: 0 is not allowed (use a fraction in (0, 1], e.g. 0.35)"),
         (_with(method={"name": "fairlrf", "layers": [{"layer": "a", "rank": 2}],
                        "scoring": {"row_score": "full", "estimatr": "fisher"}}),
-         "r.yaml: method.scoring.estimatr: unknown key (allowed: samples_per_group, seed, "
+         "r.yaml: method.scoring.estimatr: unknown key (allowed: samples_per_group, seed, repeats, "
          "estimator, batch_size, row_score; did you mean 'estimator'?)"),
         (_with(sensitive={"groups": {"a": [1], "b": [1]}}),
          "r.yaml: sensitive.groups: {'a': [1], 'b': [1]} is not allowed (value 1 is in both "
@@ -285,7 +286,7 @@ def test_defaults_of_the_train_export_and_report_sections():
     t = r.train
     assert (t.epochs, t.lr, t.step_epochs, t.gamma, t.batch_size) == (100, 0.01, 10, 0.57, 128)
     assert r.export.tolerances.atol == 1e-4 and r.export.tolerances.rtol == 1e-3
-    assert r.method.scoring.samples_per_group == 1024
+    assert r.method.scoring.samples_per_group == "auto"  # all for tabular data, else 1024
     assert r.sensitive.privileged == "auto"
 
 

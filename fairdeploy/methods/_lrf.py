@@ -24,7 +24,6 @@ from fairdeploy.lrf import (
     SelectionInputs,
     break_even_rank,
     linear_layers,
-    replace_module,
     select_rows_cols,
     sparsify,
 )
@@ -206,9 +205,14 @@ class LowRankMethod(Method):
     def factorized_head(self, plan: Plan, ctx: Context) -> nn.Module:
         """A copy of the vanilla head with every target layer replaced by its truncated
         SVD (factors from the experiment's cache: a sweep decomposes once per rank)."""
-        head = copy.deepcopy(ctx.head)
-        for lp in plan.layers:  # type: ignore[attr-defined]
-            head.set_submodule(lp.layer, ctx.factorized(lp.layer, lp.rank))
+        layers = plan.layers  # type: ignore[attr-defined]
+        factorized = {lp.layer: ctx.factorized(lp.layer, lp.rank) for lp in layers}
+        # Copy the head without the dense layers being replaced (4096×4096 is 64 MB: a
+        # sweep pays this copy once per point).
+        memo = {id(ctx.head.get_submodule(name)): f for name, f in factorized.items()}
+        head = copy.deepcopy(ctx.head, memo=memo)
+        for name, f in factorized.items():
+            head.set_submodule(name, f)
         return head
 
     # ------------------------------------------------------------------ accounting
@@ -290,7 +294,8 @@ class SparseLowRankMethod(LowRankMethod):
             rows, cols = select_rows_cols(
                 self.strategy, layer, sr=lp.sr, rr=lp.rr, inputs=inputs
             )
-            head = replace_module(head, lp.layer, sparsify(layer, lp.sr, lp.rr, rows, cols))
+            # ``head`` is this call's own copy (factorized_head): replaced in place.
+            head.set_submodule(lp.layer, sparsify(layer, lp.sr, lp.rr, rows, cols))
             selections[lp.layer] = {"rows": rows.tolist(), "cols": cols.tolist()}
         return Processed(plan, head=head, selections=selections)
 

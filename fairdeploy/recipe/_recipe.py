@@ -23,6 +23,7 @@ from fairdeploy.recipe._sections import (
     ModelSpec,
     ReportSpec,
     SensitiveSpec,
+    SweepSpec,
     TrainSpec,
 )
 
@@ -42,6 +43,7 @@ class Recipe(Strict):
     train: TrainSpec = Field(default_factory=TrainSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
     report: ReportSpec = Field(default_factory=ReportSpec)
+    sweep: SweepSpec | None = None
 
     _source: Path | None = PrivateAttr(default=None)
 

@@ -20,6 +20,8 @@ __all__ = ["recipe_hash", "save_resolved_recipe"]
 def _resolved_dict(recipe: Recipe) -> dict[str, Any]:
     # Plans are written with ``name:`` first, as recipes write them.
     data = recipe.model_dump(mode="json", by_alias=True)
+    if data.get("sweep") is None:
+        data.pop("sweep", None)  # a recipe without one is written without one
     # Readers look for the data kind and location first.
     section = data["data"]
     first = {k: section.pop(k) for k in ("kind", *_LOCAL_PATH_KEYS, "target") if k in section}
@@ -28,7 +30,8 @@ def _resolved_dict(recipe: Recipe) -> dict[str, Any]:
 
 
 def recipe_hash(recipe: Recipe) -> str:
-    """SHA-256 (hex) of the resolved recipe, without machine-local data paths.
+    """SHA-256 (hex) of the resolved recipe, without machine-local data paths and without
+    the ``sweep:`` section (it does not change what ``optimize`` computes).
 
     Two recipes that resolve to the same settings hash the same, however they were
     written (defaults spelled out or not, ``5/9`` or ``0.5555…``); moving the data to
@@ -37,6 +40,9 @@ def recipe_hash(recipe: Recipe) -> str:
     data = _resolved_dict(recipe)
     for key in _LOCAL_PATH_KEYS:
         data["data"].pop(key, None)
+    # The sweep section says how `fairdeploy sweep` explores settings; it changes
+    # nothing `optimize` or `compare` computes, so it stays out of the hash.
+    data.pop("sweep", None)
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 

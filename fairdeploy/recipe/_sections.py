@@ -29,6 +29,7 @@ __all__ = [
     "ModelSpec",
     "ReportSpec",
     "SensitiveSpec",
+    "SweepSpec",
     "Tolerances",
     "TrainSpec",
     "normalize_value",
@@ -200,3 +201,51 @@ class TrainSpec(Strict):
     batch_size: PosInt = 128
     seed: Seed = 0
     augment: bool = True
+
+
+class SweepSpec(Strict):
+    """``sweep:`` — the grid ``fairdeploy sweep`` evaluates, and how it chooses.
+
+    ``grid`` maps keys of ``layer``, ``rank``, ``sr``, ``rr``, ``beta`` to a list of
+    values, a comma-separated string, an inclusive range ``start:stop:step``, or (layer)
+    ``all``; ``--grid KEY=VALUES`` on the command line replaces the same key. ``methods``:
+    the low-rank methods to sweep (default: the recipe's method). ``repeats``: scoring
+    draws per point (default: the method's ``scoring.repeats``). ``select``: the rule
+    (``min eodd s.t. avg_precision >= vanilla - 0.01``; grammar in
+    :mod:`fairdeploy.sweep`). ``guard``: the collapse guard; ``guard_tolerance``: its
+    tolerance (default: from the rule, else 0.01). ``plots``: write the PNG plots.
+    """
+
+    grid: dict[str, Any] = Field(default_factory=dict)
+    methods: list[str] | None = None
+    repeats: PosInt | None = None
+    select: str | None = None
+    guard: bool = True
+    guard_tolerance: Annotated[float, BeforeValidator(no_bool), Field(ge=0, le=1)] | None = None
+    plots: bool = True
+
+    @field_validator("grid")
+    @classmethod
+    def _check_grid(cls, grid: dict[str, Any]) -> dict[str, Any]:
+        from fairdeploy.errors import FairDeployError
+        from fairdeploy.sweep._grid import parse_grid
+
+        try:
+            parsed = parse_grid(grid)
+        except FairDeployError as exc:
+            raise ValueError(str(exc).removeprefix("--grid ")) from None
+        return {k: list(v) for k, v in parsed.items()}
+
+    @field_validator("select")
+    @classmethod
+    def _check_select(cls, rule: str | None) -> str | None:
+        from fairdeploy.errors import FairDeployError
+        from fairdeploy.sweep._select import parse_selection
+
+        if rule is None:
+            return None
+        try:
+            parse_selection(rule)
+        except FairDeployError as exc:
+            raise ValueError(str(exc).removeprefix("--select ")) from None
+        return rule

@@ -14,7 +14,15 @@ import numpy as np
 
 from fairdeploy import __version__
 from fairdeploy._text import plural
-from fairdeploy.metrics import LOWER_IS_BETTER, GroupMetrics, bootstrap_metrics
+from fairdeploy.metrics import (
+    LOWER_IS_BETTER,
+    SUMMARY_METRICS,
+    GroupMetrics,
+    bootstrap_metrics,
+    selection_overlap,
+    spread,
+    summary_metrics,
+)
 from fairdeploy.plan import Plan
 
 __all__ = [
@@ -22,6 +30,7 @@ __all__ = [
     "base_report",
     "bootstrap_block",
     "change_direction",
+    "draws_block",
     "latency_block",
     "method_entry",
     "plan_notes",
@@ -108,12 +117,28 @@ def _scoring_block(plan: Plan, ctx: Any) -> dict[str, Any] | None:
     spec = getattr(plan, "scoring", None)
     if spec is None:
         return None
+    resolved = ctx.resolve_sampling(spec)
     drawn = ctx.scoring_set(spec)
+    every = resolved.samples_per_group == "all"
+    if every:
+        how = (
+            "every training sample of each group"
+            + (" (auto: the training inputs are in memory, so this is cheap)"
+               if spec.samples_per_group == "auto" else "")
+        )
+    else:
+        how = f"a seeded draw of {drawn.per_group} per group" + (
+            " (auto: 1024 per group for data read from files)"
+            if spec.samples_per_group == "auto" else ""
+        )
     return {
         "method": plan.method,
         **spec.model_dump(mode="json"),
-        "samples_per_group": drawn.per_group,
+        "samples_per_group": "all" if every else drawn.per_group,
         "samples_per_group_asked": spec.samples_per_group,
+        "group_sizes": list(drawn.sizes),
+        "draws": len(resolved.draw_seeds),
+        "how": how,
         "split": "train",
     }
 
@@ -184,12 +209,13 @@ def plan_notes(exp: Any, plans: Sequence[Plan]) -> list[str]:
             if text not in notes:
                 notes.append(text)
         spec = getattr(plan, "scoring", None)
-        if spec is not None:
+        asked = None if spec is None else exp.context.resolve_sampling(spec).samples_per_group
+        if isinstance(asked, int):
             got = exp.context.scoring_set(spec).per_group
-            if got < spec.samples_per_group:
+            if got < asked:
                 text = (
                     f"the scoring sets hold {plural(got, 'sample')} per group, fewer than the "
-                    f"{spec.samples_per_group:,} asked for (capped by the smaller group in the "
+                    f"{asked:,} asked for (capped by the smaller group in the "
                     "training split): the scores behind the selection are noisier"
                 )
                 if text not in notes:
@@ -285,6 +311,43 @@ def bootstrap_block(exp: Any, preds: Mapping[str, np.ndarray], *, seed: int = 0)
     for per in block["differences"].values():
         for metric, diff in per.items():
             diff["direction"] = change_direction(metric, diff)
+    return block
+
+
+def draws_block(
+    exp: Any, runs: Sequence[Any], *, splits: Sequence[str] = ("test",)
+) -> dict[str, Any]:
+    """How much one plan's result depends on its scoring draw.
+
+    ``runs`` are the :class:`~fairdeploy.methods.Processed` of the plan's draws
+    (:meth:`~fairdeploy.Experiment.draws`), the applied draw first. Gives, per split,
+    the median, minimum and maximum over draws of every summary metric, and the overlap
+    (Jaccard) of the rows/columns the draws selected.
+    """
+    ctx = exp.context
+    seeds = [getattr(getattr(r.plan, "scoring", None), "seed", None) for r in runs]
+    block: dict[str, Any] = {
+        "draws": len(runs),
+        "seeds": seeds,
+        "applied_seed": seeds[0],
+        "note": "the model is applied with the first draw; the others measure how much the "
+        "numbers depend on which training samples formed the scoring sets",
+        "metrics": {},
+        "selection_overlap": selection_overlap([r.selections for r in runs]),
+    }
+    for split in splits:
+        labels, groups = exp.labels(split)
+        per = [
+            summary_metrics(
+                labels,
+                exp.predictions(r, split),
+                groups,
+                privileged=ctx.privileged,
+                num_classes=len(ctx.class_names),
+            )
+            for r in runs
+        ]
+        block["metrics"][split] = {m: spread([p[m] for p in per]) for m in SUMMARY_METRICS}
     return block
 
 

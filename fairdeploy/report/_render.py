@@ -267,6 +267,82 @@ def _difference_lines(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+#: Metrics shown in the spread-over-draws table, in this order.
+_DRAW_METRICS = ("avg_precision", "accuracy", "balanced_accuracy", "eopp1", "eodd")
+
+
+def _spread_cell(sp: Mapping[str, Any] | None) -> str:
+    if not sp or sp.get("median") is None:
+        return "n/a"
+    return f"{sp['median']:.3f} [{sp['min']:.3f}, {sp['max']:.3f}]"
+
+
+def _draws_terminal_lines(report: Mapping[str, Any]) -> list[str]:
+    """Per method with several scoring draws: the median and range of its figures."""
+    lines = []
+    for method in report.get("methods", []):
+        block = method.get("draws")
+        if not block:
+            continue
+        for split, per in block["metrics"].items():
+            parts = [
+                f"{m} {_spread_cell(per.get(m))}"
+                for m in ("eodd", "eopp1", "avg_precision")
+                if per.get(m, {}).get("median") is not None
+            ]
+            lines.append(
+                f"{method_label(method)} over {block['draws']} scoring draws ({split} split), "
+                "median [min, max]: " + "; ".join(parts)
+            )
+    return lines
+
+
+def draws_lines(report: Mapping[str, Any]) -> list[str]:
+    """report.md lines of the spread over scoring draws (methods with ``repeats > 1``)."""
+    rows, overlap = [], []
+    for method in report["methods"]:
+        block = method.get("draws")
+        if not block:
+            continue
+        for split, per in block["metrics"].items():
+            rows.append(
+                [method_label(method), split, str(block["draws"])]
+                + [_spread_cell(per.get(m)) for m in _DRAW_METRICS]
+            )
+        for layer, parts in block.get("selection_overlap", {}).items():
+            overlap.append(
+                f"- {method_label(method)}, layer `{layer}`: rows {parts['rows']['mean']:.2f} "
+                f"(lowest pair {parts['rows']['min']:.2f}), columns {parts['cols']['mean']:.2f} "
+                f"(lowest pair {parts['cols']['min']:.2f})"
+            )
+    if not rows:
+        return []
+    out = [
+        "",
+        "## Spread over scoring draws",
+        "",
+        "Median [min, max] over independent draws of the scoring sets (seeds `seed`, "
+        "`seed + 1`, …). The model in the table above uses the first draw; this spread is "
+        "what choosing other training samples for the scoring sets would change, which the "
+        "bootstrap intervals over test samples do not show.",
+        "",
+        tabulate(
+            rows,
+            ["Method", "Split", "Draws", *(f"{m} median [min, max]" for m in _DRAW_METRICS)],
+            tablefmt="github",
+        ),
+    ]
+    if overlap:
+        out += [
+            "",
+            "Overlap of the sparsified rows/columns across draws (Jaccard, mean over pairs of "
+            "draws; 1 = every draw chose the same):",
+            "",
+            *overlap,
+        ]
+    return out
+
+
 def _latency_rows(report: Mapping[str, Any]) -> list[list[str]]:
     lat = report.get("latency")
     if not lat:
@@ -352,8 +428,16 @@ def _header_lines(report: Mapping[str, Any]) -> list[str]:
         out.append(
             f"- scoring sets of {scoring['method']}: "
             + (f"Hessian estimator `{scoring['estimator']}`, " if "estimator" in scoring else "")
-            + f"{plural(scoring['samples_per_group'], 'sample')} per group from "
-            f"`{scoring['split']}`, seed {scoring['seed']}"
+            + (
+                f"{scoring['how']} from `{scoring['split']}` ("
+                + " + ".join(str(n) for n in scoring["group_sizes"]) + " samples)"
+                if "how" in scoring
+                else f"{plural(scoring['samples_per_group'], 'sample')} per group from "
+                f"`{scoring['split']}`"
+            )
+            + f", seed {scoring['seed']}"
+            + (f", {scoring['draws']} draws (seeds from {scoring['seed']})"
+               if scoring.get("draws", 1) > 1 else "")
         )
     return out
 
@@ -386,6 +470,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if warn:
         out += ["", *warn]
     out += ["", _TABLE_NOTE]
+    out += draws_lines(report)
     ci_rows = _interval_rows(report)
     if ci_rows:
         boot = report["bootstrap"]
@@ -546,6 +631,7 @@ def terminal_text(report: Mapping[str, Any]) -> str:
         if not any(note.endswith(text) for text in shown):
             out.append(f"warning: {note}")
     out += _difference_lines(report)
+    out += _draws_terminal_lines(report)
     verify = report.get("verify")
     if verify:
         out.append(_verify_line(verify))

@@ -1,0 +1,166 @@
+"""The sweep's journal: every evaluation appended as it finishes, so a sweep resumes.
+
+``sweep.jsonl`` holds one JSON object per line: first a header naming what every record
+depends on besides its own plan (the checkpoint's content, the recipe's model, data and
+sensitive settings, the data's content, the fairdeploy and torch versions), then one
+record per evaluated plan, keyed by the plan's full settings (its scoring draw included)
+and the split. Each line is written whole, flushed and fsynced before the next
+evaluation starts; a line cut short by a kill is dropped (and recomputed) when the
+journal is reopened. A rerun skips every plan already in the journal, so an interrupted
+sweep resumes where it stopped; a journal written for another checkpoint, recipe or data
+is refused, never mixed.
+
+Only one process writes a journal at a time (an advisory ``flock``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, TextIO
+
+from fairdeploy._io import atomic_write_text
+from fairdeploy.errors import FairDeployError
+
+__all__ = ["JOURNAL_NAME", "Journal", "record_key"]
+
+JOURNAL_NAME = "sweep.jsonl"
+_FORMAT = "fairdeploy-sweep-journal/1"
+
+
+def record_key(plan: Mapping[str, Any], split: str) -> str:
+    """The key of an evaluation: SHA-256 of the plan's settings (canonical JSON) and split."""
+    blob = json.dumps({"plan": plan, "split": split}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class Journal:
+    """An append-only record of finished evaluations (see the module docstring).
+
+    Parameters
+    ----------
+    path : path
+        ``<sweep folder>/sweep.jsonl``; created with its header if missing.
+    identity : mapping
+        What every record depends on besides its plan; must equal the header of an
+        existing journal.
+    restart : bool
+        Discard an existing journal (and its records) and start a new one.
+
+    Raises
+    ------
+    FairDeployError
+        The journal belongs to another checkpoint/recipe/data, or another process is
+        writing it.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], identity: Mapping[str, Any], *, restart: bool = False
+    ) -> None:
+        self.path = Path(path)
+        self.identity = json.loads(json.dumps(dict(identity), sort_keys=True, default=str))
+        self.records: dict[str, dict[str, Any]] = {}
+        self.dropped = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock: TextIO | None = open(self.path.with_suffix(".lock"), "a")  # noqa: SIM115
+        try:
+            fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            self._lock = None
+            raise FairDeployError(
+                f"another fairdeploy sweep is writing {self.path.parent}: wait for it to finish, "
+                "or give this one another --out"
+            ) from None
+        try:
+            if restart or not self.path.exists():
+                self._write_header()
+            else:
+                self._load()
+            self._file: TextIO = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ reading
+
+    def _write_header(self) -> None:
+        header = {"format": _FORMAT, "identity": self.identity}
+        atomic_write_text(self.path, json.dumps(header, sort_keys=True) + "\n")
+
+    def _load(self) -> None:
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        try:
+            header = json.loads(lines[0]) if lines else None
+        except json.JSONDecodeError:
+            header = None
+        if not isinstance(header, dict) or header.get("format") != _FORMAT:
+            raise FairDeployError(
+                f"{self.path} is not a fairdeploy sweep journal: give the sweep another --out, "
+                "or delete the file"
+            )
+        if header.get("identity") != self.identity:
+            old = header.get("identity") or {}
+            keys = {*old, *self.identity}
+            changed = sorted(k for k in keys if old.get(k) != self.identity.get(k))
+            raise FairDeployError(
+                f"{self.path.parent} holds a sweep of another "
+                f"{' / '.join(changed) or 'setup'} (its rows would not be comparable with this "
+                "run's): give this sweep another --out, or pass --restart to discard that one"
+            )
+        kept = [lines[0]]
+        for line in lines[1:]:
+            try:
+                record = json.loads(line)
+                if not line.endswith("\n") or not isinstance(record, dict) or "key" not in record:
+                    raise ValueError("incomplete record")
+            except ValueError:
+                # A line cut short by a kill: dropped, and evaluated again.
+                self.dropped += 1
+                continue
+            self.records[record["key"]] = record
+            kept.append(line)
+        if self.dropped:
+            atomic_write_text(self.path, "".join(kept))
+
+    # ------------------------------------------------------------------ writing
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """The record stored under ``key`` (None if not evaluated yet)."""
+        return self.records.get(key)
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        """Write one record (it must carry ``key``) as a whole line, flushed to disk."""
+        record = dict(record)
+        line = json.dumps(record, sort_keys=True, allow_nan=False) + "\n"
+        self._file.write(line)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.records[record["key"]] = record
+
+    def close(self) -> None:
+        """Close the file and release the lock."""
+        with contextlib.suppress(AttributeError):
+            self._file.close()
+        if self._lock is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._lock.fileno(), fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.records.values())
+
+    def __len__(self) -> int:
+        return len(self.records)
