@@ -117,6 +117,7 @@ class Context:
     cache_key: dict[str, Any] = field(default_factory=dict)
     cache_hits: dict[str, bool] = field(default_factory=dict)
     _scoring: dict[tuple[int, int], ScoringSet] = field(default_factory=dict, repr=False)
+    _scoring_raw: dict[tuple[int, int], ScoringSet] = field(default_factory=dict, repr=False)
     _tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @property
@@ -132,20 +133,51 @@ class Context:
         wanted = (spec.samples_per_group, spec.seed)
         if wanted not in self._scoring:
             train = self.splits["train"]
-            idx = scoring_indices(
-                np.asarray(train.groups), per_group=spec.samples_per_group, seed=spec.seed
-            )
-            order = np.concatenate([idx[0], idx[1]])
+            order, positions, key = self._scoring_draw(spec)
             fs, hit = self._features(
-                f"scoring (train, {len(idx[0])} per group, seed {spec.seed})",
+                f"scoring (train, {len(positions[0])} per group, seed {spec.seed})",
                 train.subset(order),
                 {"split": "scoring", "subset": order.tolist()},
             )
             self.cache_hits[f"scoring:{spec.samples_per_group}:{spec.seed}"] = hit
-            positions = {0: np.arange(len(idx[0])), 1: np.arange(len(idx[0]), len(order))}
-            key = {"per_group": spec.samples_per_group, "seed": spec.seed, "n": len(order)}
             self._scoring[wanted] = ScoringSet(fs, positions, order, key)
         return self._scoring[wanted]
+
+    def scoring_inputs(self, spec: SamplingSpec) -> ScoringSet:
+        """The same draw as :meth:`scoring_set`, with the model's own inputs (images,
+        rows) in place of trunk features: for methods that score layers of the trunk
+        through the full model. Loaded once per draw and kept in memory (not persisted:
+        reading the inputs costs less than the trunk pass, which this skips)."""
+        wanted = (spec.samples_per_group, spec.seed)
+        if wanted not in self._scoring_raw:
+            from fairdeploy.features import compute_features
+
+            order, positions, key = self._scoring_draw(spec)
+            fs = compute_features(
+                nn.Identity(),
+                self.splits["train"].subset(order),
+                device="cpu",
+                num_workers=self.recipe.data.num_workers,
+                progress=self.progress,
+                description=f"scoring inputs (train, {len(positions[0])} per group)",
+            )
+            self._scoring_raw[wanted] = ScoringSet(fs, positions, order, key)
+        return self._scoring_raw[wanted]
+
+    def _scoring_draw(
+        self, spec: SamplingSpec
+    ) -> tuple[np.ndarray, dict[int, np.ndarray], dict[str, Any]]:
+        """Training-split positions of a balanced draw (group 0's set, then group 1's),
+        each group's positions within it, and the draw's cache key."""
+        idx = scoring_indices(
+            np.asarray(self.splits["train"].groups),
+            per_group=spec.samples_per_group,
+            seed=spec.seed,
+        )
+        order = np.concatenate([idx[0], idx[1]])
+        positions = {0: np.arange(len(idx[0])), 1: np.arange(len(idx[0]), len(order))}
+        key = {"per_group": spec.samples_per_group, "seed": spec.seed, "n": len(order)}
+        return order, positions, key
 
     def factorized(self, layer: str, rank: int, *, seed: int = 0) -> FactorizedLinear:
         """A new :class:`~fairdeploy.lrf.FactorizedLinear` of the vanilla ``layer`` at
@@ -487,14 +519,22 @@ class Experiment:
 
         Writes ``path`` and ``<path stem>.verify.npz`` (the first ``samples`` test inputs
         — default ``export.verify_samples`` — with PyTorch's outputs, labels and groups).
-        Returns the :class:`~fairdeploy.export.ExportResult`.
+        When the method stores weights compactly (:meth:`Method.packing
+        <fairdeploy.methods.Method.packing>`: FairPrune's pruned and FairQuantize's int8
+        entries), the dense export is then packed in place
+        (:func:`~fairdeploy.export.pack_weights`, checked bit for bit): the model computes
+        exactly what the dense export does, so the ``.verify.npz`` stays valid.
+        Returns the :class:`~fairdeploy.export.ExportResult` (``packing`` holds the
+        :class:`~fairdeploy.export.PackReport`).
         """
-        from fairdeploy.export import export_onnx
+        import dataclasses
+
+        from fairdeploy.export import export_onnx, pack_weights
 
         exp = self.recipe.export
         x, labels, groups = self.test_inputs(samples or exp.verify_samples)
         ref = self.reference_outputs(processed, x)
-        return export_onnx(
+        result = export_onnx(
             self.model_of(processed),
             x[:2],
             path,
@@ -510,6 +550,11 @@ class Experiment:
             atol=exp.tolerances.atol,
             rtol=exp.tolerances.rtol,
         )
+        packing = processed.plan.implementation.packing(processed.plan, processed)
+        if packing:
+            _, report = pack_weights(path, packing, output_path=path)
+            result = dataclasses.replace(result, packing=report)
+        return result
 
     def reference_outputs(self, processed: Processed, x: torch.Tensor) -> torch.Tensor:
         """PyTorch's outputs for the first ``len(x)`` test inputs ``x``: from the processed
