@@ -33,11 +33,14 @@ from fairdeploy.report import (
     bootstrap_block,
     latency_block,
     method_entry,
+    packing_block,
     plan_notes,
     prediction_notes,
+    rank_bootstrap_block,
     size_ratios,
     verify_summary,
     write_report,
+    write_tradeoff_plot,
 )
 from fairdeploy.rundir import check_out, ensure_dir, staging_dir
 
@@ -69,6 +72,10 @@ class DryRun:
     #: Whole-model parameters the exported graph will store (blocks, dead neurons
     #: removed), from shapes; a range when adjacent sparsified layers overlap.
     deployed: Any = None
+    #: One entry per row ``compare`` would run (vanilla first): ``name``, ``label``,
+    #: ``theoretical_cr`` (the paper's) and ``stored_cr`` (what the export stores, from
+    #: shapes: S as k values, packed masks counted).
+    rows: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -198,6 +205,22 @@ def dry_run(
             sparse_layout=recipe.export.sparse_layout,
             eliminate=recipe.export.eliminate_dead,
         )
+    compare = [Plan("vanilla")] + [p for p in recipe.plans if p.method != "vanilla"]
+    rows = []
+    notes = list(impl.warnings(plan, exp.model))
+    for name, p in zip(row_names(compare), compare, strict=True):
+        pimpl = p.implementation
+        if pimpl.unavailable:
+            rows.append({"name": name, "label": pimpl.describe(p), "skipped": pimpl.unavailable})
+            continue
+        exp.check(p)
+        rows.append({
+            "name": name,
+            "label": pimpl.describe(p),
+            "theoretical_cr": pimpl.theoretical_cr(p, exp.model),
+            "stored_cr": pimpl.stored_cr(p, exp.model),
+        })
+        notes += [w for w in pimpl.warnings(p, exp.model) if w not in notes]
     return DryRun(
         recipe=Path(recipe_path),
         plan=plan,
@@ -205,9 +228,21 @@ def dry_run(
         layers=layers,
         theoretical_cr=impl.theoretical_cr(plan, exp.model),
         parameters=sum(p.numel() for p in exp.model.parameters()),
-        warnings=impl.warnings(plan, exp.model),
+        warnings=notes,
         deployed=deployed,
+        rows=rows,
     )
+
+
+def row_names(plans: list[Plan]) -> list[str]:
+    """Row names of a compare table: the method's name, ``-2``, ``-3`` … when repeated."""
+    names: list[str] = []
+    for plan in plans:
+        name, i = plan.method, 2
+        while name in names:
+            name, i = f"{plan.method}-{i}", i + 1
+        names.append(name)
+    return names
 
 
 # --------------------------------------------------------------------------- optimize
@@ -295,14 +330,10 @@ def _evaluate_plans(
     """Apply every plan after vanilla and build the report's method table."""
     report = base_report(exp, recipe_path, main)
     report["notes"] += plan_notes(exp, plans)
-    rows: dict[str, Processed] = {"vanilla": exp.apply(Plan("vanilla"))}
-    for plan in plans:
-        if plan.method == "vanilla":
-            continue
-        name, i = plan.method, 2
-        while name in rows:
-            name, i = f"{plan.method}-{i}", i + 1
-        if len(plans) > 1:
+    ordered = [Plan("vanilla")] + [p for p in plans if p.method != "vanilla"]
+    rows: dict[str, Processed] = {}
+    for name, plan in zip(row_names(ordered), ordered, strict=True):
+        if len(plans) > 1 and name != "vanilla":
             echo(f"running {name} ...")
         rows[name] = exp.apply(plan)
     metrics = {name: exp.evaluate(p, "test") for name, p in rows.items()}
@@ -315,6 +346,9 @@ def _evaluate_plans(
     for p in rows.values():
         report["notes"] += p.notes
     report["bootstrap"] = bootstrap_block(exp, preds, seed=_seed(main))
+    rank = rank_bootstrap_block(exp, preds, {n: p.plan for n, p in rows.items()}, seed=_seed(main))
+    if rank is not None:
+        report["bootstrap_rank"] = rank
     report["notes"] += prediction_notes(preds)
     return _Rows(list(rows), list(rows.values()), metrics, metrics_val, report)
 
@@ -335,30 +369,55 @@ def _deploy(
 ) -> bool:
     """Export, measure sizes (and latency) against the vanilla export, verify; fills the
     report's ``onnx``, ``export_layout``, ``verify`` and ``latency`` blocks."""
-    from fairdeploy.export import onnx_sizes, update_metadata
-
     tol = exp.recipe.export.tolerances
+    entry = report["methods"][-1]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=(DeprecationWarning, FutureWarning))
         res = exp.export(processed, run / "model.onnx")
         vanilla_dir = Path(tempfile.mkdtemp(prefix=".vanilla.", dir=run))
         try:
             vanilla = _vanilla_onnx(exp, report, cache_dir, vanilla_dir)
-            sizes = {"vanilla": onnx_sizes(vanilla), "processed": onnx_sizes(run / "model.onnx")}
-            update_metadata(run / "model.onnx", {"measured_cr": size_ratios(sizes)})
-            # The metadata entry itself adds a few hundred bytes to the file.
-            sizes["processed"] = onnx_sizes(run / "model.onnx")
-            cr = size_ratios(sizes)
+            sizes, cr = _measure(run / "model.onnx", vanilla)
             if latency:
                 report["latency"] = _latency(exp, run / "model.onnx", vanilla, processed.plan)
         finally:
             shutil.rmtree(vanilla_dir, ignore_errors=True)
-    report["methods"][-1]["compression"]["measured"] = cr
+    _record_export(entry, res, cr)
     report["methods"][0]["compression"]["measured"] = dict.fromkeys(cr, 1.0)
     report["onnx"] = {"models": sizes, **cr}
     report["export_layout"] = [lay.to_dict() for lay in res.layers]
-    if res.deployed_cr is not None:
-        report["methods"][-1]["compression"]["deployed"] = {
+    vres = exp.verify(run / "model.onnx")
+    n = len(exp.test_inputs(exp.recipe.export.verify_samples)[1])
+    report["verify"] = verify_summary(vres, tol, n)
+    # The run folder is renamed when complete: record paths relative to it.
+    report["verify"]["details"]["reference"] = "model.verify.npz"
+    report["verify"]["reference_outputs"] = _reference_kind(processed)
+    _require_verified(vres, entry)
+    return True
+
+
+def _measure(path: Path, vanilla: Path) -> tuple[dict[str, Any], dict[str, float]]:
+    """Sizes of ``path`` and ``vanilla`` and their ratios; the ratios go into ``path``'s
+    metadata first (the entry itself adds a few hundred bytes to the file)."""
+    from fairdeploy.export import onnx_sizes, update_metadata
+
+    if Path(path) == Path(vanilla):  # compare's vanilla row: the reference itself
+        update_metadata(path, {"measured_cr": dict.fromkeys(
+            ("initializer_cr", "file_cr", "parameter_cr"), 1.0)})
+    sizes = {"vanilla": onnx_sizes(vanilla), "processed": onnx_sizes(path)}
+    update_metadata(path, {"measured_cr": size_ratios(sizes)})
+    sizes["processed"] = onnx_sizes(path)
+    if Path(path) == Path(vanilla):
+        sizes["vanilla"] = sizes["processed"]
+    return sizes, size_ratios(sizes)
+
+
+def _record_export(entry: dict[str, Any], res: Any, cr: dict[str, float]) -> None:
+    """A method entry's measured compression, deployed count and packing, from its export."""
+    comp = entry["compression"]
+    comp["measured"] = cr
+    if res.deployed_cr is not None and res.layers:
+        comp["deployed"] = {
             "cr": res.deployed_cr,
             "parameters": res.deployed_params,
             "vanilla_parameters": res.vanilla_params,
@@ -366,22 +425,77 @@ def _deploy(
             "sparse_layout": res.sparse_layout,
             "eliminate_dead": res.eliminate_dead,
         }
-    vres = exp.verify(run / "model.onnx")
-    n = len(exp.test_inputs(exp.recipe.export.verify_samples)[1])
-    report["verify"] = verify_summary(vres, tol, n)
-    # The run folder is renamed when complete: record paths relative to it.
-    report["verify"]["details"]["reference"] = "model.verify.npz"
-    report["verify"]["reference_outputs"] = (
+    if res.packing is not None:
+        comp["packing"] = packing_block(res.packing, comp["theoretical_cr_stored"], cr)
+
+
+def _reference_kind(processed: Processed) -> str:
+    return (
         "PyTorch: the processed head on the cached trunk features of the same inputs"
         if processed.head is not None
         else "PyTorch: the processed model on the same inputs"
     )
+
+
+def _require_verified(vres: Any, entry: dict[str, Any]) -> None:
     if not vres:
         raise FairDeployError(
-            f"the exported model does not match PyTorch ({vres.summary_lines()[-1]}); "
-            "raise export.tolerances in the recipe only if the difference is acceptable"
+            f"{entry['label']}: the exported model does not match PyTorch "
+            f"({vres.summary_lines()[-1]}); raise export.tolerances in the recipe only if the "
+            "difference is acceptable"
         )
-    return True
+
+
+def _row_folder(name: str, taken: set[str]) -> str:
+    """A folder name for a compare row (``_tiny_method:Magic`` → ``_tiny_method-Magic``)."""
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip(".") or "row"
+    folder, i = base, 2
+    while folder in taken:
+        folder, i = f"{base}-{i}", i + 1
+    taken.add(folder)
+    return folder
+
+
+def _deploy_rows(
+    exp: Experiment, rows: _Rows, report: dict[str, Any], run: Path, echo: Echo
+) -> None:
+    """Export and verify every compare row into ``<run>/<row>/model.onnx`` (vanilla first:
+    the other rows' measured C.R. is against its export); fills each method entry's
+    ``compression.measured`` and ``artifact``, and the report's ``artifacts`` summary."""
+    tol = exp.recipe.export.tolerances
+    n = len(exp.test_inputs(exp.recipe.export.verify_samples)[1])
+    entries = {m["name"]: m for m in report["methods"]}
+    taken: set[str] = set()
+    vanilla: Path | None = None
+    for name, processed in zip(rows.names, rows.processed, strict=True):
+        folder = _row_folder(name, taken)
+        path = run / folder / "model.onnx"
+        echo(f"exporting and verifying {name} -> {folder}/model.onnx ...")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=(DeprecationWarning, FutureWarning))
+            res = exp.export(processed, path)
+        if vanilla is None:  # the first row is vanilla: the reference of every ratio
+            vanilla = path
+        sizes, cr = _measure(path, vanilla)
+        entry = entries[name]
+        _record_export(entry, res, cr)
+        vres = exp.verify(path)
+        summary = verify_summary(vres, tol, n)
+        summary["details"]["reference"] = f"{folder}/model.verify.npz"
+        summary["reference_outputs"] = _reference_kind(processed)
+        entry["artifact"] = {
+            "path": f"{folder}/model.onnx",
+            "sizes": sizes["processed"],
+            "verify": summary,
+        }
+        _require_verified(vres, entry)
+    report["artifacts"] = {
+        "note": (
+            "every row exported to ONNX and verified against PyTorch on "
+            f"{n} real test inputs; measured C.R. is against the vanilla row's export"
+        ),
+        "vanilla": str(vanilla.relative_to(run)) if vanilla is not None else None,
+    }
 
 
 def _vanilla_onnx(
@@ -475,12 +589,16 @@ def run_compare(
     echo: Echo = print,
 ) -> CompareResult:
     """The paper's table for the user's model: every plan of ``recipe.compare`` (each
-    complete on its own) on the same cached features, with theoretical C.R., bootstrap
-    intervals and the validation-split figures to choose on.
+    complete on its own) on the same cached features, every row exported to ONNX and
+    verified, with theoretical and measured C.R., paired bootstrap intervals against
+    vanilla and against truncated SVD at the same ranks, and the validation-split
+    figures to choose on.
 
-    Writes ``report.json``/``report.md`` into ``out`` (default
-    ``exports/<recipe>-compare-<hash>``); no ONNX export (run ``optimize`` for the
-    chosen method).
+    Writes into ``out`` (default ``exports/<recipe>-compare-<hash>``): ``<row>/model.onnx``
+    (+ ``model.verify.npz``) for every row, ``report.json``, ``report.md``,
+    ``tradeoff.png`` (Avg. precision against EOpp1 and EOdd per method) and the resolved
+    ``recipe.yaml``. Latency is not timed here: ``fairdeploy bench <row>/model.onnx
+    --baseline vanilla/model.onnx`` times any row against vanilla.
     """
     recipe_path, exports_dir, cache_dir = _paths(recipe_path, exports_dir, cache_dir, out)
     recipe = load_recipe(recipe_path)
@@ -506,6 +624,8 @@ def run_compare(
     if skipped:
         report["skipped"] = skipped
     with staging_dir(final) as run:
+        _deploy_rows(exp, rows, report, run, echo)
+        report["plot"] = write_tradeoff_plot(report, run / "tradeoff.png")
         save_resolved_recipe(recipe, run / "recipe.yaml")
         write_report(report, run)
     report["run_dir"] = str(final)
