@@ -164,6 +164,11 @@ class Context:
             self._scoring_raw[wanted] = ScoringSet(fs, positions, order, key)
         return self._scoring_raw[wanted]
 
+    def scoring_per_group(self, spec: SamplingSpec) -> int:
+        """Samples per group a draw of ``spec`` holds (the smaller group caps it), without
+        computing anything for them."""
+        return len(self._scoring_draw(spec)[1][0])
+
     def _scoring_draw(
         self, spec: SamplingSpec
     ) -> tuple[np.ndarray, dict[int, np.ndarray], dict[str, Any]]:

@@ -67,11 +67,10 @@ def _scoring_block(plan: Plan, ctx: Any) -> dict[str, Any] | None:
     spec = getattr(plan, "scoring", None)
     if spec is None:
         return None
-    drawn = ctx.scoring_set(spec)
     return {
         "method": plan.method,
         **spec.model_dump(mode="json"),
-        "samples_per_group": drawn.per_group,
+        "samples_per_group": ctx.scoring_per_group(spec),
         "samples_per_group_asked": spec.samples_per_group,
         "split": "train",
     }
@@ -143,7 +142,7 @@ def plan_notes(exp: Any, plans: Sequence[Plan]) -> list[str]:
                 notes.append(text)
         spec = getattr(plan, "scoring", None)
         if spec is not None:
-            got = exp.context.scoring_set(spec).per_group
+            got = exp.context.scoring_per_group(spec)
             if got < spec.samples_per_group:
                 text = (
                     f"the scoring sets hold {got} samples per group, fewer than the "
