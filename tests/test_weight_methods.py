@@ -370,6 +370,11 @@ def test_optimize_fairprune_on_the_trunk_ships_a_packed_verified_model(cnn_case,
     assert "## Packed weights" in (tmp_path / "run" / "report.md").read_text()
     verify = CliRunner().invoke(main, ["verify", str(tmp_path / "run" / "model.onnx")])
     assert verify.exit_code == 0 and "PASSED" in verify.output
+    # The pruned weights saved beside it (model.pt) are what the packed ONNX model computes.
+    again = CliRunner().invoke(main, [
+        "verify", str(tmp_path / "run" / "model.onnx"), "--checkpoint",
+        str(tmp_path / "run" / "model.pt"), "--recipe", str(tmp_path / "r.yaml")])
+    assert again.exit_code == 0 and "PASSED" in again.output, again.output
 
 
 def test_dry_run_prints_every_compare_rows_paper_cr(cnn_case, tmp_path):
@@ -414,3 +419,20 @@ def test_shipped_recipes_carry_the_papers_baseline_rows(recipe, classes, prune, 
     # Compare entries inherit the scoring draw, not FairLRF's feature batch size.
     assert fp.scoring.samples_per_group == r.method.scoring.samples_per_group
     assert fp.scoring.batch_size == 64
+
+
+def test_compare_entries_take_the_scoring_batch_only_from_a_weight_method(tmp_path):
+    from fairdeploy.recipe import parse_recipe
+
+    main_fp = {"name": "fairprune", "prune_ratio": 0.5,
+               "scoring": {"batch_size": 16, "samples_per_group": 40, "seed": 3}}
+    r = parse_recipe(_recipe(tmp_path, CNN, main_fp,
+                             compare=[{"name": "fairquantize", "quantize_ratio": 0.2}]))
+    fq = next(p for p in r.plans if p.method == "fairquantize")
+    assert (fq.scoring.batch_size, fq.scoring.samples_per_group, fq.scoring.seed) == (16, 40, 3)
+    main_lrf = {"name": "fairlrf", "layers": [{"layer": "6", "rank": 4, "sr": 0.25}],
+                "scoring": {"batch_size": 512, "samples_per_group": 40, "seed": 3}}
+    r = parse_recipe(_recipe(tmp_path, CNN, main_lrf,
+                             compare=[{"name": "fairprune", "prune_ratio": 0.5}]))
+    fp = next(p for p in r.plans if p.method == "fairprune")
+    assert (fp.scoring.batch_size, fp.scoring.samples_per_group, fp.scoring.seed) == (64, 40, 3)

@@ -113,7 +113,12 @@ class WeightMethod(Method):
     def derive(self, main: Plan, given: Mapping[str, Any]) -> dict[str, Any]:
         out = super().derive(main, given)
         scoring = out.get("scoring")
-        if "scoring" not in given and isinstance(scoring, dict):
+        main_scoring = getattr(main, "scoring", None)
+        if (
+            "scoring" not in given
+            and isinstance(scoring, dict)
+            and not isinstance(main_scoring, WeightScoring)
+        ):
             # The main method's batch size is for its own inputs (FairLRF: features of
             # one layer); on images through the whole model it may not fit in memory.
             scoring.pop("batch_size", None)

@@ -207,8 +207,18 @@ def rank_pairs(plans: Mapping[str, Plan]) -> dict[str, dict[str, Any]]:
 
     A row that factorizes layers is paired with the baseline row of exactly the same
     ``(layer, rank)`` list (none if there is no such row); a row that factorizes nothing
-    (vanilla, FairPrune, FairQuantize) with the first baseline row. Returns
-    ``{row: {"baseline": row name, "same_ranks": bool}}``; empty without a baseline row.
+    (vanilla, FairPrune, FairQuantize) with the first baseline row.
+
+    Parameters
+    ----------
+    plans : mapping of str to Plan
+        Row name → plan, in table order.
+
+    Returns
+    -------
+    dict
+        ``{row: {"baseline": baseline row name, "same_ranks": bool}}`` for every paired
+        row (the baseline rows themselves are not listed); empty without a baseline row.
     """
     bases = {
         name: p.implementation.ranks(p)
@@ -235,9 +245,27 @@ def rank_pairs(plans: Mapping[str, Plan]) -> dict[str, dict[str, Any]]:
 def rank_bootstrap_block(
     exp: Any, preds: Mapping[str, np.ndarray], plans: Mapping[str, Plan], *, seed: int = 0
 ) -> dict[str, Any] | None:
-    """Paired bootstrap differences of every row against truncated SVD at the same ranks
-    (:func:`rank_pairs`), on the same resamples as :func:`bootstrap_block` (same seed);
-    None when no row is a truncated SVD."""
+    """Paired bootstrap differences of every row against truncated SVD at the same ranks.
+
+    Parameters
+    ----------
+    exp : Experiment
+        The prepared experiment (test labels, groups, privileged group).
+    preds : mapping of str to ndarray
+        Row name → predicted class ids on the test split.
+    plans : mapping of str to Plan
+        Row name → plan (:func:`rank_pairs` reads them).
+    seed : int
+        Resampling seed: the same as :func:`bootstrap_block`'s gives the same resamples.
+
+    Returns
+    -------
+    dict or None
+        ``pairs`` (:func:`rank_pairs`), ``differences`` (row → metric → paired difference
+        against its baseline row, as in :func:`bootstrap_block`), ``unpaired`` (low-rank
+        rows with no truncated SVD at their ranks), ``n_resamples``, ``confidence``,
+        ``seed``; None when no row is a truncated SVD.
+    """
     pairs = rank_pairs(plans)
     if not pairs:
         return None

@@ -51,13 +51,18 @@ def write_tradeoff_plot(report: Mapping[str, Any], path: str | Path) -> str:
         fig.subplots(1, 2), ("eopp1", "eodd"), ("EOpp1 (mean |ΔTPR|)", "EOdd (mean, halved)"),
         strict=True,
     ):
+        at: dict[tuple[float, float], list[str]] = {}
         for i, p in enumerate(points):
             if p[key] is None or p["avg_precision"] is None:
                 continue
             ax.scatter(p[key], p["avg_precision"], marker=markers[i % len(markers)], s=60,
                        label=p["label"], zorder=3)
-            ax.annotate(p["name"], (p[key], p["avg_precision"]), textcoords="offset points",
-                        xytext=(5, 4), fontsize=8)
+            at.setdefault((round(p[key], 6), round(p["avg_precision"], 6)), []).append(p["name"])
+        # Rows with the same numbers (e.g. an SVD that changed no prediction) share a label.
+        for (x, y), names in at.items():
+            ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, 4),
+                        fontsize=8)
+        ax.margins(0.15)
         ax.set_xlabel(f"{title} ↓ (test split)")
         ax.set_ylabel("Avg. precision ↑ (macro, mean of the groups)")
         ax.grid(True, alpha=0.3)
