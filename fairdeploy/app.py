@@ -402,13 +402,13 @@ def _measure(path: Path, vanilla: Path) -> tuple[dict[str, Any], dict[str, float
     from fairdeploy.export import onnx_sizes, update_metadata
 
     if Path(path) == Path(vanilla):  # compare's vanilla row: the reference itself
-        update_metadata(path, {"measured_cr": dict.fromkeys(
-            ("initializer_cr", "file_cr", "parameter_cr"), 1.0)})
+        ones = dict.fromkeys(("initializer_cr", "file_cr", "parameter_cr"), 1.0)
+        update_metadata(path, {"measured_cr": ones})
+        own = onnx_sizes(path)
+        return {"vanilla": own, "processed": own}, ones
     sizes = {"vanilla": onnx_sizes(vanilla), "processed": onnx_sizes(path)}
     update_metadata(path, {"measured_cr": size_ratios(sizes)})
     sizes["processed"] = onnx_sizes(path)
-    if Path(path) == Path(vanilla):
-        sizes["vanilla"] = sizes["processed"]
     return sizes, size_ratios(sizes)
 
 
