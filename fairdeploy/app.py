@@ -41,12 +41,15 @@ from fairdeploy.report import (
     draws_block,
     latency_block,
     method_entry,
+    packing_block,
     plan_notes,
     prediction_notes,
+    rank_bootstrap_block,
     single_class_note,
     size_ratios,
     verify_summary,
     write_report,
+    write_tradeoff_plot,
 )
 from fairdeploy.rundir import check_out, ensure_dir, staging_dir
 
@@ -86,6 +89,10 @@ class DryRun:
     #: removed), from shapes; a range when adjacent sparsified layers overlap.
     deployed: Any = None
     export_check: str = ""
+    #: One entry per row ``compare`` would run (vanilla first): ``name``, ``label``,
+    #: ``theoretical_cr`` (the paper's) and ``stored_cr`` (what the export stores, from
+    #: shapes: S as k values, packed masks counted).
+    rows: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -251,7 +258,22 @@ def dry_run(
             sparse_layout=recipe.export.sparse_layout,
             eliminate=recipe.export.eliminate_dead,
         )
+    compare = [Plan("vanilla")] + [p for p in recipe.plans if p.method != "vanilla"]
+    rows = []
     notes = impl.warnings(plan, exp.model) + _sampling_notes(recipe, plan)
+    for name, p in zip(row_names(compare), compare, strict=True):
+        pimpl = p.implementation
+        if pimpl.unavailable:
+            rows.append({"name": name, "label": pimpl.describe(p), "skipped": pimpl.unavailable})
+            continue
+        exp.check(p)
+        rows.append({
+            "name": name,
+            "label": pimpl.describe(p),
+            "theoretical_cr": pimpl.theoretical_cr(p, exp.model),
+            "stored_cr": pimpl.stored_cr(p, exp.model),
+        })
+        notes += [w for w in pimpl.warnings(p, exp.model) if w not in notes]
     return DryRun(
         recipe=Path(recipe_path),
         plan=plan,
@@ -262,6 +284,7 @@ def dry_run(
         warnings=notes,
         deployed=deployed,
         export_check=_check_export(exp, progress=progress) if export_check else "",
+        rows=rows,
     )
 
 
@@ -364,6 +387,17 @@ def _sampling_notes(recipe: Recipe, plan: Plan) -> list[str]:
             "go through the trunk once, together"
         ]
     return []
+
+
+def row_names(plans: list[Plan]) -> list[str]:
+    """Row names of a compare table: the method's name, ``-2``, ``-3`` … when repeated."""
+    names: list[str] = []
+    for plan in plans:
+        name, i = plan.method, 2
+        while name in names:
+            name, i = f"{plan.method}-{i}", i + 1
+        names.append(name)
+    return names
 
 
 # --------------------------------------------------------------------------- optimize
@@ -529,6 +563,12 @@ def _evaluate_plans(
     report["bootstrap"] = bootstrap_block(
         exp, {name: pr["test"] for name, pr in preds.items()}, seed=_seed(main)
     )
+    rank = rank_bootstrap_block(
+        exp, {name: pr["test"] for name, pr in preds.items()},
+        {n: p.plan for n, p in rows.items()}, seed=_seed(main),
+    )
+    if rank is not None:
+        report["bootstrap_rank"] = rank
     several = len(rows) > 2
     for entry in report["methods"]:
         for text in entry["warnings"]:
@@ -636,19 +676,10 @@ def _deploy(
         cr = size_ratios(sizes)
         if latency != "off":
             report["latency"] = _latency(exp, model_path, vanilla, processed.plan, latency)
-    report["methods"][-1]["compression"]["measured"] = cr
+    _record_export(report["methods"][-1], res, cr)
     report["methods"][0]["compression"]["measured"] = dict.fromkeys(cr, 1.0)
     report["onnx"] = {"models": sizes, **cr, "baseline_file": vanilla.name}
     report["export_layout"] = [lay.to_dict() for lay in res.layers]
-    if res.deployed_cr is not None:
-        report["methods"][-1]["compression"]["deployed"] = {
-            "cr": res.deployed_cr,
-            "parameters": res.deployed_params,
-            "vanilla_parameters": res.vanilla_params,
-            "stored_float_elements": res.stored_elements,
-            "sparse_layout": res.sparse_layout,
-            "eliminate_dead": res.eliminate_dead,
-        }
     ref = exp.reference(processed)
     n = len(ref.inputs)
     with phase(f"verify: ONNX Runtime vs PyTorch on {n:,} test inputs", unit="", enabled=show):
@@ -665,17 +696,111 @@ def _deploy(
             f"export.verify_npz_max_mb = {exp.recipe.export.verify_npz_max_mb:g} MB)"
         ),
     }
-    report["verify"]["reference_outputs"] = (
+    report["verify"]["reference_outputs"] = _reference_kind(processed)
+    _require_verified(vres, report["methods"][-1])
+    return True
+
+
+def _measure(path: Path, vanilla: Path) -> tuple[dict[str, Any], dict[str, float]]:
+    """Sizes of ``path`` and ``vanilla`` and their ratios; the ratios go into ``path``'s
+    metadata first (the entry itself adds a few hundred bytes to the file)."""
+    from fairdeploy.export import onnx_sizes, update_metadata
+
+    if Path(path) == Path(vanilla):  # compare's vanilla row: the reference itself
+        ones = dict.fromkeys(("initializer_cr", "file_cr", "parameter_cr"), 1.0)
+        update_metadata(path, {"measured_cr": ones})
+        own = onnx_sizes(path)
+        return {"vanilla": own, "processed": own}, ones
+    sizes = {"vanilla": onnx_sizes(vanilla), "processed": onnx_sizes(path)}
+    update_metadata(path, {"measured_cr": size_ratios(sizes)})
+    sizes["processed"] = onnx_sizes(path)
+    return sizes, size_ratios(sizes)
+
+
+def _record_export(entry: dict[str, Any], res: Any, cr: dict[str, float]) -> None:
+    """A method entry's measured compression, deployed count and packing, from its export."""
+    comp = entry["compression"]
+    comp["measured"] = cr
+    if res.deployed_cr is not None and res.layers:
+        comp["deployed"] = {
+            "cr": res.deployed_cr,
+            "parameters": res.deployed_params,
+            "vanilla_parameters": res.vanilla_params,
+            "stored_float_elements": res.stored_elements,
+            "sparse_layout": res.sparse_layout,
+            "eliminate_dead": res.eliminate_dead,
+        }
+    if res.packing is not None:
+        comp["packing"] = packing_block(res.packing, comp["theoretical_cr_stored"], cr)
+
+
+def _reference_kind(processed: Processed) -> str:
+    return (
         "PyTorch: the processed head on the cached trunk features of the same inputs"
         if processed.head is not None
         else "PyTorch: the processed model on the same inputs"
     )
+
+
+def _require_verified(vres: Any, entry: dict[str, Any]) -> None:
     if not vres:
         raise FairDeployError(
-            f"the exported model does not match PyTorch ({vres.summary_lines()[-1]}); "
-            "raise export.tolerances in the recipe only if the difference is acceptable"
+            f"{entry['label']}: the exported model does not match PyTorch "
+            f"({vres.summary_lines()[-1]}); raise export.tolerances in the recipe only if the "
+            "difference is acceptable"
         )
-    return True
+
+
+def _row_folder(name: str, taken: set[str]) -> str:
+    """A folder name for a compare row (``_tiny_method:Magic`` → ``_tiny_method-Magic``)."""
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip(".") or "row"
+    folder, i = base, 2
+    while folder in taken:
+        folder, i = f"{base}-{i}", i + 1
+    taken.add(folder)
+    return folder
+
+
+def _deploy_rows(
+    exp: Experiment, rows: _Rows, report: dict[str, Any], run: Path, echo: Echo
+) -> None:
+    """Export and verify every compare row into ``<run>/<row>/model.onnx`` (vanilla first:
+    the other rows' measured C.R. is against its export); fills each method entry's
+    ``compression.measured`` and ``artifact``, and the report's ``artifacts`` summary."""
+    tol = exp.recipe.export.tolerances
+    n = len(exp.test_inputs(exp.recipe.export.verify_samples)[1])
+    entries = {m["name"]: m for m in report["methods"]}
+    taken: set[str] = set()
+    vanilla: Path | None = None
+    for name, processed in zip(rows.names, rows.processed, strict=True):
+        folder = _row_folder(name, taken)
+        path = run / folder / "model.onnx"
+        echo(f"exporting and verifying {name} -> {folder}/model.onnx ...")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=(DeprecationWarning, FutureWarning))
+            res = exp.export(processed, path)
+        if vanilla is None:  # the first row is vanilla: the reference of every ratio
+            vanilla = path
+        sizes, cr = _measure(path, vanilla)
+        entry = entries[name]
+        _record_export(entry, res, cr)
+        vres = exp.verify(path)
+        summary = verify_summary(vres, tol, n)
+        summary["details"]["reference"] = f"{folder}/model.verify.npz"
+        summary["reference_outputs"] = _reference_kind(processed)
+        entry["artifact"] = {
+            "path": f"{folder}/model.onnx",
+            "sizes": sizes["processed"],
+            "verify": summary,
+        }
+        _require_verified(vres, entry)
+    report["artifacts"] = {
+        "note": (
+            "every row exported to ONNX and verified against PyTorch on "
+            f"{n} real test inputs; measured C.R. is against the vanilla row's export"
+        ),
+        "vanilla": str(vanilla.relative_to(run)) if vanilla is not None else None,
+    }
 
 
 def _stored_reference_samples(path: Path) -> int:
@@ -869,12 +994,16 @@ def run_compare(
     echo: Echo = print,
 ) -> CompareResult:
     """The paper's table for the user's model: every plan of ``recipe.compare`` (each
-    complete on its own) on the same cached features, with theoretical C.R., bootstrap
-    intervals and the validation-split figures to choose on.
+    complete on its own) on the same cached features, every row exported to ONNX and
+    verified, with theoretical and measured C.R., paired bootstrap intervals against
+    vanilla and against truncated SVD at the same ranks, and the validation-split
+    figures to choose on.
 
-    Writes ``report.json``/``report.md`` into ``out`` (default
-    ``exports/<recipe>-compare-<hash>``); no ONNX export (run ``optimize`` for the
-    chosen method).
+    Writes into ``out`` (default ``exports/<recipe>-compare-<hash>``): ``<row>/model.onnx``
+    (+ ``model.verify.npz``) for every row, ``report.json``, ``report.md``,
+    ``tradeoff.png`` (Avg. precision against EOpp1 and EOdd per method) and the resolved
+    ``recipe.yaml``. Latency is not timed here: ``fairdeploy bench <row>/model.onnx
+    --baseline vanilla/model.onnx`` times any row against vanilla.
     """
     recipe_path, exports_dir, cache_dir = _paths(recipe_path, exports_dir, cache_dir, out)
     recipe = load_recipe(recipe_path)
@@ -903,6 +1032,8 @@ def run_compare(
     if skipped:
         report["skipped"] = skipped
     with staging_dir(final) as run:
+        _deploy_rows(exp, rows, report, run, echo)
+        report["plot"] = write_tradeoff_plot(report, run / "tradeoff.png")
         save_resolved_recipe(recipe, run / "recipe.yaml", relative_to=final)
         write_report(report, run)
     report["run_dir"] = str(final)

@@ -257,10 +257,34 @@ def _print_dry_run(info: Any) -> None:
         click.echo(f"deployed C.R.: {dep.ratio:.3f}×{span} (whole model, parameters the "
                    f"exported graph stores: {dep.sparse_layout} layout, dead neurons "
                    f"{'removed' if dep.eliminate else 'kept'})")
+    if len(info.rows) > 1:
+        click.echo("compare rows (theoretical, from shapes):")
+        click.echo(tabulate(
+            [[r["name"], r["label"],
+              f"{r['theoretical_cr']:.3f}×" if "theoretical_cr" in r else "skipped",
+              f"{r['stored_cr']:.3f}×" if "stored_cr" in r else r.get("skipped", "")]
+             for r in info.rows],
+            ["row", "method", "C.R. paper", "C.R. stored (S as k; packed: +1 mask bit/weight)"],
+            tablefmt="simple", disable_numparse=True,
+        ))
     if info.export_check:
         click.echo(f"ONNX export: {info.export_check}")
     for text in info.warnings:
         click.echo(f"warning: {text}")
+
+
+def _print_differences(block: dict[str, Any], against: Callable[[str], str]) -> None:
+    for name, per in block["differences"].items():
+        parts = []
+        for metric in ("eopp1", "eodd", "avg_precision"):
+            d = per.get(metric)
+            if d is None or None in (d["value"], d["low"], d["high"]):
+                continue
+            sig = "significant" if d["significant"] else "not significant"
+            parts.append(f"{metric} {d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] "
+                         f"({sig})")
+        click.echo(f"{name} vs {against(name)}, {round(100 * block['confidence'])} % CI: "
+                   + "; ".join(parts))
 
 
 def _print_report(report: dict[str, Any]) -> None:

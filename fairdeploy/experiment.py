@@ -141,6 +141,9 @@ class Context:
     _scoring: dict[tuple[int | str, int | None], ScoringSet] = field(
         default_factory=dict, repr=False
     )
+    _scoring_raw: dict[tuple[int | str, int | None], ScoringSet] = field(
+        default_factory=dict, repr=False
+    )
     _tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @property
@@ -232,6 +235,41 @@ class Context:
             self.scoring_set(type(spec).model_validate(spec.model_dump() | {"seed": s}))
             for s in seeds
         ]
+
+    def scoring_inputs(self, spec: SamplingSpec) -> ScoringSet:
+        """The same draw as :meth:`scoring_set`, with the model's own inputs (images,
+        rows) in place of trunk features: for methods that score layers of the trunk
+        through the full model. Loaded once per draw and kept in memory (not persisted:
+        reading the inputs costs less than the trunk pass, which this skips)."""
+        spec = self.resolve_sampling(spec)
+        per_group = spec.samples_per_group
+        seed = None if per_group == "all" else spec.seed
+        wanted = (per_group, seed)
+        if wanted not in self._scoring_raw:
+            idx = self._draw_indices(per_group, spec.seed)
+            order = np.concatenate([idx[0], idx[1]])
+            fs = compute_features(
+                nn.Identity(),
+                self.splits["train"].subset(order),
+                device="cpu",
+                num_workers=self.recipe.data.num_workers,
+                progress=self.progress,
+                description=f"scoring inputs (train, {len(idx[0])} + {len(idx[1])} samples)",
+            )
+            self._scoring_raw[wanted] = _scoring_set(fs, idx, order, per_group, seed)
+        return self._scoring_raw[wanted]
+
+    def scoring_sizes(self, spec: SamplingSpec) -> tuple[int, int]:
+        """Samples of group 0 and group 1 in the draw of ``spec``, without computing
+        anything for them (no trunk pass)."""
+        spec = self.resolve_sampling(spec)
+        idx = self._draw_indices(spec.samples_per_group, spec.seed)
+        return len(idx[0]), len(idx[1])
+
+    def scoring_per_group(self, spec: SamplingSpec) -> int:
+        """Samples per group a draw of ``spec`` holds (the smaller group caps it), without
+        computing anything for them."""
+        return min(self.scoring_sizes(spec))
 
     def factorized(self, layer: str, rank: int, *, seed: int = 0) -> FactorizedLinear:
         """A new :class:`~fairdeploy.lrf.FactorizedLinear` of the vanilla ``layer`` at
@@ -605,14 +643,22 @@ class Experiment:
         Writes ``path`` and ``<path stem>.verify.npz`` (the first ``samples`` test inputs
         — default ``export.verify_samples`` — with PyTorch's outputs, labels and groups;
         only the first of them that fit in ``export.verify_npz_max_mb``).
-        Returns the :class:`~fairdeploy.export.ExportResult`.
+        When the method stores weights compactly (:meth:`Method.packing
+        <fairdeploy.methods.Method.packing>`: FairPrune's pruned and FairQuantize's int8
+        entries), the dense export is then packed in place
+        (:func:`~fairdeploy.export.pack_weights`, checked bit for bit): the model computes
+        exactly what the dense export does, so the ``.verify.npz`` stays valid.
+        Returns the :class:`~fairdeploy.export.ExportResult` (``packing`` holds the
+        :class:`~fairdeploy.export.PackReport`).
         """
-        from fairdeploy.export import export_onnx
+        import dataclasses
+
+        from fairdeploy.export import export_onnx, pack_weights
 
         exp = self.recipe.export
         ref = self.reference(processed, samples)
         x = torch.from_numpy(ref.inputs)
-        return export_onnx(
+        result = export_onnx(
             self.model_of(processed),
             x[:2],
             path,
@@ -629,6 +675,11 @@ class Experiment:
             rtol=exp.tolerances.rtol,
             reference_max_bytes=int(exp.verify_npz_max_mb * 1e6),
         )
+        packing = processed.plan.implementation.packing(processed.plan, processed)
+        if packing:
+            _, report = pack_weights(path, packing, output_path=path)
+            result = dataclasses.replace(result, packing=report)
+        return result
 
     def reference(self, processed: Processed, samples: int | None = None) -> Any:
         """The verification reference of a processed model: the first ``samples`` test

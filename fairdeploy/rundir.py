@@ -82,15 +82,45 @@ def run_manifest(folder: Path) -> dict[str, Any] | None:
     files = data.get("files") if isinstance(data, dict) else None
     if data.get("format") != _FORMAT or not isinstance(files, dict):
         return None
+    folders = data.get("folders", [])
+    if not isinstance(folders, list) or not all(_safe_relative(f) for f in folders):
+        return None
     for name, entry in files.items():
         if (
-            not isinstance(name, str) or "/" in name or os.sep in name or name in ("", ".", "..")
+            not _safe_relative(name)
             or not isinstance(entry, dict)
             or not isinstance(entry.get("bytes"), int)
             or not isinstance(entry.get("sha256"), str)
         ):
             return None
     return data
+
+
+def _safe_relative(name: Any) -> bool:
+    """A manifest path: relative, ``/``-separated, no empty, ``.`` or ``..`` part."""
+    return (
+        isinstance(name, str)
+        and "\\" not in name
+        and all(part not in ("", ".", "..") for part in name.split("/"))
+    )
+
+
+def _walk(folder: Path) -> tuple[list[str], list[str]]:
+    """Relative paths (``/``-separated) of the sub-folders and files under ``folder``;
+    anything that is neither a plain file nor a folder (a link, a socket) is refused."""
+    dirs: list[str] = []
+    files: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        rel = Path(dirpath).relative_to(folder)
+        for name in sorted(dirnames):
+            p = Path(dirpath) / name
+            if p.is_symlink():
+                files.append((rel / name).as_posix())  # reported as "not a file" by callers
+            else:
+                dirs.append((rel / name).as_posix())
+        files += [(rel / name).as_posix() for name in sorted(filenames)]
+        dirnames[:] = sorted(d for d in dirnames if not (Path(dirpath) / d).is_symlink())
+    return dirs, files
 
 
 def check_unchanged(path: str | os.PathLike[str]) -> None:
@@ -104,10 +134,13 @@ def check_unchanged(path: str | os.PathLike[str]) -> None:
     checksum).
     """
     p = Path(path)
-    manifest = run_manifest(p.parent)
-    if manifest is None:
-        return
-    rec = manifest["files"].get(p.name)
+    rec = None
+    for folder in (p.parent, p.parent.parent):  # a model, or a compare row's model
+        manifest = run_manifest(folder)
+        if manifest is not None:
+            rec = manifest["files"].get(p.relative_to(folder).as_posix())
+            if rec is not None:
+                break
     if rec is None:
         return
     try:
@@ -139,24 +172,31 @@ def _check_replaceable(final: Path) -> None:
             f"without manifests too): {fix}"
         )
     files = manifest["files"]
-    for entry in entries:
-        if entry.name == MANIFEST:
-            continue
-        recorded = files.get(entry.name)
-        if recorded is None or not entry.is_file(follow_symlinks=False):
-            what = "a folder" if entry.is_dir(follow_symlinks=False) else "a file"
+    folders = set(manifest.get("folders", []))
+    dirs, names = _walk(final)
+    for rel in dirs:
+        if rel not in folders:
             raise FairDeployError(
-                f"--out {str(final)!r} holds {what} that no fairdeploy run wrote "
-                f"({entry.name!r}): {fix}, or move it out first"
+                f"--out {str(final)!r} holds a folder that no fairdeploy run wrote "
+                f"({rel!r}): {fix}, or move it out first"
             )
-        st = entry.stat(follow_symlinks=False)
+    for rel in names:
+        if rel == MANIFEST:
+            continue
+        path = final / rel
+        recorded = files.get(rel)
+        if recorded is None or path.is_symlink() or not path.is_file():
+            raise FairDeployError(
+                f"--out {str(final)!r} holds a file that no fairdeploy run wrote "
+                f"({rel!r}): {fix}, or move it out first"
+            )
+        st = path.stat()
         same = st.st_size == recorded["bytes"] and (
-            st.st_mtime_ns == recorded.get("mtime_ns")
-            or _sha256(Path(entry.path)) == recorded["sha256"]
+            st.st_mtime_ns == recorded.get("mtime_ns") or _sha256(path) == recorded["sha256"]
         )
         if not same:
             raise FairDeployError(
-                f"--out {str(final)!r}: {entry.name!r} was changed after the run wrote it: "
+                f"--out {str(final)!r}: {rel!r} was changed after the run wrote it: "
                 f"{fix}, or move the file out first"
             )
 
@@ -165,23 +205,22 @@ def _write_manifest(folder: Path) -> None:
     from fairdeploy import __version__
 
     files = {}
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        if entry.name == MANIFEST:
+    dirs, names = _walk(folder)
+    for rel in names:
+        path = folder / rel
+        if rel == MANIFEST:
             continue
-        if not entry.is_file(follow_symlinks=False):
-            raise RuntimeError(f"a run folder holds {entry.name!r}, which is not a file")
-        st = entry.stat()
-        files[entry.name] = {
-            "bytes": st.st_size,
-            "sha256": _sha256(Path(entry.path)),
-            "mtime_ns": st.st_mtime_ns,
-        }
+        if path.is_symlink() or not path.is_file():
+            raise RuntimeError(f"a run folder holds {rel!r}, which is not a file")
+        st = path.stat()
+        files[rel] = {"bytes": st.st_size, "sha256": _sha256(path), "mtime_ns": st.st_mtime_ns}
     doc = {
         "format": _FORMAT,
         "written_by": f"fairdeploy {__version__}",
         "note": "every file this run wrote; a later run replaces this folder only if it "
         "holds exactly these files, unchanged",
         "files": files,
+        "folders": dirs,
     }
     (folder / MANIFEST).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 

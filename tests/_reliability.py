@@ -210,8 +210,11 @@ def temporaries(root: Path) -> list[Path]:
 def check_run_folder(folder: Path) -> dict:
     """A complete run folder: its manifest lists exactly its files, with their SHA-256."""
     manifest = json.loads((folder / "manifest.json").read_text())
-    names = {p.name for p in folder.iterdir()} - {"manifest.json"}
+    names = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    names -= {"manifest.json"}
     assert names == set(manifest["files"]), (names, manifest["files"].keys())
+    folders = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_dir()}
+    assert folders == set(manifest.get("folders", [])), folders
     for name, rec in manifest["files"].items():
         data = (folder / name).read_bytes()
         assert rec["bytes"] == len(data) and rec["sha256"] == hashlib.sha256(data).hexdigest()

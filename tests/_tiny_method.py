@@ -44,3 +44,12 @@ class MagnitudeZero(Method):
             order = weight.abs().flatten().argsort(stable=True)
             weight.view(-1)[order[:n]] = 0.0
         return Processed(plan, head=head, details={"zeroed": n})
+
+
+class NotHere(MagnitudeZero):
+    """A method that cannot run in this installation (``unavailable``): refused by
+    ``optimize`` before any data is read, skipped by ``compare``."""
+
+    name: ClassVar[str] = "not_here"
+    label: ClassVar[str] = "Not here"
+    unavailable: ClassVar[str | None] = "it needs a licence server"

@@ -423,15 +423,20 @@ def test_changed_data_at_the_same_path_is_not_served_from_the_cache(tmp_path: Pa
     assert a["methods"][0]["metrics"] != b["methods"][0]["metrics"]
 
 
-def test_non_lrf_methods_are_refused_before_any_data_is_read(trained: Path, tmp_path: Path) -> None:
+def test_an_unavailable_method_is_refused_before_any_data_is_read(
+    trained: Path, tmp_path: Path
+) -> None:
     text = (trained / "recipe.yaml").read_text()
     start = text.index("method:")
     end = text.index("train:")
-    recipe = tmp_path / "fp.yaml"
-    recipe.write_text(text[:start] + "method: {name: fairprune, prune_ratio: 0.5}\n" + text[end:])
+    recipe = tmp_path / "na.yaml"
+    recipe.write_text(text[:start] + "method: {name: '_tiny_method:NotHere', layer: layers.2}\n"
+                      + text[end:])
     msg = _error(["optimize", str(trained / "ckpt.pt"), "--recipe", str(recipe), "--out",
                   str(tmp_path / "r")])
-    assert "fairprune" in msg and "fairlrf" in msg
+    assert "_tiny_method:NotHere" in msg and "needs a licence server" in msg
+    assert "fairprune" in msg and "fairquantize" in msg  # the methods that can run
+    assert not (tmp_path / "r").exists()
 
 
 def test_predict_matches_a_csv_header_by_name(tmp_path: Path) -> None:

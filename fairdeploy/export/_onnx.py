@@ -88,6 +88,9 @@ class ExportResult:
         actually stores: ``deployed_params`` for a model without BatchNorm; the exporter
         also stores BatchNorm running statistics (or folds a BatchNorm into the
         convolution before it) and stores identical tensors once.
+    packing : PackReport or None
+        What :func:`~fairdeploy.export.pack_weights` stored compactly after the export
+        (pruned / partly-int8 weights), when the caller packed the file; None otherwise.
     """
 
     path: Path
@@ -100,6 +103,7 @@ class ExportResult:
     deployed_params: int | None = None
     vanilla_params: int | None = None
     stored_elements: int | None = None
+    packing: Any = None
 
     @property
     def deployed_cr(self) -> float | None:

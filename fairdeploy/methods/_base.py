@@ -86,6 +86,9 @@ class Method:
     unavailable : str or None
         Why the method cannot run in this installation (``compare`` skips it and says
         so; ``optimize`` refuses it); None when it can.
+    rank_baseline : bool
+        Whether this is the plain low-rank baseline other rows are compared with at
+        the same ranks (truncated SVD).
     order : int
         Position in tables and in :func:`~fairdeploy.methods.list_methods` (the paper's
         row order for the built-ins; user methods come last by default).
@@ -98,6 +101,9 @@ class Method:
     default_compare: ClassVar[bool] = False
     order: ClassVar[int] = 100
     unavailable: ClassVar[str | None] = None
+    #: The plain low-rank baseline (truncated SVD): ``compare`` gives every row's paired
+    #: change against the row of this method at the same ranks, as well as vanilla.
+    rank_baseline: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ the plan
 
@@ -112,6 +118,10 @@ class Method:
     def resolve_layers(self, plan: Plan, model: nn.Module) -> tuple[str, ...]:
         """:meth:`target_layers` with names like ``all`` expanded against ``model``."""
         return self.target_layers(plan)
+
+    def ranks(self, plan: Plan) -> tuple[tuple[str, int], ...]:
+        """``(layer, rank)`` of every layer the plan factorizes; () when none."""
+        return ()
 
     def derive(self, main: Plan, given: Mapping[str, Any]) -> dict[str, Any]:
         """The raw settings of a ``compare:`` entry of this method, completed from ``main``.
@@ -180,6 +190,22 @@ class Method:
     def stored_parameters(self, plan: Plan, model: nn.Module) -> int:
         """Parameters the exported graph stores (e.g. S as k values, not k×k)."""
         return count_parameters(model)
+
+    def stored_cr(self, plan: Plan, model: nn.Module) -> float:
+        """Theoretical C.R. of what the exported graph stores, from shapes alone: by
+        default parameters of the vanilla model over :meth:`stored_parameters` (S as k
+        values); methods with packed weights count bits (e.g. a mask bit per weight)."""
+        return count_parameters(model) / self.stored_parameters(plan, model)
+
+    # ------------------------------------------------------------------ deploying
+
+    def packing(self, plan: Plan, processed: Processed) -> Mapping[str, Any] | None:
+        """How the export stores this method's weights compactly: PyTorch parameter
+        name (in the full model) → :class:`~fairdeploy.export.PackSpec`, for
+        :func:`~fairdeploy.export.pack_weights` after the dense export; None (default)
+        keeps the dense export. The packed model computes exactly what the dense one
+        does (ONNX Runtime folds the rebuild when a session loads)."""
+        return None
 
     def __repr__(self) -> str:
         return f"<method {self.name}>"

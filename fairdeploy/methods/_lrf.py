@@ -134,6 +134,9 @@ class LowRankMethod(Method):
     def target_layers(self, plan: Plan) -> tuple[str, ...]:
         return tuple(lp.layer for lp in plan.layers)  # type: ignore[attr-defined]
 
+    def ranks(self, plan: Plan) -> tuple[tuple[str, int], ...]:
+        return tuple((lp.layer, lp.rank) for lp in plan.layers)  # type: ignore[attr-defined]
+
     def derive_layers(self, main: Plan, given: Mapping[str, Any]) -> list[dict[str, Any]] | None:
         layers = getattr(main, "layers", None)
         if not layers or not all(isinstance(lp, LayerPlan) for lp in layers):

@@ -1,18 +1,59 @@
-"""What the weight-level methods (FairPrune, FairQuantize) share: chosen layers, β, scoring."""
+"""What the weight-level methods (FairPrune, FairQuantize) share: chosen layers, β, scoring,
+per-group Hessian diagonals of the chosen weights, where they run, packed storage.
+
+Both score every weight of the chosen ``nn.Linear``/``nn.Conv2d`` layers with per-group
+Hessian diagonals (:mod:`fairdeploy.weight_hessian`) on the balanced scoring sets that
+FairLRF uses (same draw for the same ``samples_per_group`` and ``seed``). Where:
+
+* every chosen layer at or after the experiment's cut (in the head): the head runs on
+  the cached trunk features, for scoring and evaluation alike;
+* a chosen layer in the trunk (``layers: all`` on a CNN), or fine-tuning (which trains
+  the whole model): the full model runs on the scoring samples' own inputs, and the
+  processed model runs over the validation and test splits once (the feature cache
+  cannot serve them); the row's notes say so.
+
+Hessians go through :meth:`~fairdeploy.experiment.Context.cached_tensors`, keyed by the
+layers, where they ran, the estimator and its settings, the scoring draw and the
+privileged group, so FairPrune and FairQuantize on the same layers and draw share one
+computation (the costliest step of both).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import copy
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
+import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from fairdeploy._schema import NonNegFloat
+from fairdeploy._schema import NonNegFloat, PosInt
 from fairdeploy.errors import FairDeployError
-from fairdeploy.methods._base import Method
+from fairdeploy.methods._base import Method, count_parameters
 from fairdeploy.plan import Plan, ScoringSpec
 
-__all__ = ["WeightMethod", "WeightPlan", "weight_layers"]
+if TYPE_CHECKING:
+    from fairdeploy.experiment import Context, ScoringSet
+
+__all__ = ["WeightMethod", "WeightPlan", "WeightScoring", "weight_layers"]
+
+#: Above this many classes, exact Hessians of Conv2d weights (one backward pass per class
+#: per chunk) take hours on a CPU for VGG-sized trunks: the plan warns.
+_EXACT_CONV_CLASSES = 16
+
+
+class WeightScoring(ScoringSpec):
+    """Scoring of the weight methods: the Hessian estimator, the scoring sets, and for
+    ``ggn_mc`` the label draws per sample.
+
+    ``batch_size`` is the number of samples per chunk of the Hessian computation: on
+    images through a whole VGG-11, 64 samples hold about 1 GB of activations (the
+    default here; a compare entry does not inherit FairLRF's, which runs on features).
+    """
+
+    batch_size: PosInt = 64
+    mc_samples: PosInt = 1
 
 
 class WeightPlan(Plan):
@@ -20,7 +61,7 @@ class WeightPlan(Plan):
 
     layers: Literal["all"] | tuple[str, ...] = "all"
     beta: NonNegFloat = 5 / 9
-    scoring: ScoringSpec = Field(default_factory=ScoringSpec)
+    scoring: WeightScoring = Field(default_factory=WeightScoring)
 
     @field_validator("layers", mode="before")
     @classmethod
@@ -33,11 +74,16 @@ class WeightPlan(Plan):
 
 
 def weight_layers(plan: Plan, model: nn.Module) -> list[str]:
-    """The chosen Linear/Conv2d modules of ``plan`` in ``model``, in definition order."""
+    """The chosen Linear/Conv2d modules of ``plan`` in ``model``: definition order for
+    ``all``, else the plan's order (the tie-break order of a global selection)."""
     kinds = (nn.Linear, nn.Conv2d)
-    found = [n for n, m in model.named_modules() if isinstance(m, kinds)]
+    found = [n for n, m in model.named_modules() if n and isinstance(m, kinds)]
     layers = plan.layers  # type: ignore[attr-defined]
     if layers == "all":
+        if not found:
+            raise FairDeployError(
+                "method.layers: all — the model has no nn.Linear or nn.Conv2d layer"
+            )
         return found
     for name in layers:
         if name not in found:
@@ -45,7 +91,10 @@ def weight_layers(plan: Plan, model: nn.Module) -> list[str]:
                 f"method.layers: {name!r} is not a Linear or Conv2d layer of the model; "
                 f"they are: {', '.join(found) or '(none)'}"
             )
-    return [n for n in found if n in layers]
+    if len(set(layers)) != len(layers):
+        dup = next(n for n in layers if layers.count(n) > 1)
+        raise FairDeployError(f"method.layers: {dup!r} is listed twice (list each layer once)")
+    return list(layers)
 
 
 class WeightMethod(Method):
@@ -61,6 +110,35 @@ class WeightMethod(Method):
     def check(self, plan: Plan, model: nn.Module) -> None:
         weight_layers(plan, model)
 
+    def derive(self, main: Plan, given: Mapping[str, Any]) -> dict[str, Any]:
+        out = super().derive(main, given)
+        scoring = out.get("scoring")
+        main_scoring = getattr(main, "scoring", None)
+        if (
+            "scoring" not in given
+            and isinstance(scoring, dict)
+            and not isinstance(main_scoring, WeightScoring)
+        ):
+            # The main method's batch size is for its own inputs (FairLRF: features of
+            # one layer); on images through the whole model it may not fit in memory.
+            scoring.pop("batch_size", None)
+        return out
+
+    def warnings(self, plan: Plan, model: nn.Module) -> list[str]:
+        spec: WeightScoring = plan.scoring  # type: ignore[attr-defined]
+        convs = [
+            n for n in weight_layers(plan, model) if isinstance(model.get_submodule(n), nn.Conv2d)
+        ]
+        classes = _num_classes(model)
+        if spec.estimator == "exact" and convs and classes > _EXACT_CONV_CLASSES:
+            return [
+                f"{self.describe(plan)}: exact Hessian diagonals of the {len(convs)} Conv2d "
+                f"weights cost one backward pass per class ({classes}) per chunk of samples — "
+                "hours on a CPU for a VGG-11; on a CPU use scoring.estimator: ggn_mc (one "
+                "backward pass per draw), or run it on a GPU (--device cuda)"
+            ]
+        return []
+
     def chosen_weights(self, plan: Plan, model: nn.Module) -> int:
         """Number of weight entries (biases excluded) in the chosen layers."""
         return sum(model.get_submodule(n).weight.numel() for n in weight_layers(plan, model))
@@ -72,3 +150,115 @@ class WeightMethod(Method):
 
     def describe_ratio(self, plan: Plan) -> str:
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ accounting
+
+    def changed_weights(self, plan: Plan, model: nn.Module) -> int:
+        """Weights the plan changes (pruned or quantized), from shapes alone."""
+        raise NotImplementedError
+
+    def saved_bits(self, plan: Plan, model: nn.Module) -> int:
+        """Bits the changed weights no longer need (32 per pruned weight, 24 per int8)."""
+        raise NotImplementedError
+
+    def stored_cr(self, plan: Plan, model: nn.Module) -> float:
+        """Theoretical C.R. of the packed storage: every chosen weight pays one mask bit
+        (``32·P / (32·P − saved bits + chosen weights)``), what
+        :func:`~fairdeploy.export.pack_weights` stores when it packs every chosen tensor
+        (it keeps a tensor dense where packing would not save bytes)."""
+        total = 32 * count_parameters(model)
+        return total / (total - self.saved_bits(plan, model) + self.chosen_weights(plan, model))
+
+    # ------------------------------------------------------------------ doing it
+
+    def runs_on_model(self, plan: Plan, ctx: Context) -> bool:
+        """Whether the plan needs the full model (a chosen layer before the cut, or
+        anything else the method decides) instead of the head on cached features."""
+        in_head = dict(ctx.head.named_modules())
+        return any(n not in in_head for n in weight_layers(plan, ctx.model))
+
+    def scoring_data(self, plan: Plan, ctx: Context, *, full_model: bool) -> ScoringSet:
+        """The scoring samples: trunk features for the head, the inputs for the model."""
+        spec = plan.scoring  # type: ignore[attr-defined]
+        return ctx.scoring_inputs(spec) if full_model else ctx.scoring_set(spec)
+
+    def hessians(
+        self, plan: Plan, ctx: Context, *, full_model: bool
+    ) -> dict[int, dict[str, torch.Tensor]]:
+        """Per-group Hessian diagonals of the chosen weights of the VANILLA model (or
+        head), keyed by role: ``{0: unprivileged, 1: privileged}``; cached."""
+        from fairdeploy.weight_hessian import group_weight_hessians
+
+        spec: WeightScoring = plan.scoring  # type: ignore[attr-defined]
+        names = weight_layers(plan, ctx.model)
+        pnames = [f"{n}.weight" for n in names]
+        data = self.scoring_data(plan, ctx, full_model=full_model)
+        ids = (ctx.unprivileged, ctx.privileged)
+        net = ctx.model if full_model else ctx.head
+
+        def compute() -> dict[str, torch.Tensor]:
+            h = group_weight_hessians(
+                self.on_device(net, ctx) if full_model else net,
+                pnames,
+                data.features.features,
+                data.features.targets,
+                data.features.groups,
+                group_ids=ids,
+                estimator=spec.estimator,
+                batch_size=spec.batch_size,
+                mc_samples=spec.mc_samples,
+                seed=spec.seed,
+            )
+            return {f"{g}|{p}": t.cpu() for g, d in h.items() for p, t in d.items()}
+
+        key = {
+            "weights": pnames,
+            "on": "model" if full_model else "head",
+            "estimator": spec.estimator,
+            "batch_size": spec.batch_size,
+            # Only ggn_mc draws labels: other estimators share one entry.
+            "mc_samples": spec.mc_samples if spec.estimator == "ggn_mc" else None,
+            "scoring": data.key,
+            "privileged": ctx.privileged,
+        }
+        flat = ctx.cached_tensors("weight_hessian", key, compute)
+        return {role: {p: flat[f"{g}|{p}"] for p in pnames} for role, g in enumerate(ids)}
+
+    @staticmethod
+    def on_device(model: nn.Module, ctx: Context) -> nn.Module:
+        """``model`` on the experiment's device (``--device cuda``): a copy, or itself on
+        the CPU. The whole-model path runs there (Hessians, fine-tuning); a head on
+        cached features stays on the CPU, as FairLRF's scoring does."""
+        if torch.device(ctx.device).type == "cpu":
+            return model
+        return copy.deepcopy(model).to(ctx.device)
+
+    def trunk_note(self, plan: Plan, ctx: Context, reason: str) -> str:
+        """The report's note for a row that ran the full model."""
+        return (
+            f"{self.describe(plan)}: {reason}, so the cached trunk features cannot serve it: "
+            "the Hessians were computed on the scoring samples' own inputs through the whole "
+            "model, and the processed model runs over the validation and test splits once"
+        )
+
+    def packing(self, plan: Plan, processed: Any) -> dict[str, Any] | None:
+        """Per chosen weight, its :class:`~fairdeploy.export.PackSpec` (from the masks
+        the method left in ``processed.details``)."""
+        from fairdeploy.export import PackSpec
+
+        module = processed.head if processed.head is not None else processed.model
+        out = {}
+        for name, spec in self.pack_specs(processed).items():
+            weight = module.get_submodule(name).weight.detach().cpu()
+            out[f"{name}.weight"] = PackSpec(weight=weight.numpy(), **spec)
+        return out
+
+    def pack_specs(self, processed: Any) -> dict[str, dict[str, Any]]:
+        """Per layer, the PackSpec fields besides ``weight``."""
+        raise NotImplementedError
+
+
+def _num_classes(model: nn.Module) -> int:
+    """Output features of the model's last Linear layer (the classes), 0 if none."""
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return last[-1].out_features if last else 0

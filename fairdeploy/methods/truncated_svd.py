@@ -25,4 +25,5 @@ class TruncatedSVD(LowRankMethod):
     label: ClassVar[str] = "Truncated SVD"
     plan_class: ClassVar[type[Plan]] = TruncatedSVDPlan
     default_compare: ClassVar[bool] = True
+    rank_baseline: ClassVar[bool] = True
     order: ClassVar[int] = 10

@@ -2,7 +2,8 @@
 terminal table, so what the terminal shows is what the file says.
 
 ``_build``: the dict's blocks from an experiment's results. ``_render``: report.md and
-the terminal table (every figure names its unit and convention).
+the terminal table (every figure names its unit and convention). ``_plot``: compare's
+trade-off PNG.
 """
 
 from fairdeploy.report._build import (
@@ -13,13 +14,17 @@ from fairdeploy.report._build import (
     draws_block,
     latency_block,
     method_entry,
+    packing_block,
     plan_notes,
     prediction_notes,
+    rank_bootstrap_block,
+    rank_pairs,
     single_class_note,
     size_ratios,
     skipped_in_words,
     verify_summary,
 )
+from fairdeploy.report._plot import tradeoff_points, write_tradeoff_plot
 from fairdeploy.report._render import (
     SCHEMA_VERSION,
     fairness_table,
@@ -41,14 +46,19 @@ __all__ = [
     "latency_block",
     "method_entry",
     "method_label",
+    "packing_block",
     "plan_notes",
     "prediction_notes",
+    "rank_bootstrap_block",
+    "rank_pairs",
     "render_markdown",
     "single_class_note",
     "size_ratios",
     "skipped_in_words",
     "terminal_text",
+    "tradeoff_points",
     "validation_table",
     "verify_summary",
     "write_report",
+    "write_tradeoff_plot",
 ]

@@ -33,8 +33,11 @@ __all__ = [
     "draws_block",
     "latency_block",
     "method_entry",
+    "packing_block",
     "plan_notes",
     "prediction_notes",
+    "rank_bootstrap_block",
+    "rank_pairs",
     "single_class_note",
     "size_ratios",
     "skipped_in_words",
@@ -86,7 +89,6 @@ def method_entry(
     """
     model = exp.model
     impl = plan.implementation
-    total = sum(p.numel() for p in model.parameters())
     entry: dict[str, Any] = {
         "name": name,
         "method": plan.method,
@@ -97,7 +99,7 @@ def method_entry(
         "compression": {
             "theoretical_cr": impl.theoretical_cr(plan, model),
             # What an exported graph stores (e.g. S as k values, not k×k).
-            "theoretical_cr_stored": total / impl.stored_parameters(plan, model),
+            "theoretical_cr_stored": impl.stored_cr(plan, model),
             "layers": impl.layer_table(plan, model),
         },
     }
@@ -118,7 +120,8 @@ def _scoring_block(plan: Plan, ctx: Any) -> dict[str, Any] | None:
     if spec is None:
         return None
     resolved = ctx.resolve_sampling(spec)
-    drawn = ctx.scoring_set(spec)
+    sizes = ctx.scoring_sizes(spec)  # no trunk pass: a method may never need the features
+    per_group = min(sizes)
     every = resolved.samples_per_group == "all"
     if every:
         how = (
@@ -127,16 +130,16 @@ def _scoring_block(plan: Plan, ctx: Any) -> dict[str, Any] | None:
                if spec.samples_per_group == "auto" else "")
         )
     else:
-        how = f"a seeded draw of {drawn.per_group} per group" + (
+        how = f"a seeded draw of {per_group} per group" + (
             " (auto: 1024 per group for data read from files)"
             if spec.samples_per_group == "auto" else ""
         )
     return {
         "method": plan.method,
         **spec.model_dump(mode="json"),
-        "samples_per_group": "all" if every else drawn.per_group,
+        "samples_per_group": "all" if every else per_group,
         "samples_per_group_asked": spec.samples_per_group,
-        "group_sizes": list(drawn.sizes),
+        "group_sizes": list(sizes),
         "draws": len(resolved.draw_seeds),
         "how": how,
         "split": "train",
@@ -211,7 +214,7 @@ def plan_notes(exp: Any, plans: Sequence[Plan]) -> list[str]:
         spec = getattr(plan, "scoring", None)
         asked = None if spec is None else exp.context.resolve_sampling(spec).samples_per_group
         if isinstance(asked, int):
-            got = exp.context.scoring_set(spec).per_group
+            got = exp.context.scoring_per_group(spec)
             if got < asked:
                 text = (
                     f"the scoring sets hold {plural(got, 'sample')} per group, fewer than the "
@@ -349,6 +352,133 @@ def draws_block(
         ]
         block["metrics"][split] = {m: spread([p[m] for p in per]) for m in SUMMARY_METRICS}
     return block
+
+
+def rank_pairs(plans: Mapping[str, Plan]) -> dict[str, dict[str, Any]]:
+    """Which truncated-SVD row (a method with ``rank_baseline``) each row is compared with.
+
+    A row that factorizes layers is paired with the baseline row of exactly the same
+    ``(layer, rank)`` list (none if there is no such row); a row that factorizes nothing
+    (vanilla, FairPrune, FairQuantize) with the first baseline row.
+
+    Parameters
+    ----------
+    plans : mapping of str to Plan
+        Row name → plan, in table order.
+
+    Returns
+    -------
+    dict
+        ``{row: {"baseline": baseline row name, "same_ranks": bool}}`` for every paired
+        row (the baseline rows themselves are not listed); empty without a baseline row.
+    """
+    bases = {
+        name: p.implementation.ranks(p)
+        for name, p in plans.items()
+        if p.implementation.rank_baseline
+    }
+    if not bases:
+        return {}
+    first = next(iter(bases))
+    out: dict[str, dict[str, Any]] = {}
+    for name, plan in plans.items():
+        if name in bases:
+            continue
+        ranks = plan.implementation.ranks(plan)
+        if not ranks:
+            out[name] = {"baseline": first, "same_ranks": False}
+            continue
+        match = [b for b, r in bases.items() if r == ranks]
+        if match:
+            out[name] = {"baseline": match[0], "same_ranks": True}
+    return out
+
+
+def rank_bootstrap_block(
+    exp: Any, preds: Mapping[str, np.ndarray], plans: Mapping[str, Plan], *, seed: int = 0
+) -> dict[str, Any] | None:
+    """Paired bootstrap differences of every row against truncated SVD at the same ranks.
+
+    Parameters
+    ----------
+    exp : Experiment
+        The prepared experiment (test labels, groups, privileged group).
+    preds : mapping of str to ndarray
+        Row name → predicted class ids on the test split.
+    plans : mapping of str to Plan
+        Row name → plan (:func:`rank_pairs` reads them).
+    seed : int
+        Resampling seed: the same as :func:`bootstrap_block`'s gives the same resamples.
+
+    Returns
+    -------
+    dict or None
+        ``pairs`` (:func:`rank_pairs`), ``differences`` (row → metric → paired difference
+        against its baseline row, as in :func:`bootstrap_block`), ``unpaired`` (low-rank
+        rows with no truncated SVD at their ranks), ``n_resamples``, ``confidence``,
+        ``seed``; None when no row is a truncated SVD.
+    """
+    pairs = rank_pairs(plans)
+    if not pairs:
+        return None
+    ctx = exp.context
+    test = ctx.features["test"]
+    unpaired = [
+        n for n, p in plans.items() if n not in pairs and not p.implementation.rank_baseline
+    ]
+    out: dict[str, Any] = {"pairs": pairs, "differences": {}, "unpaired": unpaired}
+    for base in dict.fromkeys(p["baseline"] for p in pairs.values()):
+        members = [n for n, p in pairs.items() if p["baseline"] == base]
+        res = bootstrap_metrics(
+            test.targets.numpy(),
+            {base: preds[base], **{m: preds[m] for m in members}},
+            test.groups.numpy(),
+            baseline=base,
+            privileged=ctx.privileged,
+            num_classes=len(ctx.class_names),
+            seed=seed,
+        ).to_dict()
+        out["differences"].update({m: res["differences"][m] for m in members})
+        out.update(
+            n_resamples=res["n_resamples"], confidence=res["confidence"], seed=res["seed"]
+        )
+    for per in out["differences"].values():
+        for metric, diff in per.items():
+            diff["direction"] = change_direction(metric, diff)
+    return out
+
+
+def packing_block(
+    pack: Any, stored_cr: float, measured: Mapping[str, float]
+) -> dict[str, Any]:
+    """The report's block for a packed export (:class:`~fairdeploy.export.PackReport`):
+    per tensor how it is stored, the theoretical C.R. with one mask bit per chosen weight,
+    the measured ratios and their fraction of that theory."""
+    tensors = [
+        {
+            k: t[k]
+            for k in ("parameter", "stored", "reason", "entries", "zero", "int8", "float",
+                      "bits_per_entry")
+        }
+        for t in pack.to_dict()["tensors"]
+    ]
+    return {
+        "format": "bit mask + compact int8/float values, rebuilt by a constant subgraph "
+                  "ONNX Runtime folds when a session loads",
+        "tensors": tensors,
+        "packed_tensors": sum(t["stored"] == "packed" for t in tensors),
+        "theoretical_cr_with_mask": stored_cr,
+        "measured_initializer_cr": measured["initializer_cr"],
+        "measured_file_cr": measured["file_cr"],
+        "fraction_of_theory": measured["initializer_cr"] / stored_cr,
+        "initializer_bytes": [pack.initializer_bytes_before, pack.initializer_bytes_after],
+        "load_note": (
+            "inference runs the dense export's MatMul/Conv on the same weights, but creating "
+            "an ONNX Runtime session folds the rebuild: measured 5-14x slower session creation "
+            "than the dense model on vgg11_paper (keep the session, or save the folded model "
+            "once with optimized_model_filepath)"
+        ),
+    }
 
 
 def size_ratios(sizes: Mapping[str, Mapping[str, int]]) -> dict[str, float]:

@@ -12,6 +12,7 @@ under the table that shows its numbers.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -72,14 +73,36 @@ def _table(rows: Sequence[Sequence[str]], header: Sequence[str], fmt: str) -> st
     return tabulate(rows, header, tablefmt=fmt, disable_numparse=True)
 
 
-def fairness_table(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+def _best_fairness(report: Mapping[str, Any], digits: int = 3) -> dict[str, str | None]:
+    """Per fairness metric, the lowest value as displayed (None with fewer than 2 rows)."""
+    if len(report["methods"]) < 2:
+        return {}
+    out: dict[str, str | None] = {}
+    for key in ("eopp1", "eopp0", "eodd"):
+        values = [m["metrics"]["fairness"][key] for m in report["methods"]]
+        values = [v for v in values if v is not None and not math.isnan(v)]
+        out[key] = _f(min(values), digits) if values else None
+    return out
+
+
+def fairness_table(
+    report: Mapping[str, Any], *, bold: bool = False
+) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the paper-style table (Tables 1–2 of the paper), with accuracy.
 
     One block per method: the unprivileged group, the privileged group, ``Avg.`` (mean
     of the two), ``Diff.`` (absolute difference) and ``All`` (accuracy over every test
     sample, unknown group included); fairness and compression figures stand on the
-    block's first row. A method with warnings is marked ⚠.
+    block's first row. A method with warnings is marked ⚠. With ``bold`` (report.md), the
+    best (lowest) EOpp1, EOpp0 and EOdd as displayed are in bold, as in the paper's
+    tables (every row that reaches it, vanilla included).
     """
+    best = _best_fairness(report) if bold else {}
+
+    def fair(key: str, value: Any) -> str:
+        text = _f(value)
+        return f"**{text}**" if best.get(key) is not None and text == best[key] else text
+
     header = [
         "Method",
         "Group",
@@ -100,7 +123,7 @@ def fairness_table(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]
         order = [g for g in groups if not g["privileged"]] + [g for g in groups if g["privileged"]]
         comp = method.get("compression", {})
         measured = (comp.get("measured") or {}).get("initializer_cr")
-        fair = m["fairness"]
+        fairness = m["fairness"]
         acc = (method.get("accuracy") or {}).get("test") or {}
         block = []
         for g in order:
@@ -141,9 +164,9 @@ def fairness_table(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]
             if i == 0:
                 row[0] = _marked_label(method)
                 row += [
-                    _f(fair["eopp1"]),
-                    _f(fair["eopp0"]),
-                    _f(fair["eodd"]),
+                    fair("eopp1", fairness["eopp1"]),
+                    fair("eopp0", fairness["eopp0"]),
+                    fair("eodd", fairness["eodd"]),
                     _cr(comp.get("theoretical_cr")),
                     _cr(measured),
                 ]
@@ -209,7 +232,12 @@ def _difference_text(metric: str, d: Mapping[str, Any]) -> str:
 
 
 def _boot_metrics(boot: Mapping[str, Any]) -> list[str]:
-    present = {m for per in boot.get("intervals", {}).values() for m in per}
+    present = {
+        m
+        for part in ("intervals", "differences")
+        for per in (boot.get(part) or {}).values()
+        for m in per
+    }
     return [m for m in _METRIC_NAMES if m in present]
 
 
@@ -238,21 +266,32 @@ def _interval_rows(report: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
-def _difference_lines(report: Mapping[str, Any]) -> list[str]:
+def _difference_lines(report: Mapping[str, Any], key: str = "bootstrap") -> list[str]:
     """Per method, its paired differences against the baseline, in words: one line for
-    the fairness gaps, one for accuracy, precision and recall."""
-    boot = report.get("bootstrap")
+    the fairness gaps, one for accuracy, precision and recall. ``key="bootstrap_rank"``:
+    against truncated SVD at the same ranks (compare)."""
+    boot = report.get(key)
     if not boot or not boot.get("differences"):
         return []
     pct = round(100 * boot["confidence"])
     labels = {m["name"]: method_label(m) for m in report["methods"]}
+    against = (
+        "truncated SVD at the same layers and ranks"
+        if key == "bootstrap_rank"
+        else boot["baseline"]
+    )
     lines = [
-        f"Change against {boot['baseline']} on the test split (paired bootstrap, {pct} % "
+        f"Change against {against} on the test split (paired bootstrap, {pct} % "
         "intervals; fairness gaps are better lower, accuracy, precision and recall higher):"
     ]
     metrics = _boot_metrics(boot)
     for name, per in boot["differences"].items():
-        lines.append(f"  {labels.get(name, name)}")
+        pair = (boot.get("pairs") or {}).get(name)
+        vs = ""
+        if pair is not None:
+            base = labels.get(pair["baseline"], pair["baseline"])
+            vs = f" vs {base}" + ("" if pair.get("same_ranks", True) else " (no factorized layer)")
+        lines.append(f"  {labels.get(name, name)}{vs}")
         for kind, group in (
             ("fairness", [m for m in metrics if m in _LOWER_IS_BETTER]),
             ("accuracy", [m for m in metrics if m not in _LOWER_IS_BETTER]),
@@ -464,12 +503,17 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         if warn:
             out += ["", *warn]
     out += ["", "## Accuracy and fairness (test split)", ""]
-    header, rows = fairness_table(report)
+    header, rows = fairness_table(report, bold=True)
     out.append(_table(rows, header, "github"))
     warn = _method_warnings(report)
     if warn:
         out += ["", *warn]
     out += ["", _TABLE_NOTE]
+    out += _weight_cr_lines(report)
+    if len(report["methods"]) > 1:
+        out += ["", "The best (lowest) EOpp1, EOpp0 and EOdd are in bold."]
+    if report.get("plot"):
+        out += ["", f"![Avg. precision against EOpp1 and EOdd per method]({report['plot']})"]
     out += draws_lines(report)
     ci_rows = _interval_rows(report)
     if ci_rows:
@@ -490,6 +534,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                 "github",
             ),
         ]
+    out += _rank_interval_lines(report)
     layer_rows = _layer_rows(report)
     if layer_rows:
         out += [
@@ -550,6 +595,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                 f"`{sizes['baseline_file']}` beside the model is the vanilla export: "
                 "`fairdeploy bench model.onnx` times the model against it.",
             ]
+    out += _artifact_lines(report)
+    out += _packing_lines(report)
     verify = report.get("verify")
     if verify:
         out += ["", _verify_line(verify, markdown=True)]
@@ -595,6 +642,133 @@ def _verify_line(verify: Mapping[str, Any], *, markdown: bool = False) -> str:
     )
 
 
+def _weight_cr_lines(report: Mapping[str, Any]) -> list[str]:
+    """What C.R. theory and measured mean for rows with packed (pruned / int8) weights."""
+    if not any(m.get("compression", {}).get("packing") for m in report["methods"]):
+        return []
+    return [
+        "",
+        "Packed rows: for FairPrune the paper's C.R. is 1.000 (pruned weights stored dense); for "
+        "FairQuantize it counts a quantized weight as 8 bits of 32 (32 / (32 − 24q) when every "
+        "weight is chosen). The exported files store pruned weights as a bit mask without the "
+        "zeros and quantized ones as int8 with a bit mask, so their measured C.R. is above the "
+        "paper's for FairPrune and just below it for FairQuantize (the mask costs 1 bit per "
+        "weight); inference runs the same dense MatMul/Conv as the vanilla export.",
+    ]
+
+
+def _rank_interval_lines(report: Mapping[str, Any]) -> list[str]:
+    rank = report.get("bootstrap_rank")
+    if not rank or not rank.get("differences"):
+        return []
+    labels = {m["name"]: method_label(m) for m in report["methods"]}
+    pct = round(100 * rank["confidence"])
+    rows = []
+    for name, per in rank["differences"].items():
+        pair = rank["pairs"][name]
+        against = labels.get(pair["baseline"], pair["baseline"])
+        if not pair["same_ranks"]:
+            against += " (no factorized layer: the table's truncated SVD)"
+        for metric in ("eopp1", "eopp0", "eodd", "avg_precision"):
+            d = per.get(metric)
+            if d is None:
+                continue
+            value = (
+                f"{d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+                if d["value"] is not None and d["low"] is not None
+                else "n/a"
+            )
+            sig = "yes" if d["significant"] else f"no ({pct} % CI contains 0)"
+            rows.append([labels.get(name, name), against, metric, value, sig])
+    out = [
+        "",
+        "## Paired change against truncated SVD at the same rank",
+        "",
+        f"The same {rank['n_resamples']} resamples (seed {rank['seed']}) as above; Δ = method − "
+        "truncated SVD with the same layers and ranks (the paper's FairLRF gains over it are "
+        "about 0.003 EOpp: only a paired interval can tell such a change from noise).",
+        "",
+        tabulate(rows, ["Method", "Against", "Metric", "Δ [CI]", "Significant"],
+                 tablefmt="github"),
+    ]
+    if rank.get("unpaired"):
+        out += ["", "No truncated SVD row at the same ranks for: "
+                + ", ".join(labels.get(n, n) for n in rank["unpaired"]) + "."]
+    return out
+
+
+def _artifact_lines(report: Mapping[str, Any]) -> list[str]:
+    """compare: every row's exported model, sizes, measured C.R. and verification."""
+    rows = []
+    for m in report["methods"]:
+        art = m.get("artifact")
+        if not art:
+            continue
+        comp = m.get("compression", {})
+        measured = comp.get("measured") or {}
+        ver = art["verify"]
+        rows.append([
+            method_label(m),
+            f"`{art['path']}`",
+            f"{art['sizes']['initializer_bytes']:,}",
+            f"{art['sizes']['file_bytes']:,}",
+            _cr(comp.get("theoretical_cr")),
+            _cr(measured.get("initializer_cr")),
+            _cr(measured.get("file_cr")),
+            f"{'PASSED' if ver['passed'] else 'FAILED'} (max |Δ| {ver['max_abs_error']:.2g})",
+        ])
+    if not rows:
+        return []
+    note = report.get("artifacts", {}).get("note", "")
+    return [
+        "",
+        "## Deployed artifacts (every row)",
+        "",
+        f"{note[:1].upper() + note[1:]}.",
+        "",
+        tabulate(rows, ["Method", "ONNX model", "initializer bytes", "file bytes",
+                        "C.R. theory", "C.R. measured (initializers)", "C.R. measured (file)",
+                        "verify"], tablefmt="github"),
+    ]
+
+
+def _packing_lines(report: Mapping[str, Any]) -> list[str]:
+    """Rows whose weights are packed: theory with the mask bit against the measured bytes."""
+    rows, note = [], None
+    for m in report["methods"]:
+        pk = m.get("compression", {}).get("packing")
+        if not pk:
+            continue
+        note = pk["load_note"]
+        bits = [t["bits_per_entry"] for t in pk["tensors"] if t["stored"] == "packed"]
+        rows.append([
+            method_label(m),
+            f"{pk['packed_tensors']} of {len(pk['tensors'])}",
+            f"{min(bits):.2f}–{max(bits):.2f}" if bits else "—",
+            _cr(m["compression"].get("theoretical_cr")),
+            _cr(pk["theoretical_cr_with_mask"]),
+            _cr(pk["measured_initializer_cr"]),
+            f"{100 * pk['fraction_of_theory']:.1f} %",
+        ])
+    if not rows:
+        return []
+    return [
+        "",
+        "## Packed weights",
+        "",
+        "Pruned and int8 weights are stored as a bit mask plus the compact values (int8 with "
+        "one float32 scale per output channel; no bytes for zeros), rebuilt into the float "
+        "tensor by a constant subgraph that ONNX Runtime folds when the session loads. A "
+        "tensor stays dense where packing would not save bytes.",
+        "",
+        tabulate(rows, ["Method", "tensors packed", "bits per weight (packed)",
+                        "C.R. paper", "C.R. theory with mask bit", "C.R. measured",
+                        "measured / theory"], tablefmt="github"),
+        "",
+        f"Load time: {note}.",
+    ]
+
+
 def write_report(report: Mapping[str, Any], directory: str | Path) -> tuple[Path, Path]:
     """Write ``report.json`` and ``report.md`` into ``directory`` (atomically)."""
     directory = Path(directory)
@@ -631,7 +805,17 @@ def terminal_text(report: Mapping[str, Any]) -> str:
         if not any(note.endswith(text) for text in shown):
             out.append(f"warning: {note}")
     out += _difference_lines(report)
+    out += _difference_lines(report, "bootstrap_rank")
     out += _draws_terminal_lines(report)
+    shipped = [m for m in report["methods"] if m.get("artifact")]
+    if shipped:
+        passed = sum(m["artifact"]["verify"]["passed"] for m in shipped)
+        out.append(
+            f"exported and verified: {passed} of {len(shipped)} rows PASSED "
+            "(<run folder>/<row>/model.onnx)"
+        )
+    if report.get("plot"):
+        out.append(f"plot: {report['plot']} (Avg. precision against EOpp1 and EOdd)")
     verify = report.get("verify")
     if verify:
         out.append(_verify_line(verify))
