@@ -453,6 +453,7 @@ def run_optimize(
                 groups=groups,
                 simplify=exp.simplify,
                 opset=exp.opset,
+                exporter=exp.exporter,
                 atol=exp.tolerances.atol,
                 rtol=exp.tolerances.rtol,
             )
@@ -567,6 +568,7 @@ def _vanilla_onnx(
             "checkpoint": prepared.checkpoint_sha256,
             "model": prepared.recipe.model.model_dump(mode="json"),
             "opset": exp.opset,
+            "exporter": exp.exporter,
             "simplify": exp.simplify,
             "input_shape": list(example.shape[1:]),
             "version": __version__,
@@ -576,7 +578,15 @@ def _vanilla_onnx(
         path = Path(cache_dir) / f"vanilla-{digest}.onnx"
         if path.is_file():
             return path
-    export(prepared.model, example, path, opset=exp.opset, simplify=exp.simplify, metadata=metadata)
+    export(
+        prepared.model,
+        example,
+        path,
+        opset=exp.opset,
+        exporter=exp.exporter,
+        simplify=exp.simplify,
+        metadata=metadata,
+    )
     return path
 
 

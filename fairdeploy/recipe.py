@@ -583,12 +583,24 @@ class Tolerances(_Strict):
 
 
 class ExportSpec(_Strict):
-    """``export:`` — ONNX opset, simplification, parity tolerances."""
+    """``export:`` — ONNX opset, exporter, simplification, parity tolerances."""
 
     opset: Annotated[int, BeforeValidator(_no_bool), Field(ge=13, le=25)] = 18
+    exporter: Literal["dynamo", "torchscript"] = "dynamo"
     simplify: bool = True
     tolerances: Tolerances = Field(default_factory=Tolerances)
     verify_samples: PosInt = 1024
+
+    @model_validator(mode="after")
+    def _dynamo_opset(self) -> ExportSpec:
+        if self.exporter == "dynamo" and self.opset < 18:
+            raise _fail(
+                "fd_dynamo_opset",
+                "opset: {opset} is not allowed with exporter dynamo (use opset ≥ 18, or "
+                "exporter: torchscript for older opsets)",
+                {"opset": self.opset},
+            )
+        return self
 
 
 class ReportSpec(_Strict):

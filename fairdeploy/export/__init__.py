@@ -2,6 +2,7 @@
 
 from fairdeploy.export._layout import ExportFactorized, LayerLayout, prepare_for_export
 from fairdeploy.export._onnx import (
+    EXPORTERS,
     METADATA_PREFIX,
     ExportResult,
     check_factor_structure,
@@ -13,6 +14,7 @@ from fairdeploy.export._onnx import (
 from fairdeploy.export._sizes import layer_table, measured_cr, onnx_sizes
 
 __all__ = [
+    "EXPORTERS",
     "METADATA_PREFIX",
     "ExportFactorized",
     "ExportResult",
