@@ -1,5 +1,17 @@
-"""ONNX export with factorized layers as real smaller MatMuls, metadata, measured sizes."""
+"""ONNX export with factorized layers as real smaller MatMuls, metadata, measured sizes,
+and int8 copies made with ONNX Runtime's quantization tools."""
 
+from fairdeploy.export._int8 import (
+    QUANT_MODES,
+    Int8Compression,
+    Int8Export,
+    Int8Fairness,
+    Int8Verification,
+    int8_compression,
+    int8_fairness,
+    quantize_int8,
+    verify_int8,
+)
 from fairdeploy.export._layout import ExportFactorized, LayerLayout, prepare_for_export
 from fairdeploy.export._onnx import (
     EXPORTERS,
@@ -16,16 +28,25 @@ from fairdeploy.export._sizes import layer_table, measured_cr, onnx_sizes
 __all__ = [
     "EXPORTERS",
     "METADATA_PREFIX",
+    "QUANT_MODES",
     "ExportFactorized",
     "ExportResult",
+    "Int8Compression",
+    "Int8Export",
+    "Int8Fairness",
+    "Int8Verification",
     "LayerLayout",
     "check_factor_structure",
     "export_onnx",
+    "int8_compression",
+    "int8_fairness",
     "layer_table",
     "measured_cr",
     "onnx_sizes",
     "prepare_for_export",
+    "quantize_int8",
     "read_metadata",
     "update_metadata",
+    "verify_int8",
     "verify_npz_path",
 ]
