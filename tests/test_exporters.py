@@ -132,13 +132,18 @@ def _layer_output(y: torch.Tensor, lay, model: nn.Module, layer: str) -> np.ndar
     return y.numpy()
 
 
-def test_dynamo_graph_carries_module_scopes_only(tmp_path) -> None:
-    model, _, x = _case("sparse_keep2")
-    export_onnx(model, x[:2], tmp_path / "m.onnx", exporter="dynamo")
+@pytest.mark.parametrize("simplify", [False, True])
+def test_dynamo_graph_carries_module_scopes_only(tmp_path, simplify: bool) -> None:
+    model, layer, x = _case("sparse_keep2")
+    res = export_onnx(model, x[:2], tmp_path / "m.onnx", exporter="dynamo", simplify=simplify)
+    assert res.simplified == simplify
     m = onnx.load(str(tmp_path / "m.onnx"))
     keys = {p.key for n in m.graph.node for p in n.metadata_props}
     assert keys == {"pkg.torch.onnx.name_scopes"}  # no stack traces with local paths
     assert str(tmp_path.parent) not in m.SerializeToString().decode("latin-1")
+    # onnxsim drops node metadata; the scopes are put back so the layer can be extracted.
+    assert Counter(n.op_type for n in layer_nodes(m, layer))["MatMul"] == 4
+    assert extract_layer(tmp_path / "m.onnx", layer)
 
 
 def test_exporter_choice_is_checked(tmp_path) -> None:

@@ -589,4 +589,15 @@ def _simplify(
     if not np.all(np.abs(got - expected) <= atol + rtol * np.abs(expected)):
         warnings.warn("onnxsim changed the outputs; keeping the unsimplified graph", stacklevel=3)
         return proto, False
+    _copy_node_metadata(proto, simple)
     return simple, True
+
+
+def _copy_node_metadata(source: onnx.ModelProto, target: onnx.ModelProto) -> None:
+    """onnxsim rebuilds nodes without their metadata; give nodes it kept (same name and op)
+    their module scopes back, which the per-layer benchmark reads."""
+    by_name = {n.name: n for n in source.graph.node if n.name and n.metadata_props}
+    for node in target.graph.node:
+        old = by_name.get(node.name)
+        if old is not None and old.op_type == node.op_type and not node.metadata_props:
+            node.metadata_props.extend(old.metadata_props)
