@@ -172,3 +172,21 @@ def test_dynamo_failure_is_a_user_error_naming_the_line(tmp_path) -> None:
     with pytest.raises(FairDeployError, match=r"dynamo exporter.*if x\.sum\(\) > 0.*torchscript"):
         export_onnx(Branchy().eval(), torch.ones(2, 4), tmp_path / "b.onnx")
     assert not (tmp_path / "b.onnx").exists()
+
+
+def test_recipe_export_exporter_key() -> None:
+    from fairdeploy.recipe import parse_recipe
+
+    base = {
+        "model": {"arch": "mlp", "num_classes": 2},
+        "data": {"kind": "celeba_attributes"},
+        "method": {"name": "truncated_svd", "layers": [{"layer": "layers.2", "rank": 4}]},
+    }
+    assert parse_recipe(base, source="r.yaml").export.exporter == "dynamo"
+    ts = parse_recipe({**base, "export": {"exporter": "torchscript", "opset": 17}}, source="r.yaml")
+    assert (ts.export.exporter, ts.export.opset) == ("torchscript", 17)
+    with pytest.raises(FairDeployError, match=r"export\.opset: 17 is not allowed with exporter "
+                       r"dynamo \(use opset ≥ 18, or exporter: torchscript"):
+        parse_recipe({**base, "export": {"opset": 17}}, source="r.yaml")
+    with pytest.raises(FairDeployError, match=r"export\.exporter: 'jit' is not allowed"):
+        parse_recipe({**base, "export": {"exporter": "jit"}}, source="r.yaml")
