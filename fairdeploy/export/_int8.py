@@ -4,12 +4,12 @@ Three steps, each a function on files and arrays so the pipeline can call them a
 method's float export:
 
 - :func:`quantize_int8` writes an int8 copy of a float ONNX model with
-  ``onnxruntime.quantization``: ``static`` (default) inserts QuantizeLinear /
-  DequantizeLinear pairs (QDQ format) with activation ranges calibrated on inputs the
-  caller takes from the training split; ``dynamic`` quantizes the weights only and
-  activations per batch at run time. Every weight-carrying node is quantized, the two
-  MatMuls of a factorized layer and the blocks of a structured-sparse one included; the
-  result says which weights stayed float.
+  ``onnxruntime.quantization``: ``static`` inserts QuantizeLinear / DequantizeLinear pairs
+  (QDQ format) with activation ranges calibrated on inputs the caller takes from the
+  training split; ``dynamic`` quantizes the weights only and activations per batch at run
+  time; ``auto`` (default) picks static for graphs with convolutions, dynamic otherwise.
+  Every weight-carrying node is quantized, the two MatMuls of a factorized layer and the
+  blocks of a structured-sparse one included; the result says which weights stayed float.
 - :func:`verify_int8` compares the int8 model in ONNX Runtime with the float PyTorch
   model's outputs under int8 tolerances that it states and returns (default: a fraction
   of the logits' spread), with the smallest tolerances that would pass and the argmax
@@ -21,13 +21,13 @@ method's float export:
 :func:`int8_compression` gives the measured and theoretical compression of "method +
 int8 weights" against the vanilla float export.
 
-Why static QDQ by default (``bench/bench_int8.py``, same-run measurements in the README):
-on vgg11_paper's graph, dynamic quantization turns every Conv into ``ConvInteger``, which
-ONNX Runtime's CPU provider runs far slower than float, while QDQ convolutions run as
-fused int8 kernels; static also stores Gemm biases as int32 and needs no per-batch range
-computation. Its cost is calibration, done on training inputs, and ranges fixed at
-calibration time, which is why the artifact is verified against PyTorch and its group
-metrics are re-measured.
+Why ``auto`` chooses so (``bench/bench_int8.py``, same-run measurements in the README):
+dynamic quantization turns every Conv into ``ConvInteger``, which ONNX Runtime's CPU
+provider ran 3.6–7× slower than float (vgg11_paper, a small CNN), while QDQ convolutions ran
+as int8 kernels (vgg11_paper 2.4–3.5× faster than float); without convolutions the two run
+alike and dynamic is the more accurate (no fixed activation ranges to clip). Static ranges
+are fixed at calibration time, which is one more reason the artifact is verified against
+PyTorch and its group metrics are re-measured.
 """
 
 from __future__ import annotations
