@@ -359,7 +359,10 @@ def _check_export(exp: Experiment, *, progress: bool = False) -> str:
             phase("export check: vanilla model", unit="", enabled=progress),
             exporting(f"the vanilla model (input of shape {'×'.join(map(str, shape))})"),
         ):
-            export_onnx(exp.model, example, path, opset=spec.opset, simplify=False)
+            export_onnx(
+                exp.model, example, path, opset=spec.opset, exporter=spec.exporter,
+                simplify=False,
+            )
         size = onnx_sizes(path)["file_bytes"]
     return (
         f"ok: the vanilla model exports to ONNX (input of shape "
@@ -903,7 +906,8 @@ def _vanilla_onnx(
             exporting("the vanilla model"),
         ):
             export_onnx(
-                ctx.model, example, path, opset=exp_spec.opset, simplify=exp_spec.simplify,
+                ctx.model, example, path, opset=exp_spec.opset, exporter=exp_spec.exporter,
+                simplify=exp_spec.simplify,
                 metadata=metadata,
             )
 
@@ -917,6 +921,7 @@ def _vanilla_onnx(
         "data": ctx.cache_key["content"],
         "sensitive": recipe.sensitive.model_dump(mode="json"),
         "opset": exp_spec.opset,
+        "exporter": exp_spec.exporter,
         "simplify": exp_spec.simplify,
         "input_shape": list(example.shape[1:]),
         "version": __version__,

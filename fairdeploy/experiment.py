@@ -671,6 +671,7 @@ class Experiment:
             sparse_layout=exp.sparse_layout,
             eliminate_dead=exp.eliminate_dead,
             opset=exp.opset,
+            exporter=exp.exporter,
             atol=exp.tolerances.atol,
             rtol=exp.tolerances.rtol,
             reference_max_bytes=int(exp.verify_npz_max_mb * 1e6),

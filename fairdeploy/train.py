@@ -25,6 +25,7 @@ from torch import nn
 
 from fairdeploy._io import atomic_torch_save
 from fairdeploy._probe import check_model_takes_inputs
+from fairdeploy._stale import remove_stale
 from fairdeploy._text import seconds
 from fairdeploy.checkpoint import check_plain_value, save_checkpoint
 from fairdeploy.data._loader import batch_loader
@@ -303,6 +304,9 @@ def train_model(
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
     if ckpt is not None:
         _check_output(ckpt)
+        # Leftovers of a run killed mid-write (its process is gone): every train run
+        # removes them, not only the first write of this process in that folder.
+        remove_stale(ckpt.parent)
     state_path = resume_state_path(ckpt) if ckpt is not None else None
 
     rng_devices = [device.index or 0] if device.type == "cuda" else []

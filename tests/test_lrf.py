@@ -58,7 +58,7 @@ def _linear_from(A: torch.Tensor, bias: bool = True) -> nn.Linear:
 
 @pytest.mark.parametrize("spectrum", list(SPECTRA))
 @pytest.mark.parametrize("k", [5, 20, 50])
-@pytest.mark.parametrize("solver", ["auto", "full"])
+@pytest.mark.parametrize("solver", ["auto", "full", "propack", "arpack"])
 def test_truncated_svd_matches_full_svd(spectrum: str, k: int, solver: str) -> None:
     A = _matrix(300, 200, SPECTRA[spectrum])
     ref_U, ref_S, ref_Vh = torch.linalg.svd(A, full_matrices=False)
@@ -72,84 +72,100 @@ def test_truncated_svd_matches_full_svd(spectrum: str, k: int, solver: str) -> N
     assert err == pytest.approx(float((ref_S[k:] ** 2).sum()), rel=1e-6, abs=1e-12)
 
 
-@pytest.mark.parametrize("spectrum", ["exp", "power"])
-def test_auto_uses_randomized_solver_on_decaying_spectra(spectrum: str) -> None:
+@pytest.mark.parametrize("spectrum", list(SPECTRA))
+def test_auto_uses_propack_when_k_is_small(spectrum: str) -> None:
+    # Flat spectra included: Lanczos converges where subspace iteration stalled.
     res = truncated_svd(_matrix(300, 200, SPECTRA[spectrum]), 20, solver="auto")
-    assert res.solver == "randomized" and res.converged and not res.fell_back
+    assert res.solver == "propack" and not res.fell_back
     assert res.error_bound <= 1e-5
 
 
-def test_wide_matrix_and_seed_independence() -> None:
+@pytest.mark.parametrize("solver", ["propack", "arpack"])
+def test_wide_matrix_and_seed_independence(solver: str) -> None:
     # Din < Dout, and different seeds: same factors (deterministic signs), within 1e-4.
     A = _matrix(200, 300, SPECTRA["power"])
     ref_U, _, ref_Vh = torch.linalg.svd(A, full_matrices=False)
-    a = truncated_svd(A, 12, solver="randomized", seed=0)
-    b = truncated_svd(A, 12, solver="randomized", seed=1)
-    assert a.converged and b.converged
+    a = truncated_svd(A, 12, solver=solver, seed=0)
+    b = truncated_svd(A, 12, solver=solver, seed=1)
+    assert a.solver == b.solver == solver
     assert _sin_theta(a.U, ref_U[:, :12]) <= 1e-4 and _sin_theta(a.Vh.T, ref_Vh[:12].T) <= 1e-4
     assert torch.allclose(a.U, b.U, atol=1e-4) and torch.allclose(a.Vh, b.Vh, atol=1e-4)
 
 
 @pytest.mark.parametrize("shape", [(300, 200), (200, 300)])
-def test_auto_falls_back_to_the_gram_eigenpairs_on_flat_spectrum(shape) -> None:
-    A = _matrix(*shape, SPECTRA["flat"])
-    res = truncated_svd(A, 20, solver="auto")
-    assert res.solver == "gram" and res.fell_back
-    ref_U, ref_S, ref_Vh = torch.linalg.svd(A, full_matrices=False)
-    assert torch.allclose(res.S, ref_S[:20], rtol=1e-10)
-    assert _sin_theta(res.U, ref_U[:, :20]) <= 1e-4
-    assert _sin_theta(res.Vh.T, ref_Vh[:20].T) <= 1e-4
-
-
-def test_auto_falls_back_to_full_svd_when_sigma_k_is_not_separated() -> None:
-    # σ_20 = σ_21 exactly: no subspace bound holds, so the Gram route is refused too.
+def test_auto_falls_back_to_full_svd_when_sigma_k_is_not_separated(shape) -> None:
+    # σ_21 = σ_20 (1 − 1e-9): no subspace bound can hold at tol 1e-5, so the full SVD is used.
     sigma = SPECTRA["flat"].clone()
-    sigma[20] = sigma[19]
-    A = _matrix(300, 200, sigma)
+    sigma[20] = sigma[19] * (1 - 1e-9)
+    A = _matrix(*shape, sigma)
     res = truncated_svd(A, 20, solver="auto")
     assert res.solver == "full" and res.fell_back
     ref = torch.linalg.svdvals(A)
     assert torch.allclose(res.S, ref[:20], rtol=1e-12)
 
 
+def test_exactly_repeated_sigma_k_still_gives_a_best_rank_k_svd() -> None:
+    # σ_20 = σ_21 exactly: the top-20 subspace is not unique. Whichever solver answers
+    # (PROPACK may see the repeated value once), the singular values are exact and the
+    # approximation is optimal.
+    sigma = SPECTRA["flat"].clone()
+    sigma[20] = sigma[19]
+    A = _matrix(300, 200, sigma)
+    ref = torch.linalg.svdvals(A)
+    res = truncated_svd(A, 20, solver="auto")
+    assert torch.allclose(res.S, ref[:20], rtol=1e-12)
+    err = torch.linalg.matrix_norm(A - (res.U * res.S) @ res.Vh) ** 2
+    assert float(err) == pytest.approx(float((ref[20:] ** 2).sum()), rel=1e-9)
+    assert torch.allclose(res.U.T @ res.U, torch.eye(20, dtype=torch.float64), atol=1e-10)
+
+
 def test_auto_uses_full_svd_for_large_rank() -> None:
-    # k > min(Din, Dout) / 4: a full SVD is as cheap as the randomized one.
+    # k > min(Din, Dout) / 4: a full SVD is as cheap as a Krylov solver.
     res = truncated_svd(_matrix(300, 200, SPECTRA["exp"]), 51, solver="auto")
     assert res.solver == "full" and not res.fell_back
 
 
-def test_randomized_warns_when_it_does_not_converge() -> None:
-    A = _matrix(300, 200, SPECTRA["flat"])
-    with pytest.warns(FactorizationWarning, match="stopped after"):
-        res = truncated_svd(A, 20, solver="randomized")
-    assert not res.converged
+@pytest.mark.parametrize("solver", ["propack", "arpack"])
+def test_named_solver_warns_when_its_bound_fails(solver: str) -> None:
+    sigma = SPECTRA["flat"].clone()
+    sigma[20] = sigma[19] * (1 - 1e-9)
+    A = _matrix(300, 200, sigma)
+    with pytest.warns(FactorizationWarning, match=f"solver='{solver}'.*used the full SVD"):
+        res = truncated_svd(A, 20, solver=solver)
+    assert res.solver == "full" and res.fell_back
 
 
-def test_randomized_converged_matches_full_and_has_same_signs() -> None:
+@pytest.mark.parametrize("solver", ["propack", "arpack"])
+def test_krylov_solvers_match_full_and_have_same_signs(solver: str) -> None:
     A = _matrix(300, 200, SPECTRA["exp"])
-    fast = truncated_svd(A, 10, solver="randomized", seed=1)
+    fast = truncated_svd(A, 10, solver=solver, seed=1)
     full = truncated_svd(A, 10, solver="full")
     # Deterministic signs make the factors themselves agree, not only the subspaces.
+    assert fast.solver == solver
     assert torch.allclose(fast.U, full.U, atol=1e-5)
     assert torch.allclose(fast.Vh, full.Vh, atol=1e-5)
     idx = full.U.abs().argmax(dim=0)
     assert torch.all(full.U[idx, torch.arange(10)] > 0)
 
 
-def test_randomized_is_deterministic_per_seed() -> None:
+@pytest.mark.parametrize("solver", ["propack", "arpack"])
+def test_krylov_solvers_are_deterministic_per_seed(solver: str) -> None:
     A = _matrix(120, 90, SPECTRA["power"][:90])
-    a = truncated_svd(A, 8, solver="randomized", seed=7)
-    b = truncated_svd(A, 8, solver="randomized", seed=7)
+    a = truncated_svd(A, 8, solver=solver, seed=7)
+    b = truncated_svd(A, 8, solver=solver, seed=7)
     assert torch.equal(a.U, b.U) and torch.equal(a.S, b.S) and torch.equal(a.Vh, b.Vh)
 
 
-def test_randomized_on_rank_deficient_and_zero_matrices() -> None:
+def test_rank_deficient_zero_and_near_full_rank_matrices() -> None:
     low = _matrix(80, 60, torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
-    res = truncated_svd(low, 2, solver="randomized")
-    assert res.converged
+    res = truncated_svd(low, 2, solver="propack")
+    assert res.solver == "propack"
     assert torch.allclose(res.S, torch.tensor([3.0, 2.0], dtype=torch.float64), rtol=1e-10)
-    zero = truncated_svd(torch.zeros(80, 60, dtype=torch.float64), 3, solver="randomized")
-    assert torch.all(zero.S == 0)
+    zero = truncated_svd(torch.zeros(80, 60, dtype=torch.float64), 3, solver="propack")
+    assert torch.all(zero.S == 0) and zero.solver == "full"
+    # k = min(m, n) − 1 leaves no room for the extra triplet the bound needs: full SVD.
+    near = truncated_svd(_matrix(80, 60, SPECTRA["exp"][:60]), 59, solver="arpack")
+    assert near.solver == "full" and not near.fell_back
 
 
 # --- factorize ------------------------------------------------------------------------

@@ -124,9 +124,9 @@ def test_checker_failure_fails_verify(exported, tmp_path):
     m = onnx.load(str(path))
     # A recorded shape that contradicts inference: ONNX Runtime still runs it (and the
     # outputs still match), but the full check fails, so verify must fail.
+    relu_out = next(n.output[0] for n in m.graph.node if n.op_type == "Relu")
     m.graph.value_info.add().CopyFrom(
-        onnx.helper.make_tensor_value_info("/1/Relu_output_0", onnx.TensorProto.FLOAT,
-                                           ["batch", 99])
+        onnx.helper.make_tensor_value_info(relu_out, onnx.TensorProto.FLOAT, ["batch", 99])
     )
     bad = tmp_path / "broken.onnx"
     onnx.save(m, str(bad))

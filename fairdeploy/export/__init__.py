@@ -1,7 +1,18 @@
 """ONNX export with factorized layers as real smaller MatMuls, dead-neuron elimination,
-metadata, measured sizes."""
+metadata, measured sizes, and int8 copies made with ONNX Runtime's quantization tools."""
 
 from fairdeploy.export._eliminate import DeployedLayer, DeployedParams, deployed_params
+from fairdeploy.export._int8 import (
+    QUANT_MODES,
+    Int8Compression,
+    Int8Export,
+    Int8Fairness,
+    Int8Verification,
+    int8_compression,
+    int8_fairness,
+    quantize_int8,
+    verify_int8,
+)
 from fairdeploy.export._layout import (
     SPARSE_LAYOUTS,
     ExportFactorized,
@@ -9,6 +20,7 @@ from fairdeploy.export._layout import (
     prepare_for_export,
 )
 from fairdeploy.export._onnx import (
+    EXPORTERS,
     METADATA_PREFIX,
     ExportResult,
     check_factor_structure,
@@ -21,12 +33,18 @@ from fairdeploy.export._packed import PackedTensor, PackReport, PackSpec, pack_w
 from fairdeploy.export._sizes import layer_table, measured_cr, onnx_sizes
 
 __all__ = [
+    "EXPORTERS",
     "METADATA_PREFIX",
+    "QUANT_MODES",
     "SPARSE_LAYOUTS",
     "DeployedLayer",
     "DeployedParams",
     "ExportFactorized",
     "ExportResult",
+    "Int8Compression",
+    "Int8Export",
+    "Int8Fairness",
+    "Int8Verification",
     "LayerLayout",
     "PackReport",
     "PackSpec",
@@ -34,12 +52,16 @@ __all__ = [
     "check_factor_structure",
     "deployed_params",
     "export_onnx",
+    "int8_compression",
+    "int8_fairness",
     "layer_table",
     "measured_cr",
     "onnx_sizes",
     "pack_weights",
     "prepare_for_export",
+    "quantize_int8",
     "read_metadata",
     "update_metadata",
+    "verify_int8",
     "verify_npz_path",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -22,6 +23,7 @@ from fairdeploy.errors import FairDeployError
 from fairdeploy.export._layout import LayerLayout, prepare_for_export, sparse_layout_name
 
 __all__ = [
+    "EXPORTERS",
     "METADATA_PREFIX",
     "ExportResult",
     "export_onnx",
@@ -51,6 +53,16 @@ DOCUMENTED_KEYS = (
 )
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+#: Graph builders :func:`export_onnx` offers. ``dynamo`` (``torch.export``) is the default:
+#: it is the exporter PyTorch keeps, while the TorchScript one warns that it will be removed.
+EXPORTERS = ("dynamo", "torchscript")
+#: The dynamo exporter builds opset-18 graphs; asking for an older opset runs ONNX's version
+#: converter, which drops the per-node module scopes the layer benchmark relies on.
+DYNAMO_MIN_OPSET = 18
+# Node metadata the dynamo exporter writes that is kept: the module scope of each node
+# (read by fairdeploy.bench.layer_nodes). Its stack traces and FX node dumps hold paths of
+# the machine that exported and are dropped.
+_KEPT_NODE_METADATA = ("pkg.torch.onnx.name_scopes",)
 #: A single .onnx file holds at most 2 GB (protobuf limit); beyond, weights go to .onnx.data.
 _SINGLE_FILE_LIMIT = 1_900_000_000
 
@@ -277,12 +289,13 @@ def _save_npz_atomic(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
         np.savez(f, **arrays)
 
 
-def _torch_export(ready: nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
-    """TorchScript-based export: 3× faster than the dynamo exporter on vgg11_paper here and
-    it keeps parameter names as initializer names (the structure check relies on them)."""
+def _torchscript_export(ready: nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
+    """TorchScript-based export (``dynamo=False``): deprecated in PyTorch, kept as an option
+    (faster here, any opset from 13)."""
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
             ready,
@@ -298,11 +311,130 @@ def _torch_export(ready: nn.Module, example: torch.Tensor, opset: int) -> onnx.M
     return onnx.load_from_string(buf.getvalue())
 
 
+def _dynamo_export(ready: nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
+    """``torch.export``-based export (``dynamo=True``) with the same graph contract as the
+    TorchScript path: parameters keep their module names as initializer names (so every
+    factor block is its own initializer, checked by :func:`check_factor_structure`), input
+    ``input`` and output ``logits`` with a dynamic ``batch`` axis.
+
+    The exporter's graph optimizer runs (constant folding, dead-code removal). It cannot
+    re-fuse ``U`` and ``V``: the graph multiplies the input by ``U`` first, so no node
+    takes both factors, and the structure check would catch it anyway. It does drop
+    all-zero bias inputs (same outputs, fewer stored zeros). Node metadata other than the
+    module scopes is removed (stack traces name files of the exporting machine).
+    """
+    # torch.export specializes a dimension whose example size is 0 or 1: trace with ≥ 2.
+    trace_x = example if example.shape[0] >= 2 else example.expand(2, *example.shape[1:])
+    batch = torch.export.Dim("batch")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            program = torch.onnx.export(
+                ready,
+                (trace_x.contiguous(),),
+                dynamo=True,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: batch},),
+                opset_version=opset,
+                optimize=True,
+                verbose=False,
+            )
+    except torch.onnx.errors.OnnxExporterError as exc:
+        raise FairDeployError(
+            f"the dynamo exporter (torch.export) cannot export this model: {_why(exc)}. Make "
+            "the forward traceable by torch.export, or set export.exporter: torchscript "
+            "(exporter='torchscript'; deprecated by PyTorch)"
+        ) from None
+    proto = program.model_proto
+    for node in proto.graph.node:
+        kept = [p for p in node.metadata_props if p.key in _KEPT_NODE_METADATA]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+    _restore_buffer_names(proto, ready)
+    return proto
+
+
+def _restore_buffer_names(proto: onnx.ModelProto, ready: nn.Module) -> None:
+    """Give buffers the optimizer re-created as ``val_<n>`` constants their module names back.
+
+    The exporter's constant folding turns ``Reshape(buffer)`` (how ``index_select`` is
+    lowered) into a new constant with a generated name; the run-time Gather indices of a
+    layer then read ``val_2`` instead of ``0.input_index``. A generated-name initializer
+    whose values equal a buffer's is renamed to that buffer (each buffer once): names only,
+    the computation is unchanged.
+    """
+    from onnx import numpy_helper
+
+    inits = list(proto.graph.initializer)
+    present = {t.name for t in inits}
+    renames: dict[str, str] = {}
+    for bname, buf in ready.named_buffers():
+        if bname in present or buf.numel() < 2:  # a 1-element match could be a Slice bound
+            continue
+        want = buf.detach().cpu().numpy().ravel()
+        for t in inits:
+            generated = t.name.startswith("val_") and t.name not in renames
+            if not generated or int(np.prod(t.dims)) != want.size:
+                continue
+            got = numpy_helper.to_array(t).ravel()
+            if got.dtype == want.dtype and np.array_equal(got, want):
+                renames[t.name] = bname
+                break
+    if not renames:
+        return
+    for t in inits:
+        if t.name in renames:
+            t.name = renames[t.name]
+    for node in proto.graph.node:
+        for i, name in enumerate(node.input):
+            if name in renames:
+                node.input[i] = renames[name]
+
+
+def _why(exc: BaseException) -> str:
+    """One line saying why torch.export failed: the underlying error and the user's line."""
+    cause = exc.__cause__ or exc
+    lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
+    why = f"{type(cause).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    text = str(exc).splitlines()
+    for i, ln in enumerate(text):
+        if ln.startswith("The following call raised this error:") and i + 2 < len(text):
+            why += f" (at {text[i + 1].strip()}: {text[i + 2].strip()})"
+            break
+    return re.sub(r"\x1b\[[0-9;]*m", "", why)
+
+
+def _export_graph(
+    ready: nn.Module, example: torch.Tensor, opset: int, exporter: str
+) -> onnx.ModelProto:
+    if exporter == "dynamo":
+        return _dynamo_export(ready, example, opset)
+    return _torchscript_export(ready, example, opset)
+
+
+def _check_exporter(exporter: Any, opset: Any) -> None:
+    if exporter not in EXPORTERS:
+        raise FairDeployError(
+            f"exporter={exporter!r} is unknown: use one of {', '.join(EXPORTERS)} "
+            "(recipe key export.exporter)"
+        )
+    if exporter == "dynamo" and opset < DYNAMO_MIN_OPSET:
+        raise FairDeployError(
+            f"opset {opset} is not available with the dynamo exporter, which builds opset "
+            f"{DYNAMO_MIN_OPSET} graphs (converting them down loses the module scopes of the "
+            f"nodes): use export.opset ≥ {DYNAMO_MIN_OPSET}, or export.exporter: torchscript "
+            "for older opsets"
+        )
+
+
 def _expected_blocks(ready: nn.Module, layouts: list[LayerLayout]) -> dict[str, tuple[int, ...]]:
     names = {lay.layer for lay in layouts}
     out: dict[str, tuple[int, ...]] = {}
     for pname, p in ready.named_parameters():
-        if pname.rsplit(".", 1)[0] in names:
+        # An all-zero block (e.g. a zero bias) may be optimized away: it stores nothing.
+        if pname.rsplit(".", 1)[0] in names and bool(p.detach().any()):
             out[pname] = tuple(p.shape)
     return out
 
@@ -374,9 +506,10 @@ def export_onnx(
     sparse_layout: bool | str = True,
     fold_permutations: bool = True,
     eliminate_dead: bool = False,
-    opset: int = 17,
+    opset: int = 18,
     atol: float = 1e-4,
     rtol: float = 1e-3,
+    exporter: str = "dynamo",
     reference_max_bytes: int | None = None,
 ) -> ExportResult:
     """Export a classifier to ONNX with factorized layers as real smaller MatMuls.
@@ -432,9 +565,15 @@ def export_onnx(
         keeps the paper's per-layer layout; the recipe key
         ``export.eliminate_dead`` turns it on for ``optimize``.
     opset : int
-        ONNX opset.
+        ONNX opset (≥ 18 with the dynamo exporter).
     atol, rtol : float
         Tolerance of the export-time parity check.
+    exporter : {"dynamo", "torchscript"}
+        How the graph is built: ``torch.onnx.export(dynamo=True)`` (``torch.export``, the
+        default: the exporter PyTorch keeps) or the TorchScript tracer (``dynamo=False``,
+        deprecated by PyTorch; faster, any opset). Both give the same graph contract:
+        factor blocks as separate initializers named after the parameters, input
+        ``input``, output ``logits``, dynamic batch axis.
     reference_max_bytes : int, optional
         Cap on the size of ``<name>.verify.npz``: only the first reference samples that
         fit are written (at least one), and ``samples_total`` records how many there were.
@@ -458,6 +597,7 @@ def export_onnx(
                 f"({0 if ref_x is None else len(ref_x)})"
             )
     encoded = _encode_metadata(dict(metadata or {}))
+    _check_exporter(exporter, opset)
 
     layout = sparse_layout_name(sparse_layout)
     ready, layouts = prepare_for_export(
@@ -477,7 +617,7 @@ def export_onnx(
     if not np.all(np.abs(ready_out - expected) <= atol + rtol * np.abs(expected)):
         raise _tolerance_error("the export layout (rearranged layers)", layout_err, atol, rtol)
 
-    proto = _torch_export(ready, example, opset)
+    proto = _export_graph(ready, example, opset, exporter)
     check_factor_structure(proto, ready, layouts)
     simplified = False
     if simplify:
@@ -607,4 +747,15 @@ def _simplify(
     if not np.all(np.abs(got - expected) <= atol + rtol * np.abs(expected)):
         warnings.warn("onnxsim changed the outputs; keeping the unsimplified graph", stacklevel=3)
         return proto, False
+    _copy_node_metadata(proto, simple)
     return simple, True
+
+
+def _copy_node_metadata(source: onnx.ModelProto, target: onnx.ModelProto) -> None:
+    """onnxsim rebuilds nodes without their metadata; give nodes it kept (same name and op)
+    their module scopes back, which the per-layer benchmark reads."""
+    by_name = {n.name: n for n in source.graph.node if n.name and n.metadata_props}
+    for node in target.graph.node:
+        old = by_name.get(node.name)
+        if old is not None and old.op_type == node.op_type and not node.metadata_props:
+            node.metadata_props.extend(old.metadata_props)

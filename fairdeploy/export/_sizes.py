@@ -44,6 +44,43 @@ def _numel(t: onnx.TensorProto) -> int:
     return n
 
 
+# Inputs that hold quantization scales and zero points, by op (not weights themselves).
+_QUANT_PARAM_INPUTS = {
+    "QuantizeLinear": (1, 2),
+    "DequantizeLinear": (1, 2),
+    "MatMulInteger": (2, 3),
+    "ConvInteger": (2, 3),
+    "QLinearMatMul": (1, 2, 4, 5, 6, 7),
+    "QLinearConv": (1, 2, 4, 5, 6, 7),
+}
+# Inputs that hold quantized weights (int8/uint8, or int32 biases), by op.
+_QUANT_WEIGHT_INPUTS = {
+    "DequantizeLinear": (0,),
+    "MatMulInteger": (1,),
+    "ConvInteger": (1,),
+    "QLinearMatMul": (3,),
+    "QLinearConv": (3, 8),
+}
+
+
+def _quantization_roles(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
+    """Names of (scale/zero-point tensors, quantized weight tensors) in a quantized graph.
+
+    Dynamic quantization multiplies the int32 product by ``x_scale · w_scale`` with a
+    ``Mul``; its float initializer input next to a DynamicQuantizeLinear scale is a scale.
+    """
+    params: set[str] = set()
+    weights: set[str] = set()
+    dyn_scales = {n.output[1] for n in model.graph.node if n.op_type == "DynamicQuantizeLinear"}
+    for node in model.graph.node:
+        ins = list(node.input)
+        params.update(ins[i] for i in _QUANT_PARAM_INPUTS.get(node.op_type, ()) if i < len(ins))
+        weights.update(ins[i] for i in _QUANT_WEIGHT_INPUTS.get(node.op_type, ()) if i < len(ins))
+        if node.op_type == "Mul" and dyn_scales.intersection(ins):
+            params.update(i for i in ins if i not in dyn_scales)
+    return params, weights - params
+
+
 def onnx_sizes(path: str | os.PathLike[str]) -> dict[str, int]:
     """Bytes and parameters an ONNX model stores.
 
@@ -55,24 +92,33 @@ def onnx_sizes(path: str | os.PathLike[str]) -> dict[str, int]:
     Returns
     -------
     dict
-        ``initializer_bytes`` (sum over initializers of elements × element size; int8 and
+        ``initializer_bytes`` (sum over initializers of elements × element size: int8 and
         uint8 count 1 byte; a ``sparse_initializer`` counts its values and its indices),
         ``file_bytes`` (the .onnx file plus every external data file it references),
-        ``parameters`` (elements of floating-point and int8 initializers: the weights and
-        biases as stored, not bit masks or index constants; the values of a sparse one),
-        ``initializers`` (their number, sparse ones included).
+        ``parameters`` (elements of the weights and biases as stored: floating-point
+        initializers, int8 ones (the int8 entries of a packed weight, quantized weights),
+        the int32 biases of a quantized graph, the values of a sparse initializer — not
+        bit masks, index constants, or the scales and zero points of quantization),
+        ``int8_parameters`` (the 8-bit ones among them), ``quantization_bytes`` (bytes of
+        scales and zero points), ``initializers`` (their number, sparse ones included).
     """
     model = _load_header(path)
-    init_bytes = params = 0
+    quant_params, quant_weights = _quantization_roles(model)
+    init_bytes = params = int8_params = quant_bytes = 0
     data_files: set[str] = set()
     dense = list(model.graph.initializer)
     sparse = list(model.graph.sparse_initializer)
-    tensors = [(t, True) for t in dense] + [(s.values, True) for s in sparse]
-    for t, holds_values in tensors + [(s.indices, False) for s in sparse]:
+    tensors = [(t, True) for t in dense] + [(sp.values, True) for sp in sparse]
+    for t, holds_values in tensors + [(sp.indices, False) for sp in sparse]:
         n = _numel(t)
-        init_bytes += n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        if holds_values and t.data_type in _PARAM_TYPES:
+        nbytes = n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        init_bytes += nbytes
+        if t.name in quant_params:
+            quant_bytes += nbytes
+        elif holds_values and (t.data_type in _PARAM_TYPES or t.name in quant_weights):
             params += n
+            if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
+                int8_params += n
         if external_data_helper.uses_external_data(t):
             info = external_data_helper.ExternalDataInfo(t)
             data_files.add(info.location)
@@ -85,6 +131,8 @@ def onnx_sizes(path: str | os.PathLike[str]) -> dict[str, int]:
         "initializer_bytes": init_bytes,
         "file_bytes": file_bytes,
         "parameters": params,
+        "int8_parameters": int8_params,
+        "quantization_bytes": quant_bytes,
         "initializers": len(dense) + len(sparse),
     }
 
@@ -116,8 +164,10 @@ def layer_table(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         return []
     rows = json.loads(props["fairdeploy.layers"])
     sizes: dict[str, int] = {}
+    quant_params, quant_weights = _quantization_roles(model)
     for t in model.graph.initializer:
-        if t.data_type in _FLOAT_TYPES:  # index arrays of run-time Gathers are not weights
+        # Index arrays of run-time Gathers and quantization scales are not weights.
+        if t.name in quant_weights or (t.data_type in _FLOAT_TYPES and t.name not in quant_params):
             sizes[t.name] = _numel(t)
     for row in rows:
         prefix = row["layer"] + "."

@@ -69,10 +69,10 @@ def factorize_model(
         The vanilla model (not modified).
     plan : Plan
         An LRF plan (``truncated_svd``, ``slr_w``, ``slr_a`` or ``fairlrf``).
-    solver : {"auto", "full", "randomized"}
+    solver : {"auto", "full", "propack", "arpack"}
         SVD solver, see :func:`truncated_svd`.
     seed : int
-        Seed of the randomized solver.
+        Seed of the iterative solvers' random start.
     """
     if not plan.factorizes:
         raise FairDeployError(

@@ -125,6 +125,7 @@ class ExportSpec(Strict):
     """
 
     opset: Annotated[int, BeforeValidator(no_bool), Field(ge=13, le=25)] = 18
+    exporter: Literal["dynamo", "torchscript"] = "dynamo"
     simplify: bool = True
     tolerances: Tolerances = Field(default_factory=Tolerances)
     verify_samples: PosInt = 1024
@@ -132,25 +133,39 @@ class ExportSpec(Strict):
     eliminate_dead: bool = True
     verify_npz_max_mb: Annotated[float, BeforeValidator(no_bool), Field(gt=0)] = 8.0
 
-    @field_validator("opset")
-    @classmethod
-    def _exporter_supports(cls, value: int) -> int:
+    @model_validator(mode="after")
+    def _exporter_supports(self) -> ExportSpec:
         # Checked when the recipe loads, not after the trunk pass, when export would fail.
-        highest = max_export_opset()
-        if value > highest:
-            raise ValueError(f"use an opset from 13 to {highest}: the highest this torch's "
-                             "ONNX exporter writes")
-        return value
+        low, high = opset_range(self.exporter)
+        if not low <= self.opset <= high:
+            other = "torchscript" if self.exporter == "dynamo" else "dynamo"
+            raise schema_error(
+                "fd_opset",
+                "opset: {opset} is not allowed with exporter {exporter} (use an opset from "
+                "{low} to {high}, or exporter: {other})",
+                {"opset": self.opset, "exporter": self.exporter, "low": low, "high": high,
+                 "other": other},
+            )
+        return self
 
 
 def max_export_opset() -> int:
     """The highest ONNX opset the installed torch's TorchScript exporter writes."""
+    return opset_range("torchscript")[1]
+
+
+def opset_range(exporter: str) -> tuple[int, int]:
+    """The ONNX opsets an exporter of the installed torch writes: the dynamo exporter
+    builds opset-18 graphs and converts them up to ``ONNX_MAX_OPSET``; the TorchScript
+    one writes 13 to ``ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET``."""
     try:
         from torch.onnx import _constants
     except ImportError:  # pragma: no cover - torch without its ONNX exporter
-        return 17
-    default = _constants.ONNX_MAX_OPSET
-    return int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", default))
+        return (18, 18) if exporter == "dynamo" else (13, 17)
+    top = int(_constants.ONNX_MAX_OPSET)
+    if exporter == "dynamo":
+        return 18, top
+    return 13, int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", top))
 
 
 class ReportSpec(Strict):
