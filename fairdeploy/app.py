@@ -701,7 +701,84 @@ def _deploy(
     }
     report["verify"]["reference_outputs"] = _reference_kind(processed)
     _require_verified(vres, report["methods"][-1])
+    if exp.recipe.export.quantize == "int8":
+        report["int8"] = _deploy_int8(exp, processed, ref, report, model_path, vanilla)
     return True
+
+
+def _deploy_int8(
+    exp: Experiment,
+    processed: Processed,
+    ref: Any,
+    report: dict[str, Any],
+    model_path: Path,
+    vanilla: Path,
+) -> dict[str, Any]:
+    """``export.quantize: int8``: ``model.int8.onnx`` beside the float model, made with
+    ONNX Runtime's quantization tools, verified against PyTorch's float outputs under
+    the stated int8 tolerances, and its group fairness re-measured on the whole test
+    split with paired intervals against the float export."""
+    import numpy as np
+
+    from fairdeploy.export import (
+        int8_compression,
+        int8_fairness,
+        quantize_int8,
+        update_metadata,
+        verify_int8,
+    )
+
+    spec = exp.recipe.export.int8
+    ctx = exp.context
+    show = exp.progress
+    int8_path = model_path.with_name("model.int8.onnx")
+    train = ctx.splits["train"]
+    take = min(spec.calibration_samples, len(train))
+    rng = np.random.default_rng(spec.seed)
+    calib = np.sort(rng.choice(len(train), size=take, replace=False))
+    calibration = np.stack([np.asarray(train[int(i)][0], dtype=np.float32) for i in calib])
+    with phase("int8: quantize with onnxruntime.quantization", unit="", enabled=show):
+        made = quantize_int8(model_path, int8_path, calibration_inputs=calibration,
+                             mode=spec.mode)
+    atol = spec.atol_scale * float(np.std(ref.outputs))
+    with phase(f"int8: verify on {len(ref.inputs):,} test inputs", unit="", enabled=show):
+        check = verify_int8(int8_path, ref.inputs, ref.outputs, atol=atol, rtol=spec.rtol,
+                            min_argmax_agreement=spec.argmax_agreement)
+    if not check:
+        raise FairDeployError(
+            f"the int8 model does not match PyTorch's float outputs within the int8 "
+            f"tolerances ({'; '.join(check.summary_lines()[-2:])}): try export.int8.mode: "
+            "dynamic, more export.int8.calibration_samples, or looser export.int8 tolerances "
+            "if the difference is acceptable"
+        )
+    test = ctx.splits["test"]
+    x, labels, groups = exp.test_inputs(len(test))
+    with phase(f"int8: group fairness on the {len(x):,} test samples", unit="", enabled=show):
+        fair = int8_fairness(
+            model_path, int8_path, x.numpy(), labels, groups, privileged=ctx.privileged,
+            num_classes=len(ctx.class_names), group_names=ctx.group_names,
+            seed=_seed(processed.plan),
+        )
+    theory = report["methods"][-1]["compression"]["theoretical_cr"]
+    comp = int8_compression(vanilla, model_path, int8_path, method_cr=theory)
+    block = {
+        "path": int8_path.name,
+        "export": made.to_dict() | {"path": int8_path.name, "source": model_path.name},
+        "calibration": {"split": "train", "samples": int(take), "seed": spec.seed},
+        "verify": check.to_dict()
+        | {"atol_basis": f"{spec.atol_scale:g} × the float logits' std "
+                         f"({float(np.std(ref.outputs)):.3g}), export.int8.atol_scale"},
+        "fairness": fair.to_dict(),
+        "compression": comp.to_dict(),
+    }
+    update_metadata(int8_path, {
+        "int8": {k: block["export"][k] for k in ("mode", "per_channel", "calibration_samples")},
+        "fairness": {
+            k: fair.int8_metrics.to_dict()["fairness"][k] for k in ("eopp0", "eopp1", "eodd")
+        } | {"convention": "mean over classes; EOdd halved", "split": "test",
+             "samples": len(x)},
+    })
+    return block
 
 
 def _measure(path: Path, vanilla: Path) -> tuple[dict[str, Any], dict[str, float]]:

@@ -226,3 +226,43 @@ def test_every_exported_file_gets_the_same_permissions(case, tmp_path: Path) -> 
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
     assert modes == {"m.onnx": 0o644, "m.verify.npz": 0o644}
+
+
+def test_optimize_ships_a_verified_int8_copy_with_its_fairness(case) -> None:
+    """export.quantize: int8 — model.int8.onnx beside the float model, int8 weights in the
+    file, verified, and its group fairness on the whole test split recomputed here from
+    ONNX Runtime's own predictions."""
+    import onnx
+    import onnxruntime as ort
+
+    tmp, _ = case
+    recipe = _recipe(tmp)
+    recipe["export"] = {"verify_samples": 100, "quantize": "int8", "int8": {"mode": "dynamic"}}
+    report = _optimize(tmp, recipe, "int8")
+    int8_path = tmp / "int8" / "model.int8.onnx"
+    kinds = {t.data_type for t in onnx.load(str(int8_path)).graph.initializer}
+    assert onnx.TensorProto.INT8 in kinds
+    block = report["int8"]
+    assert block["verify"]["passed"] and block["export"]["mode"] == "dynamic"
+    data = np.load(tmp / "data.npz")
+    test = data["split"] == "test"
+    sess = ort.InferenceSession(str(int8_path), providers=["CPUExecutionProvider"])
+    pred = sess.run(None, {sess.get_inputs()[0].name: data["x"][test]})[0].argmax(1)
+    privileged = report["task"]["privileged"]["id"]
+    want = group_metrics(data["y"][test], pred, data["group"][test], privileged=privileged,
+                         num_classes=3, group_names=["a", "b"]).to_dict()
+    assert block["fairness"]["int8"]["fairness"] == want["fairness"]
+    assert block["fairness"]["n_samples"] == int(test.sum())
+    assert block["compression"]["measured_initializer_cr"] > report["onnx"]["initializer_cr"]
+    text = (tmp / "int8" / "report.md").read_text()
+    assert "## int8 model" in text and "verification PASSED" in text
+
+
+def test_int8_settings_without_quantize_are_refused(case) -> None:
+    from fairdeploy.errors import FairDeployError
+
+    tmp, _ = case
+    recipe = _recipe(tmp)
+    recipe["export"] = {"int8": {"mode": "static"}}
+    with pytest.raises(FairDeployError, match=r"export\.int8: only read with quantize: int8"):
+        parse_recipe(recipe, source="r.yaml")

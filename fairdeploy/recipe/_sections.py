@@ -26,6 +26,7 @@ from fairdeploy._schema import (
 
 __all__ = [
     "ExportSpec",
+    "Int8Spec",
     "ModelSpec",
     "ReportSpec",
     "SensitiveSpec",
@@ -114,6 +115,24 @@ class Tolerances(Strict):
     argmax_agreement: Fraction01 = 0.999
 
 
+class Int8Spec(Strict):
+    """``export.int8:`` — how ``export.quantize: int8`` makes ``model.int8.onnx``.
+
+    ``mode``: ``auto`` (static QDQ for graphs with convolutions, dynamic otherwise),
+    ``static`` (activation ranges calibrated on ``calibration_samples`` training inputs,
+    drawn with ``seed``) or ``dynamic`` (weights only). ``atol_scale``/``rtol``/
+    ``argmax_agreement``: the int8 verification's tolerances (atol = ``atol_scale`` × the
+    standard deviation of the float logits).
+    """
+
+    mode: Literal["auto", "static", "dynamic"] = "auto"
+    calibration_samples: PosInt = 256
+    seed: Seed = 0
+    atol_scale: Annotated[float, BeforeValidator(no_bool), Field(gt=0)] = 0.5
+    rtol: NonNegFloat = 0.02
+    argmax_agreement: Fraction01 = 0.98
+
+
 class ExportSpec(Strict):
     """``export:`` — ONNX opset, simplification, parity tolerances, sparse layout and
     dead-neuron elimination (``fairdeploy.export.export_onnx``'s options).
@@ -132,6 +151,22 @@ class ExportSpec(Strict):
     sparse_layout: Literal["blocks", "zeros"] = "blocks"
     eliminate_dead: bool = True
     verify_npz_max_mb: Annotated[float, BeforeValidator(no_bool), Field(gt=0)] = 8.0
+    quantize: Literal["none", "int8"] = Field(
+        "none", description="int8: also ship model.int8.onnx (ONNX Runtime's quantization)"
+    )
+    int8: Int8Spec = Field(default_factory=Int8Spec)
+
+    @model_validator(mode="after")
+    def _int8_read(self) -> ExportSpec:
+        # Settings that nothing reads are refused, not ignored.
+        if self.quantize == "none" and "int8" in self.model_fields_set:
+            raise schema_error(
+                "fd_int8_unused",
+                "int8: only read with quantize: int8 (add export.quantize: int8, or remove "
+                "export.int8)",
+                {},
+            )
+        return self
 
     @model_validator(mode="after")
     def _exporter_supports(self) -> ExportSpec:

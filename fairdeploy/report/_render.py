@@ -600,6 +600,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     verify = report.get("verify")
     if verify:
         out += ["", _verify_line(verify, markdown=True)]
+    out += int8_lines(report)
     lat_rows = _latency_rows(report)
     if lat_rows:
         lat = report["latency"]
@@ -828,6 +829,7 @@ def terminal_text(report: Mapping[str, Any]) -> str:
             f"measured C.R.: initializers {_cr(onnx_info.get('initializer_cr'))}, "
             f"files {_cr(onnx_info.get('file_cr'))}"
         )
+    out += int8_lines(report, markdown=False)
     lat = report.get("latency")
     if lat:
         ups = [
@@ -840,3 +842,48 @@ def terminal_text(report: Mapping[str, Any]) -> str:
                    f"latency{how}: no batch size fit the time budget")
         out += [line.removeprefix("- ") for line in _latency_skips(lat)]
     return "\n".join(out)
+
+
+def int8_lines(report: Mapping[str, Any], *, markdown: bool = True) -> list[str]:
+    """``export.quantize: int8``: the int8 copy's verification, its group fairness next to
+    the float export's (paired change in words) and the compression of the combination."""
+    block = report.get("int8")
+    if not block:
+        return []
+    ver, fair, comp = block["verify"], block["fairness"], block["compression"]
+    made = block["export"]
+    passed = "PASSED" if ver["passed"] else "FAILED"
+    boot = fair["bootstrap"]
+    pct = round(100 * boot["confidence"])
+    parts = []
+    for metric in ("eopp1", "eopp0", "eodd", "avg_precision"):
+        d = boot["differences"]["int8"].get(metric)
+        if d is None:
+            continue
+        before = fair["float"]["fairness"].get(metric) if metric != "avg_precision" else (
+            fair["float"]["precision"]["avg"])
+        after = fair["int8"]["fairness"].get(metric) if metric != "avg_precision" else (
+            fair["int8"]["precision"]["avg"])
+        words = _direction(metric, d)
+        parts.append(
+            f"{_METRIC_NAMES.get(metric, metric)} {_f(before)} → {_f(after)} "
+            f"({_difference_text(metric, d)} {words})"
+        )
+    theory = comp.get("theoretical_cr")
+    lines = [
+        f"int8 model ({block['path']}, {made['mode']} quantization"
+        + (f", calibrated on {made['calibration_samples']:,} training inputs"
+           if made["calibration_samples"] else "")
+        + f"): verification {passed} against PyTorch's float outputs (atol "
+        f"{ver['atol']:.3g} = {ver['atol_basis']}, rtol {ver['rtol']:g}; max |Δ| "
+        f"{ver['max_abs_error']:.3g}, argmax agreement {100 * ver['argmax_agreement']:.2f} %)",
+        f"int8 vs float export on the {plural(fair['n_samples'], 'test sample')} ({pct} % "
+        f"paired intervals, {plural(fair['changed_predictions'], 'prediction')} changed): "
+        + "; ".join(parts),
+        f"int8 C.R.: theory {_cr(theory)} (method × 32/(32 − 24q)), measured "
+        f"{_cr(comp['measured_initializer_cr'])} (initializers), "
+        f"{_cr(comp['measured_file_cr'])} (file) against the vanilla float export",
+    ]
+    if not markdown:
+        return lines
+    return ["", "## int8 model", "", *(f"- {line}" for line in lines)]
