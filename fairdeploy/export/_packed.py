@@ -590,7 +590,7 @@ def _initializer_bytes(model: onnx.ModelProto) -> int:
 
 
 def _check_rebuild(
-    graph: _Graph, built: list[tuple[_Tensor, np.ndarray]], opset: int
+    graph: _Graph, built: list[tuple[_Tensor, np.ndarray]], opset: int, ir_version: int
 ) -> None:
     """Run only the rebuild graphs in ONNX Runtime and compare with the expected tensors,
     bit for bit (pruned entries as +0.0). A mismatch is a bug in this module."""
@@ -605,6 +605,9 @@ def _check_rebuild(
     model = helper.make_model(
         helper.make_graph(nodes, "rebuild", [], outs, inits),
         opset_imports=[helper.make_opsetid("", opset)],
+        # The exported model's IR version: the newest onnx writes may be newer than the
+        # installed ONNX Runtime reads (seen: onnx 1.23 writes IR 14, ORT 1.30 reads ≤ 13).
+        ir_version=ir_version,
     )
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -781,7 +784,7 @@ def pack_weights(
             w.reshape(-1)[p.cls.is_zero] = 0.0  # +0.0: the rebuild writes positive zeros
             expected.append(np.ascontiguousarray(w.T) if p.transposed else w)
         pairs = [(p.built, e) for p, e in zip(packed, expected, strict=True)]
-        _check_rebuild(graph, pairs, opset)  # type: ignore[arg-type]
+        _check_rebuild(graph, pairs, opset, proto.ir_version)  # type: ignore[arg-type]
         del expected
 
     replaced = {p.initializer.name for p in packed}
