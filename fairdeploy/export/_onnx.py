@@ -213,6 +213,16 @@ def _check_metadata_types(meta: Mapping[str, Any], path: str | os.PathLike[str])
         "group_names": names,
         "privileged": lambda v: v is None or isinstance(v, str),
         "preprocessing": lambda v: isinstance(v, dict),
+        **dict.fromkeys(
+            ("plan", "fairness", "measured_cr", "deployed", "baseline", "int8"),
+            lambda v: isinstance(v, dict),
+        ),
+        **dict.fromkeys(
+            ("method", "producer", "version", "recipe_hash", "checkpoint_sha256",
+             "sparse_layout"),
+            lambda v: isinstance(v, str),
+        ),
+        "theoretical_cr": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
     }
     bad = [k for k, ok in checks.items() if k in meta and not ok(meta[k])]
     if bad:

@@ -158,8 +158,9 @@ class ExportSpec(Strict):
 
     @model_validator(mode="after")
     def _int8_read(self) -> ExportSpec:
-        # Settings that nothing reads are refused, not ignored.
-        if self.quantize == "none" and "int8" in self.model_fields_set:
+        # Settings that nothing reads are refused, not ignored (the defaults, as a resolved
+        # recipe spells them out, change nothing and load back).
+        if self.quantize == "none" and self.int8 != Int8Spec():
             raise schema_error(
                 "fd_int8_unused",
                 "int8: only read with quantize: int8 (add export.quantize: int8, or remove "
