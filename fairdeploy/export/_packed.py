@@ -707,7 +707,7 @@ def pack_weights(
         to the weight), masks of the wrong shape, a weight not found in the model, an opset
         below 11.
     """
-    from fairdeploy.export._onnx import _encode_metadata, _save_atomic, _set_metadata
+    from fairdeploy.export._onnx import _save_atomic
 
     if not isinstance(packing, Mapping):
         raise FairDeployError(
@@ -716,15 +716,8 @@ def pack_weights(
     if output_path is not None and Path(output_path).suffix != ".onnx":
         raise FairDeployError(f"output path {str(output_path)!r} must end in .onnx")
     proto = _load(model)
-    opset = _opset(proto)
-    if opset < _MIN_OPSET:
-        raise FairDeployError(
-            f"the model uses opset {opset}: packing needs opset ≥ {_MIN_OPSET} (export with "
-            f"opset={_MIN_OPSET} or later)"
-        )
+    opset = _checked_opset(proto)
     classes = [_classes(name, spec) for name, spec in packing.items()]
-    inits = {t.name: t for t in proto.graph.initializer}
-    graph_inputs = {i.name for i in proto.graph.input}
     init_bytes_before = _initializer_bytes(proto)
     model_bytes_before = proto.ByteSize()
 
@@ -733,6 +726,45 @@ def pack_weights(
         | {i.name for i in proto.graph.input}
         | {o for n in proto.graph.node for o in n.output}
     )
+    plans = _plan_tensors(proto, classes, graph)
+    packed, shared = _packed_if_shared_constants_pay(plans, graph)
+    if check and packed:
+        _check_packed(graph, packed, opset)
+    _replace_initializers(proto, packed, shared)
+    records = [p.record() for p in plans]
+    if packed:
+        _record_packed_metadata(proto, records)
+    onnx.checker.check_model(proto, full_check=True)
+    report = PackReport(
+        tensors=tuple(records),
+        shared_bytes=sum(_tensor_bytes(c) for c in shared),
+        initializer_bytes_before=init_bytes_before,
+        initializer_bytes_after=_initializer_bytes(proto),
+        model_bytes_before=model_bytes_before,
+        model_bytes_after=proto.ByteSize(),
+        checked=bool(check and packed),
+    )
+    if output_path is not None:
+        _save_atomic(proto, Path(output_path))
+    return proto, report
+
+
+def _checked_opset(proto: onnx.ModelProto) -> int:
+    opset = _opset(proto)
+    if opset < _MIN_OPSET:
+        raise FairDeployError(
+            f"the model uses opset {opset}: packing needs opset ≥ {_MIN_OPSET} (export with "
+            f"opset={_MIN_OPSET} or later)"
+        )
+    return opset
+
+
+def _plan_tensors(
+    proto: onnx.ModelProto, classes: list[_Classes], graph: _Graph
+) -> list[_Plan]:
+    """Per weight: its initializer, and the rebuild graph where packing saves bytes."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    graph_inputs = {i.name for i in proto.graph.input}
     plans: list[_Plan] = []
     claimed: dict[str, str] = {}
     for cls in classes:
@@ -749,22 +781,38 @@ def pack_weights(
                 "time), so it cannot be rebuilt from constants: export without "
                 "keep_initializers_as_inputs"
             )
-        plan = _Plan(cls, inits[target], transposed, inits[target].ByteSize())
-        if cls.counts[FLOAT] == cls.weight.size:
-            plan.reason = "no pruned or int8 entries"
-        else:
-            t = _build_tensor(graph, cls, target, transposed)
-            size = sum(i.ByteSize() for i in t.inits) + sum(n.ByteSize() for n in t.nodes)
-            if size < plan.dense_file:
-                plan.built, plan.packed_file = t, size
-                plan.reason = f"saves {plan.dense_file - size} bytes"
-            else:
-                plan.reason = f"packing would take {size} bytes, dense takes {plan.dense_file}"
-        plans.append(plan)
+        plans.append(_plan_tensor(graph, cls, inits[target], transposed))
+    return plans
 
+
+def _plan_tensor(
+    graph: _Graph, cls: _Classes, initializer: onnx.TensorProto, transposed: bool
+) -> _Plan:
+    """Build the rebuild graph of one weight and keep it if it is smaller than the dense
+    initializer (serialized bytes, nodes included)."""
+    plan = _Plan(cls, initializer, transposed, initializer.ByteSize())
+    if cls.counts[FLOAT] == cls.weight.size:
+        plan.reason = "no pruned or int8 entries"
+        return plan
+    t = _build_tensor(graph, cls, initializer.name, transposed)
+    size = sum(i.ByteSize() for i in t.inits) + sum(n.ByteSize() for n in t.nodes)
+    if size < plan.dense_file:
+        plan.built, plan.packed_file = t, size
+        plan.reason = f"saves {plan.dense_file - size} bytes"
+    else:
+        plan.reason = f"packing would take {size} bytes, dense takes {plan.dense_file}"
+    return plan
+
+
+def _packed_if_shared_constants_pay(
+    plans: list[_Plan], graph: _Graph
+) -> tuple[list[_Plan], list[onnx.TensorProto]]:
+    """The plans to pack and the shared constants their rebuilds use.
+
+    Shared constants are stored once: keep those the chosen rebuilds use, and pack nothing
+    (every plan reverts to dense) if they would cost more than packing saves.
+    """
     packed = [p for p in plans if p.built is not None]
-    # Shared constants are stored once: keep those the chosen rebuilds use, and pack
-    # nothing if they would cost more than packing saves.
     used = {i for p in packed for n in p.built.nodes for i in n.input}  # type: ignore[union-attr]
     shared = [c for name, c in graph.shared.items() if name in used]
     saving = sum(p.dense_file - p.packed_file for p in packed)
@@ -773,17 +821,25 @@ def pack_weights(
             p.built, p.packed_file = None, p.dense_file
             p.reason = "the constants shared by the rebuilds would cost more than packing saves"
         packed, shared = [], []
+    return packed, shared
 
-    if check and packed:
-        expected = []
-        for p in packed:
-            w = p.cls.weight.copy()
-            w.reshape(-1)[p.cls.is_zero] = 0.0  # +0.0: the rebuild writes positive zeros
-            expected.append(np.ascontiguousarray(w.T) if p.transposed else w)
-        pairs = [(p.built, e) for p, e in zip(packed, expected, strict=True)]
-        _check_rebuild(graph, pairs, opset)  # type: ignore[arg-type]
-        del expected
 
+def _check_packed(graph: _Graph, packed: list[_Plan], opset: int) -> None:
+    """:func:`_check_rebuild` against each packed weight as the initializer stores it."""
+    expected = []
+    for p in packed:
+        w = p.cls.weight.copy()
+        w.reshape(-1)[p.cls.is_zero] = 0.0  # +0.0: the rebuild writes positive zeros
+        expected.append(np.ascontiguousarray(w.T) if p.transposed else w)
+    pairs = [(p.built, e) for p, e in zip(packed, expected, strict=True)]
+    _check_rebuild(graph, pairs, opset)  # type: ignore[arg-type]
+
+
+def _replace_initializers(
+    proto: onnx.ModelProto, packed: list[_Plan], shared: list[onnx.TensorProto]
+) -> None:
+    """In ``proto``, the packed weights' initializers become their compact initializers
+    and the shared constants, and the rebuild nodes go before the model's own nodes."""
     replaced = {p.initializer.name for p in packed}
     kept_inits = [i for i in proto.graph.initializer if i.name not in replaced]
     new_inits = [i for p in packed for i in p.built.inits] + shared  # type: ignore[union-attr]
@@ -794,22 +850,13 @@ def pack_weights(
     del proto.graph.node[:]
     proto.graph.node.extend(new_nodes)
 
-    records = [p.record() for p in plans]
-    if packed:
-        summary = {r.initializer: {"zero": r.zero, "int8": r.int8, "float": r.float,
-                                   "transposed": r.transposed}
-                   for r in records if r.stored == "packed"}
-        _set_metadata(proto, _encode_metadata({"packed_weights": summary}))
-    onnx.checker.check_model(proto, full_check=True)
-    report = PackReport(
-        tensors=tuple(records),
-        shared_bytes=sum(_tensor_bytes(c) for c in shared),
-        initializer_bytes_before=init_bytes_before,
-        initializer_bytes_after=_initializer_bytes(proto),
-        model_bytes_before=model_bytes_before,
-        model_bytes_after=proto.ByteSize(),
-        checked=bool(check and packed),
-    )
-    if output_path is not None:
-        _save_atomic(proto, Path(output_path))
-    return proto, report
+
+def _record_packed_metadata(proto: onnx.ModelProto, records: list[PackedTensor]) -> None:
+    """``packed_weights`` in the model's metadata: per packed initializer, its class
+    counts and whether it is transposed."""
+    from fairdeploy.export._onnx import _encode_metadata, _set_metadata
+
+    summary = {r.initializer: {"zero": r.zero, "int8": r.int8, "float": r.float,
+                               "transposed": r.transposed}
+               for r in records if r.stored == "packed"}
+    _set_metadata(proto, _encode_metadata({"packed_weights": summary}))
