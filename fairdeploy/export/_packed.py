@@ -491,88 +491,109 @@ def _build_tensor(graph: _Graph, cls: _Classes, target: str, transposed: bool) -
     valid index), int8 until de-quantization. ``NonZero``/``ScatterND`` would be cheaper
     for a rare class, but ONNX Runtime does not fold ``NonZero``.
     """
-    t = _Tensor(graph, target)
-    w = cls.weight
-    shape = tuple(w.shape)
-    flat = w.reshape(-1)
-    pshape = t.init("shape", np.array(shape, np.int64))
+    rebuild = _Rebuild(_Tensor(graph, target), cls, transposed)
     order = _pack_order(cls.counts)
-    is_class = {ZERO: cls.is_zero, INT8: cls.is_int8, FLOAT: ~(cls.is_zero | cls.is_int8)}
-    dense_name = graph.fresh() if transposed else target
-    i32 = TensorProto.INT32
+    if len(order) == 1:  # one class: no mask needed (float alone is never packed)
+        rebuild.single_class(order[0])
+    else:
+        rebuild.merged_classes(order)
+    if transposed:
+        rebuild.t.node("Transpose", [rebuild.dense_name], target, perm=[1, 0])
+    return rebuild.t
 
-    def dequantized(index: str | None, *, flat_out: bool) -> str:
+
+class _Rebuild:
+    """The nodes that rebuild one dense weight (PyTorch layout) from its compact storage,
+    ending in ``dense_name`` (the target, or an intermediate the Transpose reads)."""
+
+    def __init__(self, t: _Tensor, cls: _Classes, transposed: bool) -> None:
+        self.t, self.cls = t, cls
+        self.shape = tuple(cls.weight.shape)
+        self.flat = cls.weight.reshape(-1)
+        self.pshape = t.init("shape", np.array(self.shape, np.int64))
+        self.is_class = {
+            ZERO: cls.is_zero, INT8: cls.is_int8, FLOAT: ~(cls.is_zero | cls.is_int8)
+        }
+        self.dense_name = t.g.fresh() if transposed else t.target
+        self._made: dict[str, str] = {}
+
+    def dequantized(self, index: str | None, *, flat_out: bool) -> str:
+        """The int8 values times their channel's scale: all entries (``index`` None), or
+        gathered at ``index``; flat, or in the weight's shape as ``dense_name``."""
+        t, cls, shape = self.t, self.cls, self.shape
         if index is None:
-            x = t.node("Reshape", [t.init("int8", cls.q), pshape])
+            x = t.node("Reshape", [t.init("int8", cls.q), self.pshape])
         else:
             x = t.node("Gather", [t.init("int8", np.append(cls.q, np.int8(0))), index])
-            x = t.node("Reshape", [x, pshape])  # int8: a quarter of the bytes of float
+            x = t.node("Reshape", [x, self.pshape])  # int8: a quarter of the bytes of float
         x = t.node("Cast", [x], to=TensorProto.FLOAT)
         bshape = (shape[0],) + (1,) * (len(shape) - 1)
         x = t.node("Mul", [x, t.init("scales", cls.scales.reshape(bshape))],
-                   None if flat_out else dense_name)
-        return t.node("Reshape", [x, graph.const("flat", np.array([-1]))]) if flat_out else x
+                   None if flat_out else self.dense_name)
+        return t.node("Reshape", [x, t.g.const("flat", np.array([-1]))]) if flat_out else x
 
-    def values(c: str, indicator: Any) -> str:
+    def values(self, c: str, indicator: Any) -> str:
         """Flat values of class ``c`` at every entry (valid where ``indicator()``, an int32
         0/1 tensor made on demand, is 1; a zero class needs none)."""
+        t = self.t
         if c == ZERO:
-            return graph.const("zero", np.array(0, np.float32))  # broadcast by Where
+            return t.g.const("zero", np.array(0, np.float32))  # broadcast by Where
         index = t.position(indicator())
         if c == INT8:
-            return dequantized(index, flat_out=True)
-        table = np.append(flat[is_class[FLOAT]], np.float32(0))
+            return self.dequantized(index, flat_out=True)
+        table = np.append(self.flat[self.is_class[FLOAT]], np.float32(0))
         return t.node("Gather", [t.init("float", table), index])
 
-    if len(order) == 1:  # one class: no mask needed (float alone is never packed)
-        if order[0] == ZERO:
-            t.node("ConstantOfShape", [pshape], dense_name,
-                   value=numpy_helper.from_array(np.zeros(1, np.float32)))
+    def single_class(self, c: str) -> None:
+        """Every entry in class ``c`` (zero or int8): no mask."""
+        if c == ZERO:
+            self.t.node("ConstantOfShape", [self.pshape], self.dense_name,
+                        value=numpy_helper.from_array(np.zeros(1, np.float32)))
         else:
-            dequantized(None, flat_out=False)
-    else:
-        a = order[0]
-        bits_a = t.unpack(is_class[a], "mask", exact=True)
-        made: dict[str, str] = {}
+            self.dequantized(None, flat_out=False)
 
-        def once(key: str, make: Any) -> str:
-            if key not in made:
-                made[key] = make()
-            return made[key]
+    def _once(self, key: str, make: Any) -> str:
+        if key not in self._made:
+            self._made[key] = make()
+        return self._made[key]
+
+    def merged_classes(self, order: list[str]) -> None:
+        """Two or three classes: a mask marks the most numerous (A); with three, a second
+        mask over the other entries marks B among them; ``Where`` merges the values."""
+        t, g, i32 = self.t, self.t.g, TensorProto.INT32
+        a = order[0]
+        bits_a = t.unpack(self.is_class[a], "mask", exact=True)
 
         def ind_a() -> str:
-            return once("a", lambda: t.node("Cast", [bits_a], to=i32))
+            return self._once("a", lambda: t.node("Cast", [bits_a], to=i32))
 
         def not_a() -> str:
-            one = graph.const("one", np.array(1, np.int32))
-            return once("not_a", lambda: t.node("Sub", [one, ind_a()]))
+            one = g.const("one", np.array(1, np.int32))
+            return self._once("not_a", lambda: t.node("Sub", [one, ind_a()]))
 
-        v_a = values(a, ind_a)
+        v_a = self.values(a, ind_a)
         if len(order) == 2:
-            v_rest = values(order[1], not_a)
+            v_rest = self.values(order[1], not_a)
         else:
             b, c = order[1], order[2]
-            rest = ~is_class[a]
+            rest = ~self.is_class[a]
             # One bit per non-A entry (plus a padding bit, so the count after the last
             # non-A entry still indexes a bit), spread over all entries by position; the
             # value read at an A entry is meaningless and overridden by the outer Where.
-            bits_b = t.unpack(np.append(is_class[b][rest], False), "mask2", exact=False)
+            bits_b = t.unpack(np.append(self.is_class[b][rest], False), "mask2", exact=False)
             b_any = t.node("Gather", [bits_b, t.position(not_a())])
 
             def ind_b() -> str:
-                return once("b", lambda: t.node(
+                return self._once("b", lambda: t.node(
                     "Mul", [t.node("Cast", [b_any], to=i32), not_a()]))
 
-            v_b = values(b, ind_b)
-            v_c = values(c, lambda: t.node("Sub", [not_a(), ind_b()]))
+            v_b = self.values(b, ind_b)
+            v_c = self.values(c, lambda: t.node("Sub", [not_a(), ind_b()]))
             cond_b = t.node("Cast", [b_any], to=TensorProto.BOOL)
             v_rest = t.node("Where", [cond_b, v_b, v_c])
         cond_a = t.node("Cast", [bits_a], to=TensorProto.BOOL)
         merged = t.node("Where", [cond_a, v_a, v_rest])
-        t.node("Reshape", [merged, pshape], dense_name)
-    if transposed:
-        t.node("Transpose", [dense_name], target, perm=[1, 0])
-    return t
+        t.node("Reshape", [merged, self.pshape], self.dense_name)
 
 
 def _tensor_bytes(t: onnx.TensorProto) -> int:
