@@ -56,6 +56,7 @@ from fairdeploy.scoring import (
     _check_options,
     _curvature_vjps,
     _draw_labels,
+    _group_samples,
 )
 from fairdeploy.structure import analyze_structure
 
@@ -626,20 +627,9 @@ def group_weight_hessians(
         error of :func:`weight_hessian_diag`.
     """
     x, y = _as_inputs(inputs, targets)
-    g = torch.as_tensor(np.asarray(groups)).reshape(-1)
-    if g.shape[0] != x.shape[0]:
-        raise FairDeployError(
-            f"groups has {g.shape[0]} entries; allowed: one per sample of inputs ({x.shape[0]})"
-        )
     out: dict[int, dict[str, torch.Tensor]] = {}
-    for gid in group_ids:
-        idx = torch.nonzero(g == int(gid)).flatten()
-        if idx.numel() == 0:
-            raise FairDeployError(
-                f"group {int(gid)} has no samples (groups present: "
-                f"{sorted(set(g.tolist()))}); every group in group_ids needs at least one"
-            )
-        out[int(gid)] = weight_hessian_diag(
+    for gid, idx in _group_samples(groups, group_ids, x.shape[0], "sample of inputs"):
+        out[gid] = weight_hessian_diag(
             model, param_names, x[idx], y[idx],
             estimator=estimator, batch_size=batch_size, mc_samples=mc_samples, seed=seed,
         )
