@@ -98,11 +98,6 @@ def fairness_table(
     tables (every row that reaches it, vanilla included).
     """
     best = _best_fairness(report) if bold else {}
-
-    def fair(key: str, value: Any) -> str:
-        text = _f(value)
-        return f"**{text}**" if best.get(key) is not None and text == best[key] else text
-
     header = [
         "Method",
         "Group",
@@ -118,62 +113,77 @@ def fairness_table(
     ]
     rows: list[list[str]] = []
     for method in report["methods"]:
-        m = method["metrics"]
-        groups = m["groups"]
-        order = [g for g in groups if not g["privileged"]] + [g for g in groups if g["privileged"]]
-        comp = method.get("compression", {})
-        measured = (comp.get("measured") or {}).get("initializer_cr")
-        fairness = m["fairness"]
-        acc = (method.get("accuracy") or {}).get("test") or {}
-        block = []
-        for g in order:
-            tag = "priv." if g["privileged"] else "unpriv."
-            block.append(
-                [
-                    "",
-                    f"{g['name']} ({tag})",
-                    _f(g.get("accuracy")),
-                    _f(g["precision"]),
-                    _f(g["recall"]),
-                    _f(g["f1"]),
-                ]
-            )
-        block.append(
-            [
-                "",
-                "Avg.",
-                _f(acc.get("avg")) if acc else "",
-                _f(m["precision"]["avg"]),
-                _f(m["recall"]["avg"]),
-                _f(m["f1"]["avg"]),
-            ]
-        )
-        block.append(
-            [
-                "",
-                "Diff. ↓",
-                _f(acc.get("diff")) if acc else "",
-                _f(m["precision"]["diff"]),
-                _f(m["recall"]["diff"]),
-                _f(m["f1"]["diff"]),
-            ]
-        )
-        if acc:
-            block.append(["", f"All ({acc['samples']:,})", _f(acc.get("overall")), "", "", ""])
-        for i, row in enumerate(block):
-            if i == 0:
-                row[0] = _marked_label(method)
-                row += [
-                    fair("eopp1", fairness["eopp1"]),
-                    fair("eopp0", fairness["eopp0"]),
-                    fair("eodd", fairness["eodd"]),
-                    _cr(comp.get("theoretical_cr")),
-                    _cr(measured),
-                ]
-            else:
-                row += [""] * 5
-            rows.append(row)
+        block = _group_rows(method)
+        block[0][0] = _marked_label(method)
+        block[0] += _fairness_cells(method, best)
+        for row in block[1:]:
+            row += [""] * 5
+        rows += block
     return header, rows
+
+
+def _group_rows(method: Mapping[str, Any]) -> list[list[str]]:
+    """A method's block without its label and fairness cells: per group (unprivileged
+    first) accuracy, precision, recall and F1, then ``Avg.``, ``Diff.`` and ``All``."""
+    m = method["metrics"]
+    groups = m["groups"]
+    order = [g for g in groups if not g["privileged"]] + [g for g in groups if g["privileged"]]
+    acc = (method.get("accuracy") or {}).get("test") or {}
+    block = []
+    for g in order:
+        tag = "priv." if g["privileged"] else "unpriv."
+        block.append(
+            [
+                "",
+                f"{g['name']} ({tag})",
+                _f(g.get("accuracy")),
+                _f(g["precision"]),
+                _f(g["recall"]),
+                _f(g["f1"]),
+            ]
+        )
+    block.append(
+        [
+            "",
+            "Avg.",
+            _f(acc.get("avg")) if acc else "",
+            _f(m["precision"]["avg"]),
+            _f(m["recall"]["avg"]),
+            _f(m["f1"]["avg"]),
+        ]
+    )
+    block.append(
+        [
+            "",
+            "Diff. ↓",
+            _f(acc.get("diff")) if acc else "",
+            _f(m["precision"]["diff"]),
+            _f(m["recall"]["diff"]),
+            _f(m["f1"]["diff"]),
+        ]
+    )
+    if acc:
+        block.append(["", f"All ({acc['samples']:,})", _f(acc.get("overall")), "", "", ""])
+    return block
+
+
+def _fairness_cells(method: Mapping[str, Any], best: Mapping[str, str | None]) -> list[str]:
+    """EOpp1, EOpp0, EOdd (the best, as displayed, in bold) and C.R. theory / measured."""
+    fairness = method["metrics"]["fairness"]
+    comp = method.get("compression", {})
+    measured = (comp.get("measured") or {}).get("initializer_cr")
+
+    def fair(key: str) -> str:
+        text = _f(fairness[key])
+        return f"**{text}**" if best.get(key) is not None and text == best[key] else text
+
+    return [
+        fair("eopp1"),
+        fair("eopp0"),
+        fair("eodd"),
+        _cr(comp.get("theoretical_cr")),
+        _cr(measured),
+    ]
 
 
 def validation_table(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
