@@ -37,9 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
+from _image_fixture import image_csv_fixture
 
 from fairdeploy.app import run_compare, run_optimize
 from fairdeploy.experiment import Experiment
@@ -77,19 +76,6 @@ HEAD_LAYERS = "[classifier.0, classifier.3, classifier.6]"
 
 def _load() -> str:
     return "load average " + ", ".join(f"{v:.1f}" for v in os.getloadavg())
-
-
-def _fixture(root: Path, n: int, classes: int) -> Path:
-    rng = np.random.default_rng(0)
-    (root / "imgs").mkdir(parents=True)
-    rows = ["path,label,group,split"]
-    for i in range(n):
-        arr = rng.integers(0, 256, size=(128, 128, 3), dtype=np.uint8)
-        Image.fromarray(arr).save(root / "imgs" / f"{i}.jpg", quality=90)
-        split = "train" if i < n // 2 else ("val" if i < 3 * n // 4 else "test")
-        rows.append(f"imgs/{i}.jpg,{i % classes},{(i // classes) % 2},{split}")
-    (root / "labels.csv").write_text("\n".join(rows) + "\n")
-    return root / "labels.csv"
 
 
 def _recipe(tmp: Path, csv: Path, args: argparse.Namespace, layers: str, name: str) -> Path:
@@ -167,7 +153,7 @@ def main() -> None:
           f"start: {_load()}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        csv = _fixture(tmp / "data", args.images, args.classes)
+        csv = image_csv_fixture(tmp / "data", args.images, args.classes)
         torch.manual_seed(0)
         state = build_model("vgg11_paper", args.classes).state_dict()
         if args.spectrum == "power":

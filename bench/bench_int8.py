@@ -63,22 +63,8 @@ def trained_mlp(x: np.ndarray, y: np.ndarray, epochs: int) -> nn.Sequential:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
                           nn.Linear(128, 4))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    for _ in range(epochs):
-        perm = torch.randperm(len(xt))
-        for i in range(0, len(xt), 128):
-            idx = perm[i : i + 128]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
-            opt.step()
-    model.eval()
-    f = factorize(model[2], 16)
-    g = torch.Generator().manual_seed(2)
-    rows = torch.randperm(128, generator=g)[: num_selected(0.25, 128)]
-    cols = torch.randperm(128, generator=g)[: num_selected(0.25, 128)]
-    model[2] = sparsify(f, 0.25, 0.5, rows, cols)
-    return model.eval()
+    _fit(model, x, y, epochs=epochs, batch=128, lr=3e-3)
+    return _sparse_factorized(model, 2, rank=16)
 
 
 def synthetic_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -105,21 +91,34 @@ def trained_cnn(x: np.ndarray, y: np.ndarray, epochs: int) -> nn.Sequential:
     model = nn.Sequential(*block(3, 16), *block(16, 32), *block(32, 64), nn.Flatten(),
                           nn.Linear(1024, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
                           nn.Linear(256, 4))
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    _fit(model, x, y, epochs=epochs, batch=64, lr=2e-3)
+    return _sparse_factorized(model, 12, rank=32)
+
+
+def _fit(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, batch: int,
+         lr: float) -> None:
+    """Adam on the cross-entropy, shuffled batches (global torch RNG); ends in eval mode."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     for _ in range(epochs):
         perm = torch.randperm(len(xt))
-        for i in range(0, len(xt), 64):
-            idx = perm[i : i + 64]
+        for i in range(0, len(xt), batch):
+            idx = perm[i : i + batch]
             opt.zero_grad()
             nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
             opt.step()
     model.eval()
-    f = factorize(model[12], 32)
+
+
+def _sparse_factorized(model: nn.Sequential, index: int, *, rank: int) -> nn.Sequential:
+    """``model[index]`` (a square Linear) factorized at ``rank`` and sparsified with
+    sr=0.25, rr=0.5 on rows/columns drawn with seed 2."""
+    width = model[index].in_features
+    f = factorize(model[index], rank)
     g = torch.Generator().manual_seed(2)
-    rows = torch.randperm(256, generator=g)[: num_selected(0.25, 256)]
-    cols = torch.randperm(256, generator=g)[: num_selected(0.25, 256)]
-    model[12] = sparsify(f, 0.25, 0.5, rows, cols)
+    rows = torch.randperm(width, generator=g)[: num_selected(0.25, width)]
+    cols = torch.randperm(width, generator=g)[: num_selected(0.25, width)]
+    model[index] = sparsify(f, 0.25, 0.5, rows, cols)
     return model.eval()
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from _image_fixture import FAIRLRF_FC2_RECIPE, image_csv_fixture
 
 from fairdeploy.app import run_optimize
 from fairdeploy.data import load_splits
@@ -32,35 +32,7 @@ from fairdeploy.models import build_model
 from fairdeploy.recipe import load_recipe
 from fairdeploy.scoring import scoring_indices
 
-RECIPE = """\
-name: bench
-model: {{arch: vgg11_paper, num_classes: 4}}
-data:
-  kind: image_csv
-  csv: {csv}
-  split: {{mode: column}}
-  check_images: none
-sensitive: {{attribute: group, groups: {{a: [0], b: [1]}}, privileged: auto}}
-method:
-  name: fairlrf
-  beta: 5/9
-  layers: [{{layer: classifier.3, rank: 64, sr: 0.4, rr: 0.0}}]
-  scoring: {{samples_per_group: {per_group}, batch_size: 64}}
-export: {{simplify: false, verify_samples: {verify}}}
-"""
-
-
-def _fixture(root: Path, n: int) -> Path:
-    rng = np.random.default_rng(0)
-    (root / "imgs").mkdir(parents=True)
-    rows = ["path,label,group,split"]
-    for i in range(n):
-        arr = rng.integers(0, 256, size=(128, 128, 3), dtype=np.uint8)
-        Image.fromarray(arr).save(root / "imgs" / f"{i}.jpg", quality=90)
-        split = "train" if i < n // 2 else ("val" if i < 3 * n // 4 else "test")
-        rows.append(f"imgs/{i}.jpg,{i % 4},{(i // 4) % 2},{split}")
-    (root / "labels.csv").write_text("\n".join(rows) + "\n")
-    return root / "labels.csv"
+RECIPE = FAIRLRF_FC2_RECIPE
 
 
 def main() -> None:
@@ -76,7 +48,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        csv = _fixture(tmp / "data", args.images)
+        csv = image_csv_fixture(tmp / "data", args.images)
         per_group = args.images // 8
         verify = args.images // 4
         (tmp / "r.yaml").write_text(RECIPE.format(csv=csv, per_group=per_group, verify=verify))

@@ -34,45 +34,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from _image_fixture import FAIRLRF_FC2_RECIPE, image_csv_fixture
 
 from fairdeploy.app import run_optimize, run_sweep
 from fairdeploy.models import build_model
 
-RECIPE = """\
-name: bench
-model: {{arch: vgg11_paper, num_classes: 4}}
-data:
-  kind: image_csv
-  csv: {csv}
-  split: {{mode: column}}
-  check_images: none
-sensitive: {{attribute: group, groups: {{a: [0], b: [1]}}, privileged: auto}}
-method:
-  name: fairlrf
-  beta: 5/9
-  layers: [{{layer: classifier.3, rank: 64, sr: 0.4, rr: 0.0}}]
-  scoring: {{samples_per_group: {per_group}, batch_size: 64}}
-export: {{simplify: false, verify_samples: {verify}}}
-"""
+RECIPE = FAIRLRF_FC2_RECIPE
 
 # sr × rr × β: 4 × 3 × 4 = 48 points (the issue's size), or fewer for --points.
 SR = ("0.2", "0.4", "0.6", "0.8")
 RR = ("0", "0.25", "0.5")
 BETA = ("1/3", "5/9", "0.8", "1")
-
-
-def _fixture(root: Path, n: int) -> Path:
-    rng = np.random.default_rng(0)
-    (root / "imgs").mkdir(parents=True)
-    rows = ["path,label,group,split"]
-    for i in range(n):
-        arr = rng.integers(0, 256, size=(128, 128, 3), dtype=np.uint8)
-        Image.fromarray(arr).save(root / "imgs" / f"{i}.jpg", quality=90)
-        split = "train" if i < n // 2 else ("val" if i < 3 * n // 4 else "test")
-        rows.append(f"imgs/{i}.jpg,{i % 4},{(i // 4) % 2},{split}")
-    (root / "labels.csv").write_text("\n".join(rows) + "\n")
-    return root / "labels.csv"
 
 
 def _grid(points: int) -> list[str]:
@@ -102,7 +74,7 @@ def main() -> None:
     quiet = {"progress": False, "echo": lambda s: None}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        csv = _fixture(tmp / "data", args.images)
+        csv = image_csv_fixture(tmp / "data", args.images)
         (tmp / "r.yaml").write_text(
             RECIPE.format(csv=csv, per_group=args.images // 8, verify=args.images // 4)
         )

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fairdeploy._digest import sha256_file
 from fairdeploy._io import atomic_torch_save, atomic_write_text
 from fairdeploy._signals import cleanup_on_sigterm
 from fairdeploy._stale import is_owned_temporary, make_owned_dir, remove_stale
@@ -68,11 +69,7 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         raise FairDeployError(f"cannot hash {str(path)!r}: it is not a file")
     key = (resolved, st.st_size, st.st_mtime_ns)
     if key not in _HASH_CACHE:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _HASH_CACHE[key] = h.hexdigest()
+        _HASH_CACHE[key] = sha256_file(p)
     return _HASH_CACHE[key]
 
 
@@ -217,7 +214,7 @@ class FeatureCache:
                 for fname in sorted(made, key=lambda n: n == name):
                     files[fname] = {
                         "bytes": (work / fname).stat().st_size,
-                        "sha256": _sha256_file(work / fname),
+                        "sha256": sha256_file(work / fname),
                     }
                     os.replace(work / fname, self.directory / fname)
             finally:
@@ -255,14 +252,6 @@ def _check_path(path: Path) -> Path:
     return path.with_name(path.name + ".check")
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _file_entry_ok(path: Path, key: str) -> bool:
     """Whether a cached file and its companions match their ``.check``; warns if not."""
     check = _check_path(path)
@@ -278,7 +267,7 @@ def _file_entry_ok(path: Path, key: str) -> bool:
                 f = path.with_name(fname)
                 if not f.is_file() or f.stat().st_size != rec["bytes"]:
                     problem = f"{fname} is missing or has another size than recorded"
-                elif _sha256_file(f) != rec["sha256"]:
+                elif sha256_file(f) != rec["sha256"]:
                     problem = f"{fname} failed its SHA-256 check"
                 if problem:
                     break

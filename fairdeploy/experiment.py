@@ -183,14 +183,21 @@ class Context:
             return out
         return scoring_indices(groups, per_group=int(per_group), seed=seed)
 
+    def _draw_key(
+        self, spec: SamplingSpec
+    ) -> tuple[SamplingSpec, tuple[int | str, int | None]]:
+        """``spec`` resolved, and the key its draw is cached under: (samples per group,
+        seed), the seed None for ``all`` (every sample: the seed draws nothing)."""
+        spec = self.resolve_sampling(spec)
+        per_group = spec.samples_per_group
+        return spec, (per_group, None if per_group == "all" else spec.seed)
+
     def scoring_set(self, spec: SamplingSpec) -> ScoringSet:
         """The per-group scoring sets drawn by ``spec`` from the training split (the draw
         of ``spec.seed``), as trunk features (computed once per draw, persisted in the
         cache). ``samples_per_group: all`` takes every training sample of each group."""
-        spec = self.resolve_sampling(spec)
-        per_group = spec.samples_per_group
-        seed = None if per_group == "all" else spec.seed
-        wanted = (per_group, seed)
+        spec, wanted = self._draw_key(spec)
+        per_group, seed = wanted
         if wanted not in self._scoring:
             idx = self._draw_indices(per_group, spec.seed)
             order = np.concatenate([idx[0], idx[1]])
@@ -241,10 +248,8 @@ class Context:
         rows) in place of trunk features: for methods that score layers of the trunk
         through the full model. Loaded once per draw and kept in memory (not persisted:
         reading the inputs costs less than the trunk pass, which this skips)."""
-        spec = self.resolve_sampling(spec)
-        per_group = spec.samples_per_group
-        seed = None if per_group == "all" else spec.seed
-        wanted = (per_group, seed)
+        spec, wanted = self._draw_key(spec)
+        per_group, seed = wanted
         if wanted not in self._scoring_raw:
             idx = self._draw_indices(per_group, spec.seed)
             order = np.concatenate([idx[0], idx[1]])

@@ -356,6 +356,63 @@ def fairquantize(
     scope = check_scope(scope)
     steps = _check_int("steps", steps, 1)
     finetune_epochs = _check_int("finetune_epochs", finetune_epochs, 0)
+    options = _finetune_options(finetune, finetune_epochs, train_set)
+
+    net = copy.deepcopy(model).eval()
+    names = resolve_layers(net, layers)
+    entries = _QuantizedEntries(net, names)
+    unpriv, priv = (int(g) for g in group_ids)
+    if unpriv == priv:
+        raise FairDeployError(f"group_ids={tuple(group_ids)!r} must name two different groups")
+
+    history: list[dict[str, Any]] = []
+    for step in range(1, steps + 1):
+        h = (
+            hessians if step == 1 and hessians is not None
+            else _role_hessians(
+                net, names, inputs, targets, groups, group_ids=(unpriv, priv),
+                estimator=estimator, batch_size=batch_size, mc_samples=mc_samples, seed=seed,
+            )
+        )
+        fraction = quantize_ratio if step == steps else quantize_ratio * step / steps
+        chosen = lowest_entries(entries.scores(net, h, beta), fraction, scope=scope)
+        new = entries.add(net, chosen)
+        record: dict[str, Any] = {
+            "step": step,
+            "fraction": fraction,
+            "new": new,
+            "quantized": sum(int(m.sum()) for m in entries.masks.values()),
+        }
+        if finetune_epochs:
+            net, record["finetune"] = _finetune(
+                net, train_set, entries, epochs=finetune_epochs, seed=seed + step,
+                options=options,
+            )
+        history.append(record)
+
+    net.eval()
+    return QuantizeResult(
+        model=net,
+        masks=entries.masks,
+        values=entries.values,
+        scales=entries.scales,
+        counts={n: int(m.sum()) for n, m in entries.masks.items()},
+        sizes={n: m.numel() for n, m in entries.masks.items()},
+        quantize_ratio=quantize_ratio,
+        beta=beta,
+        scope=scope,
+        steps=steps,
+        finetune_epochs=finetune_epochs,
+        history=history,
+    )
+
+
+def _finetune_options(
+    finetune: Mapping[str, Any] | None, finetune_epochs: int, train_set: Any | None
+) -> dict[str, Any]:
+    """train_model's keyword arguments for fine-tuning: :data:`FINETUNE_DEFAULTS`
+    overridden by ``finetune``; refused without a training set, or when they set what
+    fairquantize sets itself."""
     if finetune_epochs and train_set is None:
         raise FairDeployError(
             f"finetune_epochs={finetune_epochs} needs a train_set to fine-tune on; give the "
@@ -367,95 +424,90 @@ def fairquantize(
         raise FairDeployError(
             f"finetune may not set {sorted(reserved)}: use finetune_epochs and seed"
         )
+    return options
 
-    net = copy.deepcopy(model).eval()
-    names = resolve_layers(net, layers)
-    weights = {n: net.get_submodule(n).weight for n in names}
-    pnames = [f"{n}.weight" for n in names]
-    scales = {n: channel_scales(w) for n, w in weights.items()}
-    masks = {n: torch.zeros_like(w, dtype=torch.bool) for n, w in weights.items()}
-    values = {n: torch.zeros_like(w, dtype=torch.int8) for n, w in weights.items()}
-    history: list[dict[str, Any]] = []
 
-    frozen: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+def _role_hessians(
+    net: nn.Module, names: Sequence[str], inputs: torch.Tensor, targets: torch.Tensor,
+    groups: torch.Tensor | Sequence[int], *, group_ids: tuple[int, int], estimator: str,
+    batch_size: int, mc_samples: int, seed: int,
+) -> dict[int, Mapping[str, torch.Tensor]]:
+    """The chosen weights' Hessian diagonals of the current model, keyed by role in the
+    score: 0 the unprivileged group (``group_ids[0]``), 1 the privileged."""
+    unpriv, priv = group_ids
+    by_id = group_weight_hessians(
+        net, [f"{n}.weight" for n in names], inputs, targets, groups, group_ids=(unpriv, priv),
+        estimator=estimator, batch_size=batch_size, mc_samples=mc_samples, seed=seed,
+    )
+    return {0: by_id[unpriv], 1: by_id[priv]}
 
-    def hold(m: nn.Module) -> None:
-        # Quantized entries (back) to their int8 values: after quantizing, and after
-        # every optimizer step of the fine-tuning.
-        for n in names:
-            w = m.get_submodule(n).weight
-            key = (n, w.device)
-            if key not in frozen:
-                dq = dequantize_per_channel(values[n], scales[n])
-                frozen[key] = (masks[n].to(w.device), dq.to(w.device, w.dtype))
-            mask, dq = frozen[key]
-            w.copy_(torch.where(mask, dq, w))
 
-    unpriv, priv = (int(g) for g in group_ids)
-    if unpriv == priv:
-        raise FairDeployError(f"group_ids={tuple(group_ids)!r} must name two different groups")
+class _QuantizedEntries:
+    """The int8 entries chosen so far, per layer: scales fixed once from the original
+    weights, the mask of quantized entries and their int8 values (0 elsewhere)."""
 
-    for step in range(1, steps + 1):
-        if step == 1 and hessians is not None:
-            h = hessians
-        else:
-            by_id = group_weight_hessians(
-                net, pnames, inputs, targets, groups, group_ids=(unpriv, priv),
-                estimator=estimator, batch_size=batch_size, mc_samples=mc_samples, seed=seed,
-            )
-            h = {0: by_id[unpriv], 1: by_id[priv]}  # roles of the score
+    def __init__(self, net: nn.Module, names: Sequence[str]) -> None:
+        self.names = list(names)
+        weights = {n: net.get_submodule(n).weight for n in self.names}
+        self.scales = {n: channel_scales(w) for n, w in weights.items()}
+        self.masks = {n: torch.zeros_like(w, dtype=torch.bool) for n, w in weights.items()}
+        self.values = {n: torch.zeros_like(w, dtype=torch.int8) for n, w in weights.items()}
+        # Per (layer, device): the mask and de-quantized values in the weight's dtype.
+        self._held: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def scores(self, net: nn.Module, h: Mapping[int, Mapping[str, torch.Tensor]],
+               beta: float) -> dict[str, torch.Tensor]:
+        """Per layer, every entry's ``½ Δθ² (h0 − β h1)``; entries quantized earlier score
+        −inf, so the cumulative target keeps them."""
         scores = {}
-        for n, p in zip(names, pnames, strict=True):
-            h0, h1 = group_pair(h, p, weights[n])
-            delta = quantization_change(weights[n], scales[n]).to(h0.device, torch.float64)
+        for n in self.names:
+            w = net.get_submodule(n).weight
+            h0, h1 = group_pair(h, f"{n}.weight", w)
+            delta = quantization_change(w, self.scales[n]).to(h0.device, torch.float64)
             s = entry_scores(delta, h0, h1, beta)
-            # Entries quantized earlier come first, so the cumulative target keeps them.
-            scores[n] = s.masked_fill(masks[n].to(s.device), float("-inf"))
-        fraction = quantize_ratio if step == steps else quantize_ratio * step / steps
-        chosen = lowest_entries(scores, fraction, scope=scope)
+            scores[n] = s.masked_fill(self.masks[n].to(s.device), float("-inf"))
+        return scores
+
+    def add(self, net: nn.Module, chosen: Mapping[str, torch.Tensor]) -> int:
+        """Quantize the ``chosen`` entries of ``net`` (a superset of those quantized
+        before) in place; return how many are new."""
         new = 0
         with torch.no_grad():
-            for n in names:
-                c = chosen[n].to(masks[n].device)
-                assert bool((c | ~masks[n]).all()), "an earlier quantized entry was dropped"
-                fresh = c & ~masks[n]
+            for n in self.names:
+                w = net.get_submodule(n).weight
+                c = chosen[n].to(self.masks[n].device)
+                assert bool((c | ~self.masks[n]).all()), "an earlier quantized entry was dropped"
+                fresh = c & ~self.masks[n]
                 new += int(fresh.sum())
-                q, _ = quantize_per_channel(weights[n], scales[n])
-                values[n] = torch.where(fresh, q.to(values[n].device), values[n])
-                masks[n] = c
-            frozen.clear()
-            hold(net)
-        record: dict[str, Any] = {
-            "step": step,
-            "fraction": fraction,
-            "new": new,
-            "quantized": sum(int(m.sum()) for m in masks.values()),
-        }
-        if finetune_epochs:
-            from fairdeploy.train import train_model
+                q, _ = quantize_per_channel(w, self.scales[n])
+                self.values[n] = torch.where(fresh, q.to(self.values[n].device), self.values[n])
+                self.masks[n] = c
+            self._held.clear()
+            self.hold(net)
+        return new
 
-            result = train_model(
-                net, train_set, None, epochs=finetune_epochs, seed=seed + step,
-                after_step=hold, **options,
-            )
-            net = result.model.eval()
-            weights = {n: net.get_submodule(n).weight for n in names}
-            record["finetune"] = result.history
-        history.append(record)
+    def hold(self, m: nn.Module) -> None:
+        """Put the quantized entries of ``m`` (back) to their int8 values: after
+        quantizing, and after every optimizer step of the fine-tuning."""
+        for n in self.names:
+            w = m.get_submodule(n).weight
+            key = (n, w.device)
+            if key not in self._held:
+                dq = dequantize_per_channel(self.values[n], self.scales[n])
+                self._held[key] = (self.masks[n].to(w.device), dq.to(w.device, w.dtype))
+            mask, dq = self._held[key]
+            w.copy_(torch.where(mask, dq, w))
 
-    net.eval()
-    return QuantizeResult(
-        model=net,
-        masks=masks,
-        values=values,
-        scales=scales,
-        counts={n: int(m.sum()) for n, m in masks.items()},
-        sizes={n: m.numel() for n, m in masks.items()},
-        quantize_ratio=quantize_ratio,
-        beta=beta,
-        scope=scope,
-        steps=steps,
-        finetune_epochs=finetune_epochs,
-        history=history,
+
+def _finetune(
+    net: nn.Module, train_set: Any, entries: _QuantizedEntries, *, epochs: int, seed: int,
+    options: Mapping[str, Any],
+) -> tuple[nn.Module, list[dict[str, float]]]:
+    """Fine-tune the float weights of ``net`` (quantized entries held); return the
+    trained copy in eval mode and train_model's per-epoch history."""
+    from fairdeploy.train import train_model
+
+    result = train_model(
+        net, train_set, None, epochs=epochs, seed=seed, after_step=entries.hold, **options,
     )
-
+    return result.model.eval(), result.history

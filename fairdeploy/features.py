@@ -117,7 +117,19 @@ def split_model(model: nn.Module, layer: str) -> tuple[nn.Module, nn.Module]:
     where = f"cannot cut {type(model).__name__} at layer {layer!r}"
     _check_submodule(model, layer, where)
     graph = trace_graph(model, [layer], where)
+    layer_node = _called_once(graph, layer, where)
+    cut = layer_node.args[0]
+    before = ancestors(cut)
+    head_nodes = _head_nodes(graph, cut, before, where)
+    if layer_node not in head_nodes:
+        raise FairDeployError(f"{where}: the model's output does not depend on the layer")
+    trunk = _graph_module(model, _trunk_graph(graph, cut, before))
+    head = _graph_module(model, _head_graph(model, graph, cut, head_nodes))
+    return trunk, head
 
+
+def _called_once(graph: fx.Graph, layer: str, where: str) -> fx.Node:
+    """The one call of ``layer`` in the traced graph, with a positional input."""
     calls = [n for n in graph.nodes if n.op == "call_module" and n.target == layer]
     if len(calls) != 1:
         raise FairDeployError(
@@ -127,12 +139,15 @@ def split_model(model: nn.Module, layer: str) -> tuple[nn.Module, nn.Module]:
     (layer_node,) = calls
     if not layer_node.args or not isinstance(layer_node.args[0], fx.Node):
         raise FairDeployError(f"{where}: the layer is not called with a positional input")
-    cut = layer_node.args[0]
-    before = ancestors(cut)
-    (output,) = (n for n in graph.nodes if n.op == "output")
+    return layer_node
 
-    # Walk back from the output, stopping at the cut: everything reached is the head.
-    # Reaching any other value computed before the cut means it flows past the layer.
+
+def _head_nodes(
+    graph: fx.Graph, cut: fx.Node, before: set[fx.Node], where: str
+) -> set[fx.Node]:
+    """The nodes after the cut: walk back from the output, stopping at the cut.
+    Reaching any other value computed before the cut means it flows past the layer."""
+    (output,) = (n for n in graph.nodes if n.op == "output")
     head_nodes: set[fx.Node] = set()
     stack: list[fx.Node] = [output]
     while stack:
@@ -149,9 +164,11 @@ def split_model(model: nn.Module, layer: str) -> tuple[nn.Module, nn.Module]:
         # get_attr nodes (constants, parameters used functionally) are simply copied.
         head_nodes.add(n)
         stack.extend(n.all_input_nodes)
-    if layer_node not in head_nodes:
-        raise FairDeployError(f"{where}: the model's output does not depend on the layer")
+    return head_nodes
 
+
+def _trunk_graph(graph: fx.Graph, cut: fx.Node, before: set[fx.Node]) -> fx.Graph:
+    """The model's inputs to the cut's value."""
     trunk_graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for n in graph.nodes:
@@ -159,7 +176,13 @@ def split_model(model: nn.Module, layer: str) -> tuple[nn.Module, nn.Module]:
         if n.op == "placeholder" or n in before:
             env[n] = trunk_graph.node_copy(n, env.__getitem__)
     trunk_graph.output(env[cut])
+    return trunk_graph
 
+
+def _head_graph(
+    model: nn.Module, graph: fx.Graph, cut: fx.Node, head_nodes: set[fx.Node]
+) -> fx.Graph:
+    """The cut's value (input ``features``) to the model's output."""
     head_graph = fx.Graph()
     features = head_graph.placeholder("features")
     if any(is_inplace(model, user) for user in cut.users if user in head_nodes):
@@ -170,24 +193,25 @@ def split_model(model: nn.Module, layer: str) -> tuple[nn.Module, nn.Module]:
     for n in graph.nodes:
         if n in head_nodes:
             env[n] = head_graph.node_copy(n, env.__getitem__)
+    return head_graph
 
+
+def _graph_module(model: nn.Module, g: fx.Graph) -> fx.GraphModule:
+    """A deep-copied GraphModule of ``g`` over ``model``'s submodules, each in the mode
+    its counterpart in ``model`` is in."""
     # GraphModule(root, graph) references root's submodules; the deep copy detaches
     # them so the caller's model is never shared or changed.
-    parts = []
-    for g in (trunk_graph, head_graph):
-        g.lint()
-        part = copy.deepcopy(fx.GraphModule(model, g, class_name=type(model).__name__))
-        part.train(model.training)
-        # train() recursed into the submodules: restore their own modes (e.g. a frozen
-        # BatchNorm kept in eval mode inside a training model).
-        for name, sub in part.named_modules():
-            # (Intermediate containers that fx created have no counterpart; unused.)
-            if name:
-                with contextlib.suppress(AttributeError):
-                    sub.training = model.get_submodule(name).training
-        parts.append(part)
-    trunk, head = parts
-    return trunk, head
+    g.lint()
+    part = copy.deepcopy(fx.GraphModule(model, g, class_name=type(model).__name__))
+    part.train(model.training)
+    # train() recursed into the submodules: restore their own modes (e.g. a frozen
+    # BatchNorm kept in eval mode inside a training model).
+    for name, sub in part.named_modules():
+        # (Intermediate containers that fx created have no counterpart; unused.)
+        if name:
+            with contextlib.suppress(AttributeError):
+                sub.training = model.get_submodule(name).training
+    return part
 
 
 # --------------------------------------------------------------------------- features

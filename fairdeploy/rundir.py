@@ -18,7 +18,6 @@ Promises (each has a test in ``tests/test_rundir.py`` or ``tests/test_crash.py``
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from fairdeploy._digest import sha256_file
 from fairdeploy._signals import cleanup_on_sigterm
 from fairdeploy._stale import make_owned_dir, remove_stale
 from fairdeploy.errors import FairDeployError
@@ -63,14 +63,6 @@ def ensure_dir(path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise FairDeployError(f"cannot create the folder {str(path)!r} ({exc.strerror})") from None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def run_manifest(folder: Path) -> dict[str, Any] | None:
@@ -147,7 +139,7 @@ def check_unchanged(path: str | os.PathLike[str]) -> None:
         st = p.stat()
     except OSError:
         return  # a missing file is reported by the caller
-    if st.st_size == rec["bytes"] and _sha256(p) == rec["sha256"]:
+    if st.st_size == rec["bytes"] and sha256_file(p) == rec["sha256"]:
         return
     raise FairDeployError(
         f"{str(p)!r} was changed after the run wrote it (its size or SHA-256 differs from "
@@ -192,7 +184,7 @@ def _check_replaceable(final: Path) -> None:
             )
         st = path.stat()
         same = st.st_size == recorded["bytes"] and (
-            st.st_mtime_ns == recorded.get("mtime_ns") or _sha256(path) == recorded["sha256"]
+            st.st_mtime_ns == recorded.get("mtime_ns") or sha256_file(path) == recorded["sha256"]
         )
         if not same:
             raise FairDeployError(
@@ -213,7 +205,7 @@ def _write_manifest(folder: Path) -> None:
         if path.is_symlink() or not path.is_file():
             raise RuntimeError(f"a run folder holds {rel!r}, which is not a file")
         st = path.stat()
-        files[rel] = {"bytes": st.st_size, "sha256": _sha256(path), "mtime_ns": st.st_mtime_ns}
+        files[rel] = {"bytes": st.st_size, "sha256": sha256_file(path), "mtime_ns": st.st_mtime_ns}
     doc = {
         "format": _FORMAT,
         "written_by": f"fairdeploy {__version__}",

@@ -224,6 +224,28 @@ def _as_inputs(features: object, targets: object) -> tuple[torch.Tensor, torch.T
     return feats, tgt.long()
 
 
+def _group_samples(
+    groups: torch.Tensor | np.ndarray | Sequence[int], group_ids: Sequence[int], n: int,
+    per: str,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(group id, indices of its samples)`` for each of ``group_ids``, in that order.
+
+    ``groups`` must hold one id per ``per`` (n of them); a group without samples is
+    refused when its turn comes, so the groups before it are computed first.
+    """
+    g = torch.as_tensor(np.asarray(groups)).reshape(-1)
+    if g.shape[0] != n:
+        raise FairDeployError(f"groups has {g.shape[0]} entries; allowed: one per {per} ({n})")
+    for gid in group_ids:
+        idx = torch.nonzero(g == int(gid)).flatten()
+        if idx.numel() == 0:
+            raise FairDeployError(
+                f"group {int(gid)} has no samples (groups present: "
+                f"{sorted(set(g.tolist()))}); every group in group_ids needs at least one"
+            )
+        yield int(gid), idx
+
+
 def _check_options(estimator: str, batch_size: int, mc_samples: int) -> None:
     if estimator not in ESTIMATORS:
         raise FairDeployError(
@@ -618,20 +640,9 @@ def group_hessians(
         A group in ``group_ids`` with no samples, or ``groups`` of the wrong length.
     """
     feats, _ = _as_inputs(features, targets)
-    g = torch.as_tensor(np.asarray(groups)).reshape(-1)
-    if g.shape[0] != feats.shape[0]:
-        raise FairDeployError(
-            f"groups has {g.shape[0]} entries; allowed: one per row of features ({feats.shape[0]})"
-        )
     out: dict[int, dict[str, torch.Tensor]] = {}
-    for gid in group_ids:
-        idx = torch.nonzero(g == int(gid)).flatten()
-        if idx.numel() == 0:
-            raise FairDeployError(
-                f"group {int(gid)} has no samples (groups present: "
-                f"{sorted(set(g.tolist()))}); every group in group_ids needs at least one"
-            )
-        out[int(gid)] = hessian_diag(
+    for gid, idx in _group_samples(groups, group_ids, feats.shape[0], "row of features"):
+        out[gid] = hessian_diag(
             head,
             layer,
             torch.as_tensor(features)[idx],

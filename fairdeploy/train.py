@@ -267,6 +267,68 @@ def train_model(
     -------
     TrainResult
     """
+    _check_hyperparameters(
+        train_set, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
+        step_epochs=step_epochs, gamma=gamma, batch_size=batch_size, seed=seed,
+        num_workers=num_workers,
+    )
+    metadata = _checked_metadata(metadata)
+    device = torch.device(device)
+    config = _train_config(
+        train_set, val_set, epochs=epochs, lr=lr, momentum=momentum,
+        weight_decay=weight_decay, step_epochs=step_epochs, gamma=gamma,
+        batch_size=batch_size, seed=seed,
+    )
+    ckpt = _prepare_checkpoint_path(checkpoint_path)
+    state_path = resume_state_path(ckpt) if ckpt is not None else None
+
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):
+        torch.manual_seed(seed)
+        run = _start_training(
+            model, train_set, device, seed=seed, lr=lr, momentum=momentum,
+            weight_decay=weight_decay, step_epochs=step_epochs, gamma=gamma,
+        )
+        history: list[dict[str, float]] = []
+        start = 0
+        if state_path is not None and resume and state_path.exists():
+            history, start = _restore_resume_state(run, state_path, config, epochs)
+        train_loader, val_loader = _data_loaders(
+            train_set, val_set, run, batch_size=batch_size, num_workers=num_workers
+        )
+        _run_epochs(
+            run, train_loader, val_loader, history, start=start, epochs=epochs,
+            progress=progress, after_step=after_step, state_path=state_path, config=config,
+        )
+        run.net.eval()
+
+    unchanged = _save_final_checkpoint(
+        ckpt, run.net, {**metadata, "history": history, "train_config": config},
+        finished_before=start == epochs,
+    )
+    return TrainResult(
+        model=run.net, history=history, resumed_from=start, checkpoint_path=ckpt,
+        unchanged=unchanged,
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class _Training:
+    """What one training run steps: the model copy, its optimizer and learning-rate
+    schedule, the seeded generator that orders the batches, and the device."""
+
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.StepLR
+    generator: torch.Generator
+    device: torch.device
+
+
+def _check_hyperparameters(
+    train_set: Any, *, epochs: Any, lr: Any, momentum: Any, weight_decay: Any,
+    step_epochs: Any, gamma: Any, batch_size: Any, seed: Any, num_workers: Any,
+) -> None:
+    """Every hyperparameter in its range and a non-empty training set, before any work."""
     for name, value in (("epochs", epochs), ("step_epochs", step_epochs),
                         ("batch_size", batch_size)):
         _check_positive(name, value, integer=True)
@@ -279,15 +341,26 @@ def train_model(
         raise FairDeployError(f"seed={seed!r} is not allowed: use an integer")
     if len(train_set) == 0:
         raise FairDeployError("train_set is empty: training needs at least one sample")
+
+
+def _checked_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A copy of the caller's checkpoint metadata, refused now (not after 100 epochs, when
+    the checkpoint is written) if it sets a key train_model writes or holds a value a
+    weights-only checkpoint cannot store."""
     metadata = dict(metadata or {})
     reserved = {"history", "train_config", "format", "version", "torch_version"} & metadata.keys()
     if reserved:
         raise ValueError(f"metadata may not set {sorted(reserved)}: train_model writes them")
-    # Checked now, not after 100 epochs when the checkpoint is written.
     check_plain_value(metadata, "metadata")
+    return metadata
 
-    device = torch.device(device)
-    config = {
+
+def _train_config(
+    train_set: Any, val_set: Any | None, *, epochs: int, lr: float, momentum: float,
+    weight_decay: float, step_epochs: int, gamma: float, batch_size: int, seed: int,
+) -> dict[str, Any]:
+    """The run's configuration as the resume state and the checkpoint record it."""
+    return {
         "epochs": epochs,
         "lr": float(lr),
         "momentum": float(momentum),
@@ -301,141 +374,192 @@ def train_model(
         # same path and size must not continue from weights trained on the old data.
         "data": _data_fingerprint(train_set, val_set),
     }
+
+
+def _prepare_checkpoint_path(checkpoint_path: str | Path | None) -> Path | None:
+    """The checkpoint path, checked safe to write, with its folder's stale temporaries gone."""
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
     if ckpt is not None:
         _check_output(ckpt)
         # Leftovers of a run killed mid-write (its process is gone): every train run
         # removes them, not only the first write of this process in that folder.
         remove_stale(ckpt.parent)
-    state_path = resume_state_path(ckpt) if ckpt is not None else None
+    return ckpt
 
-    rng_devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices):
-        torch.manual_seed(seed)
-        generator = torch.Generator().manual_seed(seed)
-        net = copy.deepcopy(model).to(device)
-        check_model_takes_inputs(net, train_set, what="the training split")
-        optimizer = torch.optim.SGD(
-            net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
-        )
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_epochs, gamma=gamma)
-        history: list[dict[str, float]] = []
-        start = 0
-        if state_path is not None and resume and state_path.exists():
-            state = _load_resume_state(state_path, config, epochs)
-            try:
-                net.load_state_dict(state["state_dict"])
-            except RuntimeError as exc:
-                raise FairDeployError(
-                    f"the resume state {str(state_path)!r} does not fit this model ({exc}); "
-                    "delete it or train with resume=False (--no-resume)"
-                ) from None
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["rng"]["torch"])
-            generator.set_state(state["rng"]["loader"])
-            if device.type == "cuda" and "cuda" in state["rng"]:
-                torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-            history = [dict(h) for h in state["history"]]
-            start = int(state["epoch"])
 
-        train_loader = _loader(train_set, batch_size, shuffle=True, generator=generator,
-                               num_workers=num_workers, device=device)
-        val_loader = (
-            _loader(val_set, batch_size, shuffle=False, generator=None,
-                    num_workers=num_workers, device=device)
-            if val_set is not None and len(val_set) > 0
-            else None
-        )
-        dtype = _param_dtype(net)
-        steps = len(train_loader)
-        started = time.perf_counter()
-        with phase("training", total=(epochs - start) * steps, unit="step",
-                   enabled=progress and start < epochs) as bar:
-            bar.status(_status(history))
-            for epoch in range(start, epochs):
-                net.train()
-                epoch_lr = float(optimizer.param_groups[0]["lr"])
-                loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-                correct = torch.zeros((), dtype=torch.long, device=device)
-                seen = 0
-                for i, batch in enumerate(train_loader):
-                    x, y = _batch(batch, dtype, device, "train_set")
-                    logits = net(x)
-                    _check_labels(batch[1], logits, "train_set")
-                    loss = nn.functional.cross_entropy(logits, y)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    if after_step is not None:
-                        with torch.no_grad():
-                            after_step(net)
-                    loss_sum += loss.detach().double() * y.numel()
-                    correct += (logits.detach().argmax(1) == y).sum()
-                    seen += y.numel()
-                    if i % 10 == 9 or i == steps - 1:  # syncs with the device: not every step
-                        bar.status(f"epoch {epoch + 1}/{epochs} "
-                                   f"loss {float(loss_sum) / seen:.4f} "
-                                   f"acc {float(correct) / seen:.3f}")
-                    bar.advance()
-                if not math.isfinite(float(loss_sum)):
-                    raise FairDeployError(
-                        f"training diverged: the loss is not finite (NaN or infinity) in epoch "
-                        f"{epoch + 1}; nothing of this epoch was saved. Lower the learning rate "
-                        "(--lr / train.lr), or check the data's scale"
-                    )
-                scheduler.step()
-                record = {
-                    "epoch": epoch + 1,
-                    "lr": epoch_lr,
-                    "train_loss": float(loss_sum) / seen,
-                    "train_accuracy": float(correct) / seen,
-                }
-                if val_loader is not None:
-                    record["val_loss"], record["val_accuracy"] = _evaluate(
-                        net, val_loader, device
-                    )
-                if not all(bool(torch.isfinite(p).all()) for p in net.parameters()):
-                    raise FairDeployError(
-                        f"training diverged: weights became non-finite in epoch {epoch + 1}; "
-                        "nothing of this epoch was saved. Lower the learning rate (--lr / "
-                        "train.lr), or check the data's scale"
-                    )
-                history.append(record)
-                bar.status(_status(history))
-                log(
-                    f"training: epoch {epoch + 1}/{epochs}: {_status(history, epoch=False)}, "
-                    f"lr {epoch_lr:.3g}, {seconds(time.perf_counter() - started)} elapsed",
-                    enabled=progress,
-                )
-                if state_path is not None:
-                    atomic_torch_save(
-                        {
-                            "format": _STATE_FORMAT,
-                            "epoch": epoch + 1,
-                            "config": config,
-                            "state_dict": _cpu_state_dict(net),
-                            "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(),
-                            "rng": _rng_state(generator, device),
-                            "history": history,
-                        },
-                        state_path,
-                    )
-        net.eval()
-
-    unchanged = False
-    if ckpt is not None:
-        extra = {**metadata, "history": history, "train_config": config}
-        # A finished run asked again: keep the file. torch.save gives every file a new
-        # serialization id, so rewriting equal weights would change the checkpoint's
-        # SHA-256, and with it every cache key and run folder name that depends on it.
-        unchanged = start == epochs and _same_checkpoint(ckpt, net, extra)
-        if not unchanged:
-            save_checkpoint(net, ckpt, extra=extra)
-    return TrainResult(
-        model=net, history=history, resumed_from=start, checkpoint_path=ckpt, unchanged=unchanged
+def _start_training(
+    model: nn.Module, train_set: Any, device: torch.device, *, seed: int, lr: float,
+    momentum: float, weight_decay: float, step_epochs: int, gamma: float,
+) -> _Training:
+    """A copy of ``model`` on ``device`` that takes the training inputs, with a fresh SGD
+    optimizer, its StepLR schedule and the batch-order generator seeded with ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    net = copy.deepcopy(model).to(device)
+    check_model_takes_inputs(net, train_set, what="the training split")
+    optimizer = torch.optim.SGD(
+        net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
     )
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_epochs, gamma=gamma)
+    return _Training(net, optimizer, scheduler, generator, device)
+
+
+def _restore_resume_state(
+    run: _Training, state_path: Path, config: Mapping[str, Any], epochs: int
+) -> tuple[list[dict[str, float]], int]:
+    """Load the resume state into ``run`` (weights, optimizer, schedule, RNG states);
+    return the history so far and the number of epochs already done."""
+    state = _load_resume_state(state_path, config, epochs)
+    try:
+        run.net.load_state_dict(state["state_dict"])
+    except RuntimeError as exc:
+        raise FairDeployError(
+            f"the resume state {str(state_path)!r} does not fit this model ({exc}); "
+            "delete it or train with resume=False (--no-resume)"
+        ) from None
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    run.generator.set_state(state["rng"]["loader"])
+    if run.device.type == "cuda" and "cuda" in state["rng"]:
+        torch.cuda.set_rng_state(state["rng"]["cuda"], run.device)
+    return [dict(h) for h in state["history"]], int(state["epoch"])
+
+
+def _data_loaders(
+    train_set: Any, val_set: Any | None, run: _Training, *, batch_size: int, num_workers: int
+) -> tuple[Any, Any | None]:
+    """The shuffled training loader (ordered by ``run.generator``) and the validation
+    loader (None without validation data)."""
+    train_loader = _loader(train_set, batch_size, shuffle=True, generator=run.generator,
+                           num_workers=num_workers, device=run.device)
+    val_loader = (
+        _loader(val_set, batch_size, shuffle=False, generator=None,
+                num_workers=num_workers, device=run.device)
+        if val_set is not None and len(val_set) > 0
+        else None
+    )
+    return train_loader, val_loader
+
+
+def _run_epochs(
+    run: _Training, train_loader: Any, val_loader: Any | None,
+    history: list[dict[str, float]], *, start: int, epochs: int, progress: bool,
+    after_step: Callable[[nn.Module], None] | None, state_path: Path | None,
+    config: Mapping[str, Any],
+) -> None:
+    """Train epochs ``start + 1 .. epochs``: after each, validate, refuse non-finite
+    weights, append to ``history``, report, and save the resume state."""
+    started = time.perf_counter()
+    with phase("training", total=(epochs - start) * len(train_loader), unit="step",
+               enabled=progress and start < epochs) as bar:
+        bar.status(_status(history))
+        for epoch in range(start, epochs):
+            record = _train_epoch(run, train_loader, bar, epoch=epoch, epochs=epochs,
+                                  after_step=after_step)
+            if val_loader is not None:
+                record["val_loss"], record["val_accuracy"] = _evaluate(
+                    run.net, val_loader, run.device
+                )
+            _check_finite_weights(run.net, epoch)
+            history.append(record)
+            bar.status(_status(history))
+            log(
+                f"training: epoch {epoch + 1}/{epochs}: {_status(history, epoch=False)}, "
+                f"lr {record['lr']:.3g}, {seconds(time.perf_counter() - started)} elapsed",
+                enabled=progress,
+            )
+            if state_path is not None:
+                _save_resume_state(run, state_path, config, epoch + 1, history)
+
+
+def _train_epoch(
+    run: _Training, train_loader: Any, bar: Any, *, epoch: int, epochs: int,
+    after_step: Callable[[nn.Module], None] | None,
+) -> dict[str, float]:
+    """One pass over the training batches, then one scheduler step; return the epoch's
+    record (``epoch``, ``lr``, ``train_loss``, ``train_accuracy``)."""
+    net, optimizer, device = run.net, run.optimizer, run.device
+    net.train()
+    dtype = _param_dtype(net)
+    steps = len(train_loader)
+    epoch_lr = float(optimizer.param_groups[0]["lr"])
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
+    for i, batch in enumerate(train_loader):
+        x, y = _batch(batch, dtype, device, "train_set")
+        logits = net(x)
+        _check_labels(batch[1], logits, "train_set")
+        loss = nn.functional.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if after_step is not None:
+            with torch.no_grad():
+                after_step(net)
+        loss_sum += loss.detach().double() * y.numel()
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += y.numel()
+        if i % 10 == 9 or i == steps - 1:  # syncs with the device: not every step
+            bar.status(f"epoch {epoch + 1}/{epochs} "
+                       f"loss {float(loss_sum) / seen:.4f} "
+                       f"acc {float(correct) / seen:.3f}")
+        bar.advance()
+    if not math.isfinite(float(loss_sum)):
+        raise FairDeployError(
+            f"training diverged: the loss is not finite (NaN or infinity) in epoch "
+            f"{epoch + 1}; nothing of this epoch was saved. Lower the learning rate "
+            "(--lr / train.lr), or check the data's scale"
+        )
+    run.scheduler.step()
+    return {
+        "epoch": epoch + 1,
+        "lr": epoch_lr,
+        "train_loss": float(loss_sum) / seen,
+        "train_accuracy": float(correct) / seen,
+    }
+
+
+def _check_finite_weights(net: nn.Module, epoch: int) -> None:
+    if not all(bool(torch.isfinite(p).all()) for p in net.parameters()):
+        raise FairDeployError(
+            f"training diverged: weights became non-finite in epoch {epoch + 1}; "
+            "nothing of this epoch was saved. Lower the learning rate (--lr / "
+            "train.lr), or check the data's scale"
+        )
+
+
+def _save_resume_state(run: _Training, state_path: Path, config: Mapping[str, Any],
+                       epochs_done: int, history: list[dict[str, float]]) -> None:
+    atomic_torch_save(
+        {
+            "format": _STATE_FORMAT,
+            "epoch": epochs_done,
+            "config": config,
+            "state_dict": _cpu_state_dict(run.net),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "rng": _rng_state(run.generator, run.device),
+            "history": history,
+        },
+        state_path,
+    )
+
+
+def _save_final_checkpoint(ckpt: Path | None, net: nn.Module, extra: Mapping[str, Any], *,
+                           finished_before: bool) -> bool:
+    """Write the final checkpoint; return True when it was left as it was.
+
+    A finished run asked again keeps its file: torch.save gives every file a new
+    serialization id, so rewriting equal weights would change the checkpoint's SHA-256,
+    and with it every cache key and run folder name that depends on it.
+    """
+    if ckpt is None:
+        return False
+    unchanged = finished_before and _same_checkpoint(ckpt, net, extra)
+    if not unchanged:
+        save_checkpoint(net, ckpt, extra=extra)
+    return unchanged
 
 
 def _same_checkpoint(path: Path, net: nn.Module, extra: Mapping[str, Any]) -> bool:

@@ -435,12 +435,7 @@ def verify(
     VerifyResult
         Truthy when the checker and every output passed.
     """
-    import onnx
-
-    from fairdeploy.export import verify_npz_path
-    from fairdeploy.export._onnx import INPUT_NAME
-    from fairdeploy.providers import make_session, session_provider
-    from fairdeploy.rundir import check_unchanged
+    from fairdeploy.providers import session_provider
 
     for name, tol in (("atol", atol), ("rtol", rtol)):
         if not (isinstance(tol, int | float) and tol >= 0 and math.isfinite(tol)):
@@ -454,42 +449,13 @@ def verify(
     meta_priv, group_names = _groups_from_metadata(path)
     if privileged is None:
         privileged = meta_priv
-    check_unchanged(path)
-    if reference is None:
-        reference = verify_npz_path(path)
-    if not isinstance(reference, Reference):
-        check_unchanged(reference)
-    ref = reference if isinstance(reference, Reference) else load_reference(reference)
-
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-        checker_ok, checker_msg = True, ""
-    except Exception as exc:  # ValidationError, shape-inference errors, protobuf errors
-        checker_ok, checker_msg = False, str(exc).strip().splitlines()[0] if str(exc) else repr(exc)
-    try:
-        sess = make_session(path, provider=provider)
-    except Exception as exc:  # onnxruntime refuses a model it cannot load
-        raise FairDeployError(f"ONNX Runtime cannot load {str(path)!r}: {exc}") from None
-    in_name = sess.get_inputs()[0].name if sess.get_inputs() else INPUT_NAME
+    ref = _load_checked_reference(path, reference)
+    checker_ok, checker_msg = _run_checker(path)
+    sess = _load_session(path, provider)
     x = np.ascontiguousarray(ref.inputs, dtype=np.float32)
-    if sess.get_inputs():
-        _check_input_shape(x, sess.get_inputs()[0].shape, ref.source)
-    with phase(f"verify: ONNX Runtime on {plural(len(x), 'reference input')}", total=len(x),
-               enabled=progress) as bar:
-        outs = []
-        for i in range(0, len(x), batch_size):
-            try:
-                outs.append(sess.run(None, {in_name: x[i : i + batch_size]}))
-            except Exception as exc:  # ORT's InvalidArgument/Fail for inputs it cannot take
-                text = str(exc).strip()
-                first = text.splitlines()[0] if text else type(exc).__name__
-                raise FairDeployError(
-                    f"ONNX Runtime cannot run {str(path)!r} on the reference inputs from "
-                    f"{ref.source} ({first[:200]}): the reference belongs to another model"
-                ) from None
-            bar.advance(len(outs[-1][0]))
-    names = [o.name for o in sess.get_outputs()]
-    got_all = [np.concatenate([o[j] for o in outs]) for j in range(len(names))]
+    names, got_all = _run_on_reference_inputs(
+        sess, x, ref, path, batch_size=batch_size, progress=progress
+    )
     refs = ref.outputs if isinstance(ref.outputs, list | tuple) else [ref.outputs]
     if len(refs) != len(names):
         raise FairDeployError(
@@ -518,6 +484,71 @@ def verify(
         required_argmax_agreement=min_argmax_agreement,
         notes=tuple(all_notes),
     )
+
+
+def _load_checked_reference(
+    path: Path, reference: str | os.PathLike[str] | Reference | None
+) -> Reference:
+    """The reference (default ``<name>.verify.npz`` beside the model), after checking that
+    neither the model nor the reference file changed since a run folder's manifest
+    recorded them (:func:`fairdeploy.rundir.check_unchanged`)."""
+    from fairdeploy.export import verify_npz_path
+    from fairdeploy.rundir import check_unchanged
+
+    check_unchanged(path)
+    if reference is None:
+        reference = verify_npz_path(path)
+    if not isinstance(reference, Reference):
+        check_unchanged(reference)
+    return reference if isinstance(reference, Reference) else load_reference(reference)
+
+
+def _run_checker(path: Path) -> tuple[bool, str]:
+    """``onnx.checker`` full check: (passed, the first line of its complaint)."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        return True, ""
+    except Exception as exc:  # ValidationError, shape-inference errors, protobuf errors
+        return False, str(exc).strip().splitlines()[0] if str(exc) else repr(exc)
+
+
+def _load_session(path: Path, provider: str) -> Any:
+    from fairdeploy.providers import make_session
+
+    try:
+        return make_session(path, provider=provider)
+    except Exception as exc:  # onnxruntime refuses a model it cannot load
+        raise FairDeployError(f"ONNX Runtime cannot load {str(path)!r}: {exc}") from None
+
+
+def _run_on_reference_inputs(
+    sess: Any, x: np.ndarray, ref: Reference, path: Path, *, batch_size: int, progress: bool
+) -> tuple[list[str], list[np.ndarray]]:
+    """The model's output names and its outputs on every reference input, run in
+    batches of ``batch_size``."""
+    from fairdeploy.export._onnx import INPUT_NAME
+
+    in_name = sess.get_inputs()[0].name if sess.get_inputs() else INPUT_NAME
+    if sess.get_inputs():
+        _check_input_shape(x, sess.get_inputs()[0].shape, ref.source)
+    with phase(f"verify: ONNX Runtime on {plural(len(x), 'reference input')}", total=len(x),
+               enabled=progress) as bar:
+        outs = []
+        for i in range(0, len(x), batch_size):
+            try:
+                outs.append(sess.run(None, {in_name: x[i : i + batch_size]}))
+            except Exception as exc:  # ORT's InvalidArgument/Fail for inputs it cannot take
+                text = str(exc).strip()
+                first = text.splitlines()[0] if text else type(exc).__name__
+                raise FairDeployError(
+                    f"ONNX Runtime cannot run {str(path)!r} on the reference inputs from "
+                    f"{ref.source} ({first[:200]}): the reference belongs to another model"
+                ) from None
+            bar.advance(len(outs[-1][0]))
+    names = [o.name for o in sess.get_outputs()]
+    return names, [np.concatenate([o[j] for o in outs]) for j in range(len(names))]
 
 
 def _check_input_shape(x: np.ndarray, expected: list[Any], source: str) -> None:

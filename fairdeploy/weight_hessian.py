@@ -37,6 +37,7 @@ true Hessian diagonal (tested against ``torch.autograd.functional.hessian``). Ot
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ from fairdeploy.scoring import (
     _check_options,
     _curvature_vjps,
     _draw_labels,
+    _group_samples,
 )
 from fairdeploy.structure import analyze_structure
 
@@ -444,22 +446,8 @@ def weight_hessian_diag(
     resolved = _resolve_params(model, names)
     device = next(iter(model.parameters())).device
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-
-    net = copy.deepcopy(model).eval()
-    net.requires_grad_(False)
-    targets_ = [
-        _Target(t.name, net.get_submodule(t.name), dict(t.kinds)) for t in resolved
-    ]
-    for t in targets_:
-        # The outputs of the chosen layers must carry a graph to the logits; gradients
-        # are requested at those outputs only, so no weight gradient is ever computed.
-        t.module.weight.requires_grad_(True)
-
-    def chunk(t: torch.Tensor, s: int) -> torch.Tensor:
-        t = t[s : s + batch_size]
-        if t.dtype.is_floating_point:
-            t = t.to(dtype)
-        return t.to(device)
+    net, targets_ = _graph_copy(model, resolved)
+    chunk = functools.partial(_chunk, batch_size=batch_size, dtype=dtype, device=device)
 
     probe = chunk(x_all, 0)[:2]
     non_pl = _not_piecewise_linear_after(net, [t.name for t in targets_], probe)
@@ -481,41 +469,76 @@ def weight_hessian_diag(
         gen = torch.Generator().manual_seed(int(seed))
         n_total = x_all.shape[0]
         for s0 in range(0, n_total, batch_size):
-            with torch.enable_grad():
-                logits = net(chunk(x_all, s0))
-            ins, outs = rec.take()
-            labels = draws = None
-            if estimator == "fisher":
-                labels = chunk(y_all, s0)
-            elif estimator == "ggn_mc":
-                draws = _draw_labels(torch.softmax(logits.detach(), -1), mc_samples, gen)
-            outputs = [outs[t.name] for t in targets_]
-            # Row-wise Linear layers: Σ_b q² per sample, then one GEMM with x² per chunk.
-            d = {t.name: torch.zeros_like(outs[t.name]) for t in targets_ if rec.rowwise[t.name]}
-            _check_rows(targets_, ins, outs, logits.shape[0])
-            for qs, w in _curvature_vjps(logits, outputs, labels=labels, draws=draws):
-                for t, q in zip(targets_, qs, strict=True):
-                    if rec.rowwise[t.name]:
-                        d[t.name].add_((q * q).sum(0), alpha=w)
-                    else:
-                        _accumulate_shared(
-                            t.module, q, ins[t.name], w,
-                            acc.get(t.kinds.get("weight", "")),
-                            acc.get(t.kinds.get("bias", "")),
-                        )
-            for t in targets_:
-                if not rec.rowwise[t.name]:
-                    continue
-                if "weight" in t.kinds:
-                    # Sums of non-negative terms: the layer's dtype is accurate enough
-                    # per chunk; the running sum over chunks is float64.
-                    acc[t.kinds["weight"]].add_(d[t.name].T @ ins[t.name].to(d[t.name].dtype))
-                if "bias" in t.kinds:
-                    acc[t.kinds["bias"]].add_(d[t.name].sum(0))
-            del logits, outputs, outs, ins, d
+            _accumulate_chunk(
+                net, rec, targets_, acc, chunk(x_all, s0),
+                chunk(y_all, s0) if estimator == "fisher" else None,
+                estimator=estimator, mc_samples=mc_samples, gen=gen,
+            )
     finally:
         rec.remove()
     return {n: acc[n] / n_total for n in names}
+
+
+def _graph_copy(model: nn.Module, resolved: list[_Target]) -> tuple[nn.Module, list[_Target]]:
+    """An eval-mode copy of ``model`` whose only parameters that need gradients are the
+    chosen layers' weights, and the chosen layers as modules of that copy."""
+    net = copy.deepcopy(model).eval()
+    net.requires_grad_(False)
+    targets_ = [
+        _Target(t.name, net.get_submodule(t.name), dict(t.kinds)) for t in resolved
+    ]
+    for t in targets_:
+        # The outputs of the chosen layers must carry a graph to the logits; gradients
+        # are requested at those outputs only, so no weight gradient is ever computed.
+        t.module.weight.requires_grad_(True)
+    return net, targets_
+
+
+def _chunk(t: torch.Tensor, s: int, *, batch_size: int, dtype: torch.dtype,
+           device: torch.device) -> torch.Tensor:
+    """Samples ``s .. s + batch_size`` of ``t`` on ``device``, floating ones in ``dtype``."""
+    t = t[s : s + batch_size]
+    if t.dtype.is_floating_point:
+        t = t.to(dtype)
+    return t.to(device)
+
+
+def _accumulate_chunk(
+    net: nn.Module, rec: _Recorder, targets_: list[_Target], acc: dict[str, torch.Tensor],
+    x: torch.Tensor, labels: torch.Tensor | None, *, estimator: str, mc_samples: int,
+    gen: torch.Generator,
+) -> None:
+    """Add one chunk's sum of per-sample squared gradients (under ``estimator``'s
+    curvature) to ``acc``, the running float64 sums by parameter name."""
+    with torch.enable_grad():
+        logits = net(x)
+    ins, outs = rec.take()
+    draws = None
+    if estimator == "ggn_mc":
+        draws = _draw_labels(torch.softmax(logits.detach(), -1), mc_samples, gen)
+    outputs = [outs[t.name] for t in targets_]
+    # Row-wise Linear layers: Σ_b q² per sample, then one GEMM with x² per chunk.
+    d = {t.name: torch.zeros_like(outs[t.name]) for t in targets_ if rec.rowwise[t.name]}
+    _check_rows(targets_, ins, outs, logits.shape[0])
+    for qs, w in _curvature_vjps(logits, outputs, labels=labels, draws=draws):
+        for t, q in zip(targets_, qs, strict=True):
+            if rec.rowwise[t.name]:
+                d[t.name].add_((q * q).sum(0), alpha=w)
+            else:
+                _accumulate_shared(
+                    t.module, q, ins[t.name], w,
+                    acc.get(t.kinds.get("weight", "")),
+                    acc.get(t.kinds.get("bias", "")),
+                )
+    for t in targets_:
+        if not rec.rowwise[t.name]:
+            continue
+        if "weight" in t.kinds:
+            # Sums of non-negative terms: the layer's dtype is accurate enough
+            # per chunk; the running sum over chunks is float64.
+            acc[t.kinds["weight"]].add_(d[t.name].T @ ins[t.name].to(d[t.name].dtype))
+        if "bias" in t.kinds:
+            acc[t.kinds["bias"]].add_(d[t.name].sum(0))
 
 
 def group_pair(
@@ -604,20 +627,9 @@ def group_weight_hessians(
         error of :func:`weight_hessian_diag`.
     """
     x, y = _as_inputs(inputs, targets)
-    g = torch.as_tensor(np.asarray(groups)).reshape(-1)
-    if g.shape[0] != x.shape[0]:
-        raise FairDeployError(
-            f"groups has {g.shape[0]} entries; allowed: one per sample of inputs ({x.shape[0]})"
-        )
     out: dict[int, dict[str, torch.Tensor]] = {}
-    for gid in group_ids:
-        idx = torch.nonzero(g == int(gid)).flatten()
-        if idx.numel() == 0:
-            raise FairDeployError(
-                f"group {int(gid)} has no samples (groups present: "
-                f"{sorted(set(g.tolist()))}); every group in group_ids needs at least one"
-            )
-        out[int(gid)] = weight_hessian_diag(
+    for gid, idx in _group_samples(groups, group_ids, x.shape[0], "sample of inputs"):
+        out[gid] = weight_hessian_diag(
             model, param_names, x[idx], y[idx],
             estimator=estimator, batch_size=batch_size, mc_samples=mc_samples, seed=seed,
         )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import torch
@@ -472,52 +473,73 @@ def prepare_for_export(
     folded_in: dict[str, str] = {}
     folded_out: dict[str, str] = {}
     if fold_permutations and blocks and structure is not None:
-        folded_in, folded_out, neighbour_perms, link_perms = _fold_plan(ready, names, structure)
-        for link, perm in link_perms:
-            for step in link.feature_modules:  # per-feature parameters follow the features
-                assert step.module is not None
-                with torch.no_grad():
-                    _keep_features(step.module, perm)
-        for nb, perms in neighbour_perms.items():
-            ready.set_submodule(nb, _permute_neighbour(ready.get_submodule(nb), **perms))
+        folded_in, folded_out = _fold_permutations(ready, names, structure)
     layouts: list[LayerLayout] = []
     for name in names:
-        layer = ready.get_submodule(name)  # may be a permuted or reduced copy
-        assert isinstance(layer, FactorizedLinear)
-        export = ExportFactorized(
-            layer,
-            sparse=blocks,
-            gather_input=name not in folded_in,
-            gather_output=name not in folded_out,
-            input_select=select.get(name),
-        )
-        c = dict(counts[name])
-        c["stored_params"] = sum(p.numel() for p in export.parameters())
-        if c["stored_params"] >= c["dense_params"]:
-            k, din, dout = c["rank"], c["din"], c["dout"]
-            warnings.warn(
-                f"layer {name!r}: the factorized layer stores {c['stored_params']} "
-                f"parameters, not fewer than the dense layer's {c['dense_params']} "
-                f"(rank {k}; break-even rank is {din * dout // (din + dout)}): lower the rank",
-                UserWarning,
-                stacklevel=2,
-            )
-        row_perm = _needs_perm(layer, "in") and blocks
-        col_perm = _needs_perm(layer, "out") and blocks
-        in_mode = ("folded:" + folded_in[name]) if name in folded_in else "gather"
-        out_mode = ("folded:" + folded_out[name]) if name in folded_out else "gather"
-        (in_status, n_in), (out_status, n_out) = status[name]["input"], status[name]["output"]
-        layouts.append(
-            LayerLayout(
-                layer=name,
-                input_perm=in_mode if row_perm else "none",
-                output_perm=out_mode if col_perm else "none",
-                eliminated_inputs=n_in,
-                eliminated_outputs=n_out,
-                input_elimination=in_status,
-                output_elimination=out_status,
-                **c,
-            )
-        )
-        ready.set_submodule(name, export)
+        layouts.append(_export_layer(
+            ready, name, counts[name], status[name], blocks=blocks,
+            folded_in=folded_in, folded_out=folded_out, input_select=select.get(name),
+        ))
     return ready, layouts
+
+
+def _fold_permutations(
+    ready: nn.Module, names: list[str], structure: ModelStructure
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Fold the layers' row/column permutations into their neighbours (and the
+    per-feature modules between) in place, where the structure allows; return which
+    layers' input and output permutations were folded, and into what."""
+    folded_in, folded_out, neighbour_perms, link_perms = _fold_plan(ready, names, structure)
+    for link, perm in link_perms:
+        for step in link.feature_modules:  # per-feature parameters follow the features
+            assert step.module is not None
+            with torch.no_grad():
+                _keep_features(step.module, perm)
+    for nb, perms in neighbour_perms.items():
+        ready.set_submodule(nb, _permute_neighbour(ready.get_submodule(nb), **perms))
+    return folded_in, folded_out
+
+
+def _export_layer(
+    ready: nn.Module, name: str, counts: Mapping[str, int],
+    status: Mapping[str, tuple[str, int]], *, blocks: bool, folded_in: Mapping[str, str],
+    folded_out: Mapping[str, str], input_select: torch.Tensor | None,
+) -> LayerLayout:
+    """Replace the factorized layer ``name`` of ``ready`` by its export module; return
+    its layout record (warning when it stores no fewer parameters than the dense layer)."""
+    layer = ready.get_submodule(name)  # may be a permuted or reduced copy
+    assert isinstance(layer, FactorizedLinear)
+    export = ExportFactorized(
+        layer,
+        sparse=blocks,
+        gather_input=name not in folded_in,
+        gather_output=name not in folded_out,
+        input_select=input_select,
+    )
+    c = dict(counts)
+    c["stored_params"] = sum(p.numel() for p in export.parameters())
+    if c["stored_params"] >= c["dense_params"]:
+        k, din, dout = c["rank"], c["din"], c["dout"]
+        warnings.warn(
+            f"layer {name!r}: the factorized layer stores {c['stored_params']} "
+            f"parameters, not fewer than the dense layer's {c['dense_params']} "
+            f"(rank {k}; break-even rank is {din * dout // (din + dout)}): lower the rank",
+            UserWarning,
+            stacklevel=3,  # the caller of prepare_for_export
+        )
+    row_perm = _needs_perm(layer, "in") and blocks
+    col_perm = _needs_perm(layer, "out") and blocks
+    in_mode = ("folded:" + folded_in[name]) if name in folded_in else "gather"
+    out_mode = ("folded:" + folded_out[name]) if name in folded_out else "gather"
+    (in_status, n_in), (out_status, n_out) = status["input"], status["output"]
+    ready.set_submodule(name, export)
+    return LayerLayout(
+        layer=name,
+        input_perm=in_mode if row_perm else "none",
+        output_perm=out_mode if col_perm else "none",
+        eliminated_inputs=n_in,
+        eliminated_outputs=n_out,
+        input_elimination=in_status,
+        output_elimination=out_status,
+        **c,
+    )

@@ -593,19 +593,11 @@ def export_onnx(
     -------
     ExportResult
     """
-    from fairdeploy import __version__
-
     path = Path(path)
     if path.suffix != ".onnx":
         raise FairDeployError(f"output path {str(path)!r} must end in .onnx")
     example = _as_tensor(example_input, "example_input")
-    ref_x = None if reference_inputs is None else _as_tensor(reference_inputs, "reference_inputs")
-    for name, arr in (("labels", labels), ("groups", groups)):
-        if arr is not None and (ref_x is None or len(arr) != len(ref_x)):
-            raise FairDeployError(
-                f"{name} has {len(arr)} entries: give one per row of reference_inputs "
-                f"({0 if ref_x is None else len(ref_x)})"
-            )
+    ref_x = _reference_inputs(reference_inputs, labels, groups)
     encoded = _encode_metadata(dict(metadata or {}))
     _check_exporter(exporter, opset)
 
@@ -618,6 +610,66 @@ def export_onnx(
         example_input=example[:2],
     )
     original = model if not model.training else _eval_copy(model)
+    check_x, expected = _check_layout(original, ready, example, ref_x, atol, rtol)
+
+    proto = _export_graph(ready, example, opset, exporter)
+    check_factor_structure(proto, ready, layouts)
+    simplified = False
+    if simplify:
+        proto, simplified = _simplify(proto, ready, layouts, check_x.numpy(), expected, atol, rtol)
+    max_err = _check_ort_parity(proto, check_x, expected, atol, rtol)
+
+    deployed = sum(p.numel() for p in ready.parameters())
+    stored = _float_initializer_elements(proto)
+    vanilla = _vanilla_params(model, layouts)
+    _stamp_producer(
+        proto, encoded, layouts=layouts, layout=layout, vanilla=vanilla, deployed=deployed,
+        stored=stored, eliminate_dead=eliminate_dead,
+    )
+    onnx.checker.check_model(proto, full_check=True)
+    _save_atomic(proto, path)
+
+    ref_path = None
+    if ref_x is not None:
+        ref_path = _write_reference(
+            path, original, ref_x, reference_outputs, labels=labels, groups=groups,
+            max_bytes=reference_max_bytes,
+        )
+    return ExportResult(
+        path=path,
+        reference_path=ref_path,
+        layers=layouts,
+        max_abs_error=max_err,
+        simplified=simplified,
+        sparse_layout=layout,
+        eliminate_dead=bool(eliminate_dead),
+        deployed_params=deployed,
+        vanilla_params=vanilla,
+        stored_elements=stored,
+    )
+
+
+def _reference_inputs(
+    reference_inputs: Any, labels: np.ndarray | None, groups: np.ndarray | None
+) -> torch.Tensor | None:
+    """The reference inputs as a float tensor (None without them); labels and groups,
+    when given, must have one entry per reference input."""
+    ref_x = None if reference_inputs is None else _as_tensor(reference_inputs, "reference_inputs")
+    for name, arr in (("labels", labels), ("groups", groups)):
+        if arr is not None and (ref_x is None or len(arr) != len(ref_x)):
+            raise FairDeployError(
+                f"{name} has {len(arr)} entries: give one per row of reference_inputs "
+                f"({0 if ref_x is None else len(ref_x)})"
+            )
+    return ref_x
+
+
+def _check_layout(
+    original: nn.Module, ready: nn.Module, example: torch.Tensor, ref_x: torch.Tensor | None,
+    atol: float, rtol: float,
+) -> tuple[torch.Tensor, np.ndarray]:
+    """The inputs of the export-time parity checks and the original model's outputs on
+    them; the rearranged model (``ready``) must match those outputs within tolerance."""
     with torch.no_grad():
         # A few real inputs suffice here: verify() compares every reference input later.
         check_x = example if ref_x is None else torch.cat([example, ref_x[:_EXPORT_CHECK]])
@@ -626,22 +678,31 @@ def export_onnx(
     layout_err = float(np.max(np.abs(ready_out - expected)))
     if not np.all(np.abs(ready_out - expected) <= atol + rtol * np.abs(expected)):
         raise _tolerance_error("the export layout (rearranged layers)", layout_err, atol, rtol)
+    return check_x, expected
 
-    proto = _export_graph(ready, example, opset, exporter)
-    check_factor_structure(proto, ready, layouts)
-    simplified = False
-    if simplify:
-        proto, simplified = _simplify(proto, ready, layouts, check_x.numpy(), expected, atol, rtol)
+
+def _check_ort_parity(
+    proto: onnx.ModelProto, check_x: torch.Tensor, expected: np.ndarray, atol: float,
+    rtol: float,
+) -> float:
+    """ONNX Runtime's outputs of ``proto`` must match ``expected``; return the max |Δ|."""
     got = _ort_outputs(proto.SerializeToString(), check_x.numpy())
     err = np.abs(got - expected)
     if not np.all(err <= atol + rtol * np.abs(expected)):
         raise _tolerance_error("ONNX Runtime's output", float(err.max()), atol, rtol)
+    return float(err.max())
+
+
+def _stamp_producer(
+    proto: onnx.ModelProto, encoded: Mapping[str, str], *, layouts: list[LayerLayout],
+    layout: str, vanilla: int, deployed: int, stored: int, eliminate_dead: bool,
+) -> None:
+    """Producer name and version, and the metadata fairdeploy fills (layers, layout,
+    deployed parameter counts) under the caller's ``encoded`` metadata."""
+    from fairdeploy import __version__
 
     proto.producer_name = "fairdeploy"
     proto.producer_version = __version__
-    deployed = sum(p.numel() for p in ready.parameters())
-    stored = _float_initializer_elements(proto)
-    vanilla = _vanilla_params(model, layouts)
     base = {
         "producer": "fairdeploy",
         "version": __version__,
@@ -656,42 +717,35 @@ def export_onnx(
         },
     }
     _set_metadata(proto, {**_encode_metadata(base), **encoded})
-    onnx.checker.check_model(proto, full_check=True)
-    _save_atomic(proto, path)
 
-    ref_path = None
-    if ref_x is not None:
-        if reference_outputs is not None:
-            outs = np.asarray(_as_tensor(reference_outputs, "reference_outputs").numpy())
-            if len(outs) != len(ref_x):
-                raise FairDeployError(
-                    f"reference_outputs has {len(outs)} rows: give one per reference input "
-                    f"({len(ref_x)})"
-                )
-        else:
-            with torch.no_grad():
-                outs = np.concatenate(
-                    [original(ref_x[i : i + 256]).numpy() for i in range(0, len(ref_x), 256)]
-                )
-        arrays: dict[str, np.ndarray] = {"inputs": ref_x.numpy(), "outputs": outs}
-        if labels is not None:
-            arrays["labels"] = np.asarray(labels)
-        if groups is not None:
-            arrays["groups"] = np.asarray(groups)
-        ref_path = verify_npz_path(path)
-        _save_npz_atomic(ref_path, capped_reference(arrays, reference_max_bytes))
-    return ExportResult(
-        path=path,
-        reference_path=ref_path,
-        layers=layouts,
-        max_abs_error=float(err.max()),
-        simplified=simplified,
-        sparse_layout=layout,
-        eliminate_dead=bool(eliminate_dead),
-        deployed_params=deployed,
-        vanilla_params=vanilla,
-        stored_elements=stored,
-    )
+
+def _write_reference(
+    path: Path, original: nn.Module, ref_x: torch.Tensor, reference_outputs: Any, *,
+    labels: np.ndarray | None, groups: np.ndarray | None, max_bytes: int | None,
+) -> Path:
+    """Write ``<name>.verify.npz`` (inputs, PyTorch outputs, labels, groups; capped at
+    ``max_bytes``) and return its path. The outputs are the caller's when given, else the
+    original model's."""
+    if reference_outputs is not None:
+        outs = np.asarray(_as_tensor(reference_outputs, "reference_outputs").numpy())
+        if len(outs) != len(ref_x):
+            raise FairDeployError(
+                f"reference_outputs has {len(outs)} rows: give one per reference input "
+                f"({len(ref_x)})"
+            )
+    else:
+        with torch.no_grad():
+            outs = np.concatenate(
+                [original(ref_x[i : i + 256]).numpy() for i in range(0, len(ref_x), 256)]
+            )
+    arrays: dict[str, np.ndarray] = {"inputs": ref_x.numpy(), "outputs": outs}
+    if labels is not None:
+        arrays["labels"] = np.asarray(labels)
+    if groups is not None:
+        arrays["groups"] = np.asarray(groups)
+    ref_path = verify_npz_path(path)
+    _save_npz_atomic(ref_path, capped_reference(arrays, max_bytes))
+    return ref_path
 
 
 def _float_initializer_elements(proto: onnx.ModelProto) -> int:

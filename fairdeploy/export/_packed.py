@@ -491,88 +491,109 @@ def _build_tensor(graph: _Graph, cls: _Classes, target: str, transposed: bool) -
     valid index), int8 until de-quantization. ``NonZero``/``ScatterND`` would be cheaper
     for a rare class, but ONNX Runtime does not fold ``NonZero``.
     """
-    t = _Tensor(graph, target)
-    w = cls.weight
-    shape = tuple(w.shape)
-    flat = w.reshape(-1)
-    pshape = t.init("shape", np.array(shape, np.int64))
+    rebuild = _Rebuild(_Tensor(graph, target), cls, transposed)
     order = _pack_order(cls.counts)
-    is_class = {ZERO: cls.is_zero, INT8: cls.is_int8, FLOAT: ~(cls.is_zero | cls.is_int8)}
-    dense_name = graph.fresh() if transposed else target
-    i32 = TensorProto.INT32
+    if len(order) == 1:  # one class: no mask needed (float alone is never packed)
+        rebuild.single_class(order[0])
+    else:
+        rebuild.merged_classes(order)
+    if transposed:
+        rebuild.t.node("Transpose", [rebuild.dense_name], target, perm=[1, 0])
+    return rebuild.t
 
-    def dequantized(index: str | None, *, flat_out: bool) -> str:
+
+class _Rebuild:
+    """The nodes that rebuild one dense weight (PyTorch layout) from its compact storage,
+    ending in ``dense_name`` (the target, or an intermediate the Transpose reads)."""
+
+    def __init__(self, t: _Tensor, cls: _Classes, transposed: bool) -> None:
+        self.t, self.cls = t, cls
+        self.shape = tuple(cls.weight.shape)
+        self.flat = cls.weight.reshape(-1)
+        self.pshape = t.init("shape", np.array(self.shape, np.int64))
+        self.is_class = {
+            ZERO: cls.is_zero, INT8: cls.is_int8, FLOAT: ~(cls.is_zero | cls.is_int8)
+        }
+        self.dense_name = t.g.fresh() if transposed else t.target
+        self._made: dict[str, str] = {}
+
+    def dequantized(self, index: str | None, *, flat_out: bool) -> str:
+        """The int8 values times their channel's scale: all entries (``index`` None), or
+        gathered at ``index``; flat, or in the weight's shape as ``dense_name``."""
+        t, cls, shape = self.t, self.cls, self.shape
         if index is None:
-            x = t.node("Reshape", [t.init("int8", cls.q), pshape])
+            x = t.node("Reshape", [t.init("int8", cls.q), self.pshape])
         else:
             x = t.node("Gather", [t.init("int8", np.append(cls.q, np.int8(0))), index])
-            x = t.node("Reshape", [x, pshape])  # int8: a quarter of the bytes of float
+            x = t.node("Reshape", [x, self.pshape])  # int8: a quarter of the bytes of float
         x = t.node("Cast", [x], to=TensorProto.FLOAT)
         bshape = (shape[0],) + (1,) * (len(shape) - 1)
         x = t.node("Mul", [x, t.init("scales", cls.scales.reshape(bshape))],
-                   None if flat_out else dense_name)
-        return t.node("Reshape", [x, graph.const("flat", np.array([-1]))]) if flat_out else x
+                   None if flat_out else self.dense_name)
+        return t.node("Reshape", [x, t.g.const("flat", np.array([-1]))]) if flat_out else x
 
-    def values(c: str, indicator: Any) -> str:
+    def values(self, c: str, indicator: Any) -> str:
         """Flat values of class ``c`` at every entry (valid where ``indicator()``, an int32
         0/1 tensor made on demand, is 1; a zero class needs none)."""
+        t = self.t
         if c == ZERO:
-            return graph.const("zero", np.array(0, np.float32))  # broadcast by Where
+            return t.g.const("zero", np.array(0, np.float32))  # broadcast by Where
         index = t.position(indicator())
         if c == INT8:
-            return dequantized(index, flat_out=True)
-        table = np.append(flat[is_class[FLOAT]], np.float32(0))
+            return self.dequantized(index, flat_out=True)
+        table = np.append(self.flat[self.is_class[FLOAT]], np.float32(0))
         return t.node("Gather", [t.init("float", table), index])
 
-    if len(order) == 1:  # one class: no mask needed (float alone is never packed)
-        if order[0] == ZERO:
-            t.node("ConstantOfShape", [pshape], dense_name,
-                   value=numpy_helper.from_array(np.zeros(1, np.float32)))
+    def single_class(self, c: str) -> None:
+        """Every entry in class ``c`` (zero or int8): no mask."""
+        if c == ZERO:
+            self.t.node("ConstantOfShape", [self.pshape], self.dense_name,
+                        value=numpy_helper.from_array(np.zeros(1, np.float32)))
         else:
-            dequantized(None, flat_out=False)
-    else:
-        a = order[0]
-        bits_a = t.unpack(is_class[a], "mask", exact=True)
-        made: dict[str, str] = {}
+            self.dequantized(None, flat_out=False)
 
-        def once(key: str, make: Any) -> str:
-            if key not in made:
-                made[key] = make()
-            return made[key]
+    def _once(self, key: str, make: Any) -> str:
+        if key not in self._made:
+            self._made[key] = make()
+        return self._made[key]
+
+    def merged_classes(self, order: list[str]) -> None:
+        """Two or three classes: a mask marks the most numerous (A); with three, a second
+        mask over the other entries marks B among them; ``Where`` merges the values."""
+        t, g, i32 = self.t, self.t.g, TensorProto.INT32
+        a = order[0]
+        bits_a = t.unpack(self.is_class[a], "mask", exact=True)
 
         def ind_a() -> str:
-            return once("a", lambda: t.node("Cast", [bits_a], to=i32))
+            return self._once("a", lambda: t.node("Cast", [bits_a], to=i32))
 
         def not_a() -> str:
-            one = graph.const("one", np.array(1, np.int32))
-            return once("not_a", lambda: t.node("Sub", [one, ind_a()]))
+            one = g.const("one", np.array(1, np.int32))
+            return self._once("not_a", lambda: t.node("Sub", [one, ind_a()]))
 
-        v_a = values(a, ind_a)
+        v_a = self.values(a, ind_a)
         if len(order) == 2:
-            v_rest = values(order[1], not_a)
+            v_rest = self.values(order[1], not_a)
         else:
             b, c = order[1], order[2]
-            rest = ~is_class[a]
+            rest = ~self.is_class[a]
             # One bit per non-A entry (plus a padding bit, so the count after the last
             # non-A entry still indexes a bit), spread over all entries by position; the
             # value read at an A entry is meaningless and overridden by the outer Where.
-            bits_b = t.unpack(np.append(is_class[b][rest], False), "mask2", exact=False)
+            bits_b = t.unpack(np.append(self.is_class[b][rest], False), "mask2", exact=False)
             b_any = t.node("Gather", [bits_b, t.position(not_a())])
 
             def ind_b() -> str:
-                return once("b", lambda: t.node(
+                return self._once("b", lambda: t.node(
                     "Mul", [t.node("Cast", [b_any], to=i32), not_a()]))
 
-            v_b = values(b, ind_b)
-            v_c = values(c, lambda: t.node("Sub", [not_a(), ind_b()]))
+            v_b = self.values(b, ind_b)
+            v_c = self.values(c, lambda: t.node("Sub", [not_a(), ind_b()]))
             cond_b = t.node("Cast", [b_any], to=TensorProto.BOOL)
             v_rest = t.node("Where", [cond_b, v_b, v_c])
         cond_a = t.node("Cast", [bits_a], to=TensorProto.BOOL)
         merged = t.node("Where", [cond_a, v_a, v_rest])
-        t.node("Reshape", [merged, pshape], dense_name)
-    if transposed:
-        t.node("Transpose", [dense_name], target, perm=[1, 0])
-    return t
+        t.node("Reshape", [merged, self.pshape], self.dense_name)
 
 
 def _tensor_bytes(t: onnx.TensorProto) -> int:
@@ -710,7 +731,7 @@ def pack_weights(
         to the weight), masks of the wrong shape, a weight not found in the model, an opset
         below 11.
     """
-    from fairdeploy.export._onnx import _encode_metadata, _save_atomic, _set_metadata
+    from fairdeploy.export._onnx import _save_atomic
 
     if not isinstance(packing, Mapping):
         raise FairDeployError(
@@ -719,15 +740,8 @@ def pack_weights(
     if output_path is not None and Path(output_path).suffix != ".onnx":
         raise FairDeployError(f"output path {str(output_path)!r} must end in .onnx")
     proto = _load(model)
-    opset = _opset(proto)
-    if opset < _MIN_OPSET:
-        raise FairDeployError(
-            f"the model uses opset {opset}: packing needs opset ≥ {_MIN_OPSET} (export with "
-            f"opset={_MIN_OPSET} or later)"
-        )
+    opset = _checked_opset(proto)
     classes = [_classes(name, spec) for name, spec in packing.items()]
-    inits = {t.name: t for t in proto.graph.initializer}
-    graph_inputs = {i.name for i in proto.graph.input}
     init_bytes_before = _initializer_bytes(proto)
     model_bytes_before = proto.ByteSize()
 
@@ -736,6 +750,45 @@ def pack_weights(
         | {i.name for i in proto.graph.input}
         | {o for n in proto.graph.node for o in n.output}
     )
+    plans = _plan_tensors(proto, classes, graph)
+    packed, shared = _packed_if_shared_constants_pay(plans, graph)
+    if check and packed:
+        _check_packed(graph, packed, opset, proto.ir_version)
+    _replace_initializers(proto, packed, shared)
+    records = [p.record() for p in plans]
+    if packed:
+        _record_packed_metadata(proto, records)
+    onnx.checker.check_model(proto, full_check=True)
+    report = PackReport(
+        tensors=tuple(records),
+        shared_bytes=sum(_tensor_bytes(c) for c in shared),
+        initializer_bytes_before=init_bytes_before,
+        initializer_bytes_after=_initializer_bytes(proto),
+        model_bytes_before=model_bytes_before,
+        model_bytes_after=proto.ByteSize(),
+        checked=bool(check and packed),
+    )
+    if output_path is not None:
+        _save_atomic(proto, Path(output_path))
+    return proto, report
+
+
+def _checked_opset(proto: onnx.ModelProto) -> int:
+    opset = _opset(proto)
+    if opset < _MIN_OPSET:
+        raise FairDeployError(
+            f"the model uses opset {opset}: packing needs opset ≥ {_MIN_OPSET} (export with "
+            f"opset={_MIN_OPSET} or later)"
+        )
+    return opset
+
+
+def _plan_tensors(
+    proto: onnx.ModelProto, classes: list[_Classes], graph: _Graph
+) -> list[_Plan]:
+    """Per weight: its initializer, and the rebuild graph where packing saves bytes."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    graph_inputs = {i.name for i in proto.graph.input}
     plans: list[_Plan] = []
     claimed: dict[str, str] = {}
     for cls in classes:
@@ -752,22 +805,38 @@ def pack_weights(
                 "time), so it cannot be rebuilt from constants: export without "
                 "keep_initializers_as_inputs"
             )
-        plan = _Plan(cls, inits[target], transposed, inits[target].ByteSize())
-        if cls.counts[FLOAT] == cls.weight.size:
-            plan.reason = "no pruned or int8 entries"
-        else:
-            t = _build_tensor(graph, cls, target, transposed)
-            size = sum(i.ByteSize() for i in t.inits) + sum(n.ByteSize() for n in t.nodes)
-            if size < plan.dense_file:
-                plan.built, plan.packed_file = t, size
-                plan.reason = f"saves {plan.dense_file - size} bytes"
-            else:
-                plan.reason = f"packing would take {size} bytes, dense takes {plan.dense_file}"
-        plans.append(plan)
+        plans.append(_plan_tensor(graph, cls, inits[target], transposed))
+    return plans
 
+
+def _plan_tensor(
+    graph: _Graph, cls: _Classes, initializer: onnx.TensorProto, transposed: bool
+) -> _Plan:
+    """Build the rebuild graph of one weight and keep it if it is smaller than the dense
+    initializer (serialized bytes, nodes included)."""
+    plan = _Plan(cls, initializer, transposed, initializer.ByteSize())
+    if cls.counts[FLOAT] == cls.weight.size:
+        plan.reason = "no pruned or int8 entries"
+        return plan
+    t = _build_tensor(graph, cls, initializer.name, transposed)
+    size = sum(i.ByteSize() for i in t.inits) + sum(n.ByteSize() for n in t.nodes)
+    if size < plan.dense_file:
+        plan.built, plan.packed_file = t, size
+        plan.reason = f"saves {plan.dense_file - size} bytes"
+    else:
+        plan.reason = f"packing would take {size} bytes, dense takes {plan.dense_file}"
+    return plan
+
+
+def _packed_if_shared_constants_pay(
+    plans: list[_Plan], graph: _Graph
+) -> tuple[list[_Plan], list[onnx.TensorProto]]:
+    """The plans to pack and the shared constants their rebuilds use.
+
+    Shared constants are stored once: keep those the chosen rebuilds use, and pack nothing
+    (every plan reverts to dense) if they would cost more than packing saves.
+    """
     packed = [p for p in plans if p.built is not None]
-    # Shared constants are stored once: keep those the chosen rebuilds use, and pack
-    # nothing if they would cost more than packing saves.
     used = {i for p in packed for n in p.built.nodes for i in n.input}  # type: ignore[union-attr]
     shared = [c for name, c in graph.shared.items() if name in used]
     saving = sum(p.dense_file - p.packed_file for p in packed)
@@ -776,17 +845,25 @@ def pack_weights(
             p.built, p.packed_file = None, p.dense_file
             p.reason = "the constants shared by the rebuilds would cost more than packing saves"
         packed, shared = [], []
+    return packed, shared
 
-    if check and packed:
-        expected = []
-        for p in packed:
-            w = p.cls.weight.copy()
-            w.reshape(-1)[p.cls.is_zero] = 0.0  # +0.0: the rebuild writes positive zeros
-            expected.append(np.ascontiguousarray(w.T) if p.transposed else w)
-        pairs = [(p.built, e) for p, e in zip(packed, expected, strict=True)]
-        _check_rebuild(graph, pairs, opset, proto.ir_version)  # type: ignore[arg-type]
-        del expected
 
+def _check_packed(graph: _Graph, packed: list[_Plan], opset: int, ir_version: int) -> None:
+    """:func:`_check_rebuild` against each packed weight as the initializer stores it."""
+    expected = []
+    for p in packed:
+        w = p.cls.weight.copy()
+        w.reshape(-1)[p.cls.is_zero] = 0.0  # +0.0: the rebuild writes positive zeros
+        expected.append(np.ascontiguousarray(w.T) if p.transposed else w)
+    pairs = [(p.built, e) for p, e in zip(packed, expected, strict=True)]
+    _check_rebuild(graph, pairs, opset, ir_version)  # type: ignore[arg-type]
+
+
+def _replace_initializers(
+    proto: onnx.ModelProto, packed: list[_Plan], shared: list[onnx.TensorProto]
+) -> None:
+    """In ``proto``, the packed weights' initializers become their compact initializers
+    and the shared constants, and the rebuild nodes go before the model's own nodes."""
     replaced = {p.initializer.name for p in packed}
     kept_inits = [i for i in proto.graph.initializer if i.name not in replaced]
     new_inits = [i for p in packed for i in p.built.inits] + shared  # type: ignore[union-attr]
@@ -797,22 +874,13 @@ def pack_weights(
     del proto.graph.node[:]
     proto.graph.node.extend(new_nodes)
 
-    records = [p.record() for p in plans]
-    if packed:
-        summary = {r.initializer: {"zero": r.zero, "int8": r.int8, "float": r.float,
-                                   "transposed": r.transposed}
-                   for r in records if r.stored == "packed"}
-        _set_metadata(proto, _encode_metadata({"packed_weights": summary}))
-    onnx.checker.check_model(proto, full_check=True)
-    report = PackReport(
-        tensors=tuple(records),
-        shared_bytes=sum(_tensor_bytes(c) for c in shared),
-        initializer_bytes_before=init_bytes_before,
-        initializer_bytes_after=_initializer_bytes(proto),
-        model_bytes_before=model_bytes_before,
-        model_bytes_after=proto.ByteSize(),
-        checked=bool(check and packed),
-    )
-    if output_path is not None:
-        _save_atomic(proto, Path(output_path))
-    return proto, report
+
+def _record_packed_metadata(proto: onnx.ModelProto, records: list[PackedTensor]) -> None:
+    """``packed_weights`` in the model's metadata: per packed initializer, its class
+    counts and whether it is transposed."""
+    from fairdeploy.export._onnx import _encode_metadata, _set_metadata
+
+    summary = {r.initializer: {"zero": r.zero, "int8": r.int8, "float": r.float,
+                               "transposed": r.transposed}
+               for r in records if r.stored == "packed"}
+    _set_metadata(proto, _encode_metadata({"packed_weights": summary}))

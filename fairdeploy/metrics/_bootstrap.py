@@ -296,6 +296,42 @@ def bootstrap_metrics(
     """
     privileged = _check_privileged(privileged)
     num_classes = _check_num_classes(num_classes)
+    _check_options(predictions, baseline, n_resamples, confidence, seed)
+    yt, g, preds, k = _checked_ids(y_true, predictions, groups, num_classes)
+    point_values = {
+        name: _point_values(yt, p, g, privileged=privileged, num_classes=k)
+        for name, p in preds.items()
+    }
+    samples = _bootstrap_values(
+        yt, preds, g, privileged=privileged, num_classes=k, n_resamples=n_resamples,
+        seed=int(seed),
+    )
+    intervals = {
+        name: _intervals(point_values[name], samples[name], confidence) for name in preds
+    }
+    differences = {
+        name: _paired_differences(
+            point_values[name], point_values[baseline], samples[name], samples[baseline],
+            confidence,
+        )
+        for name in preds
+        if name != baseline
+    }
+    return BootstrapMetrics(
+        baseline=baseline,
+        n_resamples=n_resamples,
+        confidence=float(confidence),
+        seed=int(seed),
+        intervals=intervals,
+        differences=differences,
+    )
+
+
+def _check_options(
+    predictions: Any, baseline: str, n_resamples: Any, confidence: Any, seed: Any
+) -> None:
+    """Predictions a non-empty mapping holding the baseline; resamples, confidence and
+    seed in range."""
     if not isinstance(predictions, Mapping) or not predictions:
         raise FairDeployError(
             "predictions must be a non-empty mapping of method name to predicted labels"
@@ -314,6 +350,12 @@ def bootstrap_metrics(
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
         raise FairDeployError(f"seed={seed!r} is not an integer")
 
+
+def _checked_ids(
+    y_true: Any, predictions: Mapping[str, Any], groups: Any, num_classes: int | None
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], int]:
+    """Labels, groups and every method's predictions as checked id arrays of one length,
+    and the number of classes K."""
     yt = _as_id_array(y_true, "y_true")
     g = _as_id_array(groups, "groups")
     preds = {
@@ -326,55 +368,52 @@ def bootstrap_metrics(
     for name, p in preds.items():
         _check_labels(p, f"predictions[{name!r}]", num_classes)
     _check_groups(g)
-    k = _infer_num_classes(num_classes, yt, *preds.values())
+    return yt, g, preds, _infer_num_classes(num_classes, yt, *preds.values())
 
-    points = {
-        name: group_metrics(yt, p, g, privileged=privileged, num_classes=k)
-        for name, p in preds.items()
-    }
-    point_values = {
-        name: (
-            m.eopp0, m.eopp1, m.eodd, m.precision_avg, m.recall_avg, float(np.mean(m.accuracy))
+
+def _point_values(
+    yt: np.ndarray, yp: np.ndarray, g: np.ndarray, *, privileged: int, num_classes: int
+) -> tuple[float, ...]:
+    """The :data:`BOOTSTRAP_METRICS` of one method on the full test set, in that order."""
+    m = group_metrics(yt, yp, g, privileged=privileged, num_classes=num_classes)
+    return (
+        m.eopp0, m.eopp1, m.eodd, m.precision_avg, m.recall_avg, float(np.mean(m.accuracy))
+    )
+
+
+def _intervals(
+    point: tuple[float, ...], samples: np.ndarray, confidence: float
+) -> dict[str, ConfidenceInterval]:
+    """Per metric, the point value and the percentile interval of its resampled values."""
+    out = {}
+    for i, metric in enumerate(BOOTSTRAP_METRICS):
+        low, high, mean, undefined = _percentile_interval(samples[i], confidence)
+        out[metric] = ConfidenceInterval(
+            value=point[i],
+            low=low,
+            high=high,
+            mean=mean,
+            undefined_resamples=undefined,
         )
-        for name, m in points.items()
-    }
-    samples = _bootstrap_values(
-        yt, preds, g, privileged=privileged, num_classes=k, n_resamples=n_resamples,
-        seed=int(seed),
-    )
+    return out
 
-    intervals: dict[str, dict[str, ConfidenceInterval]] = {}
-    differences: dict[str, dict[str, PairedDifference]] = {}
-    for name in preds:
-        intervals[name] = {}
-        for i, metric in enumerate(BOOTSTRAP_METRICS):
-            low, high, mean, undefined = _percentile_interval(samples[name][i], confidence)
-            intervals[name][metric] = ConfidenceInterval(
-                value=point_values[name][i],
-                low=low,
-                high=high,
-                mean=mean,
-                undefined_resamples=undefined,
-            )
-        if name == baseline:
-            continue
-        differences[name] = {}
-        for i, metric in enumerate(BOOTSTRAP_METRICS):
-            paired = samples[name][i] - samples[baseline][i]
-            low, high, _, undefined = _percentile_interval(paired, confidence)
-            differences[name][metric] = PairedDifference(
-                value=point_values[name][i] - point_values[baseline][i],
-                low=low,
-                high=high,
-                # NaN bounds compare False: an undefined interval is never significant.
-                significant=bool(low > 0.0 or high < 0.0),
-                undefined_resamples=undefined,
-            )
-    return BootstrapMetrics(
-        baseline=baseline,
-        n_resamples=n_resamples,
-        confidence=float(confidence),
-        seed=int(seed),
-        intervals=intervals,
-        differences=differences,
-    )
+
+def _paired_differences(
+    point: tuple[float, ...], base_point: tuple[float, ...], samples: np.ndarray,
+    base_samples: np.ndarray, confidence: float,
+) -> dict[str, PairedDifference]:
+    """Per metric, method − baseline on the full test set and the percentile interval of
+    the per-resample differences (same resampled indices for both)."""
+    out = {}
+    for i, metric in enumerate(BOOTSTRAP_METRICS):
+        paired = samples[i] - base_samples[i]
+        low, high, _, undefined = _percentile_interval(paired, confidence)
+        out[metric] = PairedDifference(
+            value=point[i] - base_point[i],
+            low=low,
+            high=high,
+            # NaN bounds compare False: an undefined interval is never significant.
+            significant=bool(low > 0.0 or high < 0.0),
+            undefined_resamples=undefined,
+        )
+    return out

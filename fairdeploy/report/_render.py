@@ -98,11 +98,6 @@ def fairness_table(
     tables (every row that reaches it, vanilla included).
     """
     best = _best_fairness(report) if bold else {}
-
-    def fair(key: str, value: Any) -> str:
-        text = _f(value)
-        return f"**{text}**" if best.get(key) is not None and text == best[key] else text
-
     header = [
         "Method",
         "Group",
@@ -118,62 +113,77 @@ def fairness_table(
     ]
     rows: list[list[str]] = []
     for method in report["methods"]:
-        m = method["metrics"]
-        groups = m["groups"]
-        order = [g for g in groups if not g["privileged"]] + [g for g in groups if g["privileged"]]
-        comp = method.get("compression", {})
-        measured = (comp.get("measured") or {}).get("initializer_cr")
-        fairness = m["fairness"]
-        acc = (method.get("accuracy") or {}).get("test") or {}
-        block = []
-        for g in order:
-            tag = "priv." if g["privileged"] else "unpriv."
-            block.append(
-                [
-                    "",
-                    f"{g['name']} ({tag})",
-                    _f(g.get("accuracy")),
-                    _f(g["precision"]),
-                    _f(g["recall"]),
-                    _f(g["f1"]),
-                ]
-            )
-        block.append(
-            [
-                "",
-                "Avg.",
-                _f(acc.get("avg")) if acc else "",
-                _f(m["precision"]["avg"]),
-                _f(m["recall"]["avg"]),
-                _f(m["f1"]["avg"]),
-            ]
-        )
-        block.append(
-            [
-                "",
-                "Diff. ↓",
-                _f(acc.get("diff")) if acc else "",
-                _f(m["precision"]["diff"]),
-                _f(m["recall"]["diff"]),
-                _f(m["f1"]["diff"]),
-            ]
-        )
-        if acc:
-            block.append(["", f"All ({acc['samples']:,})", _f(acc.get("overall")), "", "", ""])
-        for i, row in enumerate(block):
-            if i == 0:
-                row[0] = _marked_label(method)
-                row += [
-                    fair("eopp1", fairness["eopp1"]),
-                    fair("eopp0", fairness["eopp0"]),
-                    fair("eodd", fairness["eodd"]),
-                    _cr(comp.get("theoretical_cr")),
-                    _cr(measured),
-                ]
-            else:
-                row += [""] * 5
-            rows.append(row)
+        block = _group_rows(method)
+        block[0][0] = _marked_label(method)
+        block[0] += _fairness_cells(method, best)
+        for row in block[1:]:
+            row += [""] * 5
+        rows += block
     return header, rows
+
+
+def _group_rows(method: Mapping[str, Any]) -> list[list[str]]:
+    """A method's block without its label and fairness cells: per group (unprivileged
+    first) accuracy, precision, recall and F1, then ``Avg.``, ``Diff.`` and ``All``."""
+    m = method["metrics"]
+    groups = m["groups"]
+    order = [g for g in groups if not g["privileged"]] + [g for g in groups if g["privileged"]]
+    acc = (method.get("accuracy") or {}).get("test") or {}
+    block = []
+    for g in order:
+        tag = "priv." if g["privileged"] else "unpriv."
+        block.append(
+            [
+                "",
+                f"{g['name']} ({tag})",
+                _f(g.get("accuracy")),
+                _f(g["precision"]),
+                _f(g["recall"]),
+                _f(g["f1"]),
+            ]
+        )
+    block.append(
+        [
+            "",
+            "Avg.",
+            _f(acc.get("avg")) if acc else "",
+            _f(m["precision"]["avg"]),
+            _f(m["recall"]["avg"]),
+            _f(m["f1"]["avg"]),
+        ]
+    )
+    block.append(
+        [
+            "",
+            "Diff. ↓",
+            _f(acc.get("diff")) if acc else "",
+            _f(m["precision"]["diff"]),
+            _f(m["recall"]["diff"]),
+            _f(m["f1"]["diff"]),
+        ]
+    )
+    if acc:
+        block.append(["", f"All ({acc['samples']:,})", _f(acc.get("overall")), "", "", ""])
+    return block
+
+
+def _fairness_cells(method: Mapping[str, Any], best: Mapping[str, str | None]) -> list[str]:
+    """EOpp1, EOpp0, EOdd (the best, as displayed, in bold) and C.R. theory / measured."""
+    fairness = method["metrics"]["fairness"]
+    comp = method.get("compression", {})
+    measured = (comp.get("measured") or {}).get("initializer_cr")
+
+    def fair(key: str) -> str:
+        text = _f(fairness[key])
+        return f"**{text}**" if best.get(key) is not None and text == best[key] else text
+
+    return [
+        fair("eopp1"),
+        fair("eopp0"),
+        fair("eodd"),
+        _cr(comp.get("theoretical_cr")),
+        _cr(measured),
+    ]
 
 
 def validation_table(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -486,23 +496,55 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     intervals and paired differences in words, per-layer compression, the deployed
     artifact, verification, latency."""
     out = ["# fairdeploy report", "", *_header_lines(report)]
-    if report.get("notes"):
-        out += ["", "**Warnings:**", ""] + [f"- {n}" for n in report["notes"]]
+    out += _run_warning_lines(report)
+    out += _validation_lines(report)
+    out += _test_table_lines(report)
+    out += draws_lines(report)
+    out += _interval_lines(report)
+    out += _rank_interval_lines(report)
+    out += _factorized_layer_lines(report)
+    out += _deployed_artifact_lines(report)
+    out += _artifact_lines(report)
+    out += _packing_lines(report)
+    verify = report.get("verify")
+    if verify:
+        out += ["", _verify_line(verify, markdown=True)]
+    out += int8_lines(report)
+    out += _latency_lines(report)
+    return "\n".join(out) + "\n"
+
+
+def _run_warning_lines(report: Mapping[str, Any]) -> list[str]:
+    """The run's warnings (``notes``), as a list under a bold heading."""
+    if not report.get("notes"):
+        return []
+    return ["", "**Warnings:**", ""] + [f"- {n}" for n in report["notes"]]
+
+
+def _validation_lines(report: Mapping[str, Any]) -> list[str]:
+    """compare: the validation-split table to choose on, and its rows' warnings."""
     val_header, val_rows = validation_table(report)
-    if val_rows:
-        out += [
-            "",
-            "## Validation split: choose here",
-            "",
-            "Choose a method and its settings (sr, rr, β) on these figures, then read the "
-            "test-split table below once: tuning on the test split would overstate the gain.",
-            "",
-            _table(val_rows, val_header, "github"),
-        ]
-        warn = _method_warnings(report, validation=True)
-        if warn:
-            out += ["", *warn]
-    out += ["", "## Accuracy and fairness (test split)", ""]
+    if not val_rows:
+        return []
+    out = [
+        "",
+        "## Validation split: choose here",
+        "",
+        "Choose a method and its settings (sr, rr, β) on these figures, then read the "
+        "test-split table below once: tuning on the test split would overstate the gain.",
+        "",
+        _table(val_rows, val_header, "github"),
+    ]
+    warn = _method_warnings(report, validation=True)
+    if warn:
+        out += ["", *warn]
+    return out
+
+
+def _test_table_lines(report: Mapping[str, Any]) -> list[str]:
+    """The paper-style test-split table, its rows' warnings, the notes that say what its
+    columns mean, and the plot."""
+    out = ["", "## Accuracy and fairness (test split)", ""]
     header, rows = fairness_table(report, bold=True)
     out.append(_table(rows, header, "github"))
     warn = _method_warnings(report)
@@ -514,114 +556,128 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         out += ["", "The best (lowest) EOpp1, EOpp0 and EOdd are in bold."]
     if report.get("plot"):
         out += ["", f"![Avg. precision against EOpp1 and EOdd per method]({report['plot']})"]
-    out += draws_lines(report)
+    return out
+
+
+def _interval_lines(report: Mapping[str, Any]) -> list[str]:
+    """The bootstrap confidence intervals and paired differences against the baseline."""
     ci_rows = _interval_rows(report)
-    if ci_rows:
-        boot = report["bootstrap"]
-        pct = round(100 * boot["confidence"])
-        out += [
-            "",
-            f"## {pct} % bootstrap confidence intervals",
-            "",
-            f"{boot['n_resamples']:,} resamples of the test samples (seed {boot['seed']}), "
-            f"percentile intervals; Δ is the paired difference against `{boot['baseline']}` "
-            "on the same resamples. A change whose interval contains 0 is not significant; "
-            "otherwise it is better or worse by the metric's direction.",
-            "",
-            _table(
-                ci_rows,
-                ["Method", "Metric", "Value [CI]", f"Δ vs {boot['baseline']} [CI]", "Change"],
-                "github",
-            ),
-        ]
-    out += _rank_interval_lines(report)
+    if not ci_rows:
+        return []
+    boot = report["bootstrap"]
+    pct = round(100 * boot["confidence"])
+    return [
+        "",
+        f"## {pct} % bootstrap confidence intervals",
+        "",
+        f"{boot['n_resamples']:,} resamples of the test samples (seed {boot['seed']}), "
+        f"percentile intervals; Δ is the paired difference against `{boot['baseline']}` "
+        "on the same resamples. A change whose interval contains 0 is not significant; "
+        "otherwise it is better or worse by the metric's direction.",
+        "",
+        _table(
+            ci_rows,
+            ["Method", "Metric", "Value [CI]", f"Δ vs {boot['baseline']} [CI]", "Change"],
+            "github",
+        ),
+    ]
+
+
+def _factorized_layer_lines(report: Mapping[str, Any]) -> list[str]:
+    """Per factorized layer of every method: shapes, rank, sparsity and parameter counts."""
     layer_rows = _layer_rows(report)
-    if layer_rows:
-        out += [
-            "",
-            "## Factorized layers",
-            "",
-            _table(
-                layer_rows,
-                [
-                    "Method",
-                    "Layer",
-                    "Din",
-                    "Dout",
-                    "k",
-                    "rows/cols sparsified",
-                    "kept per sparsified row",
-                    "params before",
-                    "params after (paper, S as k×k)",
-                    "params stored (S as k)",
-                ],
-                "github",
-            ),
-        ]
+    if not layer_rows:
+        return []
+    return [
+        "",
+        "## Factorized layers",
+        "",
+        _table(
+            layer_rows,
+            [
+                "Method",
+                "Layer",
+                "Din",
+                "Dout",
+                "k",
+                "rows/cols sparsified",
+                "kept per sparsified row",
+                "params before",
+                "params after (paper, S as k×k)",
+                "params stored (S as k)",
+            ],
+            "github",
+        ),
+    ]
+
+
+def _deployed_artifact_lines(report: Mapping[str, Any]) -> list[str]:
+    """optimize: the ONNX files' sizes, measured C.R., and compression three ways."""
     sizes = report.get("onnx")
-    if sizes:
-        names = {"vanilla": sizes.get("baseline_file", "vanilla"), "processed": "model.onnx"}
+    if not sizes:
+        return []
+    names = {"vanilla": sizes.get("baseline_file", "vanilla"), "processed": "model.onnx"}
+    out = [
+        "",
+        "## Deployed artifact",
+        "",
+        _table(
+            [
+                [names.get(k, k), f"{v['initializer_bytes']:,}", f"{v['file_bytes']:,}"]
+                for k, v in sizes["models"].items()
+            ],
+            ["ONNX model", "initializer bytes", "file bytes"],
+            "github",
+        ),
+        "",
+        f"Measured C.R.: initializers {_cr(sizes.get('initializer_cr'))}, "
+        f"files {_cr(sizes.get('file_cr'))}.",
+    ]
+    deployed = report["methods"][-1].get("compression", {}).get("deployed")
+    if deployed:
+        theory = report["methods"][-1]["compression"]["theoretical_cr"]
         out += [
             "",
-            "## Deployed artifact",
-            "",
-            _table(
-                [
-                    [names.get(k, k), f"{v['initializer_bytes']:,}", f"{v['file_bytes']:,}"]
-                    for k, v in sizes["models"].items()
-                ],
-                ["ONNX model", "initializer bytes", "file bytes"],
-                "github",
-            ),
-            "",
-            f"Measured C.R.: initializers {_cr(sizes.get('initializer_cr'))}, "
-            f"files {_cr(sizes.get('file_cr'))}.",
+            f"Compression, three ways: the paper's {_cr(theory)} (the factorized layers "
+            f"only, S as k×k); deployed {_cr(deployed['cr'])} (whole model, the "
+            f"{deployed['parameters']:,} parameters the graph stores: "
+            f"{deployed['sparse_layout']} layout, dead neurons "
+            f"{'removed' if deployed['eliminate_dead'] else 'kept'}); measured bytes "
+            f"{_cr(sizes.get('initializer_cr'))} (initializers).",
         ]
-        deployed = report["methods"][-1].get("compression", {}).get("deployed")
-        if deployed:
-            theory = report["methods"][-1]["compression"]["theoretical_cr"]
-            out += [
-                "",
-                f"Compression, three ways: the paper's {_cr(theory)} (the factorized layers "
-                f"only, S as k×k); deployed {_cr(deployed['cr'])} (whole model, the "
-                f"{deployed['parameters']:,} parameters the graph stores: "
-                f"{deployed['sparse_layout']} layout, dead neurons "
-                f"{'removed' if deployed['eliminate_dead'] else 'kept'}); measured bytes "
-                f"{_cr(sizes.get('initializer_cr'))} (initializers).",
-            ]
-        if "baseline_file" in sizes:
-            out += [
-                "",
-                f"`{sizes['baseline_file']}` beside the model is the vanilla export: "
-                "`fairdeploy bench model.onnx` times the model against it.",
-            ]
-    out += _artifact_lines(report)
-    out += _packing_lines(report)
-    verify = report.get("verify")
-    if verify:
-        out += ["", _verify_line(verify, markdown=True)]
-    out += int8_lines(report)
+    if "baseline_file" in sizes:
+        out += [
+            "",
+            f"`{sizes['baseline_file']}` beside the model is the vanilla export: "
+            "`fairdeploy bench model.onnx` times the model against it.",
+        ]
+    return out
+
+
+def _latency_lines(report: Mapping[str, Any]) -> list[str]:
+    """The ONNX Runtime latency table and the batch sizes that were not timed."""
     lat_rows = _latency_rows(report)
-    if lat_rows:
-        lat = report["latency"]
-        out += [
-            "",
-            "## Latency (ONNX Runtime)",
-            "",
-            f"Provider {lat['provider']}, {lat['threads']} intra-op threads, {lat['note']}."
-            + (f" Measurement {lat['mode_note']}." if lat.get("mode_note") else ""),
-            "",
-            _table(
-                lat_rows,
-                ["Scope", "Model", "Batch", "Median (ms)", "p90 (ms)", "Runs",
-                 "Speed-up vs vanilla"],
-                "github",
-            ),
-        ]
-        skipped = _latency_skips(lat)
-        if skipped:
-            out += ["", *skipped]
-    return "\n".join(out) + "\n"
+    if not lat_rows:
+        return []
+    lat = report["latency"]
+    out = [
+        "",
+        "## Latency (ONNX Runtime)",
+        "",
+        f"Provider {lat['provider']}, {lat['threads']} intra-op threads, {lat['note']}."
+        + (f" Measurement {lat['mode_note']}." if lat.get("mode_note") else ""),
+        "",
+        _table(
+            lat_rows,
+            ["Scope", "Model", "Batch", "Median (ms)", "p90 (ms)", "Runs",
+             "Speed-up vs vanilla"],
+            "github",
+        ),
+    ]
+    skipped = _latency_skips(lat)
+    if skipped:
+        out += ["", *skipped]
+    return out
 
 
 def _latency_skips(lat: Mapping[str, Any]) -> list[str]:

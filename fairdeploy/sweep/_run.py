@@ -244,6 +244,30 @@ def run_grid(
     on_evaluation : callable, optional
         Called with (evaluations done, total) after each one (also for resumed ones).
     """
+    rows = _table_rows(exp, points, split)
+    tasks = [
+        _Task(row["kind"], plan, record_key(plan.to_dict(), split), i)
+        for i, row in enumerate(rows)
+        for plan in row["draws"]
+    ]
+    total = len(tasks)
+    todo = [t for t in tasks if journal.get(t.key) is None]
+    done = total - len(todo)
+    if echo is not None:
+        echo(
+            f"sweep: {len(points)} points, {total} evaluations on the {split} split"
+            + (f" ({done} already in {journal.path.name}, resuming)" if done else "")
+        )
+    _evaluate_tasks(
+        exp, rows, todo, journal, split=split, done=done, total=total, progress=progress,
+        echo=echo, on_evaluation=on_evaluation,
+    )
+    return _rows(exp, rows, journal, split)
+
+
+def _table_rows(exp: Any, points: Sequence[SweepPoint], split: str) -> list[dict[str, Any]]:
+    """The table's rows before evaluation: vanilla, each truncated-SVD reference at its
+    first use, then the points in grid order, each with the plans of its draws."""
     vanilla_plan = Plan("vanilla")
     rows: list[dict[str, Any]] = [
         {"kind": "vanilla", "method": "vanilla", "plan": vanilla_plan, "settings": {}, "draws": [
@@ -271,20 +295,17 @@ def run_grid(
             "kind": "point", "point": point, "plan": point.plan, "draws": draw_plans,
             "reference": references[ref_key],
         })
-    rows += point_rows
+    return rows + point_rows
 
-    tasks: list[_Task] = []
-    for i, row in enumerate(rows):
-        for plan in row["draws"]:
-            tasks.append(_Task(row["kind"], plan, record_key(plan.to_dict(), split), i))
-    total = len(tasks)
-    todo = [t for t in tasks if journal.get(t.key) is None]
-    done = total - len(todo)
-    if echo is not None:
-        echo(
-            f"sweep: {len(points)} points, {total} evaluations on the {split} split"
-            + (f" ({done} already in {journal.path.name}, resuming)" if done else "")
-        )
+
+def _evaluate_tasks(
+    exp: Any, rows: Sequence[Mapping[str, Any]], todo: Sequence[_Task], journal: Journal, *,
+    split: str, done: int, total: int, progress: bool,
+    echo: Callable[[str], None] | None, on_evaluation: Callable[[int, int], None] | None,
+) -> None:
+    """Evaluate the ``todo`` tasks in order, appending each record to ``journal``; a
+    point's missing draws get their scoring sets from one trunk pass. Reports progress
+    (a bar, or ``echo`` lines every 10 %) and calls ``on_evaluation``."""
     prefetched: set[int] = set()
     bar = _progress_bar(progress)
     with bar:
@@ -312,7 +333,6 @@ def run_grid(
                 elapsed = time.perf_counter() - t0
                 eta = elapsed / n * (len(todo) - n)
                 echo(f"  {done + n}/{total} evaluated, {elapsed:.1f} s, ETA {eta:.0f} s")
-    return _rows(exp, rows, journal, split)
 
 
 def _rows(
