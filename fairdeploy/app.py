@@ -46,7 +46,6 @@ from fairdeploy.report import (
     prediction_notes,
     rank_bootstrap_block,
     single_class_note,
-    size_ratios,
     verify_summary,
     write_report,
     write_tradeoff_plot,
@@ -651,32 +650,28 @@ def _deploy(
 ) -> bool:
     """Export, keep the vanilla export beside it, measure sizes (and latency), verify;
     fills the report's ``onnx``, ``export_layout``, ``verify`` and ``latency`` blocks."""
-    from fairdeploy.export import onnx_sizes, update_metadata
+    from fairdeploy.export import onnx_sizes
 
     tol = exp.recipe.export.tolerances
     show = exp.progress
     model_path = run / "model.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=(DeprecationWarning, FutureWarning))
+        vanilla = _vanilla_onnx(exp, report, cache_dir, run)
+        vanilla_sizes = onnx_sizes(vanilla)
         with (
             phase("export: model.onnx, ONNX checker, parity on a few inputs", unit="",
                   enabled=show),
             exporting("the processed model"),
         ):
-            res = exp.export(processed, model_path)
-        vanilla = _vanilla_onnx(exp, report, cache_dir, run)
-        sizes = {"vanilla": onnx_sizes(vanilla), "processed": onnx_sizes(model_path)}
-        update_metadata(
-            model_path,
-            {
-                "measured_cr": size_ratios(sizes),
+            res = exp.export(
+                processed, model_path, baseline=vanilla_sizes,
                 # `fairdeploy bench model.onnx` times the model against this file.
-                "baseline": {"path": vanilla.name, "sha256": file_sha256(vanilla)},
-            },
-        )
-        # The metadata entry itself adds a few hundred bytes to the file.
-        sizes["processed"] = onnx_sizes(model_path)
-        cr = size_ratios(sizes)
+                metadata=exp.metadata(processed)
+                | {"baseline": {"path": vanilla.name, "sha256": file_sha256(vanilla)}},
+            )
+        sizes = {"vanilla": vanilla_sizes, "processed": res.sizes}
+        cr = res.measured_cr
         if latency != "off":
             report["latency"] = _latency(exp, model_path, vanilla, processed.plan, latency)
     _record_export(report["methods"][-1], res, cr)
@@ -781,22 +776,6 @@ def _deploy_int8(
     return block
 
 
-def _measure(path: Path, vanilla: Path) -> tuple[dict[str, Any], dict[str, float]]:
-    """Sizes of ``path`` and ``vanilla`` and their ratios; the ratios go into ``path``'s
-    metadata first (the entry itself adds a few hundred bytes to the file)."""
-    from fairdeploy.export import onnx_sizes, update_metadata
-
-    if Path(path) == Path(vanilla):  # compare's vanilla row: the reference itself
-        ones = dict.fromkeys(("initializer_cr", "file_cr", "parameter_cr"), 1.0)
-        update_metadata(path, {"measured_cr": ones})
-        own = onnx_sizes(path)
-        return {"vanilla": own, "processed": own}, ones
-    sizes = {"vanilla": onnx_sizes(vanilla), "processed": onnx_sizes(path)}
-    update_metadata(path, {"measured_cr": size_ratios(sizes)})
-    sizes["processed"] = onnx_sizes(path)
-    return sizes, size_ratios(sizes)
-
-
 def _record_export(entry: dict[str, Any], res: Any, cr: dict[str, float]) -> None:
     """A method entry's measured compression, deployed count and packing, from its export."""
     comp = entry["compression"]
@@ -852,16 +831,21 @@ def _deploy_rows(
     entries = {m["name"]: m for m in report["methods"]}
     taken: set[str] = set()
     vanilla: Path | None = None
+    vanilla_sizes: dict[str, int] | None = None
     for name, processed in zip(rows.names, rows.processed, strict=True):
         folder = _row_folder(name, taken)
         path = run / folder / "model.onnx"
         echo(f"exporting and verifying {name} -> {folder}/model.onnx ...")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=(DeprecationWarning, FutureWarning))
-            res = exp.export(processed, path)
-        if vanilla is None:  # the first row is vanilla: the reference of every ratio
-            vanilla = path
-        sizes, cr = _measure(path, vanilla)
+            if vanilla is None:  # the first row is vanilla: the reference of every ratio
+                ones = dict.fromkeys(("initializer_cr", "file_cr", "parameter_cr"), 1.0)
+                res = exp.export(processed, path,
+                                 metadata=exp.metadata(processed) | {"measured_cr": ones})
+                vanilla, vanilla_sizes = path, res.sizes
+            else:
+                res = exp.export(processed, path, baseline=vanilla_sizes)
+        sizes, cr = {"processed": res.sizes}, res.measured_cr or ones
         entry = entries[name]
         _record_export(entry, res, cr)
         vres = exp.verify(path)

@@ -393,6 +393,8 @@ class Experiment:
         self._plans: list[Plan] = []
         self._ctx: Context | None = None
         self._references: dict[int, tuple[Processed, Any]] = {}
+        # Exported graphs by structure (export_onnx's graph_cache): compare's rows share them.
+        self._graphs: dict[str, Any] = {}
         self._after_cut: set[tuple[str, ...]] = set()
 
     # ------------------------------------------------------------------ plans
@@ -642,6 +644,7 @@ class Experiment:
         *,
         metadata: Mapping[str, Any] | None = None,
         samples: int | None = None,
+        baseline: Mapping[str, int] | None = None,
     ) -> Any:
         """Export the processed model to ONNX with the recipe's ``export:`` settings.
 
@@ -650,20 +653,22 @@ class Experiment:
         only the first of them that fit in ``export.verify_npz_max_mb``).
         When the method stores weights compactly (:meth:`Method.packing
         <fairdeploy.methods.Method.packing>`: FairPrune's pruned and FairQuantize's int8
-        entries), the dense export is then packed in place
+        entries), the dense export is packed before it is written
         (:func:`~fairdeploy.export.pack_weights`, checked bit for bit): the model computes
         exactly what the dense export does, so the ``.verify.npz`` stays valid.
+        ``baseline`` (:func:`~fairdeploy.export.onnx_sizes` of the vanilla export) puts
+        the measured C.R. in the file's metadata in the same write. Models of the same
+        structure exported by this experiment share one traced graph (see
+        :func:`~fairdeploy.export.export_onnx`'s ``graph_cache``).
         Returns the :class:`~fairdeploy.export.ExportResult` (``packing`` holds the
-        :class:`~fairdeploy.export.PackReport`).
+        :class:`~fairdeploy.export.PackReport`, ``sizes`` and ``measured_cr`` the file's).
         """
-        import dataclasses
-
-        from fairdeploy.export import export_onnx, pack_weights
+        from fairdeploy.export import export_onnx
 
         exp = self.recipe.export
         ref = self.reference(processed, samples)
         x = torch.from_numpy(ref.inputs)
-        result = export_onnx(
+        return export_onnx(
             self.model_of(processed),
             x[:2],
             path,
@@ -680,12 +685,10 @@ class Experiment:
             atol=exp.tolerances.atol,
             rtol=exp.tolerances.rtol,
             reference_max_bytes=int(exp.verify_npz_max_mb * 1e6),
+            packing=processed.plan.implementation.packing(processed.plan, processed) or None,
+            baseline_sizes=baseline,
+            graph_cache=self._graphs,
         )
-        packing = processed.plan.implementation.packing(processed.plan, processed)
-        if packing:
-            _, report = pack_weights(path, packing, output_path=path)
-            result = dataclasses.replace(result, packing=report)
-        return result
 
     def reference(self, processed: Processed, samples: int | None = None) -> Any:
         """The verification reference of a processed model: the first ``samples`` test

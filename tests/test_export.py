@@ -306,3 +306,76 @@ def test_export_of_vgg11_paper_is_fast_and_small(tmp_path):
     assert inits["classifier.3.u"] == (4096, 64) and inits["classifier.3.v"] == (64, 4096)
     assert (4096, 4096) not in inits.values()
     assert res.layers[0].stored_params == 4096 * 64 * 2 + 4096
+
+
+def _same_structure_models():
+    """Two models of one structure (sparse factorized layer between Linear layers, so the
+    export folds permutations and stores blocks) with different weights and different
+    sparsified rows/columns (same counts), and one of another structure."""
+    a = mlp_with(make_factorized(12, 9, 4, [1, 5, 7], [0, 3, 8, 2], 2, seed=0))
+    b = mlp_with(make_factorized(12, 9, 4, [0, 2, 11], [1, 4, 5, 6], 2, seed=3))
+    with torch.no_grad():
+        for i in (0, 5):  # the dense neighbours (the factors keep their zeros)
+            b[i].weight.add_(0.25)
+    other = mlp_with(make_factorized(12, 9, 4, [1, 5], [0, 3, 8, 2], 2, seed=0))
+    return a, b, other
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_graph_cache_reuses_a_structure_and_writes_the_same_bytes(tmp_path, exporter):
+    a, b, other = _same_structure_models()
+    x = torch.randn(6, 10)
+    cache: dict = {}
+    export_onnx(a, x, tmp_path / "a.onnx", graph_cache=cache, exporter=exporter)
+    n_after_a = len(cache)
+    res_b = export_onnx(b, x, tmp_path / "b.onnx", graph_cache=cache, exporter=exporter)
+    export_onnx(b, x, tmp_path / "b_fresh.onnx", exporter=exporter)
+    if exporter == "dynamo":  # parameters stored under their own names: the graph is reused
+        assert n_after_a == 1 and len(cache) == 1
+    # Reused or not, the file is the one a fresh export writes, and it computes b.
+    assert (tmp_path / "b.onnx").read_bytes() == (tmp_path / "b_fresh.onnx").read_bytes()
+    np.testing.assert_allclose(ort_run(tmp_path / "b.onnx", x), b(x).detach().numpy(),
+                               rtol=1e-4, atol=1e-5)
+    assert res_b.max_abs_error is not None and res_b.max_abs_error < 1e-4
+    export_onnx(other, x, tmp_path / "o.onnx", graph_cache=cache, exporter=exporter)
+    if exporter == "dynamo":
+        assert len(cache) == 2  # another structure: its own graph
+
+
+def test_graph_cache_entry_that_no_longer_matches_is_exported_afresh(tmp_path):
+    a, b, _ = _same_structure_models()
+    x = torch.randn(6, 10)
+    cache: dict = {}
+    export_onnx(a, x, tmp_path / "a.onnx", graph_cache=cache)
+    (skeleton,) = cache.values()
+    # Corrupt a constant the reuse does not replace (not a parameter): the parity check
+    # must catch the reused graph and fall back to tracing.
+    consts = [t for t in skeleton.graph.initializer if t.HasField("raw_data") and t.raw_data]
+    assert consts, "the skeleton keeps the graph's own constants"
+    arr = onnx.numpy_helper.to_array(consts[0]).copy()
+    consts[0].CopyFrom(onnx.numpy_helper.from_array(arr + 7, consts[0].name))
+    export_onnx(b, x, tmp_path / "b.onnx", graph_cache=cache)
+    export_onnx(b, x, tmp_path / "b_fresh.onnx")
+    assert (tmp_path / "b.onnx").read_bytes() == (tmp_path / "b_fresh.onnx").read_bytes()
+
+
+def test_measured_cr_written_with_the_export_is_the_files_own(tmp_path):
+    fact = make_factorized(40, 30, 6, list(range(0, 40, 3)), list(range(0, 30, 4)), 3)
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(10, 40), nn.ReLU(), nn.Linear(40, 30), nn.ReLU(),
+                          nn.Linear(30, 3)).eval()
+    x = torch.randn(4, 10)
+    export_onnx(dense, x, tmp_path / "v.onnx")
+    base = onnx_sizes(tmp_path / "v.onnx")
+    res = export_onnx(mlp_with(fact), x, tmp_path / "p.onnx", baseline_sizes=base)
+    on_disk = onnx_sizes(tmp_path / "p.onnx")
+    assert res.sizes == on_disk  # file bytes included: the entry counts itself
+    expected = {
+        "initializer_cr": base["initializer_bytes"] / on_disk["initializer_bytes"],
+        "file_cr": base["file_bytes"] / on_disk["file_bytes"],
+        "parameter_cr": base["parameters"] / on_disk["parameters"],
+    }
+    assert res.measured_cr == pytest.approx(expected, rel=1e-12)
+    stored = read_metadata(tmp_path / "p.onnx")["measured_cr"]
+    assert stored == pytest.approx(expected, abs=1e-6)
+    assert res.measured_cr["file_cr"] > 1.0

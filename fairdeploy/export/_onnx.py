@@ -8,7 +8,7 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from torch import nn
 from fairdeploy._io import atomic_path, publish
 from fairdeploy.errors import FairDeployError
 from fairdeploy.export._layout import LayerLayout, prepare_for_export, sparse_layout_name
+from fairdeploy.export._sizes import onnx_sizes, proto_sizes, size_ratios
 
 __all__ = [
     "EXPORTERS",
@@ -101,8 +102,13 @@ class ExportResult:
         also stores BatchNorm running statistics (or folds a BatchNorm into the
         convolution before it) and stores identical tensors once.
     packing : PackReport or None
-        What :func:`~fairdeploy.export.pack_weights` stored compactly after the export
-        (pruned / partly-int8 weights), when the caller packed the file; None otherwise.
+        What :func:`~fairdeploy.export.pack_weights` stored compactly (pruned / partly-int8
+        weights), when the export was asked to pack; None otherwise.
+    sizes : dict or None
+        :func:`~fairdeploy.export.onnx_sizes` of the written file.
+    measured_cr : dict or None
+        ``initializer_cr``, ``file_cr``, ``parameter_cr`` against ``baseline_sizes`` (also
+        in the file's metadata), when they were given.
     """
 
     path: Path
@@ -116,6 +122,8 @@ class ExportResult:
     vanilla_params: int | None = None
     stored_elements: int | None = None
     packing: Any = None
+    sizes: dict[str, int] | None = None
+    measured_cr: dict[str, float] | None = None
 
     @property
     def deployed_cr(self) -> float | None:
@@ -243,14 +251,14 @@ def update_metadata(path: str | os.PathLike[str], metadata: Mapping[str, Any]) -
     _save_atomic(model, Path(path))
 
 
-def _save_atomic(model: onnx.ModelProto, path: Path) -> None:
+def _save_atomic(model: onnx.ModelProto, path: Path, *, size: int | None = None) -> None:
     """Write ``model`` to a temporary name in the target folder, then rename.
 
     One file when the weights fit (under 2 GB); otherwise weights go to
     ``<name>.onnx.data``, written and renamed before the model that references it.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    size = model.ByteSize()
+    size = model.ByteSize() if size is None else size  # known to the caller: saves a pass
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".fairdeploy-") as tmp:
         tmp_model = Path(tmp) / path.name
         if size < _SINGLE_FILE_LIMIT:
@@ -521,6 +529,9 @@ def export_onnx(
     rtol: float = 1e-3,
     exporter: str = "dynamo",
     reference_max_bytes: int | None = None,
+    packing: Mapping[str, Any] | None = None,
+    baseline_sizes: Mapping[str, int] | None = None,
+    graph_cache: MutableMapping[str, Any] | None = None,
 ) -> ExportResult:
     """Export a classifier to ONNX with factorized layers as real smaller MatMuls.
 
@@ -588,6 +599,23 @@ def export_onnx(
         Cap on the size of ``<name>.verify.npz``: only the first reference samples that
         fit are written (at least one), and ``samples_total`` records how many there were.
         None writes them all.
+    packing : mapping of str to PackSpec, optional
+        Weights to store compactly (pruned / partly-int8 entries): the exported graph is
+        packed in memory with :func:`~fairdeploy.export.pack_weights` (checked bit for bit)
+        before it is written, so the file is written once.
+    baseline_sizes : mapping, optional
+        :func:`~fairdeploy.export.onnx_sizes` of the vanilla export: the measured C.R. of
+        the written file against it is stored in the metadata (``measured_cr``) in the same
+        write, and returned in ``ExportResult.measured_cr``.
+    graph_cache : mutable mapping, optional
+        Exported graphs by structure, kept by the caller between exports (e.g. one dict per
+        :class:`~fairdeploy.experiment.Experiment`). A model whose rearranged layout has the
+        same modules, parameter shapes, buffers and export settings as one exported before
+        reuses that graph with its own weights put in place of the initializers named after
+        its parameters — the same bytes a fresh export writes, without tracing again
+        (``compare``'s vanilla, FairPrune and FairQuantize rows share one graph, as do its
+        SLR and FairLRF rows). ONNX Runtime's parity check runs either way; a reused graph
+        that fails it is exported afresh.
 
     Returns
     -------
@@ -612,12 +640,10 @@ def export_onnx(
     original = model if not model.training else _eval_copy(model)
     check_x, expected = _check_layout(original, ready, example, ref_x, atol, rtol)
 
-    proto = _export_graph(ready, example, opset, exporter)
-    check_factor_structure(proto, ready, layouts)
-    simplified = False
-    if simplify:
-        proto, simplified = _simplify(proto, ready, layouts, check_x.numpy(), expected, atol, rtol)
-    max_err = _check_ort_parity(proto, check_x, expected, atol, rtol)
+    proto, simplified, max_err = _checked_graph(
+        ready, example, layouts, check_x, expected, opset=opset, exporter=exporter,
+        simplify=simplify, atol=atol, rtol=rtol, graph_cache=graph_cache,
+    )
 
     deployed = sum(p.numel() for p in ready.parameters())
     stored = _float_initializer_elements(proto)
@@ -627,7 +653,18 @@ def export_onnx(
         stored=stored, eliminate_dead=eliminate_dead,
     )
     onnx.checker.check_model(proto, full_check=True)
-    _save_atomic(proto, path)
+    pack_report = None
+    if packing:
+        from fairdeploy.export._packed import pack_weights
+
+        proto, pack_report = pack_weights(proto, packing, copy=False)
+    sizes, cr = _stamp_measured(proto, baseline_sizes)
+    _save_atomic(proto, path, size=None if sizes is None else sizes["file_bytes"])
+    if baseline_sizes is not None and cr is None:  # beyond 2 GB: weights in .onnx.data
+        update_metadata(path, {"measured_cr": _ratios(baseline_sizes, onnx_sizes(path))})
+    if sizes is None:
+        sizes = onnx_sizes(path)
+        cr = None if baseline_sizes is None else _ratios(baseline_sizes, sizes)
 
     ref_path = None
     if ref_x is not None:
@@ -646,7 +683,141 @@ def export_onnx(
         deployed_params=deployed,
         vanilla_params=vanilla,
         stored_elements=stored,
+        packing=pack_report,
+        sizes=sizes,
+        measured_cr=cr,
     )
+
+
+def _ratios(baseline: Mapping[str, int], sizes: Mapping[str, int]) -> dict[str, float]:
+    return size_ratios({"vanilla": baseline, "processed": sizes})
+
+
+def _stamp_measured(
+    proto: onnx.ModelProto, baseline: Mapping[str, int] | None
+) -> tuple[dict[str, int] | None, dict[str, float] | None]:
+    """The sizes of ``proto`` as it will be written and, against ``baseline``, the measured
+    C.R., stored in its metadata first: the entry's own bytes count, so it is written with a
+    fixed number of decimals (its length does not depend on the ratios it holds), and the
+    ratios are those of the file that holds them. (None, None) for a model that will not
+    fit in one file."""
+    if proto.ByteSize() >= _SINGLE_FILE_LIMIT:
+        return None, None
+    sizes = proto_sizes(proto)
+    if baseline is None:
+        return sizes, None
+    written = ""
+    for _ in range(4):
+        cr = _ratios(baseline, sizes)
+        text = "{" + ", ".join(f'"{k}": {cr[k]:.{_CR_DECIMALS}f}' for k in sorted(cr)) + "}"
+        _set_metadata(proto, {METADATA_PREFIX + "measured_cr": text})
+        if len(text) == len(written):  # same length: the file size it was computed on
+            return sizes, cr
+        written, sizes = text, proto_sizes(proto)
+    raise RuntimeError("the measured C.R. entry does not settle")  # pragma: no cover
+
+
+#: Decimals of the ``measured_cr`` entry written at export (a fixed-length entry).
+_CR_DECIMALS = 6
+
+
+def _checked_graph(
+    ready: nn.Module, example: torch.Tensor, layouts: list[LayerLayout], check_x: torch.Tensor,
+    expected: np.ndarray, *, opset: int, exporter: str, simplify: bool, atol: float,
+    rtol: float, graph_cache: MutableMapping[str, Any] | None,
+) -> tuple[onnx.ModelProto, bool, float]:
+    """The exported graph of ``ready`` (reused from ``graph_cache`` when a model of the same
+    structure was exported before), its factor structure checked, simplified when asked,
+    and ONNX Runtime's parity with ``expected`` checked: (graph, simplified, max |Δ|)."""
+    key = None if graph_cache is None else _graph_key(ready, example, opset, exporter, simplify)
+    if key is not None and key in graph_cache:
+        proto = _filled(graph_cache[key], ready)
+        if proto is not None:
+            try:
+                return proto, simplify, _check_ort_parity(proto, check_x, expected, atol, rtol)
+            except Exception:  # ONNX Runtime refused it or it computes something else:
+                del graph_cache[key]  # not the same graph after all, export afresh
+    proto = _export_graph(ready, example, opset, exporter)
+    check_factor_structure(proto, ready, layouts)
+    simplified = False
+    if simplify:
+        proto, simplified = _simplify(proto, ready, layouts, check_x.numpy(), expected, atol, rtol)
+    max_err = _check_ort_parity(proto, check_x, expected, atol, rtol)
+    if key is not None and simplified == simplify:
+        skeleton = _skeleton(proto, ready)
+        if skeleton is not None:
+            graph_cache[key] = skeleton
+    return proto, simplified, max_err
+
+
+def _graph_key(
+    ready: nn.Module, example: torch.Tensor, opset: int, exporter: str, simplify: bool
+) -> str:
+    """What determines the exported graph but the parameters' values: export settings,
+    input shape, every module's type and plain attributes, every parameter's name, shape,
+    dtype and whether it is all zero (the exporter drops all-zero biases), and every
+    buffer's name and values (index buffers become graph constants)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(repr((exporter, opset, simplify, tuple(example.shape[1:]), str(example.dtype)))
+             .encode())
+    plain = (bool, int, float, str, type(None))
+    for name, mod in ready.named_modules():
+        attrs = sorted(
+            (k, repr(v)) for k, v in vars(mod).items()
+            if isinstance(v, plain) or (
+                isinstance(v, tuple | list) and all(isinstance(e, plain) for e in v)
+            )
+        )
+        h.update(f"m {name} {type(mod).__module__}.{type(mod).__qualname__} {attrs}\n".encode())
+    for name, p in ready.named_parameters():
+        h.update(f"p {name} {tuple(p.shape)} {p.dtype} {bool(p.detach().any())}\n".encode())
+    for name, b in ready.named_buffers():
+        h.update(f"b {name} {tuple(b.shape)} {b.dtype}\n".encode())
+        h.update(b.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _skeleton(proto: onnx.ModelProto, ready: nn.Module) -> onnx.ModelProto | None:
+    """``proto`` without the values of the initializers named after ``ready``'s parameters,
+    or None when a non-zero parameter is not stored under its own name and shape (its
+    values may have been folded into other constants: the graph cannot be reused)."""
+    params = {n: p for n, p in ready.named_parameters()}
+    inits = {t.name: t for t in proto.graph.initializer}
+    for name, p in params.items():
+        t = inits.get(name)
+        if t is None:
+            if bool(p.detach().any()):
+                return None
+            continue
+        if tuple(t.dims) != tuple(p.shape) or not t.HasField("raw_data"):
+            return None
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    for t in out.graph.initializer:
+        if t.name in params:
+            t.ClearField("raw_data")
+    return out
+
+
+def _filled(skeleton: onnx.ModelProto, ready: nn.Module) -> onnx.ModelProto | None:
+    """A copy of ``skeleton`` with ``ready``'s parameter values in their initializers (None
+    when one does not fit: another dtype or shape)."""
+    from onnx import helper
+
+    params = dict(ready.named_parameters())
+    proto = onnx.ModelProto()
+    proto.CopyFrom(skeleton)
+    for t in proto.graph.initializer:
+        p = params.get(t.name)
+        if p is None:
+            continue
+        arr = np.ascontiguousarray(p.detach().cpu().numpy())
+        if arr.dtype != helper.tensor_dtype_to_np_dtype(t.data_type) or arr.shape != tuple(t.dims):
+            return None
+        t.raw_data = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+    return proto
 
 
 def _reference_inputs(

@@ -696,6 +696,7 @@ def pack_weights(
     *,
     output_path: str | os.PathLike[str] | None = None,
     check: bool = True,
+    copy: bool = True,
 ) -> tuple[onnx.ModelProto, PackReport]:
     """Store pruned and partly-int8 weights of an exported model compactly.
 
@@ -718,6 +719,8 @@ def pack_weights(
     check : bool
         Run the rebuild graphs in ONNX Runtime and require them to reproduce every packed
         weight bit for bit (pruned entries as +0.0) before returning.
+    copy : bool
+        With a ModelProto: pack a copy (default) or, False, the given model in place.
 
     Returns
     -------
@@ -739,7 +742,7 @@ def pack_weights(
         )
     if output_path is not None and Path(output_path).suffix != ".onnx":
         raise FairDeployError(f"output path {str(output_path)!r} must end in .onnx")
-    proto = _load(model)
+    proto = model if isinstance(model, onnx.ModelProto) and not copy else _load(model)
     opset = _checked_opset(proto)
     classes = [_classes(name, spec) for name, spec in packing.items()]
     init_bytes_before = _initializer_bytes(proto)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from onnx import external_data_helper
 
 from fairdeploy.errors import FairDeployError
 
-__all__ = ["layer_table", "measured_cr", "onnx_sizes"]
+__all__ = ["layer_table", "measured_cr", "onnx_sizes", "proto_sizes", "size_ratios"]
 
 _FLOAT_TYPES = {
     onnx.TensorProto.FLOAT,
@@ -103,6 +104,42 @@ def onnx_sizes(path: str | os.PathLike[str]) -> dict[str, int]:
         scales and zero points), ``initializers`` (their number, sparse ones included).
     """
     model = _load_header(path)
+    sizes, data_files = _tensor_sizes(model)
+    file_bytes = Path(path).stat().st_size
+    for loc in data_files:
+        f = Path(path).parent / loc
+        if f.is_file():
+            file_bytes += f.stat().st_size
+    return _with_file_bytes(sizes, file_bytes)
+
+
+def proto_sizes(model: onnx.ModelProto) -> dict[str, int]:
+    """:func:`onnx_sizes` of a model held in memory, as ``onnx.save_model`` would write it
+    to one file (``file_bytes`` is its serialized size; weights in external data are not
+    supported here: save the model and call :func:`onnx_sizes`)."""
+    sizes, data_files = _tensor_sizes(model)
+    if data_files:
+        raise ValueError("proto_sizes: the model references external data; use onnx_sizes")
+    return _with_file_bytes(sizes, model.ByteSize())
+
+
+def _with_file_bytes(sizes: dict[str, int], file_bytes: int) -> dict[str, int]:
+    return {"initializer_bytes": sizes["initializer_bytes"], "file_bytes": file_bytes} | sizes
+
+
+def size_ratios(sizes: Mapping[str, Mapping[str, int]]) -> dict[str, float]:
+    """Measured compression: vanilla ÷ processed initializer bytes, file bytes, parameters."""
+    a, b = sizes["vanilla"], sizes["processed"]
+    return {
+        "initializer_cr": a["initializer_bytes"] / b["initializer_bytes"],
+        "file_cr": a["file_bytes"] / b["file_bytes"],
+        "parameter_cr": a["parameters"] / b["parameters"],
+    }
+
+
+def _tensor_sizes(model: onnx.ModelProto) -> tuple[dict[str, int], set[str]]:
+    """Everything :func:`onnx_sizes` reports but ``file_bytes``, and the external data
+    files the initializers reference."""
     quant_params, quant_weights = _quantization_roles(model)
     init_bytes = params = int8_params = quant_bytes = 0
     data_files: set[str] = set()
@@ -122,19 +159,13 @@ def onnx_sizes(path: str | os.PathLike[str]) -> dict[str, int]:
         if external_data_helper.uses_external_data(t):
             info = external_data_helper.ExternalDataInfo(t)
             data_files.add(info.location)
-    file_bytes = Path(path).stat().st_size
-    for loc in data_files:
-        f = Path(path).parent / loc
-        if f.is_file():
-            file_bytes += f.stat().st_size
     return {
         "initializer_bytes": init_bytes,
-        "file_bytes": file_bytes,
         "parameters": params,
         "int8_parameters": int8_params,
         "quantization_bytes": quant_bytes,
         "initializers": len(dense) + len(sparse),
-    }
+    }, data_files
 
 
 def measured_cr(

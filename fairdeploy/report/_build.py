@@ -14,6 +14,7 @@ import numpy as np
 
 from fairdeploy import __version__
 from fairdeploy._text import plural
+from fairdeploy.export._sizes import size_ratios
 from fairdeploy.metrics import (
     LOWER_IS_BETTER,
     SUMMARY_METRICS,
@@ -478,16 +479,6 @@ def packing_block(
             "than the dense model on vgg11_paper (keep the session, or save the folded model "
             "once with optimized_model_filepath)"
         ),
-    }
-
-
-def size_ratios(sizes: Mapping[str, Mapping[str, int]]) -> dict[str, float]:
-    """Measured compression: vanilla ÷ processed initializer bytes, file bytes, parameters."""
-    a, b = sizes["vanilla"], sizes["processed"]
-    return {
-        "initializer_cr": a["initializer_bytes"] / b["initializer_bytes"],
-        "file_cr": a["file_bytes"] / b["file_bytes"],
-        "parameter_cr": a["parameters"] / b["parameters"],
     }
 
 
