@@ -1247,19 +1247,7 @@ def run_sweep(
     SweepResult
         ``chosen`` is None when no point satisfies the rule (the CLI exits 1).
     """
-    from fairdeploy.sweep import (
-        JOURNAL_NAME,
-        Journal,
-        apply_selection,
-        grid_points,
-        parse_grid,
-        parse_selection,
-        reference_settings,
-        run_grid,
-        test_comparison,
-        write_plots,
-        write_sweep_files,
-    )
+    from fairdeploy.sweep import apply_selection, grid_points, test_comparison
 
     recipe_path = Path(recipe_path)
     exports_dir = Path(exports_dir)
@@ -1270,33 +1258,13 @@ def run_sweep(
     if cache_dir == "default":
         cache_dir = exports_dir / ".cache"
     recipe = load_recipe(recipe_path)
-    spec = recipe.sweep
-    grid_values = {**parse_grid(spec.grid if spec else {}), **parse_grid(grid)}
-    grid_values = {k: grid_values[k] for k in ("layer", "rank", "sr", "rr", "beta")
-                   if k in grid_values}
-    if not grid_values:
-        raise FairDeployError(
-            "sweep: no grid: give --grid KEY=VALUES (e.g. --grid sr=0:0.9:0.1 --grid "
-            "beta=1/3,5/9) or a sweep: {grid: ...} section in the recipe"
-        )
-    rule = select if select is not None else (spec.select if spec else None)
-    selection = parse_selection(rule) if rule else None
-    guard_on = guard if guard is not None else (spec.guard if spec else True)
-    tolerance = guard_tolerance if guard_tolerance is not None else (
-        spec.guard_tolerance if spec else None
-    )
-    methods = list(methods or (spec.methods if spec and spec.methods else [recipe.method.method]))
-    if repeats is None and spec is not None:
-        repeats = spec.repeats
-    for name in methods:
-        reason = get_method(name).unavailable
-        if reason:
-            raise FairDeployError(f"sweep method {name!r} cannot run: {reason}")
+    st = _sweep_settings(recipe, grid, methods, repeats, select, guard, guard_tolerance, plots)
     exp = Experiment(
         recipe, checkpoint, cache_dir=None if cache_dir is None else Path(cache_dir),
         device=device, progress=progress, trust_checkpoint=trust_checkpoint,
     )
-    points = grid_points(recipe.method, grid_values, exp.model, methods=methods, repeats=repeats)
+    points = grid_points(recipe.method, st.grid, exp.model, methods=st.methods,
+                         repeats=st.repeats)
     plans = [p for pt in points if pt.plan is not None for p in (pt.plan, pt.reference)]
     if not plans:
         raise FairDeployError(
@@ -1310,17 +1278,107 @@ def run_sweep(
     ctx = exp.prepare(plans)
     info = ctx.privileged_info
     echo(f"privileged group: {info['name']} ({info['how']})")
-    identity = {
+    identity = _sweep_identity(exp, recipe, device)
+    rows = _journaled_grid(exp, points, final, identity, restart=restart, progress=progress,
+                           echo=echo, on_evaluation=on_evaluation)
+    rows, chosen, message = apply_selection(
+        rows, st.selection, guard=st.guard, tolerance=st.tolerance,
+        class_names=ctx.class_names, group_names=ctx.group_names,
+    )
+    test_block: dict[str, Any] | None = None
+    report: dict[str, Any] | None = None
+    if chosen is not None:
+        assert st.selection is not None and chosen.reference is not None
+        reference = rows[chosen.reference]
+        test = test_comparison(exp, chosen, reference, st.selection, seed=_seed(chosen.plan))
+        test_block, report = _sweep_test_report(exp, recipe_path, chosen, reference, test,
+                                                st.selection, message)
+    summary = _sweep_summary(exp, recipe_path, st, points, rows, identity, message, chosen,
+                             test_block)
+    files = _write_sweep_outputs(final, recipe, st, rows, summary)
+    if chosen is not None:
+        assert report is not None
+        files |= _write_chosen(final, recipe, chosen, st.selection, report, write_recipe)
+    return SweepResult(final, rows, chosen, message, test_block, files)
+
+
+@dataclass(frozen=True)
+class _SweepSettings:
+    """A sweep's settings: the command line's over the recipe's ``sweep:`` section."""
+
+    grid: dict[str, list[Any]]
+    methods: list[str]
+    repeats: int | None
+    selection: Any
+    guard: bool
+    #: The guard tolerance given (None: from the rule) and the one applied.
+    tolerance: float | None
+    tolerance_used: float
+    plots: bool
+
+
+def _sweep_settings(
+    recipe: Recipe, grid: Sequence[str], methods: Sequence[str] | None, repeats: int | None,
+    select: str | None, guard: bool | None, guard_tolerance: float | None,
+    plots: bool | None = None,
+) -> _SweepSettings:
+    from fairdeploy.sweep import parse_grid, parse_selection
+
+    spec = recipe.sweep
+    values = {**parse_grid(spec.grid if spec else {}), **parse_grid(grid)}
+    values = {k: values[k] for k in ("layer", "rank", "sr", "rr", "beta") if k in values}
+    if not values:
+        raise FairDeployError(
+            "sweep: no grid: give --grid KEY=VALUES (e.g. --grid sr=0:0.9:0.1 --grid "
+            "beta=1/3,5/9) or a sweep: {grid: ...} section in the recipe"
+        )
+    rule = select if select is not None else (spec.select if spec else None)
+    selection = parse_selection(rule) if rule else None
+    tolerance = guard_tolerance if guard_tolerance is not None else (
+        spec.guard_tolerance if spec else None
+    )
+    names = list(methods or (spec.methods if spec and spec.methods else [recipe.method.method]))
+    for name in names:
+        reason = get_method(name).unavailable
+        if reason:
+            raise FairDeployError(f"sweep method {name!r} cannot run: {reason}")
+    return _SweepSettings(
+        grid=values,
+        methods=names,
+        repeats=repeats if repeats is not None or spec is None else spec.repeats,
+        selection=selection,
+        guard=guard if guard is not None else (spec.guard if spec else True),
+        tolerance=tolerance,
+        tolerance_used=tolerance if tolerance is not None else (
+            selection.guard_tolerance() if selection else 0.01
+        ),
+        plots=plots if plots is not None else (spec.plots if spec else True),
+    )
+
+
+def _sweep_identity(exp: Experiment, recipe: Recipe, device: str) -> dict[str, Any]:
+    """What every journal record depends on besides its plan (a journal of another
+    checkpoint, recipe or data is refused)."""
+    return {
         "checkpoint_sha256": exp.checkpoint_sha256,
         "model": recipe.model.model_dump(mode="json"),
         "data": _data_settings(recipe),
         "sensitive": recipe.sensitive.model_dump(mode="json"),
-        "data_content": ctx.cache_key["content"],
+        "data_content": exp.context.cache_key["content"],
         "device": str(device),
         "fairdeploy": __version__,
         "torch": torch.__version__,
     }
-    files: dict[str, Path] = {}
+
+
+def _journaled_grid(
+    exp: Experiment, points: Sequence[Any], final: Path, identity: dict[str, Any], *,
+    restart: bool, progress: bool, echo: Echo, on_evaluation: Callable[[int, int], None] | None,
+) -> list[Any]:
+    """Every grid point on the validation split, each evaluation appended to the journal
+    (``sweep.jsonl``) as it ends; what the journal holds is not evaluated again."""
+    from fairdeploy.sweep import JOURNAL_NAME, Journal, run_grid
+
     with Journal(final / JOURNAL_NAME, identity, restart=restart) as journal:
         if journal.dropped:
             echo(f"{journal.dropped} incomplete record(s) at the end of the journal (an "
@@ -1329,88 +1387,99 @@ def run_sweep(
             (final / name).unlink(missing_ok=True)
         shutil.rmtree(final / "plots", ignore_errors=True)
         try:
-            rows = run_grid(exp, points, journal, split="val", progress=progress, echo=echo,
+            return run_grid(exp, points, journal, split="val", progress=progress, echo=echo,
                             on_evaluation=on_evaluation)
         except KeyboardInterrupt:
             echo(f"interrupted: {len(journal)} evaluations are saved in {final / JOURNAL_NAME}; "
                  "run the same command again to resume")
             raise
-    rows, chosen, message = apply_selection(
-        rows, selection, guard=guard_on, tolerance=tolerance,
-        class_names=ctx.class_names, group_names=ctx.group_names,
-    )
-    tol_used = tolerance if tolerance is not None else (
-        selection.guard_tolerance() if selection else 0.01
-    )
-    test_block: dict[str, Any] | None = None
-    report: dict[str, Any] | None = None
-    if chosen is not None:
-        assert selection is not None and chosen.reference is not None
-        reference = rows[chosen.reference]
-        seed = _seed(chosen.plan)
-        test = test_comparison(exp, chosen, reference, selection, seed=seed)
-        test_block, report = _sweep_test_report(exp, recipe_path, chosen, reference, test,
-                                                selection, message)
+
+
+def _sweep_summary(
+    exp: Experiment, recipe_path: Path, st: _SweepSettings, points: Sequence[Any],
+    rows: Sequence[Any], identity: dict[str, Any], message: str, chosen: Any,
+    test_block: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """sweep.json's header: settings, identity, the rule, the guard, the choice."""
+    from fairdeploy.sweep import reference_settings
+
+    ctx = exp.context
+    recipe = exp.recipe
     base = recipe.method.layers[0] if getattr(recipe.method, "layers", None) else None
     base_settings = {"method": recipe.method.method}
     if base is not None:
         base_settings |= {"layer": base.layer, "rank": base.rank, "sr": base.sr, "rr": base.rr,
                           "beta": base.beta}
-    ref_point = reference_settings(rows, grid_values, base_settings)
-    val = ctx.features["val"]
-    spec0 = getattr(recipe.method, "scoring", None)
-    summary: dict[str, Any] = {
+    tol = st.tolerance_used
+    return {
         "fairdeploy_version": __version__,
         "recipe": str(recipe_path),
         "identity": identity,
         "split": "val",
-        "samples": len(val),
-        "grid": {k: list(v) for k, v in grid_values.items()},
-        "methods": methods,
-        "repeats": repeats,
-        "scoring": _scoring_text(exp, points, spec0),
+        "samples": len(ctx.features["val"]),
+        "grid": {k: list(v) for k, v in st.grid.items()},
+        "methods": st.methods,
+        "repeats": st.repeats,
+        "scoring": _scoring_text(exp, points, getattr(recipe.method, "scoring", None)),
         "class_names": ctx.class_names,
         "group_names": ctx.group_names,
         "privileged": ctx.privileged_info,
         "guard": {
-            "on": guard_on,
-            "tolerance": tol_used,
+            "on": st.guard,
+            "tolerance": tol,
             "text": (
-                f"on: accuracy and macro recall at most {tol_used:g} below vanilla's and no "
+                f"on: accuracy and macro recall at most {tol:g} below vanilla's and no "
                 "group's rate of predicting any class below half of vanilla's, in every draw"
-                if guard_on else "off"
+                if st.guard else "off"
             ),
         },
-        "selection": selection.to_dict() if selection else None,
+        "selection": st.selection.to_dict() if st.selection else None,
         "message": message,
-        "reference_point": ref_point,
+        "reference_point": reference_settings(rows, st.grid, base_settings),
         "chosen_row": chosen.index if chosen is not None else None,
         "test": test_block,
     }
-    if plots if plots is not None else (spec.plots if spec else True):
-        written = write_plots(final / "plots", rows, grid_values, ref_point)
+
+
+def _write_sweep_outputs(
+    final: Path, recipe: Recipe, st: _SweepSettings, rows: Sequence[Any],
+    summary: dict[str, Any],
+) -> dict[str, Path]:
+    """The plots (unless off), sweep.csv / sweep.json / sweep.md and the resolved recipe."""
+    from fairdeploy.sweep import write_plots, write_sweep_files
+
+    files: dict[str, Path] = {}
+    if st.plots:
+        written = write_plots(final / "plots", rows, st.grid, summary["reference_point"])
         summary["plots"] = [str(p.relative_to(final)) for p in written]
         files |= {p.stem: p for p in written}
     files |= write_sweep_files(final, summary, rows)
     save_resolved_recipe(recipe, final / "recipe.yaml")
     files["recipe"] = final / "recipe.yaml"
-    if chosen is not None:
-        assert report is not None
-        chosen_r = chosen_recipe(recipe, chosen.plan)
-        header = (
-            f"# Chosen by `fairdeploy sweep` (row {chosen.index} of {final / 'sweep.csv'}) on the "
-            f"validation split with the rule: {selection.text if selection else ''}\n"
-            f"# Deploy it: fairdeploy optimize CHECKPOINT --recipe THIS_FILE\n"
-        )
-        for path in (final / "chosen.yaml", *([Path(write_recipe)] if write_recipe else [])):
-            save_resolved_recipe(chosen_r, path)
-            atomic_write_text(path, header + path.read_text(encoding="utf-8"))
-        files["chosen_recipe"] = final / "chosen.yaml"
-        if write_recipe:
-            files["written_recipe"] = Path(write_recipe)
-        report["run_dir"] = str(final)
-        files["report_json"], files["report_md"] = write_report(report, final)
-    return SweepResult(final, rows, chosen, message, test_block, files)
+    return files
+
+
+def _write_chosen(
+    final: Path, recipe: Recipe, chosen: Any, selection: Any, report: dict[str, Any],
+    write_recipe: str | Path | None,
+) -> dict[str, Path]:
+    """chosen.yaml (and ``--write-recipe``'s copy) and the chosen point's test report."""
+    chosen_r = chosen_recipe(recipe, chosen.plan)
+    header = (
+        f"# Chosen by `fairdeploy sweep` (row {chosen.index} of {final / 'sweep.csv'}) on the "
+        f"validation split with the rule: {selection.text if selection else ''}\n"
+        f"# Deploy it: fairdeploy optimize CHECKPOINT --recipe THIS_FILE\n"
+    )
+    files: dict[str, Path] = {}
+    for path in (final / "chosen.yaml", *([Path(write_recipe)] if write_recipe else [])):
+        save_resolved_recipe(chosen_r, path)
+        atomic_write_text(path, header + path.read_text(encoding="utf-8"))
+    files["chosen_recipe"] = final / "chosen.yaml"
+    if write_recipe:
+        files["written_recipe"] = Path(write_recipe)
+    report["run_dir"] = str(final)
+    files["report_json"], files["report_md"] = write_report(report, final)
+    return files
 
 
 def _scoring_text(exp: Experiment, points: Sequence[Any], spec: Any) -> str:
