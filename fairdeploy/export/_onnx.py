@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -734,6 +735,7 @@ def _checked_graph(
         proto = _filled(graph_cache[key], ready)
         if proto is not None:
             try:
+                check_factor_structure(proto, ready, layouts)
                 return proto, simplify, _check_ort_parity(proto, check_x, expected, atol, rtol)
             except Exception:  # ONNX Runtime refused it or it computes something else:
                 del graph_cache[key]  # not the same graph after all, export afresh
@@ -757,8 +759,6 @@ def _graph_key(
     input shape, every module's type and plain attributes, every parameter's name, shape,
     dtype and whether it is all zero (the exporter drops all-zero biases), and every
     buffer's name and values (index buffers become graph constants)."""
-    import hashlib
-
     h = hashlib.sha256()
     h.update(repr((exporter, opset, simplify, tuple(example.shape[1:]), str(example.dtype)))
              .encode())
@@ -783,7 +783,7 @@ def _skeleton(proto: onnx.ModelProto, ready: nn.Module) -> onnx.ModelProto | Non
     """``proto`` without the values of the initializers named after ``ready``'s parameters,
     or None when a non-zero parameter is not stored under its own name and shape (its
     values may have been folded into other constants: the graph cannot be reused)."""
-    params = {n: p for n, p in ready.named_parameters()}
+    params = dict(ready.named_parameters())
     inits = {t.name: t for t in proto.graph.initializer}
     for name, p in params.items():
         t = inits.get(name)
