@@ -3,6 +3,7 @@ own costs, and FairQuantize's packed file (bytes, load time, latency) on vgg11_p
 
     python bench/bench_compare.py [--images 240] [--classes 2] [--threads 2] [--quick]
                                   [--modes head,trunk] [--estimator exact] [--repeats 2]
+                                  [--rounds 1]
 
 Builds a fixture image_csv dataset (random 128×128 JPEGs) and a random-init vgg11_paper
 checkpoint in a temporary folder, then measures in this process:
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -136,6 +138,8 @@ def main() -> None:
     ap.add_argument("--modes", default="head,trunk")
     ap.add_argument("--estimator", choices=["exact", "fisher", "ggn_mc"], default="exact")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="optimize + compare rounds, alternating (median ratio printed)")
     ap.add_argument(
         "--spectrum", choices=["random", "power"], default="power",
         help="FC-2's weight: a trained-like power-law spectrum σ_i ∝ i^-0.5 (default; the "
@@ -168,20 +172,31 @@ def main() -> None:
                    "trunk": _recipe(tmp, csv, args, "all", "trunk.yaml")}
         quiet = {"progress": False, "echo": lambda s: None}
 
-        t_opt, rep = _timed(lambda: run_optimize(
-            tmp / "ckpt.pt", recipes["head"], out=tmp / "opt", exports_dir=tmp / "e0",
-            latency=False, **quiet))
-        assert rep.verified
-        print(f"optimize, FairLRF alone:            {t_opt:8.1f} s (baseline)  [{_load()}]")
         runs = {}
-        for mode in modes:
-            t, res = _timed(lambda mode=mode: run_compare(
-                tmp / "ckpt.pt", recipes[mode], out=tmp / f"cmp-{mode}",
-                exports_dir=tmp / f"e-{mode}", **quiet))
-            runs[mode] = res
-            target = " (target ≤ 3)" if mode == "head" else " (reported)"
-            print(f"compare, 7 rows, weight methods on {'FC layers' if mode == 'head' else 'all':9}"
-                  f" {t:8.1f} s = {t / t_opt:.2f}× optimize{target}  [{_load()}]")
+        ratios: dict[str, list[float]] = {mode: [] for mode in modes}
+        for r in range(args.rounds):  # optimize and compare alternate: load drift hits both
+            shutil.rmtree(tmp / "runs", ignore_errors=True)
+            base = tmp / "runs"
+            t_opt, rep = _timed(lambda base=base: run_optimize(
+                tmp / "ckpt.pt", recipes["head"], out=base / "opt", exports_dir=base / "e0",
+                latency=False, **quiet))
+            assert rep.verified
+            print(f"round {r + 1}: optimize, FairLRF alone:   {t_opt:8.1f} s (baseline)  "
+                  f"[{_load()}]")
+            for mode in modes:
+                t, res = _timed(lambda mode=mode, base=base: run_compare(
+                    tmp / "ckpt.pt", recipes[mode], out=base / f"cmp-{mode}",
+                    exports_dir=base / f"e-{mode}", **quiet))
+                runs[mode] = res
+                ratios[mode].append(t / t_opt)
+                target = " (target ≤ 3)" if mode == "head" else " (reported)"
+                print(f"round {r + 1}: compare, 7 rows, weight methods on "
+                      f"{'FC layers' if mode == 'head' else 'all':9} {t:8.1f} s = "
+                      f"{t / t_opt:.2f}× optimize{target}  [{_load()}]")
+        if args.rounds > 1:
+            for mode, rs in ratios.items():
+                print(f"compare / optimize, {mode}: median {statistics.median(rs):.2f}× over "
+                      f"{len(rs)} rounds (range {min(rs):.2f}–{max(rs):.2f})")
 
         costs = _method_costs(tmp / "ckpt.pt", recipes["head"], args.repeats)
         base = costs["fairlrf"]

@@ -645,6 +645,7 @@ class Experiment:
         metadata: Mapping[str, Any] | None = None,
         samples: int | None = None,
         baseline: Mapping[str, int] | None = None,
+        check_runtime: bool = True,
     ) -> Any:
         """Export the processed model to ONNX with the recipe's ``export:`` settings.
 
@@ -659,7 +660,9 @@ class Experiment:
         ``baseline`` (:func:`~fairdeploy.export.onnx_sizes` of the vanilla export) puts
         the measured C.R. in the file's metadata in the same write. Models of the same
         structure exported by this experiment share one traced graph (see
-        :func:`~fairdeploy.export.export_onnx`'s ``graph_cache``).
+        :func:`~fairdeploy.export.export_onnx`'s ``graph_cache``). ``check_runtime=False``
+        skips the export-time ONNX Runtime check of a freshly traced graph, for a caller
+        that calls :meth:`verify` on the file at once (``compare`` does).
         Returns the :class:`~fairdeploy.export.ExportResult` (``packing`` holds the
         :class:`~fairdeploy.export.PackReport`, ``sizes`` and ``measured_cr`` the file's).
         """
@@ -688,6 +691,7 @@ class Experiment:
             packing=processed.plan.implementation.packing(processed.plan, processed) or None,
             baseline_sizes=baseline,
             graph_cache=self._graphs,
+            check_runtime=check_runtime,
         )
 
     def reference(self, processed: Processed, samples: int | None = None) -> Any:

@@ -379,3 +379,17 @@ def test_measured_cr_written_with_the_export_is_the_files_own(tmp_path):
     stored = read_metadata(tmp_path / "p.onnx")["measured_cr"]
     assert stored == pytest.approx(expected, abs=1e-6)
     assert res.measured_cr["file_cr"] > 1.0
+
+
+def test_without_the_runtime_check_a_fresh_graph_is_written_unchecked_a_reused_one_checked(
+    tmp_path,
+):
+    a, b, _ = _same_structure_models()
+    x = torch.randn(6, 10)
+    cache: dict = {}
+    fresh = export_onnx(a, x, tmp_path / "a.onnx", graph_cache=cache, check_runtime=False)
+    assert fresh.max_abs_error is None  # the caller verifies the file itself
+    np.testing.assert_allclose(ort_run(tmp_path / "a.onnx", x), a(x).detach().numpy(),
+                               rtol=1e-4, atol=1e-5)
+    reused = export_onnx(b, x, tmp_path / "b.onnx", graph_cache=cache, check_runtime=False)
+    assert reused.max_abs_error is not None and reused.max_abs_error < 1e-4

@@ -311,6 +311,42 @@ def test_compare_over_all_seven_rows_deploys_and_matches_each_method_alone(cnn_c
     assert png.startswith(b"\x89PNG") and report["plot"] == "tradeoff.png"
 
 
+def test_a_row_that_fails_verification_stops_compare_and_writes_nothing(
+    cnn_case, tmp_path, monkeypatch
+):
+    """Rows are verified in a background thread while the next row exports; a failed one
+    still ends the command with its one line, and no run folder is left."""
+    tmp, _ = cnn_case
+    method = {"name": "fairlrf", "layers": [{"layer": "6", "rank": 4, "sr": 0.25}],
+              "scoring": {"samples_per_group": 48}}
+    recipe = _recipe(tmp, CNN, method, compare=["vanilla", "truncated_svd", "slr_w", "fairlrf"])
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    real_verify = Experiment.verify
+
+    def verify_against_shifted_outputs(self, path, **kwargs):
+        # A real ONNX Runtime verification of the SLR-w row, against outputs moved by 1.
+        if Path(path).parent.name == "slr_w":
+            with np.load(Path(path).with_name("model.verify.npz")) as npz:
+                arrays = dict(npz)
+            arrays["outputs"] = arrays["outputs"] + 1.0
+            np.savez(tmp_path / "shifted.npz", **arrays)
+            kwargs["reference"] = tmp_path / "shifted.npz"
+        return real_verify(self, path, **kwargs)
+
+    monkeypatch.setattr(Experiment, "verify", verify_against_shifted_outputs)
+    result = CliRunner().invoke(
+        main,
+        ["compare", str(tmp / "ckpt.pt"), "--recipe", str(tmp_path / "r.yaml"), "--out",
+         str(tmp_path / "cmp"), "--exports", str(tmp_path / "exports")],
+    )
+    assert result.exit_code == 1, result.output
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1 and "SLR-w" in errors[0] and "does not match PyTorch" in errors[0]
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "cmp").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_rank_pairs_match_layers_and_ranks() -> None:
     plans = {
         "vanilla": Plan("vanilla"),

@@ -533,6 +533,7 @@ def export_onnx(
     packing: Mapping[str, Any] | None = None,
     baseline_sizes: Mapping[str, int] | None = None,
     graph_cache: MutableMapping[str, Any] | None = None,
+    check_runtime: bool = True,
 ) -> ExportResult:
     """Export a classifier to ONNX with factorized layers as real smaller MatMuls.
 
@@ -617,6 +618,11 @@ def export_onnx(
         (``compare``'s vanilla, FairPrune and FairQuantize rows share one graph, as do its
         SLR and FairLRF rows). ONNX Runtime's parity check runs either way; a reused graph
         that fails it is exported afresh.
+    check_runtime : bool
+        Run ONNX Runtime on the traced graph against PyTorch before writing (default). A
+        caller that verifies the written file at once on at least as many inputs (``compare``
+        verifies every row) may skip it for a freshly traced graph; a graph reused from
+        ``graph_cache`` is always checked. ``max_abs_error`` is then None.
 
     Returns
     -------
@@ -627,6 +633,7 @@ def export_onnx(
         raise FairDeployError(f"output path {str(path)!r} must end in .onnx")
     example = _as_tensor(example_input, "example_input")
     ref_x = _reference_inputs(reference_inputs, labels, groups)
+    ref_out = _reference_outputs(reference_outputs, ref_x)
     encoded = _encode_metadata(dict(metadata or {}))
     _check_exporter(exporter, opset)
 
@@ -639,11 +646,12 @@ def export_onnx(
         example_input=example[:2],
     )
     original = model if not model.training else _eval_copy(model)
-    check_x, expected = _check_layout(original, ready, example, ref_x, atol, rtol)
+    check_x, expected = _check_layout(original, ready, example, ref_x, ref_out, atol, rtol)
 
     proto, simplified, max_err = _checked_graph(
         ready, example, layouts, check_x, expected, opset=opset, exporter=exporter,
         simplify=simplify, atol=atol, rtol=rtol, graph_cache=graph_cache,
+        check_runtime=check_runtime,
     )
 
     deployed = sum(p.numel() for p in ready.parameters())
@@ -670,7 +678,7 @@ def export_onnx(
     ref_path = None
     if ref_x is not None:
         ref_path = _write_reference(
-            path, original, ref_x, reference_outputs, labels=labels, groups=groups,
+            path, original, ref_x, ref_out, labels=labels, groups=groups,
             max_bytes=reference_max_bytes,
         )
     return ExportResult(
@@ -725,11 +733,12 @@ _CR_DECIMALS = 6
 def _checked_graph(
     ready: nn.Module, example: torch.Tensor, layouts: list[LayerLayout], check_x: torch.Tensor,
     expected: np.ndarray, *, opset: int, exporter: str, simplify: bool, atol: float,
-    rtol: float, graph_cache: MutableMapping[str, Any] | None,
-) -> tuple[onnx.ModelProto, bool, float]:
+    rtol: float, graph_cache: MutableMapping[str, Any] | None, check_runtime: bool = True,
+) -> tuple[onnx.ModelProto, bool, float | None]:
     """The exported graph of ``ready`` (reused from ``graph_cache`` when a model of the same
     structure was exported before), its factor structure checked, simplified when asked,
-    and ONNX Runtime's parity with ``expected`` checked: (graph, simplified, max |Δ|)."""
+    and ONNX Runtime's parity with ``expected`` checked (always for a reused graph; for a
+    fresh one unless ``check_runtime`` is off): (graph, simplified, max |Δ| or None)."""
     key = None if graph_cache is None else _graph_key(ready, example, opset, exporter, simplify)
     if key is not None and key in graph_cache:
         proto = _filled(graph_cache[key], ready)
@@ -744,7 +753,7 @@ def _checked_graph(
     simplified = False
     if simplify:
         proto, simplified = _simplify(proto, ready, layouts, check_x.numpy(), expected, atol, rtol)
-    max_err = _check_ort_parity(proto, check_x, expected, atol, rtol)
+    max_err = _check_ort_parity(proto, check_x, expected, atol, rtol) if check_runtime else None
     if key is not None and simplified == simplify:
         skeleton = _skeleton(proto, ready)
         if skeleton is not None:
@@ -837,14 +846,20 @@ def _reference_inputs(
 
 def _check_layout(
     original: nn.Module, ready: nn.Module, example: torch.Tensor, ref_x: torch.Tensor | None,
-    atol: float, rtol: float,
+    ref_out: np.ndarray | None, atol: float, rtol: float,
 ) -> tuple[torch.Tensor, np.ndarray]:
     """The inputs of the export-time parity checks and the original model's outputs on
-    them; the rearranged model (``ready``) must match those outputs within tolerance."""
+    them (the caller's reference outputs where given: the original model does not run on
+    those again); the rearranged model (``ready``) must match them within tolerance."""
     with torch.no_grad():
         # A few real inputs suffice here: verify() compares every reference input later.
-        check_x = example if ref_x is None else torch.cat([example, ref_x[:_EXPORT_CHECK]])
-        expected = original(check_x).numpy()
+        if ref_x is None:
+            check_x, expected = example, original(example).numpy()
+        else:
+            check_x = torch.cat([example, ref_x[:_EXPORT_CHECK]])
+            known = (ref_out[:_EXPORT_CHECK] if ref_out is not None
+                     else original(ref_x[:_EXPORT_CHECK]).numpy())
+            expected = np.concatenate([original(example).numpy(), known.astype(np.float32)])
         ready_out = ready(check_x).numpy()
     layout_err = float(np.max(np.abs(ready_out - expected)))
     if not np.all(np.abs(ready_out - expected) <= atol + rtol * np.abs(expected)):
@@ -890,20 +905,29 @@ def _stamp_producer(
     _set_metadata(proto, {**_encode_metadata(base), **encoded})
 
 
+def _reference_outputs(reference_outputs: Any, ref_x: torch.Tensor | None) -> np.ndarray | None:
+    """The caller's reference outputs as an array with one row per reference input (None
+    without them, or without reference inputs)."""
+    if reference_outputs is None or ref_x is None:
+        return None
+    outs = np.asarray(_as_tensor(reference_outputs, "reference_outputs").numpy())
+    if len(outs) != len(ref_x):
+        raise FairDeployError(
+            f"reference_outputs has {len(outs)} rows: give one per reference input "
+            f"({len(ref_x)})"
+        )
+    return outs
+
+
 def _write_reference(
-    path: Path, original: nn.Module, ref_x: torch.Tensor, reference_outputs: Any, *,
+    path: Path, original: nn.Module, ref_x: torch.Tensor, ref_out: np.ndarray | None, *,
     labels: np.ndarray | None, groups: np.ndarray | None, max_bytes: int | None,
 ) -> Path:
     """Write ``<name>.verify.npz`` (inputs, PyTorch outputs, labels, groups; capped at
     ``max_bytes``) and return its path. The outputs are the caller's when given, else the
     original model's."""
-    if reference_outputs is not None:
-        outs = np.asarray(_as_tensor(reference_outputs, "reference_outputs").numpy())
-        if len(outs) != len(ref_x):
-            raise FairDeployError(
-                f"reference_outputs has {len(outs)} rows: give one per reference input "
-                f"({len(ref_x)})"
-            )
+    if ref_out is not None:
+        outs = ref_out
     else:
         with torch.no_grad():
             outs = np.concatenate(
