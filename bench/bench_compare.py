@@ -218,7 +218,7 @@ def main() -> None:
             print(f"FairPrune p=35 % on every weight: C.R. paper {fp['theoretical_cr']:.4f}, "
                   f"measured initializers {fp['measured']['initializer_cr']:.4f}, theory with "
                   f"the mask bit {fp['packing']['theoretical_cr_with_mask']:.4f}")
-            run_dir = tmp / "cmp-trunk"
+            run_dir = tmp / "runs" / "cmp-trunk"
             vanilla, packed = run_dir / "vanilla/model.onnx", run_dir / "fairquantize/model.onnx"
             loads: dict[str, list[float]] = {"vanilla": [], "fairquantize": []}
             for _ in range(max(2, args.repeats)):
