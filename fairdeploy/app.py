@@ -176,13 +176,14 @@ def _run_name(recipe_path: Path, recipe: Recipe, what: str, checkpoint_sha256: s
 
 
 def _paths(
-    recipe_path: str | Path, exports_dir: str | Path, cache_dir: Any, out: str | Path | None
+    recipe_path: str | Path, exports_dir: str | Path, cache_dir: Any, out: str | Path | None,
+    *, check: Callable[[Path], Any] = check_out,
 ) -> tuple[Path, Path, Path | None]:
-    """Normalise a command's paths and check, before any work, that its output can be
-    written: ``cache_dir="default"`` means ``<exports>/.cache``."""
+    """Normalise a command's paths and check (``check``), before any work, that its output
+    can be written: ``cache_dir="default"`` means ``<exports>/.cache``."""
     exports_dir = Path(exports_dir)
     if out is not None:
-        check_out(Path(out))
+        check(Path(out))
     else:
         ensure_dir(exports_dir)
     if cache_dir == "default":
@@ -1271,19 +1272,14 @@ def run_sweep(
     """
     from fairdeploy.sweep import apply_selection, grid_points, test_comparison
 
-    recipe_path = Path(recipe_path)
-    exports_dir = Path(exports_dir)
-    if out is not None:
-        _check_sweep_dir(Path(out))
-    else:
-        ensure_dir(exports_dir)
-    if cache_dir == "default":
-        cache_dir = exports_dir / ".cache"
+    recipe_path, exports_dir, cache_dir = _paths(
+        recipe_path, exports_dir, cache_dir, out, check=_check_sweep_dir
+    )
     recipe = load_recipe(recipe_path)
     st = _sweep_settings(recipe, grid, methods, repeats, select, guard, guard_tolerance, plots)
     exp = Experiment(
-        recipe, checkpoint, cache_dir=None if cache_dir is None else Path(cache_dir),
-        device=device, progress=progress, trust_checkpoint=trust_checkpoint,
+        recipe, checkpoint, cache_dir=cache_dir, device=device, progress=progress,
+        trust_checkpoint=trust_checkpoint,
     )
     points = grid_points(recipe.method, st.grid, exp.model, methods=st.methods,
                          repeats=st.repeats)
