@@ -1,6 +1,7 @@
 """What the pipeline benchmarks share: a fixture image_csv dataset of random JPEGs and
 the FairLRF recipe on vgg11_paper's FC-2 they time (``bench_optimize.py``,
-``bench_sweep.py``; ``bench_compare.py`` uses the fixture with its own recipe).
+``bench_sweep.py``; ``bench_compare.py`` adds its compare rows to it), and the
+power-law FC-2 weight they can give the model.
 
 Imported by those scripts as a sibling module (run them as ``python bench/<name>.py``).
 """
@@ -10,9 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
-__all__ = ["FAIRLRF_FC2_RECIPE", "image_csv_fixture"]
+__all__ = ["FAIRLRF_FC2_RECIPE", "image_csv_fixture", "power_law_fc2"]
 
 #: FairLRF on classifier.3 (k=64, sr 0.4, rr 0, β 5/9) over the fixture; fill in
 #: ``csv``, ``per_group`` (scoring samples per group) and ``verify`` (verify_samples).
@@ -48,3 +50,15 @@ def image_csv_fixture(root: Path, n: int, classes: int = 4) -> Path:
         rows.append(f"imgs/{i}.jpg,{i % classes},{(i // classes) % 2},{split}")
     (root / "labels.csv").write_text("\n".join(rows) + "\n")
     return root / "labels.csv"
+
+
+def power_law_fc2(state: dict[str, torch.Tensor]) -> None:
+    """Give vgg11_paper's FC-2 weight (``classifier.3.weight``, 4096×4096) a trained-like
+    power-law spectrum σ_i ∝ i^-0.5 with the same Frobenius norm, in place (random
+    orthogonal singular vectors from torch's global generator: seed it first)."""
+    w = state["classifier.3.weight"].double()
+    q1, _ = torch.linalg.qr(torch.randn(4096, 4096, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(4096, 4096, dtype=torch.float64))
+    sigma = torch.arange(1, 4097, dtype=torch.float64) ** -0.5
+    sigma *= w.norm() / sigma.norm()
+    state["classifier.3.weight"] = ((q1 * sigma) @ q2.T).float()

@@ -40,26 +40,16 @@ import time
 from pathlib import Path
 
 import torch
-from _image_fixture import image_csv_fixture
+from _image_fixture import FAIRLRF_FC2_RECIPE, image_csv_fixture, power_law_fc2
 
 from fairdeploy.app import run_compare, run_optimize
 from fairdeploy.experiment import Experiment
 from fairdeploy.models import build_model
 
-RECIPE = """\
-name: bench-compare
-model: {{arch: vgg11_paper, num_classes: {classes}}}
-data:
-  kind: image_csv
-  csv: {csv}
-  split: {{mode: column}}
-  check_images: none
-sensitive: {{attribute: group, groups: {{a: [0], b: [1]}}, privileged: auto}}
-method:
-  name: fairlrf
-  beta: 5/9
-  layers: [{{layer: classifier.3, rank: 64, sr: 0.4, rr: 0.0}}]
-  scoring: {{samples_per_group: {per_group}, batch_size: 64}}
+#: The shared FairLRF recipe (FC-2, k=64, sr 0.4, rr 0) with the paper's seven rows.
+RECIPE = FAIRLRF_FC2_RECIPE.replace("name: bench\n", "name: bench-compare\n").replace(
+    "num_classes: 4", "num_classes: {classes}"
+) + """\
 compare:
   - vanilla
   - truncated_svd
@@ -70,7 +60,6 @@ compare:
   - {{name: fairquantize, quantize_ratio: 0.20, beta: 5/9, layers: {layers},
      scoring: {{estimator: {estimator}, samples_per_group: {per_group}, batch_size: 32}}}}
   - fairlrf
-export: {{simplify: false, verify_samples: {verify}}}
 """
 
 HEAD_LAYERS = "[classifier.0, classifier.3, classifier.6]"
@@ -161,12 +150,7 @@ def main() -> None:
         torch.manual_seed(0)
         state = build_model("vgg11_paper", args.classes).state_dict()
         if args.spectrum == "power":
-            w = state["classifier.3.weight"].double()
-            q1, _ = torch.linalg.qr(torch.randn(4096, 4096, dtype=torch.float64))
-            q2, _ = torch.linalg.qr(torch.randn(4096, 4096, dtype=torch.float64))
-            sigma = torch.arange(1, 4097, dtype=torch.float64) ** -0.5
-            sigma *= w.norm() / sigma.norm()
-            state["classifier.3.weight"] = ((q1 * sigma) @ q2.T).float()
+            power_law_fc2(state)
         torch.save(state, tmp / "ckpt.pt")
         recipes = {"head": _recipe(tmp, csv, args, HEAD_LAYERS, "head.yaml"),
                    "trunk": _recipe(tmp, csv, args, "all", "trunk.yaml")}

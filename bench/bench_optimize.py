@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _image_fixture import FAIRLRF_FC2_RECIPE, image_csv_fixture
+from _image_fixture import FAIRLRF_FC2_RECIPE, image_csv_fixture, power_law_fc2
 
 from fairdeploy.app import run_optimize
 from fairdeploy.data import load_splits
@@ -55,12 +55,7 @@ def main() -> None:
         torch.manual_seed(0)
         state = build_model("vgg11_paper", 4).state_dict()
         if args.spectrum == "power":
-            w = state["classifier.3.weight"].double()
-            q1, _ = torch.linalg.qr(torch.randn(4096, 4096, dtype=torch.float64))
-            q2, _ = torch.linalg.qr(torch.randn(4096, 4096, dtype=torch.float64))
-            sigma = torch.arange(1, 4097, dtype=torch.float64) ** -0.5
-            sigma *= w.norm() / sigma.norm()
-            state["classifier.3.weight"] = ((q1 * sigma) @ q2.T).float()
+            power_law_fc2(state)
         torch.save(state, tmp / "ckpt.pt")
 
         recipe = load_recipe(tmp / "r.yaml")
