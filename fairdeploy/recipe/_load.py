@@ -134,11 +134,7 @@ def _parse_yaml(text: str, source: str) -> tuple[yaml.Node | None, Any]:
             if isinstance(event, yaml.CollectionStartEvent):
                 depth += 1
                 if depth > MAX_RECIPE_DEPTH:
-                    raise FairDeployError(
-                        f"{source}:{event.start_mark.line + 1}: the recipe nests deeper than "
-                        f"{MAX_RECIPE_DEPTH} levels: a recipe is a few levels of sections "
-                        "and lists"
-                    )
+                    raise _too_deep(source, event.start_mark.line + 1)
             elif isinstance(event, yaml.CollectionEndEvent):
                 depth -= 1
         loader = _Loader(text)
@@ -154,6 +150,10 @@ def _parse_yaml(text: str, source: str) -> tuple[yaml.Node | None, Any]:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        if "nesting depth" in str(problem):
+            # libyaml ≥ 0.2.5 (PyYAML ≥ 6.0.4) stops at its own limit while it scans ahead,
+            # before the event stream reaches ours: the same mistake, the same message.
+            raise _too_deep(source, None if mark is None else mark.line + 1) from None
         raise FairDeployError(f"{source}{where}: invalid YAML ({problem})") from None
     except (ValueError, OverflowError, TypeError, RecursionError) as exc:
         # The constructors of ints, floats and timestamps raise plain Python errors
@@ -162,6 +162,14 @@ def _parse_yaml(text: str, source: str) -> tuple[yaml.Node | None, Any]:
             f"{source}: invalid YAML value ({type(exc).__name__}: {_first_line(exc)})"
         ) from None
     return node, data
+
+
+def _too_deep(source: str, line: int | None) -> FairDeployError:
+    where = f":{line}" if line is not None else ""
+    return FairDeployError(
+        f"{source}{where}: the recipe nests deeper than {MAX_RECIPE_DEPTH} levels: a recipe "
+        "is a few levels of sections and lists"
+    )
 
 
 def _check_expansion(root: yaml.Node, source: str) -> None:
