@@ -1,7 +1,10 @@
-"""Tiny architectures for tests, named in recipes as ``_tiny_nets:cnn``."""
+"""Tiny architectures for tests, named in recipes as ``_tiny_nets:cnn``, and the small
+models several test modules build the same way."""
 
 from __future__ import annotations
 
+import numpy as np
+import torch
 from torch import nn
 
 
@@ -14,3 +17,30 @@ def cnn(num_classes: int = 3, width: int = 16) -> nn.Module:
         nn.Linear(width, width), nn.ReLU(),
         nn.Linear(width, num_classes),
     )
+
+
+def small_conv_net() -> nn.Module:
+    """Conv → ReLU → MaxPool → Flatten → Linear(27, 7) → ReLU → Linear(7, 3), seeded: the
+    weight methods' reference cases (weights ``0``, ``4``, ``6``; (2, 6, 6) inputs)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(3 * 3 * 3, 7), nn.ReLU(), nn.Linear(7, 3),
+    )
+
+
+def trained_mlp(arrays: dict[str, np.ndarray]) -> nn.Module:
+    """fairdeploy's ``mlp`` (8 → 32 → 32 → 3) fitted by 60 seeded full-batch SGD steps on
+    the ``train`` rows of an npz-style dict (``x``, ``y``, ``split``), in eval mode."""
+    from fairdeploy.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("mlp", 3, in_features=8, widths=(32, 32))
+    train = arrays["split"] == "train"
+    x, y = torch.as_tensor(arrays["x"][train]), torch.as_tensor(arrays["y"][train])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(60):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from _tiny_nets import trained_mlp
 from click.testing import CliRunner
 from torch import nn
 
 from fairdeploy.cli import main
 from fairdeploy.experiment import Experiment
 from fairdeploy.metrics import group_metrics
-from fairdeploy.models import build_model
 from fairdeploy.plan import LayerPlan, Plan
 from fairdeploy.recipe import parse_recipe
 
@@ -34,19 +34,6 @@ def _data(path: Path, n: int = 900, d: int = 8, seed: int = 0) -> dict[str, np.n
     arrays = {"x": x, "y": y.argmax(1), "group": group, "split": split}
     np.savez(path, **arrays)
     return arrays
-
-
-def _trained(arrays: dict[str, np.ndarray]) -> nn.Module:
-    torch.manual_seed(0)
-    model = build_model("mlp", 3, in_features=8, widths=(32, 32))
-    train = arrays["split"] == "train"
-    x, y = torch.as_tensor(arrays["x"][train]), torch.as_tensor(arrays["y"][train])
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(60):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model.eval()
 
 
 def _recipe(tmp: Path, **sections) -> dict:
@@ -67,7 +54,7 @@ def _recipe(tmp: Path, **sections) -> dict:
 @pytest.fixture(scope="module")
 def case(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, nn.Module]:
     tmp = tmp_path_factory.mktemp("exp")
-    model = _trained(_data(tmp / "data.npz"))
+    model = trained_mlp(_data(tmp / "data.npz"))
     torch.save(model.state_dict(), tmp / "ckpt.pt")
     (tmp / "r.yaml").write_text(yaml.safe_dump(_recipe(tmp)))
     return tmp, model

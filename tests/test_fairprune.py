@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _tiny_nets import small_conv_net
 from torch import nn
 
 from fairdeploy.errors import FairDeployError
@@ -18,14 +19,6 @@ from fairdeploy.weight_selection import fraction_count, lowest_entries
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
     yield
-
-
-def _net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(3 * 3 * 3, 7), nn.ReLU(), nn.Linear(7, 3),
-    )
 
 
 LAYERS = ["0", "4", "6"]
@@ -56,7 +49,7 @@ def _saliency_np(model, hessians, beta):
 
 @pytest.mark.parametrize("ratio", [0.0, 0.1, 0.35, 0.5, 1.0])
 def test_layer_scope_prunes_the_lowest_saliency_per_layer(ratio):
-    model = _net()
+    model = small_conv_net()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     hess = _random_hessians(model)
     res = fairprune(model, hess, prune_ratio=ratio, beta=3 / 7)
@@ -78,7 +71,7 @@ def test_layer_scope_prunes_the_lowest_saliency_per_layer(ratio):
 
 
 def test_global_scope_prunes_the_lowest_saliency_over_all_layers():
-    model = _net()
+    model = small_conv_net()
     hess = _random_hessians(model)
     res = fairprune(model, hess, prune_ratio=0.3, beta=0.5, scope="global")
     sal = _saliency_np(model, hess, 0.5)
@@ -124,7 +117,7 @@ def test_counts_floor_exactly():
 
 
 def test_end_to_end_with_real_hessians_is_deterministic():
-    model = _net()
+    model = small_conv_net()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(40, 2, 6, 6, generator=g)
     y = torch.randint(0, 3, (40,), generator=g)
@@ -142,7 +135,7 @@ def test_end_to_end_with_real_hessians_is_deterministic():
 
 
 def test_errors():
-    model = _net()
+    model = small_conv_net()
     hess = _random_hessians(model)
     with pytest.raises(FairDeployError, match=r"prune_ratio=1\.5 is not allowed"):
         fairprune(model, hess, prune_ratio=1.5, beta=0.5)
@@ -161,7 +154,7 @@ def test_errors():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu():
-    model = _net().double()
+    model = small_conv_net().double()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(40, 2, 6, 6, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (40,), generator=g)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from _tiny_nets import small_conv_net
 
 from fairdeploy.errors import FairDeployError
 from fairdeploy.fairquantize import (
@@ -26,14 +26,6 @@ from fairdeploy.models import build_model
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
     yield
-
-
-def _net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(3 * 3 * 3, 7), nn.ReLU(), nn.Linear(7, 3),
-    )
 
 
 LAYERS = ["0", "4", "6"]
@@ -103,7 +95,7 @@ def _scores_np(model, hessians, beta):
 
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_one_step_quantizes_exactly_the_lowest_scores(scope):
-    model = _net()
+    model = small_conv_net()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y, g = _data()
     hess = _random_hessians(model)
@@ -134,7 +126,7 @@ def test_one_step_quantizes_exactly_the_lowest_scores(scope):
 
 
 def _finetune_run(steps=2, epochs=2):
-    model = _net()
+    model = small_conv_net()
     x, y, g = _data()
     train = FeatureSet(*_data(64, seed=5))
     return model, fairquantize(
@@ -164,7 +156,7 @@ def test_steps_with_finetuning_change_only_float_weights():
 
 
 def test_step1_entries_survive_step2():
-    model = _net()
+    model = small_conv_net()
     x, y, g = _data()
     train = FeatureSet(*_data(64, seed=5))
     kw = dict(beta=5 / 9, finetune_epochs=1, train_set=train, finetune={"lr": 0.05})
@@ -183,7 +175,7 @@ def test_step1_entries_survive_step2():
 def test_group_ids_name_the_roles():
     # The privileged group as id 0 in the data: naming it gives the same result as
     # relabelling the data.
-    model = _net()
+    model = small_conv_net()
     x, y, g = _data()
     a = fairquantize(model, x, y, g, quantize_ratio=0.3, beta=5 / 9)
     b = fairquantize(model, x, y, 1 - g, quantize_ratio=0.3, beta=5 / 9, group_ids=(1, 0))
@@ -213,7 +205,7 @@ def test_compression_rate_of_the_paper():
 
 
 def test_errors():
-    model = _net()
+    model = small_conv_net()
     x, y, g = _data()
     with pytest.raises(FairDeployError, match="finetune_epochs=2 needs a train_set"):
         fairquantize(model, x, y, g, quantize_ratio=0.1, beta=0.5, finetune_epochs=2)
@@ -230,7 +222,7 @@ def test_errors():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("start", ["cuda", "cpu"])  # cpu: fine-tuning moves it to the GPU
 def test_cuda_steps_with_finetuning(start):
-    model = _net().to(start)
+    model = small_conv_net().to(start)
     x, y, g = _data()
     train = FeatureSet(*_data(64, seed=5))
     res = fairquantize(

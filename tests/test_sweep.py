@@ -17,9 +17,9 @@ import onnxruntime as ort
 import pytest
 import torch
 import yaml
+from _tiny_nets import trained_mlp
 from click.testing import CliRunner
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, precision_score
-from torch import nn
 
 from fairdeploy.app import run_compare, run_optimize, run_sweep
 from fairdeploy.cli import main
@@ -51,19 +51,6 @@ def _arrays(n: int = 900, d: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
     return {"x": x, "y": y.argmax(1).astype(np.int64), "group": group, "split": split}
 
 
-def _train(arrays: dict[str, np.ndarray]) -> nn.Module:
-    torch.manual_seed(0)
-    model = build_model("mlp", 3, in_features=8, widths=(32, 32))
-    train = arrays["split"] == "train"
-    x, y = torch.as_tensor(arrays["x"][train]), torch.as_tensor(arrays["y"][train])
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(60):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model.eval()
-
-
 def _recipe(data: Path, **extra) -> dict:
     recipe = {
         "model": {"arch": "mlp", "num_classes": 3,
@@ -91,7 +78,7 @@ def task(tmp_path_factory: pytest.TempPathFactory) -> Path:
     y[test] = np.random.default_rng(1).permutation(y[test])
     shuffled["y"] = y
     np.savez(tmp / "shuffled.npz", **shuffled)
-    torch.save(_train(arrays).state_dict(), tmp / "ckpt.pt")
+    torch.save(trained_mlp(arrays).state_dict(), tmp / "ckpt.pt")
     (tmp / "r.yaml").write_text(yaml.safe_dump(_recipe(tmp / "data.npz")))
     (tmp / "r_shuffled.yaml").write_text(yaml.safe_dump(_recipe(tmp / "shuffled.npz")))
     return tmp
@@ -433,7 +420,7 @@ def test_resume_gives_the_same_table_as_an_uninterrupted_run(task: Path) -> None
 
 def test_another_checkpoint_is_refused_in_the_same_folder(task: Path) -> None:
     _sweep(task, "mine", grid=("sr=0.5",))
-    other = _train(_arrays(seed=0))
+    other = trained_mlp(_arrays(seed=0))
     with torch.no_grad():
         other.layers[0].weight.mul_(1.01)
     torch.save(other.state_dict(), task / "other.pt")
