@@ -27,6 +27,7 @@ from fairdeploy.lrf import (
     select_rows_cols,
     sparsify,
 )
+from fairdeploy.lrf._apply import _linear_or_error
 from fairdeploy.methods._base import Method, Processed, count_parameters
 from fairdeploy.plan import LayerPlan, Plan, kept_entries, num_selected
 
@@ -114,14 +115,11 @@ class SparsePlan(LowRankPlan):
 
 
 def _linear(model: nn.Module, name: str) -> nn.Linear:
-    module = dict(model.named_modules()).get(name) if name else None
-    if not isinstance(module, nn.Linear):
-        found = "not found" if module is None else f"a {type(module).__name__}"
-        raise FairDeployError(
-            f"method.layers: layer {name!r} is {found} in the model; the nn.Linear "
-            f"layers are: {', '.join(linear_layers(model)) or '(none)'}"
-        )
-    return module
+    """The plan's target layer, or one line naming the recipe key and the model's Linears."""
+    try:
+        return _linear_or_error(model, name)
+    except FairDeployError as exc:
+        raise FairDeployError(f"method.layers: {exc}") from None
 
 
 class LowRankMethod(Method):
