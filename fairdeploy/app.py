@@ -828,66 +828,119 @@ def _deploy_rows(
     the other rows' measured C.R. is against its export); fills each method entry's
     ``compression.measured`` and ``artifact``, and the report's ``artifacts`` summary.
 
-    A row's verification (ONNX Runtime on its file, which releases the GIL) runs in a
-    background thread while the next row is traced and exported; results are taken in row
-    order, and a row that fails stops the command at the next row, as before."""
+    A row is exported with the checks that verifying it repeats deferred
+    (:func:`~fairdeploy.export.export_onnx`'s ``defer_checks``); the deferred packing check
+    and the row's verification (ONNX Runtime on its file, which releases the GIL) run in a
+    background thread while the next row is traced and exported. Results are taken in row
+    order; a row that fails them is exported again with every check in place and verified
+    again, and one that still fails stops the command with the check's own message."""
     from concurrent.futures import ThreadPoolExecutor
 
     n = len(exp.test_inputs(exp.recipe.export.verify_samples)[1])
     entries = {m["name"]: m for m in report["methods"]}
     taken: set[str] = set()
-    vanilla: Path | None = None
-    vanilla_sizes: dict[str, int] | None = None
-    pending: list[tuple[Any, dict[str, Any], str, Processed]] = []
+    vanilla: dict[str, int] | None = None  # the vanilla row's sizes: the baseline of ratios
+    vanilla_path: str | None = None
+    pending: list[_PendingRow] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fairdeploy-verify") as pool:
         try:
-            for name, processed in zip(rows.names, rows.processed, strict=True):
+            for name, processed in _export_order(rows):
                 _finish_verified_rows(exp, pending, n, wait=False)
                 folder = _row_folder(name, taken)
                 path = run / folder / "model.onnx"
                 echo(f"exporting and verifying {name} -> {folder}/model.onnx ...")
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", category=(DeprecationWarning, FutureWarning))
-                    if vanilla is None:  # the first row is vanilla: the reference of every ratio
-                        ones = dict.fromkeys(("initializer_cr", "file_cr", "parameter_cr"), 1.0)
-                        res = exp.export(processed, path, check_runtime=False,
-                                         metadata=exp.metadata(processed) | {"measured_cr": ones})
-                        vanilla, vanilla_sizes = path, res.sizes
-                    else:  # verified below: no second ONNX Runtime pass at export
-                        res = exp.export(processed, path, baseline=vanilla_sizes,
-                                         check_runtime=False)
-                entry = entries[name]
-                _record_export(entry, res, res.measured_cr or ones)
-                entry["artifact"] = {"path": f"{folder}/model.onnx", "sizes": res.sizes}
-                pending.append((pool.submit(exp.verify, path), entry, folder, processed))
+                row = _PendingRow(entries[name], folder, path, processed, vanilla)
+                res = row.export(exp, defer_checks=True)
+                if vanilla is None:  # the first row is vanilla: the reference of every ratio
+                    vanilla, vanilla_path = res.sizes, f"{folder}/model.onnx"
+                row.future = pool.submit(_checked_and_verified, exp, res, path)
+                pending.append(row)
             _finish_verified_rows(exp, pending, n, wait=True)
         except BaseException:
-            for future, *_ in pending:
-                future.cancel()
+            for row in pending:
+                if row.future is not None:
+                    row.future.cancel()
             raise
     report["artifacts"] = {
         "note": (
             "every row exported to ONNX and verified against PyTorch on "
             f"{n} real test inputs; measured C.R. is against the vanilla row's export"
         ),
-        "vanilla": str(vanilla.relative_to(run)) if vanilla is not None else None,
+        "vanilla": vanilla_path,
     }
 
 
+def _export_order(rows: _Rows) -> list[tuple[str, Processed]]:
+    """The rows in the order they are exported: vanilla first (the baseline of the measured
+    C.R.), then the rows stored packed (ONNX Runtime folds their rebuild graphs when it
+    loads them: the slowest to verify, so they verify while the others export), then the
+    rest in table order."""
+    pairs = list(zip(rows.names, rows.processed, strict=True))
+
+    def packed(pair: tuple[str, Processed]) -> bool:
+        plan = pair[1].plan
+        return bool(plan.implementation.packing(plan, pair[1]))
+
+    return pairs[:1] + sorted(pairs[1:], key=lambda pair: not packed(pair))
+
+
+@dataclass
+class _PendingRow:
+    """A compare row on its way to disk: what it is, where it goes, and its verification
+    (a future of the background thread)."""
+
+    entry: dict[str, Any]
+    folder: str
+    path: Path
+    processed: Processed
+    baseline: dict[str, int] | None  # the vanilla row's sizes; None for the vanilla row
+    future: Any = None
+
+    def export(self, exp: Experiment, *, defer_checks: bool) -> Any:
+        """Export the row (its entry records the measured compression and the file)."""
+        ones = dict.fromkeys(("initializer_cr", "file_cr", "parameter_cr"), 1.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=(DeprecationWarning, FutureWarning))
+            if self.baseline is None:  # vanilla: every ratio 1 by definition
+                meta = exp.metadata(self.processed) | {"measured_cr": ones}
+                res = exp.export(self.processed, self.path, metadata=meta,
+                                 defer_checks=defer_checks)
+            else:
+                res = exp.export(self.processed, self.path, baseline=self.baseline,
+                                 defer_checks=defer_checks)
+        _record_export(self.entry, res, res.measured_cr or ones)
+        self.entry["artifact"] = {"path": f"{self.folder}/model.onnx", "sizes": res.sizes}
+        return res
+
+
+def _checked_and_verified(exp: Experiment, res: Any, path: Path) -> Any:
+    """The checks an export deferred, then :meth:`Experiment.verify` of its file."""
+    if res.deferred_check is not None:
+        res.deferred_check()
+    return exp.verify(path)
+
+
 def _finish_verified_rows(
-    exp: Experiment, pending: list[tuple[Any, dict[str, Any], str, Processed]], n: int, *,
-    wait: bool,
+    exp: Experiment, pending: list[_PendingRow], n: int, *, wait: bool
 ) -> None:
     """Record the verification of the pending rows in row order — all of them (``wait``) or
-    those already done — and stop at the first that did not pass."""
-    while pending and (wait or pending[0][0].done()):
-        future, entry, folder, processed = pending.pop(0)
-        vres = future.result()
+    those already done. A row whose deferred checks or verification failed is exported
+    again with every check in place and verified again; the first that still fails stops
+    the command."""
+    while pending and (wait or pending[0].future.done()):
+        row = pending.pop(0)
+        try:
+            vres = row.future.result()
+        except Exception:  # redone below with every check: its own error says what failed
+            vres = None
+        if not vres:
+            row.export(exp, defer_checks=False)
+            vres = exp.verify(row.path)
         summary = verify_summary(vres, exp.recipe.export.tolerances, n)
-        summary["details"]["reference"] = f"{folder}/model.verify.npz"
-        summary["reference_outputs"] = _reference_kind(processed)
-        entry["artifact"]["verify"] = summary
-        _require_verified(vres, entry)
+        summary["details"]["reference"] = f"{row.folder}/model.verify.npz"
+        summary["reference_outputs"] = _reference_kind(row.processed)
+        row.entry["artifact"]["verify"] = summary
+        _require_verified(vres, row.entry)
 
 
 def _stored_reference_samples(path: Path) -> int:

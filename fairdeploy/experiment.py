@@ -393,6 +393,7 @@ class Experiment:
         self._plans: list[Plan] = []
         self._ctx: Context | None = None
         self._references: dict[int, tuple[Processed, Any]] = {}
+        self._inputs: dict[tuple[str, int], tuple[Any, tuple[Any, ...]]] = {}
         # Exported graphs by structure (export_onnx's graph_cache): compare's rows share them.
         self._graphs: dict[str, Any] = {}
         self._after_cut: set[tuple[str, ...]] = set()
@@ -634,8 +635,15 @@ class Experiment:
     def test_inputs(
         self, n: int, split: str = "test"
     ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-        """The first ``n`` samples of a split as a float input batch, labels and groups."""
-        return first_samples(self.context.splits[split], n)
+        """The first ``n`` samples of a split as a float input batch, labels and groups
+        (decoded once per split and ``n``; each call returns its own copies)."""
+        ds = self.context.splits[split]
+        memo = self._inputs.get((split, n))
+        if memo is None or memo[0] is not ds:
+            memo = (ds, first_samples(ds, n))
+            self._inputs[(split, n)] = memo
+        x, labels, groups = memo[1]
+        return x.clone(), labels.copy(), groups.copy()
 
     def export(
         self,
@@ -645,7 +653,7 @@ class Experiment:
         metadata: Mapping[str, Any] | None = None,
         samples: int | None = None,
         baseline: Mapping[str, int] | None = None,
-        check_runtime: bool = True,
+        defer_checks: bool = False,
     ) -> Any:
         """Export the processed model to ONNX with the recipe's ``export:`` settings.
 
@@ -660,9 +668,11 @@ class Experiment:
         ``baseline`` (:func:`~fairdeploy.export.onnx_sizes` of the vanilla export) puts
         the measured C.R. in the file's metadata in the same write. Models of the same
         structure exported by this experiment share one traced graph (see
-        :func:`~fairdeploy.export.export_onnx`'s ``graph_cache``). ``check_runtime=False``
-        skips the export-time ONNX Runtime check of a freshly traced graph, for a caller
-        that calls :meth:`verify` on the file at once (``compare`` does).
+        :func:`~fairdeploy.export.export_onnx`'s ``graph_cache``). ``defer_checks=True``
+        leaves the checks that :meth:`verify` repeats to the caller (see
+        :func:`~fairdeploy.export.export_onnx`; ``compare`` runs ``deferred_check`` and
+        :meth:`verify` in a background thread, and exports again with every check when
+        they fail).
         Returns the :class:`~fairdeploy.export.ExportResult` (``packing`` holds the
         :class:`~fairdeploy.export.PackReport`, ``sizes`` and ``measured_cr`` the file's).
         """
@@ -691,7 +701,7 @@ class Experiment:
             packing=processed.plan.implementation.packing(processed.plan, processed) or None,
             baseline_sizes=baseline,
             graph_cache=self._graphs,
-            check_runtime=check_runtime,
+            defer_checks=defer_checks,
         )
 
     def reference(self, processed: Processed, samples: int | None = None) -> Any:

@@ -330,14 +330,19 @@ def _compare(name: str, got: np.ndarray, ref: np.ndarray, atol: float, rtol: flo
     )
 
 
-def _groups_from_metadata(path: Path) -> tuple[int | None, list[str] | None]:
-    """The privileged group id and the group names an exported model's metadata records."""
-    from fairdeploy.export import read_metadata
+def _metadata(model: Any, path: Path) -> dict[str, Any]:
+    """The fairdeploy metadata of a loaded model; empty when it has none readable
+    (defaults apply)."""
+    from fairdeploy.export._onnx import _metadata_of
 
     try:
-        meta = read_metadata(path)
-    except Exception:  # a model without (readable) fairdeploy metadata: defaults apply
-        return None, None
+        return _metadata_of(model, path)
+    except Exception:  # a model without (readable) fairdeploy metadata
+        return {}
+
+
+def _groups_from_metadata(meta: dict[str, Any]) -> tuple[int | None, list[str] | None]:
+    """The privileged group id and the group names an exported model's metadata records."""
     names = meta.get("group_names")
     if not (isinstance(names, list) and len(names) == 2 and all(isinstance(n, str) for n in names)):
         return None, None
@@ -378,12 +383,13 @@ def _fairness(
     return (result.to_dict() if hasattr(result, "to_dict") else dict(result)), ""
 
 
-def _check_is_onnx(path: Path) -> None:
-    """A file that does not parse as an ONNX model is a user mistake, said up front."""
+def _check_is_onnx(path: Path) -> Any:
+    """The model (weights in external data not loaded): a file that does not parse as an
+    ONNX model is a user mistake, said up front."""
     import onnx
 
     try:
-        onnx.load(str(path), load_external_data=False)
+        return onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError and friends
         raise FairDeployError(
             f"{str(path)!r} is not an ONNX model ({type(exc).__name__}): give the model.onnx "
@@ -445,8 +451,8 @@ def verify(
         raise FairDeployError(
             f"ONNX model {str(path)!r} does not exist: give the path of a .onnx file"
         )
-    _check_is_onnx(path)
-    meta_priv, group_names = _groups_from_metadata(path)
+    meta = _metadata(_check_is_onnx(path), path)  # the file is parsed once here
+    meta_priv, group_names = _groups_from_metadata(meta)
     if privileged is None:
         privileged = meta_priv
     ref = _load_checked_reference(path, reference)
@@ -468,7 +474,7 @@ def verify(
     fairness, note = _fairness(ref, got_all[0], privileged, group_names)
     all_notes = list(notes)
     if fairness is not None:
-        scope = _fairness_scope(path, ref)
+        scope = _fairness_scope(meta, ref)
         if scope:
             all_notes.append(scope)
     return VerifyResult(
@@ -566,14 +572,10 @@ def _check_input_shape(x: np.ndarray, expected: list[Any], source: str) -> None:
         )
 
 
-def _fairness_scope(path: Path, ref: Reference) -> str:
-    """Say when the group metrics above come from a subset of the data the report used."""
-    from fairdeploy.export import read_metadata
-
-    try:
-        recorded = read_metadata(path).get("fairness") or {}
-    except Exception:  # no readable metadata: nothing to compare with
-        recorded = {}
+def _fairness_scope(meta: dict[str, Any], ref: Reference) -> str:
+    """Say when the group metrics above come from a subset of the data the report used
+    (``meta``: the model's fairdeploy metadata)."""
+    recorded = meta.get("fairness") or {}
     n = len(ref.inputs)
     full = recorded.get("samples")
     split = recorded.get("split", "test")

@@ -381,15 +381,19 @@ def test_measured_cr_written_with_the_export_is_the_files_own(tmp_path):
     assert res.measured_cr["file_cr"] > 1.0
 
 
-def test_without_the_runtime_check_a_fresh_graph_is_written_unchecked_a_reused_one_checked(
-    tmp_path,
-):
+def test_deferred_checks_write_the_same_bytes_and_leave_the_checks_to_the_caller(tmp_path):
     a, b, _ = _same_structure_models()
     x = torch.randn(6, 10)
     cache: dict = {}
-    fresh = export_onnx(a, x, tmp_path / "a.onnx", graph_cache=cache, check_runtime=False)
-    assert fresh.max_abs_error is None  # the caller verifies the file itself
-    np.testing.assert_allclose(ort_run(tmp_path / "a.onnx", x), a(x).detach().numpy(),
-                               rtol=1e-4, atol=1e-5)
-    reused = export_onnx(b, x, tmp_path / "b.onnx", graph_cache=cache, check_runtime=False)
-    assert reused.max_abs_error is not None and reused.max_abs_error < 1e-4
+    fresh = export_onnx(a, x, tmp_path / "a.onnx", graph_cache=cache, defer_checks=True)
+    reused = export_onnx(b, x, tmp_path / "b.onnx", graph_cache=cache, defer_checks=True)
+    for res in (fresh, reused):  # nothing checked at export: the caller verifies the file
+        assert res.max_abs_error is None and res.deferred_check is None
+    export_onnx(a, x, tmp_path / "a_checked.onnx")
+    export_onnx(b, x, tmp_path / "b_checked.onnx")
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "a_checked.onnx").read_bytes()
+    assert (tmp_path / "b.onnx").read_bytes() == (tmp_path / "b_checked.onnx").read_bytes()
+    for model, name in ((a, "a.onnx"), (b, "b.onnx")):
+        onnx.checker.check_model(str(tmp_path / name), full_check=True)
+        np.testing.assert_allclose(ort_run(tmp_path / name, x), model(x).detach().numpy(),
+                                   rtol=1e-4, atol=1e-5)

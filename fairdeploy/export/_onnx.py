@@ -9,7 +9,7 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,10 +19,10 @@ import onnx
 import torch
 from torch import nn
 
-from fairdeploy._io import atomic_path, publish
+from fairdeploy._io import atomic_path, atomic_write_bytes, publish
 from fairdeploy.errors import FairDeployError
 from fairdeploy.export._layout import LayerLayout, prepare_for_export, sparse_layout_name
-from fairdeploy.export._sizes import onnx_sizes, proto_sizes, size_ratios
+from fairdeploy.export._sizes import _tensor_sizes, _with_file_bytes, onnx_sizes, size_ratios
 
 __all__ = [
     "EXPORTERS",
@@ -110,6 +110,9 @@ class ExportResult:
     measured_cr : dict or None
         ``initializer_cr``, ``file_cr``, ``parameter_cr`` against ``baseline_sizes`` (also
         in the file's metadata), when they were given.
+    deferred_check : callable or None
+        With ``defer_checks``: the bit-for-bit check of the packed weights' rebuild graphs
+        (raises ``RuntimeError`` on a mismatch), for the caller to run; None otherwise.
     """
 
     path: Path
@@ -125,6 +128,7 @@ class ExportResult:
     packing: Any = None
     sizes: dict[str, int] | None = None
     measured_cr: dict[str, float] | None = None
+    deferred_check: Callable[[], None] | None = field(default=None, repr=False)
 
     @property
     def deployed_cr(self) -> float | None:
@@ -186,7 +190,11 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     from fairdeploy.export._sizes import _load_header
 
-    model = _load_header(path)
+    return _metadata_of(_load_header(path), path)
+
+
+def _metadata_of(model: onnx.ModelProto, path: str | os.PathLike[str]) -> dict[str, Any]:
+    """:func:`read_metadata` of a model already loaded from ``path``."""
     out: dict[str, Any] = {}
     try:
         props = [(p.key, p.value) for p in model.metadata_props]
@@ -533,7 +541,7 @@ def export_onnx(
     packing: Mapping[str, Any] | None = None,
     baseline_sizes: Mapping[str, int] | None = None,
     graph_cache: MutableMapping[str, Any] | None = None,
-    check_runtime: bool = True,
+    defer_checks: bool = False,
 ) -> ExportResult:
     """Export a classifier to ONNX with factorized layers as real smaller MatMuls.
 
@@ -618,11 +626,15 @@ def export_onnx(
         (``compare``'s vanilla, FairPrune and FairQuantize rows share one graph, as do its
         SLR and FairLRF rows). ONNX Runtime's parity check runs either way; a reused graph
         that fails it is exported afresh.
-    check_runtime : bool
-        Run ONNX Runtime on the traced graph against PyTorch before writing (default). A
-        caller that verifies the written file at once on at least as many inputs (``compare``
-        verifies every row) may skip it for a freshly traced graph; a graph reused from
-        ``graph_cache`` is always checked. ``max_abs_error`` is then None.
+    defer_checks : bool
+        Leave to the caller the checks that verifying the written file repeats: the
+        ``onnx.checker`` full check, the layout and ONNX Runtime parity checks (of a fresh or
+        a reused graph) and, when packing, the bit-for-bit rebuild check, which is returned
+        as ``ExportResult.deferred_check`` to be called (from any thread) before the file is
+        trusted. For a caller that verifies the file at once on at least as many inputs
+        and exports again without deferring when that fails (``compare`` verifies each row
+        in a background thread while the next one exports). ``max_abs_error`` is then None.
+        With ``simplify`` the layout check still runs (onnxsim's result is checked against it).
 
     Returns
     -------
@@ -646,12 +658,13 @@ def export_onnx(
         example_input=example[:2],
     )
     original = model if not model.training else _eval_copy(model)
-    check_x, expected = _check_layout(original, ready, example, ref_x, ref_out, atol, rtol)
+    checks = None
+    if not defer_checks or simplify:
+        checks = _check_layout(original, ready, example, ref_x, ref_out, atol, rtol)
 
     proto, simplified, max_err = _checked_graph(
-        ready, example, layouts, check_x, expected, opset=opset, exporter=exporter,
-        simplify=simplify, atol=atol, rtol=rtol, graph_cache=graph_cache,
-        check_runtime=check_runtime,
+        ready, example, layouts, checks, opset=opset, exporter=exporter, simplify=simplify,
+        atol=atol, rtol=rtol, graph_cache=graph_cache, check_runtime=not defer_checks,
     )
 
     deployed = sum(p.numel() for p in ready.parameters())
@@ -661,19 +674,12 @@ def export_onnx(
         proto, encoded, layouts=layouts, layout=layout, vanilla=vanilla, deployed=deployed,
         stored=stored, eliminate_dead=eliminate_dead,
     )
-    onnx.checker.check_model(proto, full_check=True)
-    pack_report = None
+    pack_report = deferred = None
     if packing:
-        from fairdeploy.export._packed import pack_weights
+        from fairdeploy.export._packed import _pack
 
-        proto, pack_report = pack_weights(proto, packing, copy=False)
-    sizes, cr = _stamp_measured(proto, baseline_sizes)
-    _save_atomic(proto, path, size=None if sizes is None else sizes["file_bytes"])
-    if baseline_sizes is not None and cr is None:  # beyond 2 GB: weights in .onnx.data
-        update_metadata(path, {"measured_cr": _ratios(baseline_sizes, onnx_sizes(path))})
-    if sizes is None:
-        sizes = onnx_sizes(path)
-        cr = None if baseline_sizes is None else _ratios(baseline_sizes, sizes)
+        pack_report, deferred = _pack(proto, packing, check_now=not defer_checks)
+    sizes, cr = _write_model(proto, path, baseline_sizes, check=not defer_checks)
 
     ref_path = None
     if ref_x is not None:
@@ -695,6 +701,7 @@ def export_onnx(
         packing=pack_report,
         sizes=sizes,
         measured_cr=cr,
+        deferred_check=deferred,
     )
 
 
@@ -702,28 +709,72 @@ def _ratios(baseline: Mapping[str, int], sizes: Mapping[str, int]) -> dict[str, 
     return size_ratios({"vanilla": baseline, "processed": sizes})
 
 
-def _stamp_measured(
-    proto: onnx.ModelProto, baseline: Mapping[str, int] | None
-) -> tuple[dict[str, int] | None, dict[str, float] | None]:
-    """The sizes of ``proto`` as it will be written and, against ``baseline``, the measured
-    C.R., stored in its metadata first: the entry's own bytes count, so it is written with a
-    fixed number of decimals (its length does not depend on the ratios it holds), and the
-    ratios are those of the file that holds them. (None, None) for a model that will not
-    fit in one file."""
-    if proto.ByteSize() >= _SINGLE_FILE_LIMIT:
-        return None, None
-    sizes = proto_sizes(proto)
-    if baseline is None:
-        return sizes, None
-    written = ""
-    for _ in range(4):
+def _write_model(
+    proto: onnx.ModelProto, path: Path, baseline: Mapping[str, int] | None, *, check: bool
+) -> tuple[dict[str, int], dict[str, float] | None]:
+    """Write ``proto`` to ``path`` atomically, serialized once, with the measured C.R.
+    against ``baseline`` in its metadata (the entry's own bytes count: it is written at a
+    fixed width, so its values are those of the file that holds them); the ``onnx.checker``
+    full check runs on the same bytes when ``check``. Returns the file's
+    :func:`~fairdeploy.export.onnx_sizes` and the measured C.R. (None without ``baseline``).
+    A model beyond one file's 2 GB is written with its weights in ``<name>.onnx.data``."""
+    data = _serialized_if_one_file(proto, baseline is not None)
+    if data is None:  # beyond 2 GB: weights in .onnx.data, the entry written afterwards
+        if check:
+            onnx.checker.check_model(proto, full_check=True)
+        _save_atomic(proto, path, size=_SINGLE_FILE_LIMIT)
+        sizes = onnx_sizes(path)
+        cr = None if baseline is None else _ratios(baseline, sizes)
+        if cr is not None:
+            update_metadata(path, {"measured_cr": cr})
+            sizes = onnx_sizes(path)
+        return sizes, cr
+    sizes = _with_file_bytes(_tensor_sizes(proto)[0], len(data))
+    cr = None
+    if baseline is not None:
         cr = _ratios(baseline, sizes)
-        text = "{" + ", ".join(f'"{k}": {cr[k]:.{_CR_DECIMALS}f}' for k in sorted(cr)) + "}"
-        _set_metadata(proto, {METADATA_PREFIX + "measured_cr": text})
-        if len(text) == len(written):  # same length: the file size it was computed on
-            return sizes, cr
-        written, sizes = text, proto_sizes(proto)
-    raise RuntimeError("the measured C.R. entry does not settle")  # pragma: no cover
+        text = _measured_text(cr)
+        data = _replace_once(data, _measured_text(None).encode(), text.encode())
+        _set_metadata(proto, {_MEASURED_KEY: text})  # the proto says what the file says
+    if check:
+        onnx.checker.check_model(data, full_check=True)
+    atomic_write_bytes(path, data)
+    stale = path.with_name(path.name + ".data")
+    if stale.exists():
+        stale.unlink()
+    return sizes, cr
+
+
+_MEASURED_KEY = METADATA_PREFIX + "measured_cr"
+
+
+def _measured_text(cr: Mapping[str, float] | None) -> str:
+    """The ``measured_cr`` metadata entry at a fixed width whatever its values (JSON allows
+    the padding), so stamping it does not change the file's size; None: the placeholder
+    written before the file's size is known (zeros)."""
+    return "{" + ", ".join(
+        f'"{k}": {0.0 if cr is None else cr[k]:20.{_CR_DECIMALS}f}'
+        for k in ("file_cr", "initializer_cr", "parameter_cr")
+    ) + "}"
+
+
+def _replace_once(data: bytes, old: bytes, new: bytes) -> bytes:
+    """``data`` with its one occurrence of ``old`` replaced by ``new`` (same length)."""
+    i = data.find(old)
+    if len(old) != len(new) or i < 0 or data.find(old, i + 1) >= 0:
+        raise RuntimeError("the measured C.R. placeholder is not unique")  # pragma: no cover
+    return data[:i] + new + data[i + len(old):]
+
+
+def _serialized_if_one_file(proto: onnx.ModelProto, placeholder: bool) -> bytes | None:
+    """``proto`` serialized (with the ``measured_cr`` placeholder when asked), or None when
+    it is too large for one file (2 GB)."""
+    if _tensor_sizes(proto)[0]["initializer_bytes"] >= _SINGLE_FILE_LIMIT:
+        return None
+    if placeholder:
+        _set_metadata(proto, {_MEASURED_KEY: _measured_text(None)})
+    data = proto.SerializeToString()
+    return data if len(data) < _SINGLE_FILE_LIMIT else None
 
 
 #: Decimals of the ``measured_cr`` entry written at export (a fixed-length entry).
@@ -731,29 +782,37 @@ _CR_DECIMALS = 6
 
 
 def _checked_graph(
-    ready: nn.Module, example: torch.Tensor, layouts: list[LayerLayout], check_x: torch.Tensor,
-    expected: np.ndarray, *, opset: int, exporter: str, simplify: bool, atol: float,
-    rtol: float, graph_cache: MutableMapping[str, Any] | None, check_runtime: bool = True,
+    ready: nn.Module, example: torch.Tensor, layouts: list[LayerLayout],
+    checks: tuple[torch.Tensor, np.ndarray] | None, *, opset: int, exporter: str,
+    simplify: bool, atol: float, rtol: float, graph_cache: MutableMapping[str, Any] | None,
+    check_runtime: bool = True,
 ) -> tuple[onnx.ModelProto, bool, float | None]:
     """The exported graph of ``ready`` (reused from ``graph_cache`` when a model of the same
     structure was exported before), its factor structure checked, simplified when asked,
-    and ONNX Runtime's parity with ``expected`` checked (always for a reused graph; for a
-    fresh one unless ``check_runtime`` is off): (graph, simplified, max |Δ| or None)."""
+    and ONNX Runtime's parity with the expected outputs of ``checks`` (inputs, outputs)
+    checked unless ``check_runtime`` is off: (graph, simplified, max |Δ| or None). A reused
+    graph that fails the parity check is exported afresh."""
     key = None if graph_cache is None else _graph_key(ready, example, opset, exporter, simplify)
     if key is not None and key in graph_cache:
         proto = _filled(graph_cache[key], ready)
         if proto is not None:
             try:
                 check_factor_structure(proto, ready, layouts)
-                return proto, simplify, _check_ort_parity(proto, check_x, expected, atol, rtol)
+                if not check_runtime or checks is None:
+                    return proto, simplify, None
+                return proto, simplify, _check_ort_parity(proto, *checks, atol, rtol)
             except Exception:  # ONNX Runtime refused it or it computes something else:
                 del graph_cache[key]  # not the same graph after all, export afresh
     proto = _export_graph(ready, example, opset, exporter)
     check_factor_structure(proto, ready, layouts)
     simplified = False
-    if simplify:
-        proto, simplified = _simplify(proto, ready, layouts, check_x.numpy(), expected, atol, rtol)
-    max_err = _check_ort_parity(proto, check_x, expected, atol, rtol) if check_runtime else None
+    if simplify and checks is not None:
+        proto, simplified = _simplify(
+            proto, ready, layouts, checks[0].numpy(), checks[1], atol, rtol
+        )
+    max_err = None
+    if check_runtime and checks is not None:
+        max_err = _check_ort_parity(proto, *checks, atol, rtol)
     if key is not None and simplified == simplify:
         skeleton = _skeleton(proto, ready)
         if skeleton is not None:

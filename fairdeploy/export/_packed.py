@@ -31,8 +31,10 @@ and the report says why.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,6 +156,9 @@ class PackReport:
         Sum over the model's initializers of elements × element size.
     model_bytes_before, model_bytes_after : int
         Serialized model size (the size of a single-file ``.onnx``).
+    checked : bool
+        Whether the rebuild graphs were (or, for an export with ``defer_checks``, are to
+        be) checked to reproduce every packed weight bit for bit.
     """
 
     tensors: tuple[PackedTensor, ...]
@@ -743,6 +748,21 @@ def pack_weights(
     if output_path is not None and Path(output_path).suffix != ".onnx":
         raise FairDeployError(f"output path {str(output_path)!r} must end in .onnx")
     proto = model if isinstance(model, onnx.ModelProto) and not copy else _load(model)
+    report, _ = _pack(proto, packing, check_now=check)
+    if not check:
+        report = dataclasses.replace(report, checked=False)
+    onnx.checker.check_model(proto, full_check=True)
+    if output_path is not None:
+        _save_atomic(proto, Path(output_path))
+    return proto, report
+
+
+def _pack(
+    proto: onnx.ModelProto, packing: Mapping[str, PackSpec], *, check_now: bool
+) -> tuple[PackReport, Callable[[], None] | None]:
+    """:func:`pack_weights` of ``proto`` in place, without ``onnx.checker`` (the caller
+    checks what it writes). The bit-for-bit rebuild check runs now (``check_now``) or is
+    returned for the caller to run (None when nothing was packed)."""
     opset = _checked_opset(proto)
     classes = [_classes(name, spec) for name, spec in packing.items()]
     init_bytes_before = _initializer_bytes(proto)
@@ -755,13 +775,15 @@ def pack_weights(
     )
     plans = _plan_tensors(proto, classes, graph)
     packed, shared = _packed_if_shared_constants_pay(plans, graph)
-    if check and packed:
-        _check_packed(graph, packed, opset, proto.ir_version)
+    check = None
+    if packed:
+        check = functools.partial(_check_packed, graph, packed, opset, proto.ir_version)
+        if check_now:
+            check()
     _replace_initializers(proto, packed, shared)
     records = [p.record() for p in plans]
     if packed:
         _record_packed_metadata(proto, records)
-    onnx.checker.check_model(proto, full_check=True)
     report = PackReport(
         tensors=tuple(records),
         shared_bytes=sum(_tensor_bytes(c) for c in shared),
@@ -769,11 +791,9 @@ def pack_weights(
         initializer_bytes_after=_initializer_bytes(proto),
         model_bytes_before=model_bytes_before,
         model_bytes_after=proto.ByteSize(),
-        checked=bool(check and packed),
+        checked=bool(packed),
     )
-    if output_path is not None:
-        _save_atomic(proto, Path(output_path))
-    return proto, report
+    return report, None if check_now else check
 
 
 def _checked_opset(proto: onnx.ModelProto) -> int:
