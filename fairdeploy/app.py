@@ -828,10 +828,11 @@ def _deploy_rows(
     the other rows' measured C.R. is against its export); fills each method entry's
     ``compression.measured`` and ``artifact``, and the report's ``artifacts`` summary.
 
-    A row is exported with the checks that verifying it repeats deferred
-    (:func:`~fairdeploy.export.export_onnx`'s ``defer_checks``); the deferred packing check
-    and the row's verification (ONNX Runtime on its file, which releases the GIL) run in a
-    background thread while the next row is traced and exported. Results are taken in row
+    A row is exported with its file write and the checks that verifying it repeats
+    deferred (:func:`~fairdeploy.export.export_onnx`'s ``defer``); the write, the packing's
+    bit-for-bit check and the row's verification (file I/O and ONNX Runtime, which release
+    the GIL) run in a background thread while the next rows are traced and exported (as
+    many as ``_IN_FLIGHT_BYTES`` of serialized files allow). Results are taken in row
     order; a row that fails them is exported again with every check in place and verified
     again, and one that still fails stops the command with the check's own message."""
     from concurrent.futures import ThreadPoolExecutor
@@ -845,15 +846,17 @@ def _deploy_rows(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fairdeploy-verify") as pool:
         try:
             for name, processed in _export_order(rows):
-                _finish_verified_rows(exp, pending, n, wait=False)
+                # Rows in flight hold their serialized model: _IN_FLIGHT_BYTES of them.
+                _finish_verified_rows(exp, pending, n, wait=False, max_bytes=_IN_FLIGHT_BYTES)
                 folder = _row_folder(name, taken)
                 path = run / folder / "model.onnx"
                 echo(f"exporting and verifying {name} -> {folder}/model.onnx ...")
                 row = _PendingRow(entries[name], folder, path, processed, vanilla)
-                res = row.export(exp, defer_checks=True)
+                res = row.export(exp, defer=True)
                 if vanilla is None:  # the first row is vanilla: the reference of every ratio
                     vanilla, vanilla_path = res.sizes, f"{folder}/model.onnx"
-                row.future = pool.submit(_checked_and_verified, exp, res, path)
+                row.nbytes = res.sizes["file_bytes"]
+                row.future = pool.submit(_finished_and_verified, exp, res, path)
                 pending.append(row)
             _finish_verified_rows(exp, pending, n, wait=True)
         except BaseException:
@@ -868,6 +871,11 @@ def _deploy_rows(
         ),
         "vanilla": vanilla_path,
     }
+
+
+#: Bytes of serialized rows that compare holds while the background thread writes and
+#: verifies them; beyond, the next row waits.
+_IN_FLIGHT_BYTES = 1 << 30
 
 
 def _export_order(rows: _Rows) -> list[tuple[str, Processed]]:
@@ -895,46 +903,52 @@ class _PendingRow:
     processed: Processed
     baseline: dict[str, int] | None  # the vanilla row's sizes; None for the vanilla row
     future: Any = None
+    nbytes: int = 0  # of its file: held in memory until the background thread writes it
 
-    def export(self, exp: Experiment, *, defer_checks: bool) -> Any:
+    def export(self, exp: Experiment, *, defer: bool) -> Any:
         """Export the row (its entry records the measured compression and the file)."""
         ones = dict.fromkeys(("initializer_cr", "file_cr", "parameter_cr"), 1.0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=(DeprecationWarning, FutureWarning))
             if self.baseline is None:  # vanilla: every ratio 1 by definition
                 meta = exp.metadata(self.processed) | {"measured_cr": ones}
-                res = exp.export(self.processed, self.path, metadata=meta,
-                                 defer_checks=defer_checks)
+                res = exp.export(self.processed, self.path, metadata=meta, defer=defer)
             else:
                 res = exp.export(self.processed, self.path, baseline=self.baseline,
-                                 defer_checks=defer_checks)
+                                 defer=defer)
         _record_export(self.entry, res, res.measured_cr or ones)
         self.entry["artifact"] = {"path": f"{self.folder}/model.onnx", "sizes": res.sizes}
         return res
 
 
-def _checked_and_verified(exp: Experiment, res: Any, path: Path) -> Any:
-    """The checks an export deferred, then :meth:`Experiment.verify` of its file."""
-    if res.deferred_check is not None:
-        res.deferred_check()
+def _finished_and_verified(exp: Experiment, res: Any, path: Path) -> Any:
+    """What a deferred export left to do (its checks, then the write), then
+    :meth:`Experiment.verify` of the file."""
+    if res.finish is not None:
+        res.finish()
     return exp.verify(path)
 
 
 def _finish_verified_rows(
-    exp: Experiment, pending: list[_PendingRow], n: int, *, wait: bool
+    exp: Experiment, pending: list[_PendingRow], n: int, *, wait: bool,
+    max_bytes: int | None = None,
 ) -> None:
-    """Record the verification of the pending rows in row order — all of them (``wait``) or
-    those already done. A row whose deferred checks or verification failed is exported
-    again with every check in place and verified again; the first that still fails stops
-    the command."""
-    while pending and (wait or pending[0].future.done()):
+    """Record the verification of the pending rows in row order: all of them (``wait``),
+    else those already done and, waiting for them, the oldest while the pending rows' files
+    add up to more than ``max_bytes``. A row whose
+    write, deferred checks or verification failed is exported again with every check in
+    place and verified again; the first that still fails stops the command."""
+    def over_budget() -> bool:
+        return max_bytes is not None and sum(r.nbytes for r in pending) > max_bytes
+
+    while pending and (wait or pending[0].future.done() or over_budget()):
         row = pending.pop(0)
         try:
             vres = row.future.result()
         except Exception:  # redone below with every check: its own error says what failed
             vres = None
         if not vres:
-            row.export(exp, defer_checks=False)
+            row.export(exp, defer=False)
             vres = exp.verify(row.path)
         summary = verify_summary(vres, exp.recipe.export.tolerances, n)
         summary["details"]["reference"] = f"{row.folder}/model.verify.npz"

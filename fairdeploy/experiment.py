@@ -653,7 +653,7 @@ class Experiment:
         metadata: Mapping[str, Any] | None = None,
         samples: int | None = None,
         baseline: Mapping[str, int] | None = None,
-        defer_checks: bool = False,
+        defer: bool = False,
     ) -> Any:
         """Export the processed model to ONNX with the recipe's ``export:`` settings.
 
@@ -668,11 +668,11 @@ class Experiment:
         ``baseline`` (:func:`~fairdeploy.export.onnx_sizes` of the vanilla export) puts
         the measured C.R. in the file's metadata in the same write. Models of the same
         structure exported by this experiment share one traced graph (see
-        :func:`~fairdeploy.export.export_onnx`'s ``graph_cache``). ``defer_checks=True``
-        leaves the checks that :meth:`verify` repeats to the caller (see
-        :func:`~fairdeploy.export.export_onnx`; ``compare`` runs ``deferred_check`` and
-        :meth:`verify` in a background thread, and exports again with every check when
-        they fail).
+        :func:`~fairdeploy.export.export_onnx`'s ``graph_cache``). ``defer=True``
+        returns before the model file is written, leaving what :meth:`verify` repeats to
+        the caller (see :func:`~fairdeploy.export.export_onnx`; ``compare`` calls the
+        result's ``finish`` and :meth:`verify` in a background thread, and exports again
+        without deferring when they fail).
         Returns the :class:`~fairdeploy.export.ExportResult` (``packing`` holds the
         :class:`~fairdeploy.export.PackReport`, ``sizes`` and ``measured_cr`` the file's).
         """
@@ -701,7 +701,7 @@ class Experiment:
             packing=processed.plan.implementation.packing(processed.plan, processed) or None,
             baseline_sizes=baseline,
             graph_cache=self._graphs,
-            defer_checks=defer_checks,
+            defer=defer,
         )
 
     def reference(self, processed: Processed, samples: int | None = None) -> Any:

@@ -381,18 +381,24 @@ def test_measured_cr_written_with_the_export_is_the_files_own(tmp_path):
     assert res.measured_cr["file_cr"] > 1.0
 
 
-def test_deferred_checks_write_the_same_bytes_and_leave_the_checks_to_the_caller(tmp_path):
+def test_deferred_export_writes_the_same_bytes_when_finished(tmp_path):
     a, b, _ = _same_structure_models()
     x = torch.randn(6, 10)
     cache: dict = {}
-    fresh = export_onnx(a, x, tmp_path / "a.onnx", graph_cache=cache, defer_checks=True)
-    reused = export_onnx(b, x, tmp_path / "b.onnx", graph_cache=cache, defer_checks=True)
-    for res in (fresh, reused):  # nothing checked at export: the caller verifies the file
-        assert res.max_abs_error is None and res.deferred_check is None
+    v = export_onnx(a, x, tmp_path / "v.onnx")
+    fresh = export_onnx(a, x, tmp_path / "a.onnx", graph_cache=cache, defer=True)
+    reused = export_onnx(b, x, tmp_path / "b.onnx", graph_cache=cache, defer=True,
+                         baseline_sizes=v.sizes)
+    for res in (fresh, reused):  # nothing checked or written yet: the caller finishes
+        assert res.max_abs_error is None and not res.path.exists()
+        res.finish()
+        assert res.sizes == onnx_sizes(res.path)
     export_onnx(a, x, tmp_path / "a_checked.onnx")
-    export_onnx(b, x, tmp_path / "b_checked.onnx")
+    export_onnx(b, x, tmp_path / "b_checked.onnx", baseline_sizes=v.sizes)
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "a_checked.onnx").read_bytes()
     assert (tmp_path / "b.onnx").read_bytes() == (tmp_path / "b_checked.onnx").read_bytes()
+    assert read_metadata(tmp_path / "b.onnx")["measured_cr"] == pytest.approx(
+        reused.measured_cr, abs=1e-6)
     for model, name in ((a, "a.onnx"), (b, "b.onnx")):
         onnx.checker.check_model(str(tmp_path / name), full_check=True)
         np.testing.assert_allclose(ort_run(tmp_path / name, x), model(x).detach().numpy(),

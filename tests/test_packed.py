@@ -506,3 +506,43 @@ def test_packing_that_saves_less_than_the_shared_constants_is_dropped(tmp_path):
     assert t.stored == "dense" and "shared by the rebuilds" in t.reason
     assert report.initializer_bytes_after == report.initializer_bytes_before
     assert not any(n.op_type == "BitShift" for n in proto.graph.node)
+
+
+def test_deferred_export_writes_when_finished_after_the_rebuild_check(tmp_path, one_thread):
+    """export_onnx(defer=True) leaves the packed file to ``finish``, which checks the
+    rebuild bit for bit first: the same bytes as a checked export, or nothing written."""
+    model = mlp()
+    specs = {"0.weight": make_classes(model[0], q=0.5, seed=1),
+             "2.weight": make_classes(model[2], q=0.3, p=0.3, seed=2)}
+    x = torch.randn(5, 24)
+    checked = export_onnx(model, x, tmp_path / "checked.onnx", packing=specs)
+    assert checked.finish is None and checked.packing.checked
+    res = export_onnx(model, x, tmp_path / "deferred.onnx", packing=specs, defer=True)
+    assert res.packing.checked and not (tmp_path / "deferred.onnx").exists()
+    res.finish()
+    assert (tmp_path / "deferred.onnx").read_bytes() == (tmp_path / "checked.onnx").read_bytes()
+    assert res.sizes == onnx_sizes(tmp_path / "deferred.onnx")
+    late = export_onnx(model, x, tmp_path / "late.onnx", packing=specs, defer=True)
+    with torch.no_grad():  # the weight the check holds is no longer the one written
+        specs["2.weight"].weight[0, 0] += 1.0
+    with pytest.raises(RuntimeError, match="does not rebuild its weight"):
+        late.finish()
+    assert not (tmp_path / "late.onnx").exists()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    dtype=st.sampled_from([np.float32, np.float64, np.float16, np.int8, np.uint8, np.int16,
+                           np.int32, np.int64, np.uint64, np.bool_]),
+    shape=st.lists(st.integers(0, 40), min_size=0, max_size=3),
+    name=st.text(max_size=20),
+    doc=st.text(max_size=5),
+)
+def test_serialized_bytes_of_a_tensor_equal_protobufs_own_count(dtype, shape, name, doc):
+    arr = np.zeros(shape, dtype=dtype)
+    t = numpy_helper.from_array(arr, name)
+    if doc:
+        t.doc_string = doc
+    assert _packed._serialized_bytes(t) == t.ByteSize()
+    big = numpy_helper.from_array(np.ones(300_000, np.float32), "w")  # a 3-byte length varint
+    assert _packed._serialized_bytes(big) == big.ByteSize()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -19,7 +20,7 @@ import onnx
 import torch
 from torch import nn
 
-from fairdeploy._io import atomic_path, atomic_write_bytes, publish
+from fairdeploy._io import atomic_path, publish
 from fairdeploy.errors import FairDeployError
 from fairdeploy.export._layout import LayerLayout, prepare_for_export, sparse_layout_name
 from fairdeploy.export._sizes import _tensor_sizes, _with_file_bytes, onnx_sizes, size_ratios
@@ -110,9 +111,10 @@ class ExportResult:
     measured_cr : dict or None
         ``initializer_cr``, ``file_cr``, ``parameter_cr`` against ``baseline_sizes`` (also
         in the file's metadata), when they were given.
-    deferred_check : callable or None
-        With ``defer_checks``: the bit-for-bit check of the packed weights' rebuild graphs
-        (raises ``RuntimeError`` on a mismatch), for the caller to run; None otherwise.
+    finish : callable or None
+        With ``defer``: writes the file (atomically) after running the packed weights'
+        bit-for-bit rebuild check (``RuntimeError`` on a mismatch), for the caller to call
+        once, from any thread; None otherwise (the file is written).
     """
 
     path: Path
@@ -128,7 +130,7 @@ class ExportResult:
     packing: Any = None
     sizes: dict[str, int] | None = None
     measured_cr: dict[str, float] | None = None
-    deferred_check: Callable[[], None] | None = field(default=None, repr=False)
+    finish: Callable[[], None] | None = field(default=None, repr=False)
 
     @property
     def deployed_cr(self) -> float | None:
@@ -541,7 +543,7 @@ def export_onnx(
     packing: Mapping[str, Any] | None = None,
     baseline_sizes: Mapping[str, int] | None = None,
     graph_cache: MutableMapping[str, Any] | None = None,
-    defer_checks: bool = False,
+    defer: bool = False,
 ) -> ExportResult:
     """Export a classifier to ONNX with factorized layers as real smaller MatMuls.
 
@@ -626,15 +628,18 @@ def export_onnx(
         (``compare``'s vanilla, FairPrune and FairQuantize rows share one graph, as do its
         SLR and FairLRF rows). ONNX Runtime's parity check runs either way; a reused graph
         that fails it is exported afresh.
-    defer_checks : bool
-        Leave to the caller the checks that verifying the written file repeats: the
-        ``onnx.checker`` full check, the layout and ONNX Runtime parity checks (of a fresh or
-        a reused graph) and, when packing, the bit-for-bit rebuild check, which is returned
-        as ``ExportResult.deferred_check`` to be called (from any thread) before the file is
-        trusted. For a caller that verifies the file at once on at least as many inputs
-        and exports again without deferring when that fails (``compare`` verifies each row
-        in a background thread while the next one exports). ``max_abs_error`` is then None.
-        With ``simplify`` the layout check still runs (onnxsim's result is checked against it).
+    defer : bool
+        Return before the model file is written, leaving to the caller what verifying the
+        file repeats: the ``onnx.checker`` full check and the layout and ONNX Runtime parity
+        checks (of a fresh or a reused graph) are skipped, and ``ExportResult.finish`` runs
+        the packing's bit-for-bit rebuild check and writes the file (the serialized bytes
+        are ready; ``sizes`` and ``measured_cr`` are those of the file it writes). The
+        ``.verify.npz`` is written at once. For a caller that verifies the file at once on
+        at least as many inputs and exports again without deferring when that fails:
+        ``compare`` finishes and verifies each row in a background thread while the next
+        row exports. ``max_abs_error`` is then None. With ``simplify`` the layout check
+        still runs (onnxsim's result is checked against it); a model beyond 2 GB is
+        written at once.
 
     Returns
     -------
@@ -659,12 +664,12 @@ def export_onnx(
     )
     original = model if not model.training else _eval_copy(model)
     checks = None
-    if not defer_checks or simplify:
+    if not defer or simplify:
         checks = _check_layout(original, ready, example, ref_x, ref_out, atol, rtol)
 
     proto, simplified, max_err = _checked_graph(
         ready, example, layouts, checks, opset=opset, exporter=exporter, simplify=simplify,
-        atol=atol, rtol=rtol, graph_cache=graph_cache, check_runtime=not defer_checks,
+        atol=atol, rtol=rtol, graph_cache=graph_cache, check_runtime=not defer,
     )
 
     deployed = sum(p.numel() for p in ready.parameters())
@@ -674,12 +679,13 @@ def export_onnx(
         proto, encoded, layouts=layouts, layout=layout, vanilla=vanilla, deployed=deployed,
         stored=stored, eliminate_dead=eliminate_dead,
     )
-    pack_report = deferred = None
+    pack_report = pack_check = None
     if packing:
         from fairdeploy.export._packed import _pack
 
-        pack_report, deferred = _pack(proto, packing, check_now=not defer_checks)
-    sizes, cr = _write_model(proto, path, baseline_sizes, check=not defer_checks)
+        pack_report, pack_check = _pack(proto, packing, check_now=not defer)
+    sizes, cr, write = _write_model(proto, path, baseline_sizes, check=not defer, defer=defer)
+    del proto  # the bytes are what remains to write
 
     ref_path = None
     if ref_x is not None:
@@ -701,7 +707,7 @@ def export_onnx(
         packing=pack_report,
         sizes=sizes,
         measured_cr=cr,
-        deferred_check=deferred,
+        finish=_then(pack_check, write) if defer else None,
     )
 
 
@@ -710,14 +716,16 @@ def _ratios(baseline: Mapping[str, int], sizes: Mapping[str, int]) -> dict[str, 
 
 
 def _write_model(
-    proto: onnx.ModelProto, path: Path, baseline: Mapping[str, int] | None, *, check: bool
-) -> tuple[dict[str, int], dict[str, float] | None]:
+    proto: onnx.ModelProto, path: Path, baseline: Mapping[str, int] | None, *, check: bool,
+    defer: bool = False,
+) -> tuple[dict[str, int], dict[str, float] | None, Callable[[], None] | None]:
     """Write ``proto`` to ``path`` atomically, serialized once, with the measured C.R.
     against ``baseline`` in its metadata (the entry's own bytes count: it is written at a
     fixed width, so its values are those of the file that holds them); the ``onnx.checker``
     full check runs on the same bytes when ``check``. Returns the file's
-    :func:`~fairdeploy.export.onnx_sizes` and the measured C.R. (None without ``baseline``).
-    A model beyond one file's 2 GB is written with its weights in ``<name>.onnx.data``."""
+    :func:`~fairdeploy.export.onnx_sizes`, the measured C.R. (None without ``baseline``)
+    and, with ``defer``, the function that writes the file (else None: written). A model
+    beyond one file's 2 GB is written at once, its weights in ``<name>.onnx.data``."""
     data = _serialized_if_one_file(proto, baseline is not None)
     if data is None:  # beyond 2 GB: weights in .onnx.data, the entry written afterwards
         if check:
@@ -728,21 +736,44 @@ def _write_model(
         if cr is not None:
             update_metadata(path, {"measured_cr": cr})
             sizes = onnx_sizes(path)
-        return sizes, cr
+        return sizes, cr, None
+    if check:  # the metadata's text is not the checker's concern: check before stamping
+        onnx.checker.check_model(data, full_check=True)
     sizes = _with_file_bytes(_tensor_sizes(proto)[0], len(data))
     cr = None
+    pieces: tuple[bytes | memoryview, ...] = (data,)
     if baseline is not None:
         cr = _ratios(baseline, sizes)
         text = _measured_text(cr)
-        data = _replace_once(data, _measured_text(None).encode(), text.encode())
         _set_metadata(proto, {_MEASURED_KEY: text})  # the proto says what the file says
-    if check:
-        onnx.checker.check_model(data, full_check=True)
-    atomic_write_bytes(path, data)
+        pieces = _replaced_once(data, _measured_text(None).encode(), text.encode())
+    write = functools.partial(_write_pieces, path, pieces)
+    if defer:
+        return sizes, cr, write
+    write()
+    return sizes, cr, None
+
+
+def _write_pieces(path: Path, pieces: tuple[bytes | memoryview, ...]) -> None:
+    """Write the concatenation of ``pieces`` to ``path`` atomically (one file: a stale
+    ``<name>.onnx.data`` beside it is removed)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        for piece in pieces:
+            f.write(piece)
     stale = path.with_name(path.name + ".data")
     if stale.exists():
         stale.unlink()
-    return sizes, cr
+
+
+def _then(*steps: Callable[[], None] | None) -> Callable[[], None]:
+    """One function that calls the given ones (None skipped) in order."""
+
+    def run() -> None:
+        for step in steps:
+            if step is not None:
+                step()
+
+    return run
 
 
 _MEASURED_KEY = METADATA_PREFIX + "measured_cr"
@@ -758,12 +789,14 @@ def _measured_text(cr: Mapping[str, float] | None) -> str:
     ) + "}"
 
 
-def _replace_once(data: bytes, old: bytes, new: bytes) -> bytes:
-    """``data`` with its one occurrence of ``old`` replaced by ``new`` (same length)."""
+def _replaced_once(data: bytes, old: bytes, new: bytes) -> tuple[memoryview, bytes, memoryview]:
+    """``data`` with its one occurrence of ``old`` replaced by ``new`` (same length), as
+    pieces to write one after the other (no copy of ``data``)."""
     i = data.find(old)
     if len(old) != len(new) or i < 0 or data.find(old, i + 1) >= 0:
         raise RuntimeError("the measured C.R. placeholder is not unique")  # pragma: no cover
-    return data[:i] + new + data[i + len(old):]
+    view = memoryview(data)
+    return view[:i], new, view[i + len(old):]
 
 
 def _serialized_if_one_file(proto: onnx.ModelProto, placeholder: bool) -> bytes | None:

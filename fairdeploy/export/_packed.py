@@ -154,10 +154,12 @@ class PackReport:
         Initializer bytes of the small constants all rebuilds share (bit shifts, shapes).
     initializer_bytes_before, initializer_bytes_after : int
         Sum over the model's initializers of elements × element size.
-    model_bytes_before, model_bytes_after : int
-        Serialized model size (the size of a single-file ``.onnx``).
+    model_bytes_before, model_bytes_after : int or None
+        Serialized model size (the size of a single-file ``.onnx``); None when the packing
+        ran inside :func:`~fairdeploy.export.export_onnx`, whose result holds the written
+        file's sizes (measuring them here would serialize the whole model twice).
     checked : bool
-        Whether the rebuild graphs were (or, for an export with ``defer_checks``, are to
+        Whether the rebuild graphs were (or, for an export with ``defer``, are to
         be) checked to reproduce every packed weight bit for bit.
     """
 
@@ -165,8 +167,8 @@ class PackReport:
     shared_bytes: int
     initializer_bytes_before: int
     initializer_bytes_after: int
-    model_bytes_before: int
-    model_bytes_after: int
+    model_bytes_before: int | None
+    model_bytes_after: int | None
     checked: bool = field(default=False)
 
     @property
@@ -175,8 +177,10 @@ class PackReport:
         return self.initializer_bytes_before / self.initializer_bytes_after
 
     @property
-    def file_ratio(self) -> float:
-        """Serialized model bytes before ÷ after."""
+    def file_ratio(self) -> float | None:
+        """Serialized model bytes before ÷ after (None when they were not measured)."""
+        if self.model_bytes_before is None or self.model_bytes_after is None:
+            return None
         return self.model_bytes_before / self.model_bytes_after
 
     def to_dict(self) -> dict[str, Any]:
@@ -204,11 +208,12 @@ class PackReport:
                 f"{t.packed_bytes if t.stored == 'packed' else t.dense_bytes} bytes "
                 f"({t.bits_per_entry:.2f} bits/entry)"
             )
-        lines.append(
-            f"initializers {self.initializer_bytes_before} -> {self.initializer_bytes_after} "
-            f"bytes ({self.initializer_ratio:.4f}x), model {self.model_bytes_before} -> "
-            f"{self.model_bytes_after} bytes ({self.file_ratio:.4f}x)"
-        )
+        total = (f"initializers {self.initializer_bytes_before} -> "
+                 f"{self.initializer_bytes_after} bytes ({self.initializer_ratio:.4f}x)")
+        if self.file_ratio is not None:
+            total += (f", model {self.model_bytes_before} -> {self.model_bytes_after} bytes "
+                      f"({self.file_ratio:.4f}x)")
+        lines.append(total)
         return lines
 
 
@@ -748,7 +753,7 @@ def pack_weights(
     if output_path is not None and Path(output_path).suffix != ".onnx":
         raise FairDeployError(f"output path {str(output_path)!r} must end in .onnx")
     proto = model if isinstance(model, onnx.ModelProto) and not copy else _load(model)
-    report, _ = _pack(proto, packing, check_now=check)
+    report, _ = _pack(proto, packing, check_now=check, model_bytes=True)
     if not check:
         report = dataclasses.replace(report, checked=False)
     onnx.checker.check_model(proto, full_check=True)
@@ -758,15 +763,17 @@ def pack_weights(
 
 
 def _pack(
-    proto: onnx.ModelProto, packing: Mapping[str, PackSpec], *, check_now: bool
+    proto: onnx.ModelProto, packing: Mapping[str, PackSpec], *, check_now: bool,
+    model_bytes: bool = False,
 ) -> tuple[PackReport, Callable[[], None] | None]:
     """:func:`pack_weights` of ``proto`` in place, without ``onnx.checker`` (the caller
-    checks what it writes). The bit-for-bit rebuild check runs now (``check_now``) or is
-    returned for the caller to run (None when nothing was packed)."""
+    checks what it writes) and, unless ``model_bytes``, without measuring the serialized
+    model. The bit-for-bit rebuild check runs now (``check_now``) or is returned for the
+    caller to run (None when nothing was packed)."""
     opset = _checked_opset(proto)
     classes = [_classes(name, spec) for name, spec in packing.items()]
     init_bytes_before = _initializer_bytes(proto)
-    model_bytes_before = proto.ByteSize()
+    model_bytes_before = proto.ByteSize() if model_bytes else None
 
     graph = _Graph(
         {t.name for t in proto.graph.initializer}
@@ -790,7 +797,7 @@ def _pack(
         initializer_bytes_before=init_bytes_before,
         initializer_bytes_after=_initializer_bytes(proto),
         model_bytes_before=model_bytes_before,
-        model_bytes_after=proto.ByteSize(),
+        model_bytes_after=proto.ByteSize() if model_bytes else None,
         checked=bool(packed),
     )
     return report, None if check_now else check
@@ -832,17 +839,50 @@ def _plan_tensors(
     return plans
 
 
+def _serialized_bytes(t: onnx.TensorProto) -> int:
+    """``t.ByteSize()`` without serializing a large ``raw_data``: its length follows from the
+    dims and the element type (1 tag byte of field 9, the length's varint, the bytes)."""
+    if not t.HasField("raw_data") or t.data_type not in _FIXED_SIZE_TYPES:
+        return t.ByteSize()
+    head = TensorProto()
+    for fd, value in t.ListFields():
+        if fd.name == "raw_data":
+            continue
+        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == 3  # protobuf < 5
+        if repeated:
+            getattr(head, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(head, fd.name).CopyFrom(value)
+        else:
+            setattr(head, fd.name, value)
+    n = _tensor_bytes(t)
+    return head.ByteSize() + 1 + _varint_bytes(n) + n
+
+
+#: Element types whose raw data is exactly elements × item size (no sub-byte packing).
+_FIXED_SIZE_TYPES = frozenset({
+    TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.INT8,
+    TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16, TensorProto.INT32,
+    TensorProto.UINT32, TensorProto.INT64, TensorProto.UINT64, TensorProto.BOOL,
+})
+
+
+def _varint_bytes(n: int) -> int:
+    """Bytes of ``n`` as a protobuf varint."""
+    return max(1, (n.bit_length() + 6) // 7)
+
+
 def _plan_tensor(
     graph: _Graph, cls: _Classes, initializer: onnx.TensorProto, transposed: bool
 ) -> _Plan:
     """Build the rebuild graph of one weight and keep it if it is smaller than the dense
     initializer (serialized bytes, nodes included)."""
-    plan = _Plan(cls, initializer, transposed, initializer.ByteSize())
+    plan = _Plan(cls, initializer, transposed, _serialized_bytes(initializer))
     if cls.counts[FLOAT] == cls.weight.size:
         plan.reason = "no pruned or int8 entries"
         return plan
     t = _build_tensor(graph, cls, initializer.name, transposed)
-    size = sum(i.ByteSize() for i in t.inits) + sum(n.ByteSize() for n in t.nodes)
+    size = sum(_serialized_bytes(i) for i in t.inits) + sum(n.ByteSize() for n in t.nodes)
     if size < plan.dense_file:
         plan.built, plan.packed_file = t, size
         plan.reason = f"saves {plan.dense_file - size} bytes"
