@@ -23,12 +23,14 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 from torch import nn
 
+from fairdeploy.app import run_compare
 from fairdeploy.cli import main
-from fairdeploy.experiment import Experiment
+from fairdeploy.experiment import Experiment, first_samples
 from fairdeploy.models import build_model
 from fairdeploy.plan import LayerPlan, Plan
 from fairdeploy.recipe import load_recipe
 from fairdeploy.report import fairness_table, rank_pairs
+from fairdeploy.verification import verify
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -287,6 +289,11 @@ def test_compare_over_all_seven_rows_deploys_and_matches_each_method_alone(cnn_c
     assert list(rows) == ["vanilla", "truncated_svd", "slr_w", "slr_a", "fairprune",
                           "fairquantize", "fairlrf"]
     assert "exported and verified: 7 of 7 rows PASSED" in result.output
+    # Exported vanilla first, then the packed rows (slowest to verify), then table order.
+    order = [ln.split()[3] for ln in result.output.splitlines()
+             if ln.startswith("exporting and verifying ")]
+    assert order == ["vanilla", "fairprune", "fairquantize", "truncated_svd", "slr_w",
+                     "slr_a", "fairlrf"]
     for name, m in rows.items():
         art = m["artifact"]
         assert (tmp_path / "cmp" / art["path"]).is_file() and art["verify"]["passed"]
@@ -345,6 +352,68 @@ def test_a_row_that_fails_verification_stops_compare_and_writes_nothing(
     assert "Traceback" not in result.output
     assert not (tmp_path / "cmp").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_row_whose_reused_graph_computes_something_else_is_exported_again(
+    cnn_case, tmp_path, monkeypatch
+):
+    """A deferred row that fails verification is exported again with every check: a reused
+    graph that no longer matches (simulated: the cached graph's first Relu made a Sigmoid)
+    fails the parity check there, is traced afresh, and the row verifies."""
+    import fairdeploy.export._onnx as export_module
+
+    tmp, _ = cnn_case
+    method = {"name": "fairprune", "prune_ratio": 0.5, "beta": 3 / 7,
+              "scoring": {"samples_per_group": 32}}
+    recipe = _recipe(tmp, CNN, method, compare=["vanilla", "fairprune"])
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    real_skeleton, real_trace = export_module._skeleton, export_module._export_graph
+    traces = []
+
+    def stale_skeleton(proto, ready):
+        out = real_skeleton(proto, ready)
+        if out is not None:
+            next(n for n in out.graph.node if n.op_type == "Relu").op_type = "Sigmoid"
+        return out
+
+    def counted_trace(*args, **kwargs):
+        traces.append(1)
+        return real_trace(*args, **kwargs)
+
+    monkeypatch.setattr(export_module, "_skeleton", stale_skeleton)
+    monkeypatch.setattr(export_module, "_export_graph", counted_trace)
+    res = run_compare(tmp / "ckpt.pt", tmp_path / "r.yaml", out=tmp_path / "cmp",
+                      exports_dir=tmp_path / "exports", progress=False, echo=lambda s: None)
+    # vanilla traced; FairPrune reused the stale graph, failed, and was traced again.
+    assert len(traces) == 2
+    for name in ("vanilla", "fairprune"):
+        entry = next(m for m in res.report["methods"] if m["name"] == name)
+        assert entry["artifact"]["verify"]["passed"], name
+        assert verify(tmp_path / "cmp" / name / "model.onnx")
+    ops = {n.op_type for n in onnx.load(tmp_path / "cmp" / "fairprune" / "model.onnx").graph.node}
+    assert "Sigmoid" not in ops
+
+
+def test_test_inputs_are_decoded_once_and_returned_as_copies(cnn_case, tmp_path,
+                                                              monkeypatch):
+    tmp, _ = cnn_case
+    method = {"name": "fairlrf", "layers": [{"layer": "6", "rank": 4, "sr": 0.25}]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(_recipe(tmp, CNN, method)))
+    exp = Experiment(tmp_path / "r.yaml", tmp / "ckpt.pt")
+    exp.prepare()
+    test = exp.context.splits["test"]
+    reads = []
+    real_getitem = type(test).__getitem__
+    monkeypatch.setattr(type(test), "__getitem__",
+                        lambda self, i: reads.append(i) or real_getitem(self, i))
+    x, y, _ = exp.test_inputs(10)
+    x[:] = 0.0  # the caller's copy: the next call is not affected
+    y[:] = -1
+    x2, y2, g2 = exp.test_inputs(10)
+    assert reads == list(range(10))
+    monkeypatch.undo()
+    ref = first_samples(test, 10)
+    assert torch.equal(x2, ref[0]) and np.array_equal(y2, ref[1]) and np.array_equal(g2, ref[2])
 
 
 def test_rank_pairs_match_layers_and_ranks() -> None:
