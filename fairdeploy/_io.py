@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,10 +30,25 @@ __all__ = [
 def publish(tmp: str | Path, path: str | Path) -> None:
     """Rename a finished temporary file onto ``path`` with the permissions a plain
     ``open()`` would give (temporary files are created owner-only)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    os.chmod(tmp, 0o666 & ~current_umask())
     os.replace(tmp, path)
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without a window in which it is 0 for other threads:
+    from ``/proc/self/status`` where Linux gives it, else set and restored under a lock
+    (``compare`` writes files from two threads)."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    with _UMASK_LOCK:
+        umask = os.umask(0o077)
+        os.umask(umask)
+    return umask
 
 # Folders already cleared of dead processes' temporaries by this process.
 _SWEPT: set[str] = set()

@@ -806,9 +806,15 @@ def _require_verified(vres: Any, entry: dict[str, Any]) -> None:
     if not vres:
         raise FairDeployError(
             f"{entry['label']}: the exported model does not match PyTorch "
-            f"({vres.summary_lines()[-1]}); raise export.tolerances in the recipe only if the "
+            f"({_failed_line(vres)}); raise export.tolerances in the recipe only if the "
             "difference is acceptable"
         )
+
+
+def _failed_line(vres: Any) -> str:
+    """The first line of a failed verification's summary that says what failed."""
+    lines = vres.summary_lines()
+    return next((ln.strip() for ln in lines if "FAILED" in ln), lines[-1])
 
 
 def _row_folder(name: str, taken: set[str]) -> str:
@@ -832,14 +838,16 @@ def _deploy_rows(
     deferred (:func:`~fairdeploy.export.export_onnx`'s ``defer``); the write, the packing's
     bit-for-bit check and the row's verification (file I/O and ONNX Runtime, which release
     the GIL) run in a background thread while the next rows are traced and exported (as
-    many as ``_IN_FLIGHT_BYTES`` of serialized files allow). Results are taken in row
-    order; a row that fails them is exported again with every check in place and verified
-    again, and one that still fails stops the command with the check's own message."""
+    many as ``_IN_FLIGHT_BYTES`` of serialized files allow). Results are taken in export
+    order (:func:`_export_order`); a row that fails them is exported again with every check
+    in place and verified again (said in one line), and one that still fails stops the
+    command with the check's own message."""
     from concurrent.futures import ThreadPoolExecutor
 
     n = len(exp.test_inputs(exp.recipe.export.verify_samples)[1])
     entries = {m["name"]: m for m in report["methods"]}
     taken: set[str] = set()
+    folders = {name: _row_folder(name, taken) for name in rows.names}  # in table order
     vanilla: dict[str, int] | None = None  # the vanilla row's sizes: the baseline of ratios
     vanilla_path: str | None = None
     pending: list[_PendingRow] = []
@@ -847,18 +855,20 @@ def _deploy_rows(
         try:
             for name, processed in _export_order(rows):
                 # Rows in flight hold their serialized model: _IN_FLIGHT_BYTES of them.
-                _finish_verified_rows(exp, pending, n, wait=False, max_bytes=_IN_FLIGHT_BYTES)
-                folder = _row_folder(name, taken)
+                _finish_verified_rows(exp, pending, n, echo, wait=False,
+                                      max_bytes=_IN_FLIGHT_BYTES)
+                folder = folders[name]
                 path = run / folder / "model.onnx"
                 echo(f"exporting and verifying {name} -> {folder}/model.onnx ...")
                 row = _PendingRow(entries[name], folder, path, processed, vanilla)
                 res = row.export(exp, defer=True)
                 if vanilla is None:  # the first row is vanilla: the reference of every ratio
                     vanilla, vanilla_path = res.sizes, f"{folder}/model.onnx"
-                row.nbytes = res.sizes["file_bytes"]
+                row.sizes = res.sizes
                 row.future = pool.submit(_finished_and_verified, exp, res, path)
                 pending.append(row)
-            _finish_verified_rows(exp, pending, n, wait=True)
+                del res  # its bytes now belong to the background task alone
+            _finish_verified_rows(exp, pending, n, echo, wait=True)
         except BaseException:
             for row in pending:
                 if row.future is not None:
@@ -903,7 +913,12 @@ class _PendingRow:
     processed: Processed
     baseline: dict[str, int] | None  # the vanilla row's sizes; None for the vanilla row
     future: Any = None
-    nbytes: int = 0  # of its file: held in memory until the background thread writes it
+    sizes: dict[str, int] = field(default_factory=dict)  # of its file, as exported
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its file: held in memory until the background thread writes it."""
+        return self.sizes.get("file_bytes", 0)
 
     def export(self, exp: Experiment, *, defer: bool) -> Any:
         """Export the row (its entry records the measured compression and the file)."""
@@ -930,7 +945,7 @@ def _finished_and_verified(exp: Experiment, res: Any, path: Path) -> Any:
 
 
 def _finish_verified_rows(
-    exp: Experiment, pending: list[_PendingRow], n: int, *, wait: bool,
+    exp: Experiment, pending: list[_PendingRow], n: int, echo: Echo, *, wait: bool,
     max_bytes: int | None = None,
 ) -> None:
     """Record the verification of the pending rows in row order: all of them (``wait``),
@@ -944,11 +959,20 @@ def _finish_verified_rows(
     while pending and (wait or pending[0].future.done() or over_budget()):
         row = pending.pop(0)
         try:
-            vres = row.future.result()
-        except Exception:  # redone below with every check: its own error says what failed
-            vres = None
+            vres, why = row.future.result(), ""
+        except Exception as exc:  # redone below with every check: its error says what failed
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            vres, why = None, f"{type(exc).__name__}: {first}"
         if not vres:
-            row.export(exp, defer=False)
+            why = why or (_failed_line(vres) if vres is not None else "")
+            echo(f"{row.entry['label']}: its deferred checks or verification failed ({why}); "
+                 "exporting it again with every check in place ...")
+            redone = row.export(exp, defer=False)
+            if row.baseline is None and redone.sizes != row.sizes:  # pragma: no cover
+                raise FairDeployError(
+                    "the vanilla row's export changed size when exported again, so the other "
+                    "rows' measured C.R. is stale: run compare again"
+                )
             vres = exp.verify(row.path)
         summary = verify_summary(vres, exp.recipe.export.tolerances, n)
         summary["details"]["reference"] = f"{row.folder}/model.verify.npz"

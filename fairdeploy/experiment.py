@@ -636,8 +636,11 @@ class Experiment:
         self, n: int, split: str = "test"
     ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         """The first ``n`` samples of a split as a float input batch, labels and groups
-        (decoded once per split and ``n``; each call returns its own copies)."""
+        (decoded once per split and ``n`` up to ``export.verify_samples``, the exports'
+        references; each call returns its own copies)."""
         ds = self.context.splits[split]
+        if n > self.recipe.export.verify_samples:  # e.g. a whole split: not kept in memory
+            return first_samples(ds, n)
         memo = self._inputs.get((split, n))
         if memo is None or memo[0] is not ds:
             memo = (ds, first_samples(ds, n))

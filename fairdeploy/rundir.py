@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fairdeploy._digest import sha256_file
+from fairdeploy._io import current_umask
 from fairdeploy._signals import cleanup_on_sigterm
 from fairdeploy._stale import make_owned_dir, remove_stale
 from fairdeploy.errors import FairDeployError
@@ -220,8 +221,7 @@ def _write_manifest(folder: Path) -> None:
 def _public_permissions(root: Path) -> None:
     """Give a run folder the permissions a plain mkdir/open would (temporary names are
     created owner-only), so a serving process running as another user can read it."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     os.chmod(root, 0o777 & ~umask)
     for dirpath, dirnames, filenames in os.walk(root):
         for d in dirnames:

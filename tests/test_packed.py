@@ -544,5 +544,16 @@ def test_serialized_bytes_of_a_tensor_equal_protobufs_own_count(dtype, shape, na
     if doc:
         t.doc_string = doc
     assert _packed._serialized_bytes(t) == t.ByteSize()
+
+
+def test_serialized_bytes_count_every_field_and_long_lengths():
     big = numpy_helper.from_array(np.ones(300_000, np.float32), "w")  # a 3-byte length varint
     assert _packed._serialized_bytes(big) == big.ByteSize()
+    t = numpy_helper.from_array(np.arange(12, dtype=np.int64).reshape(3, 4), "idx")
+    t.segment.begin, t.segment.end = 0, 3
+    t.metadata_props.add(key="k", value="v")
+    t.data_location = TensorProto.DEFAULT  # set to its default: still serialized
+    assert _packed._serialized_bytes(t) == t.ByteSize()
+    empty = numpy_helper.from_array(np.zeros((0, 3), np.float32), "")
+    empty.raw_data = b""
+    assert _packed._serialized_bytes(empty) == empty.ByteSize()

@@ -360,6 +360,7 @@ def test_a_row_whose_reused_graph_computes_something_else_is_exported_again(
     """A deferred row that fails verification is exported again with every check: a reused
     graph that no longer matches (simulated: the cached graph's first Relu made a Sigmoid)
     fails the parity check there, is traced afresh, and the row verifies."""
+    import fairdeploy.app as app_module
     import fairdeploy.export._onnx as export_module
 
     tmp, _ = cnn_case
@@ -382,10 +383,14 @@ def test_a_row_whose_reused_graph_computes_something_else_is_exported_again(
 
     monkeypatch.setattr(export_module, "_skeleton", stale_skeleton)
     monkeypatch.setattr(export_module, "_export_graph", counted_trace)
+    monkeypatch.setattr(app_module, "_IN_FLIGHT_BYTES", 0)  # one row at a time: same result
+    said: list[str] = []
     res = run_compare(tmp / "ckpt.pt", tmp_path / "r.yaml", out=tmp_path / "cmp",
-                      exports_dir=tmp_path / "exports", progress=False, echo=lambda s: None)
+                      exports_dir=tmp_path / "exports", progress=False, echo=said.append)
     # vanilla traced; FairPrune reused the stale graph, failed, and was traced again.
     assert len(traces) == 2
+    (redo,) = [ln for ln in said if "exporting it again with every check" in ln]
+    assert redo.startswith("FairPrune") and "output logits: max |Δ|" in redo, redo
     for name in ("vanilla", "fairprune"):
         entry = next(m for m in res.report["methods"] if m["name"] == name)
         assert entry["artifact"]["verify"]["passed"], name

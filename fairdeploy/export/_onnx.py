@@ -77,13 +77,14 @@ class ExportResult:
     Attributes
     ----------
     path : Path
-        The ONNX model.
+        The ONNX model (written once ``finish`` has run, with ``defer``).
     reference_path : Path or None
         The ``<name>.verify.npz`` written beside it (None without reference inputs).
     layers : list of LayerLayout
         One record per factorized layer (shapes, kept rows/cols, stored parameters).
     max_abs_error : float or None
-        Max |ONNX Runtime − PyTorch| on the reference inputs, checked at export.
+        Max |ONNX Runtime − PyTorch| on the reference inputs, checked at export (None
+        with ``defer``: the caller verifies the file).
     simplified : bool
         Whether onnxsim simplification was applied (and re-checked).
     sparse_layout : {"blocks", "zeros"}
@@ -130,7 +131,7 @@ class ExportResult:
     packing: Any = None
     sizes: dict[str, int] | None = None
     measured_cr: dict[str, float] | None = None
-    finish: Callable[[], None] | None = field(default=None, repr=False)
+    finish: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     @property
     def deployed_cr(self) -> float | None:
@@ -557,7 +558,8 @@ def export_onnx(
 
     After export the graph is checked (``onnx.checker`` full check; every factor block
     stored on its own; ONNX Runtime matches PyTorch on ``example_input`` and the
-    reference inputs within ``atol + rtol·|ref|``), then written atomically.
+    reference inputs within ``atol + rtol·|ref|``), then written atomically; with ``defer``
+    the caller verifies and writes it instead (see below).
 
     Parameters
     ----------
@@ -626,8 +628,8 @@ def export_onnx(
         reuses that graph with its own weights put in place of the initializers named after
         its parameters — the same bytes a fresh export writes, without tracing again
         (``compare``'s vanilla, FairPrune and FairQuantize rows share one graph, as do its
-        SLR and FairLRF rows). ONNX Runtime's parity check runs either way; a reused graph
-        that fails it is exported afresh.
+        SLR-w and SLR-a rows). ONNX Runtime's parity check runs on a reused graph as on a
+        fresh one (unless ``defer``); a reused graph that fails it is exported afresh.
     defer : bool
         Return before the model file is written, leaving to the caller what verifying the
         file repeats: the ``onnx.checker`` full check and the layout and ONNX Runtime parity
@@ -684,7 +686,9 @@ def export_onnx(
         from fairdeploy.export._packed import _pack
 
         pack_report, pack_check = _pack(proto, packing, check_now=not defer)
-    sizes, cr, write = _write_model(proto, path, baseline_sizes, check=not defer, defer=defer)
+    sizes, cr, finish = _write_model(
+        proto, path, baseline_sizes, check=not defer, defer=defer, first=pack_check
+    )
     del proto  # the bytes are what remains to write
 
     ref_path = None
@@ -707,7 +711,7 @@ def export_onnx(
         packing=pack_report,
         sizes=sizes,
         measured_cr=cr,
-        finish=_then(pack_check, write) if defer else None,
+        finish=finish,
     )
 
 
@@ -717,26 +721,29 @@ def _ratios(baseline: Mapping[str, int], sizes: Mapping[str, int]) -> dict[str, 
 
 def _write_model(
     proto: onnx.ModelProto, path: Path, baseline: Mapping[str, int] | None, *, check: bool,
-    defer: bool = False,
+    defer: bool = False, first: Callable[[], None] | None = None,
 ) -> tuple[dict[str, int], dict[str, float] | None, Callable[[], None] | None]:
     """Write ``proto`` to ``path`` atomically, serialized once, with the measured C.R.
     against ``baseline`` in its metadata (the entry's own bytes count: it is written at a
     fixed width, so its values are those of the file that holds them); the ``onnx.checker``
-    full check runs on the same bytes when ``check``. Returns the file's
-    :func:`~fairdeploy.export.onnx_sizes`, the measured C.R. (None without ``baseline``)
-    and, with ``defer``, the function that writes the file (else None: written). A model
-    beyond one file's 2 GB is written at once, its weights in ``<name>.onnx.data``."""
+    full check runs on the same bytes when ``check``, and ``first`` (a check that raises)
+    just before the write. Returns the file's :func:`~fairdeploy.export.onnx_sizes`, the
+    measured C.R. (None without ``baseline``) and, with ``defer``, the function that runs
+    ``first`` and writes the file (else None: written). A model beyond one file's 2 GB is
+    written at once, its weights in ``<name>.onnx.data``."""
     data = _serialized_if_one_file(proto, baseline is not None)
     if data is None:  # beyond 2 GB: weights in .onnx.data, the entry written afterwards
         if check:
             onnx.checker.check_model(proto, full_check=True)
+        if first is not None:
+            first()
         _save_atomic(proto, path, size=_SINGLE_FILE_LIMIT)
         sizes = onnx_sizes(path)
         cr = None if baseline is None else _ratios(baseline, sizes)
         if cr is not None:
             update_metadata(path, {"measured_cr": cr})
             sizes = onnx_sizes(path)
-        return sizes, cr, None
+        return sizes, cr, (_then() if defer else None)
     if check:  # the metadata's text is not the checker's concern: check before stamping
         onnx.checker.check_model(data, full_check=True)
     sizes = _with_file_bytes(_tensor_sizes(proto)[0], len(data))
@@ -747,7 +754,7 @@ def _write_model(
         text = _measured_text(cr)
         _set_metadata(proto, {_MEASURED_KEY: text})  # the proto says what the file says
         pieces = _replaced_once(data, _measured_text(None).encode(), text.encode())
-    write = functools.partial(_write_pieces, path, pieces)
+    write = _then(first, functools.partial(_write_pieces, path, pieces))
     if defer:
         return sizes, cr, write
     write()

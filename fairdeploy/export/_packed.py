@@ -784,7 +784,8 @@ def _pack(
     packed, shared = _packed_if_shared_constants_pay(plans, graph)
     check = None
     if packed:
-        check = functools.partial(_check_packed, graph, packed, opset, proto.ir_version)
+        targets = [(p.built, p.cls, p.transposed) for p in packed]
+        check = functools.partial(_check_packed, graph, targets, opset, proto.ir_version)
         if check_now:
             check()
     _replace_initializers(proto, packed, shared)
@@ -845,15 +846,17 @@ def _serialized_bytes(t: onnx.TensorProto) -> int:
     if not t.HasField("raw_data") or t.data_type not in _FIXED_SIZE_TYPES:
         return t.ByteSize()
     head = TensorProto()
-    for fd, value in t.ListFields():
+    for fd in t.DESCRIPTOR.fields:  # not ListFields(): it would copy raw_data out
         if fd.name == "raw_data":
             continue
+        value = getattr(t, fd.name)
         repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == 3  # protobuf < 5
         if repeated:
             getattr(head, fd.name).extend(value)
         elif fd.message_type is not None:
-            getattr(head, fd.name).CopyFrom(value)
-        else:
+            if t.HasField(fd.name):
+                getattr(head, fd.name).CopyFrom(value)
+        elif t.HasField(fd.name) if fd.has_presence else value:
             setattr(head, fd.name, value)
     n = _tensor_bytes(t)
     return head.ByteSize() + 1 + _varint_bytes(n) + n
@@ -911,15 +914,18 @@ def _packed_if_shared_constants_pay(
     return packed, shared
 
 
-def _check_packed(graph: _Graph, packed: list[_Plan], opset: int, ir_version: int) -> None:
-    """:func:`_check_rebuild` against each packed weight as the initializer stores it."""
-    expected = []
-    for p in packed:
-        w = p.cls.weight.copy()
-        w.reshape(-1)[p.cls.is_zero] = 0.0  # +0.0: the rebuild writes positive zeros
-        expected.append(np.ascontiguousarray(w.T) if p.transposed else w)
-    pairs = [(p.built, e) for p, e in zip(packed, expected, strict=True)]
-    _check_rebuild(graph, pairs, opset, ir_version)  # type: ignore[arg-type]
+def _check_packed(
+    graph: _Graph, packed: list[tuple[_Tensor, _Classes, bool]], opset: int, ir_version: int
+) -> None:
+    """:func:`_check_rebuild` of each (rebuild graph, entry classes, transposed) against
+    the weight as the initializer stored it. It holds nothing of the model: a deferred check
+    must not keep the model's protobuf arena alive."""
+    pairs = []
+    for built, cls, transposed in packed:
+        w = cls.weight.copy()
+        w.reshape(-1)[cls.is_zero] = 0.0  # +0.0: the rebuild writes positive zeros
+        pairs.append((built, np.ascontiguousarray(w.T) if transposed else w))
+    _check_rebuild(graph, pairs, opset, ir_version)
 
 
 def _replace_initializers(
