@@ -196,3 +196,30 @@ def test_a_reused_process_id_does_not_protect_a_dead_owners_temporary(tmp_path: 
     live = make_owned_dir(tmp_path, "run")
     assert remove_stale(tmp_path) == [ghost]
     assert live.exists()
+
+
+def test_files_written_from_two_threads_keep_the_umask(tmp_path: Path) -> None:
+    """compare writes from two threads; reading the umask must never leave it changed
+    (the set-and-restore way can leave 0 behind when two threads interleave)."""
+    import threading
+
+    from fairdeploy._io import current_umask
+
+    old = os.umask(0o027)
+    try:
+        assert current_umask() == 0o027
+
+        def write(tag: str) -> None:
+            for i in range(200):
+                atomic_write_text(tmp_path / f"{tag}{i}.txt", "x")
+
+        threads = [threading.Thread(target=write, args=(t,)) for t in "ab"]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert current_umask() == 0o027 and os.umask(0o027) == 0o027
+        modes = {(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()}
+        assert modes == {0o640}
+    finally:
+        os.umask(old)
