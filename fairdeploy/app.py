@@ -948,11 +948,12 @@ def _finish_verified_rows(
     exp: Experiment, pending: list[_PendingRow], n: int, echo: Echo, *, wait: bool,
     max_bytes: int | None = None,
 ) -> None:
-    """Record the verification of the pending rows in row order: all of them (``wait``),
-    else those already done and, waiting for them, the oldest while the pending rows' files
-    add up to more than ``max_bytes``. A row whose
-    write, deferred checks or verification failed is exported again with every check in
-    place and verified again; the first that still fails stops the command."""
+    """Record the verification of the pending rows in export order: all of them
+    (``wait``), else those already done and, waiting for them, the oldest while the pending
+    rows' files add up to more than ``max_bytes``. A row whose write, deferred checks or
+    verification failed is exported again with every check in place (one line says so)
+    and verified again; the first that still fails stops the command."""
+
     def over_budget() -> bool:
         return max_bytes is not None and sum(r.nbytes for r in pending) > max_bytes
 
