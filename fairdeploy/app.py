@@ -965,7 +965,7 @@ def _finish_verified_rows(
             first = (str(exc).strip().splitlines() or [""])[0][:200]
             vres, why = None, f"{type(exc).__name__}: {first}"
         if not vres:
-            why = why or (_failed_line(vres) if vres is not None else "")
+            why = why or _failed_line(vres)  # no exception: a verification that failed
             echo(f"{row.entry['label']}: its deferred checks or verification failed ({why}); "
                  "exporting it again with every check in place ...")
             redone = row.export(exp, defer=False)

@@ -23,7 +23,7 @@ from torch import nn
 from fairdeploy._io import atomic_path, publish
 from fairdeploy.errors import FairDeployError
 from fairdeploy.export._layout import LayerLayout, prepare_for_export, sparse_layout_name
-from fairdeploy.export._sizes import _tensor_sizes, _with_file_bytes, onnx_sizes, size_ratios
+from fairdeploy.export._sizes import _tensor_sizes, onnx_sizes, proto_sizes, size_ratios
 
 __all__ = [
     "EXPORTERS",
@@ -746,7 +746,7 @@ def _write_model(
         return sizes, cr, (_then() if defer else None)
     if check:  # the metadata's text is not the checker's concern: check before stamping
         onnx.checker.check_model(data, full_check=True)
-    sizes = _with_file_bytes(_tensor_sizes(proto)[0], len(data))
+    sizes = proto_sizes(proto, file_bytes=len(data))
     cr = None
     pieces: tuple[bytes | memoryview, ...] = (data,)
     if baseline is not None:

@@ -113,14 +113,15 @@ def onnx_sizes(path: str | os.PathLike[str]) -> dict[str, int]:
     return _with_file_bytes(sizes, file_bytes)
 
 
-def proto_sizes(model: onnx.ModelProto) -> dict[str, int]:
+def proto_sizes(model: onnx.ModelProto, *, file_bytes: int | None = None) -> dict[str, int]:
     """:func:`onnx_sizes` of a model held in memory, as ``onnx.save_model`` would write it
-    to one file (``file_bytes`` is its serialized size; weights in external data are not
+    to one file (``file_bytes`` is its serialized size — pass it when the model is already
+    serialized, which saves serializing it again; weights in external data are not
     supported here: save the model and call :func:`onnx_sizes`)."""
     sizes, data_files = _tensor_sizes(model)
     if data_files:
         raise ValueError("proto_sizes: the model references external data; use onnx_sizes")
-    return _with_file_bytes(sizes, model.ByteSize())
+    return _with_file_bytes(sizes, model.ByteSize() if file_bytes is None else file_bytes)
 
 
 def _with_file_bytes(sizes: dict[str, int], file_bytes: int) -> dict[str, int]:
