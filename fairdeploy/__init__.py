@@ -51,6 +51,7 @@ _EXPORTS = {
     "compute_features": "fairdeploy.features",
     "train_model": "fairdeploy.train",
     "export_onnx": "fairdeploy.export",
+    "ExportOptions": "fairdeploy.export",
     "deployed_params": "fairdeploy.export",
     "analyze_structure": "fairdeploy.structure",
     "read_metadata": "fairdeploy.export",

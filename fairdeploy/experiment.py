@@ -26,7 +26,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -43,6 +43,9 @@ from fairdeploy.metrics import GroupMetrics, group_metrics, privileged_group
 from fairdeploy.plan import AUTO_SAMPLES_PER_GROUP, Plan, SamplingSpec
 from fairdeploy.recipe import Recipe, load_recipe, parse_recipe
 from fairdeploy.scoring import scoring_indices
+
+if TYPE_CHECKING:
+    from fairdeploy.export import Exporter, ExportResult
 
 __all__ = ["Context", "Experiment", "ScoringSet"]
 
@@ -394,8 +397,6 @@ class Experiment:
         self._ctx: Context | None = None
         self._references: dict[int, tuple[Processed, Any]] = {}
         self._inputs: dict[tuple[str, int], tuple[Any, tuple[Any, ...]]] = {}
-        # Exported graphs by structure (export_onnx's graph_cache): compare's rows share them.
-        self._graphs: dict[str, Any] = {}
         self._after_cut: set[tuple[str, ...]] = set()
 
     # ------------------------------------------------------------------ plans
@@ -648,6 +649,26 @@ class Experiment:
         x, labels, groups = memo[1]
         return x.clone(), labels.copy(), groups.copy()
 
+    def exporter(self) -> Exporter:
+        """A new :class:`~fairdeploy.export.Exporter` with the recipe's ``export:``
+        settings (layout, dead-neuron elimination, exporter, opset, simplification,
+        tolerances, the ``.verify.npz`` cap). A caller that exports several models holds
+        one and passes it to :meth:`export`, so models of the same structure share one
+        traced graph (``compare`` does, for its rows)."""
+        from fairdeploy.export import Exporter, ExportOptions
+
+        spec = self.recipe.export
+        options = ExportOptions(
+            sparse_layout=spec.sparse_layout,
+            eliminate_dead=spec.eliminate_dead,
+            simplify=spec.simplify,
+            exporter=spec.exporter,
+            opset=spec.opset,
+            atol=spec.tolerances.atol,
+            rtol=spec.tolerances.rtol,
+        )
+        return Exporter(options, reference_max_bytes=int(spec.verify_npz_max_mb * 1e6))
+
     def export(
         self,
         processed: Processed,
@@ -656,8 +677,9 @@ class Experiment:
         metadata: Mapping[str, Any] | None = None,
         samples: int | None = None,
         baseline: Mapping[str, int] | None = None,
+        exporter: Exporter | None = None,
         defer: bool = False,
-    ) -> Any:
+    ) -> ExportResult:
         """Export the processed model to ONNX with the recipe's ``export:`` settings.
 
         Writes ``path`` and ``<path stem>.verify.npz`` (the first ``samples`` test inputs
@@ -669,22 +691,19 @@ class Experiment:
         (:func:`~fairdeploy.export.pack_weights`, checked bit for bit): the model computes
         exactly what the dense export does, so the ``.verify.npz`` stays valid.
         ``baseline`` (:func:`~fairdeploy.export.onnx_sizes` of the vanilla export) puts
-        the measured C.R. in the file's metadata in the same write. Models of the same
-        structure exported by this experiment share one traced graph (see
-        :func:`~fairdeploy.export.export_onnx`'s ``graph_cache``). ``defer=True``
-        returns before the model file is written, leaving what :meth:`verify` repeats to
-        the caller (see :func:`~fairdeploy.export.export_onnx`; ``compare`` calls the
-        result's ``finish`` and :meth:`verify` in a background thread, and exports again
-        without deferring when they fail).
+        the measured C.R. in the file's metadata in the same write. ``exporter``: the
+        :meth:`exporter` to export with (default: a new one), so that models of the same
+        structure exported through it share one traced graph. ``defer=True`` returns
+        before the model file is written, leaving what :meth:`verify` repeats to the caller
+        (see :meth:`fairdeploy.export.Exporter.export`; ``compare`` calls the result's
+        ``finish`` and :meth:`verify` in a background thread, and exports again without
+        deferring when they fail).
         Returns the :class:`~fairdeploy.export.ExportResult` (``packing`` holds the
         :class:`~fairdeploy.export.PackReport`, ``sizes`` and ``measured_cr`` the file's).
         """
-        from fairdeploy.export import export_onnx
-
-        exp = self.recipe.export
         ref = self.reference(processed, samples)
         x = torch.from_numpy(ref.inputs)
-        return export_onnx(
+        return (exporter or self.exporter()).export(
             self.model_of(processed),
             x[:2],
             path,
@@ -693,17 +712,8 @@ class Experiment:
             reference_outputs=ref.outputs,
             labels=ref.labels,
             groups=ref.groups,
-            simplify=exp.simplify,
-            sparse_layout=exp.sparse_layout,
-            eliminate_dead=exp.eliminate_dead,
-            opset=exp.opset,
-            exporter=exp.exporter,
-            atol=exp.tolerances.atol,
-            rtol=exp.tolerances.rtol,
-            reference_max_bytes=int(exp.verify_npz_max_mb * 1e6),
             packing=processed.plan.implementation.packing(processed.plan, processed) or None,
             baseline_sizes=baseline,
-            graph_cache=self._graphs,
             defer=defer,
         )
 

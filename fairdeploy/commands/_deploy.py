@@ -288,7 +288,7 @@ def _vanilla_onnx(
     over β or sr exports the vanilla model once; the run folder gets a hard link to the
     cached file (a copy across file systems).
     """
-    from fairdeploy.export import export_onnx
+    from fairdeploy.export import ExportOptions, export_onnx
 
     ctx = exp.context
     recipe = exp.recipe
@@ -316,9 +316,10 @@ def _vanilla_onnx(
             exporting("the vanilla model"),
         ):
             export_onnx(
-                ctx.model, example, path, opset=exp_spec.opset, exporter=exp_spec.exporter,
-                simplify=exp_spec.simplify,
-                metadata=metadata,
+                ctx.model, example, path, metadata=metadata,
+                options=ExportOptions(
+                    opset=exp_spec.opset, exporter=exp_spec.exporter, simplify=exp_spec.simplify
+                ),
             )
 
     target = run / "vanilla.onnx"

@@ -29,6 +29,7 @@ from fairdeploy.commands._deploy import (
 from fairdeploy.commands._rows import _evaluate_plans, _Rows
 from fairdeploy.errors import FairDeployError
 from fairdeploy.experiment import Experiment
+from fairdeploy.export import Exporter
 from fairdeploy.methods import Processed
 from fairdeploy.metrics import GroupMetrics
 from fairdeploy.plan import Plan
@@ -76,8 +77,10 @@ def _deploy_rows(
     the other rows' measured C.R. is against its export); fills each method entry's
     ``compression.measured`` and ``artifact``, and the report's ``artifacts`` summary.
 
-    A row is exported with its file write and the checks that verifying it repeats
-    deferred (:func:`~fairdeploy.export.export_onnx`'s ``defer``); the write, the packing's
+    Every row is exported through one :meth:`Experiment.exporter
+    <fairdeploy.experiment.Experiment.exporter>`, so rows of one structure share a traced
+    graph, with its file write and the checks that verifying it repeats deferred
+    (:meth:`~fairdeploy.export.Exporter.export`'s ``defer``); the write, the packing's
     bit-for-bit check and the row's verification (file I/O and ONNX Runtime, which release
     the GIL) run in a background thread while the next rows are traced and exported (as
     many as ``_IN_FLIGHT_BYTES`` of serialized files allow). Results are taken in export
@@ -93,6 +96,7 @@ def _deploy_rows(
     vanilla: dict[str, int] | None = None  # the vanilla row's sizes: the baseline of ratios
     vanilla_path: str | None = None
     pending: list[_PendingRow] = []
+    exporter = exp.exporter()  # one for every row: their traced graphs are shared
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fairdeploy-verify") as pool:
         try:
             for name, processed in _export_order(rows):
@@ -102,7 +106,7 @@ def _deploy_rows(
                 folder = folders[name]
                 path = run / folder / "model.onnx"
                 echo(f"exporting and verifying {name} -> {folder}/model.onnx ...")
-                row = _PendingRow(entries[name], folder, path, processed, vanilla)
+                row = _PendingRow(entries[name], folder, path, processed, vanilla, exporter)
                 res = row.export(exp, defer=True)
                 if vanilla is None:  # the first row is vanilla: the reference of every ratio
                     vanilla, vanilla_path = res.sizes, f"{folder}/model.onnx"
@@ -154,6 +158,7 @@ class _PendingRow:
     path: Path
     processed: Processed
     baseline: dict[str, int] | None  # the vanilla row's sizes; None for the vanilla row
+    exporter: Exporter  # compare's, shared by every row
     future: Any = None
     sizes: dict[str, int] = field(default_factory=dict)  # of its file, as exported
 
@@ -169,10 +174,11 @@ class _PendingRow:
             warnings.simplefilter("ignore", category=(DeprecationWarning, FutureWarning))
             if self.baseline is None:  # vanilla: every ratio 1 by definition
                 meta = exp.metadata(self.processed) | {"measured_cr": ones}
-                res = exp.export(self.processed, self.path, metadata=meta, defer=defer)
+                res = exp.export(self.processed, self.path, metadata=meta,
+                                 exporter=self.exporter, defer=defer)
             else:
                 res = exp.export(self.processed, self.path, baseline=self.baseline,
-                                 defer=defer)
+                                 exporter=self.exporter, defer=defer)
         _record_export(self.entry, res, res.measured_cr or ones)
         self.entry["artifact"] = {"path": f"{self.folder}/model.onnx", "sizes": res.sizes}
         return res

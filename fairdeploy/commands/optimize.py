@@ -204,7 +204,7 @@ def _npz_array_shape(path: Path, key: str) -> tuple[int, ...] | None:
 def _check_export(exp: Experiment, *, progress: bool = False) -> str:
     """Export the vanilla model to a temporary ONNX file (checker and ONNX Runtime parity
     included) and say so; raises FairDeployError with the fix when it cannot be exported."""
-    from fairdeploy.export import export_onnx, onnx_sizes
+    from fairdeploy.export import ExportOptions, export_onnx, onnx_sizes
 
     shape = input_shape(exp.recipe, exp.model)
     if shape is None:
@@ -232,8 +232,8 @@ def _check_export(exp: Experiment, *, progress: bool = False) -> str:
             exporting(f"the vanilla model (input of shape {'×'.join(map(str, shape))})"),
         ):
             export_onnx(
-                exp.model, example, path, opset=spec.opset, exporter=spec.exporter,
-                simplify=False,
+                exp.model, example, path,
+                options=ExportOptions(opset=spec.opset, exporter=spec.exporter),
             )
         size = onnx_sizes(path)["file_bytes"]
     return (

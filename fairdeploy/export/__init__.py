@@ -22,6 +22,8 @@ from fairdeploy.export._layout import (
 from fairdeploy.export._onnx import (
     EXPORTERS,
     METADATA_PREFIX,
+    Exporter,
+    ExportOptions,
     ExportResult,
     check_factor_structure,
     export_onnx,
@@ -40,7 +42,9 @@ __all__ = [
     "DeployedLayer",
     "DeployedParams",
     "ExportFactorized",
+    "ExportOptions",
     "ExportResult",
+    "Exporter",
     "Int8Compression",
     "Int8Export",
     "Int8Fairness",
