@@ -75,7 +75,9 @@ _SINGLE_FILE_LIMIT = 1_900_000_000
 
 @dataclass(frozen=True)
 class ExportResult:
-    """What :func:`export_onnx` wrote.
+    """What :func:`export_onnx` (or :meth:`Exporter.export`) wrote. ``packing``,
+    ``measured_cr`` and ``finish`` are filled by the exporter's ``packing``,
+    ``baseline_sizes`` and ``defer`` only: None after :func:`export_onnx`.
 
     Attributes
     ----------
