@@ -32,6 +32,9 @@ import numpy as np
 import torch
 from torch import nn
 
+if TYPE_CHECKING:  # only for annotations: export is imported when used
+    from fairdeploy.export import Exporter, ExportResult
+
 from fairdeploy import __version__
 from fairdeploy._probe import check_model_takes_inputs
 from fairdeploy.cache import FeatureCache, dataset_fingerprint, file_sha256
@@ -43,9 +46,6 @@ from fairdeploy.metrics import GroupMetrics, group_metrics, privileged_group
 from fairdeploy.plan import AUTO_SAMPLES_PER_GROUP, Plan, SamplingSpec
 from fairdeploy.recipe import Recipe, load_recipe, parse_recipe
 from fairdeploy.scoring import scoring_indices
-
-if TYPE_CHECKING:
-    from fairdeploy.export import Exporter, ExportResult
 
 __all__ = ["Context", "Experiment", "ScoringSet"]
 
