@@ -703,7 +703,9 @@ class Experiment:
         """
         ref = self.reference(processed, samples)
         x = torch.from_numpy(ref.inputs)
-        return (exporter or self.exporter()).export(
+        if exporter is None:
+            exporter = self.exporter()
+        return exporter.export(
             self.model_of(processed),
             x[:2],
             path,
