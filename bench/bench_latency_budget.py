@@ -27,7 +27,7 @@ from types import SimpleNamespace
 
 import torch
 
-from fairdeploy.app import _latency
+from fairdeploy.commands._deploy import _latency
 from fairdeploy.export import export_onnx
 from fairdeploy.lrf import factorize, replace_module
 from fairdeploy.models import build_model

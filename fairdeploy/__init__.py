@@ -62,12 +62,12 @@ _EXPORTS = {
     "int8_fairness": "fairdeploy.export",
     "measure_latency": "fairdeploy.bench",
     "predict_files": "fairdeploy.serve",
-    "run_optimize": "fairdeploy.app",
-    "run_compare": "fairdeploy.app",
-    "OptimizeResult": "fairdeploy.app",
-    "CompareResult": "fairdeploy.app",
-    "run_sweep": "fairdeploy.app",
-    "SweepResult": "fairdeploy.app",
+    "run_optimize": "fairdeploy.commands.optimize",
+    "run_compare": "fairdeploy.commands.compare",
+    "OptimizeResult": "fairdeploy.commands.optimize",
+    "CompareResult": "fairdeploy.commands.compare",
+    "run_sweep": "fairdeploy.commands.sweep",
+    "SweepResult": "fairdeploy.commands.sweep",
     "parse_selection": "fairdeploy.sweep",
 }
 

@@ -151,10 +151,10 @@ def verify(
     if checkpoint is not None:
         if reference is not None:
             raise click.UsageError("give either --reference or --checkpoint/--recipe")
-        from fairdeploy import app
+        from fairdeploy.commands import verify as command
 
-        notes = app.reference_notes(model, checkpoint)
-        reference, privileged = app.reference_from_checkpoint(
+        notes = command.reference_notes(model, checkpoint)
+        reference, privileged = command.reference_from_checkpoint(
             model, checkpoint, recipe_path, split=split, samples=samples,
             trust_checkpoint=trust_checkpoint, progress=True,
         )
@@ -314,16 +314,16 @@ def optimize(
     no_latency: bool, device: str, trust_checkpoint: bool, exports_dir: str, no_cache: bool,
 ) -> None:
     """Apply the recipe's method to CHECKPOINT; export, verify and report."""
-    from fairdeploy import app
+    from fairdeploy.commands import optimize as command
 
     if dry_run:
-        _print_dry_run(app.dry_run(checkpoint, recipe_path, trust_checkpoint=trust_checkpoint,
-                                   progress=True))
+        _print_dry_run(command.dry_run(checkpoint, recipe_path, trust_checkpoint=trust_checkpoint,
+                                       progress=True))
         return
     if no_latency and latency not in (None, "off"):
         raise click.UsageError("give either --no-latency or --latency")
     _check_device(device)
-    result = app.run_optimize(
+    result = command.run_optimize(
         checkpoint, recipe_path, out=out, exports_dir=exports_dir, device=device,
         trust_checkpoint=trust_checkpoint, cache_dir=None if no_cache else "default",
         latency="off" if no_latency else (latency or True), echo=click.echo,
@@ -342,10 +342,10 @@ def compare(
     exports_dir: str, no_cache: bool,
 ) -> None:
     """Run every method of the recipe's compare list on CHECKPOINT: the paper's table."""
-    from fairdeploy import app
+    from fairdeploy.commands import compare as command
 
     _check_device(device)
-    result = app.run_compare(
+    result = command.run_compare(
         checkpoint, recipe_path, out=out, exports_dir=exports_dir, device=device,
         trust_checkpoint=trust_checkpoint, cache_dir=None if no_cache else "default",
         echo=click.echo,
@@ -430,10 +430,10 @@ def sweep(
     cached features, SVD factors and Hessians; finished points are journaled, so an
     interrupted sweep resumes. Exit code 1 when no point satisfies --select.
     """
-    from fairdeploy import app
+    from fairdeploy.commands import sweep as command
 
     _check_device(device)
-    result = app.run_sweep(
+    result = command.run_sweep(
         checkpoint, recipe_path, grid=grid, methods=methods or None, repeats=repeats,
         select=select, guard=False if no_guard else None, guard_tolerance=guard_tolerance,
         write_recipe=write_recipe, out=out, exports_dir=exports_dir, device=device,
@@ -462,11 +462,11 @@ def train(
     batch_size: int | None, seed: int | None, no_resume: bool, device: str,
 ) -> None:
     """Pre-train the recipe's model on its training split (the paper's schedule)."""
-    from fairdeploy import app
+    from fairdeploy.commands import train as command
 
     _check_device(device)
     overrides = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed}
-    result = app.run_train(
+    result = command.run_train(
         recipe_path, output, overrides={k: v for k, v in overrides.items() if v is not None},
         resume=not no_resume, device=device,
     )
@@ -493,10 +493,10 @@ def train(
 @_apply(exports_option)
 def demo(out: str | None, epochs: int | None, sweep_: bool, exports_dir: str) -> None:
     """FairLRF end to end on CelebA's attribute table (needs the demo extra)."""
-    from fairdeploy import app
+    from fairdeploy.commands import train as command
 
-    result = app.run_demo(exports_dir=exports_dir, out=out, epochs=epochs, echo=click.echo,
-                          sweep=sweep_)
+    result = command.run_demo(exports_dir=exports_dir, out=out, epochs=epochs,
+                              echo=click.echo, sweep=sweep_)
     if sweep_:
         _print_sweep(result)
         if result.message and result.chosen is None:
