@@ -236,6 +236,14 @@ def apply_elimination(ready: nn.Module, plan: EliminationPlan) -> dict[str, dict
         (a junction whose union would remove every feature).
     """
     done: dict[str, dict[str, Any]] = {}
+    # Whether each layer had a bias before any folding: a bias that folding creates is
+    # exactly zero on the layer's own constant outputs (their row of the layer's weight
+    # is zero), so those constants are φ(0) as for a layer without bias.
+    had_bias = {
+        name: ready.get_submodule(name).bias is not None
+        for j in plan.junctions
+        for name in (j.producer, j.consumer)
+    }
     for j in plan.junctions:
         producer, consumer = ready.get_submodule(j.producer), ready.get_submodule(j.consumer)
         width = _width(producer, "out")
@@ -259,7 +267,10 @@ def apply_elimination(ready: nn.Module, plan: EliminationPlan) -> dict[str, dict
         keep = torch.tensor([i for i in range(width) if i not in dead], dtype=torch.long)
         with torch.no_grad():
             if const:
-                _fold_constants(producer, consumer, j, torch.tensor(const, dtype=torch.long))
+                _fold_constants(
+                    producer, consumer, j, torch.tensor(const, dtype=torch.long),
+                    producer_had_bias=had_bias[j.producer],
+                )
             _keep_outputs(producer, keep)
             _keep_inputs(consumer, keep)
             for step in j.link.feature_modules:
@@ -273,16 +284,22 @@ def apply_elimination(ready: nn.Module, plan: EliminationPlan) -> dict[str, dict
 
 
 def _fold_constants(
-    producer: nn.Module, consumer: nn.Module, j: Junction, const: torch.Tensor
+    producer: nn.Module,
+    consumer: nn.Module,
+    j: Junction,
+    const: torch.Tensor,
+    *,
+    producer_had_bias: bool,
 ) -> None:
-    """``consumer.bias += W[:, const] · φ(b_producer)[const]``, creating the bias if needed."""
+    """``consumer.bias += W[:, const] · φ(b_producer)[const]``, creating the bias if needed
+    (``producer_had_bias``: whether the producer had a bias before folding gave it one)."""
     width = _width(producer, "out")
     p = next(producer.parameters())
     b = producer.bias.detach() if producer.bias is not None else p.new_zeros(width)
     # The whole pre-activation vector through the real modules (per-feature ones
     # included), exactly as the model computes it, then the constant features.
     c = j.link.apply(b.reshape(1, width).clone())[0, const.to(b.device)]
-    if not needs_bias(j, producer.bias is not None):
+    if not needs_bias(j, producer_had_bias):
         return  # φ(0) = 0 for every step: the constants are exactly zero
     w = _dense_columns(consumer, const.to(p.device))
     add = (w @ c.double()).to(p.dtype)

@@ -308,6 +308,11 @@ class SparseLowRankMethod(LowRankMethod):
         index: int,
         selections: Mapping[str, Mapping[str, list[int]]],
     ) -> SelectionInputs:
-        """What the strategy reads to score layer ``plan.layers[index]`` of ``head`` (the
-        head as processed so far: earlier layers already sparsified)."""
+        """What the strategy reads to score layer ``plan.layers[index]``.
+
+        ``head`` is the head as processed so far (every target layer factorized, the
+        earlier ones already sparsified); ``selections`` what the earlier layers chose.
+        Which state a method scores is its own decision, stated in its docstring:
+        FairLRF scores ``head``; SLR-w and SLR-a score the vanilla model (the original
+        weights, the trained network's activations), as their paper does."""
         raise NotImplementedError

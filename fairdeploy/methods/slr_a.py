@@ -4,6 +4,12 @@ Input node i scores Σ |input activation_i| and output node j Σ |output activat
 (after the activation that follows the layer), summed over the scoring samples drawn
 from the training split (``scoring``: samples per group, seed). Compare entries derived
 from another main method use the paper's sr = rr = 0.5.
+
+Every layer of a multi-layer plan is scored on the VANILLA model's activations, not on
+the head as processed so far (as FairLRF does): SLR gathers its activation statistics
+from the trained network once, as SLR-w scores the original weights, so a layer's
+selection does not depend on the layers listed before it. An activation module called
+after several layers (one ``self.act`` reused) counts only its call on the layer's output.
 """
 
 from __future__ import annotations
@@ -53,8 +59,9 @@ class SLRActivation(SparseLowRankMethod):
     ) -> SelectionInputs:
         layer = plan.layers[index].layer  # type: ignore[attr-defined]
         scoring = ctx.scoring_set(plan.scoring)  # type: ignore[attr-defined]
-        # The head keeps the model's qualified names but not its containers, so the
-        # activation after the layer is found in the full model.
+        # The vanilla head, not ``head`` (see the module docstring). It keeps the model's
+        # qualified names but not its containers, so the activation after the layer is
+        # found in the full model.
         inputs, outputs = activation_abs_sums(
             ctx.head,
             layer,

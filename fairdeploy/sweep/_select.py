@@ -26,8 +26,11 @@ and even raise macro precision (few positive predictions, mostly right), so ever
 selection also rejects a point whose accuracy or balanced accuracy (macro recall) falls
 more than the tolerance below vanilla's, or where any group's rate of predicting any
 class falls below half of vanilla's — in ANY draw, not only the median. The tolerance is
-the largest ``t`` of the rule's ``METRIC >= vanilla - t`` constraints (0.01 when it has
-none), unless given; the guard can be switched off.
+the largest ``t`` of the rule's ``METRIC >= vanilla - t`` constraints on accuracy-like
+metrics (accuracy, balanced_accuracy, avg_precision, avg_recall, avg_f1; 0.01 when it
+has none), unless given; a constraint on a fairness gap or the C.R. never loosens it. A
+point whose accuracy, macro recall or a group's class rate is undefined (NaN) where
+vanilla's is defined fails the guard. The guard can be switched off.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from typing import Any
 from fairdeploy.errors import FairDeployError
 
 __all__ = [
+    "ACCURACY_LIKE",
     "DEFAULT_GUARD_TOLERANCE",
     "GRAMMAR",
     "SELECT_METRICS",
@@ -70,6 +74,11 @@ SELECT_METRICS: dict[str, str] = {
     "eopp0": "eopp0",
     "cr": "cr",
 }
+#: The metrics whose ``METRIC >= vanilla - t`` constraints set the collapse guard's
+#: tolerance: how far the rule lets predictive performance fall below vanilla's.
+ACCURACY_LIKE = frozenset(
+    {"accuracy", "balanced_accuracy", "avg_precision", "avg_recall", "avg_f1"}
+)
 _REFS = {"vanilla": "vanilla", "svd": "svd", "truncated_svd": "svd"}
 _OPS = {">=": ">=", "≥": ">=", "<=": "<=", "≤": "<=", ">": ">", "<": "<"}
 
@@ -126,8 +135,15 @@ class Constraint:
         }[self.op]
 
     def vanilla_tolerance(self) -> float | None:
-        """``t`` when the constraint reads ``metric >= vanilla - t`` (≥ or >), else None."""
-        if self.op in (">=", ">") and self.refs == (("vanilla", 1.0),) and self.constant <= 0:
+        """``t`` when the constraint reads ``metric >= vanilla - t`` (≥ or >) on an
+        accuracy-like metric (:data:`ACCURACY_LIKE`), else None: a fairness gap or the
+        C.R. allowed to move says nothing about how far accuracy may fall."""
+        if (
+            self.metric in ACCURACY_LIKE
+            and self.op in (">=", ">")
+            and self.refs == (("vanilla", 1.0),)
+            and self.constant <= 0
+        ):
             return -self.constant
         return None
 
@@ -143,7 +159,8 @@ class Selection:
 
     def guard_tolerance(self) -> float:
         """The collapse guard's tolerance: the largest ``t`` among the rule's
-        ``METRIC >= vanilla - t`` constraints, else :data:`DEFAULT_GUARD_TOLERANCE`."""
+        ``METRIC >= vanilla - t`` constraints on accuracy-like metrics
+        (:data:`ACCURACY_LIKE`), else :data:`DEFAULT_GUARD_TOLERANCE`."""
         found = [t for c in self.constraints if (t := c.vanilla_tolerance()) is not None]
         return max(found) if found else DEFAULT_GUARD_TOLERANCE
 
@@ -341,9 +358,11 @@ def guard_reasons(
         reasons = []
         for key, label in (("accuracy", "accuracy"), ("balanced_accuracy", "macro recall")):
             value, ref = m.get(key), vanilla.get(key)
-            if value is None or ref is None:
+            if ref is None or math.isnan(ref):
                 continue
-            if value < ref - tolerance - 1e-12:
+            if value is None or math.isnan(value):
+                reasons.append(f"{label} is undefined (vanilla's is {ref:.4f})")
+            elif value < ref - tolerance - 1e-12:
                 reasons.append(
                     f"{label} {value:.4f} < vanilla's {ref:.4f} − {tolerance:g}"
                 )
@@ -351,9 +370,14 @@ def guard_reasons(
         if rates is not None and ref_rates is not None:
             for g, (row, ref_row) in enumerate(zip(rates, ref_rates, strict=True)):
                 for k, (r, ref) in enumerate(zip(row, ref_row, strict=True)):
-                    if r is None or ref is None or math.isnan(ref) or ref <= 0:
+                    if ref is None or math.isnan(ref) or ref <= 0:
                         continue
-                    if r < 0.5 * ref:
+                    if r is None or math.isnan(r):
+                        reasons.append(
+                            f"group {group_names[g]!r}'s rate of predicting class "
+                            f"{class_names[k]!r} is undefined (vanilla's is {100 * ref:.1f} %)"
+                        )
+                    elif r < 0.5 * ref:
                         reasons.append(
                             f"group {group_names[g]!r} predicts class {class_names[k]!r} for "
                             f"{100 * r:.1f} % of its samples, below half of vanilla's "
