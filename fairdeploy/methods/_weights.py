@@ -12,8 +12,8 @@ FairLRF uses (same draw for the same ``samples_per_group`` and ``seed``). Where:
   processed model runs over the validation and test splits once (the feature cache
   cannot serve them); the row's notes say so.
 
-Hessians go through :meth:`~fairdeploy.experiment.Context.cached_tensors`, keyed by the
-layers, where they ran, the estimator and its settings, the scoring draw and the
+Hessians come from :meth:`~fairdeploy.experiment.Context.hessians`, which keys them by
+the weights, where they ran, the estimator and its settings, the scoring draw and the
 privileged group, so FairPrune and FairQuantize on the same layers and draw share one
 computation (the costliest step of both).
 """
@@ -190,14 +190,11 @@ class WeightMethod(Method):
         from fairdeploy.weight_hessian import group_weight_hessians
 
         spec: WeightScoring = plan.scoring  # type: ignore[attr-defined]
-        names = weight_layers(plan, ctx.model)
-        pnames = [f"{n}.weight" for n in names]
-        data = self.scoring_data(plan, ctx, full_model=full_model)
-        ids = (ctx.unprivileged, ctx.privileged)
+        pnames = [f"{n}.weight" for n in weight_layers(plan, ctx.model)]
         net = ctx.model if full_model else ctx.head
 
-        def compute() -> dict[str, torch.Tensor]:
-            h = group_weight_hessians(
+        def compute(data: ScoringSet, ids: tuple[int, int]) -> dict[int, dict[str, Any]]:
+            return group_weight_hessians(
                 self.on_device(net, ctx) if full_model else net,
                 pnames,
                 data.features.features,
@@ -209,20 +206,14 @@ class WeightMethod(Method):
                 mc_samples=spec.mc_samples,
                 seed=spec.seed,
             )
-            return {f"{g}|{p}": t.cpu() for g, d in h.items() for p, t in d.items()}
 
-        key = {
-            "weights": pnames,
-            "on": "model" if full_model else "head",
-            "estimator": spec.estimator,
-            "batch_size": spec.batch_size,
-            # Only ggn_mc draws labels: other estimators share one entry.
-            "mc_samples": spec.mc_samples if spec.estimator == "ggn_mc" else None,
-            "scoring": data.key,
-            "privileged": ctx.privileged,
-        }
-        flat = ctx.cached_tensors("weight_hessian", key, compute)
-        return {role: {p: flat[f"{g}|{p}"] for p in pnames} for role, g in enumerate(ids)}
+        return ctx.hessians(
+            spec,
+            compute,
+            of={"weights": pnames},
+            inputs="model" if full_model else "features",
+            kind="weight_hessian",
+        )
 
     @staticmethod
     def on_device(model: nn.Module, ctx: Context) -> nn.Module:

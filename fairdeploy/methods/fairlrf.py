@@ -27,7 +27,7 @@ from fairdeploy.plan import LayerPlan, Plan, ScoringSpec
 from fairdeploy.scoring import group_hessians
 
 if TYPE_CHECKING:
-    from fairdeploy.experiment import Context
+    from fairdeploy.experiment import Context, ScoringSet
 
 __all__ = ["FairLRF", "FairLRFPlan", "FairLRFScoring"]
 
@@ -122,23 +122,19 @@ class FairLRF(SparseLowRankMethod):
         layers = plan.layers  # type: ignore[attr-defined]
         lp = layers[index]
         spec: FairLRFScoring = plan.scoring  # type: ignore[attr-defined]
-        scoring = ctx.scoring_set(spec)
-        # Group ids in the data → 0 (unprivileged) and 1 (privileged) of the score.
-        ids = (ctx.unprivileged, ctx.privileged)
 
-        def hessians() -> dict[str, Any]:
-            h = group_hessians(
+        def hessians(data: ScoringSet, ids: tuple[int, int]) -> dict[int, dict[str, Any]]:
+            return group_hessians(
                 head,
                 lp.layer,
-                scoring.features.features,
-                scoring.features.targets,
-                scoring.features.groups,
+                data.features.features,
+                data.features.targets,
+                data.features.groups,
                 group_ids=ids,
                 estimator=spec.estimator,
                 batch_size=spec.batch_size,
                 seed=spec.seed,
             )
-            return {f"{g}.{p}": t for g, d in h.items() for p, t in d.items()}
 
         # The head's state so far: every layer's rank, the earlier layers' settings and
         # selections (not this layer's sr/rr/β: a sweep over them reuses the Hessians).
@@ -146,18 +142,14 @@ class FairLRF(SparseLowRankMethod):
             "settings": [p.model_dump(mode="json") for p in layers[:index]],
             "rows": {k: dict(v) for k, v in selections.items()},
         }
-        key = {
+        of = {
+            "layer": lp.layer,
             "ranks": [(p.layer, p.rank) for p in layers],
             "before": hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest(),
-            "layer": lp.layer,
-            "estimator": spec.estimator,
-            "batch_size": spec.batch_size,
-            "scoring": scoring.key,
-            "privileged": ctx.privileged,
         }
-        h = ctx.cached_tensors("hessian", key, hessians)
+        h = ctx.hessians(spec, hessians, of=of)
         return SelectionInputs(
-            hessians={role: {p: h[f"{g}.{p}"] for p in ("U", "V")} for role, g in enumerate(ids)},
+            hessians={role: {p: h[role][p] for p in ("U", "V")} for role in (0, 1)},
             beta=lp.beta,
             row_score=spec.row_score,
         )

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, ClassVar
 
+import torch
 from pydantic import Field
 from torch import nn
 
@@ -26,7 +27,7 @@ from fairdeploy.methods._registry import register_method
 from fairdeploy.plan import Plan, SamplingSpec
 
 if TYPE_CHECKING:
-    from fairdeploy.experiment import Context
+    from fairdeploy.experiment import Context, ScoringSet
 
 __all__ = ["SLRActivation", "SLRActivationPlan"]
 
@@ -58,14 +59,20 @@ class SLRActivation(SparseLowRankMethod):
         selections: Mapping[str, Mapping[str, list[int]]],
     ) -> SelectionInputs:
         layer = plan.layers[index].layer  # type: ignore[attr-defined]
-        scoring = ctx.scoring_set(plan.scoring)  # type: ignore[attr-defined]
+        activation = following_activation(ctx.model, layer)
+
         # The vanilla head, not ``head`` (see the module docstring). It keeps the model's
         # qualified names but not its containers, so the activation after the layer is
         # found in the full model.
-        inputs, outputs = activation_abs_sums(
-            ctx.head,
-            layer,
-            scoring.features.features.split(1024),
-            activation=following_activation(ctx.model, layer),
+        def sums(data: ScoringSet) -> dict[str, torch.Tensor]:
+            inputs, outputs = activation_abs_sums(
+                ctx.head, layer, data.features.features.split(1024), activation=activation
+            )
+            return {"input": inputs, "output": outputs}
+
+        got = ctx.activations(
+            plan.scoring,  # type: ignore[attr-defined]
+            sums,
+            of={"abs_sums": layer, "activation": activation, "module": "vanilla head"},
         )
-        return SelectionInputs(input_abs_sum=inputs, output_abs_sum=outputs)
+        return SelectionInputs(input_abs_sum=got["input"], output_abs_sum=got["output"])
