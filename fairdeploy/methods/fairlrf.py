@@ -76,7 +76,7 @@ class FairLRFPlan(SparsePlan):
 
 
 @register_method
-class FairLRF(SparseLowRankMethod):
+class FairLRF(SparseLowRankMethod[FairLRFPlan]):
     """FairLRF: sparsify the rows/columns whose removal costs the unprivileged group
     least relative to β times the privileged group's cost."""
 
@@ -90,17 +90,17 @@ class FairLRF(SparseLowRankMethod):
     def describe_layer(self, lp: LayerPlan) -> str:
         return f"{super().describe_layer(lp)}, β={lp.beta:.3g}"
 
-    def warnings(self, plan: Plan, model: nn.Module) -> list[str]:
+    def warnings(self, plan: FairLRFPlan, model: nn.Module) -> list[str]:
         out = super().warnings(plan, model)
-        for lp in plan.layers:  # type: ignore[attr-defined]
+        for lp in plan.layers:
             if lp.beta is not None and lp.beta >= 1:
                 out.append(
                     f"layer {lp.layer}: β = {lp.beta:.3g} ≥ 1 scores the rows that matter to "
                     "both groups (h0 ≈ h1) negative, so the most important rows are removed "
                     "first; the paper uses β < 1 (5/9, 3/7)"
                 )
-        if plan.scoring.estimator == "exact":  # type: ignore[attr-defined]
-            for lp in plan.layers:  # type: ignore[attr-defined]
+        if plan.scoring.estimator == "exact":
+            for lp in plan.layers:
                 curved = curved_modules_after(model, lp.layer)
                 if curved:
                     out.append(
@@ -113,15 +113,15 @@ class FairLRF(SparseLowRankMethod):
 
     def selection_inputs(
         self,
-        plan: Plan,
+        plan: FairLRFPlan,
         ctx: Context,
         head: nn.Module,
         index: int,
         selections: Mapping[str, Mapping[str, list[int]]],
     ) -> SelectionInputs:
-        layers = plan.layers  # type: ignore[attr-defined]
+        layers = plan.layers
         lp = layers[index]
-        spec: FairLRFScoring = plan.scoring  # type: ignore[attr-defined]
+        spec: FairLRFScoring = plan.scoring
 
         def hessians(data: ScoringSet, ids: tuple[int, int]) -> dict[int, dict[str, Any]]:
             return group_hessians(
@@ -150,7 +150,7 @@ class FairLRF(SparseLowRankMethod):
         h = ctx.hessians(spec, hessians, of=of)
         return SelectionInputs(
             hessians={role: {p: h[role][p] for p in ("U", "V")} for role in (0, 1)},
-            beta=lp.beta,
+            beta=plan.beta if lp.beta is None else lp.beta,  # filled by the plan: never None
             row_score=spec.row_score,
         )
 

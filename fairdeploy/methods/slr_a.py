@@ -39,7 +39,7 @@ class SLRActivationPlan(SparsePlan):
 
 
 @register_method
-class SLRActivation(SparseLowRankMethod):
+class SLRActivation(SparseLowRankMethod[SLRActivationPlan]):
     """SLR-a: sparsify the rows/columns of least absolute activation."""
 
     name: ClassVar[str] = "slr_a"
@@ -52,13 +52,13 @@ class SLRActivation(SparseLowRankMethod):
 
     def selection_inputs(
         self,
-        plan: Plan,
+        plan: SLRActivationPlan,
         ctx: Context,
         head: nn.Module,
         index: int,
         selections: Mapping[str, Mapping[str, list[int]]],
     ) -> SelectionInputs:
-        layer = plan.layers[index].layer  # type: ignore[attr-defined]
+        layer = plan.layers[index].layer
         activation = following_activation(ctx.model, layer)
 
         # The vanilla head, not ``head`` (see the module docstring). It keeps the model's
@@ -71,7 +71,7 @@ class SLRActivation(SparseLowRankMethod):
             return {"input": inputs, "output": outputs}
 
         got = ctx.activations(
-            plan.scoring,  # type: ignore[attr-defined]
+            plan.scoring,
             sums,
             of={"abs_sums": layer, "activation": activation, "module": "vanilla head"},
         )
