@@ -173,3 +173,46 @@ def test_a_recipes_sweep_section_refuses_bad_numbers_in_one_line(tmp_path, text)
     for msg in (select, grid):
         assert "\n" not in msg and "r.yaml" in msg and repr(text) in msg
     assert "sweep.select" in select and "sweep.grid" in grid
+
+
+@pytest.mark.parametrize("text", _BAD)
+@pytest.mark.parametrize(
+    "args",
+    [["cache", "prune", "--keep-days"], ["verify", "m.onnx", "--atol"],
+     ["sweep", "ck.pt", "--recipe", "r.yaml", "--guard-tolerance"]],
+    ids=["keep-days", "atol", "guard-tolerance"],
+)
+def test_number_options_use_the_grammar(tmp_path, args, text) -> None:
+    """``--guard-tolerance nan`` once switched the collapse guard off in effect."""
+    from click.testing import CliRunner
+
+    from fairdeploy.cli import main
+
+    result = CliRunner().invoke(main, [*args, text], catch_exceptions=False)
+    assert result.exit_code == 2 and repr(text) in result.output
+    assert "Traceback" not in result.output
+
+
+def test_number_options_take_fractions(tmp_path) -> None:
+    from fairdeploy.cli import _Number
+
+    assert _Number(min=0, max=1).convert("1/2.5", None, None) == 0.4
+    assert _Number(min=0).convert("50%", None, None) == 0.5
+
+
+@pytest.mark.parametrize("tolerance", [float("nan"), float("inf"), -0.1, 2.0])
+def test_run_sweep_refuses_a_tolerance_outside_0_1(tmp_path, tolerance) -> None:
+    import yaml
+
+    from fairdeploy.commands.sweep import run_sweep
+
+    data = {
+        "model": {"arch": "mlp", "num_classes": 3, "kwargs": {"in_features": 8}},
+        "data": {"kind": "npz", "path": str(tmp_path / "d.npz")},
+        "sensitive": {"attribute": "group", "groups": {"a": [0], "b": [1]}},
+        "method": {"name": "fairlrf", "layers": [{"layer": "layers.2", "rank": 8}]},
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(FairDeployError, match=r"^guard_tolerance=.* use a number in \[0, 1\]$"):
+        run_sweep(tmp_path / "ck.pt", tmp_path / "r.yaml", grid=["sr=0.5"],
+                  guard_tolerance=tolerance, out=tmp_path / "out", progress=False)
