@@ -21,6 +21,33 @@ import click
 from fairdeploy.errors import FairDeployError
 
 
+class _Number(click.ParamType):
+    """A number option read by the one number grammar (:mod:`fairdeploy.grammar`: 0.5,
+    1e-3, 1/2.5, 50%), within ``[min, max]`` (``min_open``: above ``min``). ``nan``,
+    ``inf``, ``1/0`` and huge exponents are usage errors, as everywhere numbers are text."""
+
+    name = "number"
+
+    def __init__(self, min: float = 0.0, max: float | None = None, *, min_open: bool = False):
+        self.min, self.max, self.min_open = min, max, min_open
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from fairdeploy.grammar import NumberError, parse_number
+
+        if isinstance(value, float):
+            return value
+        try:
+            number = parse_number(str(value), what="number")
+        except NumberError as exc:
+            self.fail(f"{exc.text!r} {exc.problem}", param, ctx)
+        low_ok = number > self.min if self.min_open else number >= self.min
+        if not low_ok or (self.max is not None and number > self.max):
+            low = f"> {self.min:g}" if self.min_open else f"≥ {self.min:g}"
+            high = "" if self.max is None else f" and ≤ {self.max:g}"
+            self.fail(f"{value!r} is not allowed: use a number {low}{high}", param, ctx)
+        return number
+
+
 class _Group(click.Group):
     """A click group that turns FairDeployError into ``Error: ...`` and exit code 1.
 
@@ -128,8 +155,8 @@ def main() -> None:
               show_default=True, help="Data split for --checkpoint.")
 @click.option("--samples", type=click.IntRange(min=1), default=None,
               help="Inputs of the split to compare (default: the recipe's export.verify_samples).")
-@click.option("--atol", type=click.FloatRange(min=0), default=1e-4, show_default=True)
-@click.option("--rtol", type=click.FloatRange(min=0), default=1e-3, show_default=True)
+@click.option("--atol", type=_Number(min=0), default=1e-4, show_default=True)
+@click.option("--rtol", type=_Number(min=0), default=1e-3, show_default=True)
 @_apply(provider_option, trust_option, json_option)
 def verify(
     model: str, reference: str | None, checkpoint: str | None, recipe_path: str | None,
@@ -177,7 +204,7 @@ def verify(
               help="Comma-separated batch sizes.")
 @click.option("--iters", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
-@click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--max-seconds", type=_Number(min=0, min_open=True), default=None,
               help="Time budget per batch size (at least 5 timed runs per model).")
 @click.option("--layer", "layers", multiple=True,
               help="Also time this layer's sub-graph (repeatable; default: the factorized "
@@ -406,7 +433,7 @@ def _print_sweep(result: Any) -> None:
 @click.option("--no-guard", is_flag=True,
               help="Switch off the collapse guard (accuracy / macro recall within the tolerance "
                    "of vanilla, no group's class rate below half of vanilla's).")
-@click.option("--guard-tolerance", type=click.FloatRange(min=0, max=1), default=None,
+@click.option("--guard-tolerance", type=_Number(min=0, max=1), default=None,
               help="The guard's tolerance (default: the rule's 'vanilla - t', else 0.01).")
 @click.option("--write-recipe", type=click.Path(dir_okay=False), default=None,
               help="Also write the chosen setting as a runnable recipe here (always written as "
@@ -450,7 +477,7 @@ def sweep(
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Where to write the trained checkpoint.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override train.epochs.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--lr", type=_Number(min=0, min_open=True), default=None,
               help="Override train.lr.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Override train.batch_size.")
@@ -605,7 +632,7 @@ def cache_clear(exports_dir: str) -> None:
 
 
 @cache.command("prune")
-@click.option("--keep-days", type=click.FloatRange(min=0), required=True,
+@click.option("--keep-days", type=_Number(min=0), required=True,
               help="Keep entries used within this many days; delete the others.")
 @_apply(exports_option)
 def cache_prune(keep_days: float, exports_dir: str) -> None:

@@ -251,6 +251,11 @@ def _sweep_settings(
     tolerance = guard_tolerance if guard_tolerance is not None else (
         spec.guard_tolerance if spec else None
     )
+    ok = isinstance(tolerance, int | float) and not isinstance(tolerance, bool)
+    if tolerance is not None and not (ok and 0 <= tolerance <= 1):  # NaN fails too
+        raise FairDeployError(
+            f"guard_tolerance={tolerance!r} is not allowed: use a number in [0, 1]"
+        )
     names = list(methods or (spec.methods if spec and spec.methods else [recipe.method.method]))
     for name in names:
         reason = get_method(name).unavailable
