@@ -16,7 +16,7 @@ from test_export import make_factorized
 from torch import nn
 
 from fairdeploy.experiment import Experiment
-from fairdeploy.export import export_onnx
+from fairdeploy.export import ExportOptions, export_onnx
 from fairdeploy.lrf import FactorizedLinear, activation_abs_sums
 from fairdeploy.plan import LayerPlan, Plan
 from fairdeploy.recipe import parse_recipe
@@ -187,8 +187,8 @@ def test_dry_run_count_equals_the_export_when_folding_gives_a_bias_free_layer_a_
     x = torch.randn(20, 8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = export_onnx(model, x[:4], tmp_path / "b.onnx", eliminate_dead=True,
-                          exporter=exporter)
+        res = export_onnx(model, x[:4], tmp_path / "b.onnx",
+                          options=ExportOptions(eliminate_dead=True, exporter=exporter))
     vanilla, rows = _rows_and_vanilla(model)
     shape = deployed_params(vanilla, rows, example_input=x[:2])
     stored = _stored_floats(tmp_path / "b.onnx")
