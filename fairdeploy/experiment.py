@@ -374,8 +374,13 @@ class Context:
             raise ValueError(f"inputs={inputs!r}: use 'features' or 'model'")
         data = self.scoring_inputs(spec) if inputs == "model" else self.scoring_set(spec)
         ids = (self.unprivileged, self.privileged)
-        key = {"of": dict(of), "on": inputs, "scoring": data.key, "privileged": self.privileged}
+        key = {"on": inputs, "scoring": data.key, "privileged": self.privileged}
         key |= self._estimator_key(spec)
+        clash = sorted(set(of) & set(key))
+        if clash:
+            raise ValueError(f"of= must not name {clash}: the context keys those itself")
+        # ``of`` at the top level: ``cache list`` describes an entry by its ``layer``.
+        key = dict(of) | key
 
         def flat() -> dict[str, torch.Tensor]:
             h = compute(data, ids)

@@ -311,3 +311,38 @@ def test_slr_a_scores_every_layer_on_the_vanilla_activations(tabular) -> None:
         n_rows, n_cols = int(sr * inp.shape[1]), int(sr * out.shape[1])
         assert both.selections[name]["rows"] == sorted(rows[:n_rows].tolist())
         assert both.selections[name]["cols"] == sorted(cols[:n_cols].tolist())
+
+
+def test_context_keys_hessians_by_everything_they_depend_on(tabular) -> None:
+    """The one place keys are built: the same draw and estimator share an entry (the
+    seed of an ``all`` draw with a deterministic estimator changes nothing), anything
+    that changes the value gets its own."""
+    from fairdeploy.plan import ScoringSpec
+
+    tmp, model = tabular
+    ctx = _experiment(tmp, model, _fairlrf(0)).prepare()
+    calls: list[tuple] = []
+
+    def compute(data, ids):
+        calls.append((len(data.indices), ids))
+        return {g: {"w": torch.full((2,), float(len(calls)))} for g in ids}
+
+    def ask(of="a", inputs="features", **spec):
+        full = {"samples_per_group": "all", "estimator": "exact", "seed": 0} | spec
+        return ctx.hessians(ScoringSpec(**full), compute, of={"layer": of}, inputs=inputs)
+
+    first = ask()
+    again = ask(seed=1)  # exact on every sample: the seed draws nothing
+    assert len(calls) == 1 and torch.equal(again[0]["w"], first[0]["w"])
+    ask(estimator="ggn_mc")
+    ask(estimator="ggn_mc", seed=1)  # ggn_mc draws labels with the seed
+    ask(estimator="fisher")
+    ask(samples_per_group=20)
+    ask(samples_per_group=20, seed=1)  # another draw of samples
+    ask(of="b")
+    ask(inputs="model")
+    ask(batch_size=7)
+    assert len(calls) == 9
+    assert set(first) == {0, 1} and calls[0][1] == (ctx.unprivileged, ctx.privileged)
+    with pytest.raises(ValueError, match="privileged"):
+        ctx.hessians(ScoringSpec(), compute, of={"privileged": 0})
