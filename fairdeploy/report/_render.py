@@ -20,7 +20,7 @@ from typing import Any
 from tabulate import tabulate
 
 from fairdeploy._io import atomic_write_text
-from fairdeploy._text import fixed, plural
+from fairdeploy._text import fixed, markdown_table, plural
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -70,6 +70,8 @@ def _cr(value: Any) -> str:
 def _table(rows: Sequence[Sequence[str]], header: Sequence[str], fmt: str) -> str:
     # Numbers are already strings with fixed decimals: tabulate must not re-parse them
     # (it would print 0.850 as 0.85 and 1.000 as 1).
+    if fmt == "github":
+        return markdown_table(rows, header)
     return tabulate(rows, header, tablefmt=fmt, disable_numparse=True)
 
 
@@ -377,9 +379,7 @@ def draws_lines(report: Mapping[str, Any]) -> list[str]:
         "",
         tabulate(
             rows,
-            ["Method", "Split", "Draws", *(f"{m} median [min, max]" for m in _DRAW_METRICS)],
-            tablefmt="github",
-        ),
+            ["Method", "Split", "Draws", *(f"{m} median [min, max]" for m in _DRAW_METRICS)]),
     ]
     if overlap:
         out += [
@@ -745,8 +745,7 @@ def _rank_interval_lines(report: Mapping[str, Any]) -> list[str]:
         "truncated SVD with the same layers and ranks (the paper's FairLRF gains over it are "
         "about 0.003 EOpp: only a paired interval can tell such a change from noise).",
         "",
-        tabulate(rows, ["Method", "Against", "Metric", "Δ [CI]", "Significant"],
-                 tablefmt="github"),
+        markdown_table(rows, ["Method", "Against", "Metric", "Δ [CI]", "Significant"]),
     ]
     if rank.get("unpaired"):
         out += ["", "No truncated SVD row at the same ranks for: "
@@ -783,9 +782,9 @@ def _artifact_lines(report: Mapping[str, Any]) -> list[str]:
         "",
         f"{note[:1].upper() + note[1:]}.",
         "",
-        tabulate(rows, ["Method", "ONNX model", "initializer bytes", "file bytes",
+        markdown_table(rows, ["Method", "ONNX model", "initializer bytes", "file bytes",
                         "C.R. theory", "C.R. measured (initializers)", "C.R. measured (file)",
-                        "verify"], tablefmt="github"),
+                        "verify"]),
     ]
 
 
@@ -818,9 +817,9 @@ def _packing_lines(report: Mapping[str, Any]) -> list[str]:
         "tensor by a constant subgraph that ONNX Runtime folds when the session loads. A "
         "tensor stays dense where packing would not save bytes.",
         "",
-        tabulate(rows, ["Method", "tensors packed", "bits per weight (packed)",
+        markdown_table(rows, ["Method", "tensors packed", "bits per weight (packed)",
                         "C.R. paper", "C.R. theory with mask bit", "C.R. measured",
-                        "measured / theory"], tablefmt="github"),
+                        "measured / theory"]),
         "",
         f"Load time: {note}.",
     ]

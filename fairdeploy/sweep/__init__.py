@@ -24,6 +24,7 @@ from fairdeploy.sweep._grid import (
 from fairdeploy.sweep._journal import JOURNAL_NAME, Journal, record_key
 from fairdeploy.sweep._output import (
     CSV_COLUMNS,
+    difference_words,
     reference_settings,
     render_sweep_markdown,
     sweep_csv,
@@ -64,6 +65,7 @@ __all__ = [
     "SweepRow",
     "apply_selection",
     "describe_settings",
+    "difference_words",
     "evaluate_on",
     "grid_points",
     "guard_reasons",

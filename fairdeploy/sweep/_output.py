@@ -15,14 +15,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tabulate import tabulate
-
 from fairdeploy._io import atomic_write_text
+from fairdeploy._text import markdown_table
+from fairdeploy.metrics import LOWER_IS_BETTER
 from fairdeploy.sweep._run import ROW_METRICS, SweepRow, describe_settings
 
 __all__ = [
     "CSV_COLUMNS",
     "SCHEMA_VERSION",
+    "difference_words",
     "reference_settings",
     "render_sweep_markdown",
     "row_dict",
@@ -254,7 +255,7 @@ def render_sweep_markdown(summary: Mapping[str, Any], rows: Sequence[SweepRow]) 
         + "C.R. is the paper's theoretical compression rate. Rows the collapse guard "
         "rejects are marked with the reason.",
         "",
-        tabulate(_md_rows(rows), [*_MD_HEADER, "Guard", "Constraint", ""], tablefmt="github"),
+        markdown_table(_md_rows(rows), [*_MD_HEADER, "Guard", "Constraint", ""]),
     ]
     if multi:
         overlap = [
@@ -286,7 +287,7 @@ def render_sweep_markdown(summary: Mapping[str, Any], rows: Sequence[SweepRow]) 
             "The same setting applied to each layer in turn, next to truncated SVD of that "
             "layer at the same rank.",
             "",
-            tabulate(table, _MD_HEADER, tablefmt="github"),
+            markdown_table(table, _MD_HEADER),
         ]
     out += ["", "## Selection", ""]
     if not sel:
@@ -302,6 +303,26 @@ def render_sweep_markdown(summary: Mapping[str, Any], rows: Sequence[SweepRow]) 
     return "\n".join(out) + "\n"
 
 
+def difference_words(
+    diffs: Mapping[str, Mapping[str, Any]], metrics: Sequence[str] = ()
+) -> str:
+    """``eodd -0.0123 [-0.0300, -0.0010] (better); …``: the paired differences of EOdd,
+    EOpp1, Avg. precision and of the rule's other metrics, each with its direction in
+    words (fairness gaps better lower, the others better higher; ``not significant`` when
+    the interval contains 0)."""
+    parts = []
+    for metric in dict.fromkeys(["eodd", "eopp1", "avg_precision", *metrics]):
+        d = diffs.get(metric)
+        if not d or d.get("low") is None or d.get("value") is None:
+            continue
+        if not d["significant"]:
+            word = "not significant"
+        else:
+            word = "better" if (d["high"] < 0) == (metric in LOWER_IS_BETTER) else "worse"
+        parts.append(f"{metric} {d['value']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] ({word})")
+    return "; ".join(parts)
+
+
 def test_lines(test: Mapping[str, Any]) -> list[str]:
     """The chosen point's test-split comparison, as markdown lines."""
     rows = []
@@ -314,22 +335,13 @@ def test_lines(test: Mapping[str, Any]) -> list[str]:
     out = [
         "### The chosen point on the test split (read once)",
         "",
-        tabulate(rows, ["Model", "Avg. precision", "EOpp1 ↓", "EOdd ↓"], tablefmt="github",
-                 disable_numparse=True),
+        markdown_table(rows, ["Model", "Avg. precision", "EOpp1 ↓", "EOdd ↓"]),
         "",
     ]
+    rule_metrics = [m["metric"] for m in test["verdict"].get("moves", ())]
     for against, key in (("vanilla", "vs_vanilla"), ("truncated SVD", "vs_svd")):
-        diffs = test[key]
-        parts = []
-        for metric in ("eodd", "eopp1", "avg_precision"):
-            d = diffs.get(metric)
-            if not d or d.get("low") is None:
-                continue
-            sig = "significant" if d["significant"] else "not significant"
-            parts.append(
-                f"{metric} {d['value']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] ({sig})"
-            )
-        out.append(f"- chosen − {against}, 95 % paired bootstrap: " + "; ".join(parts))
+        out.append(f"- chosen − {against}, 95 % paired bootstrap: "
+                   + difference_words(test[key], rule_metrics))
     out += ["", f"**{test['verdict']['text'][0].upper()}{test['verdict']['text'][1:]}.**"]
     return out
 

@@ -23,6 +23,7 @@ import numpy as np
 from fairdeploy.errors import FairDeployError
 from fairdeploy.metrics import (
     BOOTSTRAP_METRICS,
+    LOWER_IS_BETTER,
     SUMMARY_METRICS,
     bootstrap_metrics,
     selection_overlap,
@@ -536,21 +537,23 @@ def test_comparison(
 
 
 def _verdict(selection: Selection, diffs: Mapping[str, Any], against: str) -> dict[str, Any]:
+    """The rule's objective against ``against`` in a sentence, then how every metric the
+    rule constrains moved (``better`` / ``worse`` / ``not significant``): a significant gain
+    on the objective may stand beside a significant loss on a constrained metric."""
     metric = selection.metric
+    moves = _moves(selection, diffs)
     if metric not in BOOTSTRAP_METRICS:
         return {
             "metric": metric,
             "significant": None,
+            "moves": moves,
             "text": f"the objective {metric} has no bootstrap interval (intervals cover "
-            f"{', '.join(BOOTSTRAP_METRICS)}): compare the test table with {against} by eye",
+            f"{', '.join(BOOTSTRAP_METRICS)}): compare the test table with {against} by eye"
+            + _moves_text(moves, metric),
         }
     d = diffs[metric]
     better = d.value is not None and (d.value < 0 if selection.goal == "min" else d.value > 0)
-    interval = (
-        f"Δ {metric} {d.value:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"
-        if d.value is not None and d.low is not None and not math.isnan(d.low)
-        else f"Δ {metric} undefined"
-    )
+    interval = _interval(metric, d)
     if d.significant and better:
         text = f"the chosen point is significantly better than {against} on test ({interval})"
     elif d.significant:
@@ -565,5 +568,37 @@ def _verdict(selection: Selection, diffs: Mapping[str, Any], against: str) -> di
         "difference": d.to_dict(),
         "significant": bool(d.significant),
         "better": bool(better),
-        "text": text,
+        "moves": moves,
+        "text": text + _moves_text(moves, metric),
     }
+
+
+def _interval(metric: str, d: Any) -> str:
+    if d.value is not None and d.low is not None and not math.isnan(d.low):
+        return f"Δ {metric} {d.value:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"
+    return f"Δ {metric} undefined"
+
+
+def _moves(selection: Selection, diffs: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per metric of the rule (objective first, then each constrained one, once): its
+    direction in words, from the paired interval. Fairness gaps are better lower."""
+    out = []
+    for metric in dict.fromkeys([selection.metric, *(c.metric for c in selection.constraints)]):
+        d = diffs.get(metric) if metric in BOOTSTRAP_METRICS else None
+        if d is None:
+            out.append({"metric": metric, "direction": None,
+                        "text": f"{metric}: no bootstrap interval"})
+            continue
+        if d.significant and d.value is not None:
+            went_down = d.high < 0
+            direction = "better" if went_down == (metric in LOWER_IS_BETTER) else "worse"
+        else:
+            direction = "not significant"
+        out.append({"metric": metric, "direction": direction,
+                    "text": f"{metric} {direction} ({_interval(metric, d)})"})
+    return out
+
+
+def _moves_text(moves: Sequence[Mapping[str, Any]], objective: str) -> str:
+    rest = [m["text"] for m in moves if m["metric"] != objective]
+    return "; constrained: " + "; ".join(rest) if rest else ""

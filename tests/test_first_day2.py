@@ -1,0 +1,159 @@
+"""A user's first day, round 2 (issue 20): what the new commands say and write.
+
+One small tabular task (three classes, group 1's labels noisier), a seeded MLP fitted
+here, and one ``compare`` and one ``sweep`` run for the module. Checks are made against
+the files' own text (table cells counted by splitting on unescaped pipes, directions read
+from the stored intervals by hand, label boxes measured by matplotlib's renderer).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from _tiny_nets import trained_mlp
+
+from fairdeploy.app import run_compare, run_sweep
+
+RULE = "min eodd s.t. avg_precision >= vanilla - 0.05 and avg_recall >= vanilla - 0.05"
+
+
+def _arrays(n: int = 900, d: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    group = rng.integers(0, 2, n)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    y = x @ rng.normal(size=(d, 3)) + rng.normal(scale=0.3 + 0.9 * group[:, None], size=(n, 3))
+    split = np.array(["train"] * (n // 2) + ["val"] * (n // 4) + ["test"] * (n - n // 2 - n // 4))
+    return {"x": x, "y": y.argmax(1).astype(np.int64), "group": group, "split": split}
+
+
+def _recipe(data: Path) -> dict:
+    return {
+        "model": {"arch": "mlp", "num_classes": 3,
+                  "kwargs": {"in_features": 8, "widths": [32, 32]}},
+        "data": {"kind": "npz", "path": str(data), "split": {"mode": "column"}},
+        "sensitive": {"attribute": "group", "groups": {"a": [0], "b": [1]}},
+        "method": {"name": "fairlrf", "beta": 3,
+                   "layers": [{"layer": "layers.2", "rank": 8, "sr": 0.75, "rr": 0}],
+                   "scoring": {"samples_per_group": 64}},
+        "export": {"verify_samples": 100},
+    }
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("day2")
+    arrays = _arrays()
+    np.savez(tmp / "data.npz", **arrays)
+    torch.save(trained_mlp(arrays).state_dict(), tmp / "ckpt.pt")
+    (tmp / "r.yaml").write_text(yaml.safe_dump(_recipe(tmp / "data.npz")))
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def compared(task: Path) -> dict:
+    result = run_compare(task / "ckpt.pt", task / "r.yaml", out=task / "cmp",
+                         exports_dir=task / "exports", progress=False, echo=lambda s: None)
+    return {"dir": task / "cmp", "report": result.report}
+
+
+@pytest.fixture(scope="module")
+def swept(task: Path):
+    return run_sweep(task / "ckpt.pt", task / "r.yaml", grid=("sr=0.25,0.5", "beta=1/3,5/9"),
+                     select=RULE, out=task / "sweep", exports_dir=task / "exports",
+                     progress=False, echo=lambda s: None, plots=True)
+
+
+# --------------------------------------------------------------------------- markdown tables
+
+
+def _cells(line: str) -> list[str]:
+    """A table row's cells: split on pipes that are not escaped with a backslash."""
+    inner = line.strip()
+    assert inner.startswith("|") and inner.endswith("|") and not inner.endswith("\\|"), line
+    return re.split(r"(?<!\\)\|", inner[1:-1])
+
+
+def _tables(markdown: str) -> list[list[str]]:
+    tables, current = [], []
+    for line in markdown.splitlines():
+        if line.lstrip().startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append(current)
+            current = []
+    if current:
+        tables.append(current)
+    return tables
+
+
+def _assert_tables_well_formed(markdown: str) -> int:
+    tables = _tables(markdown)
+    for table in tables:
+        width = len(_cells(table[0]))
+        assert len(table) >= 2 and re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", table[1].strip()), table
+        for line in table:
+            assert len(_cells(line)) == width, (line, table[0])
+    return len(tables)
+
+
+def test_every_report_table_has_as_many_cells_per_row_as_its_header(compared: dict) -> None:
+    md = (compared["dir"] / "report.md").read_text()
+    # The verification cells carry |Δ|: escaped, they stay one cell.
+    assert "max \\|Δ\\|" in md
+    assert _assert_tables_well_formed(md) >= 5
+
+
+def test_markdown_table_escapes_pipes_in_any_cell() -> None:
+    from fairdeploy._text import markdown_table
+
+    text = markdown_table([["a|b", "x\ny", None]], ["h|1", "h2", "h3"])
+    assert _assert_tables_well_formed(text) == 1
+    assert [c.strip() for c in _cells(text.splitlines()[2])] == ["a\\|b", "x y", ""]
+
+
+def test_every_sweep_table_is_well_formed(swept) -> None:
+    assert _assert_tables_well_formed((swept.out_dir / "sweep.md").read_text()) >= 2
+    assert _assert_tables_well_formed((swept.out_dir / "report.md").read_text()) >= 3
+
+
+# --------------------------------------------------------------------------- sweep verdict
+
+
+def _by_hand(metric: str, d: dict) -> str:
+    if not (d["low"] > 0 or d["high"] < 0):
+        return "not significant"
+    lower_better = metric in ("eodd", "eopp0", "eopp1")
+    return "better" if (d["high"] < 0) == lower_better else "worse"
+
+
+def test_the_test_verdict_says_how_every_constrained_metric_moved(swept) -> None:
+    test = swept.test
+    assert test is not None
+    for key, verdict_key in (("vs_svd", "verdict"), ("vs_vanilla", "verdict_vs_vanilla")):
+        verdict = test[verdict_key]
+        moves = {m["metric"]: m for m in verdict["moves"]}
+        assert list(moves) == ["eodd", "avg_precision", "avg_recall"]  # objective first
+        for metric, move in moves.items():
+            expected = _by_hand(metric, test[key][metric])
+            assert move["direction"] == expected
+            assert f"{metric} {expected} (" in move["text"]
+        for metric in ("avg_precision", "avg_recall"):
+            assert moves[metric]["text"] in verdict["text"]
+    md = (swept.out_dir / "sweep.md").read_text()
+    assert "(significant)" not in md
+    assert test["verdict"]["text"][1:] in md
+    d = test["vs_svd"]["avg_precision"]
+    assert f"avg_precision {d['value']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] " \
+           f"({_by_hand('avg_precision', d)})" in md
+
+
+def test_sweep_json_keeps_the_moves(swept) -> None:
+    data = json.loads((swept.out_dir / "sweep.json").read_text())
+    assert [m["metric"] for m in data["test"]["verdict"]["moves"]] == [
+        "eodd", "avg_precision", "avg_recall"]
