@@ -157,3 +157,92 @@ def test_sweep_json_keeps_the_moves(swept) -> None:
     data = json.loads((swept.out_dir / "sweep.json").read_text())
     assert [m["metric"] for m in data["test"]["verdict"]["moves"]] == [
         "eodd", "avg_precision", "avg_recall"]
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _label_boxes(fig) -> list[list]:
+    renderer = fig.canvas.get_renderer()
+    return [[t.get_window_extent(renderer) for t in ax.texts] for ax in fig.axes]
+
+
+def _overlaps(a, b) -> bool:
+    return min(a.x1, b.x1) > max(a.x0, b.x0) and min(a.y1, b.y1) > max(a.y0, b.y0)
+
+
+def _assert_no_label_overlaps(fig) -> int:
+    fig.canvas.draw()
+    count = 0
+    for boxes in _label_boxes(fig):
+        count += len(boxes)
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1:]:
+                assert not _overlaps(a, b), (a, b)
+    return count
+
+
+def test_tradeoff_plot_shows_validation_first_and_marks_the_collapsed_row(compared) -> None:
+    from fairdeploy.report import collapse_reasons, tradeoff_figure
+
+    report = compared["report"]
+    # FairLRF at β = 3, sr = 0.75, rr = 0 predicts one class: computed here from the
+    # validation predictions' stored class rates, and by hand from the accuracy.
+    fair = next(m for m in report["methods"] if m["name"] == "fairlrf")
+    rates = fair["class_rates"]["val"]["predicted_rates"]
+    assert any(max(row) == 1.0 for row in rates)
+    reasons = collapse_reasons(report, "val")
+    assert reasons["fairlrf"][0].startswith("predicts only class")
+    assert not reasons["truncated_svd"]
+    fig = tradeoff_figure(report)
+    top, bottom = fig.axes[0], fig.axes[2]
+    assert "validation" in top.get_xlabel() and "test" in bottom.get_xlabel()
+    texts = [t.get_text() for t in top.texts]
+    assert any(t.startswith("⚠ fairlrf") for t in texts), texts
+    assert not any("⚠" in t for t in texts if "fairlrf" not in t)
+    assert _assert_no_label_overlaps(fig) >= 4
+    md = (compared["dir"] / "report.md").read_text()
+    assert "Collapsed on the validation split" in md and "predicts only class" in md
+
+
+def test_tradeoff_labels_do_not_overlap_when_rows_are_close(compared) -> None:
+    import copy
+
+    from fairdeploy.report import tradeoff_figure
+
+    report = copy.deepcopy(compared["report"])
+    for i, m in enumerate(report["methods"] * 2):  # ten rows a hair apart
+        m = copy.deepcopy(m)
+        m["name"] = f"{m['name']}-{i}"
+        for key in ("metrics", "metrics_val"):
+            m[key]["precision"]["avg"] = 0.80 + 0.001 * i
+            m[key]["fairness"]["eopp1"] = 0.10 + 0.0005 * (i % 3)
+            m[key]["fairness"]["eodd"] = 0.05 + 0.0004 * i
+        report["methods"].append(m)
+    fig = tradeoff_figure(report)
+    assert _assert_no_label_overlaps(fig) >= 4 * 10
+
+
+def test_pareto_view_is_fitted_to_the_points_that_matter(swept) -> None:
+    import dataclasses
+
+    from fairdeploy.sweep import pareto_figure
+
+    rows = list(swept.rows)
+    points = [r for r in rows if r.kind == "point" and r.status == "ok" and not r.chosen]
+    far = points[0]
+    metrics = {**far.metrics, "eodd": {**far.metrics["eodd"], "median": 0.0},
+               "avg_precision": {**far.metrics["avg_precision"], "median": 0.05}}
+    rows[far.index] = dataclasses.replace(far, metrics=metrics, guard="accuracy too low")
+    fig = pareto_figure(rows)
+    ax = fig.axes[0]
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    kept = [r for r in rows if r.kind != "point" or r.guard in ("ok", "off")]
+    xs = [r.value("eodd") for r in kept if r.value("eodd") is not None]
+    ys = [r.value("avg_precision") for r in kept if r.value("avg_precision") is not None]
+    assert x0 <= min(xs) and max(xs) <= x1 and y0 <= min(ys) and max(ys) <= y1
+    # The kept points fill the view (12 % margins), the collapsed one is left out.
+    assert (max(ys) - min(ys)) >= 0.7 * (y1 - y0) or max(ys) == min(ys)
+    assert not y0 <= 0.05 <= y1
+    labels = ax.get_legend_handles_labels()[1]
+    assert "rejected by the collapse guard (1 outside this view)" in labels

@@ -11,6 +11,7 @@ from fairdeploy.report._build import (
     base_report,
     bootstrap_block,
     change_direction,
+    collapse_reasons,
     draws_block,
     latency_block,
     method_entry,
@@ -24,7 +25,7 @@ from fairdeploy.report._build import (
     skipped_in_words,
     verify_summary,
 )
-from fairdeploy.report._plot import tradeoff_points, write_tradeoff_plot
+from fairdeploy.report._plot import tradeoff_figure, tradeoff_points, write_tradeoff_plot
 from fairdeploy.report._render import (
     SCHEMA_VERSION,
     fairness_table,
@@ -41,6 +42,7 @@ __all__ = [
     "base_report",
     "bootstrap_block",
     "change_direction",
+    "collapse_reasons",
     "draws_block",
     "fairness_table",
     "latency_block",
@@ -56,6 +58,7 @@ __all__ = [
     "size_ratios",
     "skipped_in_words",
     "terminal_text",
+    "tradeoff_figure",
     "tradeoff_points",
     "validation_table",
     "verify_summary",

@@ -21,6 +21,7 @@ from tabulate import tabulate
 
 from fairdeploy._io import atomic_write_text
 from fairdeploy._text import fixed, markdown_table, plural
+from fairdeploy.report._build import collapse_reasons
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -538,6 +539,13 @@ def _validation_lines(report: Mapping[str, Any]) -> list[str]:
     warn = _method_warnings(report, validation=True)
     if warn:
         out += ["", *warn]
+    labels = {m["name"]: method_label(m) for m in report["methods"]}
+    collapsed = {n: r for n, r in collapse_reasons(report, "val").items() if r}
+    if collapsed:
+        out += ["", "Collapsed on the validation split (ringed and marked ⚠ in the plot; the "
+                "sweep's collapse guard against vanilla, tolerance 0.01): their small fairness "
+                "gaps are not evidence of fairness.", ""]
+        out += [f"- {labels[n]}: {'; '.join(r)}" for n, r in collapsed.items()]
     return out
 
 

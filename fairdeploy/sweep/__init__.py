@@ -30,7 +30,7 @@ from fairdeploy.sweep._output import (
     sweep_csv,
     write_sweep_files,
 )
-from fairdeploy.sweep._plots import pareto_front, write_plots
+from fairdeploy.sweep._plots import pareto_figure, pareto_front, write_plots
 from fairdeploy.sweep._run import (
     ROW_METRICS,
     SweepRow,
@@ -69,6 +69,7 @@ __all__ = [
     "evaluate_on",
     "grid_points",
     "guard_reasons",
+    "pareto_figure",
     "pareto_front",
     "parse_grid",
     "parse_grid_values",
