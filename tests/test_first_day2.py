@@ -246,3 +246,71 @@ def test_pareto_view_is_fitted_to_the_points_that_matter(swept) -> None:
     assert not y0 <= 0.05 <= y1
     labels = ax.get_legend_handles_labels()[1]
     assert "rejected by the collapse guard (1 outside this view)" in labels
+
+
+# --------------------------------------------------------------------------- serving example
+
+
+def _image_model(path: Path) -> None:
+    """A hand-built image classifier (3×4×4 input → 2 classes) with fairdeploy's
+    serving metadata: all that predict and the example read."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).normal(size=(48, 2)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["input"], ["flat"]),
+         helper.make_node("MatMul", ["flat", "w"], ["logits"])],
+        "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 3, 4, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 2])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    pre = {"kind": "image", "resize": [6, 6], "crop": [4, 4], "mean": [0.5, 0.5, 0.5],
+           "std": [0.25, 0.25, 0.25], "input_shape": [3, 4, 4]}
+    for key, value in (("preprocessing", pre), ("class_names", ["cat", "dog"])):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = f"fairdeploy.{key}", json.dumps(value)
+    onnx.save(model, path)
+
+
+def _images(folder: Path) -> None:
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for name in ("a.jpg", "c.png"):
+        Image.fromarray(rng.integers(0, 255, (9, 9, 3), dtype=np.uint8)).save(folder / name)
+    good = (folder / "a.jpg").read_bytes()
+    (folder / "b.jpg").write_bytes(good[: len(good) // 2])  # truncated mid-scan
+    (folder / "notes.txt").write_text("not an input")
+
+
+def test_the_serving_example_skips_like_predict_and_stops_with_strict(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from click.testing import CliRunner
+
+    from fairdeploy.cli import main
+
+    _image_model(tmp_path / "m.onnx")
+    _images(tmp_path / "photos")
+    example = Path(__file__).resolve().parents[1] / "examples" / "serve_onnxruntime.py"
+    run = CliRunner().invoke(main, ["predict", str(tmp_path / "m.onnx"),
+                                    str(tmp_path / "photos")])
+    assert run.exit_code == 0, run.output
+    ex = subprocess.run([sys.executable, str(example), str(tmp_path / "m.onnx"),
+                         str(tmp_path / "photos")], capture_output=True, text=True)
+    assert ex.returncode == 0, ex.stderr
+    assert "Traceback" not in ex.stderr
+    got = [ln.split(": ")[1].split()[0] for ln in ex.stdout.strip().splitlines()]
+    want = [ln.split(": ")[1].split()[0] for ln in run.stdout.strip().splitlines()]
+    assert got == want and len(got) == 2  # a.jpg, c.png; b.jpg skipped, notes.txt ignored
+    assert ex.stderr.startswith(f"warning: skipped {tmp_path / 'photos' / 'b.jpg'}: ")
+    assert "warning: skipped" in run.stderr and "b.jpg" in run.stderr
+    strict = subprocess.run([sys.executable, str(example), "--strict", str(tmp_path / "m.onnx"),
+                             str(tmp_path / "photos")], capture_output=True, text=True)
+    assert strict.returncode == 1 and "Traceback" not in strict.stderr
+    assert strict.stderr.strip().startswith("error: cannot read") and "b.jpg" in strict.stderr
