@@ -18,7 +18,8 @@ import torch
 import yaml
 from _tiny_nets import trained_mlp
 
-from fairdeploy.app import run_compare, run_sweep
+from fairdeploy.commands.compare import run_compare
+from fairdeploy.commands.sweep import run_sweep
 
 RULE = "min eodd s.t. avg_precision >= vanilla - 0.05 and avg_recall >= vanilla - 0.05"
 
