@@ -204,8 +204,10 @@ def verify(
               help="Comma-separated batch sizes.")
 @click.option("--iters", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
-@click.option("--max-seconds", type=_Number(min=0, min_open=True), default=None,
-              help="Time budget per batch size (at least 5 timed runs per model).")
+@click.option("--max-seconds", type=_Number(min=0, min_open=True), default=20.0,
+              show_default=True,
+              help="Time budget per batch size and scope (at least 5 timed runs per model; "
+                   "--iters caps the runs).")
 @click.option("--layer", "layers", multiple=True,
               help="Also time this layer's sub-graph (repeatable; default: the factorized "
                    "layers in MODEL's metadata).")
@@ -520,6 +522,8 @@ def train(
 @_apply(exports_option)
 def demo(out: str | None, epochs: int | None, sweep_: bool, exports_dir: str) -> None:
     """FairLRF end to end on CelebA's attribute table (needs the demo extra)."""
+    # Importing torch and the pipeline takes seconds (10 s on a busy 2-core machine).
+    click.echo("fairdeploy demo: loading PyTorch and the pipeline ...")
     from fairdeploy.commands import train as command
 
     result = command.run_demo(exports_dir=exports_dir, out=out, epochs=epochs,

@@ -39,7 +39,7 @@ from __future__ import annotations
 import copy
 import functools
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -373,6 +373,7 @@ def weight_hessian_diag(
     batch_size: int = 64,
     mc_samples: int = 1,
     seed: int = 0,
+    on_chunk: Callable[[int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Diagonal of the Hessian of the mean cross-entropy w.r.t. dense weights and biases.
 
@@ -419,6 +420,8 @@ def weight_hessian_diag(
         Label draws per sample for ``ggn_mc``.
     seed : int
         Seed of the ``ggn_mc`` draws: same inputs, seed and batch_size, same result.
+    on_chunk : callable, optional
+        Called with the number of samples of each chunk when it is done (progress).
 
     Returns
     -------
@@ -474,6 +477,8 @@ def weight_hessian_diag(
                 chunk(y_all, s0) if estimator == "fisher" else None,
                 estimator=estimator, mc_samples=mc_samples, gen=gen,
             )
+            if on_chunk is not None:
+                on_chunk(min(batch_size, n_total - s0))
     finally:
         rec.remove()
     return {n: acc[n] / n_total for n in names}
@@ -602,12 +607,13 @@ def group_weight_hessians(
     batch_size: int = 64,
     mc_samples: int = 1,
     seed: int = 0,
+    on_chunk: Callable[[int], None] | None = None,
 ) -> dict[int, dict[str, torch.Tensor]]:
     """:func:`weight_hessian_diag` on each group's samples.
 
     Parameters
     ----------
-    model, param_names, inputs, targets, estimator, batch_size, mc_samples, seed
+    model, param_names, inputs, targets, estimator, batch_size, mc_samples, seed, on_chunk
         As in :func:`weight_hessian_diag`.
     groups : array-like of int, shape (N,)
         Group id of every sample (−1, or any id not in ``group_ids``, is ignored).
@@ -632,6 +638,7 @@ def group_weight_hessians(
         out[gid] = weight_hessian_diag(
             model, param_names, x[idx], y[idx],
             estimator=estimator, batch_size=batch_size, mc_samples=mc_samples, seed=seed,
+            on_chunk=on_chunk,
         )
     return out
 

@@ -315,3 +315,76 @@ def test_the_serving_example_skips_like_predict_and_stops_with_strict(tmp_path: 
                              str(tmp_path / "photos")], capture_output=True, text=True)
     assert strict.returncode == 1 and "Traceback" not in strict.stderr
     assert strict.stderr.strip().startswith("error: cannot read") and "b.jpg" in strict.stderr
+
+
+# --------------------------------------------------------------------------- progress
+
+
+@pytest.fixture
+def log_lines(monkeypatch, capsys):
+    from fairdeploy import progress
+
+    monkeypatch.setenv("FAIRDEPLOY_PROGRESS", "lines")
+
+    def read() -> list[str]:
+        return [ln for ln in capsys.readouterr().err.splitlines()
+                if ln.startswith(progress.PREFIX)]
+
+    return read
+
+
+def test_a_long_counted_phase_says_where_it_is_with_the_time_left(log_lines, monkeypatch):
+    import time
+
+    from fairdeploy import progress
+
+    handle = progress.Phase("training", 10, "step", "lines")
+    handle.started -= 20.0
+    handle.done = 4
+    assert handle.where() == "training: 4/10 steps, 20.0 s elapsed, about 30.0 s left"
+    monkeypatch.setattr(progress, "HEARTBEAT_FIRST", 0.05)
+    monkeypatch.setattr(progress, "HEARTBEAT_EVERY", 0.1)
+    with progress.phase("Hessians", total=4, unit="sample", quiet_below=0) as bar:
+        for _ in range(4):
+            time.sleep(0.06)
+            bar.advance()
+    lines = log_lines()
+    assert re.fullmatch(r"fairdeploy: Hessians: 1/4 samples, 0\.\d s elapsed, about 0\.\d s "
+                        r"left", lines[0]), lines
+    assert 2 <= len(lines) <= 4 and lines[-1].startswith("fairdeploy: Hessians: 4 samples in")
+
+
+def test_bench_counts_timed_rounds_and_has_a_default_budget(
+    log_lines, tmp_path: Path, monkeypatch
+) -> None:
+    from fairdeploy import progress
+    from fairdeploy.bench import DEFAULT_BENCH_SECONDS, measure_latency
+    from fairdeploy.cli import bench
+
+    _image_model(tmp_path / "m.onnx")
+    monkeypatch.setattr(progress, "HEARTBEAT_FIRST", 0.0)  # a line at every timed round
+    monkeypatch.setattr(progress, "HEARTBEAT_EVERY", 0.0)
+    result = measure_latency(tmp_path / "m.onnx", tmp_path / "m.onnx", batches=(1, 2), iters=7,
+                             warmup=0, max_seconds=1e-9, min_iters=2, progress=True)
+    assert [t.iters for t in result.timings] == [2, 2, 2, 2]  # the budget cut every batch
+    counts = [re.match(r"fairdeploy: latency: whole model: (\d+)/14 timed rounds", ln)
+              for ln in log_lines()]
+    done = [int(m.group(1)) for m in counts if m]
+    # 2 rounds timed per batch size, the 5 the budget cut counted at once: the bar ends full.
+    assert done == [1, 2, 7, 8, 9, 14]
+    budget = next(p for p in bench.params if p.name == "max_seconds")
+    assert budget.default == DEFAULT_BENCH_SECONDS == 20.0
+
+
+def test_weight_hessians_report_every_chunk() -> None:
+    from _tiny_nets import small_conv_net
+
+    from fairdeploy.weight_hessian import group_weight_hessians
+
+    torch.manual_seed(0)
+    x, y = torch.randn(23, 2, 6, 6), torch.randint(0, 3, (23,))
+    groups = np.array([0] * 10 + [1] * 11 + [-1] * 2)
+    seen: list[int] = []
+    group_weight_hessians(small_conv_net(), ["4.weight"], x, y, groups, batch_size=4,
+                          on_chunk=seen.append)
+    assert seen == [4, 4, 2, 4, 4, 3]  # group 0: 10 samples, group 1: 11; unknown left out
