@@ -128,10 +128,10 @@ class LatencyResult:
                 f"{t.median_ms:9.3f} ms  p90 {t.p90_ms:9.3f} ms  ({plural(t.iters, 'run')})"
             )
         for b, r in self.ratios.items():
-            lines.append(
-                f"  at batch {b}: {names['candidate']} is {r:.2f}× as fast as "
-                f"{names['baseline']}"
-            )
+            # A ratio below 1 is a slowdown: "0.94× as fast" reads as a gain at a glance.
+            speed = (f"{r:.2f}× as fast as {names['baseline']}" if r >= 1 else
+                     f"{1 / r:.2f}× slower than {names['baseline']} ({r:.2f}× its speed)")
+            lines.append(f"  at batch {b}: {names['candidate']} is {speed}")
         for b, why in self.skipped.items():
             lines.append(f"  batch {b}: not timed ({why})")
         return lines

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -56,13 +57,40 @@ class _Group(click.Group):
     """
 
     def invoke(self, ctx: click.Context) -> Any:
+        import warnings
+
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.showwarning = _warning_printer(warnings.showwarning)
+                return super().invoke(ctx)
         except FairDeployError as exc:
             raise click.ClickException(str(exc)) from None
         except OSError as exc:
+            import errno
+
             where = f" ({exc.filename})" if exc.filename else ""
+            if not exc.filename and exc.errno in (errno.EFBIG, errno.ENOSPC, errno.EDQUOT):
+                where = (" while writing a file: check the free disk space and the file "
+                         "size limit (ulimit -f)")
             raise click.ClickException(f"{exc.strerror or exc}{where}") from None
+
+
+def _warning_printer(default: Callable[..., None]) -> Callable[..., None]:
+    """``warnings.showwarning`` for the CLI: a warning raised inside fairdeploy (it is
+    written for the user) as one ``warning: ...`` line on stderr, without Python's
+    ``file:line`` prefix; any other library's through ``default``."""
+    from fairdeploy import __file__ as package_init
+
+    package = Path(package_init).resolve().parent
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: Any = None, line: str | None = None) -> None:
+        if Path(filename).resolve().is_relative_to(package):
+            click.echo(f"warning: {message}", err=True)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
 
 
 def _batch_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
@@ -135,7 +163,7 @@ def _write_json(path: str | None, payload: dict[str, Any]) -> None:
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="fairdeploy")
+@click.version_option(None, "-V", "--version", package_name="fairdeploy")
 def main() -> None:
     """fairdeploy: fairer, smaller classifiers shipped as verified ONNX models."""
 
@@ -345,13 +373,13 @@ def optimize(
     """Apply the recipe's method to CHECKPOINT; export, verify and report."""
     from fairdeploy.commands import optimize as command
 
+    _check_device(device)  # a dry run checks the device the real run would use, too
     if dry_run:
         _print_dry_run(command.dry_run(checkpoint, recipe_path, trust_checkpoint=trust_checkpoint,
                                        progress=True))
         return
     if no_latency and latency not in (None, "off"):
         raise click.UsageError("give either --no-latency or --latency")
-    _check_device(device)
     result = command.run_optimize(
         checkpoint, recipe_path, out=out, exports_dir=exports_dir, device=device,
         trust_checkpoint=trust_checkpoint, cache_dir=None if no_cache else "default",
@@ -382,9 +410,12 @@ def compare(
     _print_report(result.report)
 
 
-def _print_sweep(result: Any) -> None:
-    """The sweep's outcome on the terminal: files, the choice, its test comparison."""
-    from fairdeploy.sweep import describe_settings
+def _print_sweep(result: Any, checkpoint: Any) -> None:
+    """The sweep's outcome on the terminal: files, the choice, its test comparison, and
+    the command that deploys the choice (with the sweep's own checkpoint)."""
+    import shlex
+
+    from fairdeploy.sweep import describe_settings, difference_words
 
     points = [r for r in result.rows if r.kind == "point"]
     click.echo(f"sweep: {len(points)} points on the validation split -> {result.out_dir}")
@@ -399,21 +430,16 @@ def _print_sweep(result: Any) -> None:
             f"{test['labels'][k]}: EOdd {m['fairness']['eodd']:.4f}, avg precision "
             f"{m['precision']['avg']:.4f}" for k, m in test["metrics"].items()
         ))
+        rule = [m["metric"] for m in test["verdict"].get("moves", ())]
         for against, key in (("vanilla", "vs_vanilla"), ("truncated SVD", "vs_svd")):
-            parts = []
-            for metric in ("eodd", "eopp1", "avg_precision"):
-                d = test[key].get(metric)
-                if not d or d.get("low") is None:
-                    continue
-                sig = "significant" if d["significant"] else "not significant"
-                parts.append(f"{metric} {d['value']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] "
-                             f"({sig})")
-            click.echo(f"test split, chosen − {against} (95 % CI): " + "; ".join(parts))
+            click.echo(f"test split, chosen − {against} (95 % CI): "
+                       + difference_words(test[key], rule))
         click.echo(test["verdict"]["text"][0].upper() + test["verdict"]["text"][1:] + ".")
         written = result.files.get("written_recipe", result.files["chosen_recipe"])
         click.echo(f"chosen recipe: {result.files['chosen_recipe']} ("
                    f"{describe_settings(result.chosen.settings)}); deploy it with "
-                   f"fairdeploy optimize CHECKPOINT --recipe {written}")
+                   f"fairdeploy optimize {shlex.quote(str(checkpoint))} --recipe "
+                   f"{shlex.quote(str(written))}")
 
 
 @main.command()
@@ -469,7 +495,7 @@ def sweep(
         trust_checkpoint=trust_checkpoint, cache_dir=None if no_cache else "default",
         plots=False if no_plots else None, restart=restart, echo=click.echo,
     )
-    _print_sweep(result)
+    _print_sweep(result, checkpoint)
     if result.message and result.chosen is None:
         click.get_current_context().exit(1)
 
@@ -504,8 +530,10 @@ def train(
         acc = last.get("val_accuracy", float("nan"))
         click.echo(f"epoch {last['epoch']}: val accuracy {acc:.4f}")
     if result.unchanged:
-        click.echo(f"checkpoint: {output} (unchanged: all {len(result.history)} epochs were "
-                   "already done; --epochs N to train longer, --no-resume to start over)")
+        n = len(result.history)
+        done = "its 1 epoch was" if n == 1 else f"all {n} epochs were"
+        click.echo(f"checkpoint: {output} (unchanged: {done} already done; --epochs N to "
+                   "train longer, --no-resume to start over)")
     else:
         click.echo(f"checkpoint: {output}")
 
@@ -529,7 +557,7 @@ def demo(out: str | None, epochs: int | None, sweep_: bool, exports_dir: str) ->
     result = command.run_demo(exports_dir=exports_dir, out=out, epochs=epochs,
                               echo=click.echo, sweep=sweep_)
     if sweep_:
-        _print_sweep(result)
+        _print_sweep(result, command.demo_checkpoint_path(exports_dir))
         if result.message and result.chosen is None:
             click.get_current_context().exit(1)
         return

@@ -388,3 +388,121 @@ def test_weight_hessians_report_every_chunk() -> None:
     group_weight_hessians(small_conv_net(), ["4.weight"], x, y, groups, batch_size=4,
                           on_chunk=seen.append)
     assert seen == [4, 4, 2, 4, 4, 3]  # group 0: 10 samples, group 1: 11; unknown left out
+
+
+# --------------------------------------------------------------------------- errors, small ones
+
+
+def _cli(*args: str):
+    from click.testing import CliRunner
+
+    from fairdeploy.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_a_refused_sweep_leaves_no_folder(task: Path, tmp_path: Path) -> None:
+    for where in (["--exports", tmp_path / "exports"], ["--out", tmp_path / "out"]):
+        r = _cli("sweep", task / "ckpt.pt", "--recipe", task / "r.yaml", "--grid", "sr=0.5",
+                 "--select", "min foo", *where)
+        assert r.exit_code == 1 and r.output.startswith("Error: --select 'min foo'")
+        r = _cli("sweep", tmp_path / "missing.pt", "--recipe", task / "r.yaml", "--grid",
+                 "sr=0.5", *where)
+        assert r.exit_code == 1 and "missing.pt" in r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_file_too_large_names_the_file(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    # A file size limit (ulimit -f) makes write() fail without a file name; Python ignores
+    # SIGXFSZ, so the write raises EFBIG. Run in a child: the limit must not hit pytest.
+    code = (
+        "import resource, sys\n"
+        "from pathlib import Path\n"
+        "from fairdeploy._io import atomic_write_bytes\n"
+        "from fairdeploy.sweep import Journal\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))\n"
+        "out = Path(sys.argv[1])\n"
+        "for what in ('atomic', 'journal'):\n"
+        "    try:\n"
+        "        if what == 'atomic':\n"
+        "            atomic_write_bytes(out / 'plot.png', b'x' * 10000)\n"
+        "        else:\n"
+        "            with Journal(out / 'sweep.jsonl', {'a': 1}) as j:\n"
+        "                j.append({'key': 'k', 'v': 'x' * 10000})\n"
+        "    except OSError as exc:\n"
+        "        print(exc.errno, exc.filename)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                         text=True, cwd=Path(__file__).resolve().parents[1])
+    assert run.stdout.split("\n")[:2] == [f"27 {tmp_path / 'plot.png'}",
+                                          f"27 {tmp_path / 'sweep.jsonl'}"], run.stderr
+    assert not (tmp_path / "plot.png").exists()  # nothing half-written
+
+
+def test_version_short_flag() -> None:
+    assert _cli("-V").output == _cli("--version").output
+    assert _cli("-V").exit_code == 0 and "version" in _cli("-V").output
+
+
+def test_train_says_its_1_epoch(task: Path, tmp_path: Path) -> None:
+    args = ("train", "--recipe", task / "r.yaml", "-o", tmp_path / "c.pt", "--epochs", "1")
+    assert _cli(*args).exit_code == 0
+    again = _cli(*args)
+    assert "(unchanged: its 1 epoch was already done;" in again.output, again.output
+    assert "all 1 epochs" not in again.output
+
+
+def test_sweep_next_step_names_the_checkpoint(task: Path) -> None:
+    r = _cli("sweep", task / "ckpt.pt", "--recipe", task / "r.yaml", "--grid", "sr=0.25,0.5",
+             "--grid", "beta=1/3,5/9", "--select", RULE, "--out", task / "cli-sweep",
+             "--exports", task / "exports", "--no-plots")
+    assert r.exit_code == 0, r.output
+    assert f"deploy it with fairdeploy optimize {task / 'ckpt.pt'} --recipe " in r.output
+    assert "CHECKPOINT" not in r.output and "(significant)" not in r.output
+    assert re.search(r"avg_recall [+-]\d\.\d{4} \[.*\] \((better|worse|not significant)\)",
+                     r.output)
+
+
+def test_a_slowdown_says_slower() -> None:
+    from fairdeploy.bench import LatencyResult, Timing
+
+    result = LatencyResult(
+        [Timing("candidate", 1, 1.0, 1.1, 9), Timing("baseline", 1, 0.94, 1.0, 9),
+         Timing("candidate", 8, 1.0, 1.1, 9), Timing("baseline", 8, 2.0, 2.1, 9)],
+        ratios={1: 0.94, 8: 2.0},
+    )
+    lines = result.summary_lines({"candidate": "model.onnx", "baseline": "vanilla.onnx"})
+    assert "  at batch 1: model.onnx is 1.06× slower than vanilla.onnx (0.94× its speed)" in lines
+    assert "  at batch 8: model.onnx is 2.00× as fast as vanilla.onnx" in lines
+
+
+def test_provider_cuda_without_cuda_is_one_warning_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA: no fallback warning to check")
+    _image_model(tmp_path / "m.onnx")
+    _images(tmp_path / "p")
+    run = subprocess.run([sys.executable, "-m", "fairdeploy.cli", "predict", "--provider",
+                          "cuda", str(tmp_path / "m.onnx"), str(tmp_path / "p" / "a.jpg")],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr
+    (line,) = run.stderr.strip().splitlines()
+    assert line.startswith("warning: CUDAExecutionProvider is not available")
+    assert "UserWarning" not in run.stderr and ".py:" not in run.stderr
+
+
+def test_dry_run_checks_the_device(task: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    r = _cli("optimize", task / "ckpt.pt", "--recipe", task / "r.yaml", "--dry-run",
+             "--device", "cuda")
+    assert r.exit_code == 1
+    assert r.output.strip() == ("Error: --device cuda: no CUDA device is available to PyTorch; "
+                                "use --device cpu")

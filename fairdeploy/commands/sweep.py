@@ -19,14 +19,13 @@ import torch
 
 from fairdeploy import __version__
 from fairdeploy._io import atomic_write_text
-from fairdeploy.commands._common import DEFAULT_EXPORTS, Echo, _paths, _seed
+from fairdeploy.commands._common import DEFAULT_EXPORTS, Echo, _paths, _seed, check_creatable
 from fairdeploy.errors import FairDeployError
 from fairdeploy.experiment import Experiment
 from fairdeploy.methods import get_method
 from fairdeploy.plan import Plan
 from fairdeploy.recipe import Recipe, load_recipe, save_resolved_recipe
 from fairdeploy.report import base_report, draws_block, method_entry, prediction_notes, write_report
-from fairdeploy.rundir import ensure_dir
 
 __all__ = [
     "SweepResult",
@@ -87,6 +86,8 @@ def _data_settings(recipe: Recipe) -> dict[str, Any]:
 
 
 def _check_sweep_dir(path: Path) -> None:
+    """Refuse a sweep folder that is a file or another folder of the user's; nothing is
+    created here (the journal creates the folder when the first evaluation is written)."""
     from fairdeploy.sweep import JOURNAL_NAME
 
     if path.exists() and not path.is_dir():
@@ -96,7 +97,7 @@ def _check_sweep_dir(path: Path) -> None:
             f"--out {str(path)!r} exists and is not a fairdeploy sweep folder (no "
             f"{JOURNAL_NAME}): give a new or empty folder, so nothing of yours is replaced"
         )
-    ensure_dir(path)
+    check_creatable(path)
 
 
 def chosen_recipe(recipe: Recipe, plan: Plan) -> Recipe:
@@ -168,11 +169,12 @@ def run_sweep(
     """
     from fairdeploy.sweep import apply_selection, grid_points, test_comparison
 
+    # The recipe, grid and rule are checked first: a refused sweep creates no folder.
+    recipe = load_recipe(recipe_path)
+    st = _sweep_settings(recipe, grid, methods, repeats, select, guard, guard_tolerance, plots)
     recipe_path, exports_dir, cache_dir = _paths(
         recipe_path, exports_dir, cache_dir, out, check=_check_sweep_dir
     )
-    recipe = load_recipe(recipe_path)
-    st = _sweep_settings(recipe, grid, methods, repeats, select, guard, guard_tolerance, plots)
     exp = Experiment(
         recipe, checkpoint, cache_dir=cache_dir, device=device, progress=progress,
         trust_checkpoint=trust_checkpoint,

@@ -897,6 +897,7 @@ def terminal_text(report: Mapping[str, Any]) -> str:
     if lat:
         ups = [
             f"{r['scope']} batch {r['batch']} {r['speedup']:.2f}×"
+            + (" (slower)" if r["speedup"] < 1 else "")
             for r in lat.get("rows", [])
             if r.get("speedup") is not None
         ]

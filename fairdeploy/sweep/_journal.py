@@ -138,14 +138,21 @@ class Journal:
         """Write one record (it must carry ``key``) as a whole line, flushed to disk."""
         record = dict(record)
         line = json.dumps(record, sort_keys=True, allow_nan=False) + "\n"
-        self._file.write(line)
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        try:
+            self._file.write(line)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as exc:  # a full disk or a file size limit: say which file
+            if exc.filename is not None or exc.errno is None:
+                raise
+            raise OSError(exc.errno, exc.strerror or str(exc), str(self.path)) from exc
         self.records[record["key"]] = record
 
     def close(self) -> None:
         """Close the file and release the lock."""
-        with contextlib.suppress(AttributeError):
+        # OSError: the rest of a line whose append failed (and was reported) is still
+        # buffered; every record appended before it was flushed and fsynced.
+        with contextlib.suppress(AttributeError, OSError):
             self._file.close()
         if self._lock is not None:
             with contextlib.suppress(OSError):
