@@ -183,12 +183,15 @@ def main() -> None:
               show_default=True, help="Data split for --checkpoint.")
 @click.option("--samples", type=click.IntRange(min=1), default=None,
               help="Inputs of the split to compare (default: the recipe's export.verify_samples).")
-@click.option("--atol", type=_Number(min=0), default=1e-4, show_default=True)
-@click.option("--rtol", type=_Number(min=0), default=1e-3, show_default=True)
+@click.option("--atol", type=_Number(min=0), default=None,
+              help="Absolute tolerance (default 1e-4; model.int8.onnx: the one its metadata "
+                   "records).")
+@click.option("--rtol", type=_Number(min=0), default=None,
+              help="Relative tolerance (default 1e-3; model.int8.onnx: recorded).")
 @_apply(provider_option, trust_option, json_option)
 def verify(
     model: str, reference: str | None, checkpoint: str | None, recipe_path: str | None,
-    split: str, samples: int | None, atol: float, rtol: float, provider: str,
+    split: str, samples: int | None, atol: float | None, rtol: float | None, provider: str,
     trust_checkpoint: bool, json_path: str | None,
 ) -> None:
     """Check MODEL and compare ONNX Runtime's outputs with a reference; exit 1 on failure.

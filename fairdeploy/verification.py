@@ -397,14 +397,28 @@ def _check_is_onnx(path: Path) -> Any:
         ) from None
 
 
+def recorded_tolerances(metadata: dict[str, Any]) -> dict[str, Any] | None:
+    """The tolerances a model's metadata records for its own verification (an int8
+    model: ``int8.verify``, written by ``optimize``: ``atol``, ``rtol``,
+    ``argmax_agreement`` and the float model's ``reference`` file beside it), or None."""
+    int8 = metadata.get("int8")
+    found = int8.get("verify") if isinstance(int8, dict) else None
+    if not isinstance(found, dict):
+        return None
+    keys = ("atol", "rtol", "argmax_agreement")
+    if not all(isinstance(found.get(k), int | float) and found[k] >= 0 for k in keys):
+        return None
+    return found
+
+
 def verify(
     onnx_path: str | os.PathLike[str],
     *,
     reference: str | os.PathLike[str] | Reference | None = None,
-    atol: float = DEFAULT_ATOL,
-    rtol: float = DEFAULT_RTOL,
+    atol: float | None = None,
+    rtol: float | None = None,
     provider: str = "cpu",
-    min_argmax_agreement: float = DEFAULT_ARGMAX_AGREEMENT,
+    min_argmax_agreement: float | None = None,
     privileged: int | None = None,
     batch_size: int = 256,
     notes: tuple[str, ...] | list[str] = (),
@@ -418,14 +432,16 @@ def verify(
         The model.
     reference : path-like, Reference or None
         A reference ``.npz``, a :class:`Reference` (e.g. from
-        :func:`reference_from_model`), or None for ``<name>.verify.npz`` beside the model.
-    atol, rtol : float
-        An output passes when ``|onnx − ref| ≤ atol + rtol·|ref|`` everywhere
-        (defaults 1e-4 and 1e-3, DESIGN.md §5).
+        :func:`reference_from_model`), or None for ``<name>.verify.npz`` beside the model
+        (for an int8 model without one: the float model's reference its metadata names).
+    atol, rtol : float, optional
+        An output passes when ``|onnx − ref| ≤ atol + rtol·|ref|`` everywhere. None: the
+        tolerances the model's metadata records (:func:`recorded_tolerances`: an int8
+        model's own), else 1e-4 and 1e-3 (DESIGN.md §5).
     provider : {"auto", "cpu", "cuda"}
         Execution provider (CUDA falls back to the CPU with a warning).
-    min_argmax_agreement : float
-        Fraction of samples whose argmax must agree (default 0.999).
+    min_argmax_agreement : float, optional
+        Fraction of samples whose argmax must agree (None: recorded, else 0.999).
     privileged : int, optional
         Privileged group id for the fairness of the ONNX predictions; None takes the one
         named in the model's metadata (group names too), else group 1.
@@ -444,7 +460,9 @@ def verify(
     from fairdeploy.providers import session_provider
 
     for name, tol in (("atol", atol), ("rtol", rtol)):
-        if not (isinstance(tol, int | float) and tol >= 0 and math.isfinite(tol)):
+        if tol is not None and not (
+            isinstance(tol, int | float) and tol >= 0 and math.isfinite(tol)
+        ):
             raise FairDeployError(f"--{name} {tol!r} is not allowed: use a number ≥ 0")
     path = Path(onnx_path)
     if not path.is_file():
@@ -455,6 +473,19 @@ def verify(
     meta_priv, group_names = _groups_from_metadata(meta)
     if privileged is None:
         privileged = meta_priv
+    own = recorded_tolerances(meta)
+    notes = list(notes)
+    if own is not None:
+        reference = _own_reference(path, reference, own, notes)
+        if (atol, rtol, min_argmax_agreement) == (None, None, None):
+            notes.append(
+                f"tolerances recorded in the model's metadata (int8): atol {own['atol']:.3g}, "
+                f"rtol {own['rtol']:g}, argmax agreement ≥ {own['argmax_agreement']:.1%}"
+            )
+    atol = atol if atol is not None else own["atol"] if own else DEFAULT_ATOL
+    rtol = rtol if rtol is not None else own["rtol"] if own else DEFAULT_RTOL
+    if min_argmax_agreement is None:
+        min_argmax_agreement = own["argmax_agreement"] if own else DEFAULT_ARGMAX_AGREEMENT
     ref = _load_checked_reference(path, reference)
     checker_ok, checker_msg = _run_checker(path)
     sess = _load_session(path, provider)
@@ -490,6 +521,21 @@ def verify(
         required_argmax_agreement=min_argmax_agreement,
         notes=tuple(all_notes),
     )
+
+
+def _own_reference(
+    path: Path, reference: Any, own: dict[str, Any], notes: list[str]
+) -> Any:
+    """An int8 model's default reference: its own ``<name>.verify.npz`` if there is one,
+    else the float model's, which its metadata names (PyTorch's float outputs)."""
+    from fairdeploy.export import verify_npz_path
+
+    named = own.get("reference")
+    if reference is not None or verify_npz_path(path).is_file() or not isinstance(named, str):
+        return reference
+    notes.append(f"reference: {named} beside the model (PyTorch's outputs of the float "
+                 "model it was quantized from)")
+    return path.with_name(Path(named).name)
 
 
 def _load_checked_reference(

@@ -506,3 +506,42 @@ def test_dry_run_checks_the_device(task: Path) -> None:
     assert r.exit_code == 1
     assert r.output.strip() == ("Error: --device cuda: no CUDA device is available to PyTorch; "
                                 "use --device cpu")
+
+
+# --------------------------------------------------------------------------- verify int8
+
+
+def test_verify_int8_out_of_the_box_with_its_recorded_tolerances(task: Path) -> None:
+    import onnxruntime as ort
+
+    from fairdeploy.commands.optimize import run_optimize
+    from fairdeploy.export import read_metadata
+
+    recipe = _recipe(task / "data.npz")
+    recipe["method"] = {"name": "truncated_svd", "layers": [{"layer": "layers.2", "rank": 8}]}
+    recipe["export"] = {"verify_samples": 100, "quantize": "int8", "int8": {"mode": "dynamic"}}
+    (task / "int8.yaml").write_text(yaml.safe_dump(recipe))
+    run_optimize(task / "ckpt.pt", task / "int8.yaml", out=task / "int8", latency=False,
+                 exports_dir=task / "exports", progress=False, echo=lambda s: None)
+    int8 = task / "int8" / "model.int8.onnx"
+    own = read_metadata(int8)["int8"]["verify"]
+    report = json.loads((task / "int8" / "report.json").read_text())
+    assert own["atol"] == pytest.approx(report["int8"]["verify"]["atol"])
+    assert (own["rtol"], own["argmax_agreement"]) == (0.02, 0.98)
+    assert own["reference"] == "model.verify.npz"
+    r = _cli("verify", int8)
+    assert r.exit_code == 0, r.output
+    assert "tolerances recorded in the model's metadata (int8)" in r.output
+    assert "reference: model.verify.npz beside the model" in r.output
+    assert r.output.strip().splitlines()[-1].startswith("PASSED")
+    # The recorded atol, checked by hand against ONNX Runtime's int8 outputs.
+    ref = np.load(task / "int8" / "model.verify.npz")
+    sess = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: ref["inputs"]})[0]
+    err = np.abs(got - ref["outputs"])
+    assert (err <= own["atol"] + own["rtol"] * np.abs(ref["outputs"])).all()
+    # Given tolerances win; the float model keeps its own defaults.
+    strict = _cli("verify", int8, "--atol", "1e-6", "--rtol", "0")
+    assert strict.exit_code == (0 if err.max() <= 1e-6 else 1)
+    assert "tolerances recorded" not in strict.output
+    assert _cli("verify", task / "int8" / "model.onnx").exit_code == 0

@@ -156,7 +156,12 @@ def _deploy_int8(
         "compression": comp.to_dict(),
     }
     update_metadata(int8_path, {
-        "int8": {k: block["export"][k] for k in ("mode", "per_channel", "calibration_samples")},
+        "int8": {k: block["export"][k] for k in ("mode", "per_channel", "calibration_samples")}
+        # What `fairdeploy verify model.int8.onnx` uses by default (int8 has its own).
+        | {"verify": {"atol": float(atol), "rtol": spec.rtol,
+                      "argmax_agreement": spec.argmax_agreement,
+                      "atol_basis": block["verify"]["atol_basis"],
+                      "reference": model_path.with_name(model_path.stem + ".verify.npz").name}},
         "fairness": {
             k: fair.int8_metrics.to_dict()["fairness"][k] for k in ("eopp0", "eopp1", "eodd")
         } | {"convention": "mean over classes; EOdd halved", "split": "test",
