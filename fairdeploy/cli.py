@@ -59,10 +59,10 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         import warnings
 
+        default_format = warnings.formatwarning
+        warnings.formatwarning = _warning_format(default_format)
         try:
-            with warnings.catch_warnings():
-                warnings.showwarning = _warning_printer(warnings.showwarning)
-                return super().invoke(ctx)
+            return super().invoke(ctx)
         except FairDeployError as exc:
             raise click.ClickException(str(exc)) from None
         except OSError as exc:
@@ -73,24 +73,26 @@ class _Group(click.Group):
                 where = (" while writing a file: check the free disk space and the file "
                          "size limit (ulimit -f)")
             raise click.ClickException(f"{exc.strerror or exc}{where}") from None
+        finally:
+            warnings.formatwarning = default_format
 
 
-def _warning_printer(default: Callable[..., None]) -> Callable[..., None]:
-    """``warnings.showwarning`` for the CLI: a warning raised inside fairdeploy (it is
-    written for the user) as one ``warning: ...`` line on stderr, without Python's
-    ``file:line`` prefix; any other library's through ``default``."""
+def _warning_format(default: Callable[..., str]) -> Callable[..., str]:
+    """``warnings.formatwarning`` for the CLI: a warning raised inside fairdeploy (it is
+    written for the user) as one ``warning: ...`` line, without Python's ``file:line``
+    prefix and source line; any other library's as ``default`` formats it. (Only the
+    format is replaced: warnings are still filtered, shown once and recordable.)"""
     from fairdeploy import __file__ as package_init
 
     package = Path(package_init).resolve().parent
 
-    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-             file: Any = None, line: str | None = None) -> None:
+    def format_warning(message: Warning | str, category: type[Warning], filename: str,
+                       lineno: int, line: str | None = None) -> str:
         if Path(filename).resolve().is_relative_to(package):
-            click.echo(f"warning: {message}", err=True)
-        else:
-            default(message, category, filename, lineno, file, line)
+            return f"warning: {message}\n"
+        return default(message, category, filename, lineno, line)
 
-    return show
+    return format_warning
 
 
 def _batch_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
