@@ -473,19 +473,10 @@ def verify(
     meta_priv, group_names = _groups_from_metadata(meta)
     if privileged is None:
         privileged = meta_priv
-    own = recorded_tolerances(meta)
     notes = list(notes)
-    if own is not None:
-        reference = _own_reference(path, reference, own, notes)
-        if (atol, rtol, min_argmax_agreement) == (None, None, None):
-            notes.append(
-                f"tolerances recorded in the model's metadata (int8): atol {own['atol']:.3g}, "
-                f"rtol {own['rtol']:g}, argmax agreement ≥ {own['argmax_agreement']:.1%}"
-            )
-    atol = atol if atol is not None else own["atol"] if own else DEFAULT_ATOL
-    rtol = rtol if rtol is not None else own["rtol"] if own else DEFAULT_RTOL
-    if min_argmax_agreement is None:
-        min_argmax_agreement = own["argmax_agreement"] if own else DEFAULT_ARGMAX_AGREEMENT
+    reference, (atol, rtol, min_argmax_agreement) = _own_settings(
+        path, meta, reference, (atol, rtol, min_argmax_agreement), notes
+    )
     ref = _load_checked_reference(path, reference)
     checker_ok, checker_msg = _run_checker(path)
     sess = _load_session(path, provider)
@@ -521,6 +512,29 @@ def verify(
         required_argmax_agreement=min_argmax_agreement,
         notes=tuple(all_notes),
     )
+
+
+def _own_settings(
+    path: Path, meta: dict[str, Any], reference: Any,
+    given: tuple[float | None, float | None, float | None], notes: list[str],
+) -> tuple[Any, tuple[float, float, float]]:
+    """The reference and (atol, rtol, argmax agreement) to use: those given, else what
+    the model's metadata records for it (:func:`recorded_tolerances`), else the
+    defaults; a note says when the recorded ones apply."""
+    own = recorded_tolerances(meta)
+    defaults = (DEFAULT_ATOL, DEFAULT_RTOL, DEFAULT_ARGMAX_AGREEMENT)
+    if own is None:
+        return reference, tuple(  # type: ignore[return-value]
+            d if g is None else g for g, d in zip(given, defaults, strict=True))
+    reference = _own_reference(path, reference, own, notes)
+    if given == (None, None, None):
+        notes.append(
+            f"tolerances recorded in the model's metadata (int8): atol {own['atol']:.3g}, "
+            f"rtol {own['rtol']:g}, argmax agreement ≥ {own['argmax_agreement']:.1%}"
+        )
+    recorded = (own["atol"], own["rtol"], own["argmax_agreement"])
+    return reference, tuple(  # type: ignore[return-value]
+        r if g is None else g for g, r in zip(given, recorded, strict=True))
 
 
 def _own_reference(

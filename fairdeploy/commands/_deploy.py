@@ -155,19 +155,30 @@ def _deploy_int8(
         "fairness": fair.to_dict(),
         "compression": comp.to_dict(),
     }
-    update_metadata(int8_path, {
+    update_metadata(int8_path, _int8_metadata(block, fair, len(x), model_path))
+    return block
+
+
+def _int8_metadata(
+    block: dict[str, Any], fair: Any, samples: int, model_path: Path
+) -> dict[str, Any]:
+    """model.int8.onnx's metadata: how it was made, the tolerances and float reference
+    ``fairdeploy verify model.int8.onnx`` uses by default (int8 has its own), and its
+    test-split fairness."""
+    from fairdeploy.export import verify_npz_path
+
+    checked = block["verify"]
+    return {
         "int8": {k: block["export"][k] for k in ("mode", "per_channel", "calibration_samples")}
-        # What `fairdeploy verify model.int8.onnx` uses by default (int8 has its own).
-        | {"verify": {"atol": float(atol), "rtol": spec.rtol,
-                      "argmax_agreement": spec.argmax_agreement,
-                      "atol_basis": block["verify"]["atol_basis"],
-                      "reference": model_path.with_name(model_path.stem + ".verify.npz").name}},
+        | {"verify": {"atol": float(checked["atol"]), "rtol": float(checked["rtol"]),
+                      "argmax_agreement": float(checked["required_argmax_agreement"]),
+                      "atol_basis": checked["atol_basis"],
+                      "reference": verify_npz_path(model_path).name}},
         "fairness": {
             k: fair.int8_metrics.to_dict()["fairness"][k] for k in ("eopp0", "eopp1", "eodd")
         } | {"convention": "mean over classes; EOdd halved", "split": "test",
-             "samples": len(x)},
-    })
-    return block
+             "samples": samples},
+    }
 
 
 def _int8_calibration(train: Any, spec: Any) -> tuple[int, Any]:
