@@ -107,10 +107,17 @@ def _scatter(ax: Any, points: list[dict[str, Any]], key: str) -> list[tuple[floa
 
 
 def _place_labels(ax: Any, labelled: list[tuple[float, float, str]], renderer: Any) -> None:
-    """Each label at the first offset whose box overlaps no placed label and stays inside
-    the axes; when none does, the offset with the least overlap."""
+    """Each label at the first offset whose box overlaps no placed label and no marker
+    and stays inside the axes; when none does, the offset with the least overlap."""
+    from matplotlib.transforms import Bbox
+
     inside = ax.get_window_extent(renderer)
-    placed: list[Any] = []
+    # Markers are obstacles too: a label must not hide another row's point.
+    r = 6 * ax.figure.dpi / 72
+    placed: list[Any] = [
+        Bbox.from_extents(px - r, py - r, px + r, py + r)
+        for px, py in (ax.transData.transform((x, y)) for x, y, _ in labelled)
+    ]
     for x, y, text in labelled:
         best = None
         for dx, dy in _OFFSETS:
