@@ -183,5 +183,3 @@ def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0][:200] if lines else repr(exc)[:200]
 
-
-from fairdeploy.models import _zoo  # noqa: E402, F401  (registers the built-in models)
