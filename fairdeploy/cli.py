@@ -18,6 +18,7 @@ from typing import Any
 
 import click
 
+from fairdeploy.comparison import DEFAULT_ATOL, DEFAULT_RTOL
 from fairdeploy.errors import FairDeployError
 
 
@@ -128,8 +129,8 @@ def main() -> None:
               show_default=True, help="Data split for --checkpoint.")
 @click.option("--samples", type=click.IntRange(min=1), default=None,
               help="Inputs of the split to compare (default: the recipe's export.verify_samples).")
-@click.option("--atol", type=click.FloatRange(min=0), default=1e-4, show_default=True)
-@click.option("--rtol", type=click.FloatRange(min=0), default=1e-3, show_default=True)
+@click.option("--atol", type=click.FloatRange(min=0), default=DEFAULT_ATOL, show_default=True)
+@click.option("--rtol", type=click.FloatRange(min=0), default=DEFAULT_RTOL, show_default=True)
 @_apply(provider_option, trust_option, json_option)
 def verify(
     model: str, reference: str | None, checkpoint: str | None, recipe_path: str | None,

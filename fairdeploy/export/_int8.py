@@ -47,6 +47,12 @@ from typing import Any
 import numpy as np
 import onnx
 
+from fairdeploy.comparison import (
+    DEFAULT_INT8_ARGMAX_AGREEMENT,
+    DEFAULT_INT8_ATOL_SCALE,
+    DEFAULT_INT8_RTOL,
+    compare_outputs,
+)
 from fairdeploy.errors import FairDeployError
 
 __all__ = [
@@ -68,20 +74,6 @@ __all__ = [
 #: ``static``: QDQ with calibrated activation ranges; ``dynamic``: int8 weights,
 #: activations quantized per batch at run time.
 QUANT_MODES = ("auto", "static", "dynamic")
-#: Default atol of :func:`verify_int8` as a multiple of the reference logits' standard
-#: deviation: int8 rounding errors scale with the range of the values, not with each
-#: logit's own magnitude, so an absolute tolerance tied to that range is the natural one.
-#: Measured on healthy int8 models (``bench/bench_int8.py``, tests): the largest error is
-#: 0.02–0.06 std with dynamic quantization and up to 0.25–0.40 std with static QDQ (a
-#: test input beyond the calibrated activation range is clipped), the mean error ~0.01–0.02
-#: std; a broken calibration gives errors of several std.
-DEFAULT_INT8_ATOL_SCALE = 0.5
-#: Default rtol of :func:`verify_int8` (on top of the atol).
-DEFAULT_INT8_RTOL = 0.02
-#: Default fraction of samples whose argmax must survive int8: samples near a decision
-#: boundary may flip (measured 99.0–99.95 % on healthy int8 models), so less than the
-#: float check's 99.9 %.
-DEFAULT_INT8_ARGMAX_AGREEMENT = 0.98
 #: Ops whose constant inputs are weights.
 _WEIGHT_OPS = {"MatMul": (1,), "Gemm": (1,), "Conv": (1,)}
 # Ops quantized in static mode: the weight-carrying ones and the data movement between
@@ -607,8 +599,6 @@ def verify_int8(
         Truthy on pass; carries the tolerances used, how atol was chosen, and the
         smallest atol/rtol that would pass.
     """
-    from fairdeploy.verification import _compare
-
     x = np.asarray(inputs)
     ref = np.asarray(reference_outputs, dtype=np.float64)
     if len(x) == 0 or len(x) != len(ref):
@@ -632,7 +622,7 @@ def verify_int8(
     except Exception as exc:  # ValidationError, shape-inference errors
         checker_message = (str(exc).strip().splitlines() or [repr(exc)])[0]
     got = _ort_outputs(int8_path, x, batch_size)
-    comp = _compare("logits", got, ref, float(atol), float(rtol), min_argmax_agreement)
+    comp = compare_outputs("logits", got, ref, float(atol), float(rtol), min_argmax_agreement)
     return Int8Verification(
         passed=comp.passed and not checker_message,
         checker_message=checker_message,

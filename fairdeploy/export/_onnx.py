@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from fairdeploy._io import atomic_path, publish
+from fairdeploy.comparison import DEFAULT_ATOL, DEFAULT_RTOL
 from fairdeploy.errors import FairDeployError
 from fairdeploy.export._layout import LayerLayout, prepare_for_export, sparse_layout_name
 from fairdeploy.export._sizes import _tensor_sizes, onnx_sizes, proto_sizes, size_ratios
@@ -537,8 +538,8 @@ def export_onnx(
     fold_permutations: bool = True,
     eliminate_dead: bool = False,
     opset: int = 18,
-    atol: float = 1e-4,
-    rtol: float = 1e-3,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
     exporter: str = "dynamo",
     reference_max_bytes: int | None = None,
     packing: Mapping[str, Any] | None = None,

@@ -23,6 +23,14 @@ from fairdeploy._schema import (
     no_bool,
     schema_error,
 )
+from fairdeploy.comparison import (
+    DEFAULT_ARGMAX_AGREEMENT,
+    DEFAULT_ATOL,
+    DEFAULT_INT8_ARGMAX_AGREEMENT,
+    DEFAULT_INT8_ATOL_SCALE,
+    DEFAULT_INT8_RTOL,
+    DEFAULT_RTOL,
+)
 
 __all__ = [
     "ExportSpec",
@@ -110,9 +118,9 @@ def normalize_value(value: Any) -> str:
 class Tolerances(Strict):
     """ORT-vs-PyTorch parity: ``max|Δ| ≤ atol + rtol·|ref|`` and argmax agreement."""
 
-    atol: NonNegFloat = 1e-4
-    rtol: NonNegFloat = 1e-3
-    argmax_agreement: Fraction01 = 0.999
+    atol: NonNegFloat = DEFAULT_ATOL
+    rtol: NonNegFloat = DEFAULT_RTOL
+    argmax_agreement: Fraction01 = DEFAULT_ARGMAX_AGREEMENT
 
 
 class Int8Spec(Strict):
@@ -128,9 +136,9 @@ class Int8Spec(Strict):
     mode: Literal["auto", "static", "dynamic"] = "auto"
     calibration_samples: PosInt = 256
     seed: Seed = 0
-    atol_scale: Annotated[float, BeforeValidator(no_bool), Field(gt=0)] = 0.5
-    rtol: NonNegFloat = 0.02
-    argmax_agreement: Fraction01 = 0.98
+    atol_scale: Annotated[float, BeforeValidator(no_bool), Field(gt=0)] = DEFAULT_INT8_ATOL_SCALE
+    rtol: NonNegFloat = DEFAULT_INT8_RTOL
+    argmax_agreement: Fraction01 = DEFAULT_INT8_ARGMAX_AGREEMENT
 
 
 class ExportSpec(Strict):
