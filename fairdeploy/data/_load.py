@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -17,10 +18,22 @@ from fairdeploy.data._npz import load_npz_table
 from fairdeploy.data._splits import SPLITS, check_groups_present, seeded_split, subsample
 from fairdeploy.data._table import Table
 from fairdeploy.data._transforms import image_transform
+from fairdeploy.data_specs import DataSpec, SensitiveSpec
 from fairdeploy.errors import FairDeployError
-from fairdeploy.recipe import DataSpec, Recipe, SensitiveSpec
 
 __all__ = ["load_splits", "load_table"]
+
+
+@runtime_checkable
+class RecipeSections(Protocol):
+    """What :func:`load_splits` reads of a whole :class:`~fairdeploy.recipe.Recipe`: its
+    ``data`` and ``sensitive`` sections and ``model.num_classes`` (the data package sits
+    below the recipe package, so it names the sections, not the class)."""
+
+    data: Any
+    sensitive: Any
+    model: Any
+
 
 _LOADERS: dict[str, Callable[..., Table]] = {
     "celeba": load_celeba_table,
@@ -42,7 +55,7 @@ def load_table(data: DataSpec, sensitive: SensitiveSpec) -> Table:
 
 
 def load_splits(
-    data: DataSpec | Recipe,
+    data: DataSpec | RecipeSections,
     sensitive: SensitiveSpec | None = None,
     *,
     splits: Sequence[str] = SPLITS,
@@ -86,7 +99,7 @@ def load_splits(
     served. Seeded splits are made over every row before missing images are dropped,
     so the split of a sample does not depend on which other files exist.
     """
-    if isinstance(data, Recipe):
+    if isinstance(data, RecipeSections):
         recipe = data
         data, sensitive = recipe.data, recipe.sensitive
         num_classes = recipe.model.num_classes if num_classes is None else num_classes

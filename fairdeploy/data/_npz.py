@@ -17,8 +17,8 @@ import torch
 
 from fairdeploy.data._splits import parse_split_values
 from fairdeploy.data._table import Table
+from fairdeploy.data_specs import NpzData, SensitiveSpec
 from fairdeploy.errors import FairDeployError
-from fairdeploy.recipe import NpzData, SensitiveSpec
 
 __all__ = ["load_npz_table"]
 

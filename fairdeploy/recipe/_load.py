@@ -13,8 +13,8 @@ from pydantic import (
     ValidationError,
 )
 
+from fairdeploy.data_specs import DATA_KINDS
 from fairdeploy.errors import FairDeployError
-from fairdeploy.recipe._data import DATA_KINDS
 from fairdeploy.recipe._recipe import Recipe
 
 __all__ = ["format_validation_error", "load_recipe", "parse_recipe"]
@@ -98,13 +98,13 @@ def _check_symlinked_paths(path: Path, real_dir: Path, data: dict[str, Any]) -> 
     opened through a symlink (``recipes/`` in the repository links to the package's
     ``fairdeploy/recipes/``). Where that finds nothing but the symlink's folder would,
     say so now rather than leave the user to guess which folder was meant."""
-    from fairdeploy.recipe._data import _LOCAL_PATH_KEYS
+    from fairdeploy.data_specs import LOCAL_PATH_KEYS
 
     link_dir = Path(os.path.abspath(path)).parent
     section = data.get("data")
     if link_dir == real_dir or not isinstance(section, dict):
         return
-    for key in _LOCAL_PATH_KEYS:
+    for key in LOCAL_PATH_KEYS:
         value = section.get(key)
         if not isinstance(value, str) or Path(os.path.expanduser(value)).is_absolute():
             continue
