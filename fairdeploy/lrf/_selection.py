@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from fairdeploy.errors import FairDeployError
+from fairdeploy.fraction import kept_entries, num_selected
 from fairdeploy.lrf._apply import _linear_or_error
 from fairdeploy.lrf._factorized import FactorizedLinear
-from fairdeploy.plan import kept_entries, num_selected
 
 __all__ = [
     "ROW_SCORES",
