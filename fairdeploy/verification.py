@@ -251,10 +251,10 @@ def reference_from_model(
 def _metadata(model: Any, path: Path) -> dict[str, Any]:
     """The fairdeploy metadata of a loaded model; empty when it has none readable
     (defaults apply)."""
-    from fairdeploy.export._onnx import _metadata_of
+    from fairdeploy.export._metadata import metadata_of
 
     try:
-        return _metadata_of(model, path)
+        return metadata_of(model, path)
     except Exception:  # a model without (readable) fairdeploy metadata
         return {}
 

@@ -397,7 +397,7 @@ def quantize_int8(
     """
     from onnxruntime.quantization import QuantType
 
-    from fairdeploy.export._onnx import _save_atomic, _set_metadata
+    from fairdeploy.export._metadata import save_atomic, set_metadata
     from fairdeploy.export._sizes import onnx_sizes
 
     if mode not in QUANT_MODES:
@@ -467,8 +467,8 @@ def quantize_int8(
         "float_weights": list(float_w),
         "tool": "onnxruntime.quantization " + _ort_version(),
     }
-    _set_metadata(q, {"fairdeploy.int8": json.dumps(info, sort_keys=True)})
-    _save_atomic(q, path)
+    set_metadata(q, {"fairdeploy.int8": json.dumps(info, sort_keys=True)})
+    save_atomic(q, path)
     return Int8Export(
         path=path,
         source=source,
