@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from fairdeploy._text import plural
-from fairdeploy.errors import FairDeployError
+from fairdeploy.errors import FairDeployError, first_line
 
 __all__ = [
     "Inputs",
@@ -359,10 +359,9 @@ def predict(
             ]
         ).astype(np.float64)
     except Exception as exc:  # ORT's InvalidArgument for inputs of the wrong shape
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FairDeployError(
             f"model {str(model)!r} cannot run on these inputs (shape {read.x.shape[1:]}): "
-            f"{first[:200]}"
+            f"{first_line(exc)}"
         ) from None
     if logits.ndim != 2 or len(logits) != len(read.names):
         raise FairDeployError(

@@ -53,7 +53,7 @@ from fairdeploy.comparison import (
     DEFAULT_INT8_RTOL,
     compare_outputs,
 )
-from fairdeploy.errors import FairDeployError
+from fairdeploy.errors import FairDeployError, first_line
 
 __all__ = [
     "DEFAULT_INT8_ARGMAX_AGREEMENT",
@@ -620,7 +620,7 @@ def verify_int8(
         onnx.checker.check_model(str(int8_path), full_check=True)
         checker_message = ""
     except Exception as exc:  # ValidationError, shape-inference errors
-        checker_message = (str(exc).strip().splitlines() or [repr(exc)])[0]
+        checker_message = first_line(exc, limit=None)
     got = _ort_outputs(int8_path, x, batch_size)
     comp = compare_outputs("logits", got, ref, float(atol), float(rtol), min_argmax_agreement)
     return Int8Verification(

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fairdeploy.errors import FairDeployError
+from fairdeploy.errors import FairDeployError, first_line
 
 __all__ = ["build_model", "list_models", "register_model"]
 
@@ -95,7 +95,7 @@ def _call(
         shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())[:200] or "none"
         raise FairDeployError(
             f"model.arch {arch!r} cannot be built with num_classes={num_classes} and "
-            f"model.kwargs ({shown}): {type(exc).__name__}: {_first_line(exc)}; check "
+            f"model.kwargs ({shown}): {type(exc).__name__}: {first_line(exc)}; check "
             "model.kwargs and model.num_classes"
         ) from None
     if not isinstance(model, nn.Module):
@@ -178,8 +178,4 @@ def _check_fits_in_memory(
             f"({limit / 2**30:,.1f} GiB): check model.num_classes and model.kwargs"
         )
 
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else repr(exc)[:200]
 

@@ -14,7 +14,7 @@ from pydantic import (
 )
 
 from fairdeploy.data_specs import DATA_KINDS
-from fairdeploy.errors import FairDeployError
+from fairdeploy.errors import FairDeployError, first_line
 from fairdeploy.recipe._recipe import Recipe
 
 __all__ = ["format_validation_error", "load_recipe", "parse_recipe"]
@@ -159,7 +159,7 @@ def _parse_yaml(text: str, source: str) -> tuple[yaml.Node | None, Any]:
         # The constructors of ints, floats and timestamps raise plain Python errors
         # (an int of 5,000 digits, a 13th month).
         raise FairDeployError(
-            f"{source}: invalid YAML value ({type(exc).__name__}: {_first_line(exc)})"
+            f"{source}: invalid YAML value ({type(exc).__name__}: {first_line(exc)})"
         ) from None
     return node, data
 
@@ -211,11 +211,6 @@ def _check_expansion(root: yaml.Node, source: str) -> None:
         return nodes, chars
 
     size(root)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else repr(exc)[:200]
 
 
 def parse_recipe(
