@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from fairdeploy._json import json_float
 from fairdeploy.errors import FairDeployError
 from fairdeploy.metrics._group import (
     UNKNOWN_GROUP,
@@ -19,7 +20,6 @@ from fairdeploy.metrics._group import (
     _check_num_classes,
     _check_privileged,
     _infer_num_classes,
-    _json_float,
     _metrics_from_counts,
     group_metrics,
 )
@@ -72,10 +72,10 @@ class ConfidenceInterval:
     def to_dict(self) -> dict[str, Any]:
         """JSON-serializable; NaN becomes ``None``."""
         return {
-            "value": _json_float(self.value),
-            "low": _json_float(self.low),
-            "high": _json_float(self.high),
-            "mean": _json_float(self.mean),
+            "value": json_float(self.value),
+            "low": json_float(self.low),
+            "high": json_float(self.high),
+            "mean": json_float(self.mean),
             "undefined_resamples": self.undefined_resamples,
         }
 
@@ -109,9 +109,9 @@ class PairedDifference:
     def to_dict(self) -> dict[str, Any]:
         """JSON-serializable; NaN becomes ``None``."""
         return {
-            "value": _json_float(self.value),
-            "low": _json_float(self.low),
-            "high": _json_float(self.high),
+            "value": json_float(self.value),
+            "low": json_float(self.low),
+            "high": json_float(self.high),
             "significant": self.significant,
             "undefined_resamples": self.undefined_resamples,
         }
