@@ -54,6 +54,7 @@ from fairdeploy.comparison import (
     compare_outputs,
 )
 from fairdeploy.errors import FairDeployError, first_line
+from fairdeploy.export._sizes import _load_header, onnx_sizes, size_ratios
 
 __all__ = [
     "DEFAULT_INT8_ARGMAX_AGREEMENT",
@@ -336,8 +337,6 @@ def _input_name(model: onnx.ModelProto) -> str:
 
 
 def _load(path: str | os.PathLike[str]) -> onnx.ModelProto:
-    from fairdeploy.export._sizes import _load_header
-
     _load_header(path)  # a user-facing error for a missing or corrupt file
     return onnx.load(str(path))
 
@@ -398,7 +397,6 @@ def quantize_int8(
     from onnxruntime.quantization import QuantType
 
     from fairdeploy.export._metadata import save_atomic, set_metadata
-    from fairdeploy.export._sizes import onnx_sizes
 
     if mode not in QUANT_MODES:
         raise FairDeployError(f"mode={mode!r} is unknown: use one of {', '.join(QUANT_MODES)}")
@@ -746,8 +744,6 @@ def int8_compression(
     -------
     Int8Compression
     """
-    from fairdeploy.export._sizes import onnx_sizes
-
     van, flt, q8 = onnx_sizes(vanilla_path), onnx_sizes(float_path), onnx_sizes(int8_path)
     weights = _weights(_load(float_path))
     left = _float_weight_sources(onnx.load(str(int8_path), load_external_data=False))
@@ -756,9 +752,10 @@ def int8_compression(
     int8_params = sum(numel[w] for w in weights if w not in left)
     q = int8_params / flt["parameters"] if flt["parameters"] else 0.0
     theory = None if method_cr is None else float(method_cr) * 32.0 / (32.0 - 24.0 * q)
+    measured = size_ratios({"vanilla": van, "processed": q8})
     return Int8Compression(
-        measured_initializer_cr=van["initializer_bytes"] / q8["initializer_bytes"],
-        measured_file_cr=van["file_bytes"] / q8["file_bytes"],
+        measured_initializer_cr=measured["initializer_cr"],
+        measured_file_cr=measured["file_cr"],
         float_to_int8_initializer_ratio=flt["initializer_bytes"] / q8["initializer_bytes"],
         int8_fraction=q,
         theoretical_cr=theory,

@@ -564,10 +564,6 @@ def export_onnx(
     )
 
 
-def _ratios(baseline: Mapping[str, int], sizes: Mapping[str, int]) -> dict[str, float]:
-    return size_ratios({"vanilla": baseline, "processed": sizes})
-
-
 def _write_model(
     proto: onnx.ModelProto, path: Path, baseline: Mapping[str, int] | None, *, check: bool,
     defer: bool = False, first: Callable[[], None] | None = None,
@@ -588,7 +584,7 @@ def _write_model(
             first()
         save_atomic(proto, path, size=SINGLE_FILE_LIMIT)
         sizes = onnx_sizes(path)
-        cr = None if baseline is None else _ratios(baseline, sizes)
+        cr = None if baseline is None else size_ratios({"vanilla": baseline, "processed": sizes})
         if cr is not None:
             update_metadata(path, {"measured_cr": cr})
             sizes = onnx_sizes(path)
@@ -599,7 +595,7 @@ def _write_model(
     cr = None
     pieces: tuple[bytes | memoryview, ...] = (data,)
     if baseline is not None:
-        cr = _ratios(baseline, sizes)
+        cr = size_ratios({"vanilla": baseline, "processed": sizes})
         text = _measured_text(cr)
         set_metadata(proto, {_MEASURED_KEY: text})  # the proto says what the file says
         pieces = _replaced_once(data, _measured_text(None).encode(), text.encode())
