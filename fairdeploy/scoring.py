@@ -429,22 +429,8 @@ def hessian_diag(
             f"targets contains {int(tgt_all.max())}; allowed: class indices in "
             f"[0, {h.num_classes}) for a head with {h.num_classes} outputs"
         )
-    if estimator == "exact" and h.non_pl:
-        warnings.warn(
-            f"layer={layer!r}: modules after it are not piecewise linear "
-            f"({', '.join(h.non_pl)}); estimator='exact' returns the Gauss-Newton "
-            "diagonal, not the true Hessian diagonal",
-            HessianApproximationWarning,
-            stacklevel=2,
-        )
-    elif estimator == "exact" and h.non_pl is None:
-        warnings.warn(
-            f"layer={layer!r}: what follows it is unknown ({h.untraced}); estimator='exact' "
-            "returns the Gauss-Newton diagonal, which is the true Hessian diagonal only if "
-            "everything after the layer is piecewise linear",
-            HessianApproximationWarning,
-            stacklevel=2,
-        )
+    if estimator == "exact":
+        _warn_if_not_exact(h, layer)
 
     S, V = h.layer.S.detach(), h.layer.V.detach()
     vt = V.T * S  # Ṽ (Dout × k): o = (x U) Ṽᵀ + b
@@ -469,6 +455,28 @@ def hessian_diag(
         acc_v += ((zs * zs).T @ d.to(zs.dtype)).double()
         acc_u += (x_sq.T @ e.to(x_sq.dtype)).double()
     return {"U": acc_u / n_total, "V": acc_v / n_total}
+
+
+def _warn_if_not_exact(h: _Head, layer: str) -> None:
+    """A :class:`HessianApproximationWarning` (at the caller of :func:`hessian_diag`) when
+    what follows ``layer`` is not piecewise linear, or is unknown: ``exact`` then gives
+    the Gauss-Newton diagonal."""
+    if h.non_pl:
+        warnings.warn(
+            f"layer={layer!r}: modules after it are not piecewise linear "
+            f"({', '.join(h.non_pl)}); estimator='exact' returns the Gauss-Newton "
+            "diagonal, not the true Hessian diagonal",
+            HessianApproximationWarning,
+            stacklevel=3,
+        )
+    elif h.non_pl is None:
+        warnings.warn(
+            f"layer={layer!r}: what follows it is unknown ({h.untraced}); estimator='exact' "
+            "returns the Gauss-Newton diagonal, which is the true Hessian diagonal only if "
+            "everything after the layer is piecewise linear",
+            HessianApproximationWarning,
+            stacklevel=3,
+        )
 
 
 def group_hessians(

@@ -120,22 +120,7 @@ def load_splits(
     group_names = list(groups_spec)
     out: dict[str, GroupedDataset] = {}
     for split in splits:
-        idx = np.flatnonzero(table.split == SPLITS.index(split))
-        if len(idx) == 0:
-            raise FairDeployError(
-                f"split {split!r} of {table.where} is empty: check data.split"
-            )
-        skipped: dict[str, int] = {}
-        if table.paths is not None:
-            keep, skipped = check_image_files(
-                [table.paths[i] for i in idx],
-                mode=data.check_images,
-                max_bad=data.max_bad_images,
-                where=f"{table.where}, split {split!r}",
-                missing_counts_as_bad=table.missing_counts_as_bad,
-            )
-            idx = idx[keep]
-        idx = idx[subsample(len(idx), data.max_samples, seed=data.split.seed, split=split)]
+        idx, skipped = _split_rows(table, data, split)
         check_groups_present(
             groups[idx], group_names, split=split, attribute=table.attribute, values=groups_spec
         )
@@ -160,6 +145,28 @@ def load_splits(
                 raise RuntimeError("table has neither paths nor features")
             out[split] = TensorGroupedDataset(features[idx], **common)
     return out
+
+
+def _split_rows(table: Table, data: DataSpec, split: str) -> tuple[np.ndarray, dict[str, int]]:
+    """The table rows one split serves: its rows whose images pass the check (each
+    unusable file counted by reason), then at most ``data.max_samples`` of them, seeded."""
+    idx = np.flatnonzero(table.split == SPLITS.index(split))
+    if len(idx) == 0:
+        raise FairDeployError(
+            f"split {split!r} of {table.where} is empty: check data.split"
+        )
+    skipped: dict[str, int] = {}
+    if table.paths is not None:
+        keep, skipped = check_image_files(
+            [table.paths[i] for i in idx],
+            mode=data.check_images,
+            max_bad=data.max_bad_images,
+            where=f"{table.where}, split {split!r}",
+            missing_counts_as_bad=table.missing_counts_as_bad,
+        )
+        idx = idx[keep]
+    idx = idx[subsample(len(idx), data.max_samples, seed=data.split.seed, split=split)]
+    return idx, skipped
 
 
 def _preview(names: Sequence[str]) -> str:
