@@ -148,51 +148,7 @@ def _is_number_row(row: Sequence[str]) -> bool:
 def _feature_rows(path: Path, width: int | None, names: Sequence[str] | None) -> np.ndarray:
     """Rows of features from .npy or .csv. A CSV header is matched by name against the
     model's feature names (columns reordered to the model's order), never just dropped."""
-    if path.suffix.lower() == ".npy":
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except Exception as exc:  # ValueError, EOFError, TokenError, MemoryError on bad bytes
-            raise FairDeployError(
-                f"cannot read {str(path)!r} as a .npy array ({type(exc).__name__}: "
-                f"{str(exc)[:200]})"
-            ) from None
-        if not isinstance(arr, np.ndarray):
-            raise FairDeployError(
-                f"{str(path)!r} is an .npz archive, not a .npy array: save the rows with np.save"
-            )
-        if not np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_ or np.iscomplexobj(
-            arr
-        ):
-            raise FairDeployError(
-                f"{str(path)!r} holds a {arr.dtype} array: feature rows must be real numbers"
-            )
-    else:
-        try:
-            with open(path, newline="", encoding="utf-8-sig") as f:
-                rows = [r for r in csv.reader(f, strict=True) if r]
-            if rows and not _is_number_row(rows[0]):
-                header, rows = [c.strip() for c in rows[0]], rows[1:]
-                if names is None:
-                    raise FairDeployError(
-                        f"{str(path)!r} has a header row but the model's metadata names no "
-                        "features to match it against: remove the header, or name the "
-                        "features when training (a feature_names array in the .npz, or "
-                        "data.feature_names in the recipe) and optimize again"
-                    )
-                missing = [n for n in names if n not in header]
-                if missing:
-                    raise FairDeployError(
-                        f"{str(path)!r}: the header lacks the model's feature(s) "
-                        f"{missing[:5]}; the model expects {len(names)} columns named "
-                        f"{list(names)[:5]}..."
-                    )
-                order = [header.index(n) for n in names]
-                rows = [[r[i] for i in order] for r in rows]
-            arr = np.asarray([[float(v) for v in r] for r in rows], dtype=np.float32)
-        except (OSError, ValueError, IndexError, csv.Error) as exc:
-            raise FairDeployError(
-                f"cannot read {str(path)!r} as CSV feature rows (numbers, one row per input): {exc}"
-            ) from None
+    arr = _npy_rows(path) if path.suffix.lower() == ".npy" else _csv_rows(path, names)
     with np.errstate(over="ignore", invalid="ignore"):
         arr = np.asarray(arr, dtype=np.float32)
     if arr.ndim == 1:
@@ -210,6 +166,59 @@ def _feature_rows(path: Path, width: int | None, names: Sequence[str] | None) ->
             f"{str(path)!r}: row {int(bad[0])} has a non-finite value (NaN, infinity, or a "
             "number too large for float32): the model cannot classify it"
         )
+    return arr
+
+
+def _npy_rows(path: Path) -> np.ndarray:
+    """The real-valued array a .npy file holds (no pickles)."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception as exc:  # ValueError, EOFError, TokenError, MemoryError on bad bytes
+        raise FairDeployError(
+            f"cannot read {str(path)!r} as a .npy array ({type(exc).__name__}: "
+            f"{str(exc)[:200]})"
+        ) from None
+    if not isinstance(arr, np.ndarray):
+        raise FairDeployError(
+            f"{str(path)!r} is an .npz archive, not a .npy array: save the rows with np.save"
+        )
+    if not np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_ or np.iscomplexobj(
+        arr
+    ):
+        raise FairDeployError(
+            f"{str(path)!r} holds a {arr.dtype} array: feature rows must be real numbers"
+        )
+    return arr
+
+
+def _csv_rows(path: Path, names: Sequence[str] | None) -> np.ndarray:
+    """CSV rows as float32, columns in the model's feature order when there is a header."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [r for r in csv.reader(f, strict=True) if r]
+        if rows and not _is_number_row(rows[0]):
+            header, rows = [c.strip() for c in rows[0]], rows[1:]
+            if names is None:
+                raise FairDeployError(
+                    f"{str(path)!r} has a header row but the model's metadata names no "
+                    "features to match it against: remove the header, or name the "
+                    "features when training (a feature_names array in the .npz, or "
+                    "data.feature_names in the recipe) and optimize again"
+                )
+            missing = [n for n in names if n not in header]
+            if missing:
+                raise FairDeployError(
+                    f"{str(path)!r}: the header lacks the model's feature(s) "
+                    f"{missing[:5]}; the model expects {len(names)} columns named "
+                    f"{list(names)[:5]}..."
+                )
+            order = [header.index(n) for n in names]
+            rows = [[r[i] for i in order] for r in rows]
+        arr = np.asarray([[float(v) for v in r] for r in rows], dtype=np.float32)
+    except (OSError, ValueError, IndexError, csv.Error) as exc:
+        raise FairDeployError(
+            f"cannot read {str(path)!r} as CSV feature rows (numbers, one row per input): {exc}"
+        ) from None
     return arr
 
 
