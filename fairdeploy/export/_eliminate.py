@@ -637,27 +637,56 @@ class _Counter:
                 linear_cols[j.consumer] = dead
             for step in j.link.feature_modules:
                 removed += dead * _feature_param_count(step.module)
-            producer_bias = (
-                specs[j.producer].bias if j.producer in specs
-                else self.modules[j.producer].bias is not None  # type: ignore[union-attr]
-            )
-            if const > 0 and needs_bias(j, producer_bias):
+            if const > 0 and needs_bias(j, self._has_bias(j.producer)):
                 if j.consumer in specs:
                     bias[j.consumer] = True
                 else:
                     linear_bias[j.consumer] = True
-        for name in set(linear_rows) | set(linear_cols):
+        removed += self._linear_removed(linear_rows, linear_cols, linear_bias)
+        removed += self._factors_removed(d_in, d_out, rows_left, cols_left, bias)
+        records = {
+            name: {
+                "input": self._status(name, "input", status_in, d_in.get(name, 0)),
+                "output": self._status(name, "output", status_out, d_out.get(name, 0)),
+            }
+            for name in specs
+        }
+        total = sum(p.numel() for p in self.model.parameters()) - removed
+        return total, records
+
+    def _has_bias(self, name: str) -> bool:
+        """Whether layer ``name`` has a bias in the model as given (before folding)."""
+        if name in self.specs:
+            return self.specs[name].bias
+        return self.modules[name].bias is not None  # type: ignore[union-attr]
+
+    def _linear_removed(
+        self, rows: dict[str, int], cols: dict[str, int], gets_bias: dict[str, bool]
+    ) -> int:
+        """Parameters that plain Linear layers no longer store: ``rows`` output features
+        and ``cols`` input features removed, a bias where folding gives them one."""
+        removed = 0
+        for name in set(rows) | set(cols):
             lin = self.modules[name]
             assert isinstance(lin, nn.Linear)
-            r, c = linear_rows.get(name, 0), linear_cols.get(name, 0)
+            r, c = rows.get(name, 0), cols.get(name, 0)
             has_bias = lin.bias is not None
             before = lin.out_features * lin.in_features + (lin.out_features if has_bias else 0)
             after = (lin.out_features - r) * (lin.in_features - c)
-            if has_bias or linear_bias.get(name):
+            if has_bias or gets_bias.get(name):
                 after += lin.out_features - r
             removed += before - after
-        records: dict[str, dict] = {}
-        for name, s in specs.items():
+        return removed
+
+    def _factors_removed(
+        self, d_in: dict[str, int], d_out: dict[str, int], rows_left: dict[str, int],
+        cols_left: dict[str, int], bias: dict[str, bool],
+    ) -> int:
+        """Parameters the factorized layers no longer store, net: removed features, and
+        with ``blocks`` the zeroed tails of the sparsified rows and columns left; a bias
+        that folding adds counts against."""
+        removed = 0
+        for name, s in self.specs.items():
             k, q = s.rank, s.keep
             dense = s.din * s.dout + (s.dout if s.bias else 0)
             din, dout = s.din - d_in.get(name, 0), s.dout - d_out.get(name, 0)
@@ -665,12 +694,7 @@ class _Counter:
             if self.layout == "blocks":
                 stored -= (rows_left[name] + cols_left[name]) * (k - q)
             removed += dense - stored
-            records[name] = {
-                "input": self._status(name, "input", status_in, d_in.get(name, 0)),
-                "output": self._status(name, "output", status_out, d_out.get(name, 0)),
-            }
-        total = sum(p.numel() for p in self.model.parameters()) - removed
-        return total, records
+        return removed
 
     def _status(self, name: str, side: str, status: dict[str, str], count: int) -> tuple[str, int]:
         s = self.specs[name]
