@@ -39,7 +39,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -398,47 +398,15 @@ def quantize_int8(
 
     from fairdeploy.export._metadata import save_atomic, set_metadata
 
-    if mode not in QUANT_MODES:
-        raise FairDeployError(f"mode={mode!r} is unknown: use one of {', '.join(QUANT_MODES)}")
-    if calibrate_method not in _CALIBRATION_METHODS:
-        raise FairDeployError(
-            f"calibrate_method={calibrate_method!r} is unknown: use one of "
-            f"{', '.join(_CALIBRATION_METHODS)}"
-        )
-    path = Path(path)
-    if path.suffix != ".onnx":
-        raise FairDeployError(f"output path {str(path)!r} must end in .onnx")
-    source = Path(float_path)
-    if path.resolve() == source.resolve():
-        raise FairDeployError(
-            f"the int8 model would overwrite its float source {str(source)!r}: give another path"
-        )
+    path, source = Path(path), Path(float_path)
+    _check_int8_options(mode, calibrate_method, path, source)
     model = _load(source)
     if mode == "auto":
         mode = "static" if any(n.op_type == "Conv" for n in model.graph.node) else "dynamic"
     weights = _weights(model)
-    unknown = sorted(set(exclude_weights) - set(weights))
-    if unknown:
-        raise FairDeployError(
-            f"exclude_weights names {unknown}, which are not weights of {str(source)!r} "
-            f"(weights: {', '.join(sorted(weights)) or 'none'})"
-        )
-    excluded_nodes = [
-        name
-        for n in model.graph.node
-        if any(i in set(exclude_weights) for i in n.input) and n.op_type in _WEIGHT_OPS
-        # Dynamic mode rewrites Gemm as "<name>_MatMul" before quantizing.
-        for name in (n.name, n.name + "_MatMul")
-    ]
-    n_cal, x = 0, None
-    if mode == "static":
-        if calibration_inputs is None or len(calibration_inputs) == 0:
-            raise FairDeployError(
-                "static int8 quantization needs calibration_inputs (inputs from the "
-                "training split); or use mode='dynamic'"
-            )
-        x = np.ascontiguousarray(calibration_inputs, dtype=np.float32)
-        n_cal = len(x)
+    excluded_nodes = _excluded_nodes(model, weights, exclude_weights, source)
+    x = _calibration_batch(calibration_inputs) if mode == "static" else None
+    n_cal = 0 if x is None else len(x)
     with tempfile.TemporaryDirectory(dir=path.parent if path.parent.exists() else None) as tmp:
         out = Path(tmp) / "int8.onnx"
         common = {
@@ -482,6 +450,55 @@ def quantize_int8(
         sizes=onnx_sizes(path),
         float_sizes=onnx_sizes(source),
     )
+
+
+def _check_int8_options(mode: str, calibrate_method: str, path: Path, source: Path) -> None:
+    """A FairDeployError for an unknown mode or calibration method, an output that is not
+    ``.onnx``, or one that would overwrite the float source."""
+    if mode not in QUANT_MODES:
+        raise FairDeployError(f"mode={mode!r} is unknown: use one of {', '.join(QUANT_MODES)}")
+    if calibrate_method not in _CALIBRATION_METHODS:
+        raise FairDeployError(
+            f"calibrate_method={calibrate_method!r} is unknown: use one of "
+            f"{', '.join(_CALIBRATION_METHODS)}"
+        )
+    if path.suffix != ".onnx":
+        raise FairDeployError(f"output path {str(path)!r} must end in .onnx")
+    if path.resolve() == source.resolve():
+        raise FairDeployError(
+            f"the int8 model would overwrite its float source {str(source)!r}: give another path"
+        )
+
+
+def _excluded_nodes(
+    model: onnx.ModelProto, weights: Mapping[str, str], exclude_weights: Sequence[str],
+    source: Path,
+) -> list[str]:
+    """Names of the nodes that consume an excluded weight (they stay float), under both
+    names a node may have when the quantizer meets it; an unknown weight is refused."""
+    unknown = sorted(set(exclude_weights) - set(weights))
+    if unknown:
+        raise FairDeployError(
+            f"exclude_weights names {unknown}, which are not weights of {str(source)!r} "
+            f"(weights: {', '.join(sorted(weights)) or 'none'})"
+        )
+    return [
+        name
+        for n in model.graph.node
+        if any(i in set(exclude_weights) for i in n.input) and n.op_type in _WEIGHT_OPS
+        # Dynamic mode rewrites Gemm as "<name>_MatMul" before quantizing.
+        for name in (n.name, n.name + "_MatMul")
+    ]
+
+
+def _calibration_batch(calibration_inputs: np.ndarray | None) -> np.ndarray:
+    """The static mode's calibration inputs as contiguous float32; at least one needed."""
+    if calibration_inputs is None or len(calibration_inputs) == 0:
+        raise FairDeployError(
+            "static int8 quantization needs calibration_inputs (inputs from the "
+            "training split); or use mode='dynamic'"
+        )
+    return np.ascontiguousarray(calibration_inputs, dtype=np.float32)
 
 
 @contextlib.contextmanager
