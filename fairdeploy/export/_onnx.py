@@ -523,18 +523,10 @@ def export_onnx(
         atol=atol, rtol=rtol, graph_cache=graph_cache, check_runtime=not defer,
     )
 
-    deployed = sum(p.numel() for p in ready.parameters())
-    stored = _float_initializer_elements(proto)
-    vanilla = _vanilla_params(model, layouts)
-    _stamp_producer(
-        proto, encoded, layouts=layouts, layout=layout, vanilla=vanilla, deployed=deployed,
-        stored=stored, eliminate_dead=eliminate_dead,
+    deployed, stored, vanilla = _stamp_counts(
+        proto, encoded, model, ready, layouts, layout=layout, eliminate_dead=eliminate_dead
     )
-    pack_report = pack_check = None
-    if packing:
-        from fairdeploy.export._packed import _pack
-
-        pack_report, pack_check = _pack(proto, packing, check_now=not defer)
+    pack_report, pack_check = _packed(proto, packing, defer=defer)
     sizes, cr, finish = _write_model(
         proto, path, baseline_sizes, check=not defer, defer=defer, first=pack_check
     )
@@ -562,6 +554,35 @@ def export_onnx(
         measured_cr=cr,
         finish=finish,
     )
+
+
+def _stamp_counts(
+    proto: onnx.ModelProto, encoded: Mapping[str, str], model: nn.Module, ready: nn.Module,
+    layouts: list[LayerLayout], *, layout: str, eliminate_dead: bool,
+) -> tuple[int, int, int]:
+    """Count the deployed parameters (the rearranged model's), the float elements the
+    graph stores and the vanilla parameters, and stamp them with the metadata into
+    ``proto``; returns the three counts."""
+    deployed = sum(p.numel() for p in ready.parameters())
+    stored = _float_initializer_elements(proto)
+    vanilla = _vanilla_params(model, layouts)
+    _stamp_producer(
+        proto, encoded, layouts=layouts, layout=layout, vanilla=vanilla, deployed=deployed,
+        stored=stored, eliminate_dead=eliminate_dead,
+    )
+    return deployed, stored, vanilla
+
+
+def _packed(
+    proto: onnx.ModelProto, packing: Mapping[str, Any] | None, *, defer: bool
+) -> tuple[Any, Callable[[], None] | None]:
+    """Pack ``proto``'s weights in place when ``packing`` asks for it: the pack report and
+    the check to run before the write (None, None without packing)."""
+    if not packing:
+        return None, None
+    from fairdeploy.export._packed import _pack
+
+    return _pack(proto, packing, check_now=not defer)
 
 
 def _write_model(
