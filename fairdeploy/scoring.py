@@ -37,14 +37,7 @@ import torch
 from torch import nn
 
 from fairdeploy import curvature
-from fairdeploy.curvature import (
-    ESTIMATORS,
-    as_inputs,
-    check_options,
-    curvature_vjps,
-    draw_labels,
-    group_samples,
-)
+from fairdeploy.curvature import ESTIMATORS
 from fairdeploy.errors import FairDeployError
 from fairdeploy.lrf import FactorizedLinear
 from fairdeploy.structure import ModelStructure, Step, analyze_structure
@@ -218,7 +211,7 @@ def _exact_generic(
     """
     d = torch.zeros_like(o)
     e = o.new_zeros(o.shape[0], vt.shape[1])
-    for (q,), _ in curvature_vjps(logits, (o,)):  # q: (block, n, Dout)
+    for (q,), _ in curvature.curvature_vjps(logits, (o,)):  # q: (block, n, Dout)
         d += (q * q).sum(0)
         qa = q @ vt  # (block, n, k)
         e += (qa * qa).sum(0)
@@ -310,10 +303,10 @@ def _squared_grads(
     """
     draws = None
     if labels is None:
-        draws = draw_labels(torch.softmax(logits.detach(), dim=-1), mc_samples, gen)
+        draws = curvature.draw_labels(torch.softmax(logits.detach(), dim=-1), mc_samples, gen)
     g2 = torch.zeros_like(o)
     gu2 = o.new_zeros(o.shape[0], vt.shape[1])
-    for (g,), weight in curvature_vjps(logits, (o,), labels=labels, draws=draws):
+    for (g,), weight in curvature.curvature_vjps(logits, (o,), labels=labels, draws=draws):
         g2 += weight * (g * g).sum(0)
         gu = g @ vt  # ∂CE_n/∂(x_n U)
         gu2 += weight * (gu * gu).sum(0)
@@ -408,8 +401,8 @@ def hessian_diag(
         called exactly once, mismatched or empty features/targets, a target outside
         [0, C), a bad batch_size or mc_samples.
     """
-    check_options(estimator, batch_size, mc_samples)
-    feats_all, tgt_all = as_inputs(features, targets)
+    curvature.check_options(estimator, batch_size, mc_samples)
+    feats_all, tgt_all = curvature.as_inputs(features, targets)
     if tgt_all.min() < 0:
         raise FairDeployError(
             f"targets contains {int(tgt_all.min())}; allowed: class indices in [0, C)"
@@ -515,9 +508,9 @@ def group_hessians(
     FairDeployError
         A group in ``group_ids`` with no samples, or ``groups`` of the wrong length.
     """
-    feats, _ = as_inputs(features, targets)
+    feats, _ = curvature.as_inputs(features, targets)
     out: dict[int, dict[str, torch.Tensor]] = {}
-    for gid, idx in group_samples(groups, group_ids, feats.shape[0], "row of features"):
+    for gid, idx in curvature.group_samples(groups, group_ids, feats.shape[0], "row of features"):
         out[gid] = hessian_diag(
             head,
             layer,

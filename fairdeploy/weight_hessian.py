@@ -48,14 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fairdeploy import curvature
-from fairdeploy.curvature import (
-    ESTIMATORS,
-    as_inputs,
-    check_options,
-    curvature_vjps,
-    draw_labels,
-    group_samples,
-)
+from fairdeploy.curvature import ESTIMATORS
 from fairdeploy.errors import FairDeployError
 from fairdeploy.scoring import HessianApproximationWarning
 from fairdeploy.structure import analyze_structure
@@ -434,9 +427,9 @@ def weight_hessian_diag(
         model that does not return (N, C) logits, mismatched or empty inputs/targets, a
         target outside [0, C), bad options.
     """
-    check_options(estimator, batch_size, mc_samples)
+    curvature.check_options(estimator, batch_size, mc_samples)
     names = [param_names] if isinstance(param_names, str) else list(param_names)
-    x_all, y_all = as_inputs(inputs, targets)
+    x_all, y_all = curvature.as_inputs(inputs, targets)
     if y_all.min() < 0:
         raise FairDeployError(
             f"targets contains {int(y_all.min())}; allowed: class indices in [0, C)"
@@ -515,12 +508,12 @@ def _accumulate_chunk(
     ins, outs = rec.take()
     draws = None
     if estimator == "ggn_mc":
-        draws = draw_labels(torch.softmax(logits.detach(), -1), mc_samples, gen)
+        draws = curvature.draw_labels(torch.softmax(logits.detach(), -1), mc_samples, gen)
     outputs = [outs[t.name] for t in targets_]
     # Row-wise Linear layers: Σ_b q² per sample, then one GEMM with x² per chunk.
     d = {t.name: torch.zeros_like(outs[t.name]) for t in targets_ if rec.rowwise[t.name]}
     _check_rows(targets_, ins, outs, logits.shape[0])
-    for qs, w in curvature_vjps(logits, outputs, labels=labels, draws=draws):
+    for qs, w in curvature.curvature_vjps(logits, outputs, labels=labels, draws=draws):
         for t, q in zip(targets_, qs, strict=True):
             if rec.rowwise[t.name]:
                 d[t.name].add_((q * q).sum(0), alpha=w)
@@ -626,9 +619,9 @@ def group_weight_hessians(
         A group in ``group_ids`` with no samples, ``groups`` of the wrong length, or any
         error of :func:`weight_hessian_diag`.
     """
-    x, y = as_inputs(inputs, targets)
+    x, y = curvature.as_inputs(inputs, targets)
     out: dict[int, dict[str, torch.Tensor]] = {}
-    for gid, idx in group_samples(groups, group_ids, x.shape[0], "sample of inputs"):
+    for gid, idx in curvature.group_samples(groups, group_ids, x.shape[0], "sample of inputs"):
         out[gid] = weight_hessian_diag(
             model, param_names, x[idx], y[idx],
             estimator=estimator, batch_size=batch_size, mc_samples=mc_samples, seed=seed,

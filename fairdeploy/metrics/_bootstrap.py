@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from fairdeploy._json import json_float
+from fairdeploy._json import json_fields
 from fairdeploy.errors import FairDeployError
 from fairdeploy.metrics._group import (
     UNKNOWN_GROUP,
@@ -71,13 +71,7 @@ class ConfidenceInterval:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serializable; NaN becomes ``None``."""
-        return {
-            "value": json_float(self.value),
-            "low": json_float(self.low),
-            "high": json_float(self.high),
-            "mean": json_float(self.mean),
-            "undefined_resamples": self.undefined_resamples,
-        }
+        return json_fields(self)
 
 
 @dataclass(frozen=True)
@@ -108,13 +102,7 @@ class PairedDifference:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serializable; NaN becomes ``None``."""
-        return {
-            "value": json_float(self.value),
-            "low": json_float(self.low),
-            "high": json_float(self.high),
-            "significant": self.significant,
-            "undefined_resamples": self.undefined_resamples,
-        }
+        return json_fields(self)
 
 
 @dataclass(frozen=True)
