@@ -4,11 +4,12 @@ has no NaN; reports, sweep rows and metric dicts all write them this way."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["json_fields", "json_float", "json_floats"]
+__all__ = ["decode_prefixed", "json_fields", "json_float", "json_floats"]
 
 
 def json_float(value: Any) -> float | None:
@@ -32,3 +33,17 @@ def json_fields(record: Any) -> dict[str, Any]:
         for f in dataclasses.fields(record)
         for v in (getattr(record, f.name),)
     }
+
+
+def decode_prefixed(items: Iterable[tuple[str, str]], prefix: str) -> dict[str, Any]:
+    """The ``(key, value)`` entries whose key starts with ``prefix``, the prefix dropped and
+    the value JSON-decoded (a value that is not JSON is kept as its text): how fairdeploy
+    reads an ONNX file's metadata, whether from the proto or from an ORT session."""
+    out: dict[str, Any] = {}
+    for key, value in items:
+        if key.startswith(prefix):
+            try:
+                out[key[len(prefix) :]] = json.loads(value)
+            except json.JSONDecodeError:
+                out[key[len(prefix) :]] = value
+    return out

@@ -9,7 +9,6 @@ size×size, center crop, scale to [0, 1], normalize with mean/std, NCHW).
 from __future__ import annotations
 
 import csv
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from fairdeploy._json import decode_prefixed
 from fairdeploy._text import plural
 from fairdeploy.errors import FairDeployError, first_line
 
@@ -40,7 +40,6 @@ _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".w
 
 def model_metadata(session: Any) -> dict[str, Any]:
     """The ``fairdeploy.*`` metadata of an ORT session's model, JSON-decoded."""
-    out: dict[str, Any] = {}
     try:
         items = session.get_modelmeta().custom_metadata_map.items()
     except UnicodeDecodeError as exc:  # protobuf strings must be UTF-8; damaged ones are not
@@ -48,13 +47,7 @@ def model_metadata(session: Any) -> dict[str, Any]:
             f"the model's metadata is not valid UTF-8 ({exc.reason}): the file is damaged; "
             "re-export it with fairdeploy optimize"
         ) from None
-    for key, value in items:
-        if key.startswith(_PREFIX):
-            try:
-                out[key[len(_PREFIX) :]] = json.loads(value)
-            except json.JSONDecodeError:
-                out[key[len(_PREFIX) :]] = value
-    return out
+    return decode_prefixed(items, _PREFIX)
 
 
 def preprocess_image(path: str | os.PathLike[str], pre: dict[str, Any]) -> np.ndarray:

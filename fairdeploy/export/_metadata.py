@@ -14,6 +14,7 @@ from typing import Any
 import onnx
 
 from fairdeploy._io import publish
+from fairdeploy._json import decode_prefixed
 from fairdeploy.errors import FairDeployError
 from fairdeploy.export._sizes import _load_header
 
@@ -93,7 +94,6 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def metadata_of(model: onnx.ModelProto, path: str | os.PathLike[str]) -> dict[str, Any]:
     """:func:`read_metadata` of a model already loaded from ``path``."""
-    out: dict[str, Any] = {}
     try:
         props = [(p.key, p.value) for p in model.metadata_props]
     except UnicodeDecodeError:
@@ -104,12 +104,7 @@ def metadata_of(model: onnx.ModelProto, path: str | os.PathLike[str]) -> dict[st
             f"ONNX model {str(path)!r} has damaged metadata (not UTF-8): re-export it with "
             "fairdeploy optimize"
         )
-    for key, value in props:
-        if key.startswith(METADATA_PREFIX):
-            try:
-                out[key[len(METADATA_PREFIX) :]] = json.loads(value)
-            except json.JSONDecodeError:
-                out[key[len(METADATA_PREFIX) :]] = value
+    out = decode_prefixed(props, METADATA_PREFIX)
     _check_metadata_types(out, path)
     return out
 
