@@ -18,6 +18,7 @@ from fairdeploy.fraction import check_fraction, fraction_count
 
 __all__ = [
     "SCOPES",
+    "SelectionCounts",
     "check_beta",
     "check_fraction",
     "check_scope",
@@ -28,6 +29,25 @@ __all__ = [
 
 #: Where a fraction is taken: of each layer's weights, or of all chosen weights together.
 SCOPES = ("layer", "global")
+
+
+class SelectionCounts:
+    """What a per-layer selection result adds up to: mixed into the results of FairPrune
+    and FairQuantize, which hold ``counts`` (entries selected per layer) and ``sizes``
+    (entries per layer)."""
+
+    counts: dict[str, int]
+    sizes: dict[str, int]
+
+    @property
+    def selected_total(self) -> int:
+        """Entries selected over all chosen layers."""
+        return sum(self.counts.values())
+
+    @property
+    def selected_fraction(self) -> float:
+        """Entries selected over all entries of the chosen layers."""
+        return self.selected_total / max(1, sum(self.sizes.values()))
 
 
 def check_beta(beta: object) -> float:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fairdeploy._registry import register_in
 from fairdeploy.errors import FairDeployError, first_line
 
 __all__ = ["build_model", "list_models", "register_model"]
@@ -19,14 +20,7 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Register an architecture factory ``f(num_classes=..., **kwargs) -> nn.Module``."""
-
-    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} registered twice")
-        _REGISTRY[name] = fn
-        return fn
-
-    return deco
+    return register_in(_REGISTRY, name, "model")
 
 
 def list_models() -> list[str]:
