@@ -42,7 +42,8 @@ from pathlib import Path
 import torch
 from _image_fixture import FAIRLRF_FC2_RECIPE, image_csv_fixture, power_law_fc2
 
-from fairdeploy.app import run_compare, run_optimize
+from fairdeploy.commands.compare import run_compare
+from fairdeploy.commands.optimize import run_optimize
 from fairdeploy.experiment import Experiment
 from fairdeploy.models import build_model
 

@@ -37,7 +37,7 @@ from bench_export import factors, sparsify_by_hand
 
 from fairdeploy.bench import measure_latency, measure_layer_latency
 from fairdeploy.compression import layer_table, theoretical_cr
-from fairdeploy.export import deployed_params, export_onnx, onnx_sizes
+from fairdeploy.export import ExportOptions, deployed_params, export_onnx, onnx_sizes
 from fairdeploy.lrf import FactorizedLinear
 from fairdeploy.plan import LayerPlan, Plan
 
@@ -77,7 +77,7 @@ def bench_vgg(tmp: Path, threads: int, iters: int, batches: tuple[int, ...]) -> 
     export_onnx(vanilla, x, paths["vanilla"])
     export_onnx(proc, x, paths["plain"])
     t1 = time.perf_counter()
-    res = export_onnx(proc, x, paths["eliminated"], eliminate_dead=True)
+    res = export_onnx(proc, x, paths["eliminated"], options=ExportOptions(eliminate_dead=True))
     t2 = time.perf_counter()
     line(f"vgg11_paper export: without elimination {(t1 - t0) / 2:.1f} s each, "
          f"with {t2 - t1:.1f} s")
@@ -151,7 +151,7 @@ def bench_layouts(tmp: Path, threads: int, iters: int, batches: tuple[int, ...])
         paths, stored = {}, {}
         for name, kw in variants.items():
             paths[name] = tmp / f"layout_rr{rr}_{name}.onnx"
-            res = export_onnx(model, x, paths[name], **kw)
+            res = export_onnx(model, x, paths[name], options=ExportOptions(**kw))
             stored[name] = {"layer": res.layers[0].stored_params, "model": res.deployed_params,
                             "file_bytes": onnx_sizes(paths[name])["file_bytes"]}
         line(f"layouts rr={rr}: stored {stored}")

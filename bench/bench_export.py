@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from fairdeploy.bench import measure_latency, measure_layer_latency
-from fairdeploy.export import export_onnx, layer_table, measured_cr, onnx_sizes
+from fairdeploy.export import ExportOptions, export_onnx, layer_table, measured_cr, onnx_sizes
 from fairdeploy.lrf import FactorizedLinear
 from fairdeploy.plan import kept_entries, num_selected
 
@@ -102,8 +102,8 @@ def bench_sparse(tmp: Path, threads: int, iters: int, sr: float = 0.4, rr: float
         "dense_with_zeros": tmp / "sp_zeros.onnx",
     }
     export_onnx(model, x, paths["blocks_folded"])
-    export_onnx(model, x, paths["blocks_gather"], fold_permutations=False)
-    export_onnx(model, x, paths["dense_with_zeros"], sparse_layout=False)
+    export_onnx(model, x, paths["blocks_gather"], options=ExportOptions(fold_permutations=False))
+    export_onnx(model, x, paths["dense_with_zeros"], options=ExportOptions(sparse_layout=False))
     stored = {name: layer_table(p)[0]["measured_params"] for name, p in paths.items()}
     zeroed = (num_selected(sr, d) * 2) * (k - kept_entries(rr, k))
     full = 2 * d * k

@@ -26,7 +26,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from fairdeploy.export import EXPORTERS, export_onnx
+from fairdeploy.export import EXPORTERS, ExportOptions, export_onnx
 from fairdeploy.lrf import FactorizedLinear, sparsify
 from fairdeploy.models import build_model
 from fairdeploy.plan import num_selected
@@ -66,7 +66,8 @@ def main() -> None:
         # Untimed warm-up: the first dynamo export pays for imports and registries.
         small = torch.nn.Sequential(torch.nn.Linear(4, 2)).eval()
         for exporter in EXPORTERS:
-            export_onnx(small, torch.randn(2, 4), Path(tmp) / "w.onnx", exporter=exporter)
+            export_onnx(small, torch.randn(2, 4), Path(tmp) / "w.onnx",
+                        options=ExportOptions(exporter=exporter))
         for name, model in nets.items():
             times: dict[str, list[float]] = {e: [] for e in EXPORTERS}
             results = {}
@@ -75,7 +76,8 @@ def main() -> None:
                 for exporter in order:
                     path = Path(tmp) / f"{name}-{exporter}.onnx"
                     t0 = time.perf_counter()
-                    results[exporter] = export_onnx(model, x, path, exporter=exporter)
+                    results[exporter] = export_onnx(model, x, path,
+                                                    options=ExportOptions(exporter=exporter))
                     times[exporter].append(time.perf_counter() - t0)
             med = {e: statistics.median(t) for e, t in times.items()}
             print(f"\n{name}: median export_onnx time over {args.rounds} round(s), "

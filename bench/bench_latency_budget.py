@@ -27,8 +27,8 @@ from types import SimpleNamespace
 
 import torch
 
-from fairdeploy.app import _latency
-from fairdeploy.export import export_onnx
+from fairdeploy.commands._deploy import _latency
+from fairdeploy.export import ExportOptions, export_onnx
 from fairdeploy.lrf import factorize, replace_module
 from fairdeploy.models import build_model
 from fairdeploy.plan import Plan
@@ -40,9 +40,10 @@ def _models(folder: Path, crop: int) -> tuple[Path, Path]:
     model = build_model("vgg11_paper", 2).eval()
     x = torch.randn(2, 3, crop, crop)
     vanilla, processed = folder / "vanilla.onnx", folder / "model.onnx"
-    export_onnx(model, x, vanilla, simplify=False)
+    export_onnx(model, x, vanilla, options=ExportOptions(simplify=False))
     fc2 = factorize(model.get_submodule("classifier.3"), 64)
-    export_onnx(replace_module(model, "classifier.3", fc2), x, processed, simplify=False)
+    export_onnx(replace_module(model, "classifier.3", fc2), x, processed,
+                options=ExportOptions(simplify=False))
     return vanilla, processed
 
 

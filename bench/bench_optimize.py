@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from _image_fixture import FAIRLRF_FC2_RECIPE, image_csv_fixture, power_law_fc2
 
-from fairdeploy.app import run_optimize
+from fairdeploy.commands.optimize import run_optimize
 from fairdeploy.data import load_splits
 from fairdeploy.features import compute_features, split_model
 from fairdeploy.models import build_model

@@ -17,7 +17,7 @@ layers show), ``exp`` σ_i = exp(-i/256) + 0.01, ``gaussian`` an i.i.d. Gaussian
 
 History: the hand-written randomized subspace iteration (with a Gram-eigenpair fallback for
 flat spectra) that ``auto`` used before lost to PROPACK in every regime measured with this
-script (README, "Truncated SVD solvers") and was removed; ``git show`` the commit before
+script (docs/svd.md; the figures in CHANGELOG.md) and was removed; ``git show`` the commit before
 its removal (05f6a21: fairdeploy/lrf/_svd.py) to rerun the comparison.
 
 Usage::

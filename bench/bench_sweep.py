@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from _image_fixture import FAIRLRF_FC2_RECIPE, image_csv_fixture
 
-from fairdeploy.app import run_optimize, run_sweep
+from fairdeploy.commands.optimize import run_optimize
+from fairdeploy.commands.sweep import run_sweep
 from fairdeploy.models import build_model
 
 RECIPE = FAIRLRF_FC2_RECIPE

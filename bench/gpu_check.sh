@@ -9,7 +9,7 @@
 # `fairdeploy verify --provider cuda` (PyTorch CPU reference vs ORT CUDA) and
 # `fairdeploy bench --provider cuda --batch 1,32,128` (interleaved, spinning off), and
 # writes the JSON results to OUT_DIR (default: a temporary folder). Record the numbers in
-# the README's "GPU" section.
+# docs/performance.md, section "GPU".
 set -euo pipefail
 OUT="${1:-$(mktemp -d)}"
 mkdir -p "$OUT"

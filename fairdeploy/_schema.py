@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,6 +22,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+
+from fairdeploy.grammar import NumberError, parse_number
 
 __all__ = [
     "Fraction01",
@@ -51,13 +52,15 @@ def no_bool(value: Any) -> Any:
 
 
 def parse_fraction(value: Any) -> Any:
+    """A number written as text (``5/9``, ``1e-3``, ``50%``) read by the one number
+    grammar (:func:`fairdeploy.grammar.parse_number`); other values pass through."""
     value = no_bool(value)
     if isinstance(value, str):
-        text = value.strip()
         try:
-            return float(Fraction(text.replace(" ", "")))
-        except (ValueError, ZeroDivisionError):
-            raise ValueError("use a number or a fraction such as 5/9") from None
+            return parse_number(value, what="number")
+        except NumberError as exc:
+            problem = "" if exc.problem == "is not a number" else f"it {exc.problem}: "
+            raise ValueError(f"{problem}use a number or a fraction such as 5/9") from None
     return value
 
 

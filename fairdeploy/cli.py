@@ -22,6 +22,33 @@ from fairdeploy.comparison import DEFAULT_ATOL, DEFAULT_RTOL
 from fairdeploy.errors import FairDeployError
 
 
+class _Number(click.ParamType):
+    """A number option read by the one number grammar (:mod:`fairdeploy.grammar`: 0.5,
+    1e-3, 1/2.5, 50%), within ``[min, max]`` (``min_open``: above ``min``). ``nan``,
+    ``inf``, ``1/0`` and huge exponents are usage errors, as everywhere numbers are text."""
+
+    name = "number"
+
+    def __init__(self, min: float = 0.0, max: float | None = None, *, min_open: bool = False):
+        self.min, self.max, self.min_open = min, max, min_open
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from fairdeploy.grammar import NumberError, parse_number
+
+        if isinstance(value, float):
+            return value
+        try:
+            number = parse_number(str(value), what="number")
+        except NumberError as exc:
+            self.fail(f"{exc.text!r} {exc.problem}", param, ctx)
+        low_ok = number > self.min if self.min_open else number >= self.min
+        if not low_ok or (self.max is not None and number > self.max):
+            low = f"> {self.min:g}" if self.min_open else f"≥ {self.min:g}"
+            high = "" if self.max is None else f" and ≤ {self.max:g}"
+            self.fail(f"{value!r} is not allowed: use a number {low}{high}", param, ctx)
+        return number
+
+
 class _Group(click.Group):
     """A click group that turns FairDeployError into ``Error: ...`` and exit code 1.
 
@@ -129,8 +156,8 @@ def main() -> None:
               show_default=True, help="Data split for --checkpoint.")
 @click.option("--samples", type=click.IntRange(min=1), default=None,
               help="Inputs of the split to compare (default: the recipe's export.verify_samples).")
-@click.option("--atol", type=click.FloatRange(min=0), default=DEFAULT_ATOL, show_default=True)
-@click.option("--rtol", type=click.FloatRange(min=0), default=DEFAULT_RTOL, show_default=True)
+@click.option("--atol", type=_Number(min=0), default=DEFAULT_ATOL, show_default=True)
+@click.option("--rtol", type=_Number(min=0), default=DEFAULT_RTOL, show_default=True)
 @_apply(provider_option, trust_option, json_option)
 def verify(
     model: str, reference: str | None, checkpoint: str | None, recipe_path: str | None,
@@ -152,10 +179,10 @@ def verify(
     if checkpoint is not None:
         if reference is not None:
             raise click.UsageError("give either --reference or --checkpoint/--recipe")
-        from fairdeploy import app
+        from fairdeploy.commands import verify as command
 
-        notes = app.reference_notes(model, checkpoint)
-        reference, privileged = app.reference_from_checkpoint(
+        notes = command.reference_notes(model, checkpoint)
+        reference, privileged = command.reference_from_checkpoint(
             model, checkpoint, recipe_path, split=split, samples=samples,
             trust_checkpoint=trust_checkpoint, progress=True,
         )
@@ -178,7 +205,7 @@ def verify(
               help="Comma-separated batch sizes.")
 @click.option("--iters", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
-@click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--max-seconds", type=_Number(min=0, min_open=True), default=None,
               help="Time budget per batch size (at least 5 timed runs per model).")
 @click.option("--layer", "layers", multiple=True,
               help="Also time this layer's sub-graph (repeatable; default: the factorized "
@@ -315,16 +342,16 @@ def optimize(
     no_latency: bool, device: str, trust_checkpoint: bool, exports_dir: str, no_cache: bool,
 ) -> None:
     """Apply the recipe's method to CHECKPOINT; export, verify and report."""
-    from fairdeploy import app
+    from fairdeploy.commands import optimize as command
 
     if dry_run:
-        _print_dry_run(app.dry_run(checkpoint, recipe_path, trust_checkpoint=trust_checkpoint,
-                                   progress=True))
+        _print_dry_run(command.dry_run(checkpoint, recipe_path, trust_checkpoint=trust_checkpoint,
+                                       progress=True))
         return
     if no_latency and latency not in (None, "off"):
         raise click.UsageError("give either --no-latency or --latency")
     _check_device(device)
-    result = app.run_optimize(
+    result = command.run_optimize(
         checkpoint, recipe_path, out=out, exports_dir=exports_dir, device=device,
         trust_checkpoint=trust_checkpoint, cache_dir=None if no_cache else "default",
         latency="off" if no_latency else (latency or True), echo=click.echo,
@@ -343,10 +370,10 @@ def compare(
     exports_dir: str, no_cache: bool,
 ) -> None:
     """Run every method of the recipe's compare list on CHECKPOINT: the paper's table."""
-    from fairdeploy import app
+    from fairdeploy.commands import compare as command
 
     _check_device(device)
-    result = app.run_compare(
+    result = command.run_compare(
         checkpoint, recipe_path, out=out, exports_dir=exports_dir, device=device,
         trust_checkpoint=trust_checkpoint, cache_dir=None if no_cache else "default",
         echo=click.echo,
@@ -407,7 +434,7 @@ def _print_sweep(result: Any) -> None:
 @click.option("--no-guard", is_flag=True,
               help="Switch off the collapse guard (accuracy / macro recall within the tolerance "
                    "of vanilla, no group's class rate below half of vanilla's).")
-@click.option("--guard-tolerance", type=click.FloatRange(min=0, max=1), default=None,
+@click.option("--guard-tolerance", type=_Number(min=0, max=1), default=None,
               help="The guard's tolerance (default: the rule's 'vanilla - t', else 0.01).")
 @click.option("--write-recipe", type=click.Path(dir_okay=False), default=None,
               help="Also write the chosen setting as a runnable recipe here (always written as "
@@ -431,10 +458,10 @@ def sweep(
     cached features, SVD factors and Hessians; finished points are journaled, so an
     interrupted sweep resumes. Exit code 1 when no point satisfies --select.
     """
-    from fairdeploy import app
+    from fairdeploy.commands import sweep as command
 
     _check_device(device)
-    result = app.run_sweep(
+    result = command.run_sweep(
         checkpoint, recipe_path, grid=grid, methods=methods or None, repeats=repeats,
         select=select, guard=False if no_guard else None, guard_tolerance=guard_tolerance,
         write_recipe=write_recipe, out=out, exports_dir=exports_dir, device=device,
@@ -451,7 +478,7 @@ def sweep(
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Where to write the trained checkpoint.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override train.epochs.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--lr", type=_Number(min=0, min_open=True), default=None,
               help="Override train.lr.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Override train.batch_size.")
@@ -463,11 +490,11 @@ def train(
     batch_size: int | None, seed: int | None, no_resume: bool, device: str,
 ) -> None:
     """Pre-train the recipe's model on its training split (the paper's schedule)."""
-    from fairdeploy import app
+    from fairdeploy.commands import train as command
 
     _check_device(device)
     overrides = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed}
-    result = app.run_train(
+    result = command.run_train(
         recipe_path, output, overrides={k: v for k, v in overrides.items() if v is not None},
         resume=not no_resume, device=device,
     )
@@ -494,10 +521,10 @@ def train(
 @_apply(exports_option)
 def demo(out: str | None, epochs: int | None, sweep_: bool, exports_dir: str) -> None:
     """FairLRF end to end on CelebA's attribute table (needs the demo extra)."""
-    from fairdeploy import app
+    from fairdeploy.commands import train as command
 
-    result = app.run_demo(exports_dir=exports_dir, out=out, epochs=epochs, echo=click.echo,
-                          sweep=sweep_)
+    result = command.run_demo(exports_dir=exports_dir, out=out, epochs=epochs,
+                              echo=click.echo, sweep=sweep_)
     if sweep_:
         _print_sweep(result)
         if result.message and result.chosen is None:
@@ -606,7 +633,7 @@ def cache_clear(exports_dir: str) -> None:
 
 
 @cache.command("prune")
-@click.option("--keep-days", type=click.FloatRange(min=0), required=True,
+@click.option("--keep-days", type=_Number(min=0), required=True,
               help="Keep entries used within this many days; delete the others.")
 @_apply(exports_option)
 def cache_prune(keep_days: float, exports_dir: str) -> None:

@@ -26,11 +26,14 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # only for annotations: export is imported when used
+    from fairdeploy.export import Exporter, ExportResult
 
 from fairdeploy import __version__
 from fairdeploy._probe import check_model_takes_inputs
@@ -44,7 +47,7 @@ from fairdeploy.plan import AUTO_SAMPLES_PER_GROUP, Plan, SamplingSpec
 from fairdeploy.recipe import Recipe, load_recipe, parse_recipe
 from fairdeploy.scoring import scoring_indices
 
-__all__ = ["Context", "Experiment", "ScoringSet"]
+__all__ = ["Context", "Experiment", "HessianCompute", "ScoringSet"]
 
 
 @dataclass(frozen=True)
@@ -95,9 +98,32 @@ def _scoring_set(
     return ScoringSet(fs, positions, order, key)
 
 
+#: ``compute(data, group_ids)`` of :meth:`Context.hessians`: per group id, name → tensor.
+HessianCompute = Callable[[ScoringSet, tuple[int, int]], Mapping[int, Mapping[str, torch.Tensor]]]
+
+
 @dataclass
 class Context:
     """What every method shares: the cut vanilla model, cached features and caches.
+
+    The context owns its keyed services. A method asks for what it needs and says how to
+    compute it; the context draws the data, builds the cache key (in one place, from the
+    plan's settings: the draw, its seed, the estimator and whatever of its settings the
+    value depends on, the privileged group) and keeps the value in memory and, with a
+    cache folder, on disk:
+
+    * :meth:`scoring_set` / :meth:`scoring_sets` / :meth:`scoring_inputs`: the per-group
+      scoring samples of a draw (trunk features, or the model's own inputs);
+    * :meth:`svd` and :meth:`factorized`: a layer's truncated SVD at a rank;
+    * :meth:`hessians`: per-group curvature of named parameters on a draw, by role (0
+      unprivileged, 1 privileged), computed by the method's ``compute(data, group_ids)``
+      and keyed by ``of`` (what it is of: layers, parameters, the processed head's state);
+    * :meth:`activations`: activation statistics on a draw, keyed the same way.
+
+    ``compute`` receives the :class:`ScoringSet` whole and reads what it needs from it
+    (today the head's input is one tensor, ``data.features.features``; a cut that carries
+    several values gives the head a tuple of them, and only ``compute`` reads that).
+    Methods never build cache keys and never touch the cache themselves.
 
     Attributes
     ----------
@@ -276,25 +302,129 @@ class Context:
         computing anything for them."""
         return min(self.scoring_sizes(spec))
 
-    def factorized(self, layer: str, rank: int, *, seed: int = 0) -> FactorizedLinear:
-        """A new :class:`~fairdeploy.lrf.FactorizedLinear` of the vanilla ``layer`` at
-        ``rank`` (truncated SVD, factors cached: a sweep decomposes once per rank)."""
+    # ------------------------------------------------------------------ keyed services
+    #
+    # Every cached value a method needs is asked for here, and its cache key is built
+    # here, from the plan's settings: methods say WHAT they want (a layer's SVD, the
+    # curvature of some parameters on a scoring draw, activation statistics) and how to
+    # compute it, never how it is keyed.
+
+    def svd(self, layer: str, rank: int, *, seed: int = 0) -> dict[str, torch.Tensor]:
+        """The truncated SVD of the vanilla ``layer`` at ``rank``: ``{"U", "S", "V"}``
+        (cached: a sweep decomposes once per layer and rank)."""
         from fairdeploy.lrf import factorize
 
         linear = self.head.get_submodule(layer)
 
-        def svd() -> dict[str, torch.Tensor]:
+        def compute() -> dict[str, torch.Tensor]:
             f = factorize(linear, rank, seed=seed)
             return {"U": f.U.detach(), "S": f.S.detach(), "V": f.V.detach()}
 
         try:
-            t = self.cached_tensors("svd", {"layer": layer, "rank": rank, "seed": seed}, svd)
+            return self._cached("svd", {"layer": layer, "rank": rank, "seed": seed}, compute)
         except FairDeployError as exc:
             raise FairDeployError(f"layer {layer!r}: {exc}") from None
+
+    def factorized(self, layer: str, rank: int, *, seed: int = 0) -> FactorizedLinear:
+        """A new :class:`~fairdeploy.lrf.FactorizedLinear` of the vanilla ``layer`` at
+        ``rank``, from :meth:`svd`."""
+        t = self.svd(layer, rank, seed=seed)
+        linear = self.head.get_submodule(layer)
         bias = None if linear.bias is None else linear.bias.detach()
         return FactorizedLinear(t["U"], t["S"], t["V"], bias)
 
-    def cached_tensors(
+    def hessians(
+        self,
+        spec: SamplingSpec,
+        compute: HessianCompute,
+        *,
+        of: Mapping[str, Any],
+        inputs: str = "features",
+        kind: str = "hessian",
+    ) -> dict[int, dict[str, torch.Tensor]]:
+        """Per-group curvature (Hessian diagonals or an estimate) on the scoring draw of
+        ``spec``, by role: ``{0: unprivileged, 1: privileged}``, each ``{name: tensor}``.
+
+        Parameters
+        ----------
+        spec : SamplingSpec
+            The plan's scoring settings: the draw (samples per group, seed) and, for a
+            :class:`~fairdeploy.plan.ScoringSpec`, the estimator, its batch size and
+            (``mc_samples``, when the spec has it) its label draws.
+        compute : callable
+            ``compute(data, group_ids)`` → ``{group id: {name: tensor}}``: the curvature
+            on ``data`` (a :class:`ScoringSet`) of the groups ``group_ids`` (the data's
+            ids of the unprivileged and the privileged group, in that order).
+        of : mapping
+            What the curvature is of, as JSON-ready values: the parameters or layers,
+            and the state of the module scored where it is not the vanilla head (ranks,
+            earlier selections). Part of the cache key.
+        inputs : {"features", "model"}
+            ``features``: ``data`` holds the trunk's features (a head is scored);
+            ``model``: the model's own inputs (the whole model is scored).
+        kind : str
+            The cache entry's kind (``hessian``, ``weight_hessian``).
+
+        The key is built here and nowhere else: ``of``, where it ran, the estimator and
+        its settings, the draw, the seed whenever the estimator draws labels (``ggn_mc``:
+        also with ``samples_per_group: all``, whose draw itself has no seed) and the
+        privileged group.
+        """
+        if inputs not in ("features", "model"):
+            raise ValueError(f"inputs={inputs!r}: use 'features' or 'model'")
+        data = self.scoring_inputs(spec) if inputs == "model" else self.scoring_set(spec)
+        ids = (self.unprivileged, self.privileged)
+        key = {"on": inputs, "scoring": data.key, "privileged": self.privileged}
+        key |= self._estimator_key(spec)
+        clash = sorted(set(of) & set(key))
+        if clash:
+            raise ValueError(f"of= must not name {clash}: the context keys those itself")
+        # ``of`` at the top level: ``cache list`` describes an entry by its ``layer``.
+        key = dict(of) | key
+
+        def flat() -> dict[str, torch.Tensor]:
+            h = compute(data, ids)
+            return {f"{g}|{p}": t.detach().cpu() for g, d in h.items() for p, t in d.items()}
+
+        got = self._cached(kind, key, flat)
+        out: dict[int, dict[str, torch.Tensor]] = {0: {}, 1: {}}
+        for name, t in got.items():
+            g, _, p = name.partition("|")
+            out[ids.index(int(g))][p] = t
+        return out
+
+    @staticmethod
+    def _estimator_key(spec: SamplingSpec) -> dict[str, Any]:
+        """The estimator settings a curvature depends on (none for a plain draw)."""
+        estimator = getattr(spec, "estimator", None)
+        if estimator is None:
+            return {}
+        draws = estimator == "ggn_mc"  # the only estimator that draws labels
+        return {
+            "estimator": estimator,
+            "batch_size": getattr(spec, "batch_size", None),
+            "estimator_seed": spec.seed if draws else None,
+            "mc_samples": getattr(spec, "mc_samples", None) if draws else None,
+        }
+
+    def activations(
+        self,
+        spec: SamplingSpec,
+        compute: Callable[[ScoringSet], dict[str, torch.Tensor]],
+        *,
+        of: Mapping[str, Any],
+    ) -> dict[str, torch.Tensor]:
+        """Activation statistics on the scoring draw of ``spec`` (trunk features):
+        ``compute(data)`` → ``{name: tensor}``, keyed by ``of`` (what they are of, JSON-
+        ready) and the draw. Kept in memory for the experiment's life (a pass over the
+        scoring features costs less than reading a cache file)."""
+        data = self.scoring_set(spec)
+        memo = json.dumps(["activations", dict(of), data.key], sort_keys=True, default=str)
+        if memo not in self._tensors:
+            self._tensors[memo] = compute(data)
+        return self._tensors[memo]
+
+    def _cached(
         self, kind: str, key: Mapping[str, Any], compute: Callable[[], dict[str, torch.Tensor]]
     ) -> dict[str, torch.Tensor]:
         """``compute()`` through the persisted cache, keyed by ``key`` and by everything
@@ -394,8 +524,6 @@ class Experiment:
         self._ctx: Context | None = None
         self._references: dict[int, tuple[Processed, Any]] = {}
         self._inputs: dict[tuple[str, int], tuple[Any, tuple[Any, ...]]] = {}
-        # Exported graphs by structure (export_onnx's graph_cache): compare's rows share them.
-        self._graphs: dict[str, Any] = {}
         self._after_cut: set[tuple[str, ...]] = set()
 
     # ------------------------------------------------------------------ plans
@@ -648,6 +776,26 @@ class Experiment:
         x, labels, groups = memo[1]
         return x.clone(), labels.copy(), groups.copy()
 
+    def exporter(self) -> Exporter:
+        """A new :class:`~fairdeploy.export.Exporter` with the recipe's ``export:``
+        settings (layout, dead-neuron elimination, exporter, opset, simplification,
+        tolerances, the ``.verify.npz`` cap). A caller that exports several models holds
+        one and passes it to :meth:`export`, so models of the same structure share one
+        traced graph (``compare`` does, for its rows)."""
+        from fairdeploy.export import Exporter, ExportOptions
+
+        spec = self.recipe.export
+        options = ExportOptions(
+            sparse_layout=spec.sparse_layout,
+            eliminate_dead=spec.eliminate_dead,
+            simplify=spec.simplify,
+            exporter=spec.exporter,
+            opset=spec.opset,
+            atol=spec.tolerances.atol,
+            rtol=spec.tolerances.rtol,
+        )
+        return Exporter(options, reference_max_bytes=int(spec.verify_npz_max_mb * 1e6))
+
     def export(
         self,
         processed: Processed,
@@ -656,8 +804,9 @@ class Experiment:
         metadata: Mapping[str, Any] | None = None,
         samples: int | None = None,
         baseline: Mapping[str, int] | None = None,
+        exporter: Exporter | None = None,
         defer: bool = False,
-    ) -> Any:
+    ) -> ExportResult:
         """Export the processed model to ONNX with the recipe's ``export:`` settings.
 
         Writes ``path`` and ``<path stem>.verify.npz`` (the first ``samples`` test inputs
@@ -669,22 +818,21 @@ class Experiment:
         (:func:`~fairdeploy.export.pack_weights`, checked bit for bit): the model computes
         exactly what the dense export does, so the ``.verify.npz`` stays valid.
         ``baseline`` (:func:`~fairdeploy.export.onnx_sizes` of the vanilla export) puts
-        the measured C.R. in the file's metadata in the same write. Models of the same
-        structure exported by this experiment share one traced graph (see
-        :func:`~fairdeploy.export.export_onnx`'s ``graph_cache``). ``defer=True``
-        returns before the model file is written, leaving what :meth:`verify` repeats to
-        the caller (see :func:`~fairdeploy.export.export_onnx`; ``compare`` calls the
-        result's ``finish`` and :meth:`verify` in a background thread, and exports again
-        without deferring when they fail).
+        the measured C.R. in the file's metadata in the same write. ``exporter``: the
+        :meth:`exporter` to export with (default: a new one), so that models of the same
+        structure exported through it share one traced graph. ``defer=True`` returns
+        before the model file is written, leaving what :meth:`verify` repeats to the caller
+        (see :meth:`fairdeploy.export.Exporter.export`; ``compare`` calls the result's
+        ``finish`` and :meth:`verify` in a background thread, and exports again without
+        deferring when they fail).
         Returns the :class:`~fairdeploy.export.ExportResult` (``packing`` holds the
         :class:`~fairdeploy.export.PackReport`, ``sizes`` and ``measured_cr`` the file's).
         """
-        from fairdeploy.export import export_onnx
-
-        exp = self.recipe.export
         ref = self.reference(processed, samples)
         x = torch.from_numpy(ref.inputs)
-        return export_onnx(
+        if exporter is None:
+            exporter = self.exporter()
+        return exporter.export(
             self.model_of(processed),
             x[:2],
             path,
@@ -693,17 +841,8 @@ class Experiment:
             reference_outputs=ref.outputs,
             labels=ref.labels,
             groups=ref.groups,
-            simplify=exp.simplify,
-            sparse_layout=exp.sparse_layout,
-            eliminate_dead=exp.eliminate_dead,
-            opset=exp.opset,
-            exporter=exp.exporter,
-            atol=exp.tolerances.atol,
-            rtol=exp.tolerances.rtol,
-            reference_max_bytes=int(exp.verify_npz_max_mb * 1e6),
             packing=processed.plan.implementation.packing(processed.plan, processed) or None,
             baseline_sizes=baseline,
-            graph_cache=self._graphs,
             defer=defer,
         )
 

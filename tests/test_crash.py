@@ -38,7 +38,9 @@ from _reliability import (
 _CHILD = """
 import sys
 from fairdeploy.cli import main
-import fairdeploy.app, fairdeploy.export, fairdeploy.train, onnx, onnxruntime  # noqa: E401
+import fairdeploy.commands.compare, fairdeploy.commands.optimize  # noqa: E401
+import fairdeploy.commands.sweep, fairdeploy.commands.train  # noqa: E401
+import fairdeploy.export, fairdeploy.train, onnx, onnxruntime  # noqa: E401
 print("ready", flush=True)
 main(sys.argv[1:])
 """

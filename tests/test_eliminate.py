@@ -15,7 +15,7 @@ from test_export import initializers, make_factorized, mlp_with, ort_run
 from torch import nn
 
 from fairdeploy.errors import FairDeployError
-from fairdeploy.export import deployed_params, export_onnx, read_metadata
+from fairdeploy.export import ExportOptions, deployed_params, export_onnx, read_metadata
 from fairdeploy.lrf import FactorizedLinear
 
 
@@ -64,8 +64,8 @@ def test_elimination_is_exact_and_removes_neighbour_neurons(tmp_path, layout):
     fact = make_factorized(12, 9, 4, rows, cols, 0)
     model = mlp_with(fact)  # Linear(10,12) ReLU Dropout fact ReLU Linear(9,3)
     x = torch.randn(64, 10)
-    res = export_onnx(model, x[:4], tmp_path / "e.onnx", eliminate_dead=True,
-                      sparse_layout=layout)
+    res = export_onnx(model, x[:4], tmp_path / "e.onnx",
+                      options=ExportOptions(eliminate_dead=True, sparse_layout=layout))
     _exact(tmp_path / "e.onnx", model, x)
     inits, ops = initializers(tmp_path / "e.onnx")
     # FC before: 3 output neurons gone; factors: dead rows/cols gone; FC after: 4 inputs gone.
@@ -113,11 +113,11 @@ def test_batchnorm_and_per_feature_prelu_between_are_sliced(tmp_path):
     # Exact with either exporter; the names and op counts below are the TorchScript
     # graph's (the dynamo optimizer folds a BatchNorm after a Linear into its Gemm and
     # turns PReLU slopes into anonymous constants).
-    export_onnx(model, x[:4], tmp_path / "bn-dynamo.onnx", eliminate_dead=True)
+    export_onnx(model, x[:4], tmp_path / "bn-dynamo.onnx",
+                options=ExportOptions(eliminate_dead=True))
     _exact(tmp_path / "bn-dynamo.onnx", model, x)
-    res = export_onnx(
-        model, x[:4], tmp_path / "bn.onnx", eliminate_dead=True, exporter="torchscript"
-    )
+    res = export_onnx(model, x[:4], tmp_path / "bn.onnx",
+                      options=ExportOptions(eliminate_dead=True, exporter="torchscript"))
     _exact(tmp_path / "bn.onnx", model, x)
     lay = res.layers[0]
     assert (lay.input_elimination, lay.output_elimination) == ("removed:0", "removed:7")
@@ -143,7 +143,7 @@ def test_first_layer_keeps_the_model_input(tmp_path, rows, op):
     torch.manual_seed(2)
     model = nn.Sequential(fact, nn.ReLU(), nn.Linear(9, 3)).eval()
     x = torch.randn(50, 12)
-    res = export_onnx(model, x[:4], tmp_path / "f.onnx", eliminate_dead=True)
+    res = export_onnx(model, x[:4], tmp_path / "f.onnx", options=ExportOptions(eliminate_dead=True))
     _exact(tmp_path / "f.onnx", model, x)
     lay = res.layers[0]
     assert lay.input_elimination == "dropped at input: its input is the model's input"
@@ -165,7 +165,7 @@ def test_last_layer_keeps_the_logits(tmp_path):
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), fact).eval()
     x = torch.randn(50, 8)
-    res = export_onnx(model, x[:4], tmp_path / "l.onnx", eliminate_dead=True)
+    res = export_onnx(model, x[:4], tmp_path / "l.onnx", options=ExportOptions(eliminate_dead=True))
     _exact(tmp_path / "l.onnx", model, x)
     lay = res.layers[0]
     assert lay.input_elimination == "removed:0"
@@ -208,7 +208,7 @@ def test_refusal_is_a_reason_not_an_error(tmp_path, build, why_in, why_out):
     torch.manual_seed(4)
     model = build(make_factorized(12, 9, 4, [2, 3, 8], [0, 4, 5], 0, seed=7)).eval()
     x = torch.randn(40, 6)
-    res = export_onnx(model, x[:4], tmp_path / "r.onnx", eliminate_dead=True)
+    res = export_onnx(model, x[:4], tmp_path / "r.onnx", options=ExportOptions(eliminate_dead=True))
     _exact(tmp_path / "r.onnx", model, x)
     lay = res.layers[0]
     if why_in:
@@ -231,7 +231,7 @@ def test_zero_constants_need_no_bias(tmp_path, act, bias_created):
     model = nn.Sequential(nn.Linear(5, 10), nn.ReLU(), fact, act(),
                           nn.Linear(8, 2, bias=False)).eval()
     x = torch.randn(40, 5)
-    res = export_onnx(model, x[:4], tmp_path / "z.onnx", eliminate_dead=True)
+    res = export_onnx(model, x[:4], tmp_path / "z.onnx", options=ExportOptions(eliminate_dead=True))
     _exact(tmp_path / "z.onnx", model, x)
     inits, _ = initializers(tmp_path / "z.onnx")
     assert ("4.bias" in inits) == bias_created
@@ -258,7 +258,7 @@ def _adjacent(rows_b: list[int], cols_a: list[int], keep_a: int = 0) -> nn.Modul
 def test_adjacent_factorized_layers_remove_the_union(tmp_path, rows_b, cols_a, bound):
     model = _adjacent(rows_b, cols_a)
     x = torch.randn(40, 6)
-    res = export_onnx(model, x[:4], tmp_path / "a.onnx", eliminate_dead=True)
+    res = export_onnx(model, x[:4], tmp_path / "a.onnx", options=ExportOptions(eliminate_dead=True))
     _exact(tmp_path / "a.onnx", model, x)
     lay = {r.layer: r for r in res.layers}
     union = len(set(rows_b) | set(cols_a))
@@ -281,7 +281,7 @@ def test_elimination_composes_with_permutation_folding(tmp_path):
     outputs, and A's column permutation then folds into B, whose input order is free."""
     model = _adjacent([0, 1, 2, 3], [2, 3, 9, 10], keep_a=2)
     x = torch.randn(40, 6)
-    res = export_onnx(model, x[:4], tmp_path / "c.onnx", eliminate_dead=True)
+    res = export_onnx(model, x[:4], tmp_path / "c.onnx", options=ExportOptions(eliminate_dead=True))
     _exact(tmp_path / "c.onnx", model, x)
     lay = {r.layer: r for r in res.layers}
     assert lay["2"].output_elimination == "removed:4" and lay["2"].eliminated_outputs == 4
@@ -298,7 +298,7 @@ def test_partial_rows_make_elimination_a_no_op(tmp_path):
     fact = make_factorized(12, 9, 4, [1, 5, 7], [0, 3, 8, 2], 2)
     model = mlp_with(fact)
     x = torch.randn(20, 10)
-    on = export_onnx(model, x[:4], tmp_path / "on.onnx", eliminate_dead=True)
+    on = export_onnx(model, x[:4], tmp_path / "on.onnx", options=ExportOptions(eliminate_dead=True))
     off = export_onnx(model, x[:4], tmp_path / "off.onnx")
     assert initializers(tmp_path / "on.onnx") == initializers(tmp_path / "off.onnx")
     assert (on.layers[0].input_elimination, on.layers[0].output_elimination) == ("none", "none")
@@ -310,7 +310,8 @@ def test_every_row_sparsified_is_refused_not_emptied(tmp_path):
     fact = make_factorized(6, 5, 2, range(6), [1], 0, seed=11)
     model = mlp_with(fact, din=4)
     x = torch.randn(10, 4)
-    res = export_onnx(model, x[:2], tmp_path / "all.onnx", eliminate_dead=True)
+    res = export_onnx(model, x[:2], tmp_path / "all.onnx",
+                      options=ExportOptions(eliminate_dead=True))
     _exact(tmp_path / "all.onnx", model, x)
     assert res.layers[0].input_elimination == (
         "refused: every input feature is sparsified (sr = 1)"
@@ -350,7 +351,8 @@ def test_vgg11_paper_fitzpatrick_setting_from_shapes():
 def test_bad_options_and_rows_are_user_errors(tmp_path):
     model = mlp_with(make_factorized(12, 9, 4))
     with pytest.raises(FairDeployError, match="sparse_layout='sparse' is not allowed"):
-        export_onnx(model, torch.randn(2, 10), tmp_path / "m.onnx", sparse_layout="sparse")
+        export_onnx(model, torch.randn(2, 10), tmp_path / "m.onnx",
+                    options=ExportOptions(sparse_layout="sparse"))
     vanilla, rows = _rows_and_vanilla(model)
     with pytest.raises(FairDeployError, match="sparse_layout='dense' is not allowed"):
         deployed_params(vanilla, rows, sparse_layout="dense")
@@ -367,7 +369,7 @@ def test_vanilla_export_is_unchanged_by_the_options(tmp_path):
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        res = export_onnx(model, torch.randn(3, 6), tmp_path / "v.onnx", eliminate_dead=True,
-                          sparse_layout="zeros")
+        res = export_onnx(model, torch.randn(3, 6), tmp_path / "v.onnx",
+                          options=ExportOptions(eliminate_dead=True, sparse_layout="zeros"))
     assert res.layers == [] and res.deployed_params == res.vanilla_params == 6 * 8 + 8 + 18
     assert res.stored_elements == res.deployed_params and res.deployed_cr == 1.0

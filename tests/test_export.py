@@ -14,6 +14,8 @@ from torch import nn
 
 from fairdeploy.errors import FairDeployError
 from fairdeploy.export import (
+    Exporter,
+    ExportOptions,
     export_onnx,
     layer_table,
     measured_cr,
@@ -105,7 +107,8 @@ def test_structured_sparse_blocks_parity(tmp_path, keep, fold):
     fact = make_factorized(din, dout, k, rows, cols, keep)
     model = mlp_with(fact)
     x = torch.randn(40, 10)
-    res = export_onnx(model, x[:4], tmp_path / "s.onnx", fold_permutations=fold)
+    res = export_onnx(model, x[:4], tmp_path / "s.onnx",
+                      options=ExportOptions(fold_permutations=fold))
     inits, ops = initializers(tmp_path / "s.onnx")
     n1, m1 = din - len(rows), dout - len(cols)
     # Exactly the non-zero entries are stored (S folded into U).
@@ -181,7 +184,7 @@ def test_dense_with_zeros_layout_stores_full_factors(tmp_path):
     fact = make_factorized(12, 9, 4, [1, 5], [0, 3], 2)
     model = mlp_with(fact)
     x = torch.randn(8, 10)
-    export_onnx(model, x, tmp_path / "z.onnx", sparse_layout=False)
+    export_onnx(model, x, tmp_path / "z.onnx", options=ExportOptions(sparse_layout=False))
     inits, ops = initializers(tmp_path / "z.onnx")
     assert inits["3.u"] == (12, 4) and inits["3.v"] == (4, 9)
     assert "Concat" not in ops
@@ -206,7 +209,7 @@ def test_simplify_keeps_factors_separate(tmp_path):
     fact = make_factorized(12, 9, 4, [1, 5], [0, 3], 2)
     model = mlp_with(fact)
     x = torch.randn(8, 10)
-    res = export_onnx(model, x, tmp_path / "s.onnx", simplify=True)
+    res = export_onnx(model, x, tmp_path / "s.onnx", options=ExportOptions(simplify=True))
     assert res.simplified
     inits, ops = initializers(tmp_path / "s.onnx")
     assert inits["3.u_head"] == (12, 2) and inits["3.v_kept"] == (4, 7)
@@ -325,11 +328,12 @@ def _same_structure_models():
 def test_graph_cache_reuses_a_structure_and_writes_the_same_bytes(tmp_path, exporter):
     a, b, other = _same_structure_models()
     x = torch.randn(6, 10)
-    cache: dict = {}
-    export_onnx(a, x, tmp_path / "a.onnx", graph_cache=cache, exporter=exporter)
+    shared = Exporter(ExportOptions(exporter=exporter))
+    cache = shared.graphs
+    shared.export(a, x, tmp_path / "a.onnx")
     n_after_a = len(cache)
-    res_b = export_onnx(b, x, tmp_path / "b.onnx", graph_cache=cache, exporter=exporter)
-    export_onnx(b, x, tmp_path / "b_fresh.onnx", exporter=exporter)
+    res_b = shared.export(b, x, tmp_path / "b.onnx")
+    export_onnx(b, x, tmp_path / "b_fresh.onnx", options=ExportOptions(exporter=exporter))
     if exporter == "dynamo":  # parameters stored under their own names: the graph is reused
         assert n_after_a == 1 and len(cache) == 1
     # Reused or not, the file is the one a fresh export writes, and it computes b.
@@ -337,7 +341,7 @@ def test_graph_cache_reuses_a_structure_and_writes_the_same_bytes(tmp_path, expo
     np.testing.assert_allclose(ort_run(tmp_path / "b.onnx", x), b(x).detach().numpy(),
                                rtol=1e-4, atol=1e-5)
     assert res_b.max_abs_error is not None and res_b.max_abs_error < 1e-4
-    export_onnx(other, x, tmp_path / "o.onnx", graph_cache=cache, exporter=exporter)
+    shared.export(other, x, tmp_path / "o.onnx")
     if exporter == "dynamo":
         assert len(cache) == 2  # another structure: its own graph
 
@@ -345,16 +349,16 @@ def test_graph_cache_reuses_a_structure_and_writes_the_same_bytes(tmp_path, expo
 def test_graph_cache_entry_that_no_longer_matches_is_exported_afresh(tmp_path):
     a, b, _ = _same_structure_models()
     x = torch.randn(6, 10)
-    cache: dict = {}
-    export_onnx(a, x, tmp_path / "a.onnx", graph_cache=cache)
-    (skeleton,) = cache.values()
+    shared = Exporter()
+    shared.export(a, x, tmp_path / "a.onnx")
+    (skeleton,) = shared.graphs.values()
     # Corrupt a constant the reuse does not replace (not a parameter): the parity check
     # must catch the reused graph and fall back to tracing.
     consts = [t for t in skeleton.graph.initializer if t.HasField("raw_data") and t.raw_data]
     assert consts, "the skeleton keeps the graph's own constants"
     arr = onnx.numpy_helper.to_array(consts[0]).copy()
     consts[0].CopyFrom(onnx.numpy_helper.from_array(arr + 7, consts[0].name))
-    export_onnx(b, x, tmp_path / "b.onnx", graph_cache=cache)
+    shared.export(b, x, tmp_path / "b.onnx")
     export_onnx(b, x, tmp_path / "b_fresh.onnx")
     assert (tmp_path / "b.onnx").read_bytes() == (tmp_path / "b_fresh.onnx").read_bytes()
 
@@ -367,7 +371,7 @@ def test_measured_cr_written_with_the_export_is_the_files_own(tmp_path):
     x = torch.randn(4, 10)
     export_onnx(dense, x, tmp_path / "v.onnx")
     base = onnx_sizes(tmp_path / "v.onnx")
-    res = export_onnx(mlp_with(fact), x, tmp_path / "p.onnx", baseline_sizes=base)
+    res = Exporter().export(mlp_with(fact), x, tmp_path / "p.onnx", baseline_sizes=base)
     on_disk = onnx_sizes(tmp_path / "p.onnx")
     assert res.sizes == on_disk  # file bytes included: the entry counts itself
     expected = {
@@ -384,17 +388,16 @@ def test_measured_cr_written_with_the_export_is_the_files_own(tmp_path):
 def test_deferred_export_writes_the_same_bytes_when_finished(tmp_path):
     a, b, _ = _same_structure_models()
     x = torch.randn(6, 10)
-    cache: dict = {}
+    shared = Exporter()
     v = export_onnx(a, x, tmp_path / "v.onnx")
-    fresh = export_onnx(a, x, tmp_path / "a.onnx", graph_cache=cache, defer=True)
-    reused = export_onnx(b, x, tmp_path / "b.onnx", graph_cache=cache, defer=True,
-                         baseline_sizes=v.sizes)
+    fresh = shared.export(a, x, tmp_path / "a.onnx", defer=True)
+    reused = shared.export(b, x, tmp_path / "b.onnx", defer=True, baseline_sizes=v.sizes)
     for res in (fresh, reused):  # nothing checked or written yet: the caller finishes
         assert res.max_abs_error is None and not res.path.exists()
         res.finish()
         assert res.sizes == onnx_sizes(res.path)
     export_onnx(a, x, tmp_path / "a_checked.onnx")
-    export_onnx(b, x, tmp_path / "b_checked.onnx", baseline_sizes=v.sizes)
+    Exporter().export(b, x, tmp_path / "b_checked.onnx", baseline_sizes=v.sizes)
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "a_checked.onnx").read_bytes()
     assert (tmp_path / "b.onnx").read_bytes() == (tmp_path / "b_checked.onnx").read_bytes()
     assert read_metadata(tmp_path / "b.onnx")["measured_cr"] == pytest.approx(

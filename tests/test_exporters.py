@@ -22,7 +22,13 @@ from torch import nn
 
 from fairdeploy.bench import extract_layer, layer_nodes
 from fairdeploy.errors import FairDeployError
-from fairdeploy.export import EXPORTERS, export_onnx, prepare_for_export, read_metadata
+from fairdeploy.export import (
+    EXPORTERS,
+    ExportOptions,
+    export_onnx,
+    prepare_for_export,
+    read_metadata,
+)
 
 
 class Nested(nn.Module):
@@ -79,7 +85,8 @@ def test_exporters_graph_contract(tmp_path, case: str) -> None:
     for exporter in EXPORTERS:
         folder = tmp_path / exporter
         path = folder / "m.onnx"
-        res = export_onnx(model, x[:1], path, exporter=exporter, metadata={"method": "fairlrf"})
+        res = export_onnx(model, x[:1], path, metadata={"method": "fairlrf"},
+                          options=ExportOptions(exporter=exporter))
         assert sorted(p.name for p in folder.iterdir()) == ["m.onnx"]  # one file, no .data
         m = onnx.load(str(path))
         onnx.checker.check_model(m, full_check=True)
@@ -135,7 +142,8 @@ def _layer_output(y: torch.Tensor, lay, model: nn.Module, layer: str) -> np.ndar
 @pytest.mark.parametrize("simplify", [False, True])
 def test_dynamo_graph_carries_module_scopes_only(tmp_path, simplify: bool) -> None:
     model, layer, x = _case("sparse_keep2")
-    res = export_onnx(model, x[:2], tmp_path / "m.onnx", exporter="dynamo", simplify=simplify)
+    res = export_onnx(model, x[:2], tmp_path / "m.onnx",
+                      options=ExportOptions(exporter="dynamo", simplify=simplify))
     assert res.simplified == simplify
     m = onnx.load(str(tmp_path / "m.onnx"))
     keys = {p.key for n in m.graph.node for p in n.metadata_props}
@@ -149,10 +157,11 @@ def test_dynamo_graph_carries_module_scopes_only(tmp_path, simplify: bool) -> No
 def test_exporter_choice_is_checked(tmp_path) -> None:
     model, _, x = _case("sparse_keep2")
     with pytest.raises(FairDeployError, match=r"exporter='jit' is unknown.*dynamo, torchscript"):
-        export_onnx(model, x, tmp_path / "m.onnx", exporter="jit")
+        export_onnx(model, x, tmp_path / "m.onnx", options=ExportOptions(exporter="jit"))
     with pytest.raises(FairDeployError, match=r"opset 17 .*dynamo.*export.exporter: torchscript"):
-        export_onnx(model, x, tmp_path / "m.onnx", opset=17)
-    res = export_onnx(model, x, tmp_path / "m.onnx", opset=17, exporter="torchscript")
+        export_onnx(model, x, tmp_path / "m.onnx", options=ExportOptions(opset=17))
+    res = export_onnx(model, x, tmp_path / "m.onnx",
+                      options=ExportOptions(opset=17, exporter="torchscript"))
     assert res.path.is_file()
     assert onnx.load(str(res.path)).opset_import[0].version == 17
     assert not (tmp_path / "m.onnx.data").exists()

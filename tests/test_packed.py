@@ -23,6 +23,7 @@ from torch import nn
 
 from fairdeploy.errors import FairDeployError
 from fairdeploy.export import (
+    Exporter,
     PackSpec,
     _packed,
     export_onnx,
@@ -509,20 +510,20 @@ def test_packing_that_saves_less_than_the_shared_constants_is_dropped(tmp_path):
 
 
 def test_deferred_export_writes_when_finished_after_the_rebuild_check(tmp_path, one_thread):
-    """export_onnx(defer=True) leaves the packed file to ``finish``, which checks the
+    """Exporter.export(defer=True) leaves the packed file to ``finish``, which checks the
     rebuild bit for bit first: the same bytes as a checked export, or nothing written."""
     model = mlp()
     specs = {"0.weight": make_classes(model[0], q=0.5, seed=1),
              "2.weight": make_classes(model[2], q=0.3, p=0.3, seed=2)}
     x = torch.randn(5, 24)
-    checked = export_onnx(model, x, tmp_path / "checked.onnx", packing=specs)
+    checked = Exporter().export(model, x, tmp_path / "checked.onnx", packing=specs)
     assert checked.finish is None and checked.packing.checked
-    res = export_onnx(model, x, tmp_path / "deferred.onnx", packing=specs, defer=True)
+    res = Exporter().export(model, x, tmp_path / "deferred.onnx", packing=specs, defer=True)
     assert res.packing.checked and not (tmp_path / "deferred.onnx").exists()
     res.finish()
     assert (tmp_path / "deferred.onnx").read_bytes() == (tmp_path / "checked.onnx").read_bytes()
     assert res.sizes == onnx_sizes(tmp_path / "deferred.onnx")
-    late = export_onnx(model, x, tmp_path / "late.onnx", packing=specs, defer=True)
+    late = Exporter().export(model, x, tmp_path / "late.onnx", packing=specs, defer=True)
     with torch.no_grad():  # the weight the check holds is no longer the one written
         specs["2.weight"].weight[0, 0] += 1.0
     with pytest.raises(RuntimeError, match="does not rebuild its weight"):

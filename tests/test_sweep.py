@@ -21,8 +21,10 @@ from _tiny_nets import trained_mlp
 from click.testing import CliRunner
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, precision_score
 
-from fairdeploy.app import run_compare, run_optimize, run_sweep
 from fairdeploy.cli import main
+from fairdeploy.commands.compare import run_compare
+from fairdeploy.commands.optimize import run_optimize
+from fairdeploy.commands.sweep import run_sweep
 from fairdeploy.errors import FairDeployError
 from fairdeploy.experiment import Experiment
 from fairdeploy.metrics import selection_overlap, spread, summary_metrics
@@ -484,7 +486,7 @@ def test_recipe_sweep_section(task: Path) -> None:
 
 
 def test_dry_run_says_what_all_costs_on_images(task: Path) -> None:
-    from fairdeploy.app import dry_run
+    from fairdeploy.commands.optimize import dry_run
 
     r = _recipe(task / "data.npz")
     r["data"] = {"kind": "image_csv", "csv": str(task / "images.csv")}

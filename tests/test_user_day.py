@@ -194,7 +194,7 @@ def test_quick_latency_is_the_default(day: dict) -> None:
 
 
 def test_run_folder_named_after_the_recipe_file(day: dict) -> None:
-    from fairdeploy.app import run_name_stem
+    from fairdeploy.commands._common import run_name_stem
     from fairdeploy.recipe import load_recipe
 
     assert day["run"].name.startswith("features-day-fairlrf-")

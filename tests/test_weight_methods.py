@@ -23,8 +23,8 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 from torch import nn
 
-from fairdeploy.app import run_compare
 from fairdeploy.cli import main
+from fairdeploy.commands.compare import run_compare
 from fairdeploy.experiment import Experiment, first_samples
 from fairdeploy.models import build_model
 from fairdeploy.plan import LayerPlan, Plan
@@ -364,7 +364,7 @@ def test_a_row_whose_reused_graph_computes_something_else_is_exported_again(
     """A deferred row that fails verification is exported again with every check: a reused
     graph that no longer matches (simulated: the cached graph's first Relu made a Sigmoid)
     fails the parity check there, is traced afresh, and the row verifies."""
-    import fairdeploy.app as app_module
+    import fairdeploy.commands.compare as compare_module
     import fairdeploy.export._onnx as export_module
 
     tmp, _ = cnn_case
@@ -387,7 +387,7 @@ def test_a_row_whose_reused_graph_computes_something_else_is_exported_again(
 
     monkeypatch.setattr(export_module, "_skeleton", stale_skeleton)
     monkeypatch.setattr(export_module, "_export_graph", counted_trace)
-    monkeypatch.setattr(app_module, "_IN_FLIGHT_BYTES", 0)  # one row at a time: same result
+    monkeypatch.setattr(compare_module, "_IN_FLIGHT_BYTES", 0)  # one row at a time: same result
     said: list[str] = []
     res = run_compare(tmp / "ckpt.pt", tmp_path / "r.yaml", out=tmp_path / "cmp",
                       exports_dir=tmp_path / "exports", progress=False, echo=said.append)

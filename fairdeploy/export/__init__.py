@@ -22,6 +22,8 @@ from fairdeploy.export._layout import (
 from fairdeploy.export._metadata import METADATA_PREFIX, read_metadata, update_metadata
 from fairdeploy.export._onnx import (
     EXPORTERS,
+    Exporter,
+    ExportOptions,
     ExportResult,
     check_factor_structure,
     export_onnx,
@@ -38,7 +40,9 @@ __all__ = [
     "DeployedLayer",
     "DeployedParams",
     "ExportFactorized",
+    "ExportOptions",
     "ExportResult",
+    "Exporter",
     "Int8Compression",
     "Int8Export",
     "Int8Fairness",

@@ -20,11 +20,15 @@ Slice (when they form one range) or a Gather, in the ``blocks`` layout.
 
 :func:`plan_elimination` decides, from the structure alone, which junctions can be
 eliminated; the export applies the plan to its private copy (:func:`apply_elimination`)
-and :func:`deployed_params` counts the result from shapes (for ``--dry-run``).
+and :func:`deployed_params` (for ``--dry-run``) runs the same :func:`apply_elimination` on
+a copy of the model on the meta device, so the count from shapes cannot drift from what
+the export does (one junction code, not two).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -237,6 +241,14 @@ def apply_elimination(ready: nn.Module, plan: EliminationPlan) -> dict[str, dict
         (a junction whose union would remove every feature).
     """
     done: dict[str, dict[str, Any]] = {}
+    # Whether each layer had a bias before any folding: a bias that folding creates is
+    # exactly zero on the layer's own constant outputs (their row of the layer's weight
+    # is zero), so those constants are φ(0) as for a layer without bias.
+    had_bias = {
+        name: ready.get_submodule(name).bias is not None
+        for j in plan.junctions
+        for name in (j.producer, j.consumer)
+    }
     for j in plan.junctions:
         producer, consumer = ready.get_submodule(j.producer), ready.get_submodule(j.consumer)
         width = _width(producer, "out")
@@ -260,7 +272,10 @@ def apply_elimination(ready: nn.Module, plan: EliminationPlan) -> dict[str, dict
         keep = torch.tensor([i for i in range(width) if i not in dead], dtype=torch.long)
         with torch.no_grad():
             if const:
-                _fold_constants(producer, consumer, j, torch.tensor(const, dtype=torch.long))
+                _fold_constants(
+                    producer, consumer, j, torch.tensor(const, dtype=torch.long),
+                    producer_had_bias=had_bias[j.producer],
+                )
             _keep_outputs(producer, keep)
             _keep_inputs(consumer, keep)
             for step in j.link.feature_modules:
@@ -274,16 +289,22 @@ def apply_elimination(ready: nn.Module, plan: EliminationPlan) -> dict[str, dict
 
 
 def _fold_constants(
-    producer: nn.Module, consumer: nn.Module, j: Junction, const: torch.Tensor
+    producer: nn.Module,
+    consumer: nn.Module,
+    j: Junction,
+    const: torch.Tensor,
+    *,
+    producer_had_bias: bool,
 ) -> None:
-    """``consumer.bias += W[:, const] · φ(b_producer)[const]``, creating the bias if needed."""
+    """``consumer.bias += W[:, const] · φ(b_producer)[const]``, creating the bias if needed
+    (``producer_had_bias``: whether the producer had a bias before folding gave it one)."""
     width = _width(producer, "out")
     p = next(producer.parameters())
     b = producer.bias.detach() if producer.bias is not None else p.new_zeros(width)
     # The whole pre-activation vector through the real modules (per-feature ones
     # included), exactly as the model computes it, then the constant features.
     c = j.link.apply(b.reshape(1, width).clone())[0, const.to(b.device)]
-    if not needs_bias(j, producer.bias is not None):
+    if not needs_bias(j, producer_had_bias):
         return  # φ(0) = 0 for every step: the constants are exactly zero
     w = _dense_columns(consumer, const.to(p.device))
     add = (w @ c.double()).to(p.dtype)
@@ -430,15 +451,6 @@ def _specs_from_rows(
     return specs
 
 
-def _feature_param_count(module: nn.Module | None) -> int:
-    """Parameters per feature of a per-feature module."""
-    if isinstance(module, nn.PReLU):
-        return 1
-    if isinstance(module, nn.BatchNorm1d):
-        return 2 if module.weight is not None else 0
-    return 0
-
-
 def _overlap_candidates(lo: int, hi: int, points: Sequence[int]) -> list[int]:
     """The ends of [lo, hi] and the breakpoints of a piecewise-linear count inside it."""
     cands = {lo, hi}
@@ -464,7 +476,9 @@ def deployed_params(
     blocks (``Din·k + k·Dout + bias`` with S folded into U, minus every zeroed entry in
     the ``blocks`` layout) and, with ``eliminate``, the neurons that whole zeroed rows of
     U / columns of V leave dead removed from the neighbouring Linear layers (see
-    :mod:`fairdeploy.export._eliminate`). Works on the meta device.
+    :mod:`fairdeploy.export._eliminate`): the export's own :func:`apply_elimination` runs
+    on a meta-device copy with index sets of the planned sizes (every overlap between
+    adjacent selections that changes the count). Works on the meta device.
 
     Parameters
     ----------
@@ -514,7 +528,13 @@ def deployed_params(
 
 
 class _Counter:
-    """Evaluates the deployed count for given overlaps between adjacent selections."""
+    """The deployed count for given overlaps between adjacent selections, from shapes.
+
+    It runs the export's own junction code (:func:`apply_elimination`, the constant
+    folding included) on a copy of the model on the meta device, with each planned layer
+    a :class:`~fairdeploy.lrf.FactorizedLinear` whose sparsified rows/columns are index
+    sets realizing the overlaps, then counts what remains as the export stores it.
+    """
 
     def __init__(
         self,
@@ -527,6 +547,7 @@ class _Counter:
         self.model, self.specs, self.plan = model, specs, plan
         self.layout, self.eliminate = layout, eliminate
         self.modules = dict(model.named_modules())
+        self.shapes = _meta_copy(model, specs)
         # Overlap |C_P ∩ R_Q| ranges where both neighbours hold sparsified sets.
         self.ranges: dict[int, list[int]] = {}
         for i, j in enumerate(plan.junctions):
@@ -595,115 +616,46 @@ class _Counter:
             layers=layers,
         )
 
+    def _index_sets(self, overlaps: dict[int, int]) -> dict[str, dict[str, list[int]]]:
+        """Sparsified rows/columns of every planned layer, realizing ``overlaps``: the
+        producer's columns are ``0 … cp−1`` and the consumer's rows start at ``cp − o``."""
+        sets = {n: {"rows": list(range(s.rows)), "cols": list(range(s.cols))}
+                for n, s in self.specs.items()}
+        for i, o in overlaps.items():
+            j = self.plan.junctions[i]
+            cp, rq = self.specs[j.producer].cols, self.specs[j.consumer].rows
+            sets[j.producer]["cols"] = list(range(cp))
+            sets[j.consumer]["rows"] = list(range(cp - o, cp - o + rq))
+        return sets
+
     def _evaluate(self, overlaps: dict[int, int]) -> tuple[int, dict[str, dict]]:
-        specs = self.specs
-        d_in: dict[str, int] = {}
-        d_out: dict[str, int] = {}
-        rows_left = {n: (s.rows if s.sparse else 0) for n, s in specs.items()}
-        cols_left = {n: (s.cols if s.sparse else 0) for n, s in specs.items()}
-        bias = {n: s.bias for n, s in specs.items()}
-        status_in: dict[str, str] = {}
-        status_out: dict[str, str] = {}
-        removed = 0  # parameters the deployed graph does not store, net
-        linear_rows: dict[str, int] = {}
-        linear_cols: dict[str, int] = {}
-        linear_bias: dict[str, bool] = {}
-        for i, j in enumerate(self.plan.junctions):
-            o = overlaps.get(i, 0)
-            w = self._width(j.producer)
-            a = specs[j.consumer].rows if j.dead_from else 0
-            b = specs[j.producer].cols if j.const_from else 0
-            dead = a + b - (o if a and b else 0)
-            const = b - (o if a else 0)
-            if dead >= w:
-                why = (f"refused: it would remove all {w} features between {j.producer!r} "
-                       f"and {j.consumer!r}")
-                if j.dead_from:
-                    status_in[j.consumer] = why
-                if j.const_from:
-                    status_out[j.producer] = why
-                continue
-            if j.producer in specs:
-                d_out[j.producer] = dead
-                status_out[j.producer] = f"removed:{j.consumer}"
-                cols_left[j.producer] = 0 if j.const_from else cols_left[j.producer] - o
+        shapes = copy.deepcopy(self.shapes)
+        for name, chosen in self._index_sets(overlaps).items():
+            layer = shapes.get_submodule(name)
+            assert isinstance(layer, FactorizedLinear)
+            layer.sparse_rows = torch.tensor(chosen["rows"], dtype=torch.long)
+            layer.sparse_cols = torch.tensor(chosen["cols"], dtype=torch.long)
+        done = apply_elimination(shapes, _rebind(self.plan, shapes))
+        total = 0
+        for module in shapes.modules():
+            if isinstance(module, FactorizedLinear):
+                total += _stored_factor_params(module, blocks=self.layout == "blocks")
             else:
-                linear_rows[j.producer] = dead
-            if j.consumer in specs:
-                d_in[j.consumer] = dead
-                status_in[j.consumer] = f"removed:{j.producer}"
-                rows_left[j.consumer] = 0 if j.dead_from else rows_left[j.consumer] - o
-            else:
-                linear_cols[j.consumer] = dead
-            for step in j.link.feature_modules:
-                removed += dead * _feature_param_count(step.module)
-            if const > 0 and needs_bias(j, self._has_bias(j.producer)):
-                if j.consumer in specs:
-                    bias[j.consumer] = True
-                else:
-                    linear_bias[j.consumer] = True
-        removed += self._linear_removed(linear_rows, linear_cols, linear_bias)
-        removed += self._factors_removed(d_in, d_out, rows_left, cols_left, bias)
+                total += sum(p.numel() for p in module.parameters(recurse=False))
         records = {
-            name: {
-                "input": self._status(name, "input", status_in, d_in.get(name, 0)),
-                "output": self._status(name, "output", status_out, d_out.get(name, 0)),
-            }
-            for name in specs
+            name: {side: self._status(name, side, done.get(name, {}))
+                   for side in ("input", "output")}
+            for name in self.specs
         }
-        total = sum(p.numel() for p in self.model.parameters()) - removed
         return total, records
 
-    def _has_bias(self, name: str) -> bool:
-        """Whether layer ``name`` has a bias in the model as given (before folding)."""
-        if name in self.specs:
-            return self.specs[name].bias
-        return self.modules[name].bias is not None  # type: ignore[union-attr]
-
-    def _linear_removed(
-        self, rows: dict[str, int], cols: dict[str, int], gets_bias: dict[str, bool]
-    ) -> int:
-        """Parameters that plain Linear layers no longer store: ``rows`` output features
-        and ``cols`` input features removed, a bias where folding gives them one."""
-        removed = 0
-        for name in set(rows) | set(cols):
-            lin = self.modules[name]
-            assert isinstance(lin, nn.Linear)
-            r, c = rows.get(name, 0), cols.get(name, 0)
-            has_bias = lin.bias is not None
-            before = lin.out_features * lin.in_features + (lin.out_features if has_bias else 0)
-            after = (lin.out_features - r) * (lin.in_features - c)
-            if has_bias or gets_bias.get(name):
-                after += lin.out_features - r
-            removed += before - after
-        return removed
-
-    def _factors_removed(
-        self, d_in: dict[str, int], d_out: dict[str, int], rows_left: dict[str, int],
-        cols_left: dict[str, int], bias: dict[str, bool],
-    ) -> int:
-        """Parameters the factorized layers no longer store, net: removed features, and
-        with ``blocks`` the zeroed tails of the sparsified rows and columns left; a bias
-        that folding adds counts against."""
-        removed = 0
-        for name, s in self.specs.items():
-            k, q = s.rank, s.keep
-            dense = s.din * s.dout + (s.dout if s.bias else 0)
-            din, dout = s.din - d_in.get(name, 0), s.dout - d_out.get(name, 0)
-            stored = din * k + k * dout + (dout if bias[name] else 0)
-            if self.layout == "blocks":
-                stored -= (rows_left[name] + cols_left[name]) * (k - q)
-            removed += dense - stored
-        return removed
-
-    def _status(self, name: str, side: str, status: dict[str, str], count: int) -> tuple[str, int]:
+    def _status(self, name: str, side: str, done: Mapping[str, Any]) -> tuple[str, int]:
         s = self.specs[name]
+        if side in done:
+            return done[side]
         dead = s.dead_inputs if side == "input" else s.constant_outputs
-        if name in status:
-            st = status[name]
-            if st.startswith("removed:"):
-                return st, count
-            reason = st.removeprefix("refused: ")
+        if f"refused_{side}" in done:
+            reason = done[f"refused_{side}"]
         elif not self.eliminate:
             return "off", 0
         elif not dead:
@@ -714,3 +666,49 @@ class _Counter:
         if side == "input" and self.layout == "blocks" and s.rows < s.din:
             return f"dropped at input: {reason}", s.rows
         return f"refused: {reason}", 0
+
+
+def _meta_copy(model: nn.Module, specs: Mapping[str, LayerSpec]) -> nn.Module:
+    """``model`` on the meta device (no data copied), each planned layer a
+    :class:`~fairdeploy.lrf.FactorizedLinear` of its spec's shapes."""
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    shapes = copy.deepcopy(model, memo)
+    for name, s in specs.items():
+        bias = torch.empty(s.dout, device="meta") if s.bias else None
+        layer = FactorizedLinear(
+            torch.empty(s.din, s.rank, device="meta"),
+            torch.empty(s.rank, device="meta"),
+            torch.empty(s.rank, s.dout, device="meta"),
+            bias,
+        )
+        layer.keep = s.keep
+        shapes.set_submodule(name, layer)
+    return shapes
+
+
+def _rebind(plan: EliminationPlan, model: nn.Module) -> EliminationPlan:
+    """``plan`` with the modules of its links' steps taken from ``model`` (a copy of the
+    model it was planned on), so applying it changes ``model`` only."""
+    junctions = []
+    for j in plan.junctions:
+        steps = tuple(
+            s if s.module is None else dataclasses.replace(s, module=model.get_submodule(s.target))
+            for s in j.link.steps
+        )
+        junctions.append(dataclasses.replace(j, link=dataclasses.replace(j.link, steps=steps)))
+    return dataclasses.replace(plan, junctions=tuple(junctions))
+
+
+def _stored_factor_params(layer: FactorizedLinear, *, blocks: bool) -> int:
+    """What the export stores of a factorized layer: U with S folded in, V, the bias;
+    in the ``blocks`` layout without the zeroed tails of its sparsified rows/columns."""
+    k = layer.rank
+    stored = layer.U.shape[0] * k + k * layer.V.shape[1]
+    stored += 0 if layer.bias is None else layer.bias.numel()
+    if blocks:
+        stored -= (layer.sparse_rows.numel() + layer.sparse_cols.numel()) * (k - layer.keep)
+    return int(stored)

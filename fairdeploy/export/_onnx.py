@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import io
@@ -34,7 +35,9 @@ from fairdeploy.export._sizes import _tensor_sizes, onnx_sizes, proto_sizes, siz
 
 __all__ = [
     "EXPORTERS",
+    "ExportOptions",
     "ExportResult",
+    "Exporter",
     "export_onnx",
     "verify_npz_path",
 ]
@@ -55,7 +58,9 @@ _KEPT_NODE_METADATA = ("pkg.torch.onnx.name_scopes",)
 
 @dataclass(frozen=True)
 class ExportResult:
-    """What :func:`export_onnx` wrote.
+    """What :func:`export_onnx` (or :meth:`Exporter.export`) wrote. ``packing``,
+    ``measured_cr`` and ``finish`` are filled by the exporter's ``packing``,
+    ``baseline_sizes`` and ``defer`` only: None after :func:`export_onnx`.
 
     Attributes
     ----------
@@ -371,6 +376,57 @@ def _as_tensor(x: Any, what: str) -> torch.Tensor:
     return x.float()
 
 
+@dataclass(frozen=True)
+class ExportOptions:
+    """How :func:`export_onnx` builds and checks the graph (the recipe's ``export:`` keys).
+
+    Attributes
+    ----------
+    sparse_layout : {"blocks", "zeros"} or bool
+        ``"blocks"`` (or True, default): structured-sparse factors as real smaller blocks
+        (``Slice`` + ``MatMul`` + ``Concat``), the permutations folded where possible.
+        ``"zeros"`` (or False): the factors stored whole with their zeros: more bytes, no
+        Slice/Concat (see the README for when each is faster). Stored as the name.
+    fold_permutations : bool
+        See :func:`fairdeploy.export.prepare_for_export`.
+    eliminate_dead : bool
+        Remove the neurons that whole zeroed rows of U / columns of V (``rr = 0``) leave
+        dead in the neighbouring Linear layers (exact; see
+        :func:`fairdeploy.export.prepare_for_export`). Off by default here so the graph
+        keeps the paper's per-layer layout; the recipe key ``export.eliminate_dead`` turns
+        it on for ``optimize``.
+    simplify : bool
+        Run onnxsim and keep its result only if the factors stay separate and the outputs
+        still match.
+    exporter : {"dynamo", "torchscript"}
+        How the graph is built: ``torch.onnx.export(dynamo=True)`` (``torch.export``, the
+        default: the exporter PyTorch keeps) or the TorchScript tracer (``dynamo=False``,
+        deprecated by PyTorch; faster, any opset). Both give the same graph contract:
+        factor blocks as separate initializers named after the parameters, input
+        ``input``, output ``logits``, dynamic batch axis.
+    opset : int
+        ONNX opset (≥ 18 with the dynamo exporter).
+    atol, rtol : float
+        Tolerance of the export-time parity checks: ``|ONNX − PyTorch| ≤ atol + rtol·|ref|``.
+
+    Raises FairDeployError when built with an unknown layout or exporter, or an opset the
+    exporter does not write.
+    """
+
+    sparse_layout: str | bool = "blocks"
+    fold_permutations: bool = True
+    eliminate_dead: bool = False
+    simplify: bool = False
+    exporter: str = "dynamo"
+    opset: int = 18
+    atol: float = DEFAULT_ATOL
+    rtol: float = DEFAULT_RTOL
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sparse_layout", sparse_layout_name(self.sparse_layout))
+        _check_exporter(self.exporter, self.opset)
+
+
 def export_onnx(
     model: nn.Module,
     example_input: torch.Tensor | np.ndarray,
@@ -378,22 +434,9 @@ def export_onnx(
     *,
     metadata: Mapping[str, Any] | None = None,
     reference_inputs: torch.Tensor | np.ndarray | None = None,
-    reference_outputs: torch.Tensor | np.ndarray | None = None,
     labels: np.ndarray | None = None,
     groups: np.ndarray | None = None,
-    simplify: bool = False,
-    sparse_layout: bool | str = True,
-    fold_permutations: bool = True,
-    eliminate_dead: bool = False,
-    opset: int = 18,
-    atol: float = DEFAULT_ATOL,
-    rtol: float = DEFAULT_RTOL,
-    exporter: str = "dynamo",
-    reference_max_bytes: int | None = None,
-    packing: Mapping[str, Any] | None = None,
-    baseline_sizes: Mapping[str, int] | None = None,
-    graph_cache: MutableMapping[str, Any] | None = None,
-    defer: bool = False,
+    options: ExportOptions | None = None,
 ) -> ExportResult:
     """Export a classifier to ONNX with factorized layers as real smaller MatMuls.
 
@@ -406,9 +449,8 @@ def export_onnx(
     dynamic (input ``input``, output ``logits``).
 
     After export the graph is checked (``onnx.checker`` full check; every factor block
-    stored on its own; ONNX Runtime matches PyTorch on ``example_input`` and the
-    reference inputs within ``atol + rtol·|ref|``), then written atomically; with ``defer``
-    the caller verifies and writes it instead (see below).
+    stored on its own; ONNX Runtime matches PyTorch on ``example_input`` and the first
+    reference inputs within ``atol + rtol·|ref|``), then written atomically.
 
     Parameters
     ----------
@@ -426,163 +468,173 @@ def export_onnx(
         Real inputs: their PyTorch outputs are written to ``<name>.verify.npz`` (arrays
         ``inputs``, ``outputs`` and, when given, ``labels`` and ``groups``) for
         :func:`fairdeploy.verification.verify`.
-    reference_outputs : Tensor or ndarray, optional
-        PyTorch's outputs for ``reference_inputs`` when the caller already has them (e.g.
-        the head run on cached trunk features), so the full model need not run again.
     labels, groups : ndarray, optional
         Targets and group ids of ``reference_inputs`` (verify then reports group fairness
         of the ONNX model's predictions).
-    simplify : bool
-        Run onnxsim and keep its result only if the factors stay separate and the outputs
-        still match.
-    sparse_layout : {"blocks", "zeros"} or bool
-        ``"blocks"`` (or True, default): structured-sparse factors as real smaller
-        blocks, the permutations folded where possible. ``"zeros"`` (or False): the
-        factors stored whole with their zeros: more bytes, no Slice/Concat (see the
-        README for when each is faster).
-    fold_permutations : bool
-        See :func:`fairdeploy.export.prepare_for_export`.
-    eliminate_dead : bool
-        Remove the neurons that whole zeroed rows of U / columns of V (``rr = 0``) leave
-        dead in the neighbouring Linear layers (exact; see
-        :func:`fairdeploy.export.prepare_for_export`). Off by default here so the graph
-        keeps the paper's per-layer layout; the recipe key
-        ``export.eliminate_dead`` turns it on for ``optimize``.
-    opset : int
-        ONNX opset (≥ 18 with the dynamo exporter).
-    atol, rtol : float
-        Tolerance of the export-time parity check.
-    exporter : {"dynamo", "torchscript"}
-        How the graph is built: ``torch.onnx.export(dynamo=True)`` (``torch.export``, the
-        default: the exporter PyTorch keeps) or the TorchScript tracer (``dynamo=False``,
-        deprecated by PyTorch; faster, any opset). Both give the same graph contract:
-        factor blocks as separate initializers named after the parameters, input
-        ``input``, output ``logits``, dynamic batch axis.
-    reference_max_bytes : int, optional
-        Cap on the size of ``<name>.verify.npz``: only the first reference samples that
-        fit are written (at least one), and ``samples_total`` records how many there were.
-        None writes them all.
-    packing : mapping of str to PackSpec, optional
-        Weights to store compactly (pruned / partly-int8 entries): the exported graph is
-        packed in memory with :func:`~fairdeploy.export.pack_weights` (checked bit for bit)
-        before it is written, so the file is written once.
-    baseline_sizes : mapping, optional
-        :func:`~fairdeploy.export.onnx_sizes` of the vanilla export: the measured C.R. of
-        the written file against it is stored in the metadata (``measured_cr``) in the same
-        write, and returned in ``ExportResult.measured_cr``.
-    graph_cache : mutable mapping, optional
-        Exported graphs by structure, kept by the caller between exports (e.g. one dict per
-        :class:`~fairdeploy.experiment.Experiment`). A model whose rearranged layout has the
-        same modules, parameter shapes, buffers and export settings as one exported before
-        reuses that graph with its own weights put in place of the initializers named after
-        its parameters — the same bytes a fresh export writes, without tracing again
-        (``compare``'s vanilla, FairPrune and FairQuantize rows share one graph, as do its
-        SLR-w and SLR-a rows). ONNX Runtime's parity check runs on a reused graph as on a
-        fresh one (unless ``defer``); a reused graph that fails it is exported afresh.
-    defer : bool
-        Return before the model file is written, leaving to the caller what verifying the
-        file repeats: the ``onnx.checker`` full check and the layout and ONNX Runtime parity
-        checks (of a fresh or a reused graph) are skipped, and ``ExportResult.finish`` runs
-        the packing's bit-for-bit rebuild check and writes the file (the serialized bytes
-        are ready; ``sizes`` and ``measured_cr`` are those of the file it writes). The
-        ``.verify.npz`` is written at once. For a caller that verifies the file at once on
-        at least as many inputs and exports again without deferring when that fails:
-        ``compare`` finishes and verifies each row in a background thread while the next
-        row exports. ``max_abs_error`` is then None. With ``simplify`` the layout check
-        still runs (onnxsim's result is checked against it); a model beyond 2 GB is
-        written at once.
+    options : ExportOptions, optional
+        Layout, exporter, opset, simplification and check tolerances (default:
+        ``ExportOptions()``).
 
     Returns
     -------
     ExportResult
     """
-    path = Path(path)
-    if path.suffix != ".onnx":
-        raise FairDeployError(f"output path {str(path)!r} must end in .onnx")
-    example = _as_tensor(example_input, "example_input")
-    ref_x = _reference_inputs(reference_inputs, labels, groups)
-    ref_out = _reference_outputs(reference_outputs, ref_x)
-    encoded = encode_metadata(dict(metadata or {}))
-    _check_exporter(exporter, opset)
-
-    layout = sparse_layout_name(sparse_layout)
-    ready, layouts = prepare_for_export(
-        model,
-        sparse_layout=layout,
-        fold_permutations=fold_permutations,
-        eliminate_dead=eliminate_dead,
-        example_input=example[:2],
-    )
-    original = model if not model.training else _eval_copy(model)
-    checks = None
-    if not defer or simplify:
-        checks = _check_layout(original, ready, example, ref_x, ref_out, atol, rtol)
-
-    proto, simplified, max_err = _checked_graph(
-        ready, example, layouts, checks, opset=opset, exporter=exporter, simplify=simplify,
-        atol=atol, rtol=rtol, graph_cache=graph_cache, check_runtime=not defer,
+    exporter = Exporter(options, reuse_graphs=False)
+    return exporter.export(
+        model, example_input, path, metadata=metadata, reference_inputs=reference_inputs,
+        labels=labels, groups=groups,
     )
 
-    deployed, stored, vanilla = _stamp_counts(
-        proto, encoded, model, ready, layouts, layout=layout, eliminate_dead=eliminate_dead
-    )
-    pack_report, pack_check = _packed(proto, packing, defer=defer)
-    sizes, cr, finish = _write_model(
-        proto, path, baseline_sizes, check=not defer, defer=defer, first=pack_check
-    )
-    del proto  # the bytes are what remains to write
 
-    ref_path = None
-    if ref_x is not None:
-        ref_path = _write_reference(
-            path, original, ref_x, ref_out, labels=labels, groups=groups,
-            max_bytes=reference_max_bytes,
+class Exporter:
+    """Exports one model after another with the same :class:`ExportOptions`: what
+    :func:`export_onnx` does, plus what a caller exporting many models needs for speed.
+
+    Internal to fairdeploy's commands (``compare`` holds one for its rows). Beyond
+    :func:`export_onnx` it offers:
+
+    - **graph reuse** (``reuse_graphs``): exported graphs are kept by structure. A model
+      whose rearranged layout has the same modules, parameter shapes, buffers and export
+      options as one exported before reuses that graph with its own weights put in place
+      of the initializers named after its parameters — the same bytes a fresh export
+      writes, without tracing again (``compare``'s vanilla, FairPrune and FairQuantize rows
+      share one graph, as do its SLR-w and SLR-a rows). ONNX Runtime's parity check runs on
+      a reused graph as on a fresh one (unless ``defer``); one that fails it is exported
+      afresh;
+    - per export, ``reference_outputs`` (PyTorch's outputs for the reference inputs when
+      the caller has them, e.g. the head run on cached trunk features), ``packing``,
+      ``baseline_sizes`` and ``defer`` (see :meth:`export`);
+    - ``reference_max_bytes``: a cap on the size of ``<name>.verify.npz``: only the first
+      reference samples that fit are written (at least one), and ``samples_total`` records
+      how many there were. None writes them all.
+    """
+
+    def __init__(
+        self, options: ExportOptions | None = None, *, reference_max_bytes: int | None = None,
+        reuse_graphs: bool = True,
+    ) -> None:
+        self.options = options if options is not None else ExportOptions()
+        self.reference_max_bytes = reference_max_bytes
+        #: Exported graphs by structure key, as skeletons (parameters without values);
+        #: None without graph reuse.
+        self.graphs: dict[str, onnx.ModelProto] | None = {} if reuse_graphs else None
+
+    def export(
+        self,
+        model: nn.Module,
+        example_input: torch.Tensor | np.ndarray,
+        path: str | os.PathLike[str],
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        reference_inputs: torch.Tensor | np.ndarray | None = None,
+        reference_outputs: torch.Tensor | np.ndarray | None = None,
+        labels: np.ndarray | None = None,
+        groups: np.ndarray | None = None,
+        packing: Mapping[str, Any] | None = None,
+        baseline_sizes: Mapping[str, int] | None = None,
+        defer: bool = False,
+    ) -> ExportResult:
+        """:func:`export_onnx` of ``model`` with this exporter's options and graphs.
+
+        ``reference_outputs``: PyTorch's outputs for ``reference_inputs`` when the caller
+        already has them, so the full model need not run again. ``packing`` (mapping of
+        str to PackSpec): weights to store compactly (pruned / partly-int8 entries); the
+        graph is packed in memory with :func:`~fairdeploy.export.pack_weights` (checked bit
+        for bit) before it is written, so the file is written once. ``baseline_sizes``
+        (:func:`~fairdeploy.export.onnx_sizes` of the vanilla export): the measured C.R. of
+        the written file against it goes into the metadata (``measured_cr``) in the same
+        write, and into ``ExportResult.measured_cr``.
+
+        ``defer`` returns before the model file is written, leaving to the caller what
+        verifying the file repeats: the ``onnx.checker`` full check and the layout and ONNX
+        Runtime parity checks (of a fresh or a reused graph) are skipped, and
+        ``ExportResult.finish`` runs the packing's bit-for-bit rebuild check and writes the
+        file (the serialized bytes are ready; ``sizes`` and ``measured_cr`` are those of
+        the file it writes). The ``.verify.npz`` is written at once. For a caller that
+        verifies the file at once on at least as many inputs and exports again without
+        deferring when that fails: ``compare`` finishes and verifies each row in a
+        background thread while the next row exports. ``max_abs_error`` is then None. With
+        ``simplify`` the layout check still runs (onnxsim's result is checked against it);
+        a model beyond 2 GB is written at once.
+        """
+        path = Path(path)
+        if path.suffix != ".onnx":
+            raise FairDeployError(f"output path {str(path)!r} must end in .onnx")
+        example = _as_tensor(example_input, "example_input")
+        ref_x = _reference_inputs(reference_inputs, labels, groups)
+        ref_out = _reference_outputs(reference_outputs, ref_x)
+        encoded = encode_metadata(dict(metadata or {}))
+        opts = self.options
+        ready, layouts = prepare_for_export(
+            model,
+            sparse_layout=opts.sparse_layout,
+            fold_permutations=opts.fold_permutations,
+            eliminate_dead=opts.eliminate_dead,
+            example_input=example[:2],
         )
-    return ExportResult(
-        path=path,
-        reference_path=ref_path,
-        layers=layouts,
-        max_abs_error=max_err,
-        simplified=simplified,
-        sparse_layout=layout,
-        eliminate_dead=bool(eliminate_dead),
-        deployed_params=deployed,
-        vanilla_params=vanilla,
-        stored_elements=stored,
-        packing=pack_report,
-        sizes=sizes,
-        measured_cr=cr,
-        finish=finish,
-    )
+        original = model if not model.training else _eval_copy(model)
+        checks = None
+        if not defer or opts.simplify:
+            checks = _check_layout(original, ready, example, ref_x, ref_out, opts.atol, opts.rtol)
+        proto, simplified, max_err = _checked_graph(
+            ready, example, layouts, checks, opset=opts.opset, exporter=opts.exporter,
+            simplify=opts.simplify, atol=opts.atol, rtol=opts.rtol, graph_cache=self.graphs,
+            check_runtime=not defer,
+        )
+        result = self._written(
+            proto, path, model, ready, layouts, encoded, packing=packing,
+            baseline_sizes=baseline_sizes, defer=defer,
+        )
+        del proto  # the bytes are what remains to write
+        ref_path = None
+        if ref_x is not None:
+            ref_path = _write_reference(
+                path, original, ref_x, ref_out, labels=labels, groups=groups,
+                max_bytes=self.reference_max_bytes,
+            )
+        return dataclasses.replace(
+            result, reference_path=ref_path, max_abs_error=max_err, simplified=simplified
+        )
 
+    def _written(
+        self, proto: onnx.ModelProto, path: Path, model: nn.Module, ready: nn.Module,
+        layouts: list[LayerLayout], encoded: Mapping[str, str], *,
+        packing: Mapping[str, Any] | None, baseline_sizes: Mapping[str, int] | None,
+        defer: bool,
+    ) -> ExportResult:
+        """Stamp ``proto``'s metadata, pack it when asked, and write it (or, with
+        ``defer``, leave the write to the result's ``finish``): the result without its
+        reference file and check outcomes, which :meth:`export` fills in."""
+        opts = self.options
+        deployed = sum(p.numel() for p in ready.parameters())
+        stored = _float_initializer_elements(proto)
+        vanilla = _vanilla_params(model, layouts)
+        _stamp_producer(
+            proto, encoded, layouts=layouts, layout=opts.sparse_layout, vanilla=vanilla,
+            deployed=deployed, stored=stored, eliminate_dead=opts.eliminate_dead,
+        )
+        pack_report = pack_check = None
+        if packing:
+            from fairdeploy.export._packed import _pack
 
-def _stamp_counts(
-    proto: onnx.ModelProto, encoded: Mapping[str, str], model: nn.Module, ready: nn.Module,
-    layouts: list[LayerLayout], *, layout: str, eliminate_dead: bool,
-) -> tuple[int, int, int]:
-    """Count the deployed parameters (the rearranged model's), the float elements the
-    graph stores and the vanilla parameters, and stamp them with the metadata into
-    ``proto``; returns the three counts."""
-    deployed = sum(p.numel() for p in ready.parameters())
-    stored = _float_initializer_elements(proto)
-    vanilla = _vanilla_params(model, layouts)
-    _stamp_producer(
-        proto, encoded, layouts=layouts, layout=layout, vanilla=vanilla, deployed=deployed,
-        stored=stored, eliminate_dead=eliminate_dead,
-    )
-    return deployed, stored, vanilla
-
-
-def _packed(
-    proto: onnx.ModelProto, packing: Mapping[str, Any] | None, *, defer: bool
-) -> tuple[Any, Callable[[], None] | None]:
-    """Pack ``proto``'s weights in place when ``packing`` asks for it: the pack report and
-    the check to run before the write (None, None without packing)."""
-    if not packing:
-        return None, None
-    from fairdeploy.export._packed import _pack
-
-    return _pack(proto, packing, check_now=not defer)
+            pack_report, pack_check = _pack(proto, packing, check_now=not defer)
+        sizes, cr, finish = _write_model(
+            proto, path, baseline_sizes, check=not defer, defer=defer, first=pack_check
+        )
+        return ExportResult(
+            path=path,
+            reference_path=None,
+            layers=layouts,
+            sparse_layout=opts.sparse_layout,
+            eliminate_dead=bool(opts.eliminate_dead),
+            deployed_params=deployed,
+            vanilla_params=vanilla,
+            stored_elements=stored,
+            packing=pack_report,
+            sizes=sizes,
+            measured_cr=cr,
+            finish=finish,
+        )
 
 
 def _write_model(

@@ -268,7 +268,8 @@ def activation_abs_sums(
 
     Runs ``model`` in eval mode (restored afterwards) under ``torch.no_grad`` over
     ``batches`` and sums, per feature, the absolute value of the layer's input and of
-    the output of the activation that follows it.
+    the output of the activation that follows it. An activation module called after
+    several layers (one ``self.act`` reused) counts only its call on this layer's output.
 
     Parameters
     ----------
@@ -312,10 +313,29 @@ def activation_abs_sums(
         sums[key] += t.detach().abs().reshape(-1, t.shape[-1]).sum(0).to("cpu", torch.float64)
 
     # Summed inside the hooks, before an in-place activation can overwrite the tensor.
+    # An activation module may be called after several layers (``self.act`` reused):
+    # only its call on this layer's output counts. The output is held until that call
+    # (so no later tensor can reuse its memory) and recognised by its storage.
+    pending: list[torch.Tensor] = []
+
+    def layer_out(_m: nn.Module, _args: Any, out: torch.Tensor) -> None:
+        if act_module is target:
+            add("out", out)
+        else:
+            pending[:] = [out]
+
+    def act_out(_m: nn.Module, args: Any, out: torch.Tensor) -> None:
+        x = args[0] if args else None
+        if pending and torch.is_tensor(x) and _same_tensor(x, pending[0]):
+            pending.clear()
+            add("out", out)
+
     handles = [
         target.register_forward_pre_hook(lambda _m, args: add("in", args[0])),
-        act_module.register_forward_hook(lambda _m, _args, out: add("out", out)),
+        target.register_forward_hook(layer_out),
     ]
+    if act_module is not target:
+        handles.append(act_module.register_forward_hook(act_out))
     was_training = {name: m.training for name, m in modules.items()}
     try:
         model.eval()
@@ -330,6 +350,12 @@ def activation_abs_sums(
         for name, m in modules.items():
             m.training = was_training[name]
     return sums["in"], sums["out"]
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` is ``b`` or the same memory seen again (a no-op such as eval-mode Dropout
+    may hand the activation its input under a new Python object)."""
+    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape)
 
 
 def following_activation(model: nn.Module, layer: str) -> str | None:

@@ -14,7 +14,7 @@ result is as accurate as the full SVD's to ~1e-5 (relative) on the top-k singula
 and subspaces. Signs are fixed (largest-|.| entry of each column of U positive), so every
 solver gives the same factors.
 
-Why these (``bench/bench_svd.py``, README "Truncated SVD solvers"): measured in one
+Why these (``bench/bench_svd.py``, docs/svd.md): measured in one
 process against the hand-written randomized subspace iteration (with its Gram-eigenpair
 fallback for flat spectra) that this module used before, PROPACK was faster on every
 spectrum and size measured and more accurate; ARPACK is kept as an alternative (same

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel
 from torch import nn
@@ -24,7 +24,10 @@ from fairdeploy.plan import Plan
 if TYPE_CHECKING:
     from fairdeploy.experiment import Context
 
-__all__ = ["Method", "Processed", "count_parameters"]
+__all__ = ["Method", "P", "Processed", "count_parameters"]
+
+#: The plan class a method takes (``Method[FairLRFPlan]``).
+P = TypeVar("P", bound=Plan)
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -68,8 +71,12 @@ class Processed:
             raise ValueError("Processed needs the processed head or the processed model")
 
 
-class Method:
+class Method(Generic[P]):
     """Base class of every compression method (one instance per registered method).
+
+    Generic in its plan: ``class FairLRF(SparseLowRankMethod[FairLRFPlan])`` types every
+    ``plan`` argument as a ``FairLRFPlan``, so its fields (``plan.beta``) are known to a
+    type checker. ``plan_class`` names the same class at run time.
 
     Class attributes
     ----------------
@@ -107,7 +114,7 @@ class Method:
 
     # ------------------------------------------------------------------ the plan
 
-    def target_layers(self, plan: Plan) -> tuple[str, ...]:
+    def target_layers(self, plan: P) -> tuple[str, ...]:
         """Qualified names of the modules the plan changes (the cut precedes them all).
 
         An empty tuple means the method changes nothing (vanilla). A name of ``""``
@@ -115,11 +122,11 @@ class Method:
         """
         return ()
 
-    def resolve_layers(self, plan: Plan, model: nn.Module) -> tuple[str, ...]:
+    def resolve_layers(self, plan: P, model: nn.Module) -> tuple[str, ...]:
         """:meth:`target_layers` with names like ``all`` expanded against ``model``."""
         return self.target_layers(plan)
 
-    def ranks(self, plan: Plan) -> tuple[tuple[str, int], ...]:
+    def ranks(self, plan: P) -> tuple[tuple[str, int], ...]:
         """``(layer, rank)`` of every layer the plan factorizes; () when none."""
         return ()
 
@@ -158,40 +165,40 @@ class Method:
         """A small valid plan of this method for ``model`` (docs, tests over the registry)."""
         return self.plan_class(method=self.name)
 
-    def check(self, plan: Plan, model: nn.Module) -> None:
+    def check(self, plan: P, model: nn.Module) -> None:
         """Raise :class:`~fairdeploy.errors.FairDeployError` if ``plan`` does not fit
         ``model`` (a missing layer, a rank too large); reads shapes only."""
 
-    def warnings(self, plan: Plan, model: nn.Module) -> list[str]:
+    def warnings(self, plan: P, model: nn.Module) -> list[str]:
         """Things a user must know before trusting the numbers (shapes only)."""
         return []
 
-    def describe(self, plan: Plan) -> str:
+    def describe(self, plan: P) -> str:
         """Row label: the method's label and its settings."""
         return self.label
 
     # ------------------------------------------------------------------ doing it
 
-    def apply(self, plan: Plan, ctx: Context) -> Processed:
+    def apply(self, plan: P, ctx: Context) -> Processed:
         """Apply ``plan`` to the experiment's vanilla model (never modified)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ accounting
 
-    def layer_table(self, plan: Plan, model: nn.Module) -> list[dict[str, Any]]:
+    def layer_table(self, plan: P, model: nn.Module) -> list[dict[str, Any]]:
         """Per changed layer: shapes and parameter counts (the report's layer table)."""
         return []
 
-    def theoretical_cr(self, plan: Plan, model: nn.Module) -> float:
+    def theoretical_cr(self, plan: P, model: nn.Module) -> float:
         """The paper's theoretical compression rate: vanilla / processed parameter count
         (or bits), from shapes alone (the meta device works)."""
         return 1.0
 
-    def stored_parameters(self, plan: Plan, model: nn.Module) -> int:
+    def stored_parameters(self, plan: P, model: nn.Module) -> int:
         """Parameters the exported graph stores (e.g. S as k values, not k×k)."""
         return count_parameters(model)
 
-    def stored_cr(self, plan: Plan, model: nn.Module) -> float:
+    def stored_cr(self, plan: P, model: nn.Module) -> float:
         """Theoretical C.R. of what the exported graph stores, from shapes alone: by
         default parameters of the vanilla model over :meth:`stored_parameters` (S as k
         values); methods with packed weights count bits (e.g. a mask bit per weight)."""
@@ -199,7 +206,7 @@ class Method:
 
     # ------------------------------------------------------------------ deploying
 
-    def packing(self, plan: Plan, processed: Processed) -> Mapping[str, Any] | None:
+    def packing(self, plan: P, processed: Processed) -> Mapping[str, Any] | None:
         """How the export stores this method's weights compactly: PyTorch parameter
         name (in the full model) → :class:`~fairdeploy.export.PackSpec`, for
         :func:`~fairdeploy.export.pack_weights` after the dense export; None (default)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from pydantic import field_serializer, field_validator, model_validator
 from torch import nn
@@ -114,6 +114,10 @@ class SparsePlan(LowRankPlan):
     _layer_keys: ClassVar[tuple[str, ...]] = ("sr", "rr")
 
 
+LP = TypeVar("LP", bound=LowRankPlan)
+SP = TypeVar("SP", bound=SparsePlan)
+
+
 def _linear(model: nn.Module, name: str) -> nn.Linear:
     """The plan's target layer, or one line naming the recipe key and the model's Linears."""
     try:
@@ -122,18 +126,18 @@ def _linear(model: nn.Module, name: str) -> nn.Linear:
         raise FairDeployError(f"method.layers: {exc}") from None
 
 
-class LowRankMethod(Method):
+class LowRankMethod(Method[LP]):
     """Truncated SVD of every target layer; the base of the sparse methods."""
 
     factorizes: ClassVar[bool] = True
     #: Whether rows/columns are sparsified after the SVD (the layer table counts them).
     sparsifies: ClassVar[bool] = False
 
-    def target_layers(self, plan: Plan) -> tuple[str, ...]:
-        return tuple(lp.layer for lp in plan.layers)  # type: ignore[attr-defined]
+    def target_layers(self, plan: LP) -> tuple[str, ...]:
+        return tuple(lp.layer for lp in plan.layers)
 
-    def ranks(self, plan: Plan) -> tuple[tuple[str, int], ...]:
-        return tuple((lp.layer, lp.rank) for lp in plan.layers)  # type: ignore[attr-defined]
+    def ranks(self, plan: LP) -> tuple[tuple[str, int], ...]:
+        return tuple((lp.layer, lp.rank) for lp in plan.layers)
 
     def derive_layers(self, main: Plan, given: Mapping[str, Any]) -> list[dict[str, Any]] | None:
         layers = getattr(main, "layers", None)
@@ -164,8 +168,8 @@ class LowRankMethod(Method):
             layer |= {"sr": 0.25, "rr": 0.5}
         return self.plan_class(method=self.name, layers=[layer])
 
-    def check(self, plan: Plan, model: nn.Module) -> None:
-        for lp in plan.layers:  # type: ignore[attr-defined]
+    def check(self, plan: LP, model: nn.Module) -> None:
+        for lp in plan.layers:
             mod = _linear(model, lp.layer)
             limit = min(mod.in_features, mod.out_features)
             if lp.rank > limit:
@@ -174,9 +178,9 @@ class LowRankMethod(Method):
                     f"({mod.in_features}→{mod.out_features}) is too large: use 1 ≤ rank ≤ {limit}"
                 )
 
-    def warnings(self, plan: Plan, model: nn.Module) -> list[str]:
+    def warnings(self, plan: LP, model: nn.Module) -> list[str]:
         out = []
-        for lp in plan.layers:  # type: ignore[attr-defined]
+        for lp in plan.layers:
             mod = _linear(model, lp.layer)
             even = break_even_rank(mod.in_features, mod.out_features)
             if lp.rank > even:
@@ -187,8 +191,8 @@ class LowRankMethod(Method):
                 )
         return out
 
-    def describe(self, plan: Plan) -> str:
-        layers = plan.layers  # type: ignore[attr-defined]
+    def describe(self, plan: LP) -> str:
+        layers = plan.layers
         parts = [self.describe_layer(lp) for lp in layers]
         if len(layers) > 1:
             parts = [f"{lp.layer}: {part}" for lp, part in zip(layers, parts, strict=True)]
@@ -200,13 +204,13 @@ class LowRankMethod(Method):
 
     # ------------------------------------------------------------------ doing it
 
-    def apply(self, plan: Plan, ctx: Context) -> Processed:
+    def apply(self, plan: LP, ctx: Context) -> Processed:
         return Processed(plan, head=self.factorized_head(plan, ctx))
 
-    def factorized_head(self, plan: Plan, ctx: Context) -> nn.Module:
+    def factorized_head(self, plan: LP, ctx: Context) -> nn.Module:
         """A copy of the vanilla head with every target layer replaced by its truncated
         SVD (factors from the experiment's cache: a sweep decomposes once per rank)."""
-        layers = plan.layers  # type: ignore[attr-defined]
+        layers = plan.layers
         factorized = {lp.layer: ctx.factorized(lp.layer, lp.rank) for lp in layers}
         # Copy the head without the dense layers being replaced (4096×4096 is 64 MB: a
         # sweep pays this copy once per point).
@@ -218,12 +222,12 @@ class LowRankMethod(Method):
 
     # ------------------------------------------------------------------ accounting
 
-    def layer_table(self, plan: Plan, model: nn.Module) -> list[dict[str, Any]]:
+    def layer_table(self, plan: LP, model: nn.Module) -> list[dict[str, Any]]:
         """Per target layer: Din, Dout, k, rows/cols sparsified, entries kept per
         row/col, parameters before (dense weight + bias), after (paper: S as k×k) and
         stored (S as k values, what an exported graph holds)."""
         self.check(plan, model)
-        return [self._layer_row(model, lp) for lp in plan.layers]  # type: ignore[attr-defined]
+        return [self._layer_row(model, lp) for lp in plan.layers]
 
     def _layer_row(self, model: nn.Module, lp: LayerPlan) -> dict[str, Any]:
         linear = _linear(model, lp.layer)
@@ -249,17 +253,17 @@ class LowRankMethod(Method):
             "params_stored": factors + k,
         }
 
-    def theoretical_cr(self, plan: Plan, model: nn.Module) -> float:
+    def theoretical_cr(self, plan: LP, model: nn.Module) -> float:
         total = count_parameters(model)
         rows = self.layer_table(plan, model)
         return total / (total - sum(r["params_before"] - r["params_after"] for r in rows))
 
-    def stored_parameters(self, plan: Plan, model: nn.Module) -> int:
+    def stored_parameters(self, plan: LP, model: nn.Module) -> int:
         rows = self.layer_table(plan, model)
         return count_parameters(model) - sum(r["params_before"] - r["params_stored"] for r in rows)
 
 
-class SparseLowRankMethod(LowRankMethod):
+class SparseLowRankMethod(LowRankMethod[SP]):
     """A truncated SVD whose target layers then lose their lowest-scoring rows of U and
     columns of V (``sr``, ``rr``), scored by the selection strategy ``strategy``."""
 
@@ -283,10 +287,10 @@ class SparseLowRankMethod(LowRankMethod):
     def describe_layer(self, lp: LayerPlan) -> str:
         return f"k={lp.rank}, sr={lp.sr:g}, rr={lp.rr:g}"
 
-    def apply(self, plan: Plan, ctx: Context) -> Processed:
+    def apply(self, plan: SP, ctx: Context) -> Processed:
         head = self.factorized_head(plan, ctx)
         selections: dict[str, dict[str, list[int]]] = {}
-        for i, lp in enumerate(plan.layers):  # type: ignore[attr-defined]
+        for i, lp in enumerate(plan.layers):
             if lp.sr == 0:
                 continue
             layer = head.get_submodule(lp.layer)
@@ -302,12 +306,17 @@ class SparseLowRankMethod(LowRankMethod):
 
     def selection_inputs(
         self,
-        plan: Plan,
+        plan: SP,
         ctx: Context,
         head: nn.Module,
         index: int,
         selections: Mapping[str, Mapping[str, list[int]]],
     ) -> SelectionInputs:
-        """What the strategy reads to score layer ``plan.layers[index]`` of ``head`` (the
-        head as processed so far: earlier layers already sparsified)."""
+        """What the strategy reads to score layer ``plan.layers[index]``.
+
+        ``head`` is the head as processed so far (every target layer factorized, the
+        earlier ones already sparsified); ``selections`` what the earlier layers chose.
+        Which state a method scores is its own decision, stated in its docstring:
+        FairLRF scores ``head``; SLR-w and SLR-a score the vanilla model (the original
+        weights, the trained network's activations), as their paper does."""
         raise NotImplementedError

@@ -12,8 +12,8 @@ FairLRF uses (same draw for the same ``samples_per_group`` and ``seed``). Where:
   processed model runs over the validation and test splits once (the feature cache
   cannot serve them); the row's notes say so.
 
-Hessians go through :meth:`~fairdeploy.experiment.Context.cached_tensors`, keyed by the
-layers, where they ran, the estimator and its settings, the scoring draw and the
+Hessians come from :meth:`~fairdeploy.experiment.Context.hessians`, which keys them by
+the weights, where they ran, the estimator and its settings, the scoring draw and the
 privileged group, so FairPrune and FairQuantize on the same layers and draw share one
 computation (the costliest step of both).
 """
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 from pydantic import Field, field_validator
@@ -73,12 +73,12 @@ class WeightPlan(Plan):
         return value
 
 
-def weight_layers(plan: Plan, model: nn.Module) -> list[str]:
+def weight_layers(plan: WeightPlan, model: nn.Module) -> list[str]:
     """The chosen Linear/Conv2d modules of ``plan`` in ``model``: definition order for
     ``all``, else the plan's order (the tie-break order of a global selection)."""
     kinds = (nn.Linear, nn.Conv2d)
     found = [n for n, m in model.named_modules() if n and isinstance(m, kinds)]
-    layers = plan.layers  # type: ignore[attr-defined]
+    layers = plan.layers
     if layers == "all":
         if not found:
             raise FairDeployError(
@@ -97,17 +97,20 @@ def weight_layers(plan: Plan, model: nn.Module) -> list[str]:
     return list(layers)
 
 
-class WeightMethod(Method):
+WP = TypeVar("WP", bound=WeightPlan)
+
+
+class WeightMethod(Method[WP]):
     """Base of the methods that change individual weights of chosen layers."""
 
-    def target_layers(self, plan: Plan) -> tuple[str, ...]:
-        layers = plan.layers  # type: ignore[attr-defined]
+    def target_layers(self, plan: WP) -> tuple[str, ...]:
+        layers = plan.layers
         return ("",) if layers == "all" else tuple(layers)
 
-    def resolve_layers(self, plan: Plan, model: nn.Module) -> tuple[str, ...]:
+    def resolve_layers(self, plan: WP, model: nn.Module) -> tuple[str, ...]:
         return tuple(weight_layers(plan, model))
 
-    def check(self, plan: Plan, model: nn.Module) -> None:
+    def check(self, plan: WP, model: nn.Module) -> None:
         weight_layers(plan, model)
 
     def derive(self, main: Plan, given: Mapping[str, Any]) -> dict[str, Any]:
@@ -124,8 +127,8 @@ class WeightMethod(Method):
             scoring.pop("batch_size", None)
         return out
 
-    def warnings(self, plan: Plan, model: nn.Module) -> list[str]:
-        spec: WeightScoring = plan.scoring  # type: ignore[attr-defined]
+    def warnings(self, plan: WP, model: nn.Module) -> list[str]:
+        spec: WeightScoring = plan.scoring
         convs = [
             n for n in weight_layers(plan, model) if isinstance(model.get_submodule(n), nn.Conv2d)
         ]
@@ -139,29 +142,29 @@ class WeightMethod(Method):
             ]
         return []
 
-    def chosen_weights(self, plan: Plan, model: nn.Module) -> int:
+    def chosen_weights(self, plan: WP, model: nn.Module) -> int:
         """Number of weight entries (biases excluded) in the chosen layers."""
         return sum(model.get_submodule(n).weight.numel() for n in weight_layers(plan, model))
 
-    def describe(self, plan: Plan) -> str:
-        layers = plan.layers  # type: ignore[attr-defined]
+    def describe(self, plan: WP) -> str:
+        layers = plan.layers
         where = "all layers" if layers == "all" else ", ".join(layers)
-        return f"{self.label} ({self.describe_ratio(plan)}, β={plan.beta:.3g}, {where})"  # type: ignore[attr-defined]
+        return f"{self.label} ({self.describe_ratio(plan)}, β={plan.beta:.3g}, {where})"
 
-    def describe_ratio(self, plan: Plan) -> str:
+    def describe_ratio(self, plan: WP) -> str:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ accounting
 
-    def changed_weights(self, plan: Plan, model: nn.Module) -> int:
+    def changed_weights(self, plan: WP, model: nn.Module) -> int:
         """Weights the plan changes (pruned or quantized), from shapes alone."""
         raise NotImplementedError
 
-    def saved_bits(self, plan: Plan, model: nn.Module) -> int:
+    def saved_bits(self, plan: WP, model: nn.Module) -> int:
         """Bits the changed weights no longer need (32 per pruned weight, 24 per int8)."""
         raise NotImplementedError
 
-    def stored_cr(self, plan: Plan, model: nn.Module) -> float:
+    def stored_cr(self, plan: WP, model: nn.Module) -> float:
         """Theoretical C.R. of the packed storage: every chosen weight pays one mask bit
         (``32·P / (32·P − saved bits + chosen weights)``), what
         :func:`~fairdeploy.export.pack_weights` stores when it packs every chosen tensor
@@ -171,33 +174,30 @@ class WeightMethod(Method):
 
     # ------------------------------------------------------------------ doing it
 
-    def runs_on_model(self, plan: Plan, ctx: Context) -> bool:
+    def runs_on_model(self, plan: WP, ctx: Context) -> bool:
         """Whether the plan needs the full model (a chosen layer before the cut, or
         anything else the method decides) instead of the head on cached features."""
         in_head = dict(ctx.head.named_modules())
         return any(n not in in_head for n in weight_layers(plan, ctx.model))
 
-    def scoring_data(self, plan: Plan, ctx: Context, *, full_model: bool) -> ScoringSet:
+    def scoring_data(self, plan: WP, ctx: Context, *, full_model: bool) -> ScoringSet:
         """The scoring samples: trunk features for the head, the inputs for the model."""
-        spec = plan.scoring  # type: ignore[attr-defined]
+        spec = plan.scoring
         return ctx.scoring_inputs(spec) if full_model else ctx.scoring_set(spec)
 
     def hessians(
-        self, plan: Plan, ctx: Context, *, full_model: bool
+        self, plan: WP, ctx: Context, *, full_model: bool
     ) -> dict[int, dict[str, torch.Tensor]]:
         """Per-group Hessian diagonals of the chosen weights of the VANILLA model (or
         head), keyed by role: ``{0: unprivileged, 1: privileged}``; cached."""
         from fairdeploy.weight_hessian import group_weight_hessians
 
-        spec: WeightScoring = plan.scoring  # type: ignore[attr-defined]
-        names = weight_layers(plan, ctx.model)
-        pnames = [f"{n}.weight" for n in names]
-        data = self.scoring_data(plan, ctx, full_model=full_model)
-        ids = (ctx.unprivileged, ctx.privileged)
+        spec: WeightScoring = plan.scoring
+        pnames = [f"{n}.weight" for n in weight_layers(plan, ctx.model)]
         net = ctx.model if full_model else ctx.head
 
-        def compute() -> dict[str, torch.Tensor]:
-            h = group_weight_hessians(
+        def compute(data: ScoringSet, ids: tuple[int, int]) -> dict[int, dict[str, Any]]:
+            return group_weight_hessians(
                 self.on_device(net, ctx) if full_model else net,
                 pnames,
                 data.features.features,
@@ -209,20 +209,14 @@ class WeightMethod(Method):
                 mc_samples=spec.mc_samples,
                 seed=spec.seed,
             )
-            return {f"{g}|{p}": t.cpu() for g, d in h.items() for p, t in d.items()}
 
-        key = {
-            "weights": pnames,
-            "on": "model" if full_model else "head",
-            "estimator": spec.estimator,
-            "batch_size": spec.batch_size,
-            # Only ggn_mc draws labels: other estimators share one entry.
-            "mc_samples": spec.mc_samples if spec.estimator == "ggn_mc" else None,
-            "scoring": data.key,
-            "privileged": ctx.privileged,
-        }
-        flat = ctx.cached_tensors("weight_hessian", key, compute)
-        return {role: {p: flat[f"{g}|{p}"] for p in pnames} for role, g in enumerate(ids)}
+        return ctx.hessians(
+            spec,
+            compute,
+            of={"weights": pnames},
+            inputs="model" if full_model else "features",
+            kind="weight_hessian",
+        )
 
     @staticmethod
     def on_device(model: nn.Module, ctx: Context) -> nn.Module:
@@ -233,7 +227,7 @@ class WeightMethod(Method):
             return model
         return copy.deepcopy(model).to(ctx.device)
 
-    def trunk_note(self, plan: Plan, ctx: Context, reason: str) -> str:
+    def trunk_note(self, plan: WP, ctx: Context, reason: str) -> str:
         """The report's note for a row that ran the full model."""
         return (
             f"{self.describe(plan)}: {reason}, so the cached trunk features cannot serve it: "
@@ -241,7 +235,7 @@ class WeightMethod(Method):
             "model, and the processed model runs over the validation and test splits once"
         )
 
-    def packing(self, plan: Plan, processed: Any) -> dict[str, Any] | None:
+    def packing(self, plan: WP, processed: Any) -> dict[str, Any] | None:
         """Per chosen weight, its :class:`~fairdeploy.export.PackSpec` (from the masks
         the method left in ``processed.details``)."""
         from fairdeploy.export import PackSpec

@@ -27,7 +27,7 @@ from fairdeploy.plan import LayerPlan, Plan, ScoringSpec
 from fairdeploy.scoring import group_hessians
 
 if TYPE_CHECKING:
-    from fairdeploy.experiment import Context
+    from fairdeploy.experiment import Context, ScoringSet
 
 __all__ = ["FairLRF", "FairLRFPlan", "FairLRFScoring"]
 
@@ -76,7 +76,7 @@ class FairLRFPlan(SparsePlan):
 
 
 @register_method
-class FairLRF(SparseLowRankMethod):
+class FairLRF(SparseLowRankMethod[FairLRFPlan]):
     """FairLRF: sparsify the rows/columns whose removal costs the unprivileged group
     least relative to β times the privileged group's cost."""
 
@@ -90,17 +90,17 @@ class FairLRF(SparseLowRankMethod):
     def describe_layer(self, lp: LayerPlan) -> str:
         return f"{super().describe_layer(lp)}, β={lp.beta:.3g}"
 
-    def warnings(self, plan: Plan, model: nn.Module) -> list[str]:
+    def warnings(self, plan: FairLRFPlan, model: nn.Module) -> list[str]:
         out = super().warnings(plan, model)
-        for lp in plan.layers:  # type: ignore[attr-defined]
+        for lp in plan.layers:
             if lp.beta is not None and lp.beta >= 1:
                 out.append(
                     f"layer {lp.layer}: β = {lp.beta:.3g} ≥ 1 scores the rows that matter to "
                     "both groups (h0 ≈ h1) negative, so the most important rows are removed "
                     "first; the paper uses β < 1 (5/9, 3/7)"
                 )
-        if plan.scoring.estimator == "exact":  # type: ignore[attr-defined]
-            for lp in plan.layers:  # type: ignore[attr-defined]
+        if plan.scoring.estimator == "exact":
+            for lp in plan.layers:
                 curved = curved_modules_after(model, lp.layer)
                 if curved:
                     out.append(
@@ -113,32 +113,28 @@ class FairLRF(SparseLowRankMethod):
 
     def selection_inputs(
         self,
-        plan: Plan,
+        plan: FairLRFPlan,
         ctx: Context,
         head: nn.Module,
         index: int,
         selections: Mapping[str, Mapping[str, list[int]]],
     ) -> SelectionInputs:
-        layers = plan.layers  # type: ignore[attr-defined]
+        layers = plan.layers
         lp = layers[index]
-        spec: FairLRFScoring = plan.scoring  # type: ignore[attr-defined]
-        scoring = ctx.scoring_set(spec)
-        # Group ids in the data → 0 (unprivileged) and 1 (privileged) of the score.
-        ids = (ctx.unprivileged, ctx.privileged)
+        spec: FairLRFScoring = plan.scoring
 
-        def hessians() -> dict[str, Any]:
-            h = group_hessians(
+        def hessians(data: ScoringSet, ids: tuple[int, int]) -> dict[int, dict[str, Any]]:
+            return group_hessians(
                 head,
                 lp.layer,
-                scoring.features.features,
-                scoring.features.targets,
-                scoring.features.groups,
+                data.features.features,
+                data.features.targets,
+                data.features.groups,
                 group_ids=ids,
                 estimator=spec.estimator,
                 batch_size=spec.batch_size,
                 seed=spec.seed,
             )
-            return {f"{g}.{p}": t for g, d in h.items() for p, t in d.items()}
 
         # The head's state so far: every layer's rank, the earlier layers' settings and
         # selections (not this layer's sr/rr/β: a sweep over them reuses the Hessians).
@@ -146,19 +142,15 @@ class FairLRF(SparseLowRankMethod):
             "settings": [p.model_dump(mode="json") for p in layers[:index]],
             "rows": {k: dict(v) for k, v in selections.items()},
         }
-        key = {
+        of = {
+            "layer": lp.layer,
             "ranks": [(p.layer, p.rank) for p in layers],
             "before": hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest(),
-            "layer": lp.layer,
-            "estimator": spec.estimator,
-            "batch_size": spec.batch_size,
-            "scoring": scoring.key,
-            "privileged": ctx.privileged,
         }
-        h = ctx.cached_tensors("hessian", key, hessians)
+        h = ctx.hessians(spec, hessians, of=of)
         return SelectionInputs(
-            hessians={role: {p: h[f"{g}.{p}"] for p in ("U", "V")} for role, g in enumerate(ids)},
-            beta=lp.beta,
+            hessians={role: {p: h[role][p] for p in ("U", "V")} for role in (0, 1)},
+            beta=plan.beta if lp.beta is None else lp.beta,  # filled by the plan: never None
             row_score=spec.row_score,
         )
 

@@ -38,7 +38,7 @@ class FairPrunePlan(WeightPlan):
 
 
 @register_method
-class FairPrune(WeightMethod):
+class FairPrune(WeightMethod[FairPrunePlan]):
     """FairPrune: prune the weights whose removal costs the unprivileged group least."""
 
     name: ClassVar[str] = "fairprune"
@@ -49,26 +49,26 @@ class FairPrune(WeightMethod):
     def example(self, model: nn.Module) -> Plan:
         return self.plan_class(method=self.name, prune_ratio=0.3)
 
-    def describe_ratio(self, plan: Plan) -> str:
-        return f"prune {plan.prune_ratio:.0%} per {plan.scope}"  # type: ignore[attr-defined]
+    def describe_ratio(self, plan: FairPrunePlan) -> str:
+        return f"prune {plan.prune_ratio:.0%} per {plan.scope}"
 
     # ------------------------------------------------------------------ accounting
 
-    def changed_weights(self, plan: Plan, model: nn.Module) -> int:
+    def changed_weights(self, plan: FairPrunePlan, model: nn.Module) -> int:
         from fairdeploy.weight_selection import selection_counts
 
         sizes = {n: model.get_submodule(n).weight.numel() for n in weight_layers(plan, model)}
-        counts = selection_counts(sizes, plan.prune_ratio, plan.scope)  # type: ignore[attr-defined]
+        counts = selection_counts(sizes, plan.prune_ratio, plan.scope)
         return sum(counts.values()) if isinstance(counts, dict) else counts
 
-    def saved_bits(self, plan: Plan, model: nn.Module) -> int:
+    def saved_bits(self, plan: FairPrunePlan, model: nn.Module) -> int:
         return 32 * self.changed_weights(plan, model)
 
     # theoretical_cr: 1.0 (Method's default), the paper's: pruned weights stored dense.
 
     # ------------------------------------------------------------------ doing it
 
-    def apply(self, plan: Plan, ctx: Context) -> Processed:
+    def apply(self, plan: FairPrunePlan, ctx: Context) -> Processed:
         from fairdeploy.fairprune import fairprune
 
         full = self.runs_on_model(plan, ctx)
@@ -76,10 +76,10 @@ class FairPrune(WeightMethod):
         result = fairprune(
             ctx.model if full else ctx.head,
             hessians,
-            prune_ratio=plan.prune_ratio,  # type: ignore[attr-defined]
-            beta=plan.beta,  # type: ignore[attr-defined]
+            prune_ratio=plan.prune_ratio,
+            beta=plan.beta,
             layers=weight_layers(plan, ctx.model),
-            scope=plan.scope,  # type: ignore[attr-defined]
+            scope=plan.scope,
         )
         notes = []
         if full:

@@ -64,7 +64,7 @@ class FairQuantizePlan(WeightPlan):
 
 
 @register_method
-class FairQuantize(WeightMethod):
+class FairQuantize(WeightMethod[FairQuantizePlan]):
     """FairQuantize: quantize to int8 the weights whose rounding costs least."""
 
     name: ClassVar[str] = "fairquantize"
@@ -75,43 +75,43 @@ class FairQuantize(WeightMethod):
     def example(self, model: nn.Module) -> Plan:
         return self.plan_class(method=self.name, quantize_ratio=0.3)
 
-    def describe_ratio(self, plan: Plan) -> str:
-        text = f"int8 {plan.quantize_ratio:.0%}"  # type: ignore[attr-defined]
-        if plan.scope == "global":  # type: ignore[attr-defined]
+    def describe_ratio(self, plan: FairQuantizePlan) -> str:
+        text = f"int8 {plan.quantize_ratio:.0%}"
+        if plan.scope == "global":
             text += " global"
-        if plan.steps > 1:  # type: ignore[attr-defined]
-            text += f" in {plan.steps} steps"  # type: ignore[attr-defined]
-        if plan.finetune_epochs:  # type: ignore[attr-defined]
-            text += f", fine-tuned {plan.finetune_epochs} ep/step"  # type: ignore[attr-defined]
+        if plan.steps > 1:
+            text += f" in {plan.steps} steps"
+        if plan.finetune_epochs:
+            text += f", fine-tuned {plan.finetune_epochs} ep/step"
         return text
 
     # ------------------------------------------------------------------ accounting
 
-    def changed_weights(self, plan: Plan, model: nn.Module) -> int:
+    def changed_weights(self, plan: FairQuantizePlan, model: nn.Module) -> int:
         from fairdeploy.fairquantize import planned_quantized_count
 
         return planned_quantized_count(
             model,
-            plan.quantize_ratio,  # type: ignore[attr-defined]
+            plan.quantize_ratio,
             layers=weight_layers(plan, model),
-            scope=plan.scope,  # type: ignore[attr-defined]
+            scope=plan.scope,
         )
 
-    def saved_bits(self, plan: Plan, model: nn.Module) -> int:
+    def saved_bits(self, plan: FairQuantizePlan, model: nn.Module) -> int:
         return 24 * self.changed_weights(plan, model)
 
-    def theoretical_cr(self, plan: Plan, model: nn.Module) -> float:
+    def theoretical_cr(self, plan: FairQuantizePlan, model: nn.Module) -> float:
         from fairdeploy.fairquantize import fairquantize_cr
 
         return fairquantize_cr(model, self.changed_weights(plan, model))
 
     # ------------------------------------------------------------------ doing it
 
-    def runs_on_model(self, plan: Plan, ctx: Context) -> bool:
+    def runs_on_model(self, plan: FairQuantizePlan, ctx: Context) -> bool:
         # Fine-tuning trains the whole model on the training split.
-        return bool(plan.finetune_epochs) or super().runs_on_model(plan, ctx)  # type: ignore[attr-defined]
+        return bool(plan.finetune_epochs) or super().runs_on_model(plan, ctx)
 
-    def apply(self, plan: Plan, ctx: Context) -> Processed:
+    def apply(self, plan: FairQuantizePlan, ctx: Context) -> Processed:
         from fairdeploy.fairquantize import fairquantize
 
         p: Any = plan

@@ -4,6 +4,12 @@ Input node i scores Σ |input activation_i| and output node j Σ |output activat
 (after the activation that follows the layer), summed over the scoring samples drawn
 from the training split (``scoring``: samples per group, seed). Compare entries derived
 from another main method use the paper's sr = rr = 0.5.
+
+Every layer of a multi-layer plan is scored on the VANILLA model's activations, not on
+the head as processed so far (as FairLRF does): SLR gathers its activation statistics
+from the trained network once, as SLR-w scores the original weights, so a layer's
+selection does not depend on the layers listed before it. An activation module called
+after several layers (one ``self.act`` reused) counts only its call on the layer's output.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, ClassVar
 
+import torch
 from pydantic import Field
 from torch import nn
 
@@ -20,7 +27,7 @@ from fairdeploy.methods._registry import register_method
 from fairdeploy.plan import Plan, SamplingSpec
 
 if TYPE_CHECKING:
-    from fairdeploy.experiment import Context
+    from fairdeploy.experiment import Context, ScoringSet
 
 __all__ = ["SLRActivation", "SLRActivationPlan"]
 
@@ -32,7 +39,7 @@ class SLRActivationPlan(SparsePlan):
 
 
 @register_method
-class SLRActivation(SparseLowRankMethod):
+class SLRActivation(SparseLowRankMethod[SLRActivationPlan]):
     """SLR-a: sparsify the rows/columns of least absolute activation."""
 
     name: ClassVar[str] = "slr_a"
@@ -45,20 +52,27 @@ class SLRActivation(SparseLowRankMethod):
 
     def selection_inputs(
         self,
-        plan: Plan,
+        plan: SLRActivationPlan,
         ctx: Context,
         head: nn.Module,
         index: int,
         selections: Mapping[str, Mapping[str, list[int]]],
     ) -> SelectionInputs:
-        layer = plan.layers[index].layer  # type: ignore[attr-defined]
-        scoring = ctx.scoring_set(plan.scoring)  # type: ignore[attr-defined]
-        # The head keeps the model's qualified names but not its containers, so the
-        # activation after the layer is found in the full model.
-        inputs, outputs = activation_abs_sums(
-            ctx.head,
-            layer,
-            scoring.features.features.split(1024),
-            activation=following_activation(ctx.model, layer),
+        layer = plan.layers[index].layer
+        activation = following_activation(ctx.model, layer)
+
+        # The vanilla head, not ``head`` (see the module docstring). It keeps the model's
+        # qualified names but not its containers, so the activation after the layer is
+        # found in the full model.
+        def sums(data: ScoringSet) -> dict[str, torch.Tensor]:
+            inputs, outputs = activation_abs_sums(
+                ctx.head, layer, data.features.features.split(1024), activation=activation
+            )
+            return {"input": inputs, "output": outputs}
+
+        got = ctx.activations(
+            plan.scoring,
+            sums,
+            of={"abs_sums": layer, "activation": activation, "module": "vanilla head"},
         )
-        return SelectionInputs(input_abs_sum=inputs, output_abs_sum=outputs)
+        return SelectionInputs(input_abs_sum=got["input"], output_abs_sum=got["output"])

@@ -29,7 +29,7 @@ class SLRWeightPlan(SparsePlan):
 
 
 @register_method
-class SLRWeight(SparseLowRankMethod):
+class SLRWeight(SparseLowRankMethod[SLRWeightPlan]):
     """SLR-w: sparsify the rows/columns of least absolute weight."""
 
     name: ClassVar[str] = "slr_w"
@@ -42,11 +42,11 @@ class SLRWeight(SparseLowRankMethod):
 
     def selection_inputs(
         self,
-        plan: Plan,
+        plan: SLRWeightPlan,
         ctx: Context,
         head: nn.Module,
         index: int,
         selections: Mapping[str, Mapping[str, list[int]]],
     ) -> SelectionInputs:
-        layer = plan.layers[index].layer  # type: ignore[attr-defined]
+        layer = plan.layers[index].layer
         return SelectionInputs(weight=ctx.head.get_submodule(layer).weight.detach())

@@ -18,7 +18,7 @@ class TruncatedSVDPlan(LowRankPlan):
 
 
 @register_method
-class TruncatedSVD(LowRankMethod):
+class TruncatedSVD(LowRankMethod[TruncatedSVDPlan]):
     """Truncated SVD ``Wᵀ ≈ U S V`` of each target layer at rank k."""
 
     name: ClassVar[str] = "truncated_svd"

@@ -21,7 +21,7 @@ class VanillaPlan(Plan):
 
 
 @register_method
-class Vanilla(Method):
+class Vanilla(Method[VanillaPlan]):
     """The unmodified model (C.R. 1)."""
 
     name: ClassVar[str] = "vanilla"
@@ -30,5 +30,5 @@ class Vanilla(Method):
     default_compare: ClassVar[bool] = True
     order: ClassVar[int] = 0
 
-    def apply(self, plan: Plan, ctx: Context) -> Processed:
+    def apply(self, plan: VanillaPlan, ctx: Context) -> Processed:
         return Processed(plan, head=copy.deepcopy(ctx.head))

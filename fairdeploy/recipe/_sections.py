@@ -223,7 +223,7 @@ class SweepSpec(Strict):
     @classmethod
     def _check_grid(cls, grid: dict[str, Any]) -> dict[str, Any]:
         from fairdeploy.errors import FairDeployError
-        from fairdeploy.sweep._grid import parse_grid
+        from fairdeploy.grammar import parse_grid
 
         try:
             parsed = parse_grid(grid)
@@ -235,7 +235,7 @@ class SweepSpec(Strict):
     @classmethod
     def _check_select(cls, rule: str | None) -> str | None:
         from fairdeploy.errors import FairDeployError
-        from fairdeploy.sweep._select import parse_selection
+        from fairdeploy.grammar import parse_selection
 
         if rule is None:
             return None

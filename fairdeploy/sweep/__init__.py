@@ -10,7 +10,7 @@ complete, so an interrupted sweep resumes (:mod:`._journal`). A rule (``--select
 :mod:`._select`) picks one point — by the median over draws, behind a collapse guard —
 which is then evaluated once on the test split against vanilla and truncated SVD with
 paired bootstrap intervals. The table, the plots and the chosen recipe are written by
-:mod:`._output` and :mod:`._plots`; :func:`fairdeploy.app.run_sweep` runs it all.
+:mod:`._output` and :mod:`._plots`; :func:`fairdeploy.commands.sweep.run_sweep` runs it all.
 """
 
 from fairdeploy.sweep._grid import (

@@ -1,7 +1,8 @@
 """The sweep's grid: parsing ``key=values`` and expanding it into validated plans.
 
 A grid names values for some of ``layer``, ``rank``, ``sr``, ``rr`` and ``beta``
-(:data:`GRID_KEYS`); every combination is one point. Values are written as
+(:data:`GRID_KEYS`); every combination is one point. The text is parsed by
+:mod:`fairdeploy.grammar` (re-exported here). Values are written as
 
 - a comma-separated list: ``rr=0,0.25,0.5``, ``beta=1/3,5/9,0.8``, ``rank=16,64``,
   ``layer=classifier.0,classifier.3``;
@@ -21,16 +22,15 @@ above ``min(Din, Dout)``) stays in the table, marked invalid with the reason.
 from __future__ import annotations
 
 import itertools
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any
 
 from torch import nn
 
 from fairdeploy.errors import FairDeployError
 from fairdeploy.features import layers_in_call_order
+from fairdeploy.grammar import GRID_KEYS, parse_grid, parse_grid_values
 from fairdeploy.lrf import linear_layers
 from fairdeploy.methods import get_method
 from fairdeploy.plan import LayerPlan, Plan
@@ -43,137 +43,6 @@ __all__ = [
     "parse_grid_values",
     "reference_plan",
 ]
-
-#: The settings a grid can vary, outermost first (the order of the sweep's rows).
-GRID_KEYS = ("layer", "rank", "sr", "rr", "beta")
-# A grid this large is a typo (a step of 0.0001), not a sweep.
-_MAX_VALUES = 1000
-_HELP = (
-    "write KEY=VALUES with KEY one of layer, rank, sr, rr, beta and VALUES a comma-separated "
-    "list (rr=0,0.25,0.5; beta=1/3,5/9), an inclusive range start:stop:step (sr=0:0.9:0.1) "
-    "or, for layer, all"
-)
-
-
-def _number(text: str, key: str) -> float:
-    try:
-        value = float(Fraction(text.strip().replace(" ", "")))
-    except (ValueError, ZeroDivisionError):
-        raise FairDeployError(
-            f"--grid {key}: {text.strip()!r} is not a number (use e.g. 0.5 or 5/9)"
-        ) from None
-    if not math.isfinite(value):
-        raise FairDeployError(f"--grid {key}: {text.strip()!r} is not a finite number")
-    return value
-
-
-def _range(text: str, key: str) -> list[float]:
-    parts = text.split(":")
-    if len(parts) != 3:
-        raise FairDeployError(
-            f"--grid {key}={text}: a range is start:stop:step, e.g. 0:0.9:0.1 (three numbers)"
-        )
-    start, stop, step = (_number(p, key) for p in parts)
-    if step <= 0:
-        raise FairDeployError(f"--grid {key}={text}: the step must be > 0")
-    if stop < start:
-        raise FairDeployError(f"--grid {key}={text}: stop {stop:g} is below start {start:g}")
-    count = math.floor((stop - start) / step + 1e-9) + 1
-    if count > _MAX_VALUES:
-        raise FairDeployError(
-            f"--grid {key}={text}: {count} values; at most {_MAX_VALUES} per key (a larger step?)"
-        )
-    # Rounded so 0.1 * 3 is 0.3, as written, not 0.30000000000000004.
-    return [round(start + i * step, 12) for i in range(count)]
-
-
-def parse_grid_values(key: str, value: Any) -> tuple[Any, ...]:
-    """The values of one grid key, from the command line's text or the recipe's YAML.
-
-    Parameters
-    ----------
-    key : str
-        One of :data:`GRID_KEYS`.
-    value : str, number or list
-        ``"0:0.9:0.1"``, ``"1/3,5/9,0.8"``, ``"all"`` (layer), a number, or a YAML list of
-        numbers / fraction strings / layer names.
-
-    Returns
-    -------
-    tuple
-        The values in the order given (duplicates removed): floats for sr, rr and β,
-        ints for rank, names (or ``"all"``) for layer.
-
-    Raises
-    ------
-    FairDeployError
-        An unknown key, an empty list, a value out of range (sr and rr in [0, 1], β ≥ 0,
-        rank an integer ≥ 1).
-    """
-    if key not in GRID_KEYS:
-        raise FairDeployError(f"--grid {key}: unknown key; {_HELP}")
-    if isinstance(value, bool):
-        raise FairDeployError(f"--grid {key}: {value!r} is not allowed; {_HELP}")
-    items: list[Any]
-    if isinstance(value, str):
-        text = value.strip()
-        if key != "layer" and ":" in text:
-            items = list(_range(text, key))
-        else:
-            items = [v.strip() for v in text.split(",")]
-    elif isinstance(value, Sequence):
-        items = list(value)
-    else:
-        items = [value]
-    if not items or any(isinstance(v, str) and not v for v in items):
-        raise FairDeployError(f"--grid {key}: an empty value; {_HELP}")
-    out: list[Any] = []
-    for item in items:
-        if isinstance(item, bool):
-            raise FairDeployError(f"--grid {key}: {item!r} is not allowed; {_HELP}")
-        if key == "layer":
-            v: Any = str(item)
-        elif key == "rank":
-            number = _number(str(item), key)
-            if number != int(number) or number < 1:
-                raise FairDeployError(f"--grid rank: {item!r} is not allowed (use integers ≥ 1)")
-            v = int(number)
-        else:
-            v = _number(str(item), key)
-            if key in ("sr", "rr") and not 0.0 <= v <= 1.0:
-                raise FairDeployError(
-                    f"--grid {key}: {item!r} is not allowed (use numbers in [0, 1])"
-                )
-            if key == "beta" and v < 0:
-                raise FairDeployError(f"--grid beta: {item!r} is not allowed (use numbers ≥ 0)")
-        if v not in out:
-            out.append(v)
-    if key == "layer" and "all" in out and len(out) > 1:
-        raise FairDeployError("--grid layer: all already names every Linear layer; give it alone")
-    return tuple(out)
-
-
-def parse_grid(items: Iterable[str] | Mapping[str, Any]) -> dict[str, tuple[Any, ...]]:
-    """A grid from ``KEY=VALUES`` strings (the command line) or a mapping (the recipe).
-
-    Returns ``{key: values}`` in :data:`GRID_KEYS` order. A key given twice is an error.
-    """
-    pairs: list[tuple[str, Any]] = []
-    if isinstance(items, Mapping):
-        pairs = [(str(k), v) for k, v in items.items()]
-    else:
-        for item in items:
-            key, sep, values = str(item).partition("=")
-            if not sep:
-                raise FairDeployError(f"--grid {item!r}: {_HELP}")
-            pairs.append((key.strip(), values))
-    grid: dict[str, tuple[Any, ...]] = {}
-    for key, values in pairs:
-        if key in grid:
-            raise FairDeployError(f"--grid {key}: given twice; give each key once")
-        grid[key] = parse_grid_values(key, values)
-    return {k: grid[k] for k in GRID_KEYS if k in grid}
-
 
 @dataclass(frozen=True)
 class SweepPoint:
