@@ -35,7 +35,7 @@ from fairdeploy._digest import sha256_file
 from fairdeploy._io import atomic_torch_save, atomic_write_text
 from fairdeploy._signals import cleanup_on_sigterm
 from fairdeploy._stale import is_owned_temporary, make_owned_dir, remove_stale
-from fairdeploy.errors import FairDeployError
+from fairdeploy.errors import FairDeployError, first_line
 from fairdeploy.features import FeatureSet
 
 
@@ -349,17 +349,12 @@ def _read_entry(path: Path, key: str, what: str) -> dict[str, torch.Tensor] | No
     except Exception as exc:  # any unreadable file is a miss, never a crash
         warnings.warn(
             f"ignoring unreadable {what} {str(path)!r} ({type(exc).__name__}: "
-            f"{_first_line(exc)}); "
+            f"{first_line(exc)}); "
             "recomputing it",
             CacheWarning,
             stacklevel=3,
         )
         return None
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else ""
 
 
 def dataset_fingerprint(ds: Any) -> str:

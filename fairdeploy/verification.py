@@ -26,6 +26,14 @@ from typing import Any
 import numpy as np
 
 from fairdeploy._text import plural
+from fairdeploy.comparison import (
+    DEFAULT_ARGMAX_AGREEMENT,
+    DEFAULT_ATOL,
+    DEFAULT_RTOL,
+    OutputComparison,
+    compare_outputs,
+    tolerance_text,
+)
 from fairdeploy.errors import FairDeployError
 from fairdeploy.progress import phase
 
@@ -37,11 +45,6 @@ __all__ = [
     "reference_from_model",
     "verify",
 ]
-
-DEFAULT_ATOL = 1e-4
-DEFAULT_RTOL = 1e-3
-DEFAULT_ARGMAX_AGREEMENT = 0.999
-
 
 @dataclass(frozen=True)
 class Reference:
@@ -67,31 +70,6 @@ class Reference:
     #: How many samples the full reference had, when this one keeps only the first
     #: (``model.verify.npz`` is capped by size); None when it is complete.
     total: int | None = None
-
-
-@dataclass(frozen=True)
-class OutputComparison:
-    """One output of the ONNX model against its reference.
-
-    ``min_atol`` is the smallest atol that passes with the rtol used; ``min_rtol`` the
-    smallest rtol that passes with the atol used (inf when a zero reference differs by
-    more than atol).
-    """
-
-    name: str
-    max_abs_error: float
-    max_rel_error: float
-    atol: float
-    rtol: float
-    min_atol: float
-    min_rtol: float
-    argmax_agreement: float
-    within_tolerance: bool
-    passed: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
 @dataclass(frozen=True)
@@ -190,26 +168,6 @@ class VerifyResult:
         return lines
 
 
-def tolerance_text(o: OutputComparison) -> str:
-    """The tolerances that would pass, in words: the smallest atol at the rtol used and
-    the smallest rtol at the atol used (a pass needs |Δ| ≤ atol + rtol·|ref| everywhere)."""
-    if o.max_abs_error == 0:
-        return "identical outputs: any atol and rtol pass"
-    if math.isinf(o.min_atol):
-        return "no tolerance passes: the outputs are not finite"
-    atol = f"smallest atol that passes at rtol {o.rtol:g}: {o.min_atol:.3g}"
-    if o.min_atol == 0:
-        atol += f" (rtol {o.rtol:g} alone covers every difference)"
-    if math.isinf(o.min_rtol):
-        rtol = (f"no rtol passes at atol {o.atol:g} (a reference value of 0 differs by more "
-                "than atol)")
-    else:
-        rtol = f"smallest rtol that passes at atol {o.atol:g}: {o.min_rtol:.3g}"
-        if o.min_rtol == 0:
-            rtol += f" (atol {o.atol:g} alone covers every difference)"
-    return f"{atol}; {rtol}"
-
-
 def load_reference(path: str | os.PathLike[str]) -> Reference:
     """Read a reference ``.npz`` (arrays ``inputs``, ``outputs``, optional ``labels``,
     ``groups``)."""
@@ -290,53 +248,13 @@ def reference_from_model(
     )
 
 
-def _compare(name: str, got: np.ndarray, ref: np.ndarray, atol: float, rtol: float,
-             min_agree: float) -> OutputComparison:
-    got = got.astype(np.float64)
-    ref = ref.astype(np.float64)
-    if got.shape != ref.shape:
-        raise FairDeployError(
-            f"output {name!r} has shape {got.shape} but the reference has {ref.shape}: "
-            "the reference belongs to another model"
-        )
-    diff = np.abs(got - ref)
-    mag = np.abs(ref)
-    finite = np.isfinite(got).all()
-    max_abs = float(diff.max()) if diff.size else 0.0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.where(mag > 0, diff / mag, np.where(diff > 0, np.inf, 0.0))
-        need_rtol = np.where(
-            mag > 0, (diff - atol) / mag, np.where(diff > atol, np.inf, 0.0)
-        )
-    max_rel = float(rel.max()) if rel.size else 0.0
-    min_atol = float(max(0.0, (diff - rtol * mag).max())) if diff.size else 0.0
-    min_rtol = float(max(0.0, need_rtol.max())) if diff.size else 0.0
-    within = bool(finite and np.all(diff <= atol + rtol * mag))
-    if got.ndim >= 2 and got.shape[-1] > 1:
-        agree = float(np.mean(got.argmax(-1) == ref.argmax(-1)))
-    else:
-        agree = 1.0 if within else float(np.mean(diff <= atol + rtol * mag))
-    return OutputComparison(
-        name=name,
-        max_abs_error=max_abs if finite else math.inf,
-        max_rel_error=max_rel if finite else math.inf,
-        atol=atol,
-        rtol=rtol,
-        min_atol=min_atol if finite else math.inf,
-        min_rtol=min_rtol if finite else math.inf,
-        argmax_agreement=agree,
-        within_tolerance=within,
-        passed=within and agree >= min_agree,
-    )
-
-
 def _metadata(model: Any, path: Path) -> dict[str, Any]:
     """The fairdeploy metadata of a loaded model; empty when it has none readable
     (defaults apply)."""
-    from fairdeploy.export._onnx import _metadata_of
+    from fairdeploy.export._metadata import metadata_of
 
     try:
-        return _metadata_of(model, path)
+        return metadata_of(model, path)
     except Exception:  # a model without (readable) fairdeploy metadata
         return {}
 
@@ -490,7 +408,7 @@ def verify(
             f"the model has {len(names)} outputs but the reference has {len(refs)}"
         )
     comps = [
-        _compare(n, g, np.asarray(r), atol, rtol, min_argmax_agreement)
+        compare_outputs(n, g, np.asarray(r), atol, rtol, min_argmax_agreement)
         for n, g, r in zip(names, got_all, refs, strict=True)
     ]
     fairness, note = _fairness(ref, got_all[0], privileged, group_names)

@@ -273,8 +273,8 @@ def test_measured_sizes_match_theoretical_counts(tmp_path):
     assert abs(sp["parameters"] - nonzero) / nonzero < 0.01
     assert res.layers[0].nonzero_params == nonzero - others
     cr = measured_cr(tmp_path / "v.onnx", tmp_path / "p.onnx")
-    assert cr["parameters"] == pytest.approx(dense_total / sp["parameters"])
-    assert cr["file_bytes"] > 1.0
+    assert cr["parameter_cr"] == pytest.approx(dense_total / sp["parameters"])
+    assert cr["file_cr"] > 1.0
     table = layer_table(tmp_path / "p.onnx")
     assert table[0]["din"] == din and table[0]["kept_rows"] == din - len(rows)
     assert table[0]["kept_cols"] == dout - len(cols)

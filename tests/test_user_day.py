@@ -283,17 +283,17 @@ def test_verify_with_inputs_of_the_wrong_rank_is_one_line(day: dict, tmp_path: P
 
 
 def test_tolerance_text_by_hand() -> None:
-    from fairdeploy.verification import _compare, tolerance_text
+    from fairdeploy.comparison import compare_outputs, tolerance_text
 
     ref = np.array([[1.0, -2.0], [0.0, 4.0]])
     got = ref + np.array([[0.002, 0.0], [0.0, -0.001]])
-    o = _compare("logits", got, ref, 1e-4, 1e-3, 0.999)
+    o = compare_outputs("logits", got, ref, 1e-4, 1e-3, 0.999)
     # atol needed at rtol 1e-3: max(0.002 − 0.001, 0.001 − 0.004) = 0.001;
     # rtol needed at atol 1e-4: max((0.002 − 1e-4)/1, (0.001 − 1e-4)/4) = 0.0019.
     text = tolerance_text(o)
     assert "smallest atol that passes at rtol 0.001: 0.001;" in text
     assert "smallest rtol that passes at atol 0.0001: 0.0019" in text
-    assert tolerance_text(_compare("l", ref, ref, 1e-4, 1e-3, 0.999)) == (
+    assert tolerance_text(compare_outputs("l", ref, ref, 1e-4, 1e-3, 0.999)) == (
         "identical outputs: any atol and rtol pass"
     )
 

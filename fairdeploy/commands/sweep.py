@@ -79,10 +79,10 @@ def _sweep_dir(recipe_path: Path, recipe: Recipe, checkpoint_sha256: str) -> str
 
 
 def _data_settings(recipe: Recipe) -> dict[str, Any]:
-    from fairdeploy.recipe._data import _LOCAL_PATH_KEYS
+    from fairdeploy.data_specs import LOCAL_PATH_KEYS
 
     data = recipe.data.model_dump(mode="json", exclude={"num_workers"})
-    return {k: v for k, v in data.items() if k not in _LOCAL_PATH_KEYS}
+    return {k: v for k, v in data.items() if k not in LOCAL_PATH_KEYS}
 
 
 def _check_sweep_dir(path: Path) -> None:

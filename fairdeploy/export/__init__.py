@@ -19,16 +19,14 @@ from fairdeploy.export._layout import (
     LayerLayout,
     prepare_for_export,
 )
+from fairdeploy.export._metadata import METADATA_PREFIX, read_metadata, update_metadata
 from fairdeploy.export._onnx import (
     EXPORTERS,
-    METADATA_PREFIX,
     Exporter,
     ExportOptions,
     ExportResult,
     check_factor_structure,
     export_onnx,
-    read_metadata,
-    update_metadata,
     verify_npz_path,
 )
 from fairdeploy.export._packed import PackedTensor, PackReport, PackSpec, pack_weights

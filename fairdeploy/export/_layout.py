@@ -28,6 +28,7 @@ from torch import nn
 
 from fairdeploy.errors import FairDeployError
 from fairdeploy.export._eliminate import (
+    SPARSE_LAYOUTS,
     LayerSpec,
     _keep_features,
     _keep_inputs,
@@ -50,9 +51,6 @@ __all__ = [
 #: Module types of the one elementwise table (:mod:`fairdeploy.structure`); whether an
 #: instance qualifies is decided there (e.g. BatchNorm1d only in eval mode on 2-D input).
 ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = _STRUCTURE_ELEMENTWISE
-
-#: The two ways to store a structured-sparse factor (``export.sparse_layout``).
-SPARSE_LAYOUTS = ("blocks", "zeros")
 
 
 @dataclass(frozen=True)

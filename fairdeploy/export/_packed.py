@@ -744,7 +744,7 @@ def pack_weights(
         to the weight), masks of the wrong shape, a weight not found in the model, an opset
         below 11.
     """
-    from fairdeploy.export._onnx import _save_atomic
+    from fairdeploy.export._metadata import save_atomic
 
     if not isinstance(packing, Mapping):
         raise FairDeployError(
@@ -758,7 +758,7 @@ def pack_weights(
         report = dataclasses.replace(report, checked=False)
     onnx.checker.check_model(proto, full_check=True)
     if output_path is not None:
-        _save_atomic(proto, Path(output_path))
+        save_atomic(proto, Path(output_path))
     return proto, report
 
 
@@ -947,9 +947,9 @@ def _replace_initializers(
 def _record_packed_metadata(proto: onnx.ModelProto, records: list[PackedTensor]) -> None:
     """``packed_weights`` in the model's metadata: per packed initializer, its class
     counts and whether it is transposed."""
-    from fairdeploy.export._onnx import _encode_metadata, _set_metadata
+    from fairdeploy.export._metadata import encode_metadata, set_metadata
 
     summary = {r.initializer: {"zero": r.zero, "int8": r.int8, "float": r.float,
                                "transposed": r.transposed}
                for r in records if r.stored == "packed"}
-    _set_metadata(proto, _encode_metadata({"packed_weights": summary}))
+    set_metadata(proto, encode_metadata({"packed_weights": summary}))

@@ -22,13 +22,13 @@ one-vs-rest, so ``TPR_1 = TNR_0``: EOpp0 equals EOpp1 and
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from fairdeploy._json import json_float, json_floats
 from fairdeploy.errors import FairDeployError
 
 __all__ = ["UNKNOWN_GROUP", "GroupMetrics", "group_metrics", "privileged_group"]
@@ -241,15 +241,6 @@ def _counts(
 # --------------------------------------------------------------------------- group metrics
 
 
-def _json_float(value: float) -> float | None:
-    value = float(value)
-    return None if math.isnan(value) else value
-
-
-def _json_floats(values: np.ndarray) -> list[float | None]:
-    return [_json_float(v) for v in values]
-
-
 @dataclass(frozen=True, eq=False)
 class GroupMetrics:
     """Accuracy and fairness of one set of predictions, per group and between groups.
@@ -342,13 +333,13 @@ class GroupMetrics:
                     "name": self.group_names[gid],
                     "privileged": gid == self.privileged,
                     "count": self.counts[gid],
-                    "accuracy": _json_float(self.accuracy[gid]),
-                    "precision": _json_float(self.precision[gid]),
-                    "recall": _json_float(self.recall[gid]),
-                    "f1": _json_float(self.f1[gid]),
-                    "tpr": _json_floats(self.tpr[gid]),
-                    "fpr": _json_floats(self.fpr[gid]),
-                    "tnr": _json_floats(self.tnr[gid]),
+                    "accuracy": json_float(self.accuracy[gid]),
+                    "precision": json_float(self.precision[gid]),
+                    "recall": json_float(self.recall[gid]),
+                    "f1": json_float(self.f1[gid]),
+                    "tpr": json_floats(self.tpr[gid]),
+                    "fpr": json_floats(self.fpr[gid]),
+                    "tnr": json_floats(self.tnr[gid]),
                 }
             )
         return {
@@ -357,28 +348,28 @@ class GroupMetrics:
             "unknown_count": self.unknown_count,
             "groups": groups,
             "precision": {
-                "avg": _json_float(self.precision_avg),
-                "diff": _json_float(self.precision_diff),
+                "avg": json_float(self.precision_avg),
+                "diff": json_float(self.precision_diff),
             },
             "recall": {
-                "avg": _json_float(self.recall_avg),
-                "diff": _json_float(self.recall_diff),
+                "avg": json_float(self.recall_avg),
+                "diff": json_float(self.recall_diff),
             },
-            "f1": {"avg": _json_float(self.f1_avg), "diff": _json_float(self.f1_diff)},
+            "f1": {"avg": json_float(self.f1_avg), "diff": json_float(self.f1_diff)},
             "fairness": {
                 "convention": "mean over classes; EOdd halved",
-                "eopp0": _json_float(self.eopp0),
-                "eopp1": _json_float(self.eopp1),
-                "eodd": _json_float(self.eodd),
+                "eopp0": json_float(self.eopp0),
+                "eopp1": json_float(self.eopp1),
+                "eodd": json_float(self.eodd),
             },
             "fairness_sum": {
                 "convention": "sum over classes (the paper's equations)",
-                "eopp0": _json_float(self.eopp0_sum),
-                "eopp1": _json_float(self.eopp1_sum),
-                "eodd": _json_float(self.eodd_sum),
+                "eopp0": json_float(self.eopp0_sum),
+                "eopp1": json_float(self.eopp1_sum),
+                "eodd": json_float(self.eodd_sum),
             },
-            "tpr_gap": _json_float(self.tpr_gap),
-            "fpr_gap": _json_float(self.fpr_gap),
+            "tpr_gap": json_float(self.tpr_gap),
+            "fpr_gap": json_float(self.fpr_gap),
             "classes_left_out": dict(self.classes_left_out),
         }
 

@@ -13,8 +13,8 @@ from pydantic import (
     ValidationError,
 )
 
-from fairdeploy.errors import FairDeployError
-from fairdeploy.recipe._data import DATA_KINDS
+from fairdeploy.data_specs import DATA_KINDS
+from fairdeploy.errors import FairDeployError, first_line
 from fairdeploy.recipe._recipe import Recipe
 
 __all__ = ["format_validation_error", "load_recipe", "parse_recipe"]
@@ -98,13 +98,13 @@ def _check_symlinked_paths(path: Path, real_dir: Path, data: dict[str, Any]) -> 
     opened through a symlink (``recipes/`` in the repository links to the package's
     ``fairdeploy/recipes/``). Where that finds nothing but the symlink's folder would,
     say so now rather than leave the user to guess which folder was meant."""
-    from fairdeploy.recipe._data import _LOCAL_PATH_KEYS
+    from fairdeploy.data_specs import LOCAL_PATH_KEYS
 
     link_dir = Path(os.path.abspath(path)).parent
     section = data.get("data")
     if link_dir == real_dir or not isinstance(section, dict):
         return
-    for key in _LOCAL_PATH_KEYS:
+    for key in LOCAL_PATH_KEYS:
         value = section.get(key)
         if not isinstance(value, str) or Path(os.path.expanduser(value)).is_absolute():
             continue
@@ -159,7 +159,7 @@ def _parse_yaml(text: str, source: str) -> tuple[yaml.Node | None, Any]:
         # The constructors of ints, floats and timestamps raise plain Python errors
         # (an int of 5,000 digits, a 13th month).
         raise FairDeployError(
-            f"{source}: invalid YAML value ({type(exc).__name__}: {_first_line(exc)})"
+            f"{source}: invalid YAML value ({type(exc).__name__}: {first_line(exc)})"
         ) from None
     return node, data
 
@@ -211,11 +211,6 @@ def _check_expansion(root: yaml.Node, source: str) -> None:
         return nodes, chars
 
     size(root)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else repr(exc)[:200]
 
 
 def parse_recipe(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -14,7 +13,6 @@ from pydantic import (
 
 from fairdeploy._schema import (
     Fraction01,
-    GroupValue,
     NonNegFloat,
     NonNegInt,
     PosInt,
@@ -23,17 +21,23 @@ from fairdeploy._schema import (
     no_bool,
     schema_error,
 )
+from fairdeploy.comparison import (
+    DEFAULT_ARGMAX_AGREEMENT,
+    DEFAULT_ATOL,
+    DEFAULT_INT8_ARGMAX_AGREEMENT,
+    DEFAULT_INT8_ATOL_SCALE,
+    DEFAULT_INT8_RTOL,
+    DEFAULT_RTOL,
+)
 
 __all__ = [
     "ExportSpec",
     "Int8Spec",
     "ModelSpec",
     "ReportSpec",
-    "SensitiveSpec",
     "SweepSpec",
     "Tolerances",
     "TrainSpec",
-    "normalize_value",
 ]
 
 
@@ -46,73 +50,13 @@ class ModelSpec(Strict):
 
 
 
-class SensitiveSpec(Strict):
-    """``sensitive:`` — the attribute, its two groups, and which one is privileged.
-
-    ``groups`` maps each group name to the raw attribute values that belong to it, in
-    group-id order (0, 1). Values found in no group are ``unknown`` (group id −1):
-    left out of scoring and group metrics. ``privileged: auto`` lets ``optimize`` pick
-    the group on which the vanilla model has the higher validation macro recall.
-    """
-
-    attribute: str | None = None
-    groups: dict[str, list[GroupValue]] | None = None
-    privileged: str = "auto"
-
-    @field_validator("groups")
-    @classmethod
-    def _check_groups(cls, groups: dict[str, list[Any]] | None) -> dict[str, list[Any]] | None:
-        if groups is None:
-            return None
-        if len(groups) != 2:
-            raise ValueError(
-                "give exactly two groups (FairLRF compares an unprivileged and a privileged "
-                "group), e.g. {light: [1, 2, 3], dark: [4, 5, 6]}"
-            )
-        seen: dict[str, str] = {}
-        for name, values in groups.items():
-            if not name or name in ("auto", "unknown"):
-                raise ValueError(f"group name {name!r} is reserved: use another name")
-            if not values:
-                raise ValueError(f"group {name!r} lists no values")
-            for v in values:
-                key = normalize_value(v)
-                if key in seen:
-                    raise ValueError(f"value {v!r} is in both group {seen[key]!r} and {name!r}")
-                seen[key] = name
-        return groups
-
-    @model_validator(mode="after")
-    def _check_privileged(self) -> SensitiveSpec:
-        groups = self.groups
-        if groups is not None and self.privileged != "auto" and self.privileged not in groups:
-            raise schema_error(
-                "fd_privileged",
-                "privileged: {value!r} is not allowed (use auto or one of {names})",
-                {"value": self.privileged, "names": ", ".join(self.groups)},
-            )
-        return self
-
-
-def normalize_value(value: Any) -> str:
-    """Canonical text of a raw attribute value: ``1``, ``1.0`` and ``"1"`` all give ``"1"``."""
-    text = str(value).strip()
-    try:
-        number = float(text)
-    except ValueError:
-        return text
-    if math.isfinite(number) and number == int(number):
-        return str(int(number))
-    return repr(number)
-
-
 
 class Tolerances(Strict):
     """ORT-vs-PyTorch parity: ``max|Δ| ≤ atol + rtol·|ref|`` and argmax agreement."""
 
-    atol: NonNegFloat = 1e-4
-    rtol: NonNegFloat = 1e-3
-    argmax_agreement: Fraction01 = 0.999
+    atol: NonNegFloat = DEFAULT_ATOL
+    rtol: NonNegFloat = DEFAULT_RTOL
+    argmax_agreement: Fraction01 = DEFAULT_ARGMAX_AGREEMENT
 
 
 class Int8Spec(Strict):
@@ -128,9 +72,9 @@ class Int8Spec(Strict):
     mode: Literal["auto", "static", "dynamic"] = "auto"
     calibration_samples: PosInt = 256
     seed: Seed = 0
-    atol_scale: Annotated[float, BeforeValidator(no_bool), Field(gt=0)] = 0.5
-    rtol: NonNegFloat = 0.02
-    argmax_agreement: Fraction01 = 0.98
+    atol_scale: Annotated[float, BeforeValidator(no_bool), Field(gt=0)] = DEFAULT_INT8_ATOL_SCALE
+    rtol: NonNegFloat = DEFAULT_INT8_RTOL
+    argmax_agreement: Fraction01 = DEFAULT_INT8_ARGMAX_AGREEMENT
 
 
 class ExportSpec(Strict):

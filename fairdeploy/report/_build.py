@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from fairdeploy import __version__
+from fairdeploy._json import json_float
 from fairdeploy._text import plural
 from fairdeploy.export._sizes import size_ratios
 from fairdeploy.metrics import (
@@ -50,11 +51,6 @@ __all__ = [
 _FEW_SAMPLES = 30
 
 
-def _json_float(value: float) -> float | None:
-    value = float(value)
-    return None if np.isnan(value) else value
-
-
 def accuracy_summary(
     metrics: GroupMetrics, y_true: Any, y_pred: Any
 ) -> dict[str, Any]:
@@ -64,10 +60,10 @@ def accuracy_summary(
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     a0, a1 = metrics.accuracy
     return {
-        "overall": _json_float(np.mean(y_true == y_pred)) if len(y_true) else None,
+        "overall": json_float(np.mean(y_true == y_pred)) if len(y_true) else None,
         "samples": len(y_true),
-        "avg": _json_float((a0 + a1) / 2),
-        "diff": _json_float(abs(a0 - a1)),
+        "avg": json_float((a0 + a1) / 2),
+        "diff": json_float(abs(a0 - a1)),
     }
 
 
@@ -128,8 +124,8 @@ def _class_rates(exp: Any, split: str, y_pred: np.ndarray, num_classes: int) -> 
     labels, groups = exp.labels(split)
     summary = summary_metrics(labels, y_pred, groups, num_classes=num_classes)
     return {
-        "balanced_accuracy": _json_float(summary["balanced_accuracy"]),
-        "predicted_rates": [[_json_float(r) for r in row] for row in summary["predicted_rates"]],
+        "balanced_accuracy": json_float(summary["balanced_accuracy"]),
+        "predicted_rates": [[json_float(r) for r in row] for row in summary["predicted_rates"]],
     }
 
 

@@ -258,37 +258,8 @@ def render_sweep_markdown(summary: Mapping[str, Any], rows: Sequence[SweepRow]) 
         markdown_table(_md_rows(rows), [*_MD_HEADER, "Guard", "Constraint", ""]),
     ]
     if multi:
-        overlap = [
-            f"- row {r.index} ({_label(r)}), `{layer}`: rows {p['rows']['mean']:.2f}, "
-            f"columns {p['cols']['mean']:.2f}"
-            for r in rows
-            for layer, p in r.overlap.items()
-            if r.kind == "point"
-        ]
-        if overlap:
-            out += [
-                "",
-                "Overlap (Jaccard, mean over pairs of draws) of the sparsified rows/columns:",
-                "",
-                *overlap,
-            ]
-    layer_rows = _per_layer_rows(rows, summary["reference_point"])
-    if len({str(r.settings.get("layer")) for r in layer_rows}) > 1:
-        by_index = {r.index: r for r in rows}
-        table = []
-        for r in layer_rows:
-            table.append(_md_rows([r])[0][:8])
-            if r.reference is not None:
-                table.append(_md_rows([by_index[r.reference]])[0][:8])
-        out += [
-            "",
-            "## Per layer (the paper's Table 3)",
-            "",
-            "The same setting applied to each layer in turn, next to truncated SVD of that "
-            "layer at the same rank.",
-            "",
-            markdown_table(table, _MD_HEADER),
-        ]
+        out += _overlap_lines(rows)
+    out += _per_layer_lines(rows, summary["reference_point"])
     out += ["", "## Selection", ""]
     if not sel:
         out.append("No rule given (`--select`): nothing was chosen.")
@@ -321,6 +292,48 @@ def difference_words(
             word = "better" if (d["high"] < 0) == (metric in LOWER_IS_BETTER) else "worse"
         parts.append(f"{metric} {d['value']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] ({word})")
     return "; ".join(parts)
+
+
+def _overlap_lines(rows: Sequence[SweepRow]) -> list[str]:
+    """How alike the draws' selections are (mean Jaccard per layer), when any row has them."""
+    overlap = [
+        f"- row {r.index} ({_label(r)}), `{layer}`: rows {p['rows']['mean']:.2f}, "
+        f"columns {p['cols']['mean']:.2f}"
+        for r in rows
+        for layer, p in r.overlap.items()
+        if r.kind == "point"
+    ]
+    if not overlap:
+        return []
+    return [
+        "",
+        "Overlap (Jaccard, mean over pairs of draws) of the sparsified rows/columns:",
+        "",
+        *overlap,
+    ]
+
+
+def _per_layer_lines(rows: Sequence[SweepRow], reference_point: Mapping[str, Any]) -> list[str]:
+    """The paper's Table 3 (one setting on each layer in turn, beside truncated SVD of
+    that layer), when the sweep covers more than one layer."""
+    layer_rows = _per_layer_rows(rows, reference_point)
+    if len({str(r.settings.get("layer")) for r in layer_rows}) <= 1:
+        return []
+    by_index = {r.index: r for r in rows}
+    table = []
+    for r in layer_rows:
+        table.append(_md_rows([r])[0][:8])
+        if r.reference is not None:
+            table.append(_md_rows([by_index[r.reference]])[0][:8])
+    return [
+        "",
+        "## Per layer (the paper's Table 3)",
+        "",
+        "The same setting applied to each layer in turn, next to truncated SVD of that "
+        "layer at the same rank.",
+        "",
+        markdown_table(table, _MD_HEADER),
+    ]
 
 
 def test_lines(test: Mapping[str, Any]) -> list[str]:

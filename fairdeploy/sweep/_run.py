@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from fairdeploy._json import json_float
 from fairdeploy.errors import FairDeployError
 from fairdeploy.metrics import (
     BOOTSTRAP_METRICS,
@@ -111,13 +112,6 @@ class SweepRow:
         return None if sp is None else sp.get("median")
 
 
-def _json_float(value: Any) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return None if math.isnan(value) else value
-
-
 def _mask_hex(indices: Sequence[int], size: int) -> str:
     mask = np.zeros(size, dtype=bool)
     mask[np.asarray(indices, dtype=np.int64)] = True
@@ -160,8 +154,8 @@ def evaluate_on(exp: Any, plan: Plan, split: str) -> dict[str, Any]:
     record = {
         "plan": plan.to_dict(),
         "split": split,
-        "metrics": {k: _json_float(m[k]) for k in SUMMARY_METRICS},
-        "predicted_rates": [[_json_float(v) for v in row] for row in m["predicted_rates"]],
+        "metrics": {k: json_float(m[k]) for k in SUMMARY_METRICS},
+        "predicted_rates": [[json_float(v) for v in row] for row in m["predicted_rates"]],
         "selections": selections,
         "scoring_sizes": list(ctx.scoring_set(spec).sizes) if spec is not None else None,
         "seconds": round(time.perf_counter() - t0, 4),
