@@ -64,23 +64,28 @@ def parse_fraction(value: Any) -> Any:
     return value
 
 
-def _bound(ok: Callable[[Any], bool], hint: str) -> Callable[[Any], Any]:
-    """An after-validator that passes a value through when ``ok(value)``, else says ``hint``."""
+def _bound(ok: Callable[[Any], bool], hint: str, range_text: str = "") -> Callable[[Any], Any]:
+    """An after-validator that passes a value through when ``ok(value)``, else says ``hint``.
+    ``range_text`` (e.g. ``" ≥ 1"``) is the range in words, kept on the validator as
+    ``range_text`` so the recipe reference (``docs/recipe.md``) shows what is enforced."""
 
     def check(value: Any) -> Any:
         if not ok(value):
             raise ValueError(hint)
         return value
 
+    check.range_text = range_text  # type: ignore[attr-defined]
     return check
 
 
 _finite = _bound(math.isfinite, "use a finite number")
-_unit_interval = _bound(lambda v: 0.0 <= v <= 1.0, "use a number in [0, 1]")
-_positive_fraction = _bound(lambda v: 0.0 < v <= 1.0, "use a fraction in (0, 1], e.g. 0.35")
-_non_negative = _bound(lambda v: not v < 0, "use a number ≥ 0")
-_positive_int = _bound(lambda v: not v < 1, "use an integer ≥ 1")
-_non_negative_int = _bound(lambda v: not v < 0, "use an integer ≥ 0")
+_unit_interval = _bound(lambda v: 0.0 <= v <= 1.0, "use a number in [0, 1]", " in [0, 1]")
+_positive_fraction = _bound(
+    lambda v: 0.0 < v <= 1.0, "use a fraction in (0, 1], e.g. 0.35", " in (0, 1]"
+)
+_non_negative = _bound(lambda v: not v < 0, "use a number ≥ 0", " ≥ 0")
+_positive_int = _bound(lambda v: not v < 1, "use an integer ≥ 1", " ≥ 1")
+_non_negative_int = _bound(lambda v: not v < 0, "use an integer ≥ 0", " ≥ 0")
 
 
 def _expand_path(value: Any, info: ValidationInfo) -> Any:

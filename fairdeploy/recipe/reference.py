@@ -198,23 +198,14 @@ def _meaning(model: type[BaseModel], name: str, field: Any) -> str:
     )
 
 
-#: The range an ``AfterValidator`` of :mod:`fairdeploy._schema` enforces, by its name.
-_VALIDATED_RANGES = {
-    "_unit_interval": " in [0, 1]",
-    "_positive_fraction": " in (0, 1]",
-    "_non_negative": " ≥ 0",
-    "_positive_int": " ≥ 1",
-    "_non_negative_int": " ≥ 0",
-}
-
-
 def _constraint(metadata: list[Any]) -> str:
     """`` ≥ 1``, `` in [0, 1]``… from pydantic's bounds or the schema's range validators;
     `` (or a/b)`` where a fraction string is accepted."""
     bounds = {type(m).__name__: getattr(m, type(m).__name__.lower()) for m in metadata
               if type(m).__name__ in ("Ge", "Gt", "Le", "Lt")}
     funcs = [getattr(getattr(m, "func", None), "__name__", "") for m in metadata]
-    text = next((_VALIDATED_RANGES[f] for f in funcs if f in _VALIDATED_RANGES), "")
+    ranges = [getattr(getattr(m, "func", None), "range_text", "") for m in metadata]
+    text = next((r for r in ranges if r), "")
     lo = "[" if "Ge" in bounds else "(" if "Gt" in bounds else None
     hi = "]" if "Le" in bounds else ")" if "Lt" in bounds else None
     low = bounds.get("Ge", bounds.get("Gt"))
