@@ -423,13 +423,14 @@ def quantize_int8(
     int8_w = tuple(sorted(w for w in weights if w not in float_left))
     float_w = tuple(sorted(f"{w} ({weights[w]})" for w in weights if w in float_left))
     numel = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
+    # The settings used, recorded once: in the model's int8 metadata and in the result.
+    settings = {"mode": mode, "per_channel": per_channel, "reduce_range": reduce_range,
+                "calibration_samples": n_cal}
+    method = calibrate_method if mode == "static" else None
     info = {
-        "mode": mode,
+        **settings,
         "format": "QDQ" if mode == "static" else "dynamic",
-        "per_channel": per_channel,
-        "reduce_range": reduce_range,
-        "calibration_samples": n_cal,
-        "calibrate_method": calibrate_method if mode == "static" else None,
+        "calibrate_method": method,
         "float_weights": list(float_w),
         "tool": "onnxruntime.quantization " + _ort_version(),
     }
@@ -438,11 +439,8 @@ def quantize_int8(
     return Int8Export(
         path=path,
         source=source,
-        mode=mode,
-        per_channel=per_channel,
-        reduce_range=reduce_range,
-        calibration_samples=n_cal,
-        calibrate_method=calibrate_method if mode == "static" else "",
+        **settings,
+        calibrate_method=method or "",
         int8_weights=int8_w,
         float_weights=float_w,
         int8_weight_params=sum(numel[w] for w in int8_w),

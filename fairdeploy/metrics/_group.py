@@ -380,6 +380,12 @@ def _readonly(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
+#: The per-group values :func:`group_metrics` reads from the counts, as (group 0, group 1).
+_PER_GROUP = ("accuracy", "precision", "recall", "f1")
+#: The between-group gaps :func:`group_metrics` reads from the counts, as floats.
+_GAPS = ("eopp0", "eopp1", "eodd", "eopp0_sum", "eopp1_sum", "eodd_sum", "tpr_gap", "fpr_gap")
+
+
 def group_metrics(
     y_true: Any,
     y_pred: Any,
@@ -433,40 +439,20 @@ def group_metrics(
 
     m = _metrics_from_counts(*_counts(yt, yp, g, k), privileged)
 
-    def pair(key: str) -> tuple[float, float]:
-        return (float(m[key][0]), float(m[key][1]))
-
-    def avg_diff(key: str) -> tuple[float, float]:
-        a, b = pair(key)
-        return (a + b) / 2.0, abs(a - b)
-
-    p_avg, p_diff = avg_diff("precision")
-    r_avg, r_diff = avg_diff("recall")
-    f_avg, f_diff = avg_diff("f1")
+    pairs = {key: (float(m[key][0]), float(m[key][1])) for key in _PER_GROUP}
+    between = {}  # average and gap of the two groups' values
+    for key in ("precision", "recall", "f1"):
+        a, b = pairs[key]
+        between[f"{key}_avg"], between[f"{key}_diff"] = (a + b) / 2.0, abs(a - b)
     return GroupMetrics(
         num_classes=k,
         privileged=privileged,
         group_names=names,
         counts=(int(m["size"][0]), int(m["size"][1])),
         unknown_count=int(np.sum(g == UNKNOWN_GROUP)),
-        accuracy=pair("accuracy"),
-        precision=pair("precision"),
-        recall=pair("recall"),
-        f1=pair("f1"),
-        precision_avg=p_avg,
-        precision_diff=p_diff,
-        recall_avg=r_avg,
-        recall_diff=r_diff,
-        f1_avg=f_avg,
-        f1_diff=f_diff,
-        eopp0=float(m["eopp0"]),
-        eopp1=float(m["eopp1"]),
-        eodd=float(m["eodd"]),
-        eopp0_sum=float(m["eopp0_sum"]),
-        eopp1_sum=float(m["eopp1_sum"]),
-        eodd_sum=float(m["eodd_sum"]),
-        tpr_gap=float(m["tpr_gap"]),
-        fpr_gap=float(m["fpr_gap"]),
+        **pairs,
+        **between,
+        **{key: float(m[key]) for key in _GAPS},
         tpr=_readonly(m["tpr"]),
         fpr=_readonly(m["fpr"]),
         tnr=_readonly(m["tnr"]),
