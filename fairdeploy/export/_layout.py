@@ -471,7 +471,7 @@ def prepare_for_export(
     folded_in: dict[str, str] = {}
     folded_out: dict[str, str] = {}
     if fold_permutations and blocks and structure is not None:
-        folded_in, folded_out = _fold_permutations(ready, names, structure)
+        folded_in, folded_out = _fold_permutations(ready, names, structure, select)
     layouts: list[LayerLayout] = []
     for name in names:
         layouts.append(_export_layer(
@@ -482,11 +482,17 @@ def prepare_for_export(
 
 
 def _fold_permutations(
-    ready: nn.Module, names: list[str], structure: ModelStructure
+    ready: nn.Module, names: list[str], structure: ModelStructure,
+    select: dict[str, torch.Tensor],
 ) -> tuple[dict[str, str], dict[str, str]]:
     """Fold the layers' row/column permutations into their neighbours (and the
     per-feature modules between) in place, where the structure allows; return which
-    layers' input and output permutations were folded, and into what."""
+    layers' input and output permutations were folded, and into what.
+
+    A neighbour that drops dead inputs itself (``select``, indices into the full-width
+    features between) already reads a narrowed input: a producer's full-width output
+    permutation is folded into that selection (``select[nb] = perm⁻¹[select[nb]]``), not
+    into the neighbour's narrowed weights."""
     folded_in, folded_out, neighbour_perms, link_perms = _fold_plan(ready, names, structure)
     for link, perm in link_perms:
         for step in link.feature_modules:  # per-feature parameters follow the features
@@ -494,7 +500,10 @@ def _fold_permutations(
             with torch.no_grad():
                 _keep_features(step.module, perm)
     for nb, perms in neighbour_perms.items():
-        ready.set_submodule(nb, _permute_neighbour(ready.get_submodule(nb), **perms))
+        if nb in select and "in_perm" in perms:
+            select[nb] = torch.argsort(perms.pop("in_perm"))[select[nb]]
+        if perms:
+            ready.set_submodule(nb, _permute_neighbour(ready.get_submodule(nb), **perms))
     return folded_in, folded_out
 
 
