@@ -126,6 +126,8 @@ class ExportFactorized(nn.Module):
         z  = concat(x @ U'[:, :q], x[..., :n1] @ U'[:n1, q:])     (U' = (U · S)[input_perm])
         o  = concat(z @ V[:, C̄], z[..., :q] @ V[:q, C]) + b[output_perm]
 
+    (with ``q = 0`` the second block is zero-padding: no zero-size tensor is stored.)
+
     When nothing is sparsified it is ``(x @ U') @ V + b``: two MatMuls and the bias.
     ``input_select`` (dead inputs dropped at the layer): the layer first keeps those
     input features, with a Slice when they form one range, else a Gather.
@@ -188,8 +190,12 @@ class ExportFactorized(nn.Module):
             self.v = nn.Parameter(Vp.contiguous())
         else:
             self.v_kept = nn.Parameter(Vp[:, : self.m1].contiguous())
-            # q = 0 gives a (0 × |C|) block: a K=0 MatMul yields the zeros those outputs hold.
-            self.v_head = nn.Parameter(Vp[:q, self.m1 :].contiguous())
+            # q = 0: those outputs are 0 before the bias. A zero-padding ``Pad``, not a
+            # (0 × |C|) block and a K = 0 MatMul: OpenVINO reads a zero-size initializer
+            # as a scalar and refuses the graph (DESIGN.md "Portable artifacts").
+            if q > 0:
+                self.v_head = nn.Parameter(Vp[:q, self.m1 :].contiguous())
+            self.pad_cols = dout - self.m1 if q == 0 else 0
         if layer.bias is not None:
             b = layer.bias.detach()
             self.bias = nn.Parameter((b[out_perm] if self.col_sparse else b).contiguous())
@@ -214,6 +220,8 @@ class ExportFactorized(nn.Module):
             z = x[..., : self.n1] @ self.u_tail
         if not self.col_sparse:
             o = z @ self.v
+        elif self.keep == 0:
+            o = nn.functional.pad(z @ self.v_kept, (0, self.pad_cols))
         else:
             zq = head if head is not None else z[..., : self.keep]
             o = torch.cat([z @ self.v_kept, zq @ self.v_head], dim=-1)

@@ -12,7 +12,8 @@ without the float copy of the entries that do not need it:
 * the float32 values of the float entries only (4 bytes each); zeros cost nothing.
 
 A small graph made only of initializers rebuilds the dense float tensor under the
-initializer's old name (``BitShift`` unpacks the mask, ``CumSum``/``Gather`` place the
+initializer's old name (``BitwiseAnd``, or ``Mod`` and ``Greater`` below opset 18,
+unpacks the mask, ``CumSum``/``Gather`` place the
 compact values, ``Cast``/``Mul`` de-quantize, ``Where`` merges the classes, ``Reshape`` and,
 for a weight the exporter stored transposed, ``Transpose``). Every input of that graph is a
 constant, so ONNX Runtime's constant folding (graph optimization level ``basic`` and above,
@@ -50,7 +51,7 @@ __all__ = ["PackReport", "PackSpec", "PackedTensor", "pack_weights"]
 ZERO, INT8, FLOAT = "zero", "int8", "float"
 #: Class order used to break ties when choosing which class the first mask marks.
 _CLASSES = (ZERO, INT8, FLOAT)
-#: BitShift, CumSum and Slice-with-inputs need opset 11.
+#: CumSum and Slice-with-inputs need opset 11.
 _MIN_OPSET = 11
 #: Prefix of the names of rebuild intermediates and shared constants; kept short because
 #: every name is stored in the file (twice for a node output).
@@ -415,8 +416,9 @@ def _find_initializer(
 class _Graph:
     """Names in use, and the small constants all rebuild graphs share (stored once)."""
 
-    def __init__(self, taken: set[str]) -> None:
+    def __init__(self, taken: set[str], *, opset: int = 18) -> None:
         self.taken = set(taken)
+        self.opset = opset
         self.shared: dict[str, onnx.TensorProto] = {}
         self._keys: dict[str, str] = {}
         self._n = 0
@@ -464,15 +466,28 @@ class _Tensor:
         return out
 
     def unpack(self, bits: np.ndarray, key: str, *, exact: bool) -> str:
-        """uint8 0/1 per entry of ``bits``, stored bit-packed (np.packbits: first entry in the
-        top bit). ``exact``: cut to ``len(bits)``; else up to 7 padding zeros follow."""
+        """bool per entry of ``bits``, stored bit-packed (np.packbits: first entry in the
+        top bit). ``exact``: cut to ``len(bits)``; else up to 7 padding False follow.
+
+        Every step is defined for every input, and computed alike, in every runtime
+        (DESIGN.md "Portable artifacts"): opset ≥ 18 ANDs each byte with 128, 64, …, 1
+        and casts to bool (nonzero is True); older opsets widen to int32 and test
+        ``byte mod 2^(8−k) > 2^(7−k) − 1``. Not ``BitShift``: the former ``(x << k) >> 7``
+        relied on the left shift wrapping in 8 bits, which OpenVINO does not do, and
+        OpenVINO's constant folding of a uint8 right shift rounds (195 >> 7 gave 2).
+        """
         g = self.g
         packed = self.init(key, np.packbits(bits).reshape(-1, 1))
-        # (x << k) >> 7 is bit k counted from the top: uint8 shifts drop the high bits.
-        x = self.node("BitShift", [packed, g.const("shifts", np.arange(8, dtype=np.uint8))],
-                      direction="LEFT")
-        x = self.node("BitShift", [x, g.const("seven", np.array(7, np.uint8))],
-                      direction="RIGHT")
+        if g.opset >= 18:
+            x = self.node("BitwiseAnd", [packed, g.const(
+                "bits", np.array([128, 64, 32, 16, 8, 4, 2, 1], np.uint8))])
+            x = self.node("Cast", [x], to=TensorProto.BOOL)
+        else:
+            x = self.node("Cast", [packed], to=TensorProto.INT32)
+            x = self.node("Mod", [x, g.const(
+                "mods", np.array([256, 128, 64, 32, 16, 8, 4, 2], np.int32))])
+            x = self.node("Greater", [x, g.const(
+                "tops", np.array([127, 63, 31, 15, 7, 3, 1, 0], np.int32))])
         x = self.node("Reshape", [x, g.const("flat", np.array([-1]))])
         if exact and bits.size % 8:
             end = self.init(key + "_len", np.array([bits.size]))
@@ -575,7 +590,7 @@ class _Rebuild:
         bits_a = t.unpack(self.is_class[a], "mask", exact=True)
 
         def ind_a() -> str:
-            return self._once("a", lambda: t.node("Cast", [bits_a], to=i32))
+            return self._once("a", lambda: t.node("Cast", [bits_a], to=i32))  # bool → 0/1
 
         def not_a() -> str:
             one = g.const("one", np.array(1, np.int32))
@@ -599,10 +614,8 @@ class _Rebuild:
 
             v_b = self.values(b, ind_b)
             v_c = self.values(c, lambda: t.node("Sub", [not_a(), ind_b()]))
-            cond_b = t.node("Cast", [b_any], to=TensorProto.BOOL)
-            v_rest = t.node("Where", [cond_b, v_b, v_c])
-        cond_a = t.node("Cast", [bits_a], to=TensorProto.BOOL)
-        merged = t.node("Where", [cond_a, v_a, v_rest])
+            v_rest = t.node("Where", [b_any, v_b, v_c])
+        merged = t.node("Where", [bits_a, v_a, v_rest])
         t.node("Reshape", [merged, self.pshape], self.dense_name)
 
 
@@ -778,7 +791,8 @@ def _pack(
     graph = _Graph(
         {t.name for t in proto.graph.initializer}
         | {i.name for i in proto.graph.input}
-        | {o for n in proto.graph.node for o in n.output}
+        | {o for n in proto.graph.node for o in n.output},
+        opset=opset,
     )
     plans = _plan_tensors(proto, classes, graph)
     packed, shared = _packed_if_shared_constants_pay(plans, graph)
