@@ -22,7 +22,7 @@ from test_packed import mlp as packed_mlp
 from torch import nn
 
 from fairdeploy.export import export_onnx, pack_weights, quantize_int8
-from fairdeploy.runtimes import RUNTIMES, load_runtime, runtime_available, run_batched
+from fairdeploy.runtimes import RUNTIMES, load_runtime, run_batched, runtime_available
 from fairdeploy.verification import DEFAULT_ATOL, DEFAULT_RTOL
 
 OTHERS = [r for r in RUNTIMES if r != "onnxruntime"]
