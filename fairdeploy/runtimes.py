@@ -27,8 +27,8 @@ import numpy as np
 from fairdeploy.errors import FairDeployError
 
 __all__ = [
-    "RUNTIMES", "RuntimeSession", "load_runtime", "parse_runtimes", "run_batched",
-    "runtime_available",
+    "RUNTIMES", "RuntimeSession", "load_runtime", "load_runtime_check", "parse_runtimes",
+    "run_batched", "runtime_available",
 ]
 
 #: The runtimes :func:`load_runtime` knows, in the order reports list them.
@@ -88,6 +88,17 @@ def runtime_available(runtime: str) -> bool:
     return runtime in RUNTIMES
 
 
+def load_runtime_check(runtime: str) -> None:
+    """Raise the one-line :class:`FairDeployError` :func:`load_runtime` would give when
+    ``runtime`` is unknown or not installed, before any work is done."""
+    (name,) = parse_runtimes(runtime, what="runtime")
+    if not runtime_available(name):
+        raise FairDeployError(
+            f"runtime {name!r} needs the {name} package, which is not installed: "
+            f"{_OPENVINO_HINT}"
+        )
+
+
 def parse_runtimes(values: str | Iterable[str], *, what: str = "--runtime") -> tuple[str, ...]:
     """Runtime names from repeated options and/or comma lists, in the given order, each once.
 
@@ -143,6 +154,10 @@ def load_runtime(
     return loader(model, provider)
 
 
+def _what(model: str | os.PathLike[str] | bytes) -> str:
+    return "the model" if isinstance(model, bytes) else repr(os.fspath(model))
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:300]
@@ -185,7 +200,9 @@ def _onnxruntime(model: str | os.PathLike[str] | bytes, provider: str) -> Runtim
     except FairDeployError:
         raise
     except Exception as exc:  # ORT refuses a model it cannot load
-        raise FairDeployError(f"ONNX Runtime cannot load the model: {_first_line(exc)}") from None
+        raise FairDeployError(
+            f"ONNX Runtime cannot load {_what(model)}: {_first_line(exc)}"
+        ) from None
     inputs = sess.get_inputs()
     return RuntimeSession(
         runtime="onnxruntime",
@@ -219,7 +236,9 @@ def _openvino(model: str | os.PathLike[str] | bytes, provider: str) -> RuntimeSe
         # f32: on a CPU with bf16 units OpenVINO would otherwise compute in bf16.
         compiled = core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     except Exception as exc:  # OpenVINO's RuntimeError for an op or a file it cannot take
-        raise FairDeployError(f"OpenVINO cannot load the model: {_openvino_reason(exc)}") from None
+        raise FairDeployError(
+            f"OpenVINO cannot load {_what(model)}: {_openvino_reason(exc)}"
+        ) from None
     names, shapes = _shapes_of(proto)
     outputs = list(compiled.outputs)
     output_names = [o.get_any_name() for o in outputs]
@@ -250,7 +269,7 @@ def _reference(model: str | os.PathLike[str] | bytes, provider: str) -> RuntimeS
             evaluator = ReferenceEvaluator(proto, new_ops=_qdq_ops())
     except Exception as exc:  # an op the evaluator does not implement, a corrupt file
         raise FairDeployError(
-            f"the ONNX reference evaluator cannot load the model: {_first_line(exc)}"
+            f"the ONNX reference evaluator cannot load {_what(model)}: {_first_line(exc)}"
         ) from None
     names, shapes = _shapes_of(proto)
 

@@ -189,3 +189,98 @@ def test_pack_weights_of_a_file_agrees_with_the_dense_file_everywhere(tmp_path):
             continue
         np.testing.assert_array_equal(outputs_in(tmp_path / "p.onnx", rt, x),
                                       outputs_in(tmp_path / "d.onnx", rt, x), err_msg=rt)
+
+
+# --------------------------------------------------------------------------- verify --runtime
+
+
+def _shift_trick_model(tmp_path):
+    """A runtime-dependent file: a MatMul whose 0/1 weights are read from packed bits with
+    the old uint8 ``(x << k) >> 7`` (it needs the left shift to wrap in 8 bits: ONNX
+    Runtime and the reference evaluator wrap, OpenVINO does not). Its .verify.npz holds
+    the outputs of the true weights."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    bits = rng.integers(0, 2, size=24).astype(np.uint8)
+    w = bits.reshape(8, 3).astype(np.float32)
+    inits = [numpy_helper.from_array(np.packbits(bits).reshape(-1, 1), "packed"),
+             numpy_helper.from_array(np.arange(8, dtype=np.uint8), "shifts"),
+             numpy_helper.from_array(np.array(7, np.uint8), "seven"),
+             numpy_helper.from_array(np.array([8, 3]), "shape")]
+    nodes = [helper.make_node("BitShift", ["packed", "shifts"], ["l"], direction="LEFT"),
+             helper.make_node("BitShift", ["l", "seven"], ["r"], direction="RIGHT"),
+             helper.make_node("Cast", ["r"], ["f"], to=TensorProto.FLOAT),
+             helper.make_node("Reshape", ["f", "shape"], ["w"]),
+             helper.make_node("MatMul", ["input", "w"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "shift_trick",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])], inits)
+    path = tmp_path / "trick.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    x = rng.standard_normal((40, 8)).astype(np.float32)
+    np.savez(tmp_path / "trick.verify.npz", inputs=x, outputs=x @ w,
+             labels=np.arange(40) % 3, groups=np.arange(40) % 2)
+    return path
+
+
+def test_verify_in_several_runtimes_gives_one_verdict_each(tmp_path):
+    from click.testing import CliRunner
+
+    from fairdeploy.cli import main
+
+    model, _ = _vanilla()
+    x = torch.randn(60, 10, generator=torch.Generator().manual_seed(0))
+    export_onnx(model, x[:2], tmp_path / "m.onnx", reference_inputs=x,
+                labels=np.arange(60) % 3, groups=np.arange(60) % 2)
+    asked = "onnxruntime,reference" + (",openvino" if HAVE_OPENVINO else "")
+    r = CliRunner().invoke(main, ["verify", str(tmp_path / "m.onnx"), "--runtime", asked,
+                                  "--runtime", "reference", "--json", str(tmp_path / "v.json")])
+    assert r.exit_code == 0, r.output
+    names = asked.split(",")
+    assert r.output.splitlines()[-1] == f"PASSED in every runtime: {', '.join(names)}"
+    for rt in names:
+        assert f"== {rt} ==" in r.output and f"PASSED in {rt}: " in r.output
+    import json
+
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert report["verified_in"] == names and report["passed"]
+    per = report["runtimes"]
+    assert per["reference"]["runtime"] == "reference" and per["reference"]["n_samples"] == 60
+    # The same predictions give the same group fairness in each runtime.
+    assert per["reference"]["fairness"] == per["onnxruntime"]["fairness"] is not None
+
+
+def test_verify_fails_in_the_runtime_that_computes_a_file_differently(tmp_path):
+    from click.testing import CliRunner
+
+    from fairdeploy.cli import main
+    from fairdeploy.verification import verify, verify_runtimes
+
+    path = _shift_trick_model(tmp_path)
+    assert verify(path, runtime="onnxruntime") and verify(path, runtime="reference")
+    if not HAVE_OPENVINO:
+        pytest.skip("openvino is not installed")
+    res = verify_runtimes(path, ["onnxruntime", "openvino"])
+    assert not res and res.verified_in == ["onnxruntime"] and res.failed_in == ["openvino"]
+    assert res.results["openvino"].outputs[0].max_abs_error > 0.5
+    r = CliRunner().invoke(main, ["verify", str(path), "--runtime", "openvino"])
+    assert r.exit_code == 1 and r.output.splitlines()[-1].startswith("FAILED in openvino")
+
+
+def test_missing_openvino_and_unknown_runtimes_are_one_line_errors(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from fairdeploy.cli import main
+
+    path = _shift_trick_model(tmp_path)
+    r = CliRunner().invoke(main, ["verify", str(path), "--runtime", "tensorrt"])
+    assert r.exit_code == 1 and r.output.strip() == (
+        "Error: --runtime: 'tensorrt' is not a runtime fairdeploy can verify in: use one or "
+        "more of onnxruntime, openvino, reference")
+    monkeypatch.setitem(__import__("sys").modules, "openvino", None)  # as if not installed
+    r = CliRunner().invoke(main, ["verify", str(path), "--runtime", "reference,openvino"])
+    assert r.exit_code == 1 and r.output.strip() == (
+        "Error: runtime 'openvino' needs the openvino package, which is not installed: pip "
+        "install 'fairdeploy[openvino]' (or pip install openvino; about 100 MB)")
