@@ -73,8 +73,9 @@ def _deploy(
     report["export_layout"] = [lay.to_dict() for lay in res.layers]
     ref = exp.reference(processed)
     n = len(ref.inputs)
-    with phase(f"verify: ONNX Runtime vs PyTorch on {n:,} test inputs", unit="", enabled=show):
-        vres = exp.verify(model_path, reference=ref)
+    runtimes = ", ".join(exp.recipe.export.verify_runtimes)
+    with phase(f"verify: {runtimes} vs PyTorch on {n:,} test inputs", unit="", enabled=show):
+        vres = exp.verify_all(model_path, reference=ref)
     report["verify"] = verify_summary(vres, tol, n)
     stored = _stored_reference_samples(run / "model.verify.npz")
     report["verify"]["reference_file"] = {
@@ -227,9 +228,14 @@ def _require_verified(vres: Any, entry: dict[str, Any]) -> None:
 
 
 def _failed_line(vres: Any) -> str:
-    """The first line of a failed verification's summary that says what failed."""
+    """The first line of a failed verification's summary that says what failed (and, for
+    several runtimes, in which)."""
+    runtime = ""
+    if getattr(vres, "failed_in", None):  # a RuntimesResult: the first runtime that failed
+        runtime = f"in {vres.failed_in[0]}: "
+        vres = vres.results[vres.failed_in[0]]
     lines = vres.summary_lines()
-    return next((ln.strip() for ln in lines if "FAILED" in ln), lines[-1])
+    return runtime + next((ln.strip() for ln in lines if "FAILED" in ln), lines[-1])
 
 
 def _stored_reference_samples(path: Path) -> int:
