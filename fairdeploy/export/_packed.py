@@ -46,7 +46,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fairdeploy.errors import FairDeployError
 
-__all__ = ["PackReport", "PackSpec", "PackedTensor", "pack_weights"]
+__all__ = [
+    "PackReport", "PackSpec", "PackedTensor", "UnpackReport", "pack_weights", "unpack_weights",
+]
 
 ZERO, INT8, FLOAT = "zero", "int8", "float"
 #: Class order used to break ties when choosing which class the first mask marks.
@@ -967,3 +969,135 @@ def _record_packed_metadata(proto: onnx.ModelProto, records: list[PackedTensor])
                                "transposed": r.transposed}
                for r in records if r.stored == "packed"}
     set_metadata(proto, encode_metadata({"packed_weights": summary}))
+
+
+# --------------------------------------------------------------------------- unpacking
+
+
+@dataclass(frozen=True)
+class UnpackReport:
+    """What :func:`unpack_weights` did.
+
+    Attributes
+    ----------
+    initializers : tuple of str
+        The packed weights written back as dense float32 initializers.
+    nodes_removed : int
+        Rebuild nodes removed.
+    file_bytes_before, file_bytes_after : int
+        Serialized model size before and after.
+    """
+
+    initializers: tuple[str, ...]
+    nodes_removed: int
+    file_bytes_before: int
+    file_bytes_after: int
+
+
+def _rebuild_closure(proto: onnx.ModelProto, targets: set[str]) -> list[int]:
+    """Indices of the nodes that compute ``targets`` from initializers only (the rebuild
+    graphs); a FairDeployError when a target is computed from anything else."""
+    producer = {o: i for i, n in enumerate(proto.graph.node) for o in n.output}
+    inits = {t.name for t in proto.graph.initializer}
+    todo, seen = list(targets), set()
+    while todo:
+        name = todo.pop()
+        if name in inits:
+            continue
+        if name not in producer:
+            raise FairDeployError(
+                f"packed weight {name!r} is not computed from constants in this file (it is "
+                "a graph input or missing): it cannot be unpacked"
+            )
+        i = producer[name]
+        if i not in seen:
+            seen.add(i)
+            todo.extend(x for x in proto.graph.node[i].input if x)
+    return sorted(seen)
+
+
+def unpack_weights(
+    model: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
+) -> UnpackReport:
+    """Write a packed model (:func:`pack_weights`) with its rebuild graphs folded: every
+    packed weight becomes the dense float32 initializer it rebuilds, once, here.
+
+    The rebuild graphs are run in ONNX Runtime (every runtime computes them alike,
+    DESIGN.md "Portable artifacts"), so the unpacked file computes bit for bit what the
+    packed file computes, is as large as a dense export, and loads as fast: a runtime has
+    nothing left to fold (ONNX Runtime's session creation of a packed file costs several
+    times the dense file's, ``bench/bench_packed.py``). The model's metadata loses
+    ``packed_weights`` and gains ``unpacked_weights`` (the initializer names).
+
+    Parameters
+    ----------
+    model : path-like
+        A packed ``.onnx`` file (its metadata names the packed weights).
+    output_path : path-like
+        Where to write (``.onnx``, atomically; not the input file).
+
+    Raises
+    ------
+    FairDeployError
+        A file that is not a packed model, or an output path equal to the input.
+    """
+    import onnxruntime as ort
+
+    from fairdeploy.export._metadata import (
+        METADATA_PREFIX,
+        encode_metadata,
+        metadata_of,
+        save_atomic,
+        set_metadata,
+    )
+
+    src, out = Path(model), Path(output_path)
+    if out.suffix != ".onnx":
+        raise FairDeployError(f"output path {str(out)!r} must end in .onnx")
+    if out.resolve() == src.resolve():
+        raise FairDeployError(f"{str(out)!r} is the input file: write the unpacked model "
+                              "beside it (e.g. -o model.unpacked.onnx)")
+    proto = _load(src)
+    packed = metadata_of(proto, src).get("packed_weights")
+    if not isinstance(packed, dict) or not packed:
+        raise FairDeployError(
+            f"{str(src)!r} holds no packed weights (its metadata has no packed_weights): "
+            "it is already dense"
+        )
+    targets = set(packed)
+    closure = _rebuild_closure(proto, targets)
+    nodes = [proto.graph.node[i] for i in closure]
+    used = {x for n in nodes for x in n.input}
+    inits = [t for t in proto.graph.initializer if t.name in used]
+    value_info = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+                  for name in sorted(targets)]
+    rebuild = helper.make_model(
+        helper.make_graph(nodes, "rebuild", [], value_info, inits),
+        opset_imports=list(proto.opset_import), ir_version=proto.ir_version,
+    )
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(rebuild.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    dense = dict(zip(sorted(targets), sess.run(None, {}), strict=True))
+    del rebuild, sess
+    before = proto.ByteSize()
+    keep_nodes = [n for i, n in enumerate(proto.graph.node) if i not in set(closure)]
+    still_used = {x for n in keep_nodes for x in n.input} | {
+        o.name for o in proto.graph.output}
+    kept = [t for t in proto.graph.initializer if t.name not in used or t.name in still_used]
+    kept += [numpy_helper.from_array(np.ascontiguousarray(dense[n]), n) for n in sorted(targets)]
+    del proto.graph.node[:]
+    proto.graph.node.extend(keep_nodes)
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    props = [p for p in proto.metadata_props if p.key != METADATA_PREFIX + "packed_weights"]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(props)
+    set_metadata(proto, encode_metadata({"unpacked_weights": sorted(targets)}))
+    onnx.checker.check_model(proto, full_check=True)
+    after = proto.ByteSize()
+    save_atomic(proto, out, size=after)
+    return UnpackReport(tuple(sorted(targets)), len(closure), before, after)
