@@ -187,6 +187,8 @@ class Int8Verification:
         The fraction required.
     n_samples : int
         Samples compared.
+    runtime : str
+        The runtime that ran the int8 model (:mod:`fairdeploy.runtimes`).
     """
 
     passed: bool
@@ -203,6 +205,7 @@ class Int8Verification:
     argmax_agreement: float
     required_argmax_agreement: float
     n_samples: int
+    runtime: str = "onnxruntime"
 
     def __bool__(self) -> bool:
         return self.passed
@@ -215,7 +218,8 @@ class Int8Verification:
         """Human-readable lines, ending with PASSED/FAILED."""
         return [
             f"checker: {'ok' if not self.checker_message else 'FAILED: ' + self.checker_message}",
-            f"int8 vs PyTorch float ({self.n_samples} samples): max|Δ|={self.max_abs_error:.3g} "
+            f"int8 in {self.runtime} vs PyTorch float ({self.n_samples} samples): "
+            f"max|Δ|={self.max_abs_error:.3g} "
             f"mean|Δ|={self.mean_abs_error:.3g} argmax agreement={self.argmax_agreement:.2%}",
             f"tolerances: atol={self.atol:.3g} ({self.atol_basis}), rtol={self.rtol:g}, "
             f"agreement ≥ {self.required_argmax_agreement:.1%}; would pass with atol ≥ "
@@ -587,8 +591,10 @@ def verify_int8(
     rtol: float = DEFAULT_INT8_RTOL,
     min_argmax_agreement: float = DEFAULT_INT8_ARGMAX_AGREEMENT,
     batch_size: int = 256,
+    runtime: str = "onnxruntime",
 ) -> Int8Verification:
-    """Compare an int8 model in ONNX Runtime with the float PyTorch model's outputs.
+    """Compare an int8 model in ONNX Runtime (or another runtime) with the float PyTorch
+    model's outputs.
 
     Parameters
     ----------
@@ -609,6 +615,8 @@ def verify_int8(
         Fraction of samples whose predicted class must be unchanged (default 0.98).
     batch_size : int
         Samples per ONNX Runtime call.
+    runtime : {"onnxruntime", "openvino", "reference"}
+        The runtime that runs the int8 model (:mod:`fairdeploy.runtimes`).
 
     Returns
     -------
@@ -638,7 +646,13 @@ def verify_int8(
         checker_message = ""
     except Exception as exc:  # ValidationError, shape-inference errors
         checker_message = first_line(exc, limit=None)
-    got = _ort_outputs(int8_path, x, batch_size)
+    if runtime == "onnxruntime":
+        got = _ort_outputs(int8_path, x, batch_size)
+    else:
+        from fairdeploy.runtimes import load_runtime, run_batched
+
+        got = run_batched(load_runtime(int8_path, runtime),
+                          np.ascontiguousarray(x, np.float32), batch_size=batch_size)[0]
     comp = compare_outputs("logits", got, ref, float(atol), float(rtol), min_argmax_agreement)
     return Int8Verification(
         passed=comp.passed and not checker_message,
@@ -655,6 +669,7 @@ def verify_int8(
         argmax_agreement=comp.argmax_agreement,
         required_argmax_agreement=min_argmax_agreement,
         n_samples=len(x),
+        runtime=runtime,
     )
 
 
