@@ -159,6 +159,17 @@ def load_times(packed: Path, dense: Path, repeats: int, threads: int) -> dict[st
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def openvino_error(packed: Path, ref: np.ndarray, x: np.ndarray) -> float | None:
+    """max |OpenVINO(packed) − ONNX Runtime(dense)| on ``x`` (None without openvino): the
+    packed file's logits in the runtime that read the old mask trick wrong."""
+    from fairdeploy.runtimes import load_runtime, runtime_available
+
+    if not runtime_available("openvino"):
+        return None
+    got = load_runtime(packed, "openvino").run({"input": x})[0]
+    return float(np.abs(got.astype(np.float64) - ref).max())
+
+
 def load_line(lt: dict[str, float]) -> str:
     """The load times and their ratios to the dense file, in one line."""
     out = []
@@ -280,6 +291,7 @@ def main() -> None:
             ref = session(dense).run(None, {"input": xb})[0]
             got = session(packed).run(None, {"input": xb})[0]
             r["outputs_bit_identical"] = bool(np.array_equal(ref, got))
+            r["openvino_max_abs_error"] = openvino_error(packed, ref, xb)
             r["folded_like_dense"] = folded_like_dense(packed, dense, tmp)
             r["session_load_s"] = load_times(packed, dense, args.load_repeats, args.threads)
             line(f"q={q:.0%} (drawn {r['q_drawn']:.4f}): C.R. initializers "
@@ -288,7 +300,8 @@ def main() -> None:
                  f"{r['theoretical_cr_paper']:.4f}; {r['packed_tensors']}/{r['tensors']} tensors "
                  f"packed in {pack_s:.1f} s")
             line(f"  outputs bit-identical to dense export: {r['outputs_bit_identical']}; "
-                 f"ORT-optimized graph equals dense: {r['folded_like_dense']}")
+                 f"ORT-optimized graph equals dense: {r['folded_like_dense']}; OpenVINO "
+                 f"max |Δ| to the dense file in ORT: {r['openvino_max_abs_error']}")
             line(f"  load: {load_line(r['session_load_s'])}, {load()}")
             if not args.skip_latency:
                 lat = measure_latency(packed, dense, batches=batches, threads=args.threads,
@@ -317,6 +330,7 @@ def main() -> None:
                     "packed_initializer_cr": sv["initializer_bytes"] / sp["initializer_bytes"],
                     "packed_file_cr": sv["file_bytes"] / sp["file_bytes"],
                     "packed_outputs_bit_identical": bool(np.array_equal(ref, got)),
+                    "openvino_max_abs_error": openvino_error(tmp / "packed.onnx", ref, xb),
                     "packed_folded_like_dense": folded_like_dense(tmp / "packed.onnx", dense, tmp),
                     "sparse_initializer": [],
                     "session_load_s": load_times(tmp / "packed.onnx", dense, args.load_repeats,
@@ -325,7 +339,8 @@ def main() -> None:
                 line(f"pruned p={p:.0%}: packed C.R. initializers {r['packed_initializer_cr']:.4f}"
                      f", file {r['packed_file_cr']:.4f} (theory 32/((1-p)32+1) = "
                      f"{r['theoretical_cr_packed']:.4f}); bit-identical "
-                     f"{r['packed_outputs_bit_identical']}, folded {r['packed_folded_like_dense']}")
+                     f"{r['packed_outputs_bit_identical']}, folded {r['packed_folded_like_dense']}"
+                     f", OpenVINO max |Δ| {r['openvino_max_abs_error']}")
                 line(f"  load: {load_line(r['session_load_s'])}, {load()}")
                 for dt in (np.int64, np.int32):
                     s = try_sparse(dense, specs, tmp / "sparse.onnx", dt, xb, ref)
