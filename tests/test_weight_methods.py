@@ -332,7 +332,7 @@ def test_a_row_that_fails_verification_stops_compare_and_writes_nothing(
               "scoring": {"samples_per_group": 48}}
     recipe = _recipe(tmp, CNN, method, compare=["vanilla", "truncated_svd", "slr_w", "fairlrf"])
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    real_verify = Experiment.verify
+    real_verify = Experiment.verify_all  # each runtime of export.verify_runtimes
 
     def verify_against_shifted_outputs(self, path, **kwargs):
         # A real ONNX Runtime verification of the SLR-w row, against outputs moved by 1.
@@ -344,7 +344,7 @@ def test_a_row_that_fails_verification_stops_compare_and_writes_nothing(
             kwargs["reference"] = tmp_path / "shifted.npz"
         return real_verify(self, path, **kwargs)
 
-    monkeypatch.setattr(Experiment, "verify", verify_against_shifted_outputs)
+    monkeypatch.setattr(Experiment, "verify_all", verify_against_shifted_outputs)
     result = CliRunner().invoke(
         main,
         ["compare", str(tmp / "ckpt.pt"), "--recipe", str(tmp_path / "r.yaml"), "--out",

@@ -955,7 +955,8 @@ def int8_lines(report: Mapping[str, Any], *, markdown: bool = True) -> list[str]
         f"int8 model ({block['path']}, {made['mode']} quantization"
         + (f", calibrated on {made['calibration_samples']:,} training inputs"
            if made["calibration_samples"] else "")
-        + f"): verification {passed} against PyTorch's float outputs (atol "
+        + f"): verification {passed} in {runtimes_text(ver)} against PyTorch's float "
+        f"outputs (atol "
         f"{ver['atol']:.3g} = {ver['atol_basis']}, rtol {ver['rtol']:g}; max |Δ| "
         f"{ver['max_abs_error']:.3g}, argmax agreement {100 * ver['argmax_agreement']:.2f} %)",
         f"int8 vs float export on the {plural(fair['n_samples'], 'test sample')} ({pct} % "
