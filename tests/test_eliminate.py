@@ -390,7 +390,8 @@ def test_union_up_to_the_width_exports_exactly(tmp_path, rows_b, cols_a):
     not into B's already narrowed U (it crashed with an IndexError)."""
     model = _adjacent(rows_b, cols_a)
     x = torch.randn(40, 6)
-    res = export_onnx(model, x[:4], tmp_path / "u.onnx", eliminate_dead=True)
+    res = export_onnx(model, x[:4], tmp_path / "u.onnx",
+                      options=ExportOptions(eliminate_dead=True))
     _exact(tmp_path / "u.onnx", model, x)
     lay = {r.layer: r for r in res.layers}
     union = len(set(rows_b) | set(cols_a))
@@ -427,7 +428,7 @@ def test_slr_w_on_both_layers_of_the_mlp_exports(tmp_path, sr):
         chosen[name] = (rows, cols)
     union = set(chosen["layers.0"][1].tolist()) | set(chosen["layers.2"][0].tolist())
     x = torch.randn(30, 8)
-    res = export_onnx(out, x[:4], tmp_path / "m.onnx", eliminate_dead=True)
+    res = export_onnx(out, x[:4], tmp_path / "m.onnx", options=ExportOptions(eliminate_dead=True))
     _exact(tmp_path / "m.onnx", out, x)
     assert res.deployed_params == _stored(tmp_path / "m.onnx")
     assert (len(union) == 32) == (sr == 0.97)  # 31 + 31 of 32 cover them all here

@@ -21,7 +21,7 @@ from test_packed import ViewLinear, conv_net, make_classes
 from test_packed import mlp as packed_mlp
 from torch import nn
 
-from fairdeploy.export import export_onnx, pack_weights, quantize_int8
+from fairdeploy.export import Exporter, ExportOptions, export_onnx, pack_weights, quantize_int8
 from fairdeploy.runtimes import RUNTIMES, load_runtime, run_batched, runtime_available
 from fairdeploy.verification import DEFAULT_ATOL, DEFAULT_RTOL
 
@@ -57,7 +57,7 @@ def export_and_compare(model, x, path, *, packing=None, **kw) -> tuple[dict, Cou
     """Export ``model`` (optionally packed), check ONNX Runtime against PyTorch and every
     runtime against ONNX Runtime; the outputs and the graph's op counts."""
     xt = torch.as_tensor(x)
-    export_onnx(model, xt[:4], path, packing=packing, **kw)
+    Exporter(ExportOptions(**kw)).export(model, xt[:4], path, packing=packing)
     got = assert_runtimes_agree(path, x)
     with torch.no_grad():
         ref = model(xt).numpy()
