@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from fairdeploy.errors import FairDeployError
+from fairdeploy.errors import FairDeployError, first_line
 
 __all__ = [
     "RUNTIMES", "RuntimeSession", "load_runtime", "load_runtime_check", "parse_runtimes",
@@ -158,11 +158,6 @@ def _what(model: str | os.PathLike[str] | bytes) -> str:
     return "the model" if isinstance(model, bytes) else repr(os.fspath(model))
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
-
-
 #: Lines of an OpenVINO error that say where in its sources, not what.
 _OV_NOISE = ("Exception from ", "Check '", "FrontEnd API failed", "Summary:")
 
@@ -201,7 +196,7 @@ def _onnxruntime(model: str | os.PathLike[str] | bytes, provider: str) -> Runtim
         raise
     except Exception as exc:  # ORT refuses a model it cannot load
         raise FairDeployError(
-            f"ONNX Runtime cannot load {_what(model)}: {_first_line(exc)}"
+            f"ONNX Runtime cannot load {_what(model)}: {first_line(exc, limit=300)}"
         ) from None
     inputs = sess.get_inputs()
     return RuntimeSession(
@@ -269,7 +264,7 @@ def _reference(model: str | os.PathLike[str] | bytes, provider: str) -> RuntimeS
             evaluator = ReferenceEvaluator(proto, new_ops=_qdq_ops())
     except Exception as exc:  # an op the evaluator does not implement, a corrupt file
         raise FairDeployError(
-            f"the ONNX reference evaluator cannot load {_what(model)}: {_first_line(exc)}"
+            f"the ONNX reference evaluator cannot load {_what(model)}: {first_line(exc, limit=300)}"
         ) from None
     names, shapes = _shapes_of(proto)
 

@@ -36,7 +36,7 @@ from fairdeploy.comparison import (
     compare_outputs,
     tolerance_text,
 )
-from fairdeploy.errors import FairDeployError
+from fairdeploy.errors import FairDeployError, first_line
 from fairdeploy.progress import phase
 
 __all__ = [
@@ -611,11 +611,9 @@ def _run_on_reference_inputs(
             try:
                 outs.append(sess.run({in_name: x[i : i + batch_size]}))
             except Exception as exc:  # a runtime's error for inputs it cannot take
-                text = str(exc).strip()
-                first = text.splitlines()[0] if text else type(exc).__name__
                 raise FairDeployError(
                     f"{sess.runtime} cannot run {str(path)!r} on the reference inputs from "
-                    f"{ref.source} ({first[:200]}): the reference belongs to another model"
+                    f"{ref.source} ({first_line(exc)}): the reference belongs to another model"
                 ) from None
             bar.advance(len(outs[-1][0]))
     names = list(sess.output_names)

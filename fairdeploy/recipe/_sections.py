@@ -100,7 +100,9 @@ class ExportSpec(Strict):
     verify_npz_max_mb: Annotated[float, BeforeValidator(no_bool), Field(gt=0)] = 8.0
     verify_runtimes: list[Literal["onnxruntime", "openvino", "reference"]] = Field(
         default_factory=lambda: ["onnxruntime"], min_length=1,
-        description="runtimes every exported file is verified in (fairdeploy.runtimes)",
+        description="runtimes every exported file (and the int8 copy) is verified in: "
+        "`optimize`/`compare` fail when one disagrees; `openvino` needs `pip install "
+        "'fairdeploy[openvino]'`",
     )
     quantize: Literal["none", "int8"] = Field(
         "none", description="int8: also ship model.int8.onnx (ONNX Runtime's quantization)"
