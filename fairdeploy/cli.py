@@ -190,19 +190,29 @@ def main() -> None:
                    "records).")
 @click.option("--rtol", type=_Number(min=0), default=None,
               help="Relative tolerance (default 1e-3; model.int8.onnx: recorded).")
+@click.option("--runtime", "runtimes", multiple=True, default=("onnxruntime",),
+              show_default=True,
+              help="Runtime(s) to run MODEL in: onnxruntime, openvino (pip install "
+                   "'fairdeploy[openvino]'), reference (onnx.reference, slow); repeat or "
+                   "comma-separate for several.")
 @_apply(provider_option, trust_option, json_option)
 def verify(
     model: str, reference: str | None, checkpoint: str | None, recipe_path: str | None,
-    split: str, samples: int | None, atol: float | None, rtol: float | None, provider: str,
-    trust_checkpoint: bool, json_path: str | None,
+    split: str, samples: int | None, atol: float | None, rtol: float | None,
+    runtimes: tuple[str, ...], provider: str, trust_checkpoint: bool, json_path: str | None,
 ) -> None:
-    """Check MODEL and compare ONNX Runtime's outputs with a reference; exit 1 on failure.
+    """Check MODEL and compare a runtime's outputs with a reference; exit 1 on failure.
 
     The reference is REFERENCE, or MODEL's <name>.verify.npz, or --checkpoint with
     --recipe (then the group fairness of the ONNX model's predictions on that split is
-    reported too).
+    reported too). With several --runtime, each gives its own verdict.
     """
-    from fairdeploy.verification import verify as run_verify
+    from fairdeploy.runtimes import load_runtime_check, parse_runtimes
+    from fairdeploy.verification import verify_runtimes
+
+    runtimes = parse_runtimes(runtimes)
+    for rt in runtimes:  # refused before the reference is computed
+        load_runtime_check(rt)
 
     privileged = None
     notes: list[str] = []
@@ -218,13 +228,35 @@ def verify(
             model, checkpoint, recipe_path, split=split, samples=samples,
             trust_checkpoint=trust_checkpoint, progress=True,
         )
-    result = run_verify(model, reference=reference, atol=atol, rtol=rtol, provider=provider,
-                        privileged=privileged, notes=notes, progress=True)
+    result = verify_runtimes(model, runtimes, reference=reference, atol=atol, rtol=rtol,
+                             provider=provider, privileged=privileged, notes=notes,
+                             progress=True)
     for line in result.summary_lines():
         click.echo(line)
     _write_json(json_path, result.to_dict())
     if not result:
         click.get_current_context().exit(1)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Where to write (default: <name>.unpacked.onnx beside MODEL).")
+def unpack(model: str, output: str | None) -> None:
+    """Write packed MODEL with its weights rebuilt once: a dense file that loads as fast
+    as a dense export (and is as large); it computes bit for bit what MODEL computes."""
+    from pathlib import Path
+
+    from fairdeploy.export import unpack_weights, verify_npz_path
+
+    src = Path(model)
+    out = Path(output) if output else src.with_name(src.stem + ".unpacked.onnx")
+    rep = unpack_weights(src, out)
+    click.echo(f"{out}: {len(rep.initializers)} packed weights written dense, "
+               f"{rep.nodes_removed} rebuild nodes removed, {rep.file_bytes_before:,} -> "
+               f"{rep.file_bytes_after:,} bytes")
+    if verify_npz_path(src).is_file():
+        click.echo(f"check it: fairdeploy verify {out} --reference {verify_npz_path(src)}")
 
 
 @main.command()

@@ -1,10 +1,12 @@
 """Does the ONNX model that ships compute what the PyTorch model computed?
 
-:func:`verify` runs the ONNX checker, runs the model in ONNX Runtime on real inputs,
+:func:`verify` runs the ONNX checker, runs the model in a runtime (ONNX Runtime by default;
+OpenVINO or the ONNX reference evaluator, :mod:`fairdeploy.runtimes`) on real inputs,
 compares with reference outputs (per output: max absolute and relative error, argmax
 agreement, the smallest tolerance that would pass) and, when the reference carries labels
 and groups, reports group fairness of the ONNX model's own predictions. The result is
-truthy on pass (Polygraphy's comparator style).
+truthy on pass (Polygraphy's comparator style). :func:`verify_runtimes` does it in several
+runtimes, one verdict per runtime (Polygraphy's ``run --onnxrt --trt``).
 
 Reference sources:
 
@@ -34,16 +36,18 @@ from fairdeploy.comparison import (
     compare_outputs,
     tolerance_text,
 )
-from fairdeploy.errors import FairDeployError
+from fairdeploy.errors import FairDeployError, first_line
 from fairdeploy.progress import phase
 
 __all__ = [
     "OutputComparison",
     "Reference",
+    "RuntimesResult",
     "VerifyResult",
     "load_reference",
     "reference_from_model",
     "verify",
+    "verify_runtimes",
 ]
 
 @dataclass(frozen=True)
@@ -90,7 +94,8 @@ class VerifyResult:
     n_samples : int
         Reference samples compared.
     provider : str
-        The execution provider that actually ran.
+        What actually ran it: the ONNX Runtime execution provider, OpenVINO's device, or
+        ``numpy`` for the reference evaluator.
     reference : str
         Where the reference came from.
     fairness : dict or None
@@ -98,6 +103,10 @@ class VerifyResult:
         has labels and groups), else None.
     fairness_note : str
         Why fairness is missing, when it is.
+    runtime : str
+        The runtime the outputs come from (:data:`fairdeploy.runtimes.RUNTIMES`).
+    runtime_version : str
+        Its version.
     """
 
     passed: bool
@@ -113,6 +122,8 @@ class VerifyResult:
     #: What a reader must know to interpret the result (a subset, a reference that is
     #: expected to differ), one sentence each.
     notes: tuple[str, ...] = ()
+    runtime: str = "onnxruntime"
+    runtime_version: str = ""
 
     def __bool__(self) -> bool:
         return self.passed
@@ -126,6 +137,8 @@ class VerifyResult:
             "outputs": [o.to_dict() for o in self.outputs],
             "n_samples": self.n_samples,
             "provider": self.provider,
+            "runtime": self.runtime,
+            "runtime_version": self.runtime_version,
             "reference": self.reference,
             "fairness": self.fairness,
             "fairness_note": self.fairness_note,
@@ -138,7 +151,7 @@ class VerifyResult:
         lines = [
             f"checker: {'ok' if self.checker_ok else 'FAILED: ' + self.checker_message}",
             f"reference: {self.reference} ({plural(self.n_samples, 'sample')}), "
-            f"provider: {self.provider}",
+            f"runtime: {self.runtime} {self.runtime_version} ({self.provider})",
         ]
         for o in self.outputs:
             lines.append(
@@ -158,13 +171,14 @@ class VerifyResult:
                 if isinstance(v, dict) and v.get("avg") is not None:
                     shown.append(f"{k} avg {v['avg']:.3f} diff {v['diff']:.3f}")
             lines.append(
-                f"group metrics of the ONNX predictions on these "
+                f"group metrics of the ONNX predictions ({self.runtime}) on these "
                 f"{plural(self.n_samples, 'sample')}: {', '.join(shown)}"
             )
         elif self.fairness_note:
             lines.append(f"fairness: {self.fairness_note}")
         lines += [f"note: {n}" for n in self.notes]
-        lines.append(("PASSED" if self.passed else "FAILED") + f": {self.reference}")
+        lines.append(("PASSED" if self.passed else "FAILED") + f" in {self.runtime}: "
+                     f"{self.reference}")
         return lines
 
 
@@ -341,8 +355,9 @@ def verify(
     batch_size: int = 256,
     notes: tuple[str, ...] | list[str] = (),
     progress: bool = False,
+    runtime: str = "onnxruntime",
 ) -> VerifyResult:
-    """Check an ONNX model and compare ONNX Runtime's outputs with a reference.
+    """Check an ONNX model and compare a runtime's outputs with a reference.
 
     Parameters
     ----------
@@ -357,7 +372,8 @@ def verify(
         tolerances the model's metadata records (:func:`recorded_tolerances`: an int8
         model's own), else 1e-4 and 1e-3 (DESIGN.md §5).
     provider : {"auto", "cpu", "cuda"}
-        Execution provider (CUDA falls back to the CPU with a warning).
+        ONNX Runtime's execution provider (CUDA falls back to the CPU with a warning);
+        the other runtimes run on the CPU.
     min_argmax_agreement : float, optional
         Fraction of samples whose argmax must agree (None: recorded, else 0.999).
     privileged : int, optional
@@ -369,13 +385,16 @@ def verify(
         Sentences to carry into the result (e.g. why a mismatch is expected).
     progress : bool
         Report progress (:mod:`fairdeploy.progress`).
+    runtime : {"onnxruntime", "openvino", "reference"}
+        The runtime that runs the model (:mod:`fairdeploy.runtimes`); ``openvino`` needs
+        ``pip install 'fairdeploy[openvino]'``.
 
     Returns
     -------
     VerifyResult
         Truthy when the checker and every output passed.
     """
-    from fairdeploy.providers import session_provider
+    from fairdeploy.runtimes import load_runtime
 
     for name, tol in (("atol", atol), ("rtol", rtol)):
         if tol is not None and not (
@@ -397,7 +416,7 @@ def verify(
     )
     ref = _load_checked_reference(path, reference)
     checker_ok, checker_msg = _run_checker(path)
-    sess = _load_session(path, provider)
+    sess = load_runtime(path, runtime, provider=provider)
     x = np.ascontiguousarray(ref.inputs, dtype=np.float32)
     names, got_all = _run_on_reference_inputs(
         sess, x, ref, path, batch_size=batch_size, progress=progress
@@ -423,12 +442,14 @@ def verify(
         checker_message=checker_msg,
         outputs=comps,
         n_samples=len(x),
-        provider=session_provider(sess),
+        provider=sess.device,
         reference=ref.source,
         fairness=fairness,
         fairness_note=note,
         required_argmax_agreement=min_argmax_agreement,
         notes=tuple(all_notes),
+        runtime=sess.runtime,
+        runtime_version=sess.version,
     )
 
 
@@ -470,6 +491,81 @@ def _own_reference(
     return path.with_name(Path(named).name)
 
 
+@dataclass(frozen=True)
+class RuntimesResult:
+    """Outcome of :func:`verify_runtimes`: one :class:`VerifyResult` per runtime; truthy
+    when every runtime passed.
+
+    Attributes
+    ----------
+    results : dict of str to VerifyResult
+        Per runtime, in the order asked.
+    """
+
+    results: dict[str, VerifyResult]
+
+    @property
+    def passed(self) -> bool:
+        """Every runtime passed."""
+        return all(self.results.values())
+
+    @property
+    def verified_in(self) -> list[str]:
+        """The runtimes in which the file passed."""
+        return [rt for rt, r in self.results.items() if r]
+
+    @property
+    def failed_in(self) -> list[str]:
+        """The runtimes in which it did not."""
+        return [rt for rt, r in self.results.items() if not r]
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict: the first runtime's result at the top level (the shape a
+        one-runtime verify always had), then ``verified_in`` and every runtime's result."""
+        first = next(iter(self.results.values())).to_dict()
+        return first | {
+            "passed": self.passed,
+            "verified_in": self.verified_in,
+            "failed_in": self.failed_in,
+            "runtimes": {rt: r.to_dict() for rt, r in self.results.items()},
+        }
+
+    def summary_lines(self) -> list[str]:
+        """Each runtime's lines, then (with several runtimes) one verdict line."""
+        if len(self.results) == 1:
+            return next(iter(self.results.values())).summary_lines()
+        lines: list[str] = []
+        for rt, r in self.results.items():
+            lines.append(f"== {rt} ==")
+            lines += r.summary_lines()
+        if self.passed:
+            lines.append(f"PASSED in every runtime: {', '.join(self.verified_in)}")
+        else:
+            ok = f" (passed in {', '.join(self.verified_in)})" if self.verified_in else ""
+            lines.append(f"FAILED in {', '.join(self.failed_in)}{ok}")
+        return lines
+
+
+def verify_runtimes(
+    onnx_path: str | os.PathLike[str], runtimes: Any = ("onnxruntime",), **kwargs: Any
+) -> RuntimesResult:
+    """:func:`verify` in each runtime of ``runtimes`` (names, or comma lists), the same
+    reference, tolerances and group fairness in each.
+
+    Every runtime is checked to be installed before any runs (OpenVINO is optional: one
+    line says how to install it).
+    """
+    from fairdeploy.runtimes import load_runtime_check, parse_runtimes
+
+    names = parse_runtimes(runtimes)
+    for rt in names:
+        load_runtime_check(rt)
+    return RuntimesResult({rt: verify(onnx_path, runtime=rt, **kwargs) for rt in names})
+
+
 def _load_checked_reference(
     path: Path, reference: str | os.PathLike[str] | Reference | None
 ) -> Reference:
@@ -498,40 +594,29 @@ def _run_checker(path: Path) -> tuple[bool, str]:
         return False, str(exc).strip().splitlines()[0] if str(exc) else repr(exc)
 
 
-def _load_session(path: Path, provider: str) -> Any:
-    from fairdeploy.providers import make_session
-
-    try:
-        return make_session(path, provider=provider)
-    except Exception as exc:  # onnxruntime refuses a model it cannot load
-        raise FairDeployError(f"ONNX Runtime cannot load {str(path)!r}: {exc}") from None
-
-
 def _run_on_reference_inputs(
     sess: Any, x: np.ndarray, ref: Reference, path: Path, *, batch_size: int, progress: bool
 ) -> tuple[list[str], list[np.ndarray]]:
     """The model's output names and its outputs on every reference input, run in
-    batches of ``batch_size``."""
+    batches of ``batch_size`` (``sess``: a :class:`fairdeploy.runtimes.RuntimeSession`)."""
     from fairdeploy.export._onnx import INPUT_NAME
 
-    in_name = sess.get_inputs()[0].name if sess.get_inputs() else INPUT_NAME
-    if sess.get_inputs():
-        _check_input_shape(x, sess.get_inputs()[0].shape, ref.source)
-    with phase(f"verify: ONNX Runtime on {plural(len(x), 'reference input')}", total=len(x),
+    in_name = sess.input_names[0] if sess.input_names else INPUT_NAME
+    if sess.input_names:
+        _check_input_shape(x, sess.input_shapes[0], ref.source)
+    with phase(f"verify: {sess.runtime} on {plural(len(x), 'reference input')}", total=len(x),
                enabled=progress) as bar:
         outs = []
         for i in range(0, len(x), batch_size):
             try:
-                outs.append(sess.run(None, {in_name: x[i : i + batch_size]}))
-            except Exception as exc:  # ORT's InvalidArgument/Fail for inputs it cannot take
-                text = str(exc).strip()
-                first = text.splitlines()[0] if text else type(exc).__name__
+                outs.append(sess.run({in_name: x[i : i + batch_size]}))
+            except Exception as exc:  # a runtime's error for inputs it cannot take
                 raise FairDeployError(
-                    f"ONNX Runtime cannot run {str(path)!r} on the reference inputs from "
-                    f"{ref.source} ({first[:200]}): the reference belongs to another model"
+                    f"{sess.runtime} cannot run {str(path)!r} on the reference inputs from "
+                    f"{ref.source} ({first_line(exc)}): the reference belongs to another model"
                 ) from None
             bar.advance(len(outs[-1][0]))
-    names = [o.name for o in sess.get_outputs()]
+    names = list(sess.output_names)
     return names, [np.concatenate([o[j] for o in outs]) for j in range(len(names))]
 
 

@@ -257,6 +257,7 @@ _VALID = {
                         {"mode": "random", "train": 0.5, "val": 0.25}],
     ("data", "max_samples"): [10, 30, 1000],
     ("export", "verify_samples"): [1, 2, 10, 100000],
+    ("export", "verify_runtimes"): [["onnxruntime"], ["reference", "onnxruntime"]],
     ("export", "opset"): [13, 17, 20],
     ("export", "simplify"): [True, False],
     ("export", "tolerances"): [{"atol": 1e-6, "rtol": 0}, {"argmax_agreement": 0.5}],

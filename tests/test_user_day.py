@@ -368,12 +368,55 @@ def test_rerunning_a_finished_train_keeps_the_checkpoint(day: dict) -> None:
     assert hashlib.sha256((tmp / "ckpt.pt").read_bytes()).hexdigest() == before
 
 
-def test_compare_shows_the_validation_table_first(day: dict) -> None:
+@pytest.fixture(scope="module")
+def compared(day: dict) -> tuple[str, dict]:
+    """compare on the day's recipe, each row verified in ONNX Runtime and the reference
+    evaluator (and OpenVINO when installed) at export time."""
+    from fairdeploy.runtimes import runtime_available
+
     tmp = day["tmp"]
+    runtimes = ["onnxruntime", "reference"] + (["openvino"] if runtime_available("openvino")
+                                               else [])
+    text = RECIPE.replace("export: {verify_samples: 200,",
+                          f"export: {{verify_runtimes: [{', '.join(runtimes)}], "
+                          "verify_samples: 200,")
+    assert text != RECIPE
+    (tmp / "compare-day.yaml").write_text(text)
     code, out = _invoke("compare", str(tmp / "ckpt.pt"), "--recipe",
-                        str(tmp / "features-day.yaml"), "--exports", str(tmp / "exports"),
+                        str(tmp / "compare-day.yaml"), "--exports", str(tmp / "exports"),
                         "--out", str(tmp / "cmp"))
     assert code == 0, out
+    return out, {"runtimes": runtimes}
+
+
+def test_compare_reports_what_each_row_was_verified_on_and_in(day: dict, compared) -> None:
+    """Issue 19 items 3 and 5: each row is verified on its capped model.verify.npz (66 of
+    the 200 export.verify_samples here) and in every runtime the recipe names; the report
+    says so, not 200."""
+    _, info = compared
+    report = json.loads((day["tmp"] / "cmp" / "report.json").read_text())
+    rows = [m for m in report["methods"] if m.get("artifact")]
+    assert rows
+    for m in rows:
+        ver = m["artifact"]["verify"]
+        assert ver["samples"] == 66 and ver["samples_requested"] == 200
+        assert ver["verified_in"] == info["runtimes"] and list(ver["runtimes"]) == info[
+            "runtimes"]
+        assert all(r["passed"] for r in ver["runtimes"].values())
+        npz = np.load(day["tmp"] / "cmp" / m["artifact"]["path"].replace(
+            "model.onnx", "model.verify.npz"))
+        assert npz["inputs"].shape[0] == ver["samples"] == ver["details"]["n_samples"]
+    note = report["artifacts"]["note"]
+    assert "on the 66 real test inputs its model.verify.npz holds" in note, note
+    assert "200 real test inputs" not in note
+    assert "ONNX Runtime, the ONNX reference evaluator" in note
+    md = (day["tmp"] / "cmp" / "report.md").read_text()
+    assert "66 inputs, ONNX Runtime, the ONNX reference evaluator" in md
+
+
+def test_compare_shows_the_validation_table_first(day: dict, compared) -> None:
+    tmp = day["tmp"]
+    out, _ = compared
     assert out.index("Validation split") < out.index("Test split")
     md = (tmp / "cmp" / "report.md").read_text()
     assert md.index("## Validation split") < md.index("## Accuracy and fairness")

@@ -116,6 +116,10 @@ def _experiment(
     progress: bool,
     trust_checkpoint: bool,
 ) -> Experiment:
+    from fairdeploy.runtimes import load_runtime_check
+
+    for runtime in recipe.export.verify_runtimes:  # refused before any work, in one line
+        load_runtime_check(runtime)
     return Experiment(
         recipe,
         checkpoint,

@@ -73,8 +73,9 @@ def _deploy(
     report["export_layout"] = [lay.to_dict() for lay in res.layers]
     ref = exp.reference(processed)
     n = len(ref.inputs)
-    with phase(f"verify: ONNX Runtime vs PyTorch on {n:,} test inputs", unit="", enabled=show):
-        vres = exp.verify(model_path, reference=ref)
+    runtimes = ", ".join(exp.recipe.export.verify_runtimes)
+    with phase(f"verify: {runtimes} vs PyTorch on {n:,} test inputs", unit="", enabled=show):
+        vres = exp.verify_all(model_path, reference=ref)
     report["verify"] = verify_summary(vres, tol, n)
     stored = _stored_reference_samples(run / "model.verify.npz")
     report["verify"]["reference_file"] = {
@@ -92,6 +93,23 @@ def _deploy(
     if exp.recipe.export.quantize == "int8":
         report["int8"] = _deploy_int8(exp, processed, ref, report, model_path, vanilla)
     return True
+
+
+def _verify_int8_in_runtimes(exp: Experiment, int8_path: Path, ref: Any,
+                             atol: float) -> dict[str, Any]:
+    """:func:`~fairdeploy.export.verify_int8` in each runtime of
+    ``export.verify_runtimes``, with the recipe's int8 tolerances."""
+    from fairdeploy.export import verify_int8
+
+    spec = exp.recipe.export.int8
+    checks = {}
+    for runtime in exp.recipe.export.verify_runtimes:
+        with phase(f"int8: verify in {runtime} on {len(ref.inputs):,} test inputs", unit="",
+                   enabled=exp.progress):
+            checks[runtime] = verify_int8(int8_path, ref.inputs, ref.outputs, atol=atol,
+                                          rtol=spec.rtol, runtime=runtime,
+                                          min_argmax_agreement=spec.argmax_agreement)
+    return checks
 
 
 def _deploy_int8(
@@ -113,7 +131,6 @@ def _deploy_int8(
         int8_fairness,
         quantize_int8,
         update_metadata,
-        verify_int8,
     )
 
     spec = exp.recipe.export.int8
@@ -125,9 +142,8 @@ def _deploy_int8(
         made = quantize_int8(model_path, int8_path, calibration_inputs=calibration,
                              mode=spec.mode)
     atol = spec.atol_scale * float(np.std(ref.outputs))
-    with phase(f"int8: verify on {len(ref.inputs):,} test inputs", unit="", enabled=show):
-        check = verify_int8(int8_path, ref.inputs, ref.outputs, atol=atol, rtol=spec.rtol,
-                            min_argmax_agreement=spec.argmax_agreement)
+    checks = _verify_int8_in_runtimes(exp, int8_path, ref, atol)
+    check = next((c for c in checks.values() if not c), next(iter(checks.values())))
     if not check:
         raise FairDeployError(
             f"the int8 model does not match PyTorch's float outputs within the int8 "
@@ -151,7 +167,11 @@ def _deploy_int8(
         "calibration": {"split": "train", "samples": int(take), "seed": spec.seed},
         "verify": check.to_dict()
         | {"atol_basis": f"{spec.atol_scale:g} × the float logits' std "
-                         f"({float(np.std(ref.outputs)):.3g}), export.int8.atol_scale"},
+                         f"({float(np.std(ref.outputs)):.3g}), export.int8.atol_scale",
+           "verified_in": list(checks),
+           "runtimes": {rt: {k: c.to_dict()[k] for k in (
+               "passed", "max_abs_error", "mean_abs_error", "argmax_agreement")}
+               for rt, c in checks.items()}},
         "fairness": fair.to_dict(),
         "compression": comp.to_dict(),
     }
@@ -227,9 +247,14 @@ def _require_verified(vres: Any, entry: dict[str, Any]) -> None:
 
 
 def _failed_line(vres: Any) -> str:
-    """The first line of a failed verification's summary that says what failed."""
+    """The first line of a failed verification's summary that says what failed (and, for
+    several runtimes, in which)."""
+    runtime = ""
+    if getattr(vres, "failed_in", None):  # a RuntimesResult: the first runtime that failed
+        runtime = f"in {vres.failed_in[0]}: "
+        vres = vres.results[vres.failed_in[0]]
     lines = vres.summary_lines()
-    return next((ln.strip() for ln in lines if "FAILED" in ln), lines[-1])
+    return runtime + next((ln.strip() for ln in lines if "FAILED" in ln), lines[-1])
 
 
 def _stored_reference_samples(path: Path) -> int:

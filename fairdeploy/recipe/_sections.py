@@ -84,7 +84,10 @@ class ExportSpec(Strict):
     ``verify_samples`` test inputs are compared (ONNX Runtime vs PyTorch) when the
     model is exported; ``model.verify.npz`` keeps the first of them that fit in
     ``verify_npz_max_mb`` megabytes (all of them for tabular data; about 55 images of
-    3×112×112), for a later ``fairdeploy verify``.
+    3×112×112), for a later ``fairdeploy verify``. ``verify_runtimes`` lists the
+    runtimes each exported file is verified in (``onnxruntime``, ``openvino`` with
+    ``pip install 'fairdeploy[openvino]'``, ``reference``: the ONNX reference evaluator,
+    slow on images); the report says in which it passed.
     """
 
     opset: Annotated[int, BeforeValidator(no_bool), Field(ge=13, le=25)] = 18
@@ -95,6 +98,12 @@ class ExportSpec(Strict):
     sparse_layout: Literal["blocks", "zeros"] = "blocks"
     eliminate_dead: bool = True
     verify_npz_max_mb: Annotated[float, BeforeValidator(no_bool), Field(gt=0)] = 8.0
+    verify_runtimes: list[Literal["onnxruntime", "openvino", "reference"]] = Field(
+        default_factory=lambda: ["onnxruntime"], min_length=1,
+        description="runtimes every exported file (and the int8 copy) is verified in: "
+        "`optimize`/`compare` fail when one disagrees; `openvino` needs `pip install "
+        "'fairdeploy[openvino]'`",
+    )
     quantize: Literal["none", "int8"] = Field(
         "none", description="int8: also ship model.int8.onnx (ONNX Runtime's quantization)"
     )
@@ -112,6 +121,17 @@ class ExportSpec(Strict):
                 {},
             )
         return self
+
+    @field_validator("verify_runtimes")
+    @classmethod
+    def _runtimes_once(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise schema_error(
+                "fd_runtimes_twice",
+                "{value} names a runtime twice (list each once)",
+                {"value": value},
+            )
+        return value
 
     @model_validator(mode="after")
     def _exporter_supports(self) -> ExportSpec:

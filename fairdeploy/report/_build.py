@@ -560,18 +560,41 @@ def packing_block(
     }
 
 
-def verify_summary(vres: Any, tolerances: Any, n: int) -> dict[str, Any]:
-    """The report's verification block from a :class:`~fairdeploy.verification.VerifyResult`."""
-    outs = vres.outputs
-    return {
+def verify_summary(vres: Any, tolerances: Any, n: int | None = None) -> dict[str, Any]:
+    """The report's verification block from a :class:`~fairdeploy.verification.VerifyResult`
+    or a :class:`~fairdeploy.verification.RuntimesResult` (several runtimes).
+
+    ``samples`` is the number of inputs really compared (the result's ``n_samples``); when
+    ``n`` (the inputs asked for, e.g. ``export.verify_samples``) differs, it is kept as
+    ``samples_requested``. ``runtimes`` gives each runtime's verdict, ``verified_in`` those
+    that passed; the errors are the worst over every runtime.
+    """
+    results = getattr(vres, "results", None) or {getattr(vres, "runtime", "onnxruntime"): vres}
+    first = next(iter(results.values()))
+    outs = [o for r in results.values() for o in r.outputs]
+    block = {
         "passed": bool(vres),
-        "samples": n,
+        "samples": first.n_samples,
         "atol": tolerances.atol,
         "rtol": tolerances.rtol,
         "max_abs_error": max((o.max_abs_error for o in outs), default=0.0),
         "argmax_agreement": min((o.argmax_agreement for o in outs), default=1.0),
+        "verified_in": [rt for rt, r in results.items() if r],
+        "runtimes": {
+            rt: {
+                "passed": bool(r),
+                "version": getattr(r, "runtime_version", ""),
+                "device": r.provider,
+                "max_abs_error": max((o.max_abs_error for o in r.outputs), default=0.0),
+                "argmax_agreement": min((o.argmax_agreement for o in r.outputs), default=1.0),
+            }
+            for rt, r in results.items()
+        },
         "details": vres.to_dict(),
     }
+    if n is not None and n != first.n_samples:
+        block["samples_requested"] = n
+    return block
 
 
 def latency_block(results: Sequence[tuple[str, Any]], warmup: int) -> dict[str, Any]:

@@ -28,6 +28,7 @@ __all__ = [
     "fairness_table",
     "method_label",
     "render_markdown",
+    "runtimes_text",
     "terminal_text",
     "validation_table",
     "write_report",
@@ -693,14 +694,29 @@ def _latency_skips(lat: Mapping[str, Any]) -> list[str]:
             for s in lat.get("skipped", [])]
 
 
+#: How reports name the runtimes of :mod:`fairdeploy.runtimes`.
+_RUNTIME_NAMES = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO",
+                  "reference": "the ONNX reference evaluator"}
+
+
+def runtimes_text(verify: Mapping[str, Any]) -> str:
+    """"ONNX Runtime, OpenVINO": the runtimes a verification block ran in (ONNX Runtime for
+    reports written before there was a choice)."""
+    names = list(verify.get("runtimes") or ["onnxruntime"])
+    return ", ".join(_RUNTIME_NAMES.get(n, n) for n in names)
+
+
 def _verify_line(verify: Mapping[str, Any], *, markdown: bool = False) -> str:
     passed = "PASSED" if verify["passed"] else "FAILED"
+    if not verify["passed"] and verify.get("verified_in"):
+        passed += f" (passed in {runtimes_text({'runtimes': verify['verified_in']})} only)"
     if markdown:
         passed = f"**{passed}**"
     ref = verify.get("reference_file") or {}
     stored = f"; {ref['path']} {ref['note']}" if ref.get("note") else ""
     return (
-        f"ONNX verification (ONNX Runtime vs PyTorch on {plural(verify['samples'], 'test input')})"
+        f"ONNX verification ({runtimes_text(verify)} vs PyTorch on "
+        f"{plural(verify['samples'], 'test input')})"
         f": {passed}, max |Δ| {verify['max_abs_error']:.3g}, argmax agreement "
         f"{100 * verify['argmax_agreement']:.2f} %, atol {verify['atol']:g}, rtol "
         f"{verify['rtol']:g}{stored}."
@@ -779,7 +795,8 @@ def _artifact_lines(report: Mapping[str, Any]) -> list[str]:
             _cr(comp.get("theoretical_cr")),
             _cr(measured.get("initializer_cr")),
             _cr(measured.get("file_cr")),
-            f"{'PASSED' if ver['passed'] else 'FAILED'} (max |Δ| {ver['max_abs_error']:.2g})",
+            f"{'PASSED' if ver['passed'] else 'FAILED'} (max |Δ| {ver['max_abs_error']:.2g}, "
+            f"{plural(ver['samples'], 'input')}, {runtimes_text(ver)})",
         ])
     if not rows:
         return []
@@ -938,7 +955,8 @@ def int8_lines(report: Mapping[str, Any], *, markdown: bool = True) -> list[str]
         f"int8 model ({block['path']}, {made['mode']} quantization"
         + (f", calibrated on {made['calibration_samples']:,} training inputs"
            if made["calibration_samples"] else "")
-        + f"): verification {passed} against PyTorch's float outputs (atol "
+        + f"): verification {passed} in {runtimes_text(ver)} against PyTorch's float "
+        f"outputs (atol "
         f"{ver['atol']:.3g} = {ver['atol_basis']}, rtol {ver['rtol']:g}; max |Δ| "
         f"{ver['max_abs_error']:.3g}, argmax agreement {100 * ver['argmax_agreement']:.2f} %)",
         f"int8 vs float export on the {plural(fair['n_samples'], 'test sample')} ({pct} % "
