@@ -19,6 +19,7 @@ from typing import Any
 
 import click
 
+from fairdeploy.comparison import DEFAULT_ATOL, DEFAULT_RTOL
 from fairdeploy.errors import FairDeployError
 
 
@@ -186,10 +187,10 @@ def main() -> None:
 @click.option("--samples", type=click.IntRange(min=1), default=None,
               help="Inputs of the split to compare (default: the recipe's export.verify_samples).")
 @click.option("--atol", type=_Number(min=0), default=None,
-              help="Absolute tolerance (default 1e-4; model.int8.onnx: the one its metadata "
-                   "records).")
+              help=f"Absolute tolerance (default {DEFAULT_ATOL:g}; model.int8.onnx: the one its "
+                   "metadata records).")
 @click.option("--rtol", type=_Number(min=0), default=None,
-              help="Relative tolerance (default 1e-3; model.int8.onnx: recorded).")
+              help=f"Relative tolerance (default {DEFAULT_RTOL:g}; model.int8.onnx: recorded).")
 @click.option("--runtime", "runtimes", multiple=True, default=("onnxruntime",),
               show_default=True,
               help="Runtime(s) to run MODEL in: onnxruntime, openvino (pip install "
