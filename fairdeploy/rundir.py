@@ -49,8 +49,14 @@ def check_out(final: Path) -> None:
     """Refuse, before any work, an output folder we cannot write or must not replace.
 
     ``final`` may be missing, empty, or a run folder whose ``manifest.json`` lists every
-    file in it, each unchanged since the run wrote it.
+    file in it, each unchanged since the run wrote it. A symlink whose target does not
+    exist is refused too (the rename at the end of the run could not replace it).
     """
+    if final.is_symlink() and not final.exists():
+        raise FairDeployError(
+            f"--out {str(final)!r} is a symlink to {os.readlink(final)!r}, which does not "
+            "exist: create the folder it points to, or give another --out"
+        )
     if final.exists() and not final.is_dir():
         raise FairDeployError(f"--out {str(final)!r} is a file: give a folder path")
     if final.is_dir():

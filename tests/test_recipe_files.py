@@ -86,3 +86,14 @@ def _catch(outcome: list[BaseException], path: Path) -> None:
     except BaseException as exc:  # handed to the test thread
         outcome.append(exc)
     assert time.perf_counter() - t0 < 10
+
+
+@pytest.mark.parametrize("value", [".inf", ".nan", "1e400"])
+def test_an_infinite_int8_tolerance_is_refused_when_the_recipe_is_read(
+    tmp_path: Path, value: str
+) -> None:
+    """Issue 21 item 13: it passed --dry-run and failed only after the export."""
+    path = tmp_path / "r.yaml"
+    path.write_text(RECIPE + f"export: {{quantize: int8, int8: {{atol_scale: {value}}}}}\n")
+    with pytest.raises(FairDeployError, match=r"r\.yaml:14: export\.int8\.atol_scale: "):
+        load_recipe(path)
