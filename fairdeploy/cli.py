@@ -138,6 +138,21 @@ trust_option = click.option(
     help="Allow a checkpoint that pickles a whole module (runs code from the file: "
          "only for files you trust).",
 )
+
+
+def _trust_recipe(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:  # for this command only: ends with its context
+        from fairdeploy._trust import trusting_recipes
+
+        ctx.with_resource(trusting_recipes())
+
+
+recipe_trust_option = click.option(
+    "--trust-recipe", is_flag=True, expose_value=False, callback=_trust_recipe,
+    help="Allow the recipe to import code of its own (a package.module:Class method or "
+         "package.module:factory architecture; runs that module: only for recipes you "
+         "trust). Same as FAIRDEPLOY_TRUST_RECIPE=1.",
+)
 exports_option = click.option(
     "--exports", "exports_dir", type=click.Path(file_okay=False), default="exports",
     show_default=True, help="Folder for run outputs and the feature cache (.cache/).",
@@ -195,7 +210,7 @@ def main() -> None:
               help="Runtime(s) to run MODEL in: onnxruntime, openvino (pip install "
                    "'fairdeploy[openvino]'), reference (onnx.reference, slow); repeat or "
                    "comma-separate for several.")
-@_apply(provider_option, trust_option, json_option)
+@_apply(provider_option, trust_option, recipe_trust_option, json_option)
 def verify(
     model: str, reference: str | None, checkpoint: str | None, recipe_path: str | None,
     split: str, samples: int | None, atol: float | None, rtol: float | None,
@@ -402,7 +417,7 @@ def _print_report(report: dict[str, Any]) -> None:
                    "report.latency_seconds per batch size), off. Default: the recipe's "
                    "report.latency (quick).")
 @click.option("--no-latency", is_flag=True, help="Same as --latency off (kept for scripts).")
-@_apply(device_option, trust_option, exports_option, cache_option)
+@_apply(device_option, trust_option, recipe_trust_option, exports_option, cache_option)
 def optimize(
     checkpoint: str, recipe_path: str, out: str | None, dry_run: bool, latency: str | None,
     no_latency: bool, device: str, trust_checkpoint: bool, exports_dir: str, no_cache: bool,
@@ -430,7 +445,7 @@ def optimize(
 @_apply(recipe_option)
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Report folder (default: exports/<recipe>-compare-<hash>).")
-@_apply(device_option, trust_option, exports_option, cache_option)
+@_apply(device_option, trust_option, recipe_trust_option, exports_option, cache_option)
 def compare(
     checkpoint: str, recipe_path: str, out: str | None, device: str, trust_checkpoint: bool,
     exports_dir: str, no_cache: bool,
@@ -509,7 +524,7 @@ def _print_sweep(result: Any, checkpoint: Any) -> None:
               help="Discard the folder's journal (another checkpoint's or recipe's sweep) and "
                    "start over.")
 @click.option("--no-plots", is_flag=True, help="Do not write the PNG plots.")
-@_apply(device_option, trust_option, exports_option, cache_option)
+@_apply(device_option, trust_option, recipe_trust_option, exports_option, cache_option)
 def sweep(
     checkpoint: str, recipe_path: str, grid: tuple[str, ...], methods: tuple[str, ...],
     repeats: int | None, select: str | None, no_guard: bool, guard_tolerance: float | None,
@@ -548,7 +563,7 @@ def sweep(
               help="Override train.batch_size.")
 @click.option("--seed", type=int, default=None, help="Override train.seed.")
 @click.option("--no-resume", is_flag=True, help="Start over instead of resuming <output>.train.")
-@_apply(device_option)
+@_apply(device_option, recipe_trust_option)
 def train(
     recipe_path: str, output: str, epochs: int | None, lr: float | None,
     batch_size: int | None, seed: int | None, no_resume: bool, device: str,

@@ -107,3 +107,67 @@ def test_fairdeploy_modules_need_no_opt_in(monkeypatch) -> None:
         check_import_allowed("fairdeployx:f", "model.arch")
     with pytest.raises(FairDeployError):
         check_import_allowed("os:system", "method")
+
+
+# --------------------------------------------------------------------------- the commands
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    from _reliability import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+def _with_method(tiny, tmp_path: Path, method: str | None, arch: str = "mlp") -> Path:
+    text = tiny.recipe.read_text()
+    start, end = text.index("method:"), text.index("train:")
+    if method is not None:
+        text = text[:start] + f"method: {{name: '{method}', layer: layers.2}}\n" + text[end:]
+    text = text.replace("arch: mlp", f"arch: '{arch}'")
+    text = text.replace("path: data.npz", f"path: {tiny.data}")
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_every_command_refuses_an_untrusted_import_string(
+    plugin: tuple[str, Path], tiny, tmp_path: Path
+) -> None:
+    from _reliability import check_contract, invoke
+
+    name, marker = plugin
+    by_method = _with_method(tiny, tmp_path, f"{name}:Thing")
+    (tmp_path / "a").mkdir()
+    by_arch = _with_method(tiny, tmp_path / "a", None, arch=f"{name}:factory")
+    ck, out = tiny.ckpt, tmp_path / "run"
+    calls = [
+        ["optimize", ck, "--recipe", by_method, "--dry-run"],
+        ["optimize", ck, "--recipe", by_arch, "--dry-run"],
+        ["optimize", ck, "--recipe", by_method, "--out", out],
+        ["compare", ck, "--recipe", by_arch, "--out", out],
+        ["sweep", ck, "--recipe", tiny.recipe, "--method", f"{name}:Thing", "--grid",
+         "sr=0.1", "--out", out],
+        ["verify", tmp_path / "m.onnx", "--checkpoint", ck, "--recipe", by_arch],
+        ["train", "--recipe", by_arch, "-o", tmp_path / "t.pt"],
+    ]
+    (tmp_path / "m.onnx").write_bytes(b"")
+    for args in calls:
+        result = invoke(*args)
+        assert check_contract(result) == "error", (args, result.text)
+        assert "--trust-recipe" in result.text and name in result.text, (args, result.text)
+        assert not marker.exists(), args
+        assert not out.exists()
+
+
+def test_trust_recipe_lets_the_import_happen(plugin: tuple[str, Path], tiny, tmp_path) -> None:
+    from _reliability import invoke
+
+    name, marker = plugin
+    by_arch = _with_method(tiny, tmp_path, None, arch=f"{name}:factory")
+    result = invoke("optimize", tiny.ckpt, "--recipe", by_arch, "--dry-run", "--trust-recipe")
+    assert marker.exists(), result.text  # imported (the checkpoint then does not fit its Linear)
+    marker.unlink()
+    # The trust ended with the command.
+    invoke("optimize", tiny.ckpt, "--recipe", by_arch, "--dry-run")
+    assert not marker.exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from collections.abc import Callable, Sequence
@@ -90,6 +91,11 @@ def _check_sweep_dir(path: Path) -> None:
     created here (the journal creates the folder when the first evaluation is written)."""
     from fairdeploy.sweep import JOURNAL_NAME
 
+    if path.is_symlink() and not path.exists():
+        raise FairDeployError(
+            f"--out {str(path)!r} is a symlink to {os.readlink(path)!r}, which does not "
+            "exist: create the folder it points to, or give another --out"
+        )
     if path.exists() and not path.is_dir():
         raise FairDeployError(f"--out {str(path)!r} is a file: give a folder path")
     if path.is_dir() and any(path.iterdir()) and not (path / JOURNAL_NAME).is_file():
