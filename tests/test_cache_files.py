@@ -4,6 +4,7 @@ costs the reuse (issue 21 items 11 and 16)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -162,3 +163,22 @@ def test_an_unwritable_cache_folder_only_costs_the_reuse(tmp_path: Path) -> None
         warnings.simplefilter("ignore")
         with pytest.raises(OSError):
             cache.get_or_create_file("vanilla", {}, lambda p: p.write_bytes(b"x"), suffix=".onnx")
+
+
+def test_optimize_with_an_unwritable_cache_folder_succeeds(tmp_path: Path) -> None:
+    """Issue 21 item 11: a read-only cache failed optimize on the vanilla export's write."""
+    from _reliability import check_contract, check_run_folder, invoke, make_tiny
+
+    tiny = make_tiny(tmp_path / "proj")
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    (exports / ".cache").write_text("not a folder")  # unwritable for every user, root too
+    run = tmp_path / "run"
+    out = invoke("optimize", tiny.ckpt, "--recipe", tiny.recipe, "--out", run, "--exports",
+                 exports, "--no-latency")
+    assert check_contract(out) == "ok", out.text
+    check_run_folder(run)
+    report = json.loads((run / "report.json").read_text())
+    notes = report["notes"]
+    assert any("not cached" in n or "could not write" in n for n in notes), notes
+    assert (exports / ".cache").read_text() == "not a folder"
