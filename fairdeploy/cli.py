@@ -524,12 +524,15 @@ def _print_sweep(result: Any, checkpoint: Any) -> None:
               help="Discard the folder's journal (another checkpoint's or recipe's sweep) and "
                    "start over.")
 @click.option("--no-plots", is_flag=True, help="Do not write the PNG plots.")
+@click.option("--yes", is_flag=True,
+              help="Run a sweep over the work limits (20,000 evaluations, 100 draws per "
+                   "point), which is otherwise refused before it starts.")
 @_apply(device_option, trust_option, recipe_trust_option, exports_option, cache_option)
 def sweep(
     checkpoint: str, recipe_path: str, grid: tuple[str, ...], methods: tuple[str, ...],
     repeats: int | None, select: str | None, no_guard: bool, guard_tolerance: float | None,
-    write_recipe: str | None, out: str | None, restart: bool, no_plots: bool, device: str,
-    trust_checkpoint: bool, exports_dir: str, no_cache: bool,
+    write_recipe: str | None, out: str | None, restart: bool, no_plots: bool, yes: bool,
+    device: str, trust_checkpoint: bool, exports_dir: str, no_cache: bool,
 ) -> None:
     """Evaluate a grid of settings on the validation split and (with --select) choose one.
 
@@ -545,7 +548,7 @@ def sweep(
         select=select, guard=False if no_guard else None, guard_tolerance=guard_tolerance,
         write_recipe=write_recipe, out=out, exports_dir=exports_dir, device=device,
         trust_checkpoint=trust_checkpoint, cache_dir=None if no_cache else "default",
-        plots=False if no_plots else None, restart=restart, echo=click.echo,
+        plots=False if no_plots else None, restart=restart, yes=yes, echo=click.echo,
     )
     _print_sweep(result, checkpoint)
     if result.message and result.chosen is None:

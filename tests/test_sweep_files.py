@@ -134,3 +134,43 @@ def test_a_rerun_keeps_user_plots_and_a_hand_edited_chosen_yaml(
     done = _sweep(task, out, plots=False)
     assert done.chosen is not None and chosen.exists()
     assert not (out / "plots").exists()
+
+
+# --------------------------------------------------------------------------- work bounds
+
+
+@pytest.mark.parametrize(
+    ("args", "phrase"),
+    [
+        (["--grid", "sr=0:0.999:0.001", "--grid", "rr=0:0.999:0.001"],
+         "1,000,000 grid points × 1 draws = 1,000,000 evaluations (the limit is 20,000)"),
+        (["--grid", "sr=0.5", "--repeats", "100000"],
+         "100,000 scoring draws per point (the limit is 100)"),
+    ],
+)
+def test_a_sweep_over_the_work_limits_is_refused_before_it_starts(
+    task: Path, tmp_path: Path, args: list[str], phrase: str
+) -> None:
+    """Issue 21 item 10: a 1,000 × 1,000 grid ran 300 s with no output and 4.7 GB."""
+    import time
+
+    from _reliability import check_contract, invoke
+
+    t0 = time.perf_counter()
+    out = invoke("sweep", task / "ckpt.pt", "--recipe", task / "r.yaml", *args, "--out",
+                 tmp_path / "s", "--exports", tmp_path / "exports")
+    assert check_contract(out) == "error" and phrase in out.text and "--yes" in out.text
+    assert time.perf_counter() - t0 < 20
+    assert not (tmp_path / "s").exists()
+
+
+def test_yes_runs_a_sweep_over_the_limits(task: Path, tmp_path: Path, monkeypatch) -> None:
+    import fairdeploy.commands.sweep as command
+
+    monkeypatch.setattr(command, "MAX_SWEEP_EVALUATIONS", 1)
+    with pytest.raises(FairDeployError, match=r"2 grid points × 1 draws = 2 evaluations"):
+        _sweep(task, tmp_path / "s", select=None)
+    said: list[str] = []
+    done = _sweep(task, tmp_path / "s", select=None, yes=True, echo=said.append)
+    assert len([r for r in done.rows if r.kind == "point"]) == 2
+    assert any("as --yes asks" in s for s in said)

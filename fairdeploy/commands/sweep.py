@@ -31,6 +31,8 @@ from fairdeploy.report import base_report, draws_block, method_entry, prediction
 from fairdeploy.rundir import check_replaceable_files, record_files
 
 __all__ = [
+    "MAX_REPEATS",
+    "MAX_SWEEP_EVALUATIONS",
     "SweepResult",
     "chosen_recipe",
     "run_sweep",
@@ -211,6 +213,7 @@ def run_sweep(
     cache_dir: str | Path | None = "default",
     plots: bool | None = None,
     restart: bool = False,
+    yes: bool = False,
     progress: bool = True,
     echo: Echo = print,
     on_evaluation: Callable[[int, int], None] | None = None,
@@ -242,6 +245,9 @@ def run_sweep(
         another checkpoint's or recipe's journal is refused (``restart`` discards it).
     plots : bool, optional
         Write the PNG plots (default ``sweep.plots``, on).
+    yes : bool
+        Run a sweep over the work limits (:data:`MAX_SWEEP_EVALUATIONS` evaluations,
+        :data:`MAX_REPEATS` draws per point), which is otherwise refused before it starts.
 
     Returns
     -------
@@ -253,6 +259,7 @@ def run_sweep(
     # The recipe, grid and rule are checked first: a refused sweep creates no folder.
     recipe = load_recipe(recipe_path)
     st = _sweep_settings(recipe, grid, methods, repeats, select, guard, guard_tolerance, plots)
+    _check_work(recipe, st, yes=yes, echo=echo)
     recipe_path, exports_dir, cache_dir = _paths(
         recipe_path, exports_dir, cache_dir, out, check=_check_sweep_dir
     )
@@ -305,6 +312,39 @@ def run_sweep(
     record_files(final, [p.relative_to(final).as_posix() for p in files.values()
                          if p.is_relative_to(final)])
     return SweepResult(final, rows, chosen, message, test_block, files)
+
+
+#: Evaluations (grid points × methods × scoring draws) a sweep runs without ``--yes``: far
+#: above a paper's grid (10 sr × 5 rr × 3 β = 150 points), far below a typo's
+#: (``sr=0:1:0.001`` × ``rr=0:1:0.001`` is a million points and gigabytes of plans).
+MAX_SWEEP_EVALUATIONS = 20_000
+#: Scoring draws per point a sweep runs without ``--yes``.
+MAX_REPEATS = 100
+
+
+def _check_work(recipe: Recipe, st: _SweepSettings, *, yes: bool, echo: Echo) -> None:
+    """Count the sweep's evaluations before anything is built; refuse one over the limits
+    unless ``yes`` (``layer=all`` counts as one value: the model is not loaded yet)."""
+    points = len(st.methods)
+    for values in st.grid.values():
+        points *= len(values)
+    scoring = getattr(recipe.method, "scoring", None)
+    draws = st.repeats if st.repeats is not None else (scoring.repeats if scoring else 1)
+    total = points * draws
+    over = []
+    if draws > MAX_REPEATS:
+        over.append(f"{draws:,} scoring draws per point (the limit is {MAX_REPEATS})")
+    if total > MAX_SWEEP_EVALUATIONS:
+        over.append(f"{points:,} grid points × {draws:,} draws = {total:,} evaluations (the "
+                    f"limit is {MAX_SWEEP_EVALUATIONS:,})")
+    if not over:
+        return
+    if not yes:
+        raise FairDeployError(
+            f"sweep: {'; '.join(over)}: use a coarser grid (a larger step) or fewer "
+            "--repeats, or pass --yes to run it anyway"
+        )
+    echo(f"warning: {'; '.join(over)}: running it as --yes asks")
 
 
 @dataclass(frozen=True)
