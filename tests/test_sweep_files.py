@@ -174,3 +174,27 @@ def test_yes_runs_a_sweep_over_the_limits(task: Path, tmp_path: Path, monkeypatc
     done = _sweep(task, tmp_path / "s", select=None, yes=True, echo=said.append)
     assert len([r for r in done.rows if r.kind == "point"]) == 2
     assert any("as --yes asks" in s for s in said)
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def test_no_choice_because_the_objective_is_undefined_says_so(task: Path, tmp_path: Path) -> None:
+    """Issue 21 item 14: it said 'no point satisfies … 0 invalid, 0 rejected, 0 violating'."""
+    import dataclasses
+
+    from fairdeploy.sweep import apply_selection, parse_selection
+
+    done = _sweep(task, tmp_path / "s", select=None)
+    rows = [
+        dataclasses.replace(r, metrics={**r.metrics, "eodd": {"median": None, "min": None,
+                                                               "max": None, "values": [None]}})
+        if r.kind == "point" else r
+        for r in done.rows
+    ]
+    rule = parse_selection("min eodd s.t. accuracy >= vanilla - 1")
+    _, chosen, message = apply_selection(rows, rule, guard=False, class_names=["0", "1", "2"],
+                                         group_names=["a", "b"])
+    assert chosen is None
+    assert "2 with eodd undefined on the validation split" in message, message
+    assert "0 violating the constraints" in message
