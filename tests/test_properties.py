@@ -1087,10 +1087,15 @@ def test_special_files_are_refused_without_blocking(
         path = _special(kind, ws / f"special{suffix}")
         fifos = [p for p in (path, ws / "target") if p.exists() and not p.is_dir()]
         if role == "image_row":
+            from PIL import Image
+
+            good = ws / "good.png"
+            Image.new("RGB", (4, 4)).save(good)
             keep, _ = _without_hanging(
-                lambda: check_image_files([path], mode="header", max_bad=1.0, where="rows"),
+                lambda: check_image_files([good, path], mode="header", max_bad=1.0,
+                                          where="rows"),
                 fifos)
-            assert keep.tolist() == [False]
+            assert keep.tolist() == [True, False]
             event(f"{kind} as an image row: skipped")
             return
         if role == "recipe":
@@ -1098,8 +1103,10 @@ def test_special_files_are_refused_without_blocking(
         else:
             args = ["predict", baseline["run"] / "model.onnx", path]
         out = _without_hanging(lambda: invoke(*args, cwd=ws), fifos)
-        kind_of = check_contract(out)
-        assert kind_of == "error", out.text
+        if out.code == 2:  # click's own check (a folder where a file is expected)
+            assert "Error:" in out.text and "Traceback" not in out.text, out.text
+        else:
+            assert check_contract(out) == "error", out.text
         event(f"{kind} as {role}: refused")
 
 
