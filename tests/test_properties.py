@@ -15,7 +15,7 @@ For every generated case:
 Issue 21 added six classes at the end (journal edits, ``--write-recipe`` targets, names
 beside the cache's entries, special files, work bounds, import strings).
 
-``HYPOTHESIS_PROFILE=thorough`` runs the large profile (over 14,000 cases in all); the
+``HYPOTHESIS_PROFILE=thorough`` runs the large profile (over 11,000 cases in all); the
 default is a small, derandomized profile that takes seconds.
 """
 
