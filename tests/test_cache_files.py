@@ -33,9 +33,13 @@ def kinds_the_code_writes() -> set[str]:
     found = {"features"}
     for path in (ROOT / "fairdeploy").rglob("*.py"):
         text = path.read_text(encoding="utf-8")
-        found |= set(re.findall(r"cached_tensors\(\s*\"([a-z_0-9]+)\"", text))
-        found |= set(re.findall(r"get_or_compute_tensors\(\s*\"([a-z_0-9]+)\"", text))
-        found |= set(re.findall(r"get_or_create_file\(\s*\"([a-z_0-9]+)\"", text))
+        # Calls with the kind first (``ctx._cached("svd", ...)``, ``get_or_create_file(
+        # "vanilla", ...)``) and kinds passed by keyword or as defaults (``kind="hessian"``;
+        # this also finds other ``kind`` values, e.g. data kinds: harmless extra entries).
+        found |= set(re.findall(
+            r"(?:_cached|cached_tensors|get_or_compute_tensors|get_or_create_file)\(\s*"
+            r"\"([a-z][a-z_0-9]*)\"", text))
+        found |= set(re.findall(r"\bkind(?:: str)?\s*=\s*\"([a-z][a-z_0-9]*)\"", text))
     return found
 
 
