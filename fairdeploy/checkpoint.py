@@ -79,14 +79,19 @@ def load_checkpoint(
     ------
     FairDeployError
         Missing or corrupt file, a pickled module without ``trust_checkpoint``, or
-        weights that do not fit the architecture (the message lists the first
-        mismatching, missing and unexpected keys with their shapes).
+        weights (a pickled module's too) that do not fit the architecture (the message
+        lists the first mismatching, missing and unexpected keys with their shapes).
     """
     path = Path(path)
     obj = _read(path, trust_checkpoint=trust_checkpoint)
     module = _find_module(obj)
     if module is not None:
         _check_finite(dict(module.named_parameters()), path)
+        # The recipe's architecture must describe the pickled module (shapes, keys): the
+        # run folder's recipe.yaml and model.pt would disagree otherwise.
+        expected = _build_uninitialized(arch, num_classes, dict(model_kwargs or {})).state_dict()
+        state = _strip_prefixes(module.state_dict(), expected)
+        _check_fit(state, expected, path=path, arch=arch, num_classes=num_classes)
         return module.eval()
     state = _find_state_dict(obj, path)
     _check_plain_tensors(state, path)

@@ -139,6 +139,21 @@ trust_option = click.option(
     help="Allow a checkpoint that pickles a whole module (runs code from the file: "
          "only for files you trust).",
 )
+
+
+def _trust_recipe(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:  # for this command only: ends with its context
+        from fairdeploy._trust import trusting_recipes
+
+        ctx.with_resource(trusting_recipes())
+
+
+recipe_trust_option = click.option(
+    "--trust-recipe", is_flag=True, expose_value=False, callback=_trust_recipe,
+    help="Allow the recipe to import code of its own (a package.module:Class method or "
+         "package.module:factory architecture; runs that module: only for recipes you "
+         "trust). Same as FAIRDEPLOY_TRUST_RECIPE=1.",
+)
 exports_option = click.option(
     "--exports", "exports_dir", type=click.Path(file_okay=False), default="exports",
     show_default=True, help="Folder for run outputs and the feature cache (.cache/).",
@@ -196,7 +211,7 @@ def main() -> None:
               help="Runtime(s) to run MODEL in: onnxruntime, openvino (pip install "
                    "'fairdeploy[openvino]'), reference (onnx.reference, slow); repeat or "
                    "comma-separate for several.")
-@_apply(provider_option, trust_option, json_option)
+@_apply(provider_option, trust_option, recipe_trust_option, json_option)
 def verify(
     model: str, reference: str | None, checkpoint: str | None, recipe_path: str | None,
     split: str, samples: int | None, atol: float | None, rtol: float | None,
@@ -403,7 +418,7 @@ def _print_report(report: dict[str, Any]) -> None:
                    "report.latency_seconds per batch size), off. Default: the recipe's "
                    "report.latency (quick).")
 @click.option("--no-latency", is_flag=True, help="Same as --latency off (kept for scripts).")
-@_apply(device_option, trust_option, exports_option, cache_option)
+@_apply(device_option, trust_option, recipe_trust_option, exports_option, cache_option)
 def optimize(
     checkpoint: str, recipe_path: str, out: str | None, dry_run: bool, latency: str | None,
     no_latency: bool, device: str, trust_checkpoint: bool, exports_dir: str, no_cache: bool,
@@ -431,7 +446,7 @@ def optimize(
 @_apply(recipe_option)
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Report folder (default: exports/<recipe>-compare-<hash>).")
-@_apply(device_option, trust_option, exports_option, cache_option)
+@_apply(device_option, trust_option, recipe_trust_option, exports_option, cache_option)
 def compare(
     checkpoint: str, recipe_path: str, out: str | None, device: str, trust_checkpoint: bool,
     exports_dir: str, no_cache: bool,
@@ -510,12 +525,15 @@ def _print_sweep(result: Any, checkpoint: Any) -> None:
               help="Discard the folder's journal (another checkpoint's or recipe's sweep) and "
                    "start over.")
 @click.option("--no-plots", is_flag=True, help="Do not write the PNG plots.")
-@_apply(device_option, trust_option, exports_option, cache_option)
+@click.option("--yes", is_flag=True,
+              help="Run a sweep over the work limits (20,000 evaluations, 100 draws per "
+                   "point), which is otherwise refused before it starts.")
+@_apply(device_option, trust_option, recipe_trust_option, exports_option, cache_option)
 def sweep(
     checkpoint: str, recipe_path: str, grid: tuple[str, ...], methods: tuple[str, ...],
     repeats: int | None, select: str | None, no_guard: bool, guard_tolerance: float | None,
-    write_recipe: str | None, out: str | None, restart: bool, no_plots: bool, device: str,
-    trust_checkpoint: bool, exports_dir: str, no_cache: bool,
+    write_recipe: str | None, out: str | None, restart: bool, no_plots: bool, yes: bool,
+    device: str, trust_checkpoint: bool, exports_dir: str, no_cache: bool,
 ) -> None:
     """Evaluate a grid of settings on the validation split and (with --select) choose one.
 
@@ -531,7 +549,7 @@ def sweep(
         select=select, guard=False if no_guard else None, guard_tolerance=guard_tolerance,
         write_recipe=write_recipe, out=out, exports_dir=exports_dir, device=device,
         trust_checkpoint=trust_checkpoint, cache_dir=None if no_cache else "default",
-        plots=False if no_plots else None, restart=restart, echo=click.echo,
+        plots=False if no_plots else None, restart=restart, yes=yes, echo=click.echo,
     )
     _print_sweep(result, checkpoint)
     if result.message and result.chosen is None:
@@ -549,7 +567,7 @@ def sweep(
               help="Override train.batch_size.")
 @click.option("--seed", type=int, default=None, help="Override train.seed.")
 @click.option("--no-resume", is_flag=True, help="Start over instead of resuming <output>.train.")
-@_apply(device_option)
+@_apply(device_option, recipe_trust_option)
 def train(
     recipe_path: str, output: str, epochs: int | None, lr: float | None,
     batch_size: int | None, seed: int | None, no_resume: bool, device: str,

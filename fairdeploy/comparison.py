@@ -81,7 +81,7 @@ def compare_outputs(
 
     Also measures the smallest atol (at ``rtol``) and the smallest rtol (at ``atol``)
     that would pass. A shape mismatch is a FairDeployError (the reference belongs to
-    another model).
+    another model), and so is a non-finite reference (nothing can be checked against it).
     """
     import numpy as np  # here, not at the top: the CLI reads the defaults above at start-up
 
@@ -91,6 +91,15 @@ def compare_outputs(
         raise FairDeployError(
             f"output {name!r} has shape {got.shape} but the reference has {ref.shape}: "
             "the reference belongs to another model"
+        )
+    bad_ref = int((~np.isfinite(ref)).sum())
+    if bad_ref:
+        # Every difference against NaN is NaN: no tolerance could be stated, none checked.
+        raise FairDeployError(
+            f"the reference output {name!r} holds {bad_ref:,} non-finite value"
+            f"{'s' if bad_ref > 1 else ''} (NaN or infinity) of {ref.size:,}: nothing can be "
+            "verified against it; regenerate the reference from a checkpoint with finite "
+            "outputs"
         )
     diff = np.abs(got - ref)
     mag = np.abs(ref)

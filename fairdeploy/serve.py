@@ -22,6 +22,7 @@ from fairdeploy._text import plural
 from fairdeploy.errors import FairDeployError, first_line
 
 __all__ = [
+    "MAX_INPUT_SIDE",
     "Inputs",
     "Predictions",
     "check_metadata",
@@ -35,6 +36,10 @@ __all__ = [
 ]
 
 _PREFIX = "fairdeploy."
+#: The largest side a model's metadata may ask an input image to be resized or cropped
+#: to (a 4096×4096 float input is 200 MB per image; classifiers take a few hundred
+#: pixels). Larger values are refused before any image is read.
+MAX_INPUT_SIDE = 4096
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
@@ -103,10 +108,13 @@ def check_metadata(metadata: dict[str, Any], model: str | os.PathLike[str]) -> N
         for key, n in (("resize", 2), ("crop", 2), ("mean", 3), ("std", 3)):
             if not _numbers(pre.get(key), n):
                 problems.append(f"preprocessing.{key} is {pre.get(key)!r}")
-        if _numbers(pre.get("crop"), 2) and any(c < 1 for c in pre["crop"]):
-            problems.append(f"preprocessing.crop is {pre['crop']!r}")
-        if _numbers(pre.get("resize"), 2) and any(c < 1 for c in pre["resize"]):
-            problems.append(f"preprocessing.resize is {pre['resize']!r}")
+        for key in ("crop", "resize"):
+            value = pre.get(key)
+            if _numbers(value, 2) and any(not 1 <= c <= MAX_INPUT_SIDE for c in value):
+                problems.append(
+                    f"preprocessing.{key} is {value!r} (each side must be 1 to "
+                    f"{MAX_INPUT_SIDE} pixels)"
+                )
         if _numbers(pre.get("std"), 3) and any(v == 0 for v in pre["std"]):
             problems.append("preprocessing.std has a zero")
     shape = pre.get("input_shape")
@@ -242,6 +250,12 @@ def expand_inputs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
             out += inside
         elif not p.exists():
             raise FairDeployError(f"input {str(p)!r} does not exist")
+        elif not p.is_file():
+            # A FIFO or device would block the read, or never end: refused before reading.
+            raise FairDeployError(
+                f"input {str(p)!r} is not a regular file (a pipe, socket or device): give "
+                "image, .npy or .csv files, or their folder"
+            )
         else:
             out.append(p)
     return out

@@ -449,7 +449,8 @@ method:
     return tmp / "r.yaml"
 
 
-def test_dry_run_exports_the_vanilla_model_up_front(tmp_path: Path) -> None:
+def test_dry_run_exports_the_vanilla_model_up_front(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("FAIRDEPLOY_TRUST_RECIPE", "1")  # the recipes import test modules
     import _tiny_models
     import torch
 
@@ -474,7 +475,10 @@ def test_dry_run_exports_the_vanilla_model_up_front(tmp_path: Path) -> None:
     assert "ONNX export: ok: the vanilla model exports to ONNX (input of shape 3×20×20" in out
 
 
-def test_an_arch_module_that_is_not_importable_says_how_to_fix_it(tmp_path: Path) -> None:
+def test_an_arch_module_that_is_not_importable_says_how_to_fix_it(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("FAIRDEPLOY_TRUST_RECIPE", "1")  # the recipes import test modules
     import torch
 
     torch.save({"weight": torch.zeros(1)}, tmp_path / "c.pt")

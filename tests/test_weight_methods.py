@@ -83,6 +83,14 @@ def _recipe(tmp: Path, arch: dict, method: dict, **sections) -> dict:
 CNN = {"arch": "_tiny_nets:cnn", "num_classes": 3}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _trusted_recipes():
+    """The recipes here import tests/_tiny_nets.py: trusted (issue 21 item 15)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FAIRDEPLOY_TRUST_RECIPE", "1")
+        yield
+
+
 @pytest.fixture(scope="module")
 def cnn_case(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, nn.Module]:
     tmp = tmp_path_factory.mktemp("cnn")

@@ -378,8 +378,12 @@ def _vanilla_onnx(
         "input_shape": list(example.shape[1:]),
         "version": __version__,
     }
-    cached = FeatureCache(cache_dir).get_or_create_file("vanilla", key, create, suffix=".onnx")[0]
-    _link_or_copy(cached, target)
+    # An unwritable cache folder only costs the reuse: the export is made in the run.
+    cached = FeatureCache(cache_dir).get_or_create_file(
+        "vanilla", key, create, suffix=".onnx", fallback=target
+    )[0]
+    if cached != target:
+        _link_or_copy(cached, target)
     return target
 
 

@@ -276,6 +276,13 @@ def run_compare(
     """
     recipe_path, exports_dir, cache_dir = _paths(recipe_path, exports_dir, cache_dir, out)
     recipe = load_recipe(recipe_path)
+    if recipe.export.quantize != "none":
+        # compare exports every row in float: a setting it would ignore is refused.
+        raise FairDeployError(
+            f"{recipe_path}: export.quantize: {recipe.export.quantize} is read by optimize "
+            "only (compare exports every row in float and writes no int8 model): run "
+            "fairdeploy optimize for the int8 model, or set export.quantize: none to compare"
+        )
     plans, skipped = [], {}
     for plan in recipe.plans:
         reason = plan.implementation.unavailable

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fairdeploy._registry import register_in
+from fairdeploy._trust import check_import_allowed
 from fairdeploy.errors import FairDeployError, first_line
 
 __all__ = ["build_model", "list_models", "register_model"]
@@ -63,6 +64,7 @@ def _factory(arch: str) -> Callable[..., Any]:
     if arch in _REGISTRY:
         return _REGISTRY[arch]
     if ":" in arch:
+        check_import_allowed(arch, "model.arch")  # before anything is imported
         return _import_factory(arch)
     import torchvision
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import os
 import reprlib
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from pydantic import (
     ValidationError,
 )
 
+from fairdeploy._trust import check_import_allowed
 from fairdeploy.data_specs import DATA_KINDS
 from fairdeploy.errors import FairDeployError, first_line
 from fairdeploy.recipe._recipe import Recipe
@@ -49,14 +51,25 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
     Raises
     ------
     FairDeployError
-        Missing file, YAML syntax error (with its line), a file over the size, nesting
+        Missing file, not a regular file (a FIFO), YAML syntax error (with its line), a
+        key given twice in one mapping (both lines named), a file over the size, nesting
         or alias-expansion limits (:data:`MAX_RECIPE_BYTES`, :data:`MAX_RECIPE_DEPTH`,
-        :data:`MAX_RECIPE_NODES`, :data:`MAX_RECIPE_CHARS`), or a schema error naming
-        the line, the key path, the value found and what is allowed.
+        :data:`MAX_RECIPE_NODES`, :data:`MAX_RECIPE_CHARS`), an import string while
+        recipes are not trusted (:mod:`fairdeploy._trust`), or a schema error naming the
+        line, the key path, the value found and what is allowed.
     """
     path = Path(path)
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError
+        if not stat.S_ISREG(st.st_mode):
+            # A FIFO or a device would block or never end: refused before opening.
+            raise FairDeployError(
+                f"recipe {path} is not a regular file (a pipe, socket or device): give the "
+                "recipe's .yaml file"
+            )
+        size = st.st_size
         if size > MAX_RECIPE_BYTES:
             raise FairDeployError(
                 f"recipe {path} is {size:,} bytes, over the {MAX_RECIPE_BYTES:,}-byte limit for "
@@ -143,6 +156,7 @@ def _parse_yaml(text: str, source: str) -> tuple[yaml.Node | None, Any]:
             if node is None:
                 return None, None
             _check_expansion(node, source)
+            _check_duplicate_keys(node, source)
             data = loader.construct_document(node)
         finally:
             loader.dispose()
@@ -213,6 +227,45 @@ def _check_expansion(root: yaml.Node, source: str) -> None:
     size(root)
 
 
+def _check_duplicate_keys(root: yaml.Node, source: str) -> None:
+    """Refuse a mapping that gives one key twice (YAML keeps the last one silently).
+    Keys merged in with ``<<: *alias`` are YAML's own overriding, not duplicates."""
+    seen_nodes: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen_nodes or isinstance(node, yaml.ScalarNode):
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+            continue
+        first: dict[tuple[str, str], int] = {}
+        for key, value in node.value:
+            stack.append(value)
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                stack.append(key)
+                continue
+            line = key.start_mark.line + 1
+            ident = (key.tag, key.value)
+            if ident in first:
+                raise FairDeployError(
+                    f"{source}:{line}: key {key.value!r} is given twice in one mapping (first "
+                    f"on line {first[ident]}); YAML would silently keep only the last: "
+                    "delete one"
+                )
+            first[ident] = line
+
+
+def _check_import_strings(data: dict[str, Any]) -> None:
+    """Refuse ``model.arch: package.module:factory`` before anything is built unless
+    recipes are trusted (methods are checked where their names are resolved)."""
+    model = data.get("model")
+    arch = model.get("arch") if isinstance(model, dict) else None
+    if isinstance(arch, str) and ":" in arch:
+        check_import_allowed(arch, "model.arch")
+
+
 def parse_recipe(
     data: dict[str, Any],
     *,
@@ -232,6 +285,11 @@ def parse_recipe(
         Folder that relative paths are resolved against (default: left relative).
     """
     context = {"base_dir": Path(base_dir) if base_dir is not None else None}
+    if isinstance(data, dict):
+        try:
+            _check_import_strings(data)
+        except FairDeployError as exc:
+            raise FairDeployError(f"{source}: {exc}") from None
     try:
         return Recipe.model_validate(data, context=context)
     except ValidationError as exc:

@@ -72,7 +72,9 @@ class Int8Spec(Strict):
     mode: Literal["auto", "static", "dynamic"] = "auto"
     calibration_samples: PosInt = 256
     seed: Seed = 0
-    atol_scale: Annotated[float, BeforeValidator(no_bool), Field(gt=0)] = DEFAULT_INT8_ATOL_SCALE
+    atol_scale: Annotated[
+        float, BeforeValidator(no_bool), Field(gt=0, allow_inf_nan=False)
+    ] = DEFAULT_INT8_ATOL_SCALE
     rtol: NonNegFloat = DEFAULT_INT8_RTOL
     argmax_agreement: Fraction01 = DEFAULT_INT8_ARGMAX_AGREEMENT
 

@@ -453,12 +453,20 @@ def apply_selection(
         r for r in guarded if r.constraint == "ok" and r.value(selection.metric) is not None
     ]
     if not feasible:
+        meeting = [r for r in guarded if r.constraint == "ok"]
+        undefined = len(meeting) - len(feasible)
         message = (
             f"no point satisfies {selection.text!r}: {len(points)} points, "
             f"{len(points) - len(valid)} invalid for this model, "
             f"{len(valid) - len(guarded)} rejected by the collapse guard, "
-            f"{len(guarded) - len([r for r in guarded if r.constraint == 'ok'])} violating the "
-            "constraints (see the guard and constraint columns of sweep.csv)"
+            f"{len(guarded) - len(meeting)} violating the constraints"
+            + (
+                f", {undefined} with {selection.metric} undefined on the validation split "
+                "(e.g. a group with no sample of some class: a larger validation split, or "
+                "another objective)"
+                if undefined else ""
+            )
+            + " (see the guard and constraint columns of sweep.csv)"
         )
         return marked, None, message
     sign = 1.0 if selection.goal == "min" else -1.0
