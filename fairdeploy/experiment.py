@@ -602,7 +602,7 @@ class Experiment:
         check_model_takes_inputs(
             self.model, test_ds, what="the test split", num_classes=recipe.model.num_classes
         )
-        trunk, head = split_model(self.model, first)
+        trunk, head = split_model(self.model, first, example_input=first_samples(test_ds, 2)[0])
         names = getattr(test_ds, "class_names", None) or range(recipe.model.num_classes)
         class_names = [str(c) for c in names]
         group_names = [str(g) for g in getattr(test_ds, "group_names", ("group 0", "group 1"))]

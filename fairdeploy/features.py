@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,13 +28,24 @@ from torch import fx, nn
 from fairdeploy.data._loader import batch_loader
 from fairdeploy.errors import FairDeployError
 from fairdeploy.progress import phase
-from fairdeploy.structure import ancestors, describe_node, is_inplace, trace_graph
+from fairdeploy.structure import (
+    ancestors,
+    describe_node,
+    is_inplace,
+    propagate_shapes,
+    trace_graph,
+)
 
 __all__ = [
+    "UNPACK_NAME",
+    "CutValue",
     "FeatureSet",
+    "UnpackValues",
     "compute_features",
     "layers_in_call_order",
+    "pack_values",
     "split_model",
+    "unpack_values",
 ]
 
 # --------------------------------------------------------------------------- split
@@ -77,12 +90,29 @@ def layers_in_call_order(model: nn.Module, layers: Sequence[str]) -> list[str]:
     return sorted(dict.fromkeys(layers), key=order.__getitem__)
 
 
-def split_model(model: nn.Module, layer: str) -> tuple[nn.Module, nn.Module]:
-    """Cut a model at the input of a named layer into a frozen trunk and a head.
+def split_model(
+    model: nn.Module, layer: str, *, example_input: torch.Tensor | None = None
+) -> tuple[nn.Module, nn.Module]:
+    """Cut a model before a named layer into a frozen trunk and a head.
 
-    ``trunk(x)`` returns the activations entering ``layer`` (its positional input);
-    ``head(features)`` computes the model's output from there on, ``layer`` included,
-    so ``head(trunk(x))`` equals ``model(x)``.
+    The cut is a partition of the model's ``torch.fx`` graph at the layer's call: the
+    nodes before it form the trunk, the layer and every node after it the head. The
+    values computed before the cut and used after it *cross* it: the layer's input and,
+    inside a residual or attention block, the residual stream, a class token or a mask.
+    ``head(trunk(x))`` equals ``model(x)``.
+
+    * One value crosses (the layer's input; a plain feed-forward stack): ``trunk(x)``
+      returns it and ``head(features)`` takes it, as always.
+    * Several values cross (a skip connection around the layer): ``trunk(x)`` returns
+      them packed into one tensor of shape (N, D₁ + D₂ + …), each value flattened after
+      its batch axis (the layer's input first, then the others in graph order) in the
+      widest floating dtype among them, and the head's first step unpacks them again
+      (views; non-floating values such as masks get their dtype back). So the feature
+      cache, chunking, evaluation and scoring handle one tensor whatever the block.
+      The values' shapes come from ``example_input``, which such a cut requires.
+
+    Values that do not depend on the model's input (parameters used functionally,
+    constants built from them) are recomputed in the head rather than cached.
 
     Parameters
     ----------
@@ -90,6 +120,9 @@ def split_model(model: nn.Module, layer: str) -> tuple[nn.Module, nn.Module]:
         The classifier. It is traced with ``torch.fx`` and not modified.
     layer : str
         Qualified name of the first layer to optimize, e.g. ``"classifier.3"``.
+    example_input : torch.Tensor, optional
+        A batch the model accepts (two samples suffice), needed when several values
+        cross the cut. It runs through the model in eval mode under ``no_grad``.
 
     Returns
     -------
@@ -97,7 +130,8 @@ def split_model(model: nn.Module, layer: str) -> tuple[nn.Module, nn.Module]:
         ``torch.fx.GraphModule`` deep copies (parameters are not shared with ``model``),
         each in ``model``'s train/eval mode. Modules keep their qualified names, so
         ``head.get_submodule("classifier.3")`` exists and can be replaced (e.g. by a
-        ``FactorizedLinear``) with ``head.set_submodule``.
+        ``FactorizedLinear``) with ``head.set_submodule``. ``head.cut_values`` lists the
+        values crossing the cut (:class:`CutValue`).
 
     Notes
     -----
@@ -105,32 +139,130 @@ def split_model(model: nn.Module, layer: str) -> tuple[nn.Module, nn.Module]:
     ``self.training`` inside a custom, non-leaf module) are fixed at the mode the model
     is in when it is split. Standard ``torch.nn`` layers are leaves and keep switching
     with ``train()``/``eval()``. When several layers are optimized, cut at the first
-    one called (:func:`layers_in_call_order`).
+    one called (:func:`layers_in_call_order`): every later one is after the cut.
 
     Raises
     ------
     FairDeployError
         If ``layer`` is not a submodule, the model cannot be traced, ``layer`` is not
-        called exactly once, or a value other than the layer's input crosses the cut
-        (a skip connection around the layer): then no frozen trunk exists.
+        called exactly once (e.g. its weights are used functionally, as
+        ``nn.MultiheadAttention`` uses ``out_proj``), several values cross the cut and
+        no ``example_input`` is given, or a value crossing the cut is not a tensor with
+        one row per sample (a Python number, a tensor without the batch axis).
     """
     where = f"cannot cut {type(model).__name__} at layer {layer!r}"
     _check_submodule(model, layer, where)
     graph = trace_graph(model, [layer], where)
-    layer_node = _called_once(graph, layer, where)
+    layer_node = _called_once(model, graph, layer, where)
     cut = layer_node.args[0]
-    before = ancestors(cut)
-    head_nodes = _head_nodes(graph, cut, before, where)
+    head_nodes, crossing = _partition(graph, layer_node)
     if layer_node not in head_nodes:
         raise FairDeployError(f"{where}: the model's output does not depend on the layer")
-    trunk = _graph_module(model, _trunk_graph(graph, cut, before))
-    head = _graph_module(model, _head_graph(model, graph, cut, head_nodes))
+    # The layer's input first, then the other values in graph order.
+    crossing.sort(key=lambda n: (n is not cut, _position(graph, n)))
+    if len(crossing) == 1:
+        values = [CutValue(crossing[0].name, None, None)]
+    else:
+        values = _cut_values(model, graph, crossing, example_input, where)
+    trunk = _graph_module(model, _trunk_graph(graph, crossing, values))
+    extra = {}
+    if len(values) > 1:
+        if hasattr(model, UNPACK_NAME):
+            raise FairDeployError(f"{where}: the model has a submodule named {UNPACK_NAME!r}")
+        extra[UNPACK_NAME] = UnpackValues(tuple((v.shape, v.dtype) for v in values))
+    head = _graph_module(model, _head_graph(model, graph, crossing, values, head_nodes), extra)
+    head.cut_values = tuple(values)
     return trunk, head
 
 
-def _called_once(graph: fx.Graph, layer: str, where: str) -> fx.Node:
+@dataclass(frozen=True)
+class CutValue:
+    """One value crossing a cut (see :func:`split_model`).
+
+    Attributes
+    ----------
+    name : str
+        The fx node's name (``"ln_2"``, ``"add_1"``, ``"x"``).
+    shape : tuple of int or None
+        Its shape without the batch axis; None when it is the only value (not packed).
+    dtype : torch.dtype or None
+        Its dtype, restored after unpacking; None when it is the only value.
+    """
+
+    name: str
+    shape: tuple[int, ...] | None
+    dtype: torch.dtype | None
+
+    @property
+    def width(self) -> int:
+        """Elements per sample (its share of the packed tensor's second axis)."""
+        return math.prod(self.shape or ())
+
+
+def pack_values(*values: torch.Tensor) -> torch.Tensor:
+    """The trunk's last step when several values cross the cut: each value flattened
+    after its batch axis, concatenated along axis 1 in the widest floating dtype among
+    them (float32 when none is floating)."""
+    floats = [v.dtype for v in values if v.is_floating_point()]
+    dtype = max(floats, key=lambda d: torch.finfo(d).bits) if floats else torch.float32
+    return torch.cat([v.reshape(v.shape[0], -1).to(dtype) for v in values], dim=1)
+
+
+def unpack_values(
+    packed: torch.Tensor, layout: tuple[tuple[tuple[int, ...], torch.dtype], ...]
+) -> tuple[torch.Tensor, ...]:
+    """The head's first step: the values :func:`pack_values` packed, as views of
+    ``packed`` (copies where a dtype is restored), in their shapes and dtypes."""
+    out = []
+    start = 0
+    n = packed.shape[0]
+    for shape, dtype in layout:
+        width = math.prod(shape)
+        v = packed[:, start : start + width].reshape(n, *shape)
+        out.append(v if v.dtype == dtype else v.to(dtype))
+        start += width
+    if start != packed.shape[1]:
+        raise FairDeployError(
+            f"the head expects packed features of width {start}, got {packed.shape[1]}: "
+            "the features come from another cut; recompute them"
+        )
+    return tuple(out)
+
+
+class UnpackValues(nn.Module):
+    """The head's first module when several values cross the cut: :func:`unpack_values`
+    with the cut's layout. A leaf for every tracer of fairdeploy (``fx_leaf``), so the
+    head can be traced again (by the structure analysis of scoring and export)."""
+
+    fx_leaf = True
+
+    def __init__(self, layout: tuple[tuple[tuple[int, ...], torch.dtype], ...]) -> None:
+        super().__init__()
+        self.layout = layout
+
+    def forward(self, packed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return unpack_values(packed, self.layout)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{tuple(shape)} {dtype}" for shape, dtype in self.layout)
+
+
+#: The name of the :class:`UnpackValues` module in a head that unpacks a cut.
+UNPACK_NAME = "cut_unpack"
+
+
+def _position(graph: fx.Graph, node: fx.Node) -> int:
+    for i, n in enumerate(graph.nodes):
+        if n is node:
+            return i
+    raise KeyError(node.name)  # pragma: no cover - the node is in the graph
+
+
+def _called_once(model: nn.Module, graph: fx.Graph, layer: str, where: str) -> fx.Node:
     """The one call of ``layer`` in the traced graph, with a positional input."""
     calls = [n for n in graph.nodes if n.op == "call_module" and n.target == layer]
+    if not calls:
+        raise FairDeployError(f"{where}: {_why_never_called(model, graph, layer)}")
     if len(calls) != 1:
         raise FairDeployError(
             f"{where}: the layer is called {len(calls)} times in forward(); it must be "
@@ -142,67 +274,172 @@ def _called_once(graph: fx.Graph, layer: str, where: str) -> fx.Node:
     return layer_node
 
 
-def _head_nodes(
-    graph: fx.Graph, cut: fx.Node, before: set[fx.Node], where: str
-) -> set[fx.Node]:
-    """The nodes after the cut: walk back from the output, stopping at the cut.
-    Reaching any other value computed before the cut means it flows past the layer."""
+def _why_never_called(model: nn.Module, graph: fx.Graph, layer: str) -> str:
+    """Why forward() has no call of ``layer``: its weights are read functionally (by a
+    module that owns it, e.g. ``nn.MultiheadAttention``'s ``out_proj``, or by
+    ``F.linear`` in a custom forward), or it is not used at all."""
+    called = {str(n.target) for n in graph.nodes if n.op == "call_module"}
+    parts = layer.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        owner = ".".join(parts[:i])
+        if owner in called:
+            kind = type(model.get_submodule(owner)).__name__
+            return (
+                f"the layer belongs to {owner!r} ({kind}), which uses its weights "
+                "functionally instead of calling it, so no cut can separate it; choose "
+                "a Linear that forward() calls as a module"
+            )
+    reads = [
+        str(n.target) for n in graph.nodes
+        if n.op == "get_attr" and str(n.target).startswith(layer + ".")
+    ]
+    if reads:
+        return (
+            f"forward() uses the layer's weights functionally ({', '.join(reads)}) instead "
+            "of calling the module, so no cut can separate it; call the module instead"
+        )
+    return "forward() never calls the layer"
+
+
+def _partition(graph: fx.Graph, layer_node: fx.Node) -> tuple[set[fx.Node], list[fx.Node]]:
+    """The head's nodes and the values crossing the cut.
+
+    Walk back from the output: a node at or after the layer belongs to the head; a node
+    before it is a crossing value, unless it does not depend on the model's input
+    (``get_attr`` and what is computed from such constants alone), which is copied into
+    the head.
+    """
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    cut_pos = order[layer_node]
+    per_sample: set[fx.Node] = set()  # nodes that depend on the model's input
+    for n in graph.nodes:
+        if n.op == "placeholder" or any(a in per_sample for a in n.all_input_nodes):
+            per_sample.add(n)
     (output,) = (n for n in graph.nodes if n.op == "output")
     head_nodes: set[fx.Node] = set()
+    crossing: list[fx.Node] = []
     stack: list[fx.Node] = [output]
     while stack:
         n = stack.pop()
-        if n is cut or n in head_nodes:
+        if n in head_nodes or n in crossing:
             continue
-        if n.op == "placeholder" or (n in before and n.op != "get_attr"):
-            raise FairDeployError(
-                f"{where}: the part after the cut also uses {describe_node(n)}, which is "
-                "computed before the layer (e.g. a skip connection around it), so the "
-                "layer's input is not the only value crossing the cut; choose a layer "
-                "where it is"
-            )
-        # get_attr nodes (constants, parameters used functionally) are simply copied.
+        if order[n] < cut_pos and n in per_sample:
+            crossing.append(n)
+            continue
         head_nodes.add(n)
         stack.extend(n.all_input_nodes)
-    return head_nodes
+    return head_nodes, crossing
 
 
-def _trunk_graph(graph: fx.Graph, cut: fx.Node, before: set[fx.Node]) -> fx.Graph:
-    """The model's inputs to the cut's value."""
+def _cut_values(
+    model: nn.Module,
+    graph: fx.Graph,
+    crossing: list[fx.Node],
+    example_input: torch.Tensor | None,
+    where: str,
+) -> list[CutValue]:
+    """Shapes and dtypes of the values crossing the cut, read on ``example_input``."""
+    if example_input is None:
+        other = next(n for n in crossing[1:])
+        raise FairDeployError(
+            f"{where}: the part after the cut also uses {describe_node(other)}, which is "
+            "computed before the layer (e.g. a skip connection around it), so "
+            f"{len(crossing)} values cross the cut; pass example_input= (a batch the model "
+            "accepts) so that their shapes are known and the trunk can cache them together"
+        )
+    param = next(iter(model.parameters()), None)
+    if param is not None and example_input.is_floating_point():
+        example_input = example_input.to(param.device, param.dtype)
+    try:
+        metas = propagate_shapes(model, graph, example_input)
+    except Exception as exc:  # the model's own error on a bad example
+        raise FairDeployError(
+            f"{where}: the model fails on example_input of shape "
+            f"{tuple(example_input.shape)} ({type(exc).__name__}: {exc})"
+        ) from None
+    batch = int(example_input.shape[0])
+    values = []
+    for n in crossing:
+        meta = metas.get(n)
+        if meta is None or not meta.shape or int(meta.shape[0]) != batch:
+            found = "not a tensor" if meta is None else f"of shape {tuple(meta.shape)}"
+            raise FairDeployError(
+                f"{where}: {describe_node(n)} crosses the cut but is {found}, not a tensor "
+                f"with one row per sample (batch {batch}), so it cannot be cached; choose "
+                "a later layer"
+            )
+        values.append(CutValue(n.name, tuple(int(d) for d in meta.shape[1:]), meta.dtype))
+    return values
+
+
+def _trunk_graph(graph: fx.Graph, crossing: list[fx.Node], values: list[CutValue]) -> fx.Graph:
+    """The model's inputs to the values crossing the cut (packed when several)."""
+    needed: set[fx.Node] = set()
+    for n in crossing:
+        needed |= ancestors(n)
     trunk_graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for n in graph.nodes:
         # Keep every placeholder so the trunk has the model's call signature.
-        if n.op == "placeholder" or n in before:
+        if n.op == "placeholder" or n in needed:
             env[n] = trunk_graph.node_copy(n, env.__getitem__)
-    trunk_graph.output(env[cut])
+    if len(crossing) == 1:
+        trunk_graph.output(env[crossing[0]])
+    else:
+        trunk_graph.output(
+            trunk_graph.call_function(pack_values, tuple(env[n] for n in crossing))
+        )
     return trunk_graph
 
 
 def _head_graph(
-    model: nn.Module, graph: fx.Graph, cut: fx.Node, head_nodes: set[fx.Node]
+    model: nn.Module,
+    graph: fx.Graph,
+    crossing: list[fx.Node],
+    values: list[CutValue],
+    head_nodes: set[fx.Node],
 ) -> fx.Graph:
-    """The cut's value (input ``features``) to the model's output."""
+    """The values crossing the cut (input ``features``) to the model's output."""
     head_graph = fx.Graph()
     features = head_graph.placeholder("features")
-    if any(is_inplace(model, user) for user in cut.users if user in head_nodes):
-        # An in-place op on the head's input would overwrite the caller's (cached)
-        # features: work on a copy, which the model computed anyway.
-        features = head_graph.call_method("clone", (features,))
-    env = {cut: features}
+    if len(crossing) == 1:
+        inputs = [features]
+    else:
+        unpacked = head_graph.call_module(UNPACK_NAME, (features,))
+        inputs = [head_graph.call_function(operator.getitem, (unpacked, i))
+                  for i in range(len(crossing))]
+    env: dict[fx.Node, fx.Node] = {}
+    for n, value in zip(crossing, inputs, strict=True):
+        if any(is_inplace(model, user) for user in n.users if user in head_nodes):
+            # An in-place op on the head's input would overwrite the caller's (cached)
+            # features: work on a copy, which the model computed anyway.
+            value = head_graph.call_method("clone", (value,))
+        env[n] = value
     for n in graph.nodes:
         if n in head_nodes:
             env[n] = head_graph.node_copy(n, env.__getitem__)
     return head_graph
 
 
-def _graph_module(model: nn.Module, g: fx.Graph) -> fx.GraphModule:
-    """A deep-copied GraphModule of ``g`` over ``model``'s submodules, each in the mode
-    its counterpart in ``model`` is in."""
+def _graph_module(
+    model: nn.Module, g: fx.Graph, extra: dict[str, nn.Module] | None = None
+) -> fx.GraphModule:
+    """A deep-copied GraphModule of ``g`` over ``model``'s submodules (and the ``extra``
+    modules, by name), each in the mode its counterpart in ``model`` is in."""
     # GraphModule(root, graph) references root's submodules; the deep copy detaches
     # them so the caller's model is never shared or changed.
     g.lint()
-    part = copy.deepcopy(fx.GraphModule(model, g, class_name=type(model).__name__))
+    root: nn.Module | dict[str, Any] = model
+    if extra:
+        # The graph's targets by name, as GraphModule would copy them from the model.
+        root = dict(extra)
+        for n in g.nodes:
+            if n.op in ("call_module", "get_attr") and str(n.target) not in root:
+                obj: Any = model
+                for part in str(n.target).split("."):
+                    obj = getattr(obj, part)
+                root[str(n.target)] = obj
+    part = copy.deepcopy(fx.GraphModule(root, g, class_name=type(model).__name__))
     part.train(model.training)
     # train() recursed into the submodules: restore their own modes (e.g. a frozen
     # BatchNorm kept in eval mode inside a training model).

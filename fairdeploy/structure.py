@@ -76,6 +76,7 @@ __all__ = [
     "describe_node",
     "elementwise_module",
     "is_inplace",
+    "propagate_shapes",
     "trace_graph",
 ]
 
@@ -406,7 +407,8 @@ _BILINEAR_METHODS = {"mul", "mul_", "matmul", "mm", "bmm"}
 
 class _LeafTracer(fx.Tracer):
     """The default tracer (``torch.nn`` modules are leaves, custom modules are traced
-    through), plus the named modules and every :class:`FactorizedLinear` as leaves.
+    through), plus the named modules, every :class:`FactorizedLinear` and every module
+    whose class sets ``fx_leaf = True`` (the head's unpacking of a cut) as leaves.
 
     The default tracer traces *through* containers (``nn.Sequential``) and custom
     modules, so a cut at such a module would find no ``call_module`` node for it.
@@ -420,6 +422,7 @@ class _LeafTracer(fx.Tracer):
         return (
             module_qualified_name in self._leaves
             or isinstance(m, FactorizedLinear)
+            or getattr(type(m), "fx_leaf", False) is True
             or super().is_leaf_module(m, module_qualified_name)
         )
 
@@ -449,6 +452,29 @@ def trace_graph(
             f"{where}: torch.fx cannot trace the model ({type(exc).__name__}: {exc}); "
             f"{consequence} for a model whose forward has data-dependent control flow"
         ) from None
+
+
+def propagate_shapes(
+    model: nn.Module, graph: fx.Graph, example: torch.Tensor
+) -> dict[fx.Node, Any]:
+    """The shape and dtype (``torch.fx.passes.shape_prop.TensorMetadata``) of every
+    tensor-valued node of ``graph`` (traced from ``model``) on ``example``.
+
+    The model runs once in eval mode under ``no_grad`` (the meta device works); every
+    module's train/eval mode is restored after. Nodes whose value is not a tensor
+    (Python numbers, tuples) are absent.
+    """
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    gm = fx.GraphModule(model, graph)
+    with _eval_mode(model), torch.no_grad():
+        ShapeProp(gm).propagate(example.clone())
+    out = {}
+    for n in graph.nodes:
+        meta = n.meta.get("tensor_meta")
+        if meta is not None and hasattr(meta, "shape"):
+            out[n] = meta
+    return out
 
 
 def ancestors(node: fx.Node) -> set[fx.Node]:
@@ -689,17 +715,9 @@ class ModelStructure:
         if self._example is None:
             return None
         if self._shapes is None:
-            self._shapes = {}
             try:
-                from torch.fx.passes.shape_prop import ShapeProp
-
-                gm = fx.GraphModule(self.model, self.graph)
-                with _eval_mode(self.model), torch.no_grad():
-                    ShapeProp(gm).propagate(self._example.clone())
-                for n in self.graph.nodes:
-                    meta = n.meta.get("tensor_meta")
-                    if meta is not None and hasattr(meta, "shape"):
-                        self._shapes[n] = tuple(int(d) for d in meta.shape)
+                metas = propagate_shapes(self.model, self.graph, self._example)
+                self._shapes = {n: tuple(int(d) for d in m.shape) for n, m in metas.items()}
             except Exception:  # shapes are an optional refinement: unknown is safe
                 self._shapes = {}
         return self._shapes.get(node)

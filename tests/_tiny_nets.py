@@ -44,3 +44,26 @@ def trained_mlp(arrays: dict[str, np.ndarray]) -> nn.Module:
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
     return model.eval()
+
+
+class ResidualMLP(nn.Module):
+    """``out(h + fc2(relu(fc1(h))))`` with ``h = inp(x)``: a residual block whose second
+    Linear (``fc2``) is cut with two values crossing (relu's output and ``h``)."""
+
+    def __init__(self, num_classes: int = 3, in_features: int = 8, width: int = 12,
+                 hidden: int = 16) -> None:
+        super().__init__()
+        self.inp = nn.Linear(in_features, width)
+        self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
+        self.out = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        h = h + self.fc2(torch.relu(self.fc1(h)))
+        return self.out(h)
+
+
+def residual_mlp(num_classes: int = 3, **kwargs: int) -> nn.Module:
+    """:class:`ResidualMLP`, seeded."""
+    torch.manual_seed(0)
+    return ResidualMLP(num_classes, **kwargs)

@@ -1,0 +1,141 @@
+"""Cuts that carry several values: a Linear inside a residual block.
+
+The residual MLP ``out(h + fc2(relu(fc1(h))))`` cut at ``fc2``: relu's output and the
+residual stream ``h`` both cross the cut. Evaluation on the cached (packed) values, the
+exact Hessians through the head, and the export are checked against independent
+references: the full model with the same factorized layer, autograd's Hessian, ONNX
+Runtime.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from _tiny_nets import residual_mlp
+from torch import nn
+from torch.func import functional_call
+
+from fairdeploy.errors import FairDeployError
+from fairdeploy.features import compute_features, split_model
+from fairdeploy.lrf import factorize, replace_module
+from fairdeploy.scoring import hessian_diag
+
+D64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Every test here runs single-threaded (see conftest.one_thread)."""
+
+
+def _factorized(model: nn.Module, layer: str, rank: int) -> nn.Module:
+    return factorize(model.get_submodule(layer), rank)
+
+
+def test_cut_inside_a_residual_block_packs_both_values():
+    model = residual_mlp().eval()
+    x = torch.randn(9, 8)
+    trunk, head = split_model(model, "fc2", example_input=x[:2])
+    assert [v.name for v in head.cut_values] == ["relu", "inp"]  # the layer's input first
+    assert [v.shape for v in head.cut_values] == [(16,), (12,)]
+    with torch.no_grad():
+        packed = trunk(x)
+        assert packed.shape == (9, 16 + 12)
+        assert torch.equal(packed[:, :16], torch.relu(model.fc1(model.inp(x))))
+        assert torch.equal(packed[:, 16:], model.inp(x))
+        torch.testing.assert_close(head(packed), model(x), atol=1e-6, rtol=1e-6)
+    # Without an example the shapes are unknown: refused with the reason and the fix.
+    with pytest.raises(FairDeployError, match=r"'inp'.*skip connection.*example_input="):
+        split_model(model, "fc2")
+
+
+def test_cached_tuples_with_a_factorized_layer_equal_the_full_model():
+    model = residual_mlp().eval()
+    x = torch.randn(33, 8)
+    data = torch.utils.data.TensorDataset(x, torch.zeros(33, dtype=torch.long),
+                                          torch.zeros(33, dtype=torch.long))
+    trunk, head = split_model(model, "fc2", example_input=x[:2])
+    fs = compute_features(trunk, data, batch_size=8, progress=False)
+    fact = _factorized(model, "fc2", 5)
+    head.set_submodule("fc2", copy.deepcopy(fact))
+    full = replace_module(model, "fc2", copy.deepcopy(fact)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(head(fs.features), full(x), atol=1e-6, rtol=1e-5)
+        # and the factorized layer really changes the model (the check is not vacuous)
+        assert (full(x) - model(x)).abs().max() > 1e-3
+
+
+def test_hessians_of_a_layer_in_a_residual_block_equal_autograd():
+    model = residual_mlp().to(D64).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(24, 8, generator=g, dtype=D64)
+    y = torch.randint(0, 3, (24,), generator=g)
+    trunk, head = split_model(model, "fc2", example_input=x[:2])
+    head.set_submodule("fc2", _factorized(model, "fc2", 6))
+    feats = trunk(x).detach()
+    assert feats.dtype == D64
+    ref = copy.deepcopy(head).eval()
+    params = dict(ref.named_parameters())
+    for fast in (True, False):
+        got = hessian_diag(head, "fc2", feats, y, batch_size=7, fast=fast)
+        for key in ("U", "V"):
+            p = params[f"fc2.{key}"].detach()
+
+            def loss(flat, key=key, p=p):
+                return F.cross_entropy(
+                    functional_call(ref, {f"fc2.{key}": flat.view_as(p)}, (feats,)), y
+                )
+
+            want = torch.autograd.functional.hessian(loss, p.flatten()).diagonal().view_as(p)
+            err = (got[key] - want).abs() / want.abs().clamp_min(1e-12)
+            assert err.max().item() <= 1e-5, (key, fast, err.max().item())
+
+
+def _npz(path, n: int = 360, d: int = 8, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    group = rng.integers(0, 2, n)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    y = (x @ rng.normal(size=(d, 3)) + rng.normal(scale=0.3 + 0.9 * group[:, None], size=(n, 3)))
+    split = np.array(["train"] * (n // 2) + ["val"] * (n // 4) + ["test"] * (n - n // 2 - n // 4))
+    np.savez(path, x=x, y=y.argmax(1), group=group, split=split)
+
+
+def _recipe(tmp, method: dict) -> dict:
+    return {
+        "model": {"arch": "_tiny_nets:residual_mlp", "num_classes": 3},
+        "data": {"kind": "npz", "path": str(tmp / "data.npz"), "split": {"mode": "column"}},
+        "sensitive": {"attribute": "group", "groups": {"a": [0], "b": [1]}},
+        "method": method,
+        "export": {"verify_samples": 60},
+        "report": {"latency_batches": [1], "latency_warmup": 1, "latency_iterations": 3},
+    }
+
+
+@pytest.mark.parametrize("rr", [0.0, 0.5])
+def test_fairlrf_on_fc2_through_the_experiment_and_export(tmp_path, rr):
+    from fairdeploy.experiment import Experiment
+    from fairdeploy.recipe import parse_recipe
+
+    _npz(tmp_path / "data.npz")
+    model = residual_mlp().eval()
+    method = {"name": "fairlrf", "layers": [{"layer": "fc2", "rank": 6, "sr": 0.25, "rr": rr}],
+              "scoring": {"samples_per_group": 32}}
+    exp = Experiment(parse_recipe(_recipe(tmp_path, method)), model)
+    ctx = exp.prepare()
+    assert ctx.first_layer == "fc2" and len(ctx.head.cut_values) == 2
+    fair = exp.apply(exp.recipe.method)
+    full = exp.model_of(fair)
+    assert full.get_submodule("fc2").U.shape == (16, 6)
+    x = torch.as_tensor(np.load(tmp_path / "data.npz")["x"][-90:])
+    with torch.no_grad():
+        direct = full(x)
+    # The head on cached (packed) values equals the full processed model on raw inputs.
+    torch.testing.assert_close(exp.logits(fair, "test"), direct, rtol=1e-5, atol=1e-5)
+    result = exp.export(fair, tmp_path / "m.onnx")
+    assert result.layers
+    verdict = exp.verify(tmp_path / "m.onnx")
+    assert verdict and verdict.n_samples == 60
