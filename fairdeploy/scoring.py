@@ -90,6 +90,12 @@ class _Tap(nn.Module):
             if x.ndim == 2:
                 self.x_sq = x * x
                 self.zs = (x @ layer.U) * layer.S
+            elif x.ndim > 2:
+                # Token tensors (batch × tokens × features): the per-sample gradient
+                # sums over the tokens, so the inputs are kept, not squared.
+                tokens = x.reshape(x.shape[0], -1, x.shape[-1])
+                self.x_sq = tokens.clone()
+                self.zs = (tokens @ layer.U) * layer.S
         self.o = out.detach().requires_grad_(torch.is_grad_enabled())
         return self.o.clone()
 
@@ -103,6 +109,7 @@ class _Head:
     layer: FactorizedLinear
     num_classes: int
     # Fast path: None, or (elementwise steps, final Linear or None when J = diag(m)).
+    # Never for token tensors (the chain's closed form is per row).
     chain: tuple[tuple[Step, ...], nn.Module | None] | None
     # Operations after the layer that are not piecewise linear; None: unknown (untraced).
     non_pl: list[str] | None
@@ -178,14 +185,16 @@ def _prepare_head(head: nn.Module, layer: str, probe: torch.Tensor) -> _Head:
     if x_sq is None or x_sq.shape[0] != probe.shape[0]:
         raise FairDeployError(
             f"layer={layer!r} receives input of shape {tap.input_shape}; hessian_diag "
-            f"needs (N, {real.in_features}) with one row per sample"
+            f"needs (N, {real.in_features}) or (N, tokens, {real.in_features}) with the "
+            "samples on the first axis"
         )
 
     chain = None
     non_pl = None
+    tokens = x_sq.ndim == 3
     if structure is not None:
         non_pl = structure.not_piecewise_linear_after(layer)
-        found = structure.chain_to_output(layer)
+        found = None if tokens else structure.chain_to_output(layer)
         if found is not None:
             steps, final = found
             chain = (steps, None if final is None else module.get_submodule(final))
@@ -313,6 +322,59 @@ def _squared_grads(
     return g2, gu2
 
 
+def _token_parts(
+    x: torch.Tensor, zs: torch.Tensor, o: torch.Tensor, logits: torch.Tensor,
+    vt: torch.Tensor, estimator: str, labels: torch.Tensor, mc_samples: int,
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_token_diags` for ``estimator`` (its label draws for ``ggn_mc``)."""
+    if estimator == "exact":
+        return _token_diags(x, zs, o, logits, vt)
+    if estimator == "fisher":
+        return _token_diags(x, zs, o, logits, vt, labels=labels)
+    draws = _draw_labels(torch.softmax(logits.detach(), dim=-1), mc_samples, gen)
+    return _token_diags(x, zs, o, logits, vt, draws=draws)
+
+
+def _token_diags(
+    x: torch.Tensor,
+    zs: torch.Tensor,
+    o: torch.Tensor,
+    logits: torch.Tensor,
+    vt: torch.Tensor,
+    *,
+    labels: torch.Tensor | None = None,
+    draws: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums over a chunk of the squared per-sample VJPs w.r.t. U (Din × k) and V
+    (k × Dout) for a layer on token tensors.
+
+    ``x`` (n × T × Din) is the layer's input, ``zs = (x U) * S`` (n × T × k), ``o``
+    (n × T × Dout, any middle axes) its output. A sample's gradient sums over its tokens:
+    for a cotangent with VJP ``q`` (n × T × Dout) at ``o``, ``g[V_kl] = Σ_t zs_tk q_tl``
+    and ``g[U_ij] = Σ_t x_ti (q Ṽ)_tj``. Squared and summed over the cotangents of
+    :func:`_curvature_vjps` (exact: the C columns of ``Λ^½``; ``fisher``/``ggn_mc``: label
+    draws) this is n times the chunk's curvature diagonal. The per-sample products are
+    formed for a few samples at a time so that each temporary stays near
+    ``_TEMP_ELEMENTS`` elements.
+    """
+    n, t = x.shape[0], x.shape[1]
+    din, k, dout = x.shape[2], vt.shape[1], vt.shape[0]
+    acc_u = x.new_zeros(din, k)
+    acc_v = x.new_zeros(k, dout)
+    for q, weight in _curvature_vjps(logits, (o,), labels=labels, draws=draws):
+        q = q[0].reshape(-1, n, t, dout)  # (block, n, T, Dout)
+        qa = q @ vt  # (block, n, T, k)
+        step = max(1, _TEMP_ELEMENTS // max(1, q.shape[0] * max(din, dout) * k))
+        for s in range(0, n, step):
+            sl = slice(s, s + step)
+            g_v = torch.einsum("ntk,bntl->bnkl", zs[sl], q[:, sl])
+            acc_v += weight * (g_v * g_v).sum((0, 1))
+            g_u = torch.einsum("nti,bntj->bnij", x[sl], qa[:, sl])
+            acc_u += weight * (g_u * g_u).sum((0, 1))
+    return acc_u, acc_v
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -343,7 +405,10 @@ def hessian_diag(
     layer : str
         Qualified name of the :class:`~fairdeploy.lrf.FactorizedLinear` inside ``head``
         (e.g. ``"classifier.3"``); ``head`` must call it exactly once per forward, with
-        an input of shape (N, Din).
+        an input of shape (N, Din) or, for token tensors, (N, T, Din) (any axes between
+        the samples and the features count as tokens). On tokens a sample's gradient is
+        the sum of its tokens' contributions, so its square has cross-token terms: the
+        diagonals come from C per-sample VJPs through the head (no fast path).
     features : torch.Tensor
         The head's input, first dimension N ≥ 1. Floating features are cast to the
         layer's dtype and moved to its device chunk by chunk.
@@ -436,6 +501,12 @@ def hessian_diag(
     for s0 in range(0, n_total, batch_size):
         feats = chunk(feats_all, s0)
         x_sq, zs, o, logits = h.run(feats, graph=not use_chain)
+        if x_sq.ndim == 3:  # token tensors: x_sq holds the inputs themselves
+            du, dv = _token_parts(x_sq, zs, o, logits, vt, estimator, chunk(tgt_all, s0),
+                                  mc_samples, gen)
+            acc_u += du.double()
+            acc_v += dv.double()
+            continue
         if use_chain:
             d, e = _exact_chain(h, o, logits, vt, cache)
         elif estimator == "exact":
