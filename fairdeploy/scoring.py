@@ -332,7 +332,7 @@ def _token_parts(
         return _token_diags(x, zs, o, logits, vt)
     if estimator == "fisher":
         return _token_diags(x, zs, o, logits, vt, labels=labels)
-    draws = _draw_labels(torch.softmax(logits.detach(), dim=-1), mc_samples, gen)
+    draws = curvature.draw_labels(torch.softmax(logits.detach(), dim=-1), mc_samples, gen)
     return _token_diags(x, zs, o, logits, vt, draws=draws)
 
 
@@ -353,19 +353,19 @@ def _token_diags(
     (n × T × Dout, any middle axes) its output. A sample's gradient sums over its tokens:
     for a cotangent with VJP ``q`` (n × T × Dout) at ``o``, ``g[V_kl] = Σ_t zs_tk q_tl``
     and ``g[U_ij] = Σ_t x_ti (q Ṽ)_tj``. Squared and summed over the cotangents of
-    :func:`_curvature_vjps` (exact: the C columns of ``Λ^½``; ``fisher``/``ggn_mc``: label
-    draws) this is n times the chunk's curvature diagonal. The per-sample products are
-    formed for a few samples at a time so that each temporary stays near
-    ``_TEMP_ELEMENTS`` elements.
+    :func:`fairdeploy.curvature.curvature_vjps` (exact: the C columns of ``Λ^½``;
+    ``fisher``/``ggn_mc``: label draws) this is n times the chunk's curvature diagonal.
+    The per-sample products are formed for a few samples at a time so that each
+    temporary stays near ``curvature.TEMP_ELEMENTS`` elements.
     """
     n, t = x.shape[0], x.shape[1]
     din, k, dout = x.shape[2], vt.shape[1], vt.shape[0]
     acc_u = x.new_zeros(din, k)
     acc_v = x.new_zeros(k, dout)
-    for q, weight in _curvature_vjps(logits, (o,), labels=labels, draws=draws):
+    for q, weight in curvature.curvature_vjps(logits, (o,), labels=labels, draws=draws):
         q = q[0].reshape(-1, n, t, dout)  # (block, n, T, Dout)
         qa = q @ vt  # (block, n, T, k)
-        step = max(1, _TEMP_ELEMENTS // max(1, q.shape[0] * max(din, dout) * k))
+        step = max(1, curvature.TEMP_ELEMENTS // max(1, q.shape[0] * max(din, dout) * k))
         for s in range(0, n, step):
             sl = slice(s, s + step)
             g_v = torch.einsum("ntk,bntl->bnkl", zs[sl], q[:, sl])
