@@ -45,6 +45,7 @@ __all__ = [
     "layers_in_call_order",
     "pack_values",
     "split_model",
+    "uncalled_layers",
     "unpack_values",
 ]
 
@@ -86,8 +87,29 @@ def layers_in_call_order(model: nn.Module, layers: Sequence[str]) -> list[str]:
             order.setdefault(n.target, i)
     missing = [layer for layer in layers if layer not in order]
     if missing:
-        raise FairDeployError(f"{where}: forward() never calls {', '.join(missing)}")
+        reasons = "; ".join(f"{m}: {_why_never_called(model, graph, m)}" for m in missing)
+        raise FairDeployError(f"{where}: forward() never calls {', '.join(missing)} ({reasons})")
     return sorted(dict.fromkeys(layers), key=order.__getitem__)
+
+
+def uncalled_layers(model: nn.Module, layers: Sequence[str]) -> dict[str, str]:
+    """The named layers that ``forward`` never calls as modules, each with the reason
+    (e.g. ``nn.MultiheadAttention`` uses its ``out_proj`` weights functionally): no cut
+    can separate them, so FairLRF cannot reach them.
+
+    Raises
+    ------
+    FairDeployError
+        If a name is not a submodule or the model cannot be traced.
+    """
+    where = f"cannot trace {type(model).__name__}"
+    for layer in layers:
+        _check_submodule(model, layer, where)
+    graph = trace_graph(model, layers, where)
+    called = {str(n.target) for n in graph.nodes if n.op == "call_module"}
+    return {
+        layer: _why_never_called(model, graph, layer) for layer in layers if layer not in called
+    }
 
 
 def split_model(

@@ -1,6 +1,11 @@
 """Low-rank factorization: FactorizedLinear, truncated SVD, sparse SVD, selection."""
 
-from fairdeploy.lrf._apply import factorize_model, linear_layers, replace_module
+from fairdeploy.lrf._apply import (
+    factorize_model,
+    functional_linears,
+    linear_layers,
+    replace_module,
+)
 from fairdeploy.lrf._factorized import FactorizedLinear
 from fairdeploy.lrf._selection import (
     ROW_SCORES,
@@ -34,6 +39,7 @@ __all__ = [
     "factorize",
     "factorize_model",
     "following_activation",
+    "functional_linears",
     "linear_layers",
     "list_strategies",
     "register_strategy",

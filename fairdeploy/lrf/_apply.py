@@ -18,6 +18,21 @@ def linear_layers(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
+def functional_linears(model: nn.Module) -> dict[str, str]:
+    """The ``nn.Linear`` modules whose owner uses their weights functionally instead of
+    calling them, each with the reason: ``nn.MultiheadAttention`` passes
+    ``out_proj.weight`` to ``F.multi_head_attention_forward``. Neither a cut nor a
+    forward hook can reach such a layer."""
+    return {
+        f"{name}.out_proj": (
+            f"nn.MultiheadAttention {name!r} uses the weights of its out_proj functionally "
+            "(F.multi_head_attention_forward) instead of calling the module"
+        )
+        for name, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention) and isinstance(m.out_proj, nn.Linear)
+    }
+
+
 def _linear_or_error(model: nn.Module, name: str) -> nn.Linear:
     module = dict(model.named_modules()).get(name) if name else None
     if not isinstance(module, nn.Linear):

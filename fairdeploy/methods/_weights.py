@@ -32,6 +32,7 @@ from torch import nn
 from fairdeploy._schema import NonNegFloat, PosInt
 from fairdeploy._text import plural
 from fairdeploy.errors import FairDeployError
+from fairdeploy.lrf import functional_linears
 from fairdeploy.methods._base import Method, count_parameters
 from fairdeploy.plan import Plan, ScoringSpec
 from fairdeploy.progress import phase
@@ -78,10 +79,19 @@ class WeightPlan(Plan):
 
 def weight_layers(plan: WeightPlan, model: nn.Module) -> list[str]:
     """The chosen Linear/Conv2d modules of ``plan`` in ``model``: definition order for
-    ``all``, else the plan's order (the tie-break order of a global selection)."""
+    ``all``, else the plan's order (the tie-break order of a global selection).
+    Linear layers used functionally (``nn.MultiheadAttention``'s ``out_proj``,
+    :func:`~fairdeploy.lrf.functional_linears`) are not part of ``all`` and are refused
+    by name."""
     kinds = (nn.Linear, nn.Conv2d)
-    found = [n for n, m in model.named_modules() if n and isinstance(m, kinds)]
+    functional = functional_linears(model)
+    found = [
+        n for n, m in model.named_modules() if n and isinstance(m, kinds) and n not in functional
+    ]
     layers = plan.layers
+    for name in layers if layers != "all" else ():
+        if name in functional:
+            raise FairDeployError(f"method.layers: {name!r} cannot be chosen: {functional[name]}")
     if layers == "all":
         if not found:
             raise FairDeployError(

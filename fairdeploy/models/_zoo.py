@@ -54,3 +54,38 @@ class _MLP(nn.Module):
 
     def forward(self, x):  # type: ignore[no-untyped-def]
         return self.layers(x.flatten(1))
+
+
+@register_model("vision_transformer")
+def vision_transformer(
+    num_classes: int,
+    image_size: int = 224,
+    patch_size: int = 16,
+    num_layers: int = 12,
+    num_heads: int = 12,
+    hidden_dim: int = 768,
+    mlp_dim: int = 3072,
+    dropout: float = 0.0,
+    attention_dropout: float = 0.0,
+) -> nn.Module:
+    """torchvision's ``VisionTransformer`` in any configuration (the defaults are
+    ``vit_b_16``'s; ``vit_b_16`` itself also works by its torchvision name).
+
+    FairLRF reaches the MLP Linear layers of every encoder block
+    (``encoder.layers.encoder_layer_<i>.mlp.0`` and ``.mlp.3``) and the classifier
+    ``heads.head``; the attention's ``out_proj`` is used functionally by
+    ``nn.MultiheadAttention`` and is refused by name.
+    """
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(
+        image_size=image_size,
+        patch_size=patch_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        hidden_dim=hidden_dim,
+        mlp_dim=mlp_dim,
+        dropout=dropout,
+        attention_dropout=attention_dropout,
+        num_classes=num_classes,
+    )

@@ -29,7 +29,7 @@ from typing import Any
 from torch import nn
 
 from fairdeploy.errors import FairDeployError
-from fairdeploy.features import layers_in_call_order
+from fairdeploy.features import layers_in_call_order, uncalled_layers
 from fairdeploy.grammar import GRID_KEYS, parse_grid, parse_grid_values
 from fairdeploy.lrf import linear_layers
 from fairdeploy.methods import get_method
@@ -112,7 +112,11 @@ def _layer_names(values: tuple[Any, ...], model: nn.Module) -> list[str]:
         found = linear_layers(model)
         if not found:
             raise FairDeployError("--grid layer=all: the model has no nn.Linear layer")
-        return layers_in_call_order(model, found)
+        # Linear layers used functionally (nn.MultiheadAttention's out_proj) come last;
+        # their points are marked invalid with the reason (_point).
+        uncalled = uncalled_layers(model, found)
+        called = [name for name in found if name not in uncalled]
+        return [*layers_in_call_order(model, called), *uncalled]
     linear = set(linear_layers(model))
     for name in values:
         if name not in linear:
@@ -168,6 +172,7 @@ def grid_points(
             f"{unread[0]}; drop it or sweep a method that does (fairlrf reads sr, rr and beta)"
         )
     layer_values = _layer_names(grid["layer"], model) if "layer" in grid else None
+    uncalled = uncalled_layers(model, layer_values) if layer_values else {}
     points: list[SweepPoint] = []
     for method in methods:
         base = _base_plan(main, method)
@@ -182,9 +187,13 @@ def grid_points(
             value_lists = [grid[k] for k in keys]
         for combo in itertools.product(*value_lists):
             chosen = dict(zip(keys, combo, strict=True))
-            points.append(
-                _point(len(points), method, chosen, base_layers, raw_base, reads, model, repeats)
-            )
+            point = _point(len(points), method, chosen, base_layers, raw_base, reads, model,
+                           repeats)
+            why = uncalled.get(chosen.get("layer", ""))
+            if why is not None and point.plan is not None:
+                point = SweepPoint(point.index, method, point.settings, None, None,
+                                   invalid=f"layer {chosen['layer']!r}: {why}")
+            points.append(point)
     return points
 
 
