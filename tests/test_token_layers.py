@@ -115,3 +115,16 @@ def test_factorized_layer_on_tokens_equals_the_dense_layer_at_full_rank():
         fact = factorize(dense, 6)
     x = torch.randn(2, 5, 6, dtype=D64)
     torch.testing.assert_close(fact(x), dense(x))
+
+
+def test_slr_a_activation_sums_over_samples_and_tokens():
+    from fairdeploy.lrf import activation_abs_sums
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 7), nn.GELU(), nn.Flatten(), nn.Linear(35, 3)).eval()
+    x = torch.randn(4, 5, 6)
+    got_in, got_out = activation_abs_sums(model, "0", [x[:3], x[3:]])
+    with torch.no_grad():
+        want_out = F.gelu(model[0](x)).abs().sum((0, 1))
+    torch.testing.assert_close(got_in, x.abs().sum((0, 1)).double())
+    torch.testing.assert_close(got_out, want_out.double(), rtol=1e-6, atol=1e-6)
