@@ -150,3 +150,15 @@ def test_vit_sweep_per_layer_table(task):
     for layer in MLP_LAYERS:
         assert f"fairlrf (layer={layer}," in md
     assert md.count("uses its weights functionally") == 2  # the two out_proj rows
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_resnets_by_name_cut_at_fc(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, 3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    trunk, head = split_model(model, "fc", example_input=x)
+    with torch.no_grad():
+        feats = trunk(x)
+        assert feats.shape == (2, 512 if arch == "resnet18" else 2048)  # one value crosses
+        torch.testing.assert_close(head(feats), model(x))
