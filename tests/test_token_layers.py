@@ -128,3 +128,33 @@ def test_slr_a_activation_sums_over_samples_and_tokens():
         want_out = F.gelu(model[0](x)).abs().sum((0, 1))
     torch.testing.assert_close(got_in, x.abs().sum((0, 1)).double())
     torch.testing.assert_close(got_out, want_out.double(), rtol=1e-6, atol=1e-6)
+
+
+def _rss_anon() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no RssAnon")
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="Linux only")
+def test_cached_features_are_memory_mapped_not_held(tmp_path):
+    """A feature-cache hit maps the file (pages are read on demand and can be evicted)
+    instead of copying 32 MB of cached token tensors into the process's memory."""
+    from fairdeploy.cache import FeatureCache
+    from fairdeploy.features import FeatureSet
+
+    cache = FeatureCache(tmp_path)
+    n = 32
+    fs = FeatureSet(torch.randn(n, 256, 1024), torch.zeros(n, dtype=torch.long),
+                    torch.zeros(n, dtype=torch.long))
+    cache.get_or_compute({"k": 1}, lambda: fs)
+    before = _rss_anon()
+    hit, was_hit = cache.get_or_compute({"k": 1}, lambda: fs)
+    grown = _rss_anon() - before
+    assert was_hit and torch.equal(hit.features[-1], fs.features[-1])
+    assert grown < 8 * 2**20, f"anonymous memory grew by {grown / 2**20:.0f} MiB"
+    hit.features[0, 0, 0] = 1e9  # copy-on-write: the file is not changed
+    again, _ = cache.get_or_compute({"k": 1}, lambda: fs)
+    assert again.features[0, 0, 0] == fs.features[0, 0, 0]
