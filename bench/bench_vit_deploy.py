@@ -39,7 +39,7 @@ from bench_vit_hessian import CONFIGS, fixture_images
 
 from fairdeploy.bench import measure_latency
 from fairdeploy.compression import theoretical_cr
-from fairdeploy.export import export_onnx, onnx_sizes
+from fairdeploy.export import ExportOptions, export_onnx, onnx_sizes
 from fairdeploy.lrf import factorize
 from fairdeploy.models import build_model
 from fairdeploy.plan import LayerPlan, Plan
@@ -77,10 +77,12 @@ def main() -> None:
           f"rr {args.rr}; {args.threads} threads; load {os.getloadavg()[0]:.2f}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         paths = {n: Path(tmp) / f"{n}.onnx" for n in ("vanilla", "fairlrf")}
+        # TorchScript exporter: the dynamo exporter takes ~3x longer on a ViT.
         export_onnx(vanilla, x[:2], paths["vanilla"], reference_inputs=x,
-                    exporter="torchscript", opset=17)
+                    options=ExportOptions(exporter="torchscript", opset=17))
         res = export_onnx(proc, x[:2], paths["fairlrf"], reference_inputs=x,
-                          eliminate_dead=True, exporter="torchscript", opset=17)
+                          options=ExportOptions(eliminate_dead=True, exporter="torchscript",
+                                                opset=17))
         lay = res.layers[0]
         print(f"parity (ORT vs PyTorch, {args.samples} fixture images): max |Δ| "
               f"{res.max_abs_error:.2e}; first layer: kept rows {lay.kept_rows}/{lay.din}, "
