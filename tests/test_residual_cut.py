@@ -139,3 +139,46 @@ def test_fairlrf_on_fc2_through_the_experiment_and_export(tmp_path, rr):
     assert result.layers
     verdict = exp.verify(tmp_path / "m.onnx")
     assert verdict and verdict.n_samples == 60
+
+
+class _InputSkip(nn.Module):
+    """``fc2(fc1(x)) + x``: the model's input itself crosses a cut at fc2, and a constant
+    computed from a parameter alone (``scale``) is recomputed in the head, not cached."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.scale = nn.Parameter(torch.tensor([0.5, 1.0, 1.5, 2.0]))
+
+    def forward(self, x):
+        s = self.scale.exp()  # before the cut, but not per-sample
+        return self.fc2(self.fc1(x)) * s + x
+
+
+def test_the_model_input_and_constants_across_the_cut():
+    torch.manual_seed(0)
+    model = _InputSkip().eval()
+    x = torch.randn(6, 4)
+    trunk, head = split_model(model, "fc2", example_input=x[:2])
+    assert [v.name for v in head.cut_values] == ["fc1", "x"]
+    with torch.no_grad():
+        packed = trunk(x)
+        assert packed.shape == (6, 8)
+        torch.testing.assert_close(head(packed), model(x))
+        head.get_parameter("scale").mul_(2)  # the head's own copy is used, not a cached value
+        assert not torch.allclose(head(packed), model(x))
+
+
+class _BatchStat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        m = x.mean()  # one number for the whole batch crosses the cut
+        return self.fc2(self.fc1(x)) + m
+
+
+def test_a_value_without_a_batch_axis_cannot_cross_the_cut():
+    with pytest.raises(FairDeployError, match=r"crosses the cut but is of shape \(\).*one row per"):
+        split_model(_BatchStat().eval(), "fc2", example_input=torch.randn(2, 4))
