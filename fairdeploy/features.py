@@ -1,8 +1,10 @@
 """The feature cache: cut a model before its first target layer, run the frozen part once.
 
 FairLRF changes only the layers from the first target layer on, so everything before it
-(the *trunk*) is frozen. :func:`split_model` cuts a traced model at the input of a named
-layer into ``trunk`` and ``head``; :func:`compute_features` runs the trunk once over a
+(the *trunk*) is frozen. :func:`split_model` cuts a traced model before a named layer
+into ``trunk`` and ``head`` (every value crossing the cut — the layer's input, and inside
+a residual or attention block the residual stream — is a trunk output, packed into one
+tensor when there are several); :func:`compute_features` runs the trunk once over a
 dataset; :class:`fairdeploy.cache.FeatureCache` keeps the result on disk, keyed by
 everything it depends on, so scoring, selection, evaluation and sweeps run on the small
 head alone.
