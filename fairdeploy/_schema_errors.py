@@ -62,10 +62,11 @@ def format_validation_error(
         allowed = tagged.get(str(loc[-1]), ()) if loc else ()
         tags = ", ".join(allowed) or str(ctx.get("expected_tags", "")).replace("'", "")
         loc = [*loc, str(ctx.get("discriminator", "kind")).strip("'")]
+        hint = f" (use one of {tags})" if tags else ""
         text = (
-            f"{ctx['tag']!r} is not allowed (use one of {tags})"
+            f"{ctx['tag']!r} is not allowed{hint}"
             if kind == "union_tag_invalid"
-            else f"required key is missing (use one of {tags})"
+            else f"required key is missing{hint}"
         )
     elif kind == "literal_error":
         text = f"{_short(err['input'])} is not allowed (use one of {ctx['expected']})"
