@@ -28,7 +28,7 @@ from fairdeploy.bench import measure_latency
 from fairdeploy.export import pack_weights
 from fairdeploy.models import build_model
 
-REBUILD_OPS = {"BitShift", "CumSum", "Where"}
+REBUILD_OPS = {"BitwiseAnd", "CumSum", "Where"}
 
 
 def session(path: Path, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL, optimized=None):

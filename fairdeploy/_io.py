@@ -77,6 +77,13 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
         try:
             yield tmp_path
             publish(tmp_path, path)
+        except OSError as exc:
+            with contextlib.suppress(FileNotFoundError):
+                tmp_path.unlink()
+            if exc.filename is not None or exc.errno is None:
+                raise
+            # A failed write() (a full disk, a file size limit) names no file: name it.
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 tmp_path.unlink()

@@ -16,14 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fairdeploy.errors import FairDeployError
+from fairdeploy.errors import FairDeployError, first_line
 
 __all__ = ["check_model_takes_inputs"]
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:300] if lines else type(exc).__name__
 
 
 def check_model_takes_inputs(
@@ -61,8 +56,8 @@ def check_model_takes_inputs(
     except Exception as exc:  # shape errors surface as RuntimeError, IndexError, ValueError...
         raise FairDeployError(
             f"the model cannot take the inputs of {what} (each of shape {tuple(x.shape[1:])}): "
-            f"{type(exc).__name__}: {_first_line(exc)} — check model.arch and model.kwargs "
-            "(e.g. in_features) against the data and its preprocessing"
+            f"{type(exc).__name__}: {first_line(exc, limit=300)} — check model.arch and "
+            "model.kwargs (e.g. in_features) against the data and its preprocessing"
         ) from None
     finally:
         for m, mode in modes:

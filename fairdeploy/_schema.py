@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -63,40 +64,28 @@ def parse_fraction(value: Any) -> Any:
     return value
 
 
-def _finite(value: float) -> float:
-    if not math.isfinite(value):
-        raise ValueError("use a finite number")
-    return value
+def _bound(ok: Callable[[Any], bool], hint: str, range_text: str = "") -> Callable[[Any], Any]:
+    """An after-validator that passes a value through when ``ok(value)``, else says ``hint``.
+    ``range_text`` (e.g. ``" ≥ 1"``) is the range in words, kept on the validator as
+    ``range_text`` so the recipe reference (``docs/recipe.md``) shows what is enforced."""
+
+    def check(value: Any) -> Any:
+        if not ok(value):
+            raise ValueError(hint)
+        return value
+
+    check.range_text = range_text  # type: ignore[attr-defined]
+    return check
 
 
-def _unit_interval(value: float) -> float:
-    if not 0.0 <= value <= 1.0:
-        raise ValueError("use a number in [0, 1]")
-    return value
-
-
-def _positive_fraction(value: float) -> float:
-    if not 0.0 < value <= 1.0:
-        raise ValueError("use a fraction in (0, 1], e.g. 0.35")
-    return value
-
-
-def _non_negative(value: float) -> float:
-    if value < 0:
-        raise ValueError("use a number ≥ 0")
-    return value
-
-
-def _positive_int(value: int) -> int:
-    if value < 1:
-        raise ValueError("use an integer ≥ 1")
-    return value
-
-
-def _non_negative_int(value: int) -> int:
-    if value < 0:
-        raise ValueError("use an integer ≥ 0")
-    return value
+_finite = _bound(math.isfinite, "use a finite number")
+_unit_interval = _bound(lambda v: 0.0 <= v <= 1.0, "use a number in [0, 1]", " in [0, 1]")
+_positive_fraction = _bound(
+    lambda v: 0.0 < v <= 1.0, "use a fraction in (0, 1], e.g. 0.35", " in (0, 1]"
+)
+_non_negative = _bound(lambda v: not v < 0, "use a number ≥ 0", " ≥ 0")
+_positive_int = _bound(lambda v: not v < 1, "use an integer ≥ 1", " ≥ 1")
+_non_negative_int = _bound(lambda v: not v < 0, "use an integer ≥ 0", " ≥ 0")
 
 
 def _expand_path(value: Any, info: ValidationInfo) -> Any:

@@ -30,7 +30,12 @@ from functools import lru_cache
 from pathlib import Path
 
 __all__ = [
-    "is_owned_temporary", "make_owned_dir", "make_owned_file", "owned_name", "remove_stale"
+    "is_owned_temporary",
+    "make_owned_dir",
+    "make_owned_file",
+    "owned_name",
+    "owned_target",
+    "remove_stale",
 ]
 
 _MARK = "fdtmp"
@@ -163,3 +168,10 @@ def is_owned_temporary(name: str) -> bool:
     """Whether ``name`` is an owned temporary name (of any process)."""
     return _PATTERN.match(name) is not None
 
+
+
+def owned_target(name: str) -> str | None:
+    """The name an owned temporary stands for (``x.pt`` for ``.x.pt.fdtmp-...``), or None
+    when ``name`` is not an owned temporary name."""
+    m = _PATTERN.match(name)
+    return m["name"] if m else None

@@ -1,11 +1,15 @@
-"""Numbers in words for people: counts with the right plural, durations, fixed decimals."""
+"""Numbers in words for people: counts with the right plural, durations, fixed decimals;
+markdown tables whose cells cannot break their row."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["ago", "fixed", "nbytes", "plural", "seconds"]
+from tabulate import tabulate
+
+__all__ = ["ago", "fixed", "markdown_table", "nbytes", "plural", "seconds"]
 
 
 def plural(n: int, singular: str, plural_form: str | None = None) -> str:
@@ -48,3 +52,23 @@ def ago(elapsed: float) -> str:
     if elapsed < 86400:
         return f"{elapsed / 3600:.1f} h ago"
     return f"{elapsed / 86400:.1f} days ago"
+
+
+def markdown_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    """A GitHub-flavoured markdown table whose cells keep their text whole.
+
+    A ``|`` inside a cell (``max |Δ| 3e-07``) would end the cell and split the row into
+    more cells than the header has, so it is written ``\\|`` (GitHub's table syntax, inside
+    code spans too); a newline would end the row, so it becomes a space; None is empty.
+    Cells are taken as text: numbers are already formatted by the caller, and tabulate
+    must not re-parse them.
+    """
+
+    def cell(value: Any) -> str:
+        text = "" if value is None else str(value)
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    return tabulate(
+        [[cell(v) for v in row] for row in rows], [cell(h) for h in header],
+        tablefmt="github", disable_numparse=True,
+    )

@@ -10,8 +10,16 @@ ONNX export) has a ``<file>.check`` beside it with the size and SHA-256 of each 
 written last. An unreadable, truncated, altered or incomplete entry is a miss: a
 ``CacheWarning`` (a ``RuntimeWarning``) names it and the value is recomputed and
 written again, so a damaged cache never changes a result and never fails a run. A cache
-that cannot be written (a full disk, no permission) only costs the reuse: the run goes
-on with a warning.
+that cannot be written (a full disk, no permission, a read-only folder) only costs the
+reuse: the run goes on with a warning.
+
+Every file the cache writes has a name of one shape, and nothing else in the folder is
+ever listed, pruned or deleted (:func:`entry_kind`): a tensor entry is
+``<kind>-<64 hex digits>.pt``, a file entry ``<kind>-<24 hex digits><.suffix>`` with its
+``.data`` and ``.check`` companions, where ``<kind>`` is a lower-case identifier
+(``features``, ``svd``, ``hessian``, ``weight_hessian``, ``vanilla``, or a plug-in's own).
+The folder is created private to its user (mode 0700): the entries are trusted like the
+code (a checksum catches damage, not a forgery), so only its owner may write them.
 Temporaries of writes cut short by SIGKILL are removed by the next run
 (:mod:`fairdeploy._stale`).
 """
@@ -22,6 +30,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Callable, Mapping
@@ -34,8 +43,8 @@ import torch
 from fairdeploy._digest import sha256_file
 from fairdeploy._io import atomic_torch_save, atomic_write_text
 from fairdeploy._signals import cleanup_on_sigterm
-from fairdeploy._stale import is_owned_temporary, make_owned_dir, remove_stale
-from fairdeploy.errors import FairDeployError
+from fairdeploy._stale import make_owned_dir, owned_target, remove_stale
+from fairdeploy.errors import FairDeployError, first_line
 from fairdeploy.features import FeatureSet
 
 
@@ -44,13 +53,42 @@ class CacheWarning(RuntimeWarning):
     the numbers are right, the run was slower. Reported once per run, not per method."""
 
 
-__all__ = ["CacheWarning", "FeatureCache", "dataset_fingerprint", "file_sha256", "tensors_checksum"]
+__all__ = [
+    "CacheWarning",
+    "FeatureCache",
+    "cache_files",
+    "companions",
+    "dataset_fingerprint",
+    "entry_kind",
+    "file_sha256",
+    "tensors_checksum",
+]
 
 # Bump when the cached file layout or the meaning of a key changes: old files then miss.
 _CACHE_FORMAT = "fairdeploy-feature-cache/2"  # /2: content checksums
 
 
 _HASH_CACHE: dict[tuple[str, int, int], str] = {}
+
+_KIND = re.compile(r"[a-z][a-z0-9_]*")
+_ENTRY = re.compile(
+    r"(?P<kind>[a-z][a-z0-9_]*)-(?:[0-9a-f]{64}\.pt|[0-9a-f]{24}\.[a-z0-9]+)"
+)
+#: What a file entry carries beside it (external weights, its checksum record).
+COMPANION_SUFFIXES = (".data", ".check")
+
+
+def entry_kind(name: str) -> str | None:
+    """The kind of cache entry a file name is (``features``, ``svd``, ``vanilla``, ...),
+    or None when the cache never writes a file of that name (a user's file, or an
+    entry's ``.data``/``.check`` companion)."""
+    m = _ENTRY.fullmatch(name)
+    return m["kind"] if m else None
+
+
+def _check_kind(kind: str) -> None:
+    if not _KIND.fullmatch(kind):
+        raise ValueError(f"cache kind {kind!r} must be a lower-case identifier ([a-z][a-z0-9_]*)")
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -114,6 +152,14 @@ class FeatureCache:
         self.directory = Path(directory)
         remove_stale(self.directory)
 
+    def _make_folder(self) -> None:
+        """Create the folder private to its user (0700); an existing one is left as is.
+        An unwritable place raises ``OSError`` (the writers turn it into a warning)."""
+        if not self.directory.is_dir():
+            self.directory.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                self.directory.mkdir(mode=0o700)
+
     def key(self, key_parts: Mapping[str, Any]) -> str:
         """The hex SHA-256 cache key of ``key_parts`` (order of mapping keys is irrelevant)."""
         return hashlib.sha256(
@@ -146,6 +192,8 @@ class FeatureCache:
         fs = compute()
         if not isinstance(fs, FeatureSet):
             raise TypeError(f"compute() returned {type(fs).__name__}, not a FeatureSet")
+        with contextlib.suppress(OSError):  # _write_entry warns about an unwritable folder
+            self._make_folder()
         _write_entry(
             path, key, dict(key_parts),
             {"features": fs.features, "targets": fs.targets, "groups": fs.groups},
@@ -160,7 +208,9 @@ class FeatureCache:
         compute: Callable[[], dict[str, torch.Tensor]],
     ) -> tuple[dict[str, torch.Tensor], bool]:
         """Like :meth:`get_or_compute` for a flat dict of tensors (e.g. SVD factors or
-        Hessian diagonals), stored as ``<kind>-<key>.pt``."""
+        Hessian diagonals), stored as ``<kind>-<key>.pt``; ``kind`` is a lower-case
+        identifier."""
+        _check_kind(kind)
         key = self.key({"kind": kind, **key_parts})
         path = self.directory / f"{kind}-{key}.pt"
         tensors = _read_entry(path, key, "cache file")
@@ -168,6 +218,8 @@ class FeatureCache:
             _touch(path)
             return tensors, True
         tensors = compute()
+        with contextlib.suppress(OSError):  # _write_entry warns about an unwritable folder
+            self._make_folder()
         _write_entry(path, key, dict(key_parts), tensors, what="cache file")
         return tensors, False
 
@@ -178,6 +230,7 @@ class FeatureCache:
         create: Callable[[Path], None],
         *,
         suffix: str,
+        fallback: str | os.PathLike[str] | None = None,
     ) -> tuple[Path, bool]:
         """The cached file for ``key_parts`` (e.g. the vanilla ONNX export), created on a miss.
 
@@ -186,60 +239,124 @@ class FeatureCache:
         weights, if any) is moved into the cache, followed by ``<name>.check`` with each
         file's size and SHA-256. A hit is a file whose check passes; a missing, damaged
         or truncated file (or one without its check) is created again. Returns the path
-        and whether it was a hit.
+        and whether it was a hit. ``kind`` is a lower-case identifier, ``suffix`` one
+        lower-case extension (``.onnx``).
+
+        A cache folder that cannot be written (read-only, a file in its way) only costs
+        the reuse when ``fallback`` is given: the file is created there, with a
+        :class:`CacheWarning`, and that path is returned.
 
         Raises
         ------
         OSError
-            When the cache folder cannot hold the file (the caller needs it on disk).
+            When the cache folder cannot hold the file and no ``fallback`` is given.
         """
+        _check_kind(kind)
+        if not re.fullmatch(r"\.[a-z0-9]+", suffix):
+            raise ValueError(f"cache file suffix {suffix!r} must be one lower-case extension")
         key = self.key({"kind": kind, **key_parts})
         name = f"{kind}-{key[:24]}{suffix}"
         path = self.directory / name
         if path.is_file() and _file_entry_ok(path, key):
             return path, True
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with cleanup_on_sigterm():
+        try:
+            self._make_folder()
             work = make_owned_dir(self.directory, name)
+        except OSError as exc:
+            if fallback is None:
+                raise
+            warnings.warn(
+                f"could not write cache file {str(path)!r} ({exc.strerror or exc}); "
+                f"{Path(fallback).name} was created where it is used and not cached",
+                CacheWarning,
+                stacklevel=2,
+            )
+            create(Path(fallback))
+            return Path(fallback), False
+        with cleanup_on_sigterm():
             try:
-                create(work / name)
-                made = sorted(
-                    p.name for p in work.iterdir() if p.is_file() and p.name.startswith(name)
-                )
-                if name not in made:
-                    raise RuntimeError(f"create() did not write {name}")
-                files = {}
-                # External weights first, the model that references them last, the check
-                # after both: a reader never pairs a new model with old weights.
-                for fname in sorted(made, key=lambda n: n == name):
-                    files[fname] = {
-                        "bytes": (work / fname).stat().st_size,
-                        "sha256": sha256_file(work / fname),
-                    }
-                    os.replace(work / fname, self.directory / fname)
+                files = _move_created(work, name, create, self.directory)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
             check = {"format": _CACHE_FORMAT, "key": key, "files": files}
-            atomic_write_text(_check_path(path), json.dumps(check, sort_keys=True) + "\n")
+            try:
+                atomic_write_text(_check_path(path), json.dumps(check, sort_keys=True) + "\n")
+            except OSError as exc:  # the entry is whole; without its check it is not reused
+                warnings.warn(
+                    f"could not write {str(_check_path(path))!r} ({exc.strerror or exc}); "
+                    "the file will be created again next time",
+                    CacheWarning,
+                    stacklevel=2,
+                )
         return path, False
 
     def clear(self) -> int:
-        """Delete every cached file (features, SVD factors, Hessians, vanilla exports,
-        their checks) and every temporary left by a killed run."""
+        """Delete every cached file (every kind's entries, their companions) and every
+        temporary left by a killed run; nothing else in the folder. Returns the count."""
         removed = 0
-        patterns = ("*-*.pt", "vanilla-*.onnx", "vanilla-*.onnx.data", "*.check")
-        for p in [q for pat in patterns for q in self.directory.glob(pat)]:
-            p.unlink(missing_ok=True)
-            removed += 1
-        for p in list(self.directory.iterdir()) if self.directory.is_dir() else []:
-            if not is_owned_temporary(p.name):
-                continue
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
-            removed += 1
+        for p, _ in cache_files(self.directory):
+            for c in [*companions(p), p]:
+                if c.is_dir() and not c.is_symlink():
+                    shutil.rmtree(c, ignore_errors=True)
+                elif c.exists() or c.is_symlink():
+                    c.unlink(missing_ok=True)
+                else:
+                    continue
+                removed += 1
         return removed
+
+
+def _move_created(
+    work: Path, name: str, create: Callable[[Path], None], directory: Path
+) -> dict[str, dict[str, Any]]:
+    """Run ``create`` in ``work`` and move what it wrote into ``directory``; return each
+    file's size and SHA-256."""
+    create(work / name)
+    made = sorted(p.name for p in work.iterdir() if p.is_file() and p.name.startswith(name))
+    if name not in made:
+        raise RuntimeError(f"create() did not write {name}")
+    files = {}
+    # External weights first, the model that references them last, the check after
+    # both: a reader never pairs a new model with old weights.
+    for fname in sorted(made, key=lambda n: n == name):
+        files[fname] = {"bytes": (work / fname).stat().st_size, "sha256": sha256_file(work / fname)}
+        os.replace(work / fname, directory / fname)
+    return files
+
+
+def companions(path: Path) -> list[Path]:
+    """The files that belong to a cache entry: its external weights, its check record."""
+    return [path.with_name(path.name + s) for s in COMPANION_SUFFIXES]
+
+
+def cache_files(directory: str | os.PathLike[str]) -> list[tuple[Path, str]]:
+    """Every entry the cache wrote in ``directory``, with its kind, and every temporary
+    an interrupted write of an entry left (kind ``partial``), by name; nothing else.
+
+    A name counts only in full (:func:`entry_kind`): ``features-of-my-data.csv`` is a
+    user's file. An entry must be a regular file, not a link.
+    """
+    out: list[tuple[Path, str]] = []
+    try:
+        items = sorted(os.scandir(directory), key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return out
+    for item in items:
+        kind = entry_kind(item.name)
+        if kind is not None:
+            if item.is_file(follow_symlinks=False):
+                out.append((Path(item.path), kind))
+            continue
+        target = owned_target(item.name)
+        if target is None:
+            continue
+        for suffix in ("", *COMPANION_SUFFIXES):
+            if suffix and not target.endswith(suffix):
+                continue
+            if entry_kind(target[: len(target) - len(suffix)]) is not None:
+                out.append((Path(item.path), "partial"))
+                break
+    return out
 
 
 def _touch(path: Path) -> None:
@@ -349,17 +466,12 @@ def _read_entry(path: Path, key: str, what: str) -> dict[str, torch.Tensor] | No
     except Exception as exc:  # any unreadable file is a miss, never a crash
         warnings.warn(
             f"ignoring unreadable {what} {str(path)!r} ({type(exc).__name__}: "
-            f"{_first_line(exc)}); "
+            f"{first_line(exc)}); "
             "recomputing it",
             CacheWarning,
             stacklevel=3,
         )
         return None
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else ""
 
 
 def dataset_fingerprint(ds: Any) -> str:

@@ -1,10 +1,13 @@
 """What the cache folder holds, for people: list its entries, clear it, prune old ones.
 
 The persisted cache (:mod:`fairdeploy.cache`, ``exports/.cache`` by default) keeps trunk
-features, SVD factors, Hessian diagonals and vanilla ONNX exports, each keyed by the
-checkpoint's SHA-256 among other things. :func:`cache_entries` reads what each file is
-and which checkpoint it belongs to (its path, from the run folders' reports that name
-the same SHA-256), without reading the tensors. A cache hit refreshes a file's
+features, SVD factors, Hessian diagonals (per-unit and per-weight) and vanilla ONNX
+exports, each keyed by the checkpoint's SHA-256 among other things. Only the files the
+cache wrote are listed, pruned or cleared, recognised by their full name
+(:func:`fairdeploy.cache.entry_kind`), whatever their kind; a user's
+``features-of-my-data.csv`` beside them is never touched. :func:`cache_entries` reads what
+each file is and which checkpoint it belongs to (its path, from the run folders' reports
+that name the same SHA-256), without reading the tensors. A cache hit refreshes a file's
 modification time, so :func:`prune_cache` removes what was not used for N days.
 """
 
@@ -12,16 +15,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fairdeploy.cache import cache_files, companions
 from fairdeploy.errors import FairDeployError
 
 __all__ = ["CacheEntry", "Removed", "cache_entries", "clear_cache", "prune_cache"]
-
-_KINDS = ("features", "svd", "hessian", "vanilla")
 
 
 @dataclass(frozen=True)
@@ -32,8 +35,9 @@ class CacheEntry:
     ----------
     path : Path
     kind : str
-        ``features``, ``svd``, ``hessian``, ``vanilla`` (an ONNX export) or ``partial``
-        (a temporary file an interrupted write left behind).
+        ``features``, ``svd``, ``hessian``, ``weight_hessian``, ``vanilla`` (an ONNX
+        export), a plug-in's own kind, or ``partial`` (a temporary an interrupted write
+        left behind).
     size : int
         Bytes, an ONNX export's ``.onnx.data`` file included.
     last_used : float
@@ -81,31 +85,10 @@ def _check_folder(directory: Path) -> None:
         raise FairDeployError(f"cache folder {str(directory)!r} is a file: give a folder")
 
 
-def _cache_files(directory: Path) -> list[Path]:
-    """Cache files and partial writes in ``directory`` (never anything else)."""
-    if not directory.is_dir():
-        return []
-    out = []
-    for p in sorted(directory.iterdir()):
-        if not p.is_file() or p.name.endswith((".onnx.data", ".check")):
-            continue  # part of the entry they sit beside
-        if p.name.split("-", 1)[0] in _KINDS or _is_partial(p):
-            out.append(p)
-    return out
-
-
-def _is_partial(p: Path) -> bool:
-    # The atomic writer's temporary names start with a dot and hold the final name.
-    return p.name.startswith(".") and any(f"{k}-" in p.name for k in _KINDS)
-
-
-def _companions(p: Path) -> list[Path]:
-    """Files that belong to a cache entry: its external weights and its checksum record."""
-    return [p.with_name(p.name + ".data"), p.with_name(p.name + ".check")]
-
-
 def _size(p: Path) -> int:
-    return p.stat().st_size + sum(c.stat().st_size for c in _companions(p) if c.is_file())
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return p.stat().st_size + sum(c.stat().st_size for c in companions(p) if c.is_file())
 
 
 def _run_checkpoints(exports: Path) -> dict[str, set[str]]:
@@ -140,8 +123,7 @@ def _describe_key(parts: dict[str, Any]) -> str:
 
 def _read_entry(p: Path) -> tuple[str | None, str]:
     """The checkpoint SHA-256 and a description of one cache file (reading no tensors)."""
-    kind = p.name.split("-", 1)[0]
-    if kind == "vanilla":
+    if p.suffix == ".onnx":
         from fairdeploy.export import read_metadata
 
         try:
@@ -171,12 +153,11 @@ def cache_entries(directory: str | os.PathLike[str]) -> list[CacheEntry]:
     _check_folder(directory)
     owners = _run_checkpoints(directory.parent)
     entries = []
-    for p in _cache_files(directory):
+    for p, kind in cache_files(directory):
         st = p.stat()
-        if _is_partial(p):
-            sha, what, kind = None, "left by an interrupted write (safe to delete)", "partial"
+        if kind == "partial":
+            sha, what = None, "left by an interrupted write (safe to delete)"
         else:
-            kind = p.name.split("-", 1)[0]
             sha, what = _read_entry(p)
         entries.append(
             CacheEntry(
@@ -197,9 +178,12 @@ def _remove(paths: list[Path]) -> tuple[int, int]:
     for p in paths:
         try:
             size += _size(p)
-            for c in _companions(p):
-                c.unlink(missing_ok=True)
-            p.unlink()
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                for c in companions(p):
+                    c.unlink(missing_ok=True)
+                p.unlink()
             files += 1
         except FileNotFoundError:
             continue
@@ -209,12 +193,13 @@ def _remove(paths: list[Path]) -> tuple[int, int]:
 def clear_cache(directory: str | os.PathLike[str]) -> Removed:
     """Delete every cache file in ``directory`` (they are recomputed when needed).
 
-    Only fairdeploy's cache files are touched (``features-*``, ``svd-*``, ``hessian-*``,
-    ``vanilla-*`` and partial writes); anything else in the folder stays.
+    Only the files the cache wrote are touched (every kind's entries, recognised by their
+    full name, with their companions, and partial writes); anything else in the folder
+    stays, ``features-of-my-data.csv`` included.
     """
     directory = Path(directory)
     _check_folder(directory)
-    files, size = _remove(_cache_files(directory))
+    files, size = _remove([p for p, _ in cache_files(directory)])
     return Removed(files, size)
 
 
@@ -232,8 +217,8 @@ def prune_cache(
     _check_folder(directory)
     now = time.time() if now is None else now
     old, kept = [], 0
-    for p in _cache_files(directory):
-        limit = max(keep_days, 1.0) if _is_partial(p) else keep_days
+    for p, kind in cache_files(directory):
+        limit = max(keep_days, 1.0) if kind == "partial" else keep_days
         if now - p.stat().st_mtime > limit * 86400:
             old.append(p)
         else:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from fairdeploy._io import atomic_torch_save
-from fairdeploy.errors import FairDeployError
+from fairdeploy.errors import FairDeployError, first_line
 from fairdeploy.models import build_model
 
 __all__ = ["check_plain_value", "checkpoint_metadata", "load_checkpoint", "save_checkpoint"]
@@ -79,14 +79,19 @@ def load_checkpoint(
     ------
     FairDeployError
         Missing or corrupt file, a pickled module without ``trust_checkpoint``, or
-        weights that do not fit the architecture (the message lists the first
-        mismatching, missing and unexpected keys with their shapes).
+        weights (a pickled module's too) that do not fit the architecture (the message
+        lists the first mismatching, missing and unexpected keys with their shapes).
     """
     path = Path(path)
     obj = _read(path, trust_checkpoint=trust_checkpoint)
     module = _find_module(obj)
     if module is not None:
         _check_finite(dict(module.named_parameters()), path)
+        # The recipe's architecture must describe the pickled module (shapes, keys): the
+        # run folder's recipe.yaml and model.pt would disagree otherwise.
+        expected = _build_uninitialized(arch, num_classes, dict(model_kwargs or {})).state_dict()
+        state = _strip_prefixes(module.state_dict(), expected)
+        _check_fit(state, expected, path=path, arch=arch, num_classes=num_classes)
         return module.eval()
     state = _find_state_dict(obj, path)
     _check_plain_tensors(state, path)
@@ -103,13 +108,13 @@ def load_checkpoint(
         except (RuntimeError, MemoryError) as exc:
             raise FairDeployError(
                 f"model.arch {arch!r} does not fit in memory ({type(exc).__name__}: "
-                f"{_first_line(exc)})"
+                f"{first_line(exc)})"
             ) from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # e.g. a dtype the parameter cannot take
         raise FairDeployError(
-            f"checkpoint {path} does not load into model.arch {arch!r} ({_first_line(exc)})"
+            f"checkpoint {path} does not load into model.arch {arch!r} ({first_line(exc)})"
         ) from None
     return model.eval()
 
@@ -266,7 +271,7 @@ def _read(path: Path, *, trust_checkpoint: bool) -> Any:
     except Exception as exc:
         raise FairDeployError(
             f"checkpoint {path} cannot be unpickled even with --trust-checkpoint "
-            f"({type(exc).__name__}: {_first_line(exc)}); the code that defined its classes "
+            f"({type(exc).__name__}: {first_line(exc)}); the code that defined its classes "
             "must be importable"
         ) from None
 
@@ -290,7 +295,7 @@ def _check_archive(path: Path) -> None:
             bad = zf.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
         raise _corrupt(
-            path, f"a truncated or broken zip archive, {type(exc).__name__}: {_first_line(exc)}"
+            path, f"a truncated or broken zip archive, {type(exc).__name__}: {first_line(exc)}"
         ) from None
     if bad is not None:
         raise FairDeployError(
@@ -346,16 +351,11 @@ def _torch_file_kind(path: Path) -> str | None:
 
 
 def _corrupt(path: Path, exc: BaseException | str) -> FairDeployError:
-    reason = exc if isinstance(exc, str) else f"{type(exc).__name__}: {_first_line(exc)}"
+    reason = exc if isinstance(exc, str) else f"{type(exc).__name__}: {first_line(exc)}"
     return FairDeployError(
         f"checkpoint {path} is not a PyTorch checkpoint or is damaged ({reason}): give a file "
         "written by torch.save, or restore it from a good copy"
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else repr(exc)
 
 
 def _find_module(obj: Any) -> nn.Module | None:

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 
+from fairdeploy.comparison import DEFAULT_ATOL, DEFAULT_RTOL
 from fairdeploy.errors import FairDeployError
 
 
@@ -56,13 +58,42 @@ class _Group(click.Group):
     """
 
     def invoke(self, ctx: click.Context) -> Any:
+        import warnings
+
+        default_format = warnings.formatwarning
+        warnings.formatwarning = _warning_format(default_format)
         try:
             return super().invoke(ctx)
         except FairDeployError as exc:
             raise click.ClickException(str(exc)) from None
         except OSError as exc:
+            import errno
+
             where = f" ({exc.filename})" if exc.filename else ""
+            if not exc.filename and exc.errno in (errno.EFBIG, errno.ENOSPC, errno.EDQUOT):
+                where = (" while writing a file: check the free disk space and the file "
+                         "size limit (ulimit -f)")
             raise click.ClickException(f"{exc.strerror or exc}{where}") from None
+        finally:
+            warnings.formatwarning = default_format
+
+
+def _warning_format(default: Callable[..., str]) -> Callable[..., str]:
+    """``warnings.formatwarning`` for the CLI: a warning raised inside fairdeploy (it is
+    written for the user) as one ``warning: ...`` line, without Python's ``file:line``
+    prefix and source line; any other library's as ``default`` formats it. (Only the
+    format is replaced: warnings are still filtered, shown once and recordable.)"""
+    from fairdeploy import __file__ as package_init
+
+    package = Path(package_init).resolve().parent
+
+    def format_warning(message: Warning | str, category: type[Warning], filename: str,
+                       lineno: int, line: str | None = None) -> str:
+        if Path(filename).resolve().is_relative_to(package):
+            return f"warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    return format_warning
 
 
 def _batch_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
@@ -108,6 +139,21 @@ trust_option = click.option(
     help="Allow a checkpoint that pickles a whole module (runs code from the file: "
          "only for files you trust).",
 )
+
+
+def _trust_recipe(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:  # for this command only: ends with its context
+        from fairdeploy._trust import trusting_recipes
+
+        ctx.with_resource(trusting_recipes())
+
+
+recipe_trust_option = click.option(
+    "--trust-recipe", is_flag=True, expose_value=False, callback=_trust_recipe,
+    help="Allow the recipe to import code of its own (a package.module:Class method or "
+         "package.module:factory architecture; runs that module: only for recipes you "
+         "trust). Same as FAIRDEPLOY_TRUST_RECIPE=1.",
+)
 exports_option = click.option(
     "--exports", "exports_dir", type=click.Path(file_okay=False), default="exports",
     show_default=True, help="Folder for run outputs and the feature cache (.cache/).",
@@ -135,7 +181,7 @@ def _write_json(path: str | None, payload: dict[str, Any]) -> None:
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="fairdeploy")
+@click.version_option(None, "-V", "--version", package_name="fairdeploy")
 def main() -> None:
     """fairdeploy: fairer, smaller classifiers shipped as verified ONNX models."""
 
@@ -155,21 +201,34 @@ def main() -> None:
               show_default=True, help="Data split for --checkpoint.")
 @click.option("--samples", type=click.IntRange(min=1), default=None,
               help="Inputs of the split to compare (default: the recipe's export.verify_samples).")
-@click.option("--atol", type=_Number(min=0), default=1e-4, show_default=True)
-@click.option("--rtol", type=_Number(min=0), default=1e-3, show_default=True)
-@_apply(provider_option, trust_option, json_option)
+@click.option("--atol", type=_Number(min=0), default=None,
+              help=f"Absolute tolerance (default {DEFAULT_ATOL:g}; model.int8.onnx: the one its "
+                   "metadata records).")
+@click.option("--rtol", type=_Number(min=0), default=None,
+              help=f"Relative tolerance (default {DEFAULT_RTOL:g}; model.int8.onnx: recorded).")
+@click.option("--runtime", "runtimes", multiple=True, default=("onnxruntime",),
+              show_default=True,
+              help="Runtime(s) to run MODEL in: onnxruntime, openvino (pip install "
+                   "'fairdeploy[openvino]'), reference (onnx.reference, slow); repeat or "
+                   "comma-separate for several.")
+@_apply(provider_option, trust_option, recipe_trust_option, json_option)
 def verify(
     model: str, reference: str | None, checkpoint: str | None, recipe_path: str | None,
-    split: str, samples: int | None, atol: float, rtol: float, provider: str,
-    trust_checkpoint: bool, json_path: str | None,
+    split: str, samples: int | None, atol: float | None, rtol: float | None,
+    runtimes: tuple[str, ...], provider: str, trust_checkpoint: bool, json_path: str | None,
 ) -> None:
-    """Check MODEL and compare ONNX Runtime's outputs with a reference; exit 1 on failure.
+    """Check MODEL and compare a runtime's outputs with a reference; exit 1 on failure.
 
     The reference is REFERENCE, or MODEL's <name>.verify.npz, or --checkpoint with
     --recipe (then the group fairness of the ONNX model's predictions on that split is
-    reported too).
+    reported too). With several --runtime, each gives its own verdict.
     """
-    from fairdeploy.verification import verify as run_verify
+    from fairdeploy.runtimes import load_runtime_check, parse_runtimes
+    from fairdeploy.verification import verify_runtimes
+
+    runtimes = parse_runtimes(runtimes)
+    for rt in runtimes:  # refused before the reference is computed
+        load_runtime_check(rt)
 
     privileged = None
     notes: list[str] = []
@@ -185,13 +244,35 @@ def verify(
             model, checkpoint, recipe_path, split=split, samples=samples,
             trust_checkpoint=trust_checkpoint, progress=True,
         )
-    result = run_verify(model, reference=reference, atol=atol, rtol=rtol, provider=provider,
-                        privileged=privileged, notes=notes, progress=True)
+    result = verify_runtimes(model, runtimes, reference=reference, atol=atol, rtol=rtol,
+                             provider=provider, privileged=privileged, notes=notes,
+                             progress=True)
     for line in result.summary_lines():
         click.echo(line)
     _write_json(json_path, result.to_dict())
     if not result:
         click.get_current_context().exit(1)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Where to write (default: <name>.unpacked.onnx beside MODEL).")
+def unpack(model: str, output: str | None) -> None:
+    """Write packed MODEL with its weights rebuilt once: a dense file that loads as fast
+    as a dense export (and is as large); it computes bit for bit what MODEL computes."""
+    from pathlib import Path
+
+    from fairdeploy.export import unpack_weights, verify_npz_path
+
+    src = Path(model)
+    out = Path(output) if output else src.with_name(src.stem + ".unpacked.onnx")
+    rep = unpack_weights(src, out)
+    click.echo(f"{out}: {len(rep.initializers)} packed weights written dense, "
+               f"{rep.nodes_removed} rebuild nodes removed, {rep.file_bytes_before:,} -> "
+               f"{rep.file_bytes_after:,} bytes")
+    if verify_npz_path(src).is_file():
+        click.echo(f"check it: fairdeploy verify {out} --reference {verify_npz_path(src)}")
 
 
 @main.command()
@@ -204,8 +285,10 @@ def verify(
               help="Comma-separated batch sizes.")
 @click.option("--iters", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
-@click.option("--max-seconds", type=_Number(min=0, min_open=True), default=None,
-              help="Time budget per batch size (at least 5 timed runs per model).")
+@click.option("--max-seconds", type=_Number(min=0, min_open=True), default=20.0,
+              show_default=True,
+              help="Time budget per batch size and scope (at least 5 timed runs per model; "
+                   "--iters caps the runs).")
 @click.option("--layer", "layers", multiple=True,
               help="Also time this layer's sub-graph (repeatable; default: the factorized "
                    "layers in MODEL's metadata).")
@@ -335,7 +418,7 @@ def _print_report(report: dict[str, Any]) -> None:
                    "report.latency_seconds per batch size), off. Default: the recipe's "
                    "report.latency (quick).")
 @click.option("--no-latency", is_flag=True, help="Same as --latency off (kept for scripts).")
-@_apply(device_option, trust_option, exports_option, cache_option)
+@_apply(device_option, trust_option, recipe_trust_option, exports_option, cache_option)
 def optimize(
     checkpoint: str, recipe_path: str, out: str | None, dry_run: bool, latency: str | None,
     no_latency: bool, device: str, trust_checkpoint: bool, exports_dir: str, no_cache: bool,
@@ -343,13 +426,13 @@ def optimize(
     """Apply the recipe's method to CHECKPOINT; export, verify and report."""
     from fairdeploy.commands import optimize as command
 
+    _check_device(device)  # a dry run checks the device the real run would use, too
     if dry_run:
         _print_dry_run(command.dry_run(checkpoint, recipe_path, trust_checkpoint=trust_checkpoint,
                                        progress=True))
         return
     if no_latency and latency not in (None, "off"):
         raise click.UsageError("give either --no-latency or --latency")
-    _check_device(device)
     result = command.run_optimize(
         checkpoint, recipe_path, out=out, exports_dir=exports_dir, device=device,
         trust_checkpoint=trust_checkpoint, cache_dir=None if no_cache else "default",
@@ -363,7 +446,7 @@ def optimize(
 @_apply(recipe_option)
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Report folder (default: exports/<recipe>-compare-<hash>).")
-@_apply(device_option, trust_option, exports_option, cache_option)
+@_apply(device_option, trust_option, recipe_trust_option, exports_option, cache_option)
 def compare(
     checkpoint: str, recipe_path: str, out: str | None, device: str, trust_checkpoint: bool,
     exports_dir: str, no_cache: bool,
@@ -380,9 +463,12 @@ def compare(
     _print_report(result.report)
 
 
-def _print_sweep(result: Any) -> None:
-    """The sweep's outcome on the terminal: files, the choice, its test comparison."""
-    from fairdeploy.sweep import describe_settings
+def _print_sweep(result: Any, checkpoint: Any) -> None:
+    """The sweep's outcome on the terminal: files, the choice, its test comparison, and
+    the command that deploys the choice (with the sweep's own checkpoint)."""
+    import shlex
+
+    from fairdeploy.sweep import describe_settings, difference_words
 
     points = [r for r in result.rows if r.kind == "point"]
     click.echo(f"sweep: {len(points)} points on the validation split -> {result.out_dir}")
@@ -397,21 +483,16 @@ def _print_sweep(result: Any) -> None:
             f"{test['labels'][k]}: EOdd {m['fairness']['eodd']:.4f}, avg precision "
             f"{m['precision']['avg']:.4f}" for k, m in test["metrics"].items()
         ))
+        rule = [m["metric"] for m in test["verdict"].get("moves", ())]
         for against, key in (("vanilla", "vs_vanilla"), ("truncated SVD", "vs_svd")):
-            parts = []
-            for metric in ("eodd", "eopp1", "avg_precision"):
-                d = test[key].get(metric)
-                if not d or d.get("low") is None:
-                    continue
-                sig = "significant" if d["significant"] else "not significant"
-                parts.append(f"{metric} {d['value']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] "
-                             f"({sig})")
-            click.echo(f"test split, chosen − {against} (95 % CI): " + "; ".join(parts))
+            click.echo(f"test split, chosen − {against} (95 % CI): "
+                       + difference_words(test[key], rule))
         click.echo(test["verdict"]["text"][0].upper() + test["verdict"]["text"][1:] + ".")
         written = result.files.get("written_recipe", result.files["chosen_recipe"])
         click.echo(f"chosen recipe: {result.files['chosen_recipe']} ("
                    f"{describe_settings(result.chosen.settings)}); deploy it with "
-                   f"fairdeploy optimize CHECKPOINT --recipe {written}")
+                   f"fairdeploy optimize {shlex.quote(str(checkpoint))} --recipe "
+                   f"{shlex.quote(str(written))}")
 
 
 @main.command()
@@ -444,12 +525,15 @@ def _print_sweep(result: Any) -> None:
               help="Discard the folder's journal (another checkpoint's or recipe's sweep) and "
                    "start over.")
 @click.option("--no-plots", is_flag=True, help="Do not write the PNG plots.")
-@_apply(device_option, trust_option, exports_option, cache_option)
+@click.option("--yes", is_flag=True,
+              help="Run a sweep over the work limits (20,000 evaluations, 100 draws per "
+                   "point), which is otherwise refused before it starts.")
+@_apply(device_option, trust_option, recipe_trust_option, exports_option, cache_option)
 def sweep(
     checkpoint: str, recipe_path: str, grid: tuple[str, ...], methods: tuple[str, ...],
     repeats: int | None, select: str | None, no_guard: bool, guard_tolerance: float | None,
-    write_recipe: str | None, out: str | None, restart: bool, no_plots: bool, device: str,
-    trust_checkpoint: bool, exports_dir: str, no_cache: bool,
+    write_recipe: str | None, out: str | None, restart: bool, no_plots: bool, yes: bool,
+    device: str, trust_checkpoint: bool, exports_dir: str, no_cache: bool,
 ) -> None:
     """Evaluate a grid of settings on the validation split and (with --select) choose one.
 
@@ -465,9 +549,9 @@ def sweep(
         select=select, guard=False if no_guard else None, guard_tolerance=guard_tolerance,
         write_recipe=write_recipe, out=out, exports_dir=exports_dir, device=device,
         trust_checkpoint=trust_checkpoint, cache_dir=None if no_cache else "default",
-        plots=False if no_plots else None, restart=restart, echo=click.echo,
+        plots=False if no_plots else None, restart=restart, yes=yes, echo=click.echo,
     )
-    _print_sweep(result)
+    _print_sweep(result, checkpoint)
     if result.message and result.chosen is None:
         click.get_current_context().exit(1)
 
@@ -483,7 +567,7 @@ def sweep(
               help="Override train.batch_size.")
 @click.option("--seed", type=int, default=None, help="Override train.seed.")
 @click.option("--no-resume", is_flag=True, help="Start over instead of resuming <output>.train.")
-@_apply(device_option)
+@_apply(device_option, recipe_trust_option)
 def train(
     recipe_path: str, output: str, epochs: int | None, lr: float | None,
     batch_size: int | None, seed: int | None, no_resume: bool, device: str,
@@ -502,8 +586,10 @@ def train(
         acc = last.get("val_accuracy", float("nan"))
         click.echo(f"epoch {last['epoch']}: val accuracy {acc:.4f}")
     if result.unchanged:
-        click.echo(f"checkpoint: {output} (unchanged: all {len(result.history)} epochs were "
-                   "already done; --epochs N to train longer, --no-resume to start over)")
+        n = len(result.history)
+        done = "its 1 epoch was" if n == 1 else f"all {n} epochs were"
+        click.echo(f"checkpoint: {output} (unchanged: {done} already done; --epochs N to "
+                   "train longer, --no-resume to start over)")
     else:
         click.echo(f"checkpoint: {output}")
 
@@ -520,12 +606,14 @@ def train(
 @_apply(exports_option)
 def demo(out: str | None, epochs: int | None, sweep_: bool, exports_dir: str) -> None:
     """FairLRF end to end on CelebA's attribute table (needs the demo extra)."""
+    # Importing torch and the pipeline takes seconds (10 s on a busy 2-core machine).
+    click.echo("fairdeploy demo: loading PyTorch and the pipeline ...")
     from fairdeploy.commands import train as command
 
     result = command.run_demo(exports_dir=exports_dir, out=out, epochs=epochs,
                               echo=click.echo, sweep=sweep_)
     if sweep_:
-        _print_sweep(result)
+        _print_sweep(result, command.demo_checkpoint_path(exports_dir))
         if result.message and result.chosen is None:
             click.get_current_context().exit(1)
         return

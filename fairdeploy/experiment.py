@@ -911,14 +911,24 @@ class Experiment:
         with the recipe's tolerances and the experiment's privileged group."""
         from fairdeploy.verification import verify
 
+        return verify(path, **(self._verify_options() | kwargs))
+
+    def verify_all(self, path: str | os.PathLike[str], **kwargs: Any) -> Any:
+        """:meth:`verify` in every runtime of the recipe's ``export.verify_runtimes``: a
+        :class:`~fairdeploy.verification.RuntimesResult`, truthy when all passed."""
+        from fairdeploy.verification import verify_runtimes
+
+        return verify_runtimes(path, self.recipe.export.verify_runtimes,
+                               **(self._verify_options() | kwargs))
+
+    def _verify_options(self) -> dict[str, Any]:
         tol = self.recipe.export.tolerances
-        options = {
+        return {
             "atol": tol.atol,
             "rtol": tol.rtol,
             "min_argmax_agreement": tol.argmax_agreement,
             "privileged": self.context.privileged,
         }
-        return verify(path, **(options | kwargs))
 
 
 # --------------------------------------------------------------------------- helpers

@@ -37,13 +37,19 @@ from torch import nn
 from fairdeploy.errors import FairDeployError
 from fairdeploy.scoring import entry_scores
 from fairdeploy.weight_hessian import group_pair, resolve_layers
-from fairdeploy.weight_selection import check_beta, check_fraction, check_scope, lowest_entries
+from fairdeploy.weight_selection import (
+    SelectionCounts,
+    check_beta,
+    check_fraction,
+    check_scope,
+    lowest_entries,
+)
 
 __all__ = ["PruneResult", "apply_prune_masks", "fairprune", "fairprune_saliency"]
 
 
 @dataclass(frozen=True, eq=False)
-class PruneResult:
+class PruneResult(SelectionCounts):
     """The outcome of :func:`fairprune`.
 
     Attributes
@@ -74,15 +80,10 @@ class PruneResult:
     scope: str
     theoretical_cr: float = 1.0
 
-    @property
-    def total_pruned(self) -> int:
-        """Weights pruned over all chosen layers."""
-        return sum(self.counts.values())
-
-    @property
-    def pruned_fraction(self) -> float:
-        """Pruned weights over all weights of the chosen layers."""
-        return self.total_pruned / max(1, sum(self.sizes.values()))
+    #: Weights pruned over all chosen layers.
+    total_pruned = SelectionCounts.selected_total
+    #: Pruned weights over all weights of the chosen layers.
+    pruned_fraction = SelectionCounts.selected_fraction
 
 
 def fairprune_saliency(

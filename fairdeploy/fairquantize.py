@@ -63,6 +63,7 @@ from fairdeploy.errors import FairDeployError
 from fairdeploy.scoring import entry_scores
 from fairdeploy.weight_hessian import group_pair, group_weight_hessians, resolve_layers
 from fairdeploy.weight_selection import (
+    SelectionCounts,
     check_beta,
     check_fraction,
     check_scope,
@@ -219,7 +220,7 @@ def planned_quantized_count(
 
 
 @dataclass(frozen=True, eq=False)
-class QuantizeResult:
+class QuantizeResult(SelectionCounts):
     """The outcome of :func:`fairquantize`.
 
     The storage contract (for an ONNX writer): per chosen layer, ``masks[l]`` (bool,
@@ -260,15 +261,10 @@ class QuantizeResult:
     finetune_epochs: int
     history: list[dict[str, Any]] = field(default_factory=list)
 
-    @property
-    def total_quantized(self) -> int:
-        """Weights quantized over all chosen layers."""
-        return sum(self.counts.values())
-
-    @property
-    def quantized_fraction(self) -> float:
-        """Quantized weights over all weights of the chosen layers."""
-        return self.total_quantized / max(1, sum(self.sizes.values()))
+    #: Weights quantized over all chosen layers.
+    total_quantized = SelectionCounts.selected_total
+    #: Quantized weights over all weights of the chosen layers.
+    quantized_fraction = SelectionCounts.selected_fraction
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:

@@ -13,7 +13,6 @@ metadata, reports and resolved recipes record.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import Annotated, Any, Literal
@@ -24,6 +23,7 @@ from fairdeploy._method_table import RegisteredMethod, find_method
 from fairdeploy._schema import Fraction01, NonNegFloat, PosInt, Seed, Strict, schema_error
 from fairdeploy._schema_errors import format_validation_error
 from fairdeploy.errors import FairDeployError
+from fairdeploy.fraction import kept_entries, num_selected
 
 __all__ = [
     "AUTO_SAMPLES_PER_GROUP",
@@ -36,24 +36,6 @@ __all__ = [
     "nested_validation",
     "num_selected",
 ]
-
-
-def _check_fraction(name: str, value: float) -> None:
-    if not (isinstance(value, int | float) and 0.0 <= float(value) <= 1.0) or math.isnan(value):
-        raise FairDeployError(f"{name}={value!r} is outside [0, 1]: use a fraction such as 0.5")
-
-
-def num_selected(sr: float, dim: int) -> int:
-    """Rows (or columns) a sparse SVD selects: ``⌊sr · dim⌋``."""
-    _check_fraction("sr", sr)
-    # The small epsilon keeps 0.3 * 10 from flooring to 2 through float error.
-    return math.floor(sr * dim + 1e-9)
-
-
-def kept_entries(rr: float, rank: int) -> int:
-    """Entries a selected row/column keeps: ``⌊rr · k⌋`` (rr = 0 zeroes it whole)."""
-    _check_fraction("rr", rr)
-    return math.floor(rr * rank + 1e-9)
 
 
 def _positional(fields: tuple[str, ...], args: tuple[Any, ...], data: dict[str, Any]) -> None:

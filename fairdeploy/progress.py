@@ -10,7 +10,10 @@ standard error stream:
 - anything else (a CI log, ``2> run.log``, a pipe): no bars and no control characters,
   but one plain line when a phase of half a second or more ends (``fairdeploy: trunk
   pass: test split: 900 samples in 1.2 s``) and one per training epoch, so a
-  five-minute ``train`` in a log file is not a single line.
+  five-minute ``train`` in a log file is not a single line; a phase that counts its
+  items and is still running after :data:`HEARTBEAT_FIRST` seconds also writes where it
+  is, with the time left at its pace (``fairdeploy: training: 120/900 steps, 1 min 10 s
+  elapsed, about 6 min 50 s left``), then every :data:`HEARTBEAT_EVERY` seconds.
 
 Library functions take ``progress: bool`` and stay silent when it is False (the default
 of the Python API); the command line turns it on. Nested phases share one live display.
@@ -33,6 +36,11 @@ __all__ = ["Phase", "log", "mode", "phase"]
 
 #: Prefix of every log line, so a log can be grepped for fairdeploy's phases.
 PREFIX = "fairdeploy: "
+
+#: Seconds a counted phase runs, in log-line mode, before its first "where it is" line.
+HEARTBEAT_FIRST = 5.0
+#: Seconds between later such lines.
+HEARTBEAT_EVERY = 30.0
 
 _live: dict[str, Any] = {"progress": None, "depth": 0}
 
@@ -83,6 +91,7 @@ class Phase:
         self.started = time.perf_counter()
         self._how = how
         self._task: Any = None
+        self._next_line = HEARTBEAT_FIRST
 
     @property
     def elapsed(self) -> float:
@@ -94,6 +103,20 @@ class Phase:
         self.done += n
         if self._task is not None:
             _live["progress"].advance(self._task, n)
+        elif self._how == "lines" and self.total and self.elapsed >= self._next_line:
+            _write_line(self.where())
+            self._next_line = self.elapsed + HEARTBEAT_EVERY
+
+    def where(self) -> str:
+        """A running phase's line: count of total, elapsed, and the time left at the pace
+        so far (``training: 120/900 steps, 1 min 10 s elapsed, about 6 min 50 s left``)."""
+        took, total = self.elapsed, self.total or 0
+        count = f"{self.done:,}/" + (plural(total, self.unit) if self.unit else f"{total:,}")
+        parts = [count, f"{seconds(took)} elapsed"]
+        if self.total and 0 < self.done < self.total:
+            parts.append(f"about {seconds(took / self.done * (self.total - self.done))} left")
+        status = f" ({self.text})" if self.text else ""
+        return f"{self.description}: {', '.join(parts)}{status}"
 
     def status(self, text: str) -> None:
         """A short status shown beside the bar (e.g. the running loss) and in the log line."""

@@ -13,7 +13,7 @@ import io
 import os
 import warnings
 
-from fairdeploy.errors import FairDeployError
+from fairdeploy.errors import FairDeployError, first_line
 
 __all__ = ["PROVIDERS", "make_session", "resolve_providers", "session_provider"]
 
@@ -93,9 +93,8 @@ def make_session(
             sess = ort.InferenceSession(src, opts, providers=providers)
     except Exception as exc:  # ORT raises its own Fail/InvalidProtobuf/... types
         what = "the model" if isinstance(model, bytes) else repr(src)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FairDeployError(
-            f"{what} cannot be loaded by ONNX Runtime ({type(exc).__name__}: {first[:200]}): "
+            f"{what} cannot be loaded by ONNX Runtime ({type(exc).__name__}: {first_line(exc)}): "
             "give a .onnx file written by fairdeploy optimize or export_onnx"
         ) from None
     if providers[0] == _CUDA and session_provider(sess) != _CUDA:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fairdeploy._digest import sha256_file
-from fairdeploy._io import current_umask
+from fairdeploy._io import atomic_write_text, current_umask
 from fairdeploy._signals import cleanup_on_sigterm
 from fairdeploy._stale import make_owned_dir, remove_stale
 from fairdeploy.errors import FairDeployError
@@ -34,8 +34,10 @@ from fairdeploy.errors import FairDeployError
 __all__ = [
     "MANIFEST",
     "check_out",
+    "check_replaceable_files",
     "check_unchanged",
     "ensure_dir",
+    "record_files",
     "run_manifest",
     "staging_dir",
 ]
@@ -49,8 +51,14 @@ def check_out(final: Path) -> None:
     """Refuse, before any work, an output folder we cannot write or must not replace.
 
     ``final`` may be missing, empty, or a run folder whose ``manifest.json`` lists every
-    file in it, each unchanged since the run wrote it.
+    file in it, each unchanged since the run wrote it. A symlink whose target does not
+    exist is refused too (the rename at the end of the run could not replace it).
     """
+    if final.is_symlink() and not final.exists():
+        raise FairDeployError(
+            f"--out {str(final)!r} is a symlink to {os.readlink(final)!r}, which does not "
+            "exist: create the folder it points to, or give another --out"
+        )
     if final.exists() and not final.is_dir():
         raise FairDeployError(f"--out {str(final)!r} is a file: give a folder path")
     if final.is_dir():
@@ -192,6 +200,53 @@ def _check_replaceable(final: Path) -> None:
                 f"--out {str(final)!r}: {rel!r} was changed after the run wrote it: "
                 f"{fix}, or move the file out first"
             )
+
+
+def check_replaceable_files(folder: Path, rels: list[str], *, fix: str) -> None:
+    """Raise unless each of ``rels`` (paths under ``folder``) that exists is a plain file
+    that ``folder``'s manifest records, unchanged: what a command may replace or delete
+    in a folder that also holds other things (a sweep folder's outputs beside its
+    journal). ``fix`` ends the message."""
+    recorded = (run_manifest(folder) or {}).get("files", {})
+    for rel in rels:
+        path = folder / rel
+        if not (path.exists() or path.is_symlink()):
+            continue
+        rec = recorded.get(rel)
+        if rec is None or path.is_symlink() or not path.is_file():
+            problem = "was not written by fairdeploy (it is not in the folder's manifest)"
+        else:
+            st = path.stat()
+            same = st.st_size == rec["bytes"] and (
+                st.st_mtime_ns == rec.get("mtime_ns") or sha256_file(path) == rec["sha256"]
+            )
+            if same:
+                continue
+            problem = "was changed after fairdeploy wrote it"
+        raise FairDeployError(f"{str(path)!r} {problem}: {fix}")
+
+
+def record_files(folder: Path, rels: list[str]) -> None:
+    """Write ``folder``'s manifest listing ``rels`` (their size, SHA-256 and modification
+    time), so a later run may replace exactly these files while they stay unchanged."""
+    from fairdeploy import __version__
+
+    files = {}
+    for rel in sorted(set(rels)):
+        path = folder / rel
+        if path.is_file() and not path.is_symlink():
+            st = path.stat()
+            files[rel] = {"bytes": st.st_size, "sha256": sha256_file(path),
+                          "mtime_ns": st.st_mtime_ns}
+    doc = {
+        "format": _FORMAT,
+        "written_by": f"fairdeploy {__version__}",
+        "note": "the files fairdeploy wrote here; a later run replaces them only while they "
+        "are unchanged",
+        "files": files,
+        "folders": sorted({Path(r).parent.as_posix() for r in files} - {"."}),
+    }
+    atomic_write_text(folder / MANIFEST, json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
 def _write_manifest(folder: Path) -> None:

@@ -29,14 +29,15 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from fairdeploy import curvature
+from fairdeploy.curvature import ESTIMATORS
 from fairdeploy.errors import FairDeployError
 from fairdeploy.lrf import FactorizedLinear
 from fairdeploy.structure import ModelStructure, Step, analyze_structure
@@ -49,14 +50,6 @@ __all__ = [
     "hessian_diag",
     "scoring_indices",
 ]
-
-#: Hessian-diagonal estimators :func:`hessian_diag` offers.
-ESTIMATORS = ("exact", "fisher", "ggn_mc")
-
-# Bound on the elements of one temporary (C-fold or k-fold intermediates) so that
-# memory stays near 64 MiB in float32 whatever batch_size is.
-_TEMP_ELEMENTS = 1 << 24
-
 
 class HessianApproximationWarning(UserWarning):
     """The head after the layer is not piecewise linear: ``exact`` gives the
@@ -207,141 +200,18 @@ def _prepare_head(head: nn.Module, layer: str, probe: torch.Tensor) -> _Head:
     )
 
 
-def _as_inputs(features: object, targets: object) -> tuple[torch.Tensor, torch.Tensor]:
-    feats = torch.as_tensor(features)
-    tgt = torch.as_tensor(targets)
-    if feats.ndim < 1 or feats.shape[0] == 0:
-        raise FairDeployError(
-            f"features has shape {tuple(feats.shape)}; allowed: at least one sample (N ≥ 1)"
-        )
-    if tgt.ndim != 1 or tgt.shape[0] != feats.shape[0]:
-        raise FairDeployError(
-            f"targets has shape {tuple(tgt.shape)}; allowed: ({feats.shape[0]},), one class "
-            "index per row of features"
-        )
-    if tgt.dtype.is_floating_point or tgt.dtype.is_complex or tgt.dtype == torch.bool:
-        raise FairDeployError(f"targets has dtype {tgt.dtype}; allowed: integer class indices")
-    return feats, tgt.long()
-
-
-def _group_samples(
-    groups: torch.Tensor | np.ndarray | Sequence[int], group_ids: Sequence[int], n: int,
-    per: str,
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(group id, indices of its samples)`` for each of ``group_ids``, in that order.
-
-    ``groups`` must hold one id per ``per`` (n of them); a group without samples is
-    refused when its turn comes, so the groups before it are computed first.
-    """
-    g = torch.as_tensor(np.asarray(groups)).reshape(-1)
-    if g.shape[0] != n:
-        raise FairDeployError(f"groups has {g.shape[0]} entries; allowed: one per {per} ({n})")
-    for gid in group_ids:
-        idx = torch.nonzero(g == int(gid)).flatten()
-        if idx.numel() == 0:
-            raise FairDeployError(
-                f"group {int(gid)} has no samples (groups present: "
-                f"{sorted(set(g.tolist()))}); every group in group_ids needs at least one"
-            )
-        yield int(gid), idx
-
-
-def _check_options(estimator: str, batch_size: int, mc_samples: int) -> None:
-    if estimator not in ESTIMATORS:
-        raise FairDeployError(
-            f"estimator={estimator!r} is unknown; allowed: {', '.join(ESTIMATORS)}"
-        )
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise FairDeployError(f"batch_size={batch_size!r} is invalid; allowed: an integer ≥ 1")
-    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-        raise FairDeployError(f"mc_samples={mc_samples!r} is invalid; allowed: an integer ≥ 1")
-
-
-def _class_block(n: int, width: int, c: int) -> int:
-    """Cotangents per vmapped backward so that a (block, n, max(width, C)) temporary
-    stays near ``_TEMP_ELEMENTS`` elements."""
-    return max(1, _TEMP_ELEMENTS // max(1, n * max(width, c)))
-
-
-def _curvature_vjps(
-    logits: torch.Tensor,
-    outputs: Sequence[torch.Tensor],
-    *,
-    labels: torch.Tensor | None = None,
-    draws: torch.Tensor | None = None,
-) -> Iterator[tuple[tuple[torch.Tensor, ...], float]]:
-    """VJPs of the logits at ``outputs`` whose squares add up to a curvature diagonal.
-
-    The shared engine of every estimator here and in :mod:`fairdeploy.weight_hessian`.
-    Yields ``(vjps, weight)`` per block of cotangents, ``vjps[i]`` of shape
-    ``(block, n, *outputs[i].shape[1:])``: for a quantity ``g_n`` linear in the VJP
-    (a layer output's, or a weight's per-sample gradient),
-    ``Σ_blocks weight · Σ_b g_nb²`` is
-
-    * ``exact`` (neither ``labels`` nor ``draws``): the Gauss–Newton diagonal
-      ``diag(Gᵀ Λ_n G)``, from the C cotangents ``r_c = √p_c (e_c − p)`` with
-      ``Σ_c r_c r_cᵀ = Λ_n = diag(p_n) − p_n p_nᵀ`` (sums of squares: no cancellation
-      the way ``pᵀJ² − (pᵀJ)²`` can cancel);
-    * ``fisher`` (``labels``, shape (n,)): the squared per-sample gradient of CE with
-      the observed label, cotangent ``p_n − e_{y_n}``;
-    * ``ggn_mc`` (``draws``, shape (m, n)): the same averaged over m label draws
-      (``weight`` = 1/m), an unbiased estimate of ``exact`` since
-      ``E[(p − e_y)(p − e_y)ᵀ] = Λ``.
-
-    ``logits`` must carry a graph back to every output. Blocks of more than one
-    cotangent run as one vmapped backward; an output the logits do not depend on gets
-    zeros.
-    """
-    p = torch.softmax(logits.detach(), dim=-1)
-    n, c = p.shape
-    width = sum(math.prod(o.shape[1:]) for o in outputs)
-    if labels is not None:
-        draws = labels[None]
-    exact = draws is None
-    total = c if draws is None else draws.shape[0]
-    weight = 1.0 if draws is None else 1.0 / draws.shape[0]
-    sp = p.sqrt()
-    block = _class_block(n, width, c)
-    for b0 in range(0, total, block):
-        b1 = min(total, b0 + block)
-        if exact:
-            cls = torch.arange(b0, b1, device=p.device)
-            cot = -sp.T[cls, :, None] * p[None]  # cot[b, n, :] = √p_nc (e_c − p_n), c = cls[b]
-            cot[torch.arange(len(cls)), :, cls] += sp.T[cls]
-        else:
-            cot = p[None] - F.one_hot(draws[b0:b1], c).to(p.dtype)  # ∂CE_n/∂logits_n
-        more = b1 < total
-        if b1 - b0 == 1:  # a plain backward, no vmap machinery to load
-            grads = torch.autograd.grad(
-                logits, outputs, cot[0], retain_graph=more, allow_unused=True
-            )
-            grads = tuple(None if g is None else g[None] for g in grads)
-        else:
-            grads = torch.autograd.grad(
-                logits, outputs, cot, retain_graph=more, is_grads_batched=True,
-                allow_unused=True,
-            )
-        yield (
-            tuple(
-                o.new_zeros(b1 - b0, *o.shape) if g is None else g
-                for g, o in zip(grads, outputs, strict=True)
-            ),
-            weight,
-        )
-
-
 def _exact_generic(
     o: torch.Tensor, logits: torch.Tensor, vt: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample ``(Jᵀ Λ J)_ll`` (n × Dout) and ``(Aᵀ Λ A)_jj`` (n × k) by C VJPs.
 
-    A VJP with cotangent ``r_c`` gives ``q_c = r_cᵀ J_n`` (:func:`_curvature_vjps`);
+    A VJP with cotangent ``r_c`` gives ``q_c = r_cᵀ J_n`` (:func:`curvature_vjps`);
     the diagonals are sums of squares of ``q_c`` and of ``q_c Vᵀ diag(S)``.
     ``logits`` must carry a graph back to the leaf ``o``.
     """
     d = torch.zeros_like(o)
     e = o.new_zeros(o.shape[0], vt.shape[1])
-    for (q,), _ in _curvature_vjps(logits, (o,)):  # q: (block, n, Dout)
+    for (q,), _ in curvature.curvature_vjps(logits, (o,)):  # q: (block, n, Dout)
         d += (q * q).sum(0)
         qa = q @ vt  # (block, n, k)
         e += (qa * qa).sum(0)
@@ -351,7 +221,7 @@ def _exact_generic(
 def _khatri_rao_blocks(weight: torch.Tensor, vt: torch.Tensor) -> list[torch.Tensor]:
     """``K[l, (c, j)] = W_cl Ṽ_lj`` as (b·k × Dout) blocks of classes, each bounded in size."""
     k, dout = vt.shape[1], vt.shape[0]
-    block = max(1, _TEMP_ELEMENTS // max(1, k * dout))
+    block = max(1, curvature.TEMP_ELEMENTS // max(1, k * dout))
     return [
         (weight[c0 : c0 + block, None, :] * vt.T[None]).reshape(-1, dout)
         for c0 in range(0, weight.shape[0], block)
@@ -400,7 +270,7 @@ def _exact_chain(
     # costs 1/n of the GEMM.
     k = vt.shape[1]
     blocks = cache.get("kr") or _khatri_rao_blocks(weight, vt)
-    if c * k * vt.shape[0] <= 2 * _TEMP_ELEMENTS:
+    if c * k * vt.shape[0] <= 2 * curvature.TEMP_ELEMENTS:
         cache["kr"] = blocks
     a = o.new_empty(n, c, k)
     c0 = 0
@@ -412,15 +282,6 @@ def _exact_chain(
     abar = (a * pp).sum(1, keepdim=True)
     e = ((a - abar) ** 2 * pp).sum(1)  # centered: no cancellation when p is peaked
     return d, e
-
-
-def _draw_labels(
-    p: torch.Tensor, mc_samples: int, gen: torch.Generator
-) -> torch.Tensor:
-    """``mc_samples`` labels per sample drawn from the model's p, shape (mc, n); drawn on
-    the CPU in float64 so the seeded stream is device-independent."""
-    idx = torch.multinomial(p.double().cpu(), mc_samples, replacement=True, generator=gen)
-    return idx.T.to(p.device)
 
 
 def _squared_grads(
@@ -442,10 +303,10 @@ def _squared_grads(
     """
     draws = None
     if labels is None:
-        draws = _draw_labels(torch.softmax(logits.detach(), dim=-1), mc_samples, gen)
+        draws = curvature.draw_labels(torch.softmax(logits.detach(), dim=-1), mc_samples, gen)
     g2 = torch.zeros_like(o)
     gu2 = o.new_zeros(o.shape[0], vt.shape[1])
-    for (g,), weight in _curvature_vjps(logits, (o,), labels=labels, draws=draws):
+    for (g,), weight in curvature.curvature_vjps(logits, (o,), labels=labels, draws=draws):
         g2 += weight * (g * g).sum(0)
         gu = g @ vt  # ∂CE_n/∂(x_n U)
         gu2 += weight * (gu * gu).sum(0)
@@ -540,8 +401,8 @@ def hessian_diag(
         called exactly once, mismatched or empty features/targets, a target outside
         [0, C), a bad batch_size or mc_samples.
     """
-    _check_options(estimator, batch_size, mc_samples)
-    feats_all, tgt_all = _as_inputs(features, targets)
+    curvature.check_options(estimator, batch_size, mc_samples)
+    feats_all, tgt_all = curvature.as_inputs(features, targets)
     if tgt_all.min() < 0:
         raise FairDeployError(
             f"targets contains {int(tgt_all.min())}; allowed: class indices in [0, C)"
@@ -561,22 +422,8 @@ def hessian_diag(
             f"targets contains {int(tgt_all.max())}; allowed: class indices in "
             f"[0, {h.num_classes}) for a head with {h.num_classes} outputs"
         )
-    if estimator == "exact" and h.non_pl:
-        warnings.warn(
-            f"layer={layer!r}: modules after it are not piecewise linear "
-            f"({', '.join(h.non_pl)}); estimator='exact' returns the Gauss-Newton "
-            "diagonal, not the true Hessian diagonal",
-            HessianApproximationWarning,
-            stacklevel=2,
-        )
-    elif estimator == "exact" and h.non_pl is None:
-        warnings.warn(
-            f"layer={layer!r}: what follows it is unknown ({h.untraced}); estimator='exact' "
-            "returns the Gauss-Newton diagonal, which is the true Hessian diagonal only if "
-            "everything after the layer is piecewise linear",
-            HessianApproximationWarning,
-            stacklevel=2,
-        )
+    if estimator == "exact":
+        _warn_if_not_exact(h, layer)
 
     S, V = h.layer.S.detach(), h.layer.V.detach()
     vt = V.T * S  # Ṽ (Dout × k): o = (x U) Ṽᵀ + b
@@ -601,6 +448,28 @@ def hessian_diag(
         acc_v += ((zs * zs).T @ d.to(zs.dtype)).double()
         acc_u += (x_sq.T @ e.to(x_sq.dtype)).double()
     return {"U": acc_u / n_total, "V": acc_v / n_total}
+
+
+def _warn_if_not_exact(h: _Head, layer: str) -> None:
+    """A :class:`HessianApproximationWarning` (at the caller of :func:`hessian_diag`) when
+    what follows ``layer`` is not piecewise linear, or is unknown: ``exact`` then gives
+    the Gauss-Newton diagonal."""
+    if h.non_pl:
+        warnings.warn(
+            f"layer={layer!r}: modules after it are not piecewise linear "
+            f"({', '.join(h.non_pl)}); estimator='exact' returns the Gauss-Newton "
+            "diagonal, not the true Hessian diagonal",
+            HessianApproximationWarning,
+            stacklevel=3,
+        )
+    elif h.non_pl is None:
+        warnings.warn(
+            f"layer={layer!r}: what follows it is unknown ({h.untraced}); estimator='exact' "
+            "returns the Gauss-Newton diagonal, which is the true Hessian diagonal only if "
+            "everything after the layer is piecewise linear",
+            HessianApproximationWarning,
+            stacklevel=3,
+        )
 
 
 def group_hessians(
@@ -639,9 +508,9 @@ def group_hessians(
     FairDeployError
         A group in ``group_ids`` with no samples, or ``groups`` of the wrong length.
     """
-    feats, _ = _as_inputs(features, targets)
+    feats, _ = curvature.as_inputs(features, targets)
     out: dict[int, dict[str, torch.Tensor]] = {}
-    for gid, idx in _group_samples(groups, group_ids, feats.shape[0], "row of features"):
+    for gid, idx in curvature.group_samples(groups, group_ids, feats.shape[0], "row of features"):
         out[gid] = hessian_diag(
             head,
             layer,

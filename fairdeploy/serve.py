@@ -9,7 +9,6 @@ size×size, center crop, scale to [0, 1], normalize with mean/std, NCHW).
 from __future__ import annotations
 
 import csv
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,10 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from fairdeploy._json import decode_prefixed
 from fairdeploy._text import plural
-from fairdeploy.errors import FairDeployError
+from fairdeploy.errors import FairDeployError, first_line
 
 __all__ = [
+    "MAX_INPUT_SIDE",
     "Inputs",
     "Predictions",
     "check_metadata",
@@ -35,12 +36,15 @@ __all__ = [
 ]
 
 _PREFIX = "fairdeploy."
+#: The largest side a model's metadata may ask an input image to be resized or cropped
+#: to (a 4096×4096 float input is 200 MB per image; classifiers take a few hundred
+#: pixels). Larger values are refused before any image is read.
+MAX_INPUT_SIDE = 4096
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 def model_metadata(session: Any) -> dict[str, Any]:
     """The ``fairdeploy.*`` metadata of an ORT session's model, JSON-decoded."""
-    out: dict[str, Any] = {}
     try:
         items = session.get_modelmeta().custom_metadata_map.items()
     except UnicodeDecodeError as exc:  # protobuf strings must be UTF-8; damaged ones are not
@@ -48,13 +52,7 @@ def model_metadata(session: Any) -> dict[str, Any]:
             f"the model's metadata is not valid UTF-8 ({exc.reason}): the file is damaged; "
             "re-export it with fairdeploy optimize"
         ) from None
-    for key, value in items:
-        if key.startswith(_PREFIX):
-            try:
-                out[key[len(_PREFIX) :]] = json.loads(value)
-            except json.JSONDecodeError:
-                out[key[len(_PREFIX) :]] = value
-    return out
+    return decode_prefixed(items, _PREFIX)
 
 
 def preprocess_image(path: str | os.PathLike[str], pre: dict[str, Any]) -> np.ndarray:
@@ -110,10 +108,13 @@ def check_metadata(metadata: dict[str, Any], model: str | os.PathLike[str]) -> N
         for key, n in (("resize", 2), ("crop", 2), ("mean", 3), ("std", 3)):
             if not _numbers(pre.get(key), n):
                 problems.append(f"preprocessing.{key} is {pre.get(key)!r}")
-        if _numbers(pre.get("crop"), 2) and any(c < 1 for c in pre["crop"]):
-            problems.append(f"preprocessing.crop is {pre['crop']!r}")
-        if _numbers(pre.get("resize"), 2) and any(c < 1 for c in pre["resize"]):
-            problems.append(f"preprocessing.resize is {pre['resize']!r}")
+        for key in ("crop", "resize"):
+            value = pre.get(key)
+            if _numbers(value, 2) and any(not 1 <= c <= MAX_INPUT_SIDE for c in value):
+                problems.append(
+                    f"preprocessing.{key} is {value!r} (each side must be 1 to "
+                    f"{MAX_INPUT_SIDE} pixels)"
+                )
         if _numbers(pre.get("std"), 3) and any(v == 0 for v in pre["std"]):
             problems.append("preprocessing.std has a zero")
     shape = pre.get("input_shape")
@@ -148,51 +149,7 @@ def _is_number_row(row: Sequence[str]) -> bool:
 def _feature_rows(path: Path, width: int | None, names: Sequence[str] | None) -> np.ndarray:
     """Rows of features from .npy or .csv. A CSV header is matched by name against the
     model's feature names (columns reordered to the model's order), never just dropped."""
-    if path.suffix.lower() == ".npy":
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except Exception as exc:  # ValueError, EOFError, TokenError, MemoryError on bad bytes
-            raise FairDeployError(
-                f"cannot read {str(path)!r} as a .npy array ({type(exc).__name__}: "
-                f"{str(exc)[:200]})"
-            ) from None
-        if not isinstance(arr, np.ndarray):
-            raise FairDeployError(
-                f"{str(path)!r} is an .npz archive, not a .npy array: save the rows with np.save"
-            )
-        if not np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_ or np.iscomplexobj(
-            arr
-        ):
-            raise FairDeployError(
-                f"{str(path)!r} holds a {arr.dtype} array: feature rows must be real numbers"
-            )
-    else:
-        try:
-            with open(path, newline="", encoding="utf-8-sig") as f:
-                rows = [r for r in csv.reader(f, strict=True) if r]
-            if rows and not _is_number_row(rows[0]):
-                header, rows = [c.strip() for c in rows[0]], rows[1:]
-                if names is None:
-                    raise FairDeployError(
-                        f"{str(path)!r} has a header row but the model's metadata names no "
-                        "features to match it against: remove the header, or name the "
-                        "features when training (a feature_names array in the .npz, or "
-                        "data.feature_names in the recipe) and optimize again"
-                    )
-                missing = [n for n in names if n not in header]
-                if missing:
-                    raise FairDeployError(
-                        f"{str(path)!r}: the header lacks the model's feature(s) "
-                        f"{missing[:5]}; the model expects {len(names)} columns named "
-                        f"{list(names)[:5]}..."
-                    )
-                order = [header.index(n) for n in names]
-                rows = [[r[i] for i in order] for r in rows]
-            arr = np.asarray([[float(v) for v in r] for r in rows], dtype=np.float32)
-        except (OSError, ValueError, IndexError, csv.Error) as exc:
-            raise FairDeployError(
-                f"cannot read {str(path)!r} as CSV feature rows (numbers, one row per input): {exc}"
-            ) from None
+    arr = _npy_rows(path) if path.suffix.lower() == ".npy" else _csv_rows(path, names)
     with np.errstate(over="ignore", invalid="ignore"):
         arr = np.asarray(arr, dtype=np.float32)
     if arr.ndim == 1:
@@ -210,6 +167,59 @@ def _feature_rows(path: Path, width: int | None, names: Sequence[str] | None) ->
             f"{str(path)!r}: row {int(bad[0])} has a non-finite value (NaN, infinity, or a "
             "number too large for float32): the model cannot classify it"
         )
+    return arr
+
+
+def _npy_rows(path: Path) -> np.ndarray:
+    """The real-valued array a .npy file holds (no pickles)."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception as exc:  # ValueError, EOFError, TokenError, MemoryError on bad bytes
+        raise FairDeployError(
+            f"cannot read {str(path)!r} as a .npy array ({type(exc).__name__}: "
+            f"{str(exc)[:200]})"
+        ) from None
+    if not isinstance(arr, np.ndarray):
+        raise FairDeployError(
+            f"{str(path)!r} is an .npz archive, not a .npy array: save the rows with np.save"
+        )
+    if not np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_ or np.iscomplexobj(
+        arr
+    ):
+        raise FairDeployError(
+            f"{str(path)!r} holds a {arr.dtype} array: feature rows must be real numbers"
+        )
+    return arr
+
+
+def _csv_rows(path: Path, names: Sequence[str] | None) -> np.ndarray:
+    """CSV rows as float32, columns in the model's feature order when there is a header."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [r for r in csv.reader(f, strict=True) if r]
+        if rows and not _is_number_row(rows[0]):
+            header, rows = [c.strip() for c in rows[0]], rows[1:]
+            if names is None:
+                raise FairDeployError(
+                    f"{str(path)!r} has a header row but the model's metadata names no "
+                    "features to match it against: remove the header, or name the "
+                    "features when training (a feature_names array in the .npz, or "
+                    "data.feature_names in the recipe) and optimize again"
+                )
+            missing = [n for n in names if n not in header]
+            if missing:
+                raise FairDeployError(
+                    f"{str(path)!r}: the header lacks the model's feature(s) "
+                    f"{missing[:5]}; the model expects {len(names)} columns named "
+                    f"{list(names)[:5]}..."
+                )
+            order = [header.index(n) for n in names]
+            rows = [[r[i] for i in order] for r in rows]
+        arr = np.asarray([[float(v) for v in r] for r in rows], dtype=np.float32)
+    except (OSError, ValueError, IndexError, csv.Error) as exc:
+        raise FairDeployError(
+            f"cannot read {str(path)!r} as CSV feature rows (numbers, one row per input): {exc}"
+        ) from None
     return arr
 
 
@@ -240,6 +250,12 @@ def expand_inputs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
             out += inside
         elif not p.exists():
             raise FairDeployError(f"input {str(p)!r} does not exist")
+        elif not p.is_file():
+            # A FIFO or device would block the read, or never end: refused before reading.
+            raise FairDeployError(
+                f"input {str(p)!r} is not a regular file (a pipe, socket or device): give "
+                "image, .npy or .csv files, or their folder"
+            )
         else:
             out.append(p)
     return out
@@ -359,10 +375,9 @@ def predict(
             ]
         ).astype(np.float64)
     except Exception as exc:  # ORT's InvalidArgument for inputs of the wrong shape
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FairDeployError(
             f"model {str(model)!r} cannot run on these inputs (shape {read.x.shape[1:]}): "
-            f"{first[:200]}"
+            f"{first_line(exc)}"
         ) from None
     if logits.ndim != 2 or len(logits) != len(read.names):
         raise FairDeployError(

@@ -166,9 +166,11 @@ def _load_resume_state(path: Path, config: Mapping[str, Any], epochs: int) -> di
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        # torch's own text runs over several lines and advises weights_only=False: the
+        # file is simply damaged or not ours, in one line.
         raise FairDeployError(
-            f"cannot read the training resume state {str(path)!r} ({type(exc).__name__}: "
-            f"{exc}); {fix}"
+            f"cannot read the training resume state {str(path)!r}: it is damaged or was not "
+            f"written by fairdeploy train ({type(exc).__name__}); {fix}"
         ) from None
     if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
         raise FairDeployError(f"{str(path)!r} is not a fairdeploy training resume state; {fix}")

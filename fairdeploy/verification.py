@@ -1,10 +1,12 @@
 """Does the ONNX model that ships compute what the PyTorch model computed?
 
-:func:`verify` runs the ONNX checker, runs the model in ONNX Runtime on real inputs,
+:func:`verify` runs the ONNX checker, runs the model in a runtime (ONNX Runtime by default;
+OpenVINO or the ONNX reference evaluator, :mod:`fairdeploy.runtimes`) on real inputs,
 compares with reference outputs (per output: max absolute and relative error, argmax
 agreement, the smallest tolerance that would pass) and, when the reference carries labels
 and groups, reports group fairness of the ONNX model's own predictions. The result is
-truthy on pass (Polygraphy's comparator style).
+truthy on pass (Polygraphy's comparator style). :func:`verify_runtimes` does it in several
+runtimes, one verdict per runtime (Polygraphy's ``run --onnxrt --trt``).
 
 Reference sources:
 
@@ -26,22 +28,27 @@ from typing import Any
 import numpy as np
 
 from fairdeploy._text import plural
-from fairdeploy.errors import FairDeployError
+from fairdeploy.comparison import (
+    DEFAULT_ARGMAX_AGREEMENT,
+    DEFAULT_ATOL,
+    DEFAULT_RTOL,
+    OutputComparison,
+    compare_outputs,
+    tolerance_text,
+)
+from fairdeploy.errors import FairDeployError, first_line
 from fairdeploy.progress import phase
 
 __all__ = [
     "OutputComparison",
     "Reference",
+    "RuntimesResult",
     "VerifyResult",
     "load_reference",
     "reference_from_model",
     "verify",
+    "verify_runtimes",
 ]
-
-DEFAULT_ATOL = 1e-4
-DEFAULT_RTOL = 1e-3
-DEFAULT_ARGMAX_AGREEMENT = 0.999
-
 
 @dataclass(frozen=True)
 class Reference:
@@ -70,31 +77,6 @@ class Reference:
 
 
 @dataclass(frozen=True)
-class OutputComparison:
-    """One output of the ONNX model against its reference.
-
-    ``min_atol`` is the smallest atol that passes with the rtol used; ``min_rtol`` the
-    smallest rtol that passes with the atol used (inf when a zero reference differs by
-    more than atol).
-    """
-
-    name: str
-    max_abs_error: float
-    max_rel_error: float
-    atol: float
-    rtol: float
-    min_atol: float
-    min_rtol: float
-    argmax_agreement: float
-    within_tolerance: bool
-    passed: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
-
-@dataclass(frozen=True)
 class VerifyResult:
     """Outcome of :func:`verify`; truthy when everything passed.
 
@@ -112,7 +94,8 @@ class VerifyResult:
     n_samples : int
         Reference samples compared.
     provider : str
-        The execution provider that actually ran.
+        What actually ran it: the ONNX Runtime execution provider, OpenVINO's device, or
+        ``numpy`` for the reference evaluator.
     reference : str
         Where the reference came from.
     fairness : dict or None
@@ -120,6 +103,10 @@ class VerifyResult:
         has labels and groups), else None.
     fairness_note : str
         Why fairness is missing, when it is.
+    runtime : str
+        The runtime the outputs come from (:data:`fairdeploy.runtimes.RUNTIMES`).
+    runtime_version : str
+        Its version.
     """
 
     passed: bool
@@ -135,6 +122,8 @@ class VerifyResult:
     #: What a reader must know to interpret the result (a subset, a reference that is
     #: expected to differ), one sentence each.
     notes: tuple[str, ...] = ()
+    runtime: str = "onnxruntime"
+    runtime_version: str = ""
 
     def __bool__(self) -> bool:
         return self.passed
@@ -148,6 +137,8 @@ class VerifyResult:
             "outputs": [o.to_dict() for o in self.outputs],
             "n_samples": self.n_samples,
             "provider": self.provider,
+            "runtime": self.runtime,
+            "runtime_version": self.runtime_version,
             "reference": self.reference,
             "fairness": self.fairness,
             "fairness_note": self.fairness_note,
@@ -160,7 +151,7 @@ class VerifyResult:
         lines = [
             f"checker: {'ok' if self.checker_ok else 'FAILED: ' + self.checker_message}",
             f"reference: {self.reference} ({plural(self.n_samples, 'sample')}), "
-            f"provider: {self.provider}",
+            f"runtime: {self.runtime} {self.runtime_version} ({self.provider})",
         ]
         for o in self.outputs:
             lines.append(
@@ -180,34 +171,15 @@ class VerifyResult:
                 if isinstance(v, dict) and v.get("avg") is not None:
                     shown.append(f"{k} avg {v['avg']:.3f} diff {v['diff']:.3f}")
             lines.append(
-                f"group metrics of the ONNX predictions on these "
+                f"group metrics of the ONNX predictions ({self.runtime}) on these "
                 f"{plural(self.n_samples, 'sample')}: {', '.join(shown)}"
             )
         elif self.fairness_note:
             lines.append(f"fairness: {self.fairness_note}")
         lines += [f"note: {n}" for n in self.notes]
-        lines.append(("PASSED" if self.passed else "FAILED") + f": {self.reference}")
+        lines.append(("PASSED" if self.passed else "FAILED") + f" in {self.runtime}: "
+                     f"{self.reference}")
         return lines
-
-
-def tolerance_text(o: OutputComparison) -> str:
-    """The tolerances that would pass, in words: the smallest atol at the rtol used and
-    the smallest rtol at the atol used (a pass needs |Δ| ≤ atol + rtol·|ref| everywhere)."""
-    if o.max_abs_error == 0:
-        return "identical outputs: any atol and rtol pass"
-    if math.isinf(o.min_atol):
-        return "no tolerance passes: the outputs are not finite"
-    atol = f"smallest atol that passes at rtol {o.rtol:g}: {o.min_atol:.3g}"
-    if o.min_atol == 0:
-        atol += f" (rtol {o.rtol:g} alone covers every difference)"
-    if math.isinf(o.min_rtol):
-        rtol = (f"no rtol passes at atol {o.atol:g} (a reference value of 0 differs by more "
-                "than atol)")
-    else:
-        rtol = f"smallest rtol that passes at atol {o.atol:g}: {o.min_rtol:.3g}"
-        if o.min_rtol == 0:
-            rtol += f" (atol {o.atol:g} alone covers every difference)"
-    return f"{atol}; {rtol}"
 
 
 def load_reference(path: str | os.PathLike[str]) -> Reference:
@@ -290,53 +262,13 @@ def reference_from_model(
     )
 
 
-def _compare(name: str, got: np.ndarray, ref: np.ndarray, atol: float, rtol: float,
-             min_agree: float) -> OutputComparison:
-    got = got.astype(np.float64)
-    ref = ref.astype(np.float64)
-    if got.shape != ref.shape:
-        raise FairDeployError(
-            f"output {name!r} has shape {got.shape} but the reference has {ref.shape}: "
-            "the reference belongs to another model"
-        )
-    diff = np.abs(got - ref)
-    mag = np.abs(ref)
-    finite = np.isfinite(got).all()
-    max_abs = float(diff.max()) if diff.size else 0.0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.where(mag > 0, diff / mag, np.where(diff > 0, np.inf, 0.0))
-        need_rtol = np.where(
-            mag > 0, (diff - atol) / mag, np.where(diff > atol, np.inf, 0.0)
-        )
-    max_rel = float(rel.max()) if rel.size else 0.0
-    min_atol = float(max(0.0, (diff - rtol * mag).max())) if diff.size else 0.0
-    min_rtol = float(max(0.0, need_rtol.max())) if diff.size else 0.0
-    within = bool(finite and np.all(diff <= atol + rtol * mag))
-    if got.ndim >= 2 and got.shape[-1] > 1:
-        agree = float(np.mean(got.argmax(-1) == ref.argmax(-1)))
-    else:
-        agree = 1.0 if within else float(np.mean(diff <= atol + rtol * mag))
-    return OutputComparison(
-        name=name,
-        max_abs_error=max_abs if finite else math.inf,
-        max_rel_error=max_rel if finite else math.inf,
-        atol=atol,
-        rtol=rtol,
-        min_atol=min_atol if finite else math.inf,
-        min_rtol=min_rtol if finite else math.inf,
-        argmax_agreement=agree,
-        within_tolerance=within,
-        passed=within and agree >= min_agree,
-    )
-
-
 def _metadata(model: Any, path: Path) -> dict[str, Any]:
     """The fairdeploy metadata of a loaded model; empty when it has none readable
     (defaults apply)."""
-    from fairdeploy.export._onnx import _metadata_of
+    from fairdeploy.export._metadata import metadata_of
 
     try:
-        return _metadata_of(model, path)
+        return metadata_of(model, path)
     except Exception:  # a model without (readable) fairdeploy metadata
         return {}
 
@@ -397,20 +329,35 @@ def _check_is_onnx(path: Path) -> Any:
         ) from None
 
 
+def recorded_tolerances(metadata: dict[str, Any]) -> dict[str, Any] | None:
+    """The tolerances a model's metadata records for its own verification (an int8
+    model: ``int8.verify``, written by ``optimize``: ``atol``, ``rtol``,
+    ``argmax_agreement`` and the float model's ``reference`` file beside it), or None."""
+    int8 = metadata.get("int8")
+    found = int8.get("verify") if isinstance(int8, dict) else None
+    if not isinstance(found, dict):
+        return None
+    keys = ("atol", "rtol", "argmax_agreement")
+    if not all(isinstance(found.get(k), int | float) and found[k] >= 0 for k in keys):
+        return None
+    return found
+
+
 def verify(
     onnx_path: str | os.PathLike[str],
     *,
     reference: str | os.PathLike[str] | Reference | None = None,
-    atol: float = DEFAULT_ATOL,
-    rtol: float = DEFAULT_RTOL,
+    atol: float | None = None,
+    rtol: float | None = None,
     provider: str = "cpu",
-    min_argmax_agreement: float = DEFAULT_ARGMAX_AGREEMENT,
+    min_argmax_agreement: float | None = None,
     privileged: int | None = None,
     batch_size: int = 256,
     notes: tuple[str, ...] | list[str] = (),
     progress: bool = False,
+    runtime: str = "onnxruntime",
 ) -> VerifyResult:
-    """Check an ONNX model and compare ONNX Runtime's outputs with a reference.
+    """Check an ONNX model and compare a runtime's outputs with a reference.
 
     Parameters
     ----------
@@ -418,14 +365,17 @@ def verify(
         The model.
     reference : path-like, Reference or None
         A reference ``.npz``, a :class:`Reference` (e.g. from
-        :func:`reference_from_model`), or None for ``<name>.verify.npz`` beside the model.
-    atol, rtol : float
-        An output passes when ``|onnx − ref| ≤ atol + rtol·|ref|`` everywhere
-        (defaults 1e-4 and 1e-3, DESIGN.md §5).
+        :func:`reference_from_model`), or None for ``<name>.verify.npz`` beside the model
+        (for an int8 model without one: the float model's reference its metadata names).
+    atol, rtol : float, optional
+        An output passes when ``|onnx − ref| ≤ atol + rtol·|ref|`` everywhere. None: the
+        tolerances the model's metadata records (:func:`recorded_tolerances`: an int8
+        model's own), else 1e-4 and 1e-3 (DESIGN.md §5).
     provider : {"auto", "cpu", "cuda"}
-        Execution provider (CUDA falls back to the CPU with a warning).
-    min_argmax_agreement : float
-        Fraction of samples whose argmax must agree (default 0.999).
+        ONNX Runtime's execution provider (CUDA falls back to the CPU with a warning);
+        the other runtimes run on the CPU.
+    min_argmax_agreement : float, optional
+        Fraction of samples whose argmax must agree (None: recorded, else 0.999).
     privileged : int, optional
         Privileged group id for the fairness of the ONNX predictions; None takes the one
         named in the model's metadata (group names too), else group 1.
@@ -435,16 +385,21 @@ def verify(
         Sentences to carry into the result (e.g. why a mismatch is expected).
     progress : bool
         Report progress (:mod:`fairdeploy.progress`).
+    runtime : {"onnxruntime", "openvino", "reference"}
+        The runtime that runs the model (:mod:`fairdeploy.runtimes`); ``openvino`` needs
+        ``pip install 'fairdeploy[openvino]'``.
 
     Returns
     -------
     VerifyResult
         Truthy when the checker and every output passed.
     """
-    from fairdeploy.providers import session_provider
+    from fairdeploy.runtimes import load_runtime
 
     for name, tol in (("atol", atol), ("rtol", rtol)):
-        if not (isinstance(tol, int | float) and tol >= 0 and math.isfinite(tol)):
+        if tol is not None and not (
+            isinstance(tol, int | float) and tol >= 0 and math.isfinite(tol)
+        ):
             raise FairDeployError(f"--{name} {tol!r} is not allowed: use a number ≥ 0")
     path = Path(onnx_path)
     if not path.is_file():
@@ -455,9 +410,13 @@ def verify(
     meta_priv, group_names = _groups_from_metadata(meta)
     if privileged is None:
         privileged = meta_priv
+    notes = list(notes)
+    reference, (atol, rtol, min_argmax_agreement) = _own_settings(
+        path, meta, reference, (atol, rtol, min_argmax_agreement), notes
+    )
     ref = _load_checked_reference(path, reference)
     checker_ok, checker_msg = _run_checker(path)
-    sess = _load_session(path, provider)
+    sess = load_runtime(path, runtime, provider=provider)
     x = np.ascontiguousarray(ref.inputs, dtype=np.float32)
     names, got_all = _run_on_reference_inputs(
         sess, x, ref, path, batch_size=batch_size, progress=progress
@@ -468,7 +427,7 @@ def verify(
             f"the model has {len(names)} outputs but the reference has {len(refs)}"
         )
     comps = [
-        _compare(n, g, np.asarray(r), atol, rtol, min_argmax_agreement)
+        compare_outputs(n, g, np.asarray(r), atol, rtol, min_argmax_agreement)
         for n, g, r in zip(names, got_all, refs, strict=True)
     ]
     fairness, note = _fairness(ref, got_all[0], privileged, group_names)
@@ -483,13 +442,128 @@ def verify(
         checker_message=checker_msg,
         outputs=comps,
         n_samples=len(x),
-        provider=session_provider(sess),
+        provider=sess.device,
         reference=ref.source,
         fairness=fairness,
         fairness_note=note,
         required_argmax_agreement=min_argmax_agreement,
         notes=tuple(all_notes),
+        runtime=sess.runtime,
+        runtime_version=sess.version,
     )
+
+
+def _own_settings(
+    path: Path, meta: dict[str, Any], reference: Any,
+    given: tuple[float | None, float | None, float | None], notes: list[str],
+) -> tuple[Any, tuple[float, float, float]]:
+    """The reference and (atol, rtol, argmax agreement) to use: those given, else what
+    the model's metadata records for it (:func:`recorded_tolerances`), else the
+    defaults; a note says when the recorded ones apply."""
+    own = recorded_tolerances(meta)
+    defaults = (DEFAULT_ATOL, DEFAULT_RTOL, DEFAULT_ARGMAX_AGREEMENT)
+    if own is None:
+        return reference, tuple(  # type: ignore[return-value]
+            d if g is None else g for g, d in zip(given, defaults, strict=True))
+    reference = _own_reference(path, reference, own, notes)
+    if given == (None, None, None):
+        notes.append(
+            f"tolerances recorded in the model's metadata (int8): atol {own['atol']:.3g}, "
+            f"rtol {own['rtol']:g}, argmax agreement ≥ {own['argmax_agreement']:.1%}"
+        )
+    recorded = (own["atol"], own["rtol"], own["argmax_agreement"])
+    return reference, tuple(  # type: ignore[return-value]
+        r if g is None else g for g, r in zip(given, recorded, strict=True))
+
+
+def _own_reference(
+    path: Path, reference: Any, own: dict[str, Any], notes: list[str]
+) -> Any:
+    """An int8 model's default reference: its own ``<name>.verify.npz`` if there is one,
+    else the float model's, which its metadata names (PyTorch's float outputs)."""
+    from fairdeploy.export import verify_npz_path
+
+    named = own.get("reference")
+    if reference is not None or verify_npz_path(path).is_file() or not isinstance(named, str):
+        return reference
+    notes.append(f"reference: {named} beside the model (PyTorch's outputs of the float "
+                 "model it was quantized from)")
+    return path.with_name(Path(named).name)
+
+
+@dataclass(frozen=True)
+class RuntimesResult:
+    """Outcome of :func:`verify_runtimes`: one :class:`VerifyResult` per runtime; truthy
+    when every runtime passed.
+
+    Attributes
+    ----------
+    results : dict of str to VerifyResult
+        Per runtime, in the order asked.
+    """
+
+    results: dict[str, VerifyResult]
+
+    @property
+    def passed(self) -> bool:
+        """Every runtime passed."""
+        return all(self.results.values())
+
+    @property
+    def verified_in(self) -> list[str]:
+        """The runtimes in which the file passed."""
+        return [rt for rt, r in self.results.items() if r]
+
+    @property
+    def failed_in(self) -> list[str]:
+        """The runtimes in which it did not."""
+        return [rt for rt, r in self.results.items() if not r]
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict: the first runtime's result at the top level (the shape a
+        one-runtime verify always had), then ``verified_in`` and every runtime's result."""
+        first = next(iter(self.results.values())).to_dict()
+        return first | {
+            "passed": self.passed,
+            "verified_in": self.verified_in,
+            "failed_in": self.failed_in,
+            "runtimes": {rt: r.to_dict() for rt, r in self.results.items()},
+        }
+
+    def summary_lines(self) -> list[str]:
+        """Each runtime's lines, then (with several runtimes) one verdict line."""
+        if len(self.results) == 1:
+            return next(iter(self.results.values())).summary_lines()
+        lines: list[str] = []
+        for rt, r in self.results.items():
+            lines.append(f"== {rt} ==")
+            lines += r.summary_lines()
+        if self.passed:
+            lines.append(f"PASSED in every runtime: {', '.join(self.verified_in)}")
+        else:
+            ok = f" (passed in {', '.join(self.verified_in)})" if self.verified_in else ""
+            lines.append(f"FAILED in {', '.join(self.failed_in)}{ok}")
+        return lines
+
+
+def verify_runtimes(
+    onnx_path: str | os.PathLike[str], runtimes: Any = ("onnxruntime",), **kwargs: Any
+) -> RuntimesResult:
+    """:func:`verify` in each runtime of ``runtimes`` (names, or comma lists), the same
+    reference, tolerances and group fairness in each.
+
+    Every runtime is checked to be installed before any runs (OpenVINO is optional: one
+    line says how to install it).
+    """
+    from fairdeploy.runtimes import load_runtime_check, parse_runtimes
+
+    names = parse_runtimes(runtimes)
+    for rt in names:
+        load_runtime_check(rt)
+    return RuntimesResult({rt: verify(onnx_path, runtime=rt, **kwargs) for rt in names})
 
 
 def _load_checked_reference(
@@ -520,40 +594,29 @@ def _run_checker(path: Path) -> tuple[bool, str]:
         return False, str(exc).strip().splitlines()[0] if str(exc) else repr(exc)
 
 
-def _load_session(path: Path, provider: str) -> Any:
-    from fairdeploy.providers import make_session
-
-    try:
-        return make_session(path, provider=provider)
-    except Exception as exc:  # onnxruntime refuses a model it cannot load
-        raise FairDeployError(f"ONNX Runtime cannot load {str(path)!r}: {exc}") from None
-
-
 def _run_on_reference_inputs(
     sess: Any, x: np.ndarray, ref: Reference, path: Path, *, batch_size: int, progress: bool
 ) -> tuple[list[str], list[np.ndarray]]:
     """The model's output names and its outputs on every reference input, run in
-    batches of ``batch_size``."""
+    batches of ``batch_size`` (``sess``: a :class:`fairdeploy.runtimes.RuntimeSession`)."""
     from fairdeploy.export._onnx import INPUT_NAME
 
-    in_name = sess.get_inputs()[0].name if sess.get_inputs() else INPUT_NAME
-    if sess.get_inputs():
-        _check_input_shape(x, sess.get_inputs()[0].shape, ref.source)
-    with phase(f"verify: ONNX Runtime on {plural(len(x), 'reference input')}", total=len(x),
+    in_name = sess.input_names[0] if sess.input_names else INPUT_NAME
+    if sess.input_names:
+        _check_input_shape(x, sess.input_shapes[0], ref.source)
+    with phase(f"verify: {sess.runtime} on {plural(len(x), 'reference input')}", total=len(x),
                enabled=progress) as bar:
         outs = []
         for i in range(0, len(x), batch_size):
             try:
-                outs.append(sess.run(None, {in_name: x[i : i + batch_size]}))
-            except Exception as exc:  # ORT's InvalidArgument/Fail for inputs it cannot take
-                text = str(exc).strip()
-                first = text.splitlines()[0] if text else type(exc).__name__
+                outs.append(sess.run({in_name: x[i : i + batch_size]}))
+            except Exception as exc:  # a runtime's error for inputs it cannot take
                 raise FairDeployError(
-                    f"ONNX Runtime cannot run {str(path)!r} on the reference inputs from "
-                    f"{ref.source} ({first[:200]}): the reference belongs to another model"
+                    f"{sess.runtime} cannot run {str(path)!r} on the reference inputs from "
+                    f"{ref.source} ({first_line(exc)}): the reference belongs to another model"
                 ) from None
             bar.advance(len(outs[-1][0]))
-    names = [o.name for o in sess.get_outputs()]
+    names = list(sess.output_names)
     return names, [np.concatenate([o[j] for o in outs]) for j in range(len(names))]
 
 

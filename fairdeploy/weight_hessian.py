@@ -6,8 +6,8 @@ Hessian of the mean cross-entropy over group c's scoring set (``DESIGN.md`` §2)
 module computes those diagonals for dense layers anywhere in a model: in the trunk (the
 model fed images) or in a head fed cached features.
 
-The estimators share the curvature engine of :mod:`fairdeploy.scoring`
-(``_curvature_vjps``): per chunk of samples, one forward pass, then VJPs of the logits
+The estimators share the curvature engine of :mod:`fairdeploy.curvature`
+(``curvature_vjps``): per chunk of samples, one forward pass, then VJPs of the logits
 at every chosen layer's output with cotangents whose outer products add up to the
 curvature of cross-entropy in the logits. Writing ``q_nb`` for the VJP of cotangent b
 at a layer's output for sample n, the per-sample gradient of the layer's weight is
@@ -39,7 +39,7 @@ from __future__ import annotations
 import copy
 import functools
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,17 +47,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fairdeploy import curvature
+from fairdeploy.curvature import ESTIMATORS
 from fairdeploy.errors import FairDeployError
-from fairdeploy.scoring import (
-    _TEMP_ELEMENTS,
-    ESTIMATORS,
-    HessianApproximationWarning,
-    _as_inputs,
-    _check_options,
-    _curvature_vjps,
-    _draw_labels,
-    _group_samples,
-)
+from fairdeploy.scoring import HessianApproximationWarning
 from fairdeploy.structure import analyze_structure
 
 __all__ = [
@@ -339,7 +332,7 @@ def _accumulate_shared(
 
     ``q``: VJPs at the layer output (b, n, …); ``x``: the layer input (n, …). Patches
     are unfolded for a few samples at a time, so neither they nor the per-sample
-    gradients exceed about ``_TEMP_ELEMENTS`` elements.
+    gradients exceed about ``curvature.TEMP_ELEMENTS`` elements.
     """
     groups = module.groups if isinstance(module, nn.Conv2d) else 1
     rows = _out_rows(module, q, groups)  # (b, n, g, L, Do)
@@ -350,7 +343,7 @@ def _accumulate_shared(
     if acc_w is None:
         return
     k = acc_w[0].numel() if isinstance(module, nn.Conv2d) else acc_w.shape[1]
-    m = max(1, _TEMP_ELEMENTS // max(1, g * k * max(do, length)))
+    m = max(1, curvature.TEMP_ELEMENTS // max(1, g * k * max(do, length)))
     sq = torch.zeros(g, do, k, dtype=q.dtype, device=q.device)
     for n0 in range(0, n, m):
         p = _patches(module, x[n0 : n0 + m])  # (m, g, L, K)
@@ -373,6 +366,7 @@ def weight_hessian_diag(
     batch_size: int = 64,
     mc_samples: int = 1,
     seed: int = 0,
+    on_chunk: Callable[[int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Diagonal of the Hessian of the mean cross-entropy w.r.t. dense weights and biases.
 
@@ -419,6 +413,8 @@ def weight_hessian_diag(
         Label draws per sample for ``ggn_mc``.
     seed : int
         Seed of the ``ggn_mc`` draws: same inputs, seed and batch_size, same result.
+    on_chunk : callable, optional
+        Called with the number of samples of each chunk when it is done (progress).
 
     Returns
     -------
@@ -434,9 +430,9 @@ def weight_hessian_diag(
         model that does not return (N, C) logits, mismatched or empty inputs/targets, a
         target outside [0, C), bad options.
     """
-    _check_options(estimator, batch_size, mc_samples)
+    curvature.check_options(estimator, batch_size, mc_samples)
     names = [param_names] if isinstance(param_names, str) else list(param_names)
-    x_all, y_all = _as_inputs(inputs, targets)
+    x_all, y_all = curvature.as_inputs(inputs, targets)
     if y_all.min() < 0:
         raise FairDeployError(
             f"targets contains {int(y_all.min())}; allowed: class indices in [0, C)"
@@ -474,6 +470,8 @@ def weight_hessian_diag(
                 chunk(y_all, s0) if estimator == "fisher" else None,
                 estimator=estimator, mc_samples=mc_samples, gen=gen,
             )
+            if on_chunk is not None:
+                on_chunk(min(batch_size, n_total - s0))
     finally:
         rec.remove()
     return {n: acc[n] / n_total for n in names}
@@ -515,12 +513,12 @@ def _accumulate_chunk(
     ins, outs = rec.take()
     draws = None
     if estimator == "ggn_mc":
-        draws = _draw_labels(torch.softmax(logits.detach(), -1), mc_samples, gen)
+        draws = curvature.draw_labels(torch.softmax(logits.detach(), -1), mc_samples, gen)
     outputs = [outs[t.name] for t in targets_]
     # Row-wise Linear layers: Σ_b q² per sample, then one GEMM with x² per chunk.
     d = {t.name: torch.zeros_like(outs[t.name]) for t in targets_ if rec.rowwise[t.name]}
     _check_rows(targets_, ins, outs, logits.shape[0])
-    for qs, w in _curvature_vjps(logits, outputs, labels=labels, draws=draws):
+    for qs, w in curvature.curvature_vjps(logits, outputs, labels=labels, draws=draws):
         for t, q in zip(targets_, qs, strict=True):
             if rec.rowwise[t.name]:
                 d[t.name].add_((q * q).sum(0), alpha=w)
@@ -602,12 +600,13 @@ def group_weight_hessians(
     batch_size: int = 64,
     mc_samples: int = 1,
     seed: int = 0,
+    on_chunk: Callable[[int], None] | None = None,
 ) -> dict[int, dict[str, torch.Tensor]]:
     """:func:`weight_hessian_diag` on each group's samples.
 
     Parameters
     ----------
-    model, param_names, inputs, targets, estimator, batch_size, mc_samples, seed
+    model, param_names, inputs, targets, estimator, batch_size, mc_samples, seed, on_chunk
         As in :func:`weight_hessian_diag`.
     groups : array-like of int, shape (N,)
         Group id of every sample (−1, or any id not in ``group_ids``, is ignored).
@@ -626,12 +625,13 @@ def group_weight_hessians(
         A group in ``group_ids`` with no samples, ``groups`` of the wrong length, or any
         error of :func:`weight_hessian_diag`.
     """
-    x, y = _as_inputs(inputs, targets)
+    x, y = curvature.as_inputs(inputs, targets)
     out: dict[int, dict[str, torch.Tensor]] = {}
-    for gid, idx in _group_samples(groups, group_ids, x.shape[0], "sample of inputs"):
+    for gid, idx in curvature.group_samples(groups, group_ids, x.shape[0], "sample of inputs"):
         out[gid] = weight_hessian_diag(
             model, param_names, x[idx], y[idx],
             estimator=estimator, batch_size=batch_size, mc_samples=mc_samples, seed=seed,
+            on_chunk=on_chunk,
         )
     return out
 

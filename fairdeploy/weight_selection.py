@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from fractions import Fraction
 
 import torch
 
 from fairdeploy.errors import FairDeployError
+from fairdeploy.fraction import check_fraction, fraction_count
 
 __all__ = [
     "SCOPES",
+    "SelectionCounts",
     "check_beta",
     "check_fraction",
     "check_scope",
@@ -30,13 +31,23 @@ __all__ = [
 SCOPES = ("layer", "global")
 
 
-def check_fraction(name: str, value: object, *, allow_zero: bool = True) -> float:
-    """``value`` as a float in [0, 1] (or (0, 1]), else a FairDeployError naming ``name``."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if not ok or math.isnan(value) or not (0.0 <= value <= 1.0) or (value == 0 and not allow_zero):
-        allowed = "[0, 1]" if allow_zero else "(0, 1]"
-        raise FairDeployError(f"{name}={value!r} is not allowed; use a fraction in {allowed}")
-    return float(value)
+class SelectionCounts:
+    """What a per-layer selection result adds up to: mixed into the results of FairPrune
+    and FairQuantize, which hold ``counts`` (entries selected per layer) and ``sizes``
+    (entries per layer)."""
+
+    counts: dict[str, int]
+    sizes: dict[str, int]
+
+    @property
+    def selected_total(self) -> int:
+        """Entries selected over all chosen layers."""
+        return sum(self.counts.values())
+
+    @property
+    def selected_fraction(self) -> float:
+        """Entries selected over all entries of the chosen layers."""
+        return self.selected_total / max(1, sum(self.sizes.values()))
 
 
 def check_beta(beta: object) -> float:
@@ -54,16 +65,6 @@ def check_scope(scope: object) -> str:
             "weights) or 'global' (of all chosen weights together)"
         )
     return str(scope)
-
-
-def fraction_count(fraction: float, n: int) -> int:
-    """``⌊fraction · n⌋``, exact for fractions written in decimal or as small ratios.
-
-    The float is read as the nearest fraction with a denominator up to 10⁹ (0.29 is
-    29/100, 5/9 is 5/9), so ``0.29 · 100`` is 29 and not 28 through rounding error,
-    however large ``n`` is.
-    """
-    return math.floor(Fraction(fraction).limit_denominator(10**9) * n)
 
 
 def selection_counts(

@@ -86,8 +86,9 @@ def _error(proj: Tiny, out, before, *phrases: str) -> str:
     ],
 )
 def test_an_architecture_factory_that_raises_is_one_line(
-    proj: Tiny, old: str, new: str, phrase: str
+    proj: Tiny, old: str, new: str, phrase: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("FAIRDEPLOY_TRUST_RECIPE", "1")  # the recipes import test modules
     out, before = _optimize(proj, _edit(proj, old, new))
     _error(proj, out, before, "model.arch", phrase)
 

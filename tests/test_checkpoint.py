@@ -176,3 +176,20 @@ def test_numpy_scalars_are_refused_in_checkpoint_metadata():
     check_plain_value({"a": [1, 2.0, "x", None, True]}, "extra")
     with pytest.raises(FairDeployError, match=r"extra\['a'\]: float64 is not allowed"):
         check_plain_value({"a": np.float64(1.0)}, "extra")
+
+
+def test_a_trusted_pickled_module_of_another_width_is_refused(tmp_path):
+    """Issue 21 item 2: the recipe said widths (7, 6), the pickled module had (64, 6); the
+    run folder's recipe.yaml and model.pt then disagreed."""
+    torch.manual_seed(0)
+    wider = build_model("mlp", 3, in_features=5, widths=(64, 6))
+    torch.save(wider, tmp_path / "full.pt")
+    with pytest.raises(FairDeployError) as info:
+        _load(tmp_path / "full.pt", trust_checkpoint=True)
+    msg = str(info.value)
+    assert "does not fit model.arch 'mlp'" in msg and "shape mismatch" in msg
+    assert "model (7, 5), checkpoint (64, 5)" in msg and "\n" not in msg
+    other_head = _mlp(4, num_classes=2)
+    torch.save(other_head, tmp_path / "head.pt")
+    with pytest.raises(FairDeployError, match=r"is model\.num_classes 2"):
+        _load(tmp_path / "head.pt", trust_checkpoint=True)

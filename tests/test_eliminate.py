@@ -373,3 +373,66 @@ def test_vanilla_export_is_unchanged_by_the_options(tmp_path):
                           options=ExportOptions(eliminate_dead=True, sparse_layout="zeros"))
     assert res.layers == [] and res.deployed_params == res.vanilla_params == 6 * 8 + 8 + 18
     assert res.stored_elements == res.deployed_params and res.deployed_cr == 1.0
+
+
+@pytest.mark.parametrize(
+    ("rows_b", "cols_a"),
+    [(list(range(6)), list(range(6, 12))),  # the union is the width, disjoint halves
+     (list(range(8)), list(range(4, 12))),  # the union is the width, overlapping
+     (list(range(11)), list(range(1, 12))),  # the union is the width, one side nearly all
+     (list(range(6)), list(range(6, 11))),  # neighbour: one feature left between
+     (list(range(5)), list(range(6, 11)))],  # neighbour: two features left between
+)
+def test_union_up_to_the_width_exports_exactly(tmp_path, rows_b, cols_a):
+    """Issue 19 item 6: when B's dead rows and A's constant columns cover every feature
+    between them, the junction is refused (nothing may empty it) and B drops its dead
+    inputs itself; A's full-width column permutation then folds into B's input selection,
+    not into B's already narrowed U (it crashed with an IndexError)."""
+    model = _adjacent(rows_b, cols_a)
+    x = torch.randn(40, 6)
+    res = export_onnx(model, x[:4], tmp_path / "u.onnx",
+                      options=ExportOptions(eliminate_dead=True))
+    _exact(tmp_path / "u.onnx", model, x)
+    lay = {r.layer: r for r in res.layers}
+    union = len(set(rows_b) | set(cols_a))
+    if union == 12:
+        assert lay["2"].output_elimination.startswith("refused: it would remove all 12")
+        assert lay["4"].input_elimination.startswith("dropped at input")
+        assert lay["4"].eliminated_inputs == len(rows_b)
+        assert lay["2"].output_perm == "folded:4"
+    else:
+        assert lay["2"].output_elimination == "removed:4"
+        assert lay["2"].eliminated_outputs == lay["4"].eliminated_inputs == union
+    assert res.deployed_params == _stored(tmp_path / "u.onnx")
+    shape = _shape_only(model, x)
+    assert shape.params_min <= res.deployed_params <= shape.params
+
+
+@pytest.mark.parametrize("sr", [0.97, 0.9])
+def test_slr_w_on_both_layers_of_the_mlp_exports(tmp_path, sr):
+    """The reported case: SLR-w, rr 0, on ``layers.0`` and ``layers.2`` of the tests'
+    MLP (8 → 32 → 32 → 3); at sr 0.97 the two selections cover every feature between."""
+    from fairdeploy.lrf import SelectionInputs, factorize, select_rows_cols, sparsify
+    from fairdeploy.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("mlp", 3, in_features=8, widths=(32, 32)).eval()
+    out = copy.deepcopy(model)
+    chosen = {}
+    for name in ("layers.0", "layers.2"):
+        lin = model.get_submodule(name)
+        f = factorize(lin, 4)
+        rows, cols = select_rows_cols("slr_w", f, sr=sr, rr=0.0,
+                                      inputs=SelectionInputs(weight=lin.weight.detach()))
+        out.set_submodule(name, sparsify(f, sr, 0.0, rows, cols))
+        chosen[name] = (rows, cols)
+    union = set(chosen["layers.0"][1].tolist()) | set(chosen["layers.2"][0].tolist())
+    x = torch.randn(30, 8)
+    res = export_onnx(out, x[:4], tmp_path / "m.onnx", options=ExportOptions(eliminate_dead=True))
+    _exact(tmp_path / "m.onnx", out, x)
+    assert res.deployed_params == _stored(tmp_path / "m.onnx")
+    assert (len(union) == 32) == (sr == 0.97)  # 31 + 31 of 32 cover them all here
+    if len(union) == 32:
+        assert res.layers[0].output_elimination.startswith("refused: it would remove all 32")
+    else:
+        assert res.layers[0].output_elimination == "removed:layers.2"

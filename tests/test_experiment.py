@@ -224,8 +224,17 @@ def test_optimize_ships_a_verified_int8_copy_with_its_fairness(case) -> None:
 
     tmp, _ = case
     recipe = _recipe(tmp)
-    recipe["export"] = {"verify_samples": 100, "quantize": "int8", "int8": {"mode": "dynamic"}}
+    from fairdeploy.runtimes import runtime_available
+
+    # Verified at export time in every runtime here (issue 19), the float and int8 files.
+    runtimes = ["onnxruntime", "reference", *(["openvino"] if runtime_available("openvino")
+                                               else [])]
+    recipe["export"] = {"verify_samples": 100, "quantize": "int8", "int8": {"mode": "dynamic"},
+                        "verify_runtimes": runtimes}
     report = _optimize(tmp, recipe, "int8")
+    assert report["verify"]["verified_in"] == runtimes and report["verify"]["samples"] == 100
+    assert report["int8"]["verify"]["verified_in"] == runtimes
+    assert all(r["passed"] for r in report["int8"]["verify"]["runtimes"].values())
     int8_path = tmp / "int8" / "model.int8.onnx"
     kinds = {t.data_type for t in onnx.load(str(int8_path)).graph.initializer}
     assert onnx.TensorProto.INT8 in kinds

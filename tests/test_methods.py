@@ -70,7 +70,8 @@ def test_register_method_refuses_a_taken_name() -> None:
         register_method(Other)
 
 
-def test_unknown_and_unimportable_methods_are_one_line_errors() -> None:
+def test_unknown_and_unimportable_methods_are_one_line_errors(monkeypatch) -> None:
+    monkeypatch.setenv("FAIRDEPLOY_TRUST_RECIPE", "1")  # the recipes import test modules
     with pytest.raises(FairDeployError, match="'nope' is unknown: use one of vanilla"):
         get_method("nope")
     with pytest.raises(FairDeployError, match=r"cannot import 'no_such_module'.*PYTHONPATH"):
@@ -104,7 +105,8 @@ def _recipe(tmp: Path, **sections) -> dict:
     return recipe
 
 
-def test_a_user_method_from_a_recipe_runs_in_compare(tmp_path: Path) -> None:
+def test_a_user_method_from_a_recipe_runs_in_compare(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("FAIRDEPLOY_TRUST_RECIPE", "1")  # the recipes import test modules
     _data(tmp_path / "data.npz")
     torch.save(_mlp().state_dict(), tmp_path / "ckpt.pt")
     user = {"name": "_tiny_method:MagnitudeZero", "layer": "layers.2", "fraction": 0.5}
@@ -131,7 +133,10 @@ def test_a_user_method_from_a_recipe_runs_in_compare(tmp_path: Path) -> None:
     assert again.compare[1] == Plan(**user)
 
 
-def test_a_user_method_refuses_unknown_keys_with_file_and_line(tmp_path: Path) -> None:
+def test_a_user_method_refuses_unknown_keys_with_file_and_line(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("FAIRDEPLOY_TRUST_RECIPE", "1")  # the recipes import test modules
     bad = {"name": "_tiny_method:MagnitudeZero", "layer": "layers.2", "fractoin": 0.5}
     with pytest.raises(FairDeployError, match=r"compare\[0\]\.fractoin: unknown key .*"
                                                "did you mean 'fraction'"):

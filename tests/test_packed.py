@@ -34,11 +34,11 @@ from fairdeploy.export import (
 from fairdeploy.verification import verify
 
 # Ops only the rebuild graphs use in these tests' models.
-REBUILD_OPS = {"BitShift", "CumSum", "Where", "Not", "And", "Cast", "Slice", "ConstantOfShape",
-               "Mul", "Sub", "Transpose"}
+REBUILD_OPS = {"BitwiseAnd", "CumSum", "Where", "Not", "And", "Cast", "Slice",
+               "ConstantOfShape", "Mul", "Sub", "Transpose"}
 # Initializer bytes of the constants the rebuilds share (the formula's fixed part): the 8
-# uint8 shifts and the 7, the Reshape shape [-1] (int64), CumSum's axis (int32).
-SHARED = 8 + 1 + 8 + 4
+# uint8 bit masks 128 … 1, the Reshape shape [-1] (int64), CumSum's axis (int32).
+SHARED = 8 + 8 + 4
 ONE = 4  # int32 1, to count a class's complement
 SLICE_START = 8  # int64 [0], when a mask's length is not a multiple of 8
 ZERO_SCALAR = 4  # float32 0, when a tensor has pruned entries
@@ -174,7 +174,7 @@ def test_onnx_runtime_folds_the_rebuild_when_the_session_loads(tmp_path):
     dense, packed, proto, report = export_pair(model, specs, torch.randn(3, 64), tmp_path)
     assert {t.parameter: t.transposed for t in report.tensors} == {"a.weight": True,
                                                                    "b.weight": False}
-    assert any(n.op_type == "BitShift" for n in proto.graph.node)
+    assert any(n.op_type == "BitwiseAnd" for n in proto.graph.node)
     basic = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     session(packed, basic, tmp_path / "packed.opt.onnx")
     session(dense, basic, tmp_path / "dense.opt.onnx")
@@ -182,7 +182,7 @@ def test_onnx_runtime_folds_the_rebuild_when_the_session_loads(tmp_path):
     opt_d = onnx.load(str(tmp_path / "dense.opt.onnx"))
     ops_p = Counter(n.op_type for n in opt_p.graph.node)
     assert ops_p == Counter(n.op_type for n in opt_d.graph.node)
-    assert not {"BitShift", "CumSum", "Where", "Not", "And"} & set(ops_p)
+    assert not {"BitwiseAnd", "CumSum", "Where", "Not", "And"} & set(ops_p)
     inits_p = {t.name: numpy_helper.to_array(t) for t in opt_p.graph.initializer}
     inits_d = {t.name: numpy_helper.to_array(t) for t in opt_d.graph.initializer}
     assert set(inits_p) == set(inits_d)
@@ -315,21 +315,32 @@ def test_dynamo_export_packs_too(tmp_path, one_thread):
 # --------------------------------------------------------------------------- rebuild graph
 
 
-def rebuild(spec: PackSpec, transposed: bool = False) -> np.ndarray:
-    """The tensor a rebuild graph computes, run in ONNX Runtime without optimizations."""
+def rebuild(spec: PackSpec, transposed: bool = False, opset: int = 18,
+            runtime: str = "onnxruntime") -> np.ndarray:
+    """The tensor a rebuild graph computes, run in ONNX Runtime without optimizations (or
+    in another runtime of :mod:`fairdeploy.runtimes`)."""
+    from fairdeploy.runtimes import load_runtime
+
     cls = _packed._classes("w", spec)
-    graph = _packed._Graph(set())
+    graph = _packed._Graph(set(), opset=opset)
     t = _packed._build_tensor(graph, cls, "w", transposed)
     out_shape = list(cls.weight.shape[::-1] if transposed else cls.weight.shape)
+    # A pass-through input: OpenVINO, like a real model, folds the constant rebuild.
+    nodes = [*t.nodes, helper.make_node("Identity", ["x"], ["y"])]
     model = helper.make_model(
-        helper.make_graph(t.nodes, "g", [],
-                          [helper.make_tensor_value_info("w", TensorProto.FLOAT, out_shape)],
+        helper.make_graph(nodes, "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("w", TensorProto.FLOAT, out_shape),
+                           helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
                           t.inits + list(graph.shared.values())),
-        opset_imports=[helper.make_opsetid("", 11)],
+        opset_imports=[helper.make_opsetid("", opset)],
     )
     onnx.checker.check_model(model, full_check=True)
+    feeds = {"x": np.zeros(1, np.float32)}
+    if runtime != "onnxruntime":
+        return load_runtime(model.SerializeToString(), runtime).run(feeds)[0]
     sess = session(model.SerializeToString(), ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    return sess.run(None, {})[0]
+    return sess.run(None, feeds)[0]
 
 
 @settings(max_examples=40, deadline=None)
@@ -339,9 +350,17 @@ def rebuild(spec: PackSpec, transposed: bool = False) -> np.ndarray:
     p=st.sampled_from([0.0, 0.05, 0.5, 1.0]),
     q=st.sampled_from([0.0, 0.05, 0.5, 1.0]),
     transposed=st.booleans(),
+    opset=st.sampled_from([11, 18]),
+    runtime=st.sampled_from(["onnxruntime", "reference", "openvino"]),
 )
-def test_rebuild_reproduces_the_weight_bit_for_bit(shape, seed, p, q, transposed):
-    """Every mix of classes, including empty, single-entry and whole-tensor classes."""
+def test_rebuild_reproduces_the_weight_bit_for_bit(shape, seed, p, q, transposed, opset,
+                                                   runtime):
+    """Every mix of classes, including empty, single-entry and whole-tensor classes, in
+    every runtime (OpenVINO when installed), with both ways of unpacking the mask bits."""
+    from fairdeploy.runtimes import runtime_available
+
+    if not runtime_available(runtime):
+        runtime = "reference"
     rng = np.random.default_rng(seed)
     transposed = transposed and len(shape) == 2
     n = int(np.prod(shape))
@@ -357,7 +376,7 @@ def test_rebuild_reproduces_the_weight_bit_for_bit(shape, seed, p, q, transposed
     w = np.where(quant, qv.astype(np.float32) * b, w)
     w = np.where(pruned, np.float32(0), w).astype(np.float32)
     spec = PackSpec(weight=w, quantized=quant, int8_values=qv, scales=scales, pruned=pruned)
-    got = rebuild(spec, transposed)
+    got = rebuild(spec, transposed, opset, runtime)
     want = w.T if transposed else w
     assert got.shape == want.shape
     assert np.array_equal(got.view(np.uint32), (want + np.float32(0)).view(np.uint32))
@@ -506,7 +525,7 @@ def test_packing_that_saves_less_than_the_shared_constants_is_dropped(tmp_path):
     (t,) = report.tensors
     assert t.stored == "dense" and "shared by the rebuilds" in t.reason
     assert report.initializer_bytes_after == report.initializer_bytes_before
-    assert not any(n.op_type == "BitShift" for n in proto.graph.node)
+    assert not any(n.op_type == "BitwiseAnd" for n in proto.graph.node)
 
 
 def test_deferred_export_writes_when_finished_after_the_rebuild_check(tmp_path, one_thread):
@@ -558,3 +577,72 @@ def test_serialized_bytes_count_every_field_and_long_lengths():
     empty = numpy_helper.from_array(np.zeros((0, 3), np.float32), "")
     empty.raw_data = b""
     assert _packed._serialized_bytes(empty) == empty.ByteSize()
+
+
+# --------------------------------------------------------------------------- unpack
+
+
+def test_unpack_writes_the_dense_weights_once_and_computes_the_same(tmp_path, one_thread):
+    """Issue 19 item 4: the unpacked file holds exactly the dense export's initializers,
+    no rebuild node, and gives the packed file's outputs bit for bit (in every runtime:
+    the rebuilt weights are the same everywhere)."""
+    from click.testing import CliRunner
+
+    from fairdeploy.cli import main
+    from fairdeploy.export import read_metadata, unpack_weights
+    from fairdeploy.runtimes import RUNTIMES, load_runtime, runtime_available
+
+    model = ViewLinear().eval()
+    specs = {"a.weight": make_classes(model.a, q=0.3, p=0.2, seed=7),
+             "b.weight": make_classes(model.b, p=0.6, seed=8)}
+    x = torch.randn(6, 64)
+    dense, packed, _, _ = export_pair(model, specs, x, tmp_path)
+    rep = unpack_weights(packed, tmp_path / "u.onnx")
+    assert len(rep.initializers) == 2 and rep.nodes_removed > 0
+    assert rep.file_bytes_after > rep.file_bytes_before
+    u, d = onnx.load(str(tmp_path / "u.onnx")), onnx.load(str(dense))
+    assert [n.op_type for n in u.graph.node] == [n.op_type for n in d.graph.node]
+    arr_u = {t.name: numpy_helper.to_array(t) for t in u.graph.initializer}
+    arr_d = {t.name: numpy_helper.to_array(t) for t in d.graph.initializer}
+    assert set(arr_u) == set(arr_d)
+    assert all(np.array_equal(arr_u[k].view(np.uint8), arr_d[k].view(np.uint8)) for k in arr_d)
+    assert onnx_sizes(tmp_path / "u.onnx")["initializer_bytes"] == onnx_sizes(
+        dense)["initializer_bytes"]
+    meta = read_metadata(tmp_path / "u.onnx")
+    assert "packed_weights" not in meta and sorted(meta["unpacked_weights"]) == sorted(
+        rep.initializers)
+    for rt in RUNTIMES:
+        if runtime_available(rt):
+            feeds = {"input": x.numpy()}
+            got = load_runtime(tmp_path / "u.onnx", rt).run(feeds)[0]
+            want = load_runtime(packed, rt).run(feeds)[0]
+            if rt == "onnxruntime":  # it folds the rebuild: the same initializers
+                np.testing.assert_array_equal(got, want)
+            else:  # computed weights take other kernels (or memory layouts) than stored ones
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=rt)
+    # The command: default name beside the model, and the verify line to run next.
+    r = CliRunner().invoke(main, ["unpack", str(packed)])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "packed.unpacked.onnx").is_file()
+    assert "2 packed weights written dense" in r.output
+    r = CliRunner().invoke(main, ["verify", str(tmp_path / "packed.unpacked.onnx"),
+                                  "--reference", str(verify_npz_path(dense))])
+    assert r.exit_code == 0, r.output
+
+
+def test_unpack_refuses_a_dense_file_and_its_own_input(tmp_path):
+    from click.testing import CliRunner
+
+    from fairdeploy.cli import main
+
+    model = mlp()
+    export_onnx(model, torch.randn(2, 24), tmp_path / "d.onnx")
+    r = CliRunner().invoke(main, ["unpack", str(tmp_path / "d.onnx")])
+    assert r.exit_code == 1 and r.output.strip() == (
+        f"Error: {str(tmp_path / 'd.onnx')!r} holds no packed weights (its metadata has no "
+        "packed_weights): it is already dense")
+    r = CliRunner().invoke(main, ["unpack", str(tmp_path / "d.onnx"), "-o",
+                                  str(tmp_path / "d.onnx")])
+    assert r.exit_code == 1 and "is the input file" in r.output
+    r = CliRunner().invoke(main, ["unpack", str(tmp_path / "missing.onnx")])
+    assert r.exit_code == 1 and r.output.startswith("Error: ") and "Traceback" not in r.output

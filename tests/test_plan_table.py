@@ -103,7 +103,9 @@ try:
 except FairDeployError as exc:
     out["user"] = str(exc)
 out["user_imported"] = "_tiny_method" in sys.modules
-fairdeploy.methods.get_method("_tiny_method:MagnitudeZero")
+from fairdeploy._trust import trusting_recipes
+with trusting_recipes():
+    fairdeploy.methods.get_method("_tiny_method:MagnitudeZero")
 out["user_after"] = Plan("_tiny_method:MagnitudeZero", layer="layers.2").label
 print(json.dumps(out))
 """

@@ -12,7 +12,10 @@ For every generated case:
 - where the input is a damaged copy of a good file (bytes flipped, cut short), either an
   error or exactly the good file's result: damage is never silently used.
 
-``HYPOTHESIS_PROFILE=thorough`` runs the large profile (over 5,000 cases in all); the
+Issue 21 added six classes at the end (journal edits, ``--write-recipe`` targets, names
+beside the cache's entries, special files, work bounds, import strings).
+
+``HYPOTHESIS_PROFILE=thorough`` runs the large profile (over 11,000 cases in all); the
 default is a small, derandomized profile that takes seconds.
 """
 
@@ -257,6 +260,7 @@ _VALID = {
                         {"mode": "random", "train": 0.5, "val": 0.25}],
     ("data", "max_samples"): [10, 30, 1000],
     ("export", "verify_samples"): [1, 2, 10, 100000],
+    ("export", "verify_runtimes"): [["onnxruntime"], ["reference", "onnxruntime"]],
     ("export", "opset"): [13, 17, 20],
     ("export", "simplify"): [True, False],
     ("export", "tolerances"): [{"atol": 1e-6, "rtol": 0}, {"argmax_agreement": 0.5}],
@@ -867,3 +871,415 @@ def test_cli_arguments(args: list[str], base: Path, tiny: Tiny, baseline: dict) 
         for report in {ws.parent / k for k in set(after) - set(before)}:
             if report.name == "report.json":
                 check_run_folder(report.parent)
+
+
+# ================================================================= issue 21: round 3 classes
+#
+# Journal edits, write targets, cache-folder neighbours, special files, work bounds and
+# import strings. Each property states what must hold for every generated case; the
+# thorough profile runs many more of them.
+
+
+def _journal(path: Path, n: int) -> list[dict[str, Any]]:
+    from fairdeploy.sweep import Journal, record_key
+
+    records = []
+    with Journal(path, {"id": 1}) as journal:
+        for i in range(n):
+            plan = {"method": "fairlrf", "sr": i / 10}
+            record = {"key": record_key(plan, "val"), "plan": plan, "split": "val",
+                      "metrics": {"eodd": 0.01 * i, "accuracy": 0.5 + 0.001 * i}}
+            journal.append(record)
+            records.append(json.loads(json.dumps(record)))
+    return records
+
+
+def edited_journal(draw: st.DrawFn, raw: bytes) -> bytes:
+    """A journal after hand edits, accidents and damage."""
+    lines = raw.splitlines(keepends=True)
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(st.sampled_from(["digit", "field", "delete", "duplicate", "swap", "garbage",
+                                   "cut", "flip", "non_utf8", "blank"]))
+        i = draw(st.integers(1, max(1, len(lines) - 1))) if len(lines) > 1 else 0
+        if not lines:
+            break
+        line = lines[min(i, len(lines) - 1)]
+        j = min(i, len(lines) - 1)
+        if op == "digit":
+            digits = [k for k, c in enumerate(line) if c in b"0123456789"]
+            if digits:
+                k = draw(st.sampled_from(digits))
+                new = draw(st.sampled_from([d for d in b"0123456789" if d != line[k]]))
+                lines[j] = line[:k] + bytes([new]) + line[k + 1:]
+        elif op == "field":
+            lines[j] = line.replace(b'"eodd": 0.0', b'"eodd": 0.9', 1)
+        elif op == "delete":
+            del lines[j]
+        elif op == "duplicate":
+            lines.insert(j, line)
+        elif op == "swap" and len(lines) > 2:
+            k = draw(st.integers(1, len(lines) - 1))
+            lines[j], lines[k] = lines[k], lines[j]
+        elif op == "garbage":
+            lines.insert(j, draw(st.binary(min_size=1, max_size=80)) + b"\n")
+        elif op == "cut":
+            lines[-1] = lines[-1][: draw(st.integers(0, max(0, len(lines[-1]) - 1)))]
+        elif op == "flip" and line:
+            k = draw(st.integers(0, len(line) - 1))
+            lines[j] = line[:k] + bytes([line[k] ^ (1 << draw(st.integers(0, 7)))]) + line[k + 1:]
+        elif op == "non_utf8":
+            lines[j] = line[:5] + b"\xff\xfe" + line[5:]
+        elif op == "blank":
+            lines.insert(j, b"\n")
+    return b"".join(lines)
+
+
+@settings(max_examples=examples(25, 3000), **SETTINGS)
+@given(data=st.data())
+def test_journal_edits_never_give_an_edited_record(data: st.DataObject, base: Path) -> None:
+    """Every record a reopened journal returns is one the sweep wrote, unchanged; every
+    other line is dropped and said, or the journal is refused in one line."""
+    from fairdeploy.errors import FairDeployError
+    from fairdeploy.sweep import Journal
+
+    with workspace(base) as ws:
+        path = ws / "sweep.jsonl"
+        records = _journal(path, data.draw(st.integers(1, 6), label="records"))
+        written = {r["key"]: r for r in records}
+        edited = edited_journal(data.draw, path.read_bytes())
+        note(repr(_Quiet(edited)))
+        path.write_bytes(edited)
+        try:
+            journal = Journal(path, {"id": 1})
+        except FairDeployError as exc:
+            msg = str(exc)  # a damaged header: not a journal, or another sweep's
+            assert "\n" not in msg and ("journal" in msg or "sweep of another" in msg), msg
+            event("journal: refused")
+            return
+        with journal:
+            for record in journal:
+                body = {k: v for k, v in record.items() if k != "sha256"}
+                assert body == written[record["key"]], "an edited record was used"
+            # A line present but unused is removed from the file and said; a record
+            # deleted by hand is simply evaluated again (nothing wrong can come of it).
+            if path.read_bytes() != edited:
+                assert journal.notes, "lines were dropped without a word"
+            event(f"journal: {len(journal)} kept, {journal.damaged} damaged, "
+                  f"{journal.dropped} dropped")
+
+
+_KIND_NAMES = ["features", "svd", "hessian", "weight_hessian", "vanilla"]
+
+
+@st.composite
+def neighbour_names(draw: st.DrawFn) -> str:
+    """A user's file name that looks like a cache entry's without being one."""
+    kind = draw(st.sampled_from([*_KIND_NAMES, "Features", "svd_", "my"]))
+    digest = draw(st.sampled_from(["0" * 64, "a" * 63, "f" * 65, "0" * 24, "g" * 64, "AB" * 32,
+                                   "of-my-dataset", "", "1" * 24 + "x"]))
+    suffix = draw(st.sampled_from([".pt", ".csv", ".pt.bak", ".onnx.orig", ".txt", "", ".PT",
+                                   ".onnx.gz", ".pt~", ".data", ".check"]))
+    sep = draw(st.sampled_from(["-", "_", "--", " -"]))
+    name = f"{kind}{sep}{digest}{suffix}"
+    from fairdeploy.cache import entry_kind
+
+    exact_tensor = sep == "-" and suffix == ".pt" and len(digest) == 64 and all(
+        c in "0123456789abcdef" for c in digest) and kind in _KIND_NAMES
+    exact_file = sep == "-" and suffix == ".onnx" and len(digest) == 24
+    if exact_tensor or exact_file or entry_kind(name) is not None:
+        name = "My" + name  # an exact entry name would be the cache's own
+    return name
+
+
+@settings(max_examples=examples(20, 2000), **SETTINGS)
+@given(names=st.lists(neighbour_names(), min_size=1, max_size=6, unique=True),
+       op=st.sampled_from(["clear", "prune"]))
+def test_cache_commands_never_touch_a_neighbour(names: list[str], op: str, base: Path) -> None:
+    """Whatever a user keeps beside the cache's entries is never listed or deleted; every
+    entry of every kind the cache wrote is."""
+    import os
+
+    from fairdeploy.cache import FeatureCache
+    from fairdeploy.cache_files import cache_entries, clear_cache, prune_cache
+    from fairdeploy.features import FeatureSet
+
+    with workspace(base) as ws:
+        cache = FeatureCache(ws)
+        fs = FeatureSet(torch.ones(2, 2), torch.zeros(2, dtype=torch.long),
+                        torch.zeros(2, dtype=torch.long))
+        cache.get_or_compute({"k": 1}, lambda: fs)
+        for kind in ("svd", "hessian", "weight_hessian"):
+            cache.get_or_compute_tensors(kind, {"k": 1}, lambda: {"t": torch.ones(3)})
+        cache.get_or_create_file("vanilla", {"k": 1}, lambda p: p.write_bytes(b"m"),
+                                 suffix=".onnx")
+        ours = sorted(p.name for p in ws.iterdir())
+        for name in names:
+            (ws / name).write_text("mine")
+            os.utime(ws / name, (0, 0))  # old: prune would take it if it were the cache's
+        listed = {e.path.name for e in cache_entries(ws)}
+        assert not listed & set(names)
+        assert {e.kind for e in cache_entries(ws)} == {*_KIND_NAMES}
+        if op == "clear":
+            clear_cache(ws)
+        else:
+            prune_cache(ws, keep_days=0, now=10**10)
+        left = sorted(p.name for p in ws.iterdir())
+        assert left == sorted(names), (left, ours)
+        assert all((ws / n).read_text() == "mine" for n in names)
+
+
+def _special(kind: str, where: Path) -> Path:
+    """A path of a special kind: a FIFO, a folder, links to them, a device."""
+    import os
+
+    if kind == "fifo":
+        os.mkfifo(where)
+    elif kind == "dir":
+        where.mkdir()
+    elif kind == "link_to_fifo":
+        os.mkfifo(where.with_name("target"))
+        where.symlink_to(where.with_name("target"))
+    elif kind == "dangling_link":
+        where.symlink_to(where.with_name("nowhere"))
+    elif kind == "device":
+        where.symlink_to("/dev/zero")
+    return where
+
+
+def _without_hanging(call: Any, fifos: list[Path]) -> Any:
+    import os
+    import threading
+
+    box: list[Any] = []
+
+    def run() -> None:
+        try:
+            box.append(call())
+        except BaseException as exc:  # handed to the caller's thread
+            box.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(30)
+    if t.is_alive():
+        for f in fifos:
+            with contextlib.suppress(OSError):
+                os.close(os.open(f, os.O_WRONLY | os.O_NONBLOCK))
+        t.join(5)
+        pytest.fail("a special file was read and blocked")
+    return box[0]
+
+
+@settings(max_examples=examples(12, 600), **SETTINGS)
+@given(kind=st.sampled_from(["fifo", "dir", "link_to_fifo", "dangling_link", "device"]),
+       role=st.sampled_from(["recipe", "predict_npy", "predict_csv", "predict_png",
+                             "image_row"]))
+def test_special_files_are_refused_without_blocking(
+    kind: str, role: str, base: Path, tiny: Tiny, baseline: dict
+) -> None:
+    """A FIFO, folder, link or device in place of a file: one line or a skipped row,
+    never a hang or a traceback."""
+    from fairdeploy.data._images import check_image_files
+
+    with workspace(base, tiny) as ws:
+        suffix = {"recipe": ".yaml", "predict_npy": ".npy", "predict_csv": ".csv",
+                  "predict_png": ".png", "image_row": ".png"}[role]
+        path = _special(kind, ws / f"special{suffix}")
+        fifos = [p for p in (path, ws / "target") if p.exists() and not p.is_dir()]
+        if role == "image_row":
+            from PIL import Image
+
+            good = ws / "good.png"
+            Image.new("RGB", (4, 4)).save(good)
+            keep, _ = _without_hanging(
+                lambda: check_image_files([good, path], mode="header", max_bad=1.0,
+                                          where="rows"),
+                fifos)
+            assert keep.tolist() == [True, False]
+            event(f"{kind} as an image row: skipped")
+            return
+        if role == "recipe":
+            args = ["optimize", "ckpt.pt", "--recipe", path, "--dry-run"]
+        else:
+            args = ["predict", baseline["run"] / "model.onnx", path]
+        out = _without_hanging(lambda: invoke(*args, cwd=ws), fifos)
+        if out.code == 2:  # click's own check (a folder where a file is expected)
+            assert "Error:" in out.text and "Traceback" not in out.text, out.text
+        else:
+            assert check_contract(out) == "error", out.text
+        event(f"{kind} as {role}: refused")
+
+
+@settings(max_examples=examples(15, 1000), **SETTINGS)
+@given(sizes=st.lists(st.integers(1, 400), min_size=1, max_size=3),
+       repeats=st.one_of(st.none(), st.integers(1, 300)), yes=st.booleans())
+def test_work_bounds_are_counted_before_anything_runs(
+    sizes: list[int], repeats: int | None, yes: bool, base: Path, tiny: Tiny
+) -> None:
+    """Over the documented limits a sweep is refused up front unless --yes; within them
+    (or with --yes) the count never refuses it (here the missing checkpoint then does)."""
+    from fairdeploy.commands.sweep import MAX_REPEATS, MAX_SWEEP_EVALUATIONS
+
+    keys = ["sr", "rr", "beta"][: len(sizes)]
+    grid = []
+    for key, n in zip(keys, sizes, strict=True):
+        grid += ["--grid", f"{key}=0:{(n - 1) / 1000:.3f}:0.001" if n > 1 else f"{key}=0"]
+    draws = repeats or 1
+    total = int(np.prod(sizes)) * draws
+    over = total > MAX_SWEEP_EVALUATIONS or draws > MAX_REPEATS
+    with workspace(base, tiny) as ws:
+        args = ["sweep", "missing.pt", "--recipe", "recipe.yaml", *grid, "--out", "s",
+                *(["--repeats", str(repeats)] if repeats else []), *(["--yes"] if yes else [])]
+        out = invoke(*args, cwd=ws)
+        assert check_contract(out) == "error"
+        if over and not yes:
+            assert "--yes" in out.text and "the limit is" in out.text, out.text
+            assert "no such file" not in out.text  # refused before the checkpoint is read
+        elif over:
+            assert "as --yes asks" in out.text and "no such file" in out.text, out.text
+        else:
+            assert "the limit is" not in out.text and "no such file" in out.text, out.text
+        assert not (ws / "s").exists()
+        event("over the limits" if over else "within the limits")
+
+
+_PLUGIN = "from pathlib import Path\nPath({marker!r}).write_text('imported')\n"
+
+
+@st.composite
+def import_strings(draw: st.DrawFn) -> tuple[str, bool]:
+    """An import string and whether it names the test's marker module."""
+    marker = draw(st.booleans())
+    module = "r21_marker_plugin" if marker else draw(st.sampled_from(
+        ["os", "subprocess", "json", "fairdeployx", "fair_deploy", "tests._tiny_method",
+         "_tiny_method", "torch.nn", "builtins", "a.b.c"]))
+    attr = draw(st.sampled_from(["Thing", "factory", "system", "", "x:y"]))
+    space = draw(st.sampled_from(["", " ", "  "]))
+    return f"{space}{module}:{attr}", marker
+
+
+@settings(max_examples=examples(20, 2000), **SETTINGS)
+@given(spec=import_strings(), where=st.sampled_from(["method", "arch", "compare"]))
+def test_import_strings_are_refused_before_importing(
+    spec: tuple[str, bool], where: str, base: Path, monkeypatch_module: Any
+) -> None:
+    """Without --trust-recipe no module outside fairdeploy is imported, whatever the
+    string: refused in one line, before anything runs."""
+    import sys
+
+    from fairdeploy.errors import FairDeployError
+    from fairdeploy.recipe import parse_recipe
+
+    text, _ = spec
+    marker = base / "r21-marker.txt"
+    recipe = {
+        "model": {"arch": "mlp", "num_classes": 3, "kwargs": {"in_features": 6}},
+        "data": {"kind": "npz", "path": "data.npz", "split": {"mode": "column"}},
+        "sensitive": {"attribute": "group", "groups": {"a": [0], "b": [1]}},
+        "method": {"name": "truncated_svd", "layers": [{"layer": "layers.2", "rank": 4}]},
+    }
+    if where == "method":
+        recipe["method"] = {"name": text, "layer": "layers.2"}
+    elif where == "arch":
+        recipe["model"] = {"arch": text, "num_classes": 3}
+    else:
+        recipe["compare"] = ["vanilla", {"name": text}]
+    before = set(sys.modules)
+    with pytest.raises(FairDeployError) as info:
+        parse_recipe(recipe, source="r.yaml")
+    msg = str(info.value)
+    assert "\n" not in msg
+    new = {m for m in set(sys.modules) - before if not m.startswith("fairdeploy")}
+    assert not {m for m in new if m.split(".")[0] in {"r21_marker_plugin", "a", "fairdeployx",
+                                                      "fair_deploy"}}, new
+    assert not marker.exists()
+    event("refused: trust" if "--trust-recipe" in msg else "refused: other")
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module(base: Path) -> Iterator[None]:
+    """The marker module on the import path, and no recipe trust, for the whole module."""
+    import os
+    import sys
+
+    folder = base / "r21-site"
+    folder.mkdir(exist_ok=True)
+    (folder / "r21_marker_plugin.py").write_text(
+        _PLUGIN.format(marker=str(base / "r21-marker.txt")))
+    sys.path.insert(0, str(folder))
+    saved = os.environ.pop("FAIRDEPLOY_TRUST_RECIPE", None)
+    yield None
+    sys.path.remove(str(folder))
+    if saved is not None:
+        os.environ["FAIRDEPLOY_TRUST_RECIPE"] = saved
+
+
+def _snapshot_links(root: Path) -> dict[str, Any]:
+    """Like ``snapshot``, with links recorded as their targets (a dangling one too)."""
+    import hashlib
+    import os
+
+    out: dict[str, Any] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            if p.is_symlink():
+                out[rel] = ("link", os.readlink(p))
+            elif p.is_file():
+                out[rel] = (p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
+    return out
+
+
+@settings(max_examples=examples(6, 300), **SETTINGS)
+@given(target=st.sampled_from(["new", "user_text", "recipe", "ckpt", "dir", "link_to_user",
+                               "dangling", "own", "own_edited", "no_rule"]))
+def test_write_recipe_targets(target: str, base: Path, tiny: Tiny, exports: Path) -> None:
+    """``sweep --write-recipe`` writes a new path or its own unedited recipe; anything else
+    (a user's file, the input recipe or checkpoint, a folder, a link, an edited recipe, or
+    no rule to choose with) is refused before any work and left as it was."""
+    import os
+
+    with workspace(base, tiny) as ws:
+        path = ws / "chosen-copy.yaml"
+        rule = ["--select", "min eodd s.t. accuracy >= vanilla - 0.5"]
+        sweep = ["sweep", "ckpt.pt", "--recipe", "recipe.yaml", "--grid", "sr=0.5",
+                 "--no-plots", "--exports", exports]
+        if target == "user_text":
+            path.write_text("my notes")
+        elif target == "recipe":
+            path = ws / "recipe.yaml"
+        elif target == "ckpt":
+            path = ws / "ckpt.pt"
+        elif target == "dir":
+            path.mkdir()
+        elif target == "link_to_user":
+            (ws / "mine.txt").write_text("mine")
+            path.symlink_to(ws / "mine.txt")
+        elif target == "dangling":
+            path.symlink_to(ws / "nowhere.yaml")
+        elif target in ("own", "own_edited"):
+            first = invoke(*sweep, *rule, "--out", "first", "--write-recipe", path, cwd=ws)
+            assert check_contract(first) == "ok", first.text
+            if target == "own_edited":
+                path.write_text(path.read_text() + "# my edit\n")
+        before = _snapshot_links(ws.parent)
+        out = invoke(*sweep, *([] if target == "no_rule" else rule), "--out", "s",
+                     "--write-recipe", path, cwd=ws)
+        if target == "dir" and out.code == 2:  # click refuses a folder as a usage error
+            kind = "error"
+            assert "Error:" in out.text and "Traceback" not in out.text
+        else:
+            kind = check_contract(out)
+        event(f"--write-recipe {target}: {kind}")
+        after = _snapshot_links(ws.parent)
+        changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+        if target in ("new", "own"):
+            assert kind == "ok", out.text
+            assert path.read_text().startswith("# Chosen by `fairdeploy sweep`")
+            assert all(k.startswith("ws/s/") or k == f"ws/{path.name}" for k in changed), changed
+        else:
+            assert kind == "error", out.text
+            assert not changed, changed
+            assert not (ws / "s").exists()
+            assert not os.path.lexists(path) or target not in ("new",)

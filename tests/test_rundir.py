@@ -223,3 +223,12 @@ def test_files_written_from_two_threads_keep_the_umask(tmp_path: Path) -> None:
         assert modes == {0o640}
     finally:
         os.umask(old)
+
+
+def test_a_dangling_symlink_out_is_refused_before_any_work(tmp_path: Path) -> None:
+    """Issue 21 item 13: it failed only after the whole run."""
+    link = tmp_path / "run"
+    os.symlink(tmp_path / "nowhere", link)
+    with pytest.raises(FairDeployError, match=r"is a symlink to .*nowhere.*which does not exist"):
+        check_out(link)
+    assert link.is_symlink() and not (tmp_path / "nowhere").exists()

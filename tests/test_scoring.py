@@ -448,7 +448,7 @@ def test_entry_scores_formula_and_errors() -> None:
 
 
 def test_memory_blocking_does_not_change_results(monkeypatch: pytest.MonkeyPatch) -> None:
-    import fairdeploy.scoring as scoring
+    import fairdeploy.curvature as curvature
 
     head = nn.Sequential(_fl(10, 12, 4, 7), nn.ReLU(), _lin(12, 7, 8))
     x, y = _data(10, n=40, classes=7)
@@ -459,7 +459,7 @@ def test_memory_blocking_does_not_change_results(monkeypatch: pytest.MonkeyPatch
     }
     ref_generic = hessian_diag(head, "0", x, y, batch_size=9, fast=False)
     # One class (or one draw) per block, and a Khatri-Rao product too big to keep.
-    monkeypatch.setattr(scoring, "_TEMP_ELEMENTS", 1)
+    monkeypatch.setattr(curvature, "TEMP_ELEMENTS", 1)
     for est, kw in ests.items():
         got = hessian_diag(head, "0", x, y, estimator=est, batch_size=9, **kw)
         for key in ("U", "V"):

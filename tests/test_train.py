@@ -138,3 +138,15 @@ def test_bad_arguments_and_labels_are_user_errors():
     bad = TripleDataset(TRAIN.x, TRAIN.targets * 3, TRAIN.groups)  # labels 0 and 3
     with pytest.raises(FairDeployError, match=r"label 3 is outside the model's 2 classes"):
         train_model(_model(), bad, None, epochs=1, **FAST)
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)) * 2, b"PK\x03\x04garbage", b""])
+def test_a_garbage_resume_file_is_one_line(tmp_path, content):
+    """Issue 21 item 12: torch's multi-line text followed the Error line."""
+    ckpt = tmp_path / "c.pt"
+    resume_state_path(ckpt).write_bytes(content)
+    with pytest.raises(FairDeployError) as info:
+        train_model(_model(), TRAIN, VAL, epochs=1, checkpoint_path=ckpt, **FAST)
+    msg = str(info.value)
+    assert "\n" not in msg and "damaged" in msg and "--no-resume" in msg
+    assert "weights_only" not in msg

@@ -248,7 +248,7 @@ def test_bench_uses_the_vanilla_export_beside_the_model(day: dict, tmp_path: Pat
                         "--warmup", "0", "--json", str(tmp_path / "b.json"))
     assert code == 0, out
     assert out.startswith(f"baseline: {run / 'vanilla.onnx'}")
-    assert "model.onnx is" in out and "as fast as vanilla.onnx" in out
+    assert re.search(r"model\.onnx is \d+\.\d\d× (as fast as|slower than) vanilla\.onnx", out)
     assert json.loads((tmp_path / "b.json").read_text())["baseline"] == str(run / "vanilla.onnx")
     # A different file under that name is not taken for the baseline.
     other = tmp_path / "run"
@@ -257,7 +257,8 @@ def test_bench_uses_the_vanilla_export_beside_the_model(day: dict, tmp_path: Pat
     shutil.copy(run / "model.onnx", other / "vanilla.onnx")
     code, out = _invoke("bench", str(other / "model.onnx"), "--batch", "1", "--iters", "2",
                         "--warmup", "0")
-    assert code == 0 and "SHA-256 differs" in out and "as fast as" not in out
+    assert code == 0 and "SHA-256 differs" in out
+    assert "as fast as" not in out and "slower than" not in out
 
 
 # --------------------------------------------------------------------------- verify
@@ -282,17 +283,17 @@ def test_verify_with_inputs_of_the_wrong_rank_is_one_line(day: dict, tmp_path: P
 
 
 def test_tolerance_text_by_hand() -> None:
-    from fairdeploy.verification import _compare, tolerance_text
+    from fairdeploy.comparison import compare_outputs, tolerance_text
 
     ref = np.array([[1.0, -2.0], [0.0, 4.0]])
     got = ref + np.array([[0.002, 0.0], [0.0, -0.001]])
-    o = _compare("logits", got, ref, 1e-4, 1e-3, 0.999)
+    o = compare_outputs("logits", got, ref, 1e-4, 1e-3, 0.999)
     # atol needed at rtol 1e-3: max(0.002 − 0.001, 0.001 − 0.004) = 0.001;
     # rtol needed at atol 1e-4: max((0.002 − 1e-4)/1, (0.001 − 1e-4)/4) = 0.0019.
     text = tolerance_text(o)
     assert "smallest atol that passes at rtol 0.001: 0.001;" in text
     assert "smallest rtol that passes at atol 0.0001: 0.0019" in text
-    assert tolerance_text(_compare("l", ref, ref, 1e-4, 1e-3, 0.999)) == (
+    assert tolerance_text(compare_outputs("l", ref, ref, 1e-4, 1e-3, 0.999)) == (
         "identical outputs: any atol and rtol pass"
     )
 
@@ -367,12 +368,55 @@ def test_rerunning_a_finished_train_keeps_the_checkpoint(day: dict) -> None:
     assert hashlib.sha256((tmp / "ckpt.pt").read_bytes()).hexdigest() == before
 
 
-def test_compare_shows_the_validation_table_first(day: dict) -> None:
+@pytest.fixture(scope="module")
+def compared(day: dict) -> tuple[str, dict]:
+    """compare on the day's recipe, each row verified in ONNX Runtime and the reference
+    evaluator (and OpenVINO when installed) at export time."""
+    from fairdeploy.runtimes import runtime_available
+
     tmp = day["tmp"]
+    runtimes = ["onnxruntime", "reference"] + (["openvino"] if runtime_available("openvino")
+                                               else [])
+    text = RECIPE.replace("export: {verify_samples: 200,",
+                          f"export: {{verify_runtimes: [{', '.join(runtimes)}], "
+                          "verify_samples: 200,")
+    assert text != RECIPE
+    (tmp / "compare-day.yaml").write_text(text)
     code, out = _invoke("compare", str(tmp / "ckpt.pt"), "--recipe",
-                        str(tmp / "features-day.yaml"), "--exports", str(tmp / "exports"),
+                        str(tmp / "compare-day.yaml"), "--exports", str(tmp / "exports"),
                         "--out", str(tmp / "cmp"))
     assert code == 0, out
+    return out, {"runtimes": runtimes}
+
+
+def test_compare_reports_what_each_row_was_verified_on_and_in(day: dict, compared) -> None:
+    """Issue 19 items 3 and 5: each row is verified on its capped model.verify.npz (66 of
+    the 200 export.verify_samples here) and in every runtime the recipe names; the report
+    says so, not 200."""
+    _, info = compared
+    report = json.loads((day["tmp"] / "cmp" / "report.json").read_text())
+    rows = [m for m in report["methods"] if m.get("artifact")]
+    assert rows
+    for m in rows:
+        ver = m["artifact"]["verify"]
+        assert ver["samples"] == 66 and ver["samples_requested"] == 200
+        assert ver["verified_in"] == info["runtimes"] and list(ver["runtimes"]) == info[
+            "runtimes"]
+        assert all(r["passed"] for r in ver["runtimes"].values())
+        npz = np.load(day["tmp"] / "cmp" / m["artifact"]["path"].replace(
+            "model.onnx", "model.verify.npz"))
+        assert npz["inputs"].shape[0] == ver["samples"] == ver["details"]["n_samples"]
+    note = report["artifacts"]["note"]
+    assert "on the 66 real test inputs its model.verify.npz holds" in note, note
+    assert "200 real test inputs" not in note
+    assert "ONNX Runtime, the ONNX reference evaluator" in note
+    md = (day["tmp"] / "cmp" / "report.md").read_text()
+    assert "66 inputs, ONNX Runtime, the ONNX reference evaluator" in md
+
+
+def test_compare_shows_the_validation_table_first(day: dict, compared) -> None:
+    tmp = day["tmp"]
+    out, _ = compared
     assert out.index("Validation split") < out.index("Test split")
     md = (tmp / "cmp" / "report.md").read_text()
     assert md.index("## Validation split") < md.index("## Accuracy and fairness")
@@ -405,7 +449,8 @@ method:
     return tmp / "r.yaml"
 
 
-def test_dry_run_exports_the_vanilla_model_up_front(tmp_path: Path) -> None:
+def test_dry_run_exports_the_vanilla_model_up_front(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("FAIRDEPLOY_TRUST_RECIPE", "1")  # the recipes import test modules
     import _tiny_models
     import torch
 
@@ -430,7 +475,10 @@ def test_dry_run_exports_the_vanilla_model_up_front(tmp_path: Path) -> None:
     assert "ONNX export: ok: the vanilla model exports to ONNX (input of shape 3×20×20" in out
 
 
-def test_an_arch_module_that_is_not_importable_says_how_to_fix_it(tmp_path: Path) -> None:
+def test_an_arch_module_that_is_not_importable_says_how_to_fix_it(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("FAIRDEPLOY_TRUST_RECIPE", "1")  # the recipes import test modules
     import torch
 
     torch.save({"weight": torch.zeros(1)}, tmp_path / "c.pt")

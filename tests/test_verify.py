@@ -142,3 +142,19 @@ def test_unloadable_model_is_a_user_error(exported, tmp_path):
     bad.write_bytes(b"not a model")
     with pytest.raises(FairDeployError, match="is not an ONNX model"):
         verify(bad, reference=path.with_name("m.verify.npz"))
+
+
+@pytest.mark.parametrize("bad", ["all", "one"])
+def test_a_non_finite_reference_is_refused_not_failed_with_zero_errors(exported, bad):
+    """Issue 21 item 14: an all-NaN reference gave FAILED with 'max relative 0' and
+    'smallest atol 0'."""
+    path, model, x, _, _ = exported
+    ref = reference_from_model(model, x.numpy())
+    outputs = ref.outputs.copy()
+    if bad == "all":
+        outputs[:] = np.nan
+    else:
+        outputs[3, 1] = np.inf
+    count = outputs.size if bad == "all" else 1
+    with pytest.raises(FairDeployError, match=rf"holds {count:,} non-finite value"):
+        verify(path, reference=Reference(ref.inputs, outputs))

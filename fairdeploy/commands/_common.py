@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -19,7 +20,7 @@ from fairdeploy.experiment import Experiment
 from fairdeploy.methods import get_method
 from fairdeploy.plan import Plan
 from fairdeploy.recipe import Recipe, recipe_hash
-from fairdeploy.rundir import check_out, ensure_dir
+from fairdeploy.rundir import check_out
 
 __all__ = [
     "DEFAULT_EXPORTS",
@@ -70,6 +71,26 @@ def _run_name(recipe_path: Path, recipe: Recipe, what: str, checkpoint_sha256: s
     return f"{stem}-{what}-{digest[:8]}"
 
 
+def check_creatable(path: Path) -> None:
+    """Refuse, without creating anything, a folder that could not be created or written:
+    its nearest existing ancestor must be a folder we may write into. (A refused command
+    leaves no empty folder behind; the folder is made when the first file is written.)"""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise FairDeployError(
+            f"cannot create the folder {str(path)!r}: {str(existing)!r} is a file"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FairDeployError(
+            f"cannot write into the folder {str(path)!r} (permission denied)"
+            if existing == path else
+            f"cannot create the folder {str(path)!r}: no permission to write into "
+            f"{str(existing)!r}"
+        )
+
+
 def _paths(
     recipe_path: str | Path, exports_dir: str | Path, cache_dir: Any, out: str | Path | None,
     *, check: Callable[[Path], Any] = check_out,
@@ -80,7 +101,7 @@ def _paths(
     if out is not None:
         check(Path(out))
     else:
-        ensure_dir(exports_dir)
+        check_creatable(exports_dir)
     if cache_dir == "default":
         cache_dir = exports_dir / ".cache"
     return Path(recipe_path), exports_dir, None if cache_dir is None else Path(cache_dir)
@@ -95,6 +116,10 @@ def _experiment(
     progress: bool,
     trust_checkpoint: bool,
 ) -> Experiment:
+    from fairdeploy.runtimes import load_runtime_check
+
+    for runtime in recipe.export.verify_runtimes:  # refused before any work, in one line
+        load_runtime_check(runtime)
     return Experiment(
         recipe,
         checkpoint,

@@ -73,8 +73,9 @@ def _deploy(
     report["export_layout"] = [lay.to_dict() for lay in res.layers]
     ref = exp.reference(processed)
     n = len(ref.inputs)
-    with phase(f"verify: ONNX Runtime vs PyTorch on {n:,} test inputs", unit="", enabled=show):
-        vres = exp.verify(model_path, reference=ref)
+    runtimes = ", ".join(exp.recipe.export.verify_runtimes)
+    with phase(f"verify: {runtimes} vs PyTorch on {n:,} test inputs", unit="", enabled=show):
+        vres = exp.verify_all(model_path, reference=ref)
     report["verify"] = verify_summary(vres, tol, n)
     stored = _stored_reference_samples(run / "model.verify.npz")
     report["verify"]["reference_file"] = {
@@ -92,6 +93,23 @@ def _deploy(
     if exp.recipe.export.quantize == "int8":
         report["int8"] = _deploy_int8(exp, processed, ref, report, model_path, vanilla)
     return True
+
+
+def _verify_int8_in_runtimes(exp: Experiment, int8_path: Path, ref: Any,
+                             atol: float) -> dict[str, Any]:
+    """:func:`~fairdeploy.export.verify_int8` in each runtime of
+    ``export.verify_runtimes``, with the recipe's int8 tolerances."""
+    from fairdeploy.export import verify_int8
+
+    spec = exp.recipe.export.int8
+    checks = {}
+    for runtime in exp.recipe.export.verify_runtimes:
+        with phase(f"int8: verify in {runtime} on {len(ref.inputs):,} test inputs", unit="",
+                   enabled=exp.progress):
+            checks[runtime] = verify_int8(int8_path, ref.inputs, ref.outputs, atol=atol,
+                                          rtol=spec.rtol, runtime=runtime,
+                                          min_argmax_agreement=spec.argmax_agreement)
+    return checks
 
 
 def _deploy_int8(
@@ -113,7 +131,6 @@ def _deploy_int8(
         int8_fairness,
         quantize_int8,
         update_metadata,
-        verify_int8,
     )
 
     spec = exp.recipe.export.int8
@@ -125,9 +142,8 @@ def _deploy_int8(
         made = quantize_int8(model_path, int8_path, calibration_inputs=calibration,
                              mode=spec.mode)
     atol = spec.atol_scale * float(np.std(ref.outputs))
-    with phase(f"int8: verify on {len(ref.inputs):,} test inputs", unit="", enabled=show):
-        check = verify_int8(int8_path, ref.inputs, ref.outputs, atol=atol, rtol=spec.rtol,
-                            min_argmax_agreement=spec.argmax_agreement)
+    checks = _verify_int8_in_runtimes(exp, int8_path, ref, atol)
+    check = next((c for c in checks.values() if not c), next(iter(checks.values())))
     if not check:
         raise FairDeployError(
             f"the int8 model does not match PyTorch's float outputs within the int8 "
@@ -151,18 +167,38 @@ def _deploy_int8(
         "calibration": {"split": "train", "samples": int(take), "seed": spec.seed},
         "verify": check.to_dict()
         | {"atol_basis": f"{spec.atol_scale:g} × the float logits' std "
-                         f"({float(np.std(ref.outputs)):.3g}), export.int8.atol_scale"},
+                         f"({float(np.std(ref.outputs)):.3g}), export.int8.atol_scale",
+           "verified_in": list(checks),
+           "runtimes": {rt: {k: c.to_dict()[k] for k in (
+               "passed", "max_abs_error", "mean_abs_error", "argmax_agreement")}
+               for rt, c in checks.items()}},
         "fairness": fair.to_dict(),
         "compression": comp.to_dict(),
     }
-    update_metadata(int8_path, {
-        "int8": {k: block["export"][k] for k in ("mode", "per_channel", "calibration_samples")},
+    update_metadata(int8_path, _int8_metadata(block, fair, len(x), model_path))
+    return block
+
+
+def _int8_metadata(
+    block: dict[str, Any], fair: Any, samples: int, model_path: Path
+) -> dict[str, Any]:
+    """model.int8.onnx's metadata: how it was made, the tolerances and float reference
+    ``fairdeploy verify model.int8.onnx`` uses by default (int8 has its own), and its
+    test-split fairness."""
+    from fairdeploy.export import verify_npz_path
+
+    checked = block["verify"]
+    return {
+        "int8": {k: block["export"][k] for k in ("mode", "per_channel", "calibration_samples")}
+        | {"verify": {"atol": float(checked["atol"]), "rtol": float(checked["rtol"]),
+                      "argmax_agreement": float(checked["required_argmax_agreement"]),
+                      "atol_basis": checked["atol_basis"],
+                      "reference": verify_npz_path(model_path).name}},
         "fairness": {
             k: fair.int8_metrics.to_dict()["fairness"][k] for k in ("eopp0", "eopp1", "eodd")
         } | {"convention": "mean over classes; EOdd halved", "split": "test",
-             "samples": len(x)},
-    })
-    return block
+             "samples": samples},
+    }
 
 
 def _int8_calibration(train: Any, spec: Any) -> tuple[int, Any]:
@@ -211,9 +247,14 @@ def _require_verified(vres: Any, entry: dict[str, Any]) -> None:
 
 
 def _failed_line(vres: Any) -> str:
-    """The first line of a failed verification's summary that says what failed."""
+    """The first line of a failed verification's summary that says what failed (and, for
+    several runtimes, in which)."""
+    runtime = ""
+    if getattr(vres, "failed_in", None):  # a RuntimesResult: the first runtime that failed
+        runtime = f"in {vres.failed_in[0]}: "
+        vres = vres.results[vres.failed_in[0]]
     lines = vres.summary_lines()
-    return next((ln.strip() for ln in lines if "FAILED" in ln), lines[-1])
+    return runtime + next((ln.strip() for ln in lines if "FAILED" in ln), lines[-1])
 
 
 def _stored_reference_samples(path: Path) -> int:
@@ -337,8 +378,12 @@ def _vanilla_onnx(
         "input_shape": list(example.shape[1:]),
         "version": __version__,
     }
-    cached = FeatureCache(cache_dir).get_or_create_file("vanilla", key, create, suffix=".onnx")[0]
-    _link_or_copy(cached, target)
+    # An unwritable cache folder only costs the reuse: the export is made in the run.
+    cached = FeatureCache(cache_dir).get_or_create_file(
+        "vanilla", key, create, suffix=".onnx", fallback=target
+    )[0]
+    if cached != target:
+        _link_or_copy(cached, target)
     return target
 
 

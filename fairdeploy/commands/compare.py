@@ -121,12 +121,32 @@ def _deploy_rows(
                     row.future.cancel()
             raise
     report["artifacts"] = {
-        "note": (
-            "every row exported to ONNX and verified against PyTorch on "
-            f"{n} real test inputs; measured C.R. is against the vanilla row's export"
-        ),
+        "note": _artifacts_note(exp, [m["artifact"]["verify"] for m in report["methods"]
+                                      if m.get("artifact")], n),
         "vanilla": vanilla_path,
     }
+
+
+def _artifacts_note(exp: Experiment, blocks: list[dict[str, Any]], n: int) -> str:
+    """What the rows' verification did: on how many inputs (each row's model.verify.npz,
+    which may hold fewer than ``export.verify_samples``) and in which runtimes."""
+    from fairdeploy.report import runtimes_text
+
+    counts = sorted({b["samples"] for b in blocks})
+    runtimes = runtimes_text({"runtimes": exp.recipe.export.verify_runtimes})
+    if counts == [n]:
+        inputs = f"{n:,} real test inputs"
+    else:
+        shown = f"{counts[0]:,}" if len(counts) == 1 else f"{counts[0]:,} to {counts[-1]:,}"
+        inputs = (
+            f"the {shown} real test inputs its model.verify.npz holds (the first of the "
+            f"{n:,} of export.verify_samples that fit in export.verify_npz_max_mb = "
+            f"{exp.recipe.export.verify_npz_max_mb:g} MB)"
+        )
+    return (
+        f"every row exported to ONNX and verified against PyTorch in {runtimes} on {inputs}; "
+        "measured C.R. is against the vanilla row's export"
+    )
 
 
 #: Bytes of serialized rows that compare holds while the background thread writes and
@@ -189,7 +209,7 @@ def _finished_and_verified(exp: Experiment, res: Any, path: Path) -> Any:
     :meth:`Experiment.verify` of the file."""
     if res.finish is not None:
         res.finish()
-    return exp.verify(path)
+    return exp.verify_all(path)
 
 
 def _finish_verified_rows(
@@ -222,7 +242,7 @@ def _finish_verified_rows(
                     "the vanilla row's export changed size when exported again, so the other "
                     "rows' measured C.R. is stale: run compare again"
                 )
-            vres = exp.verify(row.path)
+            vres = exp.verify_all(row.path)
         summary = verify_summary(vres, exp.recipe.export.tolerances, n)
         summary["details"]["reference"] = f"{row.folder}/model.verify.npz"
         summary["reference_outputs"] = _reference_kind(row.processed)
@@ -256,6 +276,13 @@ def run_compare(
     """
     recipe_path, exports_dir, cache_dir = _paths(recipe_path, exports_dir, cache_dir, out)
     recipe = load_recipe(recipe_path)
+    if recipe.export.quantize != "none":
+        # compare exports every row in float: a setting it would ignore is refused.
+        raise FairDeployError(
+            f"{recipe_path}: export.quantize: {recipe.export.quantize} is read by optimize "
+            "only (compare exports every row in float and writes no int8 model): run "
+            "fairdeploy optimize for the int8 model, or set export.quantize: none to compare"
+        )
     plans, skipped = [], {}
     for plan in recipe.plans:
         reason = plan.implementation.unavailable

@@ -6,10 +6,12 @@ the sweep table, plots and ``chosen.yaml``, and reports the chosen point on the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import re
-import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,16 +21,18 @@ import torch
 
 from fairdeploy import __version__
 from fairdeploy._io import atomic_write_text
-from fairdeploy.commands._common import DEFAULT_EXPORTS, Echo, _paths, _seed
+from fairdeploy.commands._common import DEFAULT_EXPORTS, Echo, _paths, _seed, check_creatable
 from fairdeploy.errors import FairDeployError
 from fairdeploy.experiment import Experiment
 from fairdeploy.methods import get_method
 from fairdeploy.plan import Plan
 from fairdeploy.recipe import Recipe, load_recipe, save_resolved_recipe
 from fairdeploy.report import base_report, draws_block, method_entry, prediction_notes, write_report
-from fairdeploy.rundir import ensure_dir
+from fairdeploy.rundir import check_replaceable_files, record_files
 
 __all__ = [
+    "MAX_REPEATS",
+    "MAX_SWEEP_EVALUATIONS",
     "SweepResult",
     "chosen_recipe",
     "run_sweep",
@@ -80,15 +84,22 @@ def _sweep_dir(recipe_path: Path, recipe: Recipe, checkpoint_sha256: str) -> str
 
 
 def _data_settings(recipe: Recipe) -> dict[str, Any]:
-    from fairdeploy.recipe._data import _LOCAL_PATH_KEYS
+    from fairdeploy.data_specs import LOCAL_PATH_KEYS
 
     data = recipe.data.model_dump(mode="json", exclude={"num_workers"})
-    return {k: v for k, v in data.items() if k not in _LOCAL_PATH_KEYS}
+    return {k: v for k, v in data.items() if k not in LOCAL_PATH_KEYS}
 
 
 def _check_sweep_dir(path: Path) -> None:
+    """Refuse a sweep folder that is a file or another folder of the user's; nothing is
+    created here (the journal creates the folder when the first evaluation is written)."""
     from fairdeploy.sweep import JOURNAL_NAME
 
+    if path.is_symlink() and not path.exists():
+        raise FairDeployError(
+            f"--out {str(path)!r} is a symlink to {os.readlink(path)!r}, which does not "
+            "exist: create the folder it points to, or give another --out"
+        )
     if path.exists() and not path.is_dir():
         raise FairDeployError(f"--out {str(path)!r} is a file: give a folder path")
     if path.is_dir() and any(path.iterdir()) and not (path / JOURNAL_NAME).is_file():
@@ -96,7 +107,80 @@ def _check_sweep_dir(path: Path) -> None:
             f"--out {str(path)!r} exists and is not a fairdeploy sweep folder (no "
             f"{JOURNAL_NAME}): give a new or empty folder, so nothing of yours is replaced"
         )
-    ensure_dir(path)
+    check_creatable(path)
+
+
+_KEEP_FIX = (
+    "move it out of the sweep folder (or give another --out), so nothing of yours is "
+    "replaced; the sweep replaces only the files it wrote, unchanged since"
+)
+
+
+def _sweep_outputs(final: Path) -> list[str]:
+    """What a rerun would replace or delete: the result files and everything in plots/."""
+    rels = [name for name in _SWEEP_OUTPUTS if (final / name).exists()
+            or (final / name).is_symlink()]
+    plots = final / "plots"
+    if plots.is_symlink() or (plots.exists() and not plots.is_dir()):
+        rels.append("plots")
+    elif plots.is_dir():
+        for p in sorted(plots.rglob("*")):
+            rels.append(p.relative_to(final).as_posix())
+    return rels
+
+
+def _check_sweep_outputs(final: Path) -> None:
+    """Refuse, before any work, a sweep folder whose result files or plots/ hold a file
+    the sweep did not write, or one edited since (a hand-edited chosen.yaml)."""
+    if final.is_dir():
+        check_replaceable_files(final, _sweep_outputs(final), fix=_KEEP_FIX)
+
+
+#: The first line of a recipe the sweep writes; the third records the SHA-256 of the rest.
+_CHOSEN_MARK = "# Chosen by `fairdeploy sweep`"
+_CHOSEN_SUM = "# fairdeploy-chosen-recipe sha256="
+
+
+def _chosen_unchanged(path: Path) -> bool:
+    """Whether ``path`` is a recipe the sweep wrote, unchanged since (its own checksum)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    lines = text.splitlines(keepends=True)
+    if len(lines) < 3 or not lines[0].startswith(_CHOSEN_MARK):
+        return False
+    if not lines[2].startswith(_CHOSEN_SUM):
+        return False
+    body = "".join(lines[3:])
+    return lines[2].strip() == _CHOSEN_SUM + hashlib.sha256(body.encode()).hexdigest()
+
+
+def _check_write_recipe(
+    path: Path, recipe_path: Path, checkpoint: Path, selection: Any
+) -> None:
+    """Refuse, before any work, a ``--write-recipe`` that would write nothing (no rule) or
+    replace something it must not: the input recipe or checkpoint, a folder, a link, or
+    a file that is not a recipe a sweep wrote, unchanged since."""
+    where = f"--write-recipe {str(path)!r}"
+    if selection is None:
+        raise FairDeployError(
+            f"{where} needs a rule to choose the point it writes: give --select (or "
+            "sweep.select in the recipe)"
+        )
+    for what, other in (("the input recipe", recipe_path), ("the checkpoint", checkpoint)):
+        with contextlib.suppress(OSError):
+            if path.exists() and os.path.samefile(path, other):
+                raise FairDeployError(f"{where} is {what}: give another path")
+    if path.is_symlink():
+        raise FairDeployError(f"{where} is a symlink: give the path of a plain file")
+    if path.exists() and not path.is_file():
+        raise FairDeployError(f"{where} is not a file: give the path of a .yaml file")
+    if path.exists() and not _chosen_unchanged(path):
+        raise FairDeployError(
+            f"{where} exists and is not a recipe a sweep wrote (or it was edited since): "
+            "give a new path, or move the file away first, so nothing of yours is replaced"
+        )
 
 
 def chosen_recipe(recipe: Recipe, plan: Plan) -> Recipe:
@@ -129,6 +213,7 @@ def run_sweep(
     cache_dir: str | Path | None = "default",
     plots: bool | None = None,
     restart: bool = False,
+    yes: bool = False,
     progress: bool = True,
     echo: Echo = print,
     on_evaluation: Callable[[int, int], None] | None = None,
@@ -160,6 +245,9 @@ def run_sweep(
         another checkpoint's or recipe's journal is refused (``restart`` discards it).
     plots : bool, optional
         Write the PNG plots (default ``sweep.plots``, on).
+    yes : bool
+        Run a sweep over the work limits (:data:`MAX_SWEEP_EVALUATIONS` evaluations,
+        :data:`MAX_REPEATS` draws per point), which is otherwise refused before it starts.
 
     Returns
     -------
@@ -168,11 +256,15 @@ def run_sweep(
     """
     from fairdeploy.sweep import apply_selection, grid_points, test_comparison
 
+    # The recipe, grid and rule are checked first: a refused sweep creates no folder.
+    recipe = load_recipe(recipe_path)
+    st = _sweep_settings(recipe, grid, methods, repeats, select, guard, guard_tolerance, plots)
+    _check_work(recipe, st, yes=yes, echo=echo)
     recipe_path, exports_dir, cache_dir = _paths(
         recipe_path, exports_dir, cache_dir, out, check=_check_sweep_dir
     )
-    recipe = load_recipe(recipe_path)
-    st = _sweep_settings(recipe, grid, methods, repeats, select, guard, guard_tolerance, plots)
+    if write_recipe is not None:
+        _check_write_recipe(Path(write_recipe), recipe_path, Path(checkpoint), st.selection)
     exp = Experiment(
         recipe, checkpoint, cache_dir=cache_dir, device=device, progress=progress,
         trust_checkpoint=trust_checkpoint,
@@ -189,12 +281,13 @@ def run_sweep(
         recipe_path, recipe, exp.checkpoint_sha256
     )
     _check_sweep_dir(final)
+    _check_sweep_outputs(final)
     ctx = exp.prepare(plans)
     info = ctx.privileged_info
     echo(f"privileged group: {info['name']} ({info['how']})")
     identity = _sweep_identity(exp, recipe, device)
-    rows = _journaled_grid(exp, points, final, identity, restart=restart, progress=progress,
-                           echo=echo, on_evaluation=on_evaluation)
+    rows, notes = _journaled_grid(exp, points, final, identity, restart=restart,
+                                  progress=progress, echo=echo, on_evaluation=on_evaluation)
     rows, chosen, message = apply_selection(
         rows, st.selection, guard=st.guard, tolerance=st.tolerance,
         class_names=ctx.class_names, group_names=ctx.group_names,
@@ -209,11 +302,49 @@ def run_sweep(
                                                 st.selection, message)
     summary = _sweep_summary(exp, recipe_path, st, points, rows, identity, message, chosen,
                              test_block)
+    summary["notes"] = notes
+    if report is not None:
+        report["notes"] = [*notes, *report["notes"]]
     files = _write_sweep_outputs(final, recipe, st, rows, summary)
     if chosen is not None:
         assert report is not None
         files |= _write_chosen(final, recipe, chosen, st.selection, report, write_recipe)
+    record_files(final, [p.relative_to(final).as_posix() for p in files.values()
+                         if p.is_relative_to(final)])
     return SweepResult(final, rows, chosen, message, test_block, files)
+
+
+#: Evaluations (grid points × methods × scoring draws) a sweep runs without ``--yes``: far
+#: above a paper's grid (10 sr × 5 rr × 3 β = 150 points), far below a typo's
+#: (``sr=0:1:0.001`` × ``rr=0:1:0.001`` is a million points and gigabytes of plans).
+MAX_SWEEP_EVALUATIONS = 20_000
+#: Scoring draws per point a sweep runs without ``--yes``.
+MAX_REPEATS = 100
+
+
+def _check_work(recipe: Recipe, st: _SweepSettings, *, yes: bool, echo: Echo) -> None:
+    """Count the sweep's evaluations before anything is built; refuse one over the limits
+    unless ``yes`` (``layer=all`` counts as one value: the model is not loaded yet)."""
+    points = len(st.methods)
+    for values in st.grid.values():
+        points *= len(values)
+    scoring = getattr(recipe.method, "scoring", None)
+    draws = st.repeats if st.repeats is not None else (scoring.repeats if scoring else 1)
+    total = points * draws
+    over = []
+    if draws > MAX_REPEATS:
+        over.append(f"{draws:,} scoring draws per point (the limit is {MAX_REPEATS})")
+    if total > MAX_SWEEP_EVALUATIONS:
+        over.append(f"{points:,} grid points × {draws:,} draws = {total:,} evaluations (the "
+                    f"limit is {MAX_SWEEP_EVALUATIONS:,})")
+    if not over:
+        return
+    if not yes:
+        raise FairDeployError(
+            f"sweep: {'; '.join(over)}: use a coarser grid (a larger step) or fewer "
+            "--repeats, or pass --yes to run it anyway"
+        )
+    echo(f"warning: {'; '.join(over)}: running it as --yes asks")
 
 
 @dataclass(frozen=True)
@@ -247,6 +378,12 @@ def _sweep_settings(
             "beta=1/3,5/9) or a sweep: {grid: ...} section in the recipe"
         )
     rule = select if select is not None else (spec.select if spec else None)
+    if rule is not None and not rule.strip():
+        where = "--select" if select is not None else "sweep.select"
+        raise FairDeployError(
+            f"{where} is empty: give a rule (e.g. \"min eodd s.t. avg_precision >= vanilla - "
+            "0.01\"), or leave it out to sweep without choosing"
+        )
     selection = parse_selection(rule) if rule else None
     tolerance = guard_tolerance if guard_tolerance is not None else (
         spec.guard_tolerance if spec else None
@@ -293,21 +430,26 @@ def _sweep_identity(exp: Experiment, recipe: Recipe, device: str) -> dict[str, A
 def _journaled_grid(
     exp: Experiment, points: Sequence[Any], final: Path, identity: dict[str, Any], *,
     restart: bool, progress: bool, echo: Echo, on_evaluation: Callable[[int, int], None] | None,
-) -> list[Any]:
+) -> tuple[list[Any], list[str]]:
     """Every grid point on the validation split, each evaluation appended to the journal
-    (``sweep.jsonl``) as it ends; what the journal holds is not evaluated again."""
+    (``sweep.jsonl``) as it ends; what the journal holds is not evaluated again. Returns
+    the rows and the journal's notes (records dropped as damaged, recomputed)."""
     from fairdeploy.sweep import JOURNAL_NAME, Journal, run_grid
 
     with Journal(final / JOURNAL_NAME, identity, restart=restart) as journal:
-        if journal.dropped:
-            echo(f"{journal.dropped} incomplete record(s) at the end of the journal (an "
-                 "interrupted write) were dropped and will be evaluated again")
-        for name in _SWEEP_OUTPUTS:  # stale results of an earlier command
-            (final / name).unlink(missing_ok=True)
-        shutil.rmtree(final / "plots", ignore_errors=True)
+        for note in journal.notes:
+            echo(f"warning: {note}")
+        # Stale results of an earlier command: only what a sweep wrote, unchanged since.
+        stale = _sweep_outputs(final)
+        check_replaceable_files(final, stale, fix=_KEEP_FIX)
+        for rel in stale:
+            (final / rel).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            (final / "plots").rmdir()  # only when empty
         try:
-            return run_grid(exp, points, journal, split="val", progress=progress, echo=echo,
+            rows = run_grid(exp, points, journal, split="val", progress=progress, echo=echo,
                             on_evaluation=on_evaluation)
+            return rows, journal.notes
         except KeyboardInterrupt:
             echo(f"interrupted: {len(journal)} evaluations are saved in {final / JOURNAL_NAME}; "
                  "run the same command again to resume")
@@ -384,15 +526,23 @@ def _write_chosen(
 ) -> dict[str, Path]:
     """chosen.yaml (and ``--write-recipe``'s copy) and the chosen point's test report."""
     chosen_r = chosen_recipe(recipe, chosen.plan)
+    rule = " ".join((selection.text if selection else "").split())  # one line
     header = (
-        f"# Chosen by `fairdeploy sweep` (row {chosen.index} of {final / 'sweep.csv'}) on the "
-        f"validation split with the rule: {selection.text if selection else ''}\n"
+        f"{_CHOSEN_MARK} (row {chosen.index} of {final / 'sweep.csv'}) on the "
+        f"validation split with the rule: {rule}\n"
         f"# Deploy it: fairdeploy optimize CHECKPOINT --recipe THIS_FILE\n"
     )
     files: dict[str, Path] = {}
     for path in (final / "chosen.yaml", *([Path(write_recipe)] if write_recipe else [])):
-        save_resolved_recipe(chosen_r, path)
-        atomic_write_text(path, header + path.read_text(encoding="utf-8"))
+        if path.exists() and not _chosen_unchanged(path):  # changed during the sweep
+            raise FairDeployError(
+                f"{str(path)!r} was changed while the sweep ran: move it away and run the "
+                "same command again (the evaluations are journaled)"
+            )
+        with tempfile.TemporaryDirectory() as tmp:  # never a header-less file at ``path``
+            body = save_resolved_recipe(chosen_r, Path(tmp) / "r.yaml").read_text("utf-8")
+        digest = hashlib.sha256(body.encode()).hexdigest()
+        atomic_write_text(path, f"{header}{_CHOSEN_SUM}{digest}\n{body}")
     files["chosen_recipe"] = final / "chosen.yaml"
     if write_recipe:
         files["written_recipe"] = Path(write_recipe)

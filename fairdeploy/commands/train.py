@@ -18,6 +18,7 @@ from fairdeploy.data import load_splits
 from fairdeploy.recipe import load_recipe
 
 __all__ = [
+    "demo_checkpoint_path",
     "demo_recipe_path",
     "run_demo",
     "run_train",
@@ -74,6 +75,13 @@ def demo_recipe_path() -> Path:
     return Path(__file__).parent.parent / "recipes" / "demo.yaml"
 
 
+def demo_checkpoint_path(exports_dir: str | Path = DEFAULT_EXPORTS) -> Path:
+    """Where ``fairdeploy demo`` keeps the trained demo MLP: ``<exports>/.demo/mlp.pt``
+    (reused by the next demo; usable with every command, e.g. ``fairdeploy compare
+    exports/.demo/mlp.pt --recipe recipes/demo.yaml``)."""
+    return Path(exports_dir) / ".demo" / "mlp.pt"
+
+
 def run_demo(
     *,
     exports_dir: str | Path = DEFAULT_EXPORTS,
@@ -98,7 +106,7 @@ def run_demo(
     find_celeba_table()  # a clear error before any work when the demo data is missing
     exports_dir = Path(exports_dir)
     recipe_path = demo_recipe_path()
-    ckpt = exports_dir / ".demo" / "mlp.pt"
+    ckpt = demo_checkpoint_path(exports_dir)
     overrides = {"epochs": epochs} if epochs else {}
     echo(f"training the demo MLP (or reusing {ckpt}) ...")
     run_train(recipe_path, ckpt, overrides=overrides, progress=progress)

@@ -17,8 +17,8 @@ import numpy as np
 
 from fairdeploy.data._table import Table
 from fairdeploy.data._transforms import preprocessing_dict
+from fairdeploy.data_specs import CelebAData, SensitiveSpec
 from fairdeploy.errors import FairDeployError
-from fairdeploy.recipe import CelebAData, SensitiveSpec
 
 __all__ = ["load_celeba_table", "parse_attribute_file", "parse_partition_file"]
 

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from fairdeploy.data._table import Table
+from fairdeploy.data_specs import CelebAAttributesData, SensitiveSpec
 from fairdeploy.errors import FairDeployError
-from fairdeploy.recipe import CelebAAttributesData, SensitiveSpec
 
 __all__ = ["celeba_official_split", "find_celeba_table", "load_celeba_attributes_table"]
 

@@ -16,8 +16,8 @@ import numpy as np
 from fairdeploy.data._csv import read_csv
 from fairdeploy.data._table import Table
 from fairdeploy.data._transforms import preprocessing_dict
+from fairdeploy.data_specs import Fitzpatrick17kData, SensitiveSpec
 from fairdeploy.errors import FairDeployError
-from fairdeploy.recipe import Fitzpatrick17kData, SensitiveSpec
 
 __all__ = ["load_fitzpatrick_table"]
 

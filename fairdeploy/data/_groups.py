@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from fairdeploy.recipe import normalize_value
+from fairdeploy.data_specs import normalize_value
 
 __all__ = ["UNKNOWN_GROUP", "assign_groups"]
 

@@ -17,8 +17,8 @@ from fairdeploy.data._csv import read_csv
 from fairdeploy.data._splits import parse_split_values
 from fairdeploy.data._table import Table
 from fairdeploy.data._transforms import preprocessing_dict
+from fairdeploy.data_specs import ImageCsvData, SensitiveSpec
 from fairdeploy.errors import FairDeployError
-from fairdeploy.recipe import ImageCsvData, SensitiveSpec
 
 __all__ = ["class_ids", "load_image_csv_table"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -17,10 +18,22 @@ from fairdeploy.data._npz import load_npz_table
 from fairdeploy.data._splits import SPLITS, check_groups_present, seeded_split, subsample
 from fairdeploy.data._table import Table
 from fairdeploy.data._transforms import image_transform
+from fairdeploy.data_specs import DataSpec, SensitiveSpec
 from fairdeploy.errors import FairDeployError
-from fairdeploy.recipe import DataSpec, Recipe, SensitiveSpec
 
 __all__ = ["load_splits", "load_table"]
+
+
+@runtime_checkable
+class RecipeSections(Protocol):
+    """What :func:`load_splits` reads of a whole :class:`~fairdeploy.recipe.Recipe`: its
+    ``data`` and ``sensitive`` sections and ``model.num_classes`` (the data package sits
+    below the recipe package, so it names the sections, not the class)."""
+
+    data: Any
+    sensitive: Any
+    model: Any
+
 
 _LOADERS: dict[str, Callable[..., Table]] = {
     "celeba": load_celeba_table,
@@ -42,7 +55,7 @@ def load_table(data: DataSpec, sensitive: SensitiveSpec) -> Table:
 
 
 def load_splits(
-    data: DataSpec | Recipe,
+    data: DataSpec | RecipeSections,
     sensitive: SensitiveSpec | None = None,
     *,
     splits: Sequence[str] = SPLITS,
@@ -86,7 +99,7 @@ def load_splits(
     served. Seeded splits are made over every row before missing images are dropped,
     so the split of a sample does not depend on which other files exist.
     """
-    if isinstance(data, Recipe):
+    if isinstance(data, RecipeSections):
         recipe = data
         data, sensitive = recipe.data, recipe.sensitive
         num_classes = recipe.model.num_classes if num_classes is None else num_classes
@@ -107,22 +120,7 @@ def load_splits(
     group_names = list(groups_spec)
     out: dict[str, GroupedDataset] = {}
     for split in splits:
-        idx = np.flatnonzero(table.split == SPLITS.index(split))
-        if len(idx) == 0:
-            raise FairDeployError(
-                f"split {split!r} of {table.where} is empty: check data.split"
-            )
-        skipped: dict[str, int] = {}
-        if table.paths is not None:
-            keep, skipped = check_image_files(
-                [table.paths[i] for i in idx],
-                mode=data.check_images,
-                max_bad=data.max_bad_images,
-                where=f"{table.where}, split {split!r}",
-                missing_counts_as_bad=table.missing_counts_as_bad,
-            )
-            idx = idx[keep]
-        idx = idx[subsample(len(idx), data.max_samples, seed=data.split.seed, split=split)]
+        idx, skipped = _split_rows(table, data, split)
         check_groups_present(
             groups[idx], group_names, split=split, attribute=table.attribute, values=groups_spec
         )
@@ -147,6 +145,28 @@ def load_splits(
                 raise RuntimeError("table has neither paths nor features")
             out[split] = TensorGroupedDataset(features[idx], **common)
     return out
+
+
+def _split_rows(table: Table, data: DataSpec, split: str) -> tuple[np.ndarray, dict[str, int]]:
+    """The table rows one split serves: its rows whose images pass the check (each
+    unusable file counted by reason), then at most ``data.max_samples`` of them, seeded."""
+    idx = np.flatnonzero(table.split == SPLITS.index(split))
+    if len(idx) == 0:
+        raise FairDeployError(
+            f"split {split!r} of {table.where} is empty: check data.split"
+        )
+    skipped: dict[str, int] = {}
+    if table.paths is not None:
+        keep, skipped = check_image_files(
+            [table.paths[i] for i in idx],
+            mode=data.check_images,
+            max_bad=data.max_bad_images,
+            where=f"{table.where}, split {split!r}",
+            missing_counts_as_bad=table.missing_counts_as_bad,
+        )
+        idx = idx[keep]
+    idx = idx[subsample(len(idx), data.max_samples, seed=data.split.seed, split=split)]
+    return idx, skipped
 
 
 def _preview(names: Sequence[str]) -> str:

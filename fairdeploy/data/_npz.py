@@ -17,15 +17,10 @@ import torch
 
 from fairdeploy.data._splits import parse_split_values
 from fairdeploy.data._table import Table
-from fairdeploy.errors import FairDeployError
-from fairdeploy.recipe import NpzData, SensitiveSpec
+from fairdeploy.data_specs import NpzData, SensitiveSpec
+from fairdeploy.errors import FairDeployError, first_line
 
 __all__ = ["load_npz_table"]
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else ""
-
 
 # Class ids index a list of class names: a larger id is a mistake (or a hash), not a class.
 _MAX_CLASS_ID = 1_000_000
@@ -69,7 +64,7 @@ def load_npz_table(data: NpzData, sensitive: SensitiveSpec) -> Table:
 def _unreadable(path: object, exc: BaseException) -> FairDeployError:
     return FairDeployError(
         f"data.path {path}: cannot be read as an .npz without pickles "
-        f"({type(exc).__name__}: {_first_line(exc)}): save plain numeric/string arrays "
+        f"({type(exc).__name__}: {first_line(exc)}): save plain numeric/string arrays "
         "with np.savez"
     )
 

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fairdeploy.data_specs import SplitSpec
 from fairdeploy.errors import FairDeployError
-from fairdeploy.recipe import SplitSpec
 
 __all__ = ["SPLITS", "parse_split_values", "seeded_split", "subsample"]
 

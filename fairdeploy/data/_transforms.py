@@ -6,7 +6,7 @@ from typing import Any
 
 from torchvision import transforms as T
 
-from fairdeploy.recipe import ImagePreprocessing
+from fairdeploy.data_specs import ImagePreprocessing
 
 __all__ = ["image_transform", "preprocessing_dict"]
 

@@ -19,19 +19,24 @@ from fairdeploy.export._layout import (
     LayerLayout,
     prepare_for_export,
 )
+from fairdeploy.export._metadata import METADATA_PREFIX, read_metadata, update_metadata
 from fairdeploy.export._onnx import (
     EXPORTERS,
-    METADATA_PREFIX,
     Exporter,
     ExportOptions,
     ExportResult,
     check_factor_structure,
     export_onnx,
-    read_metadata,
-    update_metadata,
     verify_npz_path,
 )
-from fairdeploy.export._packed import PackedTensor, PackReport, PackSpec, pack_weights
+from fairdeploy.export._packed import (
+    PackedTensor,
+    PackReport,
+    PackSpec,
+    UnpackReport,
+    pack_weights,
+    unpack_weights,
+)
 from fairdeploy.export._sizes import layer_table, measured_cr, onnx_sizes
 
 __all__ = [
@@ -53,6 +58,7 @@ __all__ = [
     "PackReport",
     "PackSpec",
     "PackedTensor",
+    "UnpackReport",
     "check_factor_structure",
     "deployed_params",
     "export_onnx",
@@ -65,6 +71,7 @@ __all__ = [
     "prepare_for_export",
     "quantize_int8",
     "read_metadata",
+    "unpack_weights",
     "update_metadata",
     "verify_int8",
     "verify_npz_path",

@@ -43,7 +43,8 @@ from fairdeploy.structure import Link, ModelStructure, analyze_structure
 
 __all__ = ["DeployedLayer", "DeployedParams", "deployed_params"]
 
-LAYOUTS = ("blocks", "zeros")
+#: The two ways to store a structured-sparse factor (``export.sparse_layout``).
+SPARSE_LAYOUTS = ("blocks", "zeros")
 
 
 @dataclass(frozen=True)
@@ -506,7 +507,7 @@ def deployed_params(
     FairDeployError
         A row that does not match the model, or an unknown layout.
     """
-    if sparse_layout not in LAYOUTS:
+    if sparse_layout not in SPARSE_LAYOUTS:
         raise FairDeployError(
             f"sparse_layout={sparse_layout!r} is not allowed: use 'blocks' or 'zeros'"
         )

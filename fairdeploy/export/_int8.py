@@ -39,7 +39,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,14 @@ from typing import Any
 import numpy as np
 import onnx
 
-from fairdeploy.errors import FairDeployError
+from fairdeploy.comparison import (
+    DEFAULT_INT8_ARGMAX_AGREEMENT,
+    DEFAULT_INT8_ATOL_SCALE,
+    DEFAULT_INT8_RTOL,
+    compare_outputs,
+)
+from fairdeploy.errors import FairDeployError, first_line
+from fairdeploy.export._sizes import _load_header, onnx_sizes, size_ratios
 
 __all__ = [
     "DEFAULT_INT8_ARGMAX_AGREEMENT",
@@ -68,25 +75,14 @@ __all__ = [
 #: ``static``: QDQ with calibrated activation ranges; ``dynamic``: int8 weights,
 #: activations quantized per batch at run time.
 QUANT_MODES = ("auto", "static", "dynamic")
-#: Default atol of :func:`verify_int8` as a multiple of the reference logits' standard
-#: deviation: int8 rounding errors scale with the range of the values, not with each
-#: logit's own magnitude, so an absolute tolerance tied to that range is the natural one.
-#: Measured on healthy int8 models (``bench/bench_int8.py``, tests): the largest error is
-#: 0.02–0.06 std with dynamic quantization and up to 0.25–0.40 std with static QDQ (a
-#: test input beyond the calibrated activation range is clipped), the mean error ~0.01–0.02
-#: std; a broken calibration gives errors of several std.
-DEFAULT_INT8_ATOL_SCALE = 0.5
-#: Default rtol of :func:`verify_int8` (on top of the atol).
-DEFAULT_INT8_RTOL = 0.02
-#: Default fraction of samples whose argmax must survive int8: samples near a decision
-#: boundary may flip (measured 99.0–99.95 % on healthy int8 models), so less than the
-#: float check's 99.9 %.
-DEFAULT_INT8_ARGMAX_AGREEMENT = 0.98
 #: Ops whose constant inputs are weights.
 _WEIGHT_OPS = {"MatMul": (1,), "Gemm": (1,), "Conv": (1,)}
 # Ops quantized in static mode: the weight-carrying ones and the data movement between
 # them (so consecutive int8 ops need no float round trip). Add (biases of factorized
-# layers, residuals) stays float.
+# layers, residuals) stays float. Concat stays float too: a Q/DQ pair after the Concat
+# that joins a structured-sparse layer's output blocks (before its bias Add) crashes
+# OpenVINO 2026.4's CPU plugin (a segfault while compiling); without it the blocks'
+# MatMul outputs are de-quantized and joined in float, and every runtime agrees.
 _STATIC_OPS = [
     "MatMul",
     "Gemm",
@@ -96,7 +92,6 @@ _STATIC_OPS = [
     "Reshape",
     "Flatten",
     "Slice",
-    "Concat",
     "Gather",
     "Transpose",
 ]
@@ -192,6 +187,8 @@ class Int8Verification:
         The fraction required.
     n_samples : int
         Samples compared.
+    runtime : str
+        The runtime that ran the int8 model (:mod:`fairdeploy.runtimes`).
     """
 
     passed: bool
@@ -208,6 +205,7 @@ class Int8Verification:
     argmax_agreement: float
     required_argmax_agreement: float
     n_samples: int
+    runtime: str = "onnxruntime"
 
     def __bool__(self) -> bool:
         return self.passed
@@ -220,7 +218,8 @@ class Int8Verification:
         """Human-readable lines, ending with PASSED/FAILED."""
         return [
             f"checker: {'ok' if not self.checker_message else 'FAILED: ' + self.checker_message}",
-            f"int8 vs PyTorch float ({self.n_samples} samples): max|Δ|={self.max_abs_error:.3g} "
+            f"int8 in {self.runtime} vs PyTorch float ({self.n_samples} samples): "
+            f"max|Δ|={self.max_abs_error:.3g} "
             f"mean|Δ|={self.mean_abs_error:.3g} argmax agreement={self.argmax_agreement:.2%}",
             f"tolerances: atol={self.atol:.3g} ({self.atol_basis}), rtol={self.rtol:g}, "
             f"agreement ≥ {self.required_argmax_agreement:.1%}; would pass with atol ≥ "
@@ -344,8 +343,6 @@ def _input_name(model: onnx.ModelProto) -> str:
 
 
 def _load(path: str | os.PathLike[str]) -> onnx.ModelProto:
-    from fairdeploy.export._sizes import _load_header
-
     _load_header(path)  # a user-facing error for a missing or corrupt file
     return onnx.load(str(path))
 
@@ -405,50 +402,17 @@ def quantize_int8(
     """
     from onnxruntime.quantization import QuantType
 
-    from fairdeploy.export._onnx import _save_atomic, _set_metadata
-    from fairdeploy.export._sizes import onnx_sizes
+    from fairdeploy.export._metadata import save_atomic, set_metadata
 
-    if mode not in QUANT_MODES:
-        raise FairDeployError(f"mode={mode!r} is unknown: use one of {', '.join(QUANT_MODES)}")
-    if calibrate_method not in _CALIBRATION_METHODS:
-        raise FairDeployError(
-            f"calibrate_method={calibrate_method!r} is unknown: use one of "
-            f"{', '.join(_CALIBRATION_METHODS)}"
-        )
-    path = Path(path)
-    if path.suffix != ".onnx":
-        raise FairDeployError(f"output path {str(path)!r} must end in .onnx")
-    source = Path(float_path)
-    if path.resolve() == source.resolve():
-        raise FairDeployError(
-            f"the int8 model would overwrite its float source {str(source)!r}: give another path"
-        )
+    path, source = Path(path), Path(float_path)
+    _check_int8_options(mode, calibrate_method, path, source)
     model = _load(source)
     if mode == "auto":
         mode = "static" if any(n.op_type == "Conv" for n in model.graph.node) else "dynamic"
     weights = _weights(model)
-    unknown = sorted(set(exclude_weights) - set(weights))
-    if unknown:
-        raise FairDeployError(
-            f"exclude_weights names {unknown}, which are not weights of {str(source)!r} "
-            f"(weights: {', '.join(sorted(weights)) or 'none'})"
-        )
-    excluded_nodes = [
-        name
-        for n in model.graph.node
-        if any(i in set(exclude_weights) for i in n.input) and n.op_type in _WEIGHT_OPS
-        # Dynamic mode rewrites Gemm as "<name>_MatMul" before quantizing.
-        for name in (n.name, n.name + "_MatMul")
-    ]
-    n_cal, x = 0, None
-    if mode == "static":
-        if calibration_inputs is None or len(calibration_inputs) == 0:
-            raise FairDeployError(
-                "static int8 quantization needs calibration_inputs (inputs from the "
-                "training split); or use mode='dynamic'"
-            )
-        x = np.ascontiguousarray(calibration_inputs, dtype=np.float32)
-        n_cal = len(x)
+    excluded_nodes = _excluded_nodes(model, weights, exclude_weights, source)
+    x = _calibration_batch(calibration_inputs) if mode == "static" else None
+    n_cal = 0 if x is None else len(x)
     with tempfile.TemporaryDirectory(dir=path.parent if path.parent.exists() else None) as tmp:
         out = Path(tmp) / "int8.onnx"
         common = {
@@ -465,26 +429,24 @@ def quantize_int8(
     int8_w = tuple(sorted(w for w in weights if w not in float_left))
     float_w = tuple(sorted(f"{w} ({weights[w]})" for w in weights if w in float_left))
     numel = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
+    # The settings used, recorded once: in the model's int8 metadata and in the result.
+    settings = {"mode": mode, "per_channel": per_channel, "reduce_range": reduce_range,
+                "calibration_samples": n_cal}
+    method = calibrate_method if mode == "static" else None
     info = {
-        "mode": mode,
+        **settings,
         "format": "QDQ" if mode == "static" else "dynamic",
-        "per_channel": per_channel,
-        "reduce_range": reduce_range,
-        "calibration_samples": n_cal,
-        "calibrate_method": calibrate_method if mode == "static" else None,
+        "calibrate_method": method,
         "float_weights": list(float_w),
         "tool": "onnxruntime.quantization " + _ort_version(),
     }
-    _set_metadata(q, {"fairdeploy.int8": json.dumps(info, sort_keys=True)})
-    _save_atomic(q, path)
+    set_metadata(q, {"fairdeploy.int8": json.dumps(info, sort_keys=True)})
+    save_atomic(q, path)
     return Int8Export(
         path=path,
         source=source,
-        mode=mode,
-        per_channel=per_channel,
-        reduce_range=reduce_range,
-        calibration_samples=n_cal,
-        calibrate_method=calibrate_method if mode == "static" else "",
+        **settings,
+        calibrate_method=method or "",
         int8_weights=int8_w,
         float_weights=float_w,
         int8_weight_params=sum(numel[w] for w in int8_w),
@@ -492,6 +454,55 @@ def quantize_int8(
         sizes=onnx_sizes(path),
         float_sizes=onnx_sizes(source),
     )
+
+
+def _check_int8_options(mode: str, calibrate_method: str, path: Path, source: Path) -> None:
+    """A FairDeployError for an unknown mode or calibration method, an output that is not
+    ``.onnx``, or one that would overwrite the float source."""
+    if mode not in QUANT_MODES:
+        raise FairDeployError(f"mode={mode!r} is unknown: use one of {', '.join(QUANT_MODES)}")
+    if calibrate_method not in _CALIBRATION_METHODS:
+        raise FairDeployError(
+            f"calibrate_method={calibrate_method!r} is unknown: use one of "
+            f"{', '.join(_CALIBRATION_METHODS)}"
+        )
+    if path.suffix != ".onnx":
+        raise FairDeployError(f"output path {str(path)!r} must end in .onnx")
+    if path.resolve() == source.resolve():
+        raise FairDeployError(
+            f"the int8 model would overwrite its float source {str(source)!r}: give another path"
+        )
+
+
+def _excluded_nodes(
+    model: onnx.ModelProto, weights: Mapping[str, str], exclude_weights: Sequence[str],
+    source: Path,
+) -> list[str]:
+    """Names of the nodes that consume an excluded weight (they stay float), under both
+    names a node may have when the quantizer meets it; an unknown weight is refused."""
+    unknown = sorted(set(exclude_weights) - set(weights))
+    if unknown:
+        raise FairDeployError(
+            f"exclude_weights names {unknown}, which are not weights of {str(source)!r} "
+            f"(weights: {', '.join(sorted(weights)) or 'none'})"
+        )
+    return [
+        name
+        for n in model.graph.node
+        if any(i in set(exclude_weights) for i in n.input) and n.op_type in _WEIGHT_OPS
+        # Dynamic mode rewrites Gemm as "<name>_MatMul" before quantizing.
+        for name in (n.name, n.name + "_MatMul")
+    ]
+
+
+def _calibration_batch(calibration_inputs: np.ndarray | None) -> np.ndarray:
+    """The static mode's calibration inputs as contiguous float32; at least one needed."""
+    if calibration_inputs is None or len(calibration_inputs) == 0:
+        raise FairDeployError(
+            "static int8 quantization needs calibration_inputs (inputs from the "
+            "training split); or use mode='dynamic'"
+        )
+    return np.ascontiguousarray(calibration_inputs, dtype=np.float32)
 
 
 @contextlib.contextmanager
@@ -578,8 +589,10 @@ def verify_int8(
     rtol: float = DEFAULT_INT8_RTOL,
     min_argmax_agreement: float = DEFAULT_INT8_ARGMAX_AGREEMENT,
     batch_size: int = 256,
+    runtime: str = "onnxruntime",
 ) -> Int8Verification:
-    """Compare an int8 model in ONNX Runtime with the float PyTorch model's outputs.
+    """Compare an int8 model in ONNX Runtime (or another runtime) with the float PyTorch
+    model's outputs.
 
     Parameters
     ----------
@@ -600,6 +613,8 @@ def verify_int8(
         Fraction of samples whose predicted class must be unchanged (default 0.98).
     batch_size : int
         Samples per ONNX Runtime call.
+    runtime : {"onnxruntime", "openvino", "reference"}
+        The runtime that runs the int8 model (:mod:`fairdeploy.runtimes`).
 
     Returns
     -------
@@ -607,8 +622,6 @@ def verify_int8(
         Truthy on pass; carries the tolerances used, how atol was chosen, and the
         smallest atol/rtol that would pass.
     """
-    from fairdeploy.verification import _compare
-
     x = np.asarray(inputs)
     ref = np.asarray(reference_outputs, dtype=np.float64)
     if len(x) == 0 or len(x) != len(ref):
@@ -630,9 +643,15 @@ def verify_int8(
         onnx.checker.check_model(str(int8_path), full_check=True)
         checker_message = ""
     except Exception as exc:  # ValidationError, shape-inference errors
-        checker_message = (str(exc).strip().splitlines() or [repr(exc)])[0]
-    got = _ort_outputs(int8_path, x, batch_size)
-    comp = _compare("logits", got, ref, float(atol), float(rtol), min_argmax_agreement)
+        checker_message = first_line(exc, limit=None)
+    if runtime == "onnxruntime":
+        got = _ort_outputs(int8_path, x, batch_size)
+    else:
+        from fairdeploy.runtimes import load_runtime, run_batched
+
+        got = run_batched(load_runtime(int8_path, runtime),
+                          np.ascontiguousarray(x, np.float32), batch_size=batch_size)[0]
+    comp = compare_outputs("logits", got, ref, float(atol), float(rtol), min_argmax_agreement)
     return Int8Verification(
         passed=comp.passed and not checker_message,
         checker_message=checker_message,
@@ -648,6 +667,7 @@ def verify_int8(
         argmax_agreement=comp.argmax_agreement,
         required_argmax_agreement=min_argmax_agreement,
         n_samples=len(x),
+        runtime=runtime,
     )
 
 
@@ -756,8 +776,6 @@ def int8_compression(
     -------
     Int8Compression
     """
-    from fairdeploy.export._sizes import onnx_sizes
-
     van, flt, q8 = onnx_sizes(vanilla_path), onnx_sizes(float_path), onnx_sizes(int8_path)
     weights = _weights(_load(float_path))
     left = _float_weight_sources(onnx.load(str(int8_path), load_external_data=False))
@@ -766,9 +784,10 @@ def int8_compression(
     int8_params = sum(numel[w] for w in weights if w not in left)
     q = int8_params / flt["parameters"] if flt["parameters"] else 0.0
     theory = None if method_cr is None else float(method_cr) * 32.0 / (32.0 - 24.0 * q)
+    measured = size_ratios({"vanilla": van, "processed": q8})
     return Int8Compression(
-        measured_initializer_cr=van["initializer_bytes"] / q8["initializer_bytes"],
-        measured_file_cr=van["file_bytes"] / q8["file_bytes"],
+        measured_initializer_cr=measured["initializer_cr"],
+        measured_file_cr=measured["file_cr"],
         float_to_int8_initializer_ratio=flt["initializer_bytes"] / q8["initializer_bytes"],
         int8_fraction=q,
         theoretical_cr=theory,

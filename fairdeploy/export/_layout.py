@@ -28,6 +28,7 @@ from torch import nn
 
 from fairdeploy.errors import FairDeployError
 from fairdeploy.export._eliminate import (
+    SPARSE_LAYOUTS,
     LayerSpec,
     _keep_features,
     _keep_inputs,
@@ -50,9 +51,6 @@ __all__ = [
 #: Module types of the one elementwise table (:mod:`fairdeploy.structure`); whether an
 #: instance qualifies is decided there (e.g. BatchNorm1d only in eval mode on 2-D input).
 ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = _STRUCTURE_ELEMENTWISE
-
-#: The two ways to store a structured-sparse factor (``export.sparse_layout``).
-SPARSE_LAYOUTS = ("blocks", "zeros")
 
 
 @dataclass(frozen=True)
@@ -128,6 +126,8 @@ class ExportFactorized(nn.Module):
         z  = concat(x @ U'[:, :q], x[..., :n1] @ U'[:n1, q:])     (U' = (U · S)[input_perm])
         o  = concat(z @ V[:, C̄], z[..., :q] @ V[:q, C]) + b[output_perm]
 
+    (with ``q = 0`` the second block is zero-padding: no zero-size tensor is stored.)
+
     When nothing is sparsified it is ``(x @ U') @ V + b``: two MatMuls and the bias.
     ``input_select`` (dead inputs dropped at the layer): the layer first keeps those
     input features, with a Slice when they form one range, else a Gather.
@@ -190,8 +190,12 @@ class ExportFactorized(nn.Module):
             self.v = nn.Parameter(Vp.contiguous())
         else:
             self.v_kept = nn.Parameter(Vp[:, : self.m1].contiguous())
-            # q = 0 gives a (0 × |C|) block: a K=0 MatMul yields the zeros those outputs hold.
-            self.v_head = nn.Parameter(Vp[:q, self.m1 :].contiguous())
+            # q = 0: those outputs are 0 before the bias. A zero-padding ``Pad``, not a
+            # (0 × |C|) block and a K = 0 MatMul: OpenVINO reads a zero-size initializer
+            # as a scalar and refuses the graph (DESIGN.md "Portable artifacts").
+            if q > 0:
+                self.v_head = nn.Parameter(Vp[:q, self.m1 :].contiguous())
+            self.pad_cols = dout - self.m1 if q == 0 else 0
         if layer.bias is not None:
             b = layer.bias.detach()
             self.bias = nn.Parameter((b[out_perm] if self.col_sparse else b).contiguous())
@@ -216,6 +220,8 @@ class ExportFactorized(nn.Module):
             z = x[..., : self.n1] @ self.u_tail
         if not self.col_sparse:
             o = z @ self.v
+        elif self.keep == 0:
+            o = nn.functional.pad(z @ self.v_kept, (0, self.pad_cols))
         else:
             zq = head if head is not None else z[..., : self.keep]
             o = torch.cat([z @ self.v_kept, zq @ self.v_head], dim=-1)
@@ -473,7 +479,7 @@ def prepare_for_export(
     folded_in: dict[str, str] = {}
     folded_out: dict[str, str] = {}
     if fold_permutations and blocks and structure is not None:
-        folded_in, folded_out = _fold_permutations(ready, names, structure)
+        folded_in, folded_out = _fold_permutations(ready, names, structure, select)
     layouts: list[LayerLayout] = []
     for name in names:
         layouts.append(_export_layer(
@@ -484,11 +490,17 @@ def prepare_for_export(
 
 
 def _fold_permutations(
-    ready: nn.Module, names: list[str], structure: ModelStructure
+    ready: nn.Module, names: list[str], structure: ModelStructure,
+    select: dict[str, torch.Tensor],
 ) -> tuple[dict[str, str], dict[str, str]]:
     """Fold the layers' row/column permutations into their neighbours (and the
     per-feature modules between) in place, where the structure allows; return which
-    layers' input and output permutations were folded, and into what."""
+    layers' input and output permutations were folded, and into what.
+
+    A neighbour that drops dead inputs itself (``select``, indices into the full-width
+    features between) already reads a narrowed input: a producer's full-width output
+    permutation is folded into that selection (``select[nb] = perm⁻¹[select[nb]]``), not
+    into the neighbour's narrowed weights."""
     folded_in, folded_out, neighbour_perms, link_perms = _fold_plan(ready, names, structure)
     for link, perm in link_perms:
         for step in link.feature_modules:  # per-feature parameters follow the features
@@ -496,7 +508,10 @@ def _fold_permutations(
             with torch.no_grad():
                 _keep_features(step.module, perm)
     for nb, perms in neighbour_perms.items():
-        ready.set_submodule(nb, _permute_neighbour(ready.get_submodule(nb), **perms))
+        if nb in select and "in_perm" in perms:
+            select[nb] = torch.argsort(perms.pop("in_perm"))[select[nb]]
+        if perms:
+            ready.set_submodule(nb, _permute_neighbour(ready.get_submodule(nb), **perms))
     return folded_in, folded_out
 
 

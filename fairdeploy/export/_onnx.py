@@ -6,10 +6,8 @@ import dataclasses
 import functools
 import hashlib
 import io
-import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
@@ -21,42 +19,29 @@ import onnx
 import torch
 from torch import nn
 
-from fairdeploy._io import atomic_path, publish
+from fairdeploy._io import atomic_path
+from fairdeploy.comparison import DEFAULT_ATOL, DEFAULT_RTOL
 from fairdeploy.errors import FairDeployError
 from fairdeploy.export._layout import LayerLayout, prepare_for_export, sparse_layout_name
+from fairdeploy.export._metadata import (
+    METADATA_PREFIX,
+    SINGLE_FILE_LIMIT,
+    encode_metadata,
+    save_atomic,
+    set_metadata,
+    update_metadata,
+)
 from fairdeploy.export._sizes import _tensor_sizes, onnx_sizes, proto_sizes, size_ratios
 
 __all__ = [
     "EXPORTERS",
-    "METADATA_PREFIX",
     "ExportOptions",
     "ExportResult",
     "Exporter",
     "export_onnx",
-    "read_metadata",
-    "update_metadata",
     "verify_npz_path",
 ]
 
-#: Prefix of every ``metadata_props`` key fairdeploy writes; values are JSON.
-METADATA_PREFIX = "fairdeploy."
-#: Keys the pipeline fills (documented in the README); any other key is stored as given.
-DOCUMENTED_KEYS = (
-    "producer",
-    "version",
-    "recipe_hash",
-    "method",
-    "plan",
-    "class_names",
-    "group_names",
-    "preprocessing",
-    "theoretical_cr",
-    "measured_cr",
-    "fairness",
-    "layers",
-    "sparse_layout",
-    "deployed",
-)
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 #: Graph builders :func:`export_onnx` offers. ``dynamo`` (``torch.export``) is the default:
@@ -69,8 +54,6 @@ DYNAMO_MIN_OPSET = 18
 # (read by fairdeploy.bench.layer_nodes). Its stack traces and FX node dumps hold paths of
 # the machine that exported and are dropped.
 _KEPT_NODE_METADATA = ("pkg.torch.onnx.name_scopes",)
-#: A single .onnx file holds at most 2 GB (protobuf limit); beyond, weights go to .onnx.data.
-_SINGLE_FILE_LIMIT = 1_900_000_000
 
 
 @dataclass(frozen=True)
@@ -162,140 +145,6 @@ def verify_npz_path(onnx_path: str | os.PathLike[str]) -> Path:
     """The reference file export writes beside a model: ``model.onnx`` → ``model.verify.npz``."""
     p = Path(onnx_path)
     return p.with_name(p.stem + ".verify.npz")
-
-
-def _encode_metadata(metadata: Mapping[str, Any]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, value in metadata.items():
-        if not isinstance(key, str) or not key:
-            raise FairDeployError(f"metadata key {key!r} is not allowed: use a non-empty string")
-        full = key if key.startswith(METADATA_PREFIX) else METADATA_PREFIX + key
-        try:
-            out[full] = json.dumps(value, sort_keys=True)
-        except (TypeError, ValueError) as exc:
-            raise FairDeployError(
-                f"metadata[{key!r}] cannot be stored as JSON ({exc}): use str, numbers, "
-                "lists and dicts"
-            ) from None
-    return out
-
-
-def _set_metadata(model: onnx.ModelProto, encoded: Mapping[str, str]) -> None:
-    props = {p.key: p.value for p in model.metadata_props}
-    props.update(encoded)
-    del model.metadata_props[:]
-    for key in sorted(props):
-        model.metadata_props.add(key=key, value=props[key])
-
-
-def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The fairdeploy metadata of an ONNX model, JSON-decoded, keys without the prefix.
-
-    Keys (DESIGN.md §5): ``producer``, ``version``, ``recipe_hash``, ``method``, ``plan``
-    (per-layer k/sr/rr/β), ``class_names``, ``group_names``, ``preprocessing`` (size, crop,
-    mean, std), ``theoretical_cr``, ``measured_cr``, ``fairness``, ``layers`` (the export
-    layout, written by :func:`export_onnx`).
-    """
-    from fairdeploy.export._sizes import _load_header
-
-    return _metadata_of(_load_header(path), path)
-
-
-def _metadata_of(model: onnx.ModelProto, path: str | os.PathLike[str]) -> dict[str, Any]:
-    """:func:`read_metadata` of a model already loaded from ``path``."""
-    out: dict[str, Any] = {}
-    try:
-        props = [(p.key, p.value) for p in model.metadata_props]
-    except UnicodeDecodeError:
-        props = [(b"", b"")]
-    # Protobuf strings must be UTF-8; damaged ones come back as bytes (or fail to decode).
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in props):
-        raise FairDeployError(
-            f"ONNX model {str(path)!r} has damaged metadata (not UTF-8): re-export it with "
-            "fairdeploy optimize"
-        )
-    for key, value in props:
-        if key.startswith(METADATA_PREFIX):
-            try:
-                out[key[len(METADATA_PREFIX) :]] = json.loads(value)
-            except json.JSONDecodeError:
-                out[key[len(METADATA_PREFIX) :]] = value
-    _check_metadata_types(out, path)
-    return out
-
-
-def _check_metadata_types(meta: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
-    """Known keys must have the types fairdeploy writes: a damaged or hand-edited entry is
-    a user-facing error, not a crash in whatever reads it."""
-
-    def names(v: Any) -> bool:
-        return isinstance(v, list) and all(isinstance(x, str) for x in v)
-
-    checks = {
-        "layers": lambda v: isinstance(v, list)
-        and all(isinstance(r, dict) and isinstance(r.get("layer"), str) for r in v),
-        "class_names": names,
-        "group_names": names,
-        "privileged": lambda v: v is None or isinstance(v, str),
-        "preprocessing": lambda v: isinstance(v, dict),
-        **dict.fromkeys(
-            ("plan", "fairness", "measured_cr", "deployed", "baseline", "int8"),
-            lambda v: isinstance(v, dict),
-        ),
-        **dict.fromkeys(
-            ("method", "producer", "version", "recipe_hash", "checkpoint_sha256",
-             "sparse_layout"),
-            lambda v: isinstance(v, str),
-        ),
-        "theoretical_cr": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-    }
-    bad = [k for k, ok in checks.items() if k in meta and not ok(meta[k])]
-    if bad:
-        raise FairDeployError(
-            f"ONNX model {str(path)!r} has damaged fairdeploy metadata ({', '.join(bad)}): "
-            "re-export it with fairdeploy optimize"
-        )
-
-
-def update_metadata(path: str | os.PathLike[str], metadata: Mapping[str, Any]) -> None:
-    """Add or replace metadata entries of an existing model (e.g. the measured C.R., known
-    only once the vanilla model is exported too). The file is rewritten atomically."""
-    from fairdeploy.export._sizes import _load_header
-
-    _load_header(path)  # user-facing error for a missing or corrupt file
-    model = onnx.load(str(path))
-    _set_metadata(model, _encode_metadata(metadata))
-    _save_atomic(model, Path(path))
-
-
-def _save_atomic(model: onnx.ModelProto, path: Path, *, size: int | None = None) -> None:
-    """Write ``model`` to a temporary name in the target folder, then rename.
-
-    One file when the weights fit (under 2 GB); otherwise weights go to
-    ``<name>.onnx.data``, written and renamed before the model that references it.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    size = model.ByteSize() if size is None else size  # known to the caller: saves a pass
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".fairdeploy-") as tmp:
-        tmp_model = Path(tmp) / path.name
-        if size < _SINGLE_FILE_LIMIT:
-            onnx.save_model(model, str(tmp_model))
-            publish(tmp_model, path)
-            stale = path.with_name(path.name + ".data")
-            if stale.exists():
-                stale.unlink()
-        else:
-            data_name = path.name + ".data"
-            onnx.save_model(
-                model,
-                str(tmp_model),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data_name,
-                size_threshold=1024,
-            )
-            publish(Path(tmp) / data_name, path.parent / data_name)
-            publish(tmp_model, path)
 
 
 def capped_reference(
@@ -570,8 +419,8 @@ class ExportOptions:
     simplify: bool = False
     exporter: str = "dynamo"
     opset: int = 18
-    atol: float = 1e-4
-    rtol: float = 1e-3
+    atol: float = DEFAULT_ATOL
+    rtol: float = DEFAULT_RTOL
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sparse_layout", sparse_layout_name(self.sparse_layout))
@@ -714,7 +563,7 @@ class Exporter:
         example = _as_tensor(example_input, "example_input")
         ref_x = _reference_inputs(reference_inputs, labels, groups)
         ref_out = _reference_outputs(reference_outputs, ref_x)
-        encoded = _encode_metadata(dict(metadata or {}))
+        encoded = encode_metadata(dict(metadata or {}))
         opts = self.options
         ready, layouts = prepare_for_export(
             model,
@@ -788,10 +637,6 @@ class Exporter:
         )
 
 
-def _ratios(baseline: Mapping[str, int], sizes: Mapping[str, int]) -> dict[str, float]:
-    return size_ratios({"vanilla": baseline, "processed": sizes})
-
-
 def _write_model(
     proto: onnx.ModelProto, path: Path, baseline: Mapping[str, int] | None, *, check: bool,
     defer: bool = False, first: Callable[[], None] | None = None,
@@ -810,9 +655,9 @@ def _write_model(
             onnx.checker.check_model(proto, full_check=True)
         if first is not None:
             first()
-        _save_atomic(proto, path, size=_SINGLE_FILE_LIMIT)
+        save_atomic(proto, path, size=SINGLE_FILE_LIMIT)
         sizes = onnx_sizes(path)
-        cr = None if baseline is None else _ratios(baseline, sizes)
+        cr = None if baseline is None else size_ratios({"vanilla": baseline, "processed": sizes})
         if cr is not None:
             update_metadata(path, {"measured_cr": cr})
             sizes = onnx_sizes(path)
@@ -823,9 +668,9 @@ def _write_model(
     cr = None
     pieces: tuple[bytes | memoryview, ...] = (data,)
     if baseline is not None:
-        cr = _ratios(baseline, sizes)
+        cr = size_ratios({"vanilla": baseline, "processed": sizes})
         text = _measured_text(cr)
-        _set_metadata(proto, {_MEASURED_KEY: text})  # the proto says what the file says
+        set_metadata(proto, {_MEASURED_KEY: text})  # the proto says what the file says
         pieces = _replaced_once(data, _measured_text(None).encode(), text.encode())
     write = _then(first, functools.partial(_write_pieces, path, pieces))
     if defer:
@@ -882,12 +727,12 @@ def _replaced_once(data: bytes, old: bytes, new: bytes) -> tuple[memoryview, byt
 def _serialized_if_one_file(proto: onnx.ModelProto, placeholder: bool) -> bytes | None:
     """``proto`` serialized (with the ``measured_cr`` placeholder when asked), or None when
     it is too large for one file (2 GB)."""
-    if _tensor_sizes(proto)[0]["initializer_bytes"] >= _SINGLE_FILE_LIMIT:
+    if _tensor_sizes(proto)[0]["initializer_bytes"] >= SINGLE_FILE_LIMIT:
         return None
     if placeholder:
-        _set_metadata(proto, {_MEASURED_KEY: _measured_text(None)})
+        set_metadata(proto, {_MEASURED_KEY: _measured_text(None)})
     data = proto.SerializeToString()
-    return data if len(data) < _SINGLE_FILE_LIMIT else None
+    return data if len(data) < SINGLE_FILE_LIMIT else None
 
 
 #: Decimals of the ``measured_cr`` entry written at export (a fixed-length entry).
@@ -1074,7 +919,7 @@ def _stamp_producer(
             "eliminate_dead": bool(eliminate_dead),
         },
     }
-    _set_metadata(proto, {**_encode_metadata(base), **encoded})
+    set_metadata(proto, {**encode_metadata(base), **encoded})
 
 
 def _reference_outputs(reference_outputs: Any, ref_x: torch.Tensor | None) -> np.ndarray | None:

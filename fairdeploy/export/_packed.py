@@ -12,7 +12,8 @@ without the float copy of the entries that do not need it:
 * the float32 values of the float entries only (4 bytes each); zeros cost nothing.
 
 A small graph made only of initializers rebuilds the dense float tensor under the
-initializer's old name (``BitShift`` unpacks the mask, ``CumSum``/``Gather`` place the
+initializer's old name (``BitwiseAnd``, or ``Mod`` and ``Greater`` below opset 18,
+unpacks the mask, ``CumSum``/``Gather`` place the
 compact values, ``Cast``/``Mul`` de-quantize, ``Where`` merges the classes, ``Reshape`` and,
 for a weight the exporter stored transposed, ``Transpose``). Every input of that graph is a
 constant, so ONNX Runtime's constant folding (graph optimization level ``basic`` and above,
@@ -45,12 +46,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fairdeploy.errors import FairDeployError
 
-__all__ = ["PackReport", "PackSpec", "PackedTensor", "pack_weights"]
+__all__ = [
+    "PackReport", "PackSpec", "PackedTensor", "UnpackReport", "pack_weights", "unpack_weights",
+]
 
 ZERO, INT8, FLOAT = "zero", "int8", "float"
 #: Class order used to break ties when choosing which class the first mask marks.
 _CLASSES = (ZERO, INT8, FLOAT)
-#: BitShift, CumSum and Slice-with-inputs need opset 11.
+#: CumSum and Slice-with-inputs need opset 11.
 _MIN_OPSET = 11
 #: Prefix of the names of rebuild intermediates and shared constants; kept short because
 #: every name is stored in the file (twice for a node output).
@@ -415,8 +418,9 @@ def _find_initializer(
 class _Graph:
     """Names in use, and the small constants all rebuild graphs share (stored once)."""
 
-    def __init__(self, taken: set[str]) -> None:
+    def __init__(self, taken: set[str], *, opset: int = 18) -> None:
         self.taken = set(taken)
+        self.opset = opset
         self.shared: dict[str, onnx.TensorProto] = {}
         self._keys: dict[str, str] = {}
         self._n = 0
@@ -464,15 +468,28 @@ class _Tensor:
         return out
 
     def unpack(self, bits: np.ndarray, key: str, *, exact: bool) -> str:
-        """uint8 0/1 per entry of ``bits``, stored bit-packed (np.packbits: first entry in the
-        top bit). ``exact``: cut to ``len(bits)``; else up to 7 padding zeros follow."""
+        """bool per entry of ``bits``, stored bit-packed (np.packbits: first entry in the
+        top bit). ``exact``: cut to ``len(bits)``; else up to 7 padding False follow.
+
+        Every step is defined for every input, and computed alike, in every runtime
+        (DESIGN.md "Portable artifacts"): opset ≥ 18 ANDs each byte with 128, 64, …, 1
+        and casts to bool (nonzero is True); older opsets widen to int32 and test
+        ``byte mod 2^(8−k) > 2^(7−k) − 1``. Not ``BitShift``: the former ``(x << k) >> 7``
+        relied on the left shift wrapping in 8 bits, which OpenVINO does not do, and
+        OpenVINO's constant folding of a uint8 right shift rounds (195 >> 7 gave 2).
+        """
         g = self.g
         packed = self.init(key, np.packbits(bits).reshape(-1, 1))
-        # (x << k) >> 7 is bit k counted from the top: uint8 shifts drop the high bits.
-        x = self.node("BitShift", [packed, g.const("shifts", np.arange(8, dtype=np.uint8))],
-                      direction="LEFT")
-        x = self.node("BitShift", [x, g.const("seven", np.array(7, np.uint8))],
-                      direction="RIGHT")
+        if g.opset >= 18:
+            x = self.node("BitwiseAnd", [packed, g.const(
+                "bits", np.array([128, 64, 32, 16, 8, 4, 2, 1], np.uint8))])
+            x = self.node("Cast", [x], to=TensorProto.BOOL)
+        else:
+            x = self.node("Cast", [packed], to=TensorProto.INT32)
+            x = self.node("Mod", [x, g.const(
+                "mods", np.array([256, 128, 64, 32, 16, 8, 4, 2], np.int32))])
+            x = self.node("Greater", [x, g.const(
+                "tops", np.array([127, 63, 31, 15, 7, 3, 1, 0], np.int32))])
         x = self.node("Reshape", [x, g.const("flat", np.array([-1]))])
         if exact and bits.size % 8:
             end = self.init(key + "_len", np.array([bits.size]))
@@ -575,7 +592,7 @@ class _Rebuild:
         bits_a = t.unpack(self.is_class[a], "mask", exact=True)
 
         def ind_a() -> str:
-            return self._once("a", lambda: t.node("Cast", [bits_a], to=i32))
+            return self._once("a", lambda: t.node("Cast", [bits_a], to=i32))  # bool → 0/1
 
         def not_a() -> str:
             one = g.const("one", np.array(1, np.int32))
@@ -599,10 +616,8 @@ class _Rebuild:
 
             v_b = self.values(b, ind_b)
             v_c = self.values(c, lambda: t.node("Sub", [not_a(), ind_b()]))
-            cond_b = t.node("Cast", [b_any], to=TensorProto.BOOL)
-            v_rest = t.node("Where", [cond_b, v_b, v_c])
-        cond_a = t.node("Cast", [bits_a], to=TensorProto.BOOL)
-        merged = t.node("Where", [cond_a, v_a, v_rest])
+            v_rest = t.node("Where", [b_any, v_b, v_c])
+        merged = t.node("Where", [bits_a, v_a, v_rest])
         t.node("Reshape", [merged, self.pshape], self.dense_name)
 
 
@@ -744,7 +759,7 @@ def pack_weights(
         to the weight), masks of the wrong shape, a weight not found in the model, an opset
         below 11.
     """
-    from fairdeploy.export._onnx import _save_atomic
+    from fairdeploy.export._metadata import save_atomic
 
     if not isinstance(packing, Mapping):
         raise FairDeployError(
@@ -758,7 +773,7 @@ def pack_weights(
         report = dataclasses.replace(report, checked=False)
     onnx.checker.check_model(proto, full_check=True)
     if output_path is not None:
-        _save_atomic(proto, Path(output_path))
+        save_atomic(proto, Path(output_path))
     return proto, report
 
 
@@ -778,7 +793,8 @@ def _pack(
     graph = _Graph(
         {t.name for t in proto.graph.initializer}
         | {i.name for i in proto.graph.input}
-        | {o for n in proto.graph.node for o in n.output}
+        | {o for n in proto.graph.node for o in n.output},
+        opset=opset,
     )
     plans = _plan_tensors(proto, classes, graph)
     packed, shared = _packed_if_shared_constants_pay(plans, graph)
@@ -947,9 +963,141 @@ def _replace_initializers(
 def _record_packed_metadata(proto: onnx.ModelProto, records: list[PackedTensor]) -> None:
     """``packed_weights`` in the model's metadata: per packed initializer, its class
     counts and whether it is transposed."""
-    from fairdeploy.export._onnx import _encode_metadata, _set_metadata
+    from fairdeploy.export._metadata import encode_metadata, set_metadata
 
     summary = {r.initializer: {"zero": r.zero, "int8": r.int8, "float": r.float,
                                "transposed": r.transposed}
                for r in records if r.stored == "packed"}
-    _set_metadata(proto, _encode_metadata({"packed_weights": summary}))
+    set_metadata(proto, encode_metadata({"packed_weights": summary}))
+
+
+# --------------------------------------------------------------------------- unpacking
+
+
+@dataclass(frozen=True)
+class UnpackReport:
+    """What :func:`unpack_weights` did.
+
+    Attributes
+    ----------
+    initializers : tuple of str
+        The packed weights written back as dense float32 initializers.
+    nodes_removed : int
+        Rebuild nodes removed.
+    file_bytes_before, file_bytes_after : int
+        Serialized model size before and after.
+    """
+
+    initializers: tuple[str, ...]
+    nodes_removed: int
+    file_bytes_before: int
+    file_bytes_after: int
+
+
+def _rebuild_closure(proto: onnx.ModelProto, targets: set[str]) -> list[int]:
+    """Indices of the nodes that compute ``targets`` from initializers only (the rebuild
+    graphs); a FairDeployError when a target is computed from anything else."""
+    producer = {o: i for i, n in enumerate(proto.graph.node) for o in n.output}
+    inits = {t.name for t in proto.graph.initializer}
+    todo, seen = list(targets), set()
+    while todo:
+        name = todo.pop()
+        if name in inits:
+            continue
+        if name not in producer:
+            raise FairDeployError(
+                f"packed weight {name!r} is not computed from constants in this file (it is "
+                "a graph input or missing): it cannot be unpacked"
+            )
+        i = producer[name]
+        if i not in seen:
+            seen.add(i)
+            todo.extend(x for x in proto.graph.node[i].input if x)
+    return sorted(seen)
+
+
+def unpack_weights(
+    model: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
+) -> UnpackReport:
+    """Write a packed model (:func:`pack_weights`) with its rebuild graphs folded: every
+    packed weight becomes the dense float32 initializer it rebuilds, once, here.
+
+    The rebuild graphs are run in ONNX Runtime (every runtime computes them alike,
+    DESIGN.md "Portable artifacts"), so the unpacked file computes bit for bit what the
+    packed file computes, is as large as a dense export, and loads as fast: a runtime has
+    nothing left to fold (ONNX Runtime's session creation of a packed file costs several
+    times the dense file's, ``bench/bench_packed.py``). The model's metadata loses
+    ``packed_weights`` and gains ``unpacked_weights`` (the initializer names).
+
+    Parameters
+    ----------
+    model : path-like
+        A packed ``.onnx`` file (its metadata names the packed weights).
+    output_path : path-like
+        Where to write (``.onnx``, atomically; not the input file).
+
+    Raises
+    ------
+    FairDeployError
+        A file that is not a packed model, or an output path equal to the input.
+    """
+    import onnxruntime as ort
+
+    from fairdeploy.export._metadata import (
+        METADATA_PREFIX,
+        encode_metadata,
+        metadata_of,
+        save_atomic,
+        set_metadata,
+    )
+
+    src, out = Path(model), Path(output_path)
+    if out.suffix != ".onnx":
+        raise FairDeployError(f"output path {str(out)!r} must end in .onnx")
+    if out.resolve() == src.resolve():
+        raise FairDeployError(f"{str(out)!r} is the input file: write the unpacked model "
+                              "beside it (e.g. -o model.unpacked.onnx)")
+    proto = _load(src)
+    packed = metadata_of(proto, src).get("packed_weights")
+    if not isinstance(packed, dict) or not packed:
+        raise FairDeployError(
+            f"{str(src)!r} holds no packed weights (its metadata has no packed_weights): "
+            "it is already dense"
+        )
+    targets = set(packed)
+    closure = _rebuild_closure(proto, targets)
+    nodes = [proto.graph.node[i] for i in closure]
+    used = {x for n in nodes for x in n.input}
+    inits = [t for t in proto.graph.initializer if t.name in used]
+    value_info = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+                  for name in sorted(targets)]
+    rebuild = helper.make_model(
+        helper.make_graph(nodes, "rebuild", [], value_info, inits),
+        opset_imports=list(proto.opset_import), ir_version=proto.ir_version,
+    )
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(rebuild.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    dense = dict(zip(sorted(targets), sess.run(None, {}), strict=True))
+    del rebuild, sess
+    before = proto.ByteSize()
+    keep_nodes = [n for i, n in enumerate(proto.graph.node) if i not in set(closure)]
+    still_used = {x for n in keep_nodes for x in n.input} | {
+        o.name for o in proto.graph.output}
+    kept = [t for t in proto.graph.initializer if t.name not in used or t.name in still_used]
+    kept += [numpy_helper.from_array(np.ascontiguousarray(dense[n]), n) for n in sorted(targets)]
+    del proto.graph.node[:]
+    proto.graph.node.extend(keep_nodes)
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    props = [p for p in proto.metadata_props if p.key != METADATA_PREFIX + "packed_weights"]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(props)
+    set_metadata(proto, encode_metadata({"unpacked_weights": sorted(targets)}))
+    onnx.checker.check_model(proto, full_check=True)
+    after = proto.ByteSize()
+    save_atomic(proto, out, size=after)
+    return UnpackReport(tuple(sorted(targets)), len(closure), before, after)

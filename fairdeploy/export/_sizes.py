@@ -129,7 +129,13 @@ def _with_file_bytes(sizes: dict[str, int], file_bytes: int) -> dict[str, int]:
 
 
 def size_ratios(sizes: Mapping[str, Mapping[str, int]]) -> dict[str, float]:
-    """Measured compression: vanilla ÷ processed initializer bytes, file bytes, parameters."""
+    """Measured compression: vanilla ÷ processed initializer bytes, file bytes, parameters.
+
+    ``sizes`` holds the :func:`onnx_sizes` of ``"vanilla"`` and of ``"processed"``; the
+    keys returned (``initializer_cr``, ``file_cr``, ``parameter_cr``) are those of the
+    ``measured_cr`` metadata entry and of the report. The one measured-ratio function:
+    :func:`measured_cr` and the int8 and float exports all call it.
+    """
     a, b = sizes["vanilla"], sizes["processed"]
     return {
         "initializer_cr": a["initializer_bytes"] / b["initializer_bytes"],
@@ -177,12 +183,15 @@ def measured_cr(
     Returns
     -------
     dict
-        ``initializer_bytes``, ``file_bytes`` and ``parameters``: vanilla ÷ processed for
-        each. Compare ``parameters`` with the theoretical C.R. (DESIGN.md §4): the exported
-        graph stores only non-zero blocks, so the two agree within 1 % for LRF methods.
+        ``initializer_cr``, ``file_cr`` and ``parameter_cr``: vanilla ÷ processed
+        initializer bytes, file bytes and parameters (:func:`size_ratios`, the keys of the
+        ``measured_cr`` metadata entry). Compare ``parameter_cr`` with the theoretical C.R.
+        (DESIGN.md §4): the exported graph stores only non-zero blocks, so the two agree
+        within 1 % for LRF methods.
     """
-    a, b = onnx_sizes(vanilla_path), onnx_sizes(processed_path)
-    return {key: a[key] / b[key] for key in ("initializer_bytes", "file_bytes", "parameters")}
+    return size_ratios(
+        {"vanilla": onnx_sizes(vanilla_path), "processed": onnx_sizes(processed_path)}
+    )
 
 
 def layer_table(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -22,10 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from fairdeploy._registry import register_in
 from fairdeploy.errors import FairDeployError
+from fairdeploy.fraction import kept_entries, num_selected
 from fairdeploy.lrf._apply import _linear_or_error
 from fairdeploy.lrf._factorized import FactorizedLinear
-from fairdeploy.plan import kept_entries, num_selected
 
 __all__ = [
     "ROW_SCORES",
@@ -85,14 +86,7 @@ def register_strategy(name: str) -> Callable[[ScoreFn], ScoreFn]:
     The function returns float scores for the Din rows of U and the Dout columns of V;
     the lowest-scoring ones are sparsified.
     """
-
-    def deco(fn: ScoreFn) -> ScoreFn:
-        if name in _STRATEGIES:
-            raise ValueError(f"selection strategy {name!r} registered twice")
-        _STRATEGIES[name] = fn
-        return fn
-
-    return deco
+    return register_in(_STRATEGIES, name, "selection strategy")
 
 
 def list_strategies() -> list[str]:

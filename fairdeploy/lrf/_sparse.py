@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import torch
 
 from fairdeploy.errors import FairDeployError
+from fairdeploy.fraction import kept_entries, num_selected
 from fairdeploy.lrf._factorized import FactorizedLinear
-from fairdeploy.plan import kept_entries, num_selected
 
 __all__ = ["sparsify"]
 

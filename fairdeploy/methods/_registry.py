@@ -15,6 +15,7 @@ import pkgutil
 from typing import Any, TypeVar, cast
 
 from fairdeploy._method_table import METHODS, method_names
+from fairdeploy._trust import check_import_allowed
 from fairdeploy.errors import FairDeployError
 from fairdeploy.methods._base import Method
 from fairdeploy.plan import Plan
@@ -95,6 +96,8 @@ def _import_method(spec: str) -> Method:
 def get_method(name: str) -> Method:
     """The registered method ``name`` (or imported from ``package.module:Class``)."""
     _load_builtins()
+    if ":" in name:  # an import string: only when recipes are trusted, before importing
+        check_import_allowed(name, "method")
     if name in _METHODS:
         return _METHODS[name]
     if ":" in name:

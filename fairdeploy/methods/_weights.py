@@ -24,14 +24,17 @@ import copy
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+import numpy as np
 import torch
 from pydantic import Field, field_validator
 from torch import nn
 
 from fairdeploy._schema import NonNegFloat, PosInt
+from fairdeploy._text import plural
 from fairdeploy.errors import FairDeployError
 from fairdeploy.methods._base import Method, count_parameters
 from fairdeploy.plan import Plan, ScoringSpec
+from fairdeploy.progress import phase
 
 if TYPE_CHECKING:
     from fairdeploy.experiment import Context, ScoringSet
@@ -197,18 +200,22 @@ class WeightMethod(Method[WP]):
         net = ctx.model if full_model else ctx.head
 
         def compute(data: ScoringSet, ids: tuple[int, int]) -> dict[int, dict[str, Any]]:
-            return group_weight_hessians(
-                self.on_device(net, ctx) if full_model else net,
-                pnames,
-                data.features.features,
-                data.features.targets,
-                data.features.groups,
-                group_ids=ids,
-                estimator=spec.estimator,
-                batch_size=spec.batch_size,
-                mc_samples=spec.mc_samples,
-                seed=spec.seed,
-            )
+            n = int(np.isin(np.asarray(data.features.groups), ids).sum())
+            with phase(f"{self.label}: Hessians of {plural(len(pnames), 'weight tensor')}",
+                       total=n, unit="sample", enabled=ctx.progress) as bar:
+                return group_weight_hessians(
+                    self.on_device(net, ctx) if full_model else net,
+                    pnames,
+                    data.features.features,
+                    data.features.targets,
+                    data.features.groups,
+                    group_ids=ids,
+                    estimator=spec.estimator,
+                    batch_size=spec.batch_size,
+                    mc_samples=spec.mc_samples,
+                    seed=spec.seed,
+                    on_chunk=bar.advance,
+                )
 
         return ctx.hessians(
             spec,

@@ -27,6 +27,7 @@ from pydantic import ConfigDict, Field
 from torch import nn
 
 from fairdeploy._schema import NonNegFloat, NonNegInt, PosFraction, PosInt, Strict
+from fairdeploy.fairquantize import FINETUNE_DEFAULTS
 from fairdeploy.methods._base import Processed
 from fairdeploy.methods._registry import register_method
 from fairdeploy.methods._weights import WeightMethod, WeightPlan, weight_layers
@@ -44,12 +45,12 @@ class FinetuneSpec(Strict):
 
     model_config = ConfigDict(frozen=True)
 
-    lr: NonNegFloat = 1e-3
-    momentum: NonNegFloat = 0.0
-    weight_decay: NonNegFloat = 0.0
-    step_epochs: PosInt = 4
-    gamma: NonNegFloat = 0.57
-    batch_size: PosInt = 128
+    lr: NonNegFloat = FINETUNE_DEFAULTS["lr"]
+    momentum: NonNegFloat = FINETUNE_DEFAULTS["momentum"]
+    weight_decay: NonNegFloat = FINETUNE_DEFAULTS["weight_decay"]
+    step_epochs: PosInt = FINETUNE_DEFAULTS["step_epochs"]
+    gamma: NonNegFloat = FINETUNE_DEFAULTS["gamma"]
+    batch_size: PosInt = FINETUNE_DEFAULTS["batch_size"]
 
 
 class FairQuantizePlan(WeightPlan):

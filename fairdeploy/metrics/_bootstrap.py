@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from fairdeploy._json import json_fields
 from fairdeploy.errors import FairDeployError
 from fairdeploy.metrics._group import (
     UNKNOWN_GROUP,
@@ -19,7 +20,6 @@ from fairdeploy.metrics._group import (
     _check_num_classes,
     _check_privileged,
     _infer_num_classes,
-    _json_float,
     _metrics_from_counts,
     group_metrics,
 )
@@ -71,13 +71,7 @@ class ConfidenceInterval:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serializable; NaN becomes ``None``."""
-        return {
-            "value": _json_float(self.value),
-            "low": _json_float(self.low),
-            "high": _json_float(self.high),
-            "mean": _json_float(self.mean),
-            "undefined_resamples": self.undefined_resamples,
-        }
+        return json_fields(self)
 
 
 @dataclass(frozen=True)
@@ -108,13 +102,7 @@ class PairedDifference:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serializable; NaN becomes ``None``."""
-        return {
-            "value": _json_float(self.value),
-            "low": _json_float(self.low),
-            "high": _json_float(self.high),
-            "significant": self.significant,
-            "undefined_resamples": self.undefined_resamples,
-        }
+        return json_fields(self)
 
 
 @dataclass(frozen=True)

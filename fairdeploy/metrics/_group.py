@@ -22,13 +22,13 @@ one-vs-rest, so ``TPR_1 = TNR_0``: EOpp0 equals EOpp1 and
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from fairdeploy._json import json_float, json_floats
 from fairdeploy.errors import FairDeployError
 
 __all__ = ["UNKNOWN_GROUP", "GroupMetrics", "group_metrics", "privileged_group"]
@@ -241,15 +241,6 @@ def _counts(
 # --------------------------------------------------------------------------- group metrics
 
 
-def _json_float(value: float) -> float | None:
-    value = float(value)
-    return None if math.isnan(value) else value
-
-
-def _json_floats(values: np.ndarray) -> list[float | None]:
-    return [_json_float(v) for v in values]
-
-
 @dataclass(frozen=True, eq=False)
 class GroupMetrics:
     """Accuracy and fairness of one set of predictions, per group and between groups.
@@ -342,13 +333,13 @@ class GroupMetrics:
                     "name": self.group_names[gid],
                     "privileged": gid == self.privileged,
                     "count": self.counts[gid],
-                    "accuracy": _json_float(self.accuracy[gid]),
-                    "precision": _json_float(self.precision[gid]),
-                    "recall": _json_float(self.recall[gid]),
-                    "f1": _json_float(self.f1[gid]),
-                    "tpr": _json_floats(self.tpr[gid]),
-                    "fpr": _json_floats(self.fpr[gid]),
-                    "tnr": _json_floats(self.tnr[gid]),
+                    "accuracy": json_float(self.accuracy[gid]),
+                    "precision": json_float(self.precision[gid]),
+                    "recall": json_float(self.recall[gid]),
+                    "f1": json_float(self.f1[gid]),
+                    "tpr": json_floats(self.tpr[gid]),
+                    "fpr": json_floats(self.fpr[gid]),
+                    "tnr": json_floats(self.tnr[gid]),
                 }
             )
         return {
@@ -357,28 +348,28 @@ class GroupMetrics:
             "unknown_count": self.unknown_count,
             "groups": groups,
             "precision": {
-                "avg": _json_float(self.precision_avg),
-                "diff": _json_float(self.precision_diff),
+                "avg": json_float(self.precision_avg),
+                "diff": json_float(self.precision_diff),
             },
             "recall": {
-                "avg": _json_float(self.recall_avg),
-                "diff": _json_float(self.recall_diff),
+                "avg": json_float(self.recall_avg),
+                "diff": json_float(self.recall_diff),
             },
-            "f1": {"avg": _json_float(self.f1_avg), "diff": _json_float(self.f1_diff)},
+            "f1": {"avg": json_float(self.f1_avg), "diff": json_float(self.f1_diff)},
             "fairness": {
                 "convention": "mean over classes; EOdd halved",
-                "eopp0": _json_float(self.eopp0),
-                "eopp1": _json_float(self.eopp1),
-                "eodd": _json_float(self.eodd),
+                "eopp0": json_float(self.eopp0),
+                "eopp1": json_float(self.eopp1),
+                "eodd": json_float(self.eodd),
             },
             "fairness_sum": {
                 "convention": "sum over classes (the paper's equations)",
-                "eopp0": _json_float(self.eopp0_sum),
-                "eopp1": _json_float(self.eopp1_sum),
-                "eodd": _json_float(self.eodd_sum),
+                "eopp0": json_float(self.eopp0_sum),
+                "eopp1": json_float(self.eopp1_sum),
+                "eodd": json_float(self.eodd_sum),
             },
-            "tpr_gap": _json_float(self.tpr_gap),
-            "fpr_gap": _json_float(self.fpr_gap),
+            "tpr_gap": json_float(self.tpr_gap),
+            "fpr_gap": json_float(self.fpr_gap),
             "classes_left_out": dict(self.classes_left_out),
         }
 
@@ -387,6 +378,12 @@ def _readonly(arr: np.ndarray) -> np.ndarray:
     arr = np.array(arr, dtype=np.float64)
     arr.flags.writeable = False
     return arr
+
+
+#: The per-group values :func:`group_metrics` reads from the counts, as (group 0, group 1).
+_PER_GROUP = ("accuracy", "precision", "recall", "f1")
+#: The between-group gaps :func:`group_metrics` reads from the counts, as floats.
+_GAPS = ("eopp0", "eopp1", "eodd", "eopp0_sum", "eopp1_sum", "eodd_sum", "tpr_gap", "fpr_gap")
 
 
 def group_metrics(
@@ -442,40 +439,20 @@ def group_metrics(
 
     m = _metrics_from_counts(*_counts(yt, yp, g, k), privileged)
 
-    def pair(key: str) -> tuple[float, float]:
-        return (float(m[key][0]), float(m[key][1]))
-
-    def avg_diff(key: str) -> tuple[float, float]:
-        a, b = pair(key)
-        return (a + b) / 2.0, abs(a - b)
-
-    p_avg, p_diff = avg_diff("precision")
-    r_avg, r_diff = avg_diff("recall")
-    f_avg, f_diff = avg_diff("f1")
+    pairs = {key: (float(m[key][0]), float(m[key][1])) for key in _PER_GROUP}
+    between = {}  # average and gap of the two groups' values
+    for key in ("precision", "recall", "f1"):
+        a, b = pairs[key]
+        between[f"{key}_avg"], between[f"{key}_diff"] = (a + b) / 2.0, abs(a - b)
     return GroupMetrics(
         num_classes=k,
         privileged=privileged,
         group_names=names,
         counts=(int(m["size"][0]), int(m["size"][1])),
         unknown_count=int(np.sum(g == UNKNOWN_GROUP)),
-        accuracy=pair("accuracy"),
-        precision=pair("precision"),
-        recall=pair("recall"),
-        f1=pair("f1"),
-        precision_avg=p_avg,
-        precision_diff=p_diff,
-        recall_avg=r_avg,
-        recall_diff=r_diff,
-        f1_avg=f_avg,
-        f1_diff=f_diff,
-        eopp0=float(m["eopp0"]),
-        eopp1=float(m["eopp1"]),
-        eodd=float(m["eodd"]),
-        eopp0_sum=float(m["eopp0_sum"]),
-        eopp1_sum=float(m["eopp1_sum"]),
-        eodd_sum=float(m["eodd_sum"]),
-        tpr_gap=float(m["tpr_gap"]),
-        fpr_gap=float(m["fpr_gap"]),
+        **pairs,
+        **between,
+        **{key: float(m[key]) for key in _GAPS},
         tpr=_readonly(m["tpr"]),
         fpr=_readonly(m["fpr"]),
         tnr=_readonly(m["tnr"]),

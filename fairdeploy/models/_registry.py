@@ -10,7 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fairdeploy.errors import FairDeployError
+from fairdeploy._registry import register_in
+from fairdeploy._trust import check_import_allowed
+from fairdeploy.errors import FairDeployError, first_line
 
 __all__ = ["build_model", "list_models", "register_model"]
 
@@ -19,14 +21,7 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Register an architecture factory ``f(num_classes=..., **kwargs) -> nn.Module``."""
-
-    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} registered twice")
-        _REGISTRY[name] = fn
-        return fn
-
-    return deco
+    return register_in(_REGISTRY, name, "model")
 
 
 def list_models() -> list[str]:
@@ -69,6 +64,7 @@ def _factory(arch: str) -> Callable[..., Any]:
     if arch in _REGISTRY:
         return _REGISTRY[arch]
     if ":" in arch:
+        check_import_allowed(arch, "model.arch")  # before anything is imported
         return _import_factory(arch)
     import torchvision
 
@@ -95,7 +91,7 @@ def _call(
         shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())[:200] or "none"
         raise FairDeployError(
             f"model.arch {arch!r} cannot be built with num_classes={num_classes} and "
-            f"model.kwargs ({shown}): {type(exc).__name__}: {_first_line(exc)}; check "
+            f"model.kwargs ({shown}): {type(exc).__name__}: {first_line(exc)}; check "
             "model.kwargs and model.num_classes"
         ) from None
     if not isinstance(model, nn.Module):
@@ -179,9 +175,3 @@ def _check_fits_in_memory(
         )
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else repr(exc)[:200]
-
-
-from fairdeploy.models import _zoo  # noqa: E402, F401  (registers the built-in models)

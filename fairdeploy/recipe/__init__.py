@@ -21,7 +21,7 @@ resolved against ``data.root``. ``~`` and ``$VARS`` are expanded.
 Fractions may be written as numbers or as ``"a/b"`` strings (``beta: 5/9``).
 """
 
-from fairdeploy.recipe._data import (
+from fairdeploy.data_specs import (
     CELEBA_ATTRIBUTES,
     DATA_KINDS,
     IMAGENET_MEAN,
@@ -33,7 +33,9 @@ from fairdeploy.recipe._data import (
     ImageCsvData,
     ImagePreprocessing,
     NpzData,
+    SensitiveSpec,
     SplitSpec,
+    normalize_value,
 )
 from fairdeploy.recipe._load import load_recipe, parse_recipe
 from fairdeploy.recipe._recipe import Recipe
@@ -42,11 +44,9 @@ from fairdeploy.recipe._sections import (
     ExportSpec,
     ModelSpec,
     ReportSpec,
-    SensitiveSpec,
     SweepSpec,
     Tolerances,
     TrainSpec,
-    normalize_value,
 )
 
 __all__ = [

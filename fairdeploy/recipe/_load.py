@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,9 @@ from pydantic import (
 )
 
 from fairdeploy._schema_errors import format_validation_error
-from fairdeploy.errors import FairDeployError
-from fairdeploy.recipe._data import DATA_KINDS
+from fairdeploy._trust import check_import_allowed
+from fairdeploy.data_specs import DATA_KINDS
+from fairdeploy.errors import FairDeployError, first_line
 from fairdeploy.recipe._recipe import Recipe
 
 __all__ = ["load_recipe", "parse_recipe"]
@@ -49,14 +51,25 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
     Raises
     ------
     FairDeployError
-        Missing file, YAML syntax error (with its line), a file over the size, nesting
+        Missing file, not a regular file (a FIFO), YAML syntax error (with its line), a
+        key given twice in one mapping (both lines named), a file over the size, nesting
         or alias-expansion limits (:data:`MAX_RECIPE_BYTES`, :data:`MAX_RECIPE_DEPTH`,
-        :data:`MAX_RECIPE_NODES`, :data:`MAX_RECIPE_CHARS`), or a schema error naming
-        the line, the key path, the value found and what is allowed.
+        :data:`MAX_RECIPE_NODES`, :data:`MAX_RECIPE_CHARS`), an import string while
+        recipes are not trusted (:mod:`fairdeploy._trust`), or a schema error naming the
+        line, the key path, the value found and what is allowed.
     """
     path = Path(path)
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError
+        if not stat.S_ISREG(st.st_mode):
+            # A FIFO or a device would block or never end: refused before opening.
+            raise FairDeployError(
+                f"recipe {path} is not a regular file (a pipe, socket or device): give the "
+                "recipe's .yaml file"
+            )
+        size = st.st_size
         if size > MAX_RECIPE_BYTES:
             raise FairDeployError(
                 f"recipe {path} is {size:,} bytes, over the {MAX_RECIPE_BYTES:,}-byte limit for "
@@ -98,13 +111,13 @@ def _check_symlinked_paths(path: Path, real_dir: Path, data: dict[str, Any]) -> 
     opened through a symlink (``recipes/`` in the repository links to the package's
     ``fairdeploy/recipes/``). Where that finds nothing but the symlink's folder would,
     say so now rather than leave the user to guess which folder was meant."""
-    from fairdeploy.recipe._data import _LOCAL_PATH_KEYS
+    from fairdeploy.data_specs import LOCAL_PATH_KEYS
 
     link_dir = Path(os.path.abspath(path)).parent
     section = data.get("data")
     if link_dir == real_dir or not isinstance(section, dict):
         return
-    for key in _LOCAL_PATH_KEYS:
+    for key in LOCAL_PATH_KEYS:
         value = section.get(key)
         if not isinstance(value, str) or Path(os.path.expanduser(value)).is_absolute():
             continue
@@ -143,6 +156,7 @@ def _parse_yaml(text: str, source: str) -> tuple[yaml.Node | None, Any]:
             if node is None:
                 return None, None
             _check_expansion(node, source)
+            _check_duplicate_keys(node, source)
             data = loader.construct_document(node)
         finally:
             loader.dispose()
@@ -159,7 +173,7 @@ def _parse_yaml(text: str, source: str) -> tuple[yaml.Node | None, Any]:
         # The constructors of ints, floats and timestamps raise plain Python errors
         # (an int of 5,000 digits, a 13th month).
         raise FairDeployError(
-            f"{source}: invalid YAML value ({type(exc).__name__}: {_first_line(exc)})"
+            f"{source}: invalid YAML value ({type(exc).__name__}: {first_line(exc)})"
         ) from None
     return node, data
 
@@ -213,9 +227,43 @@ def _check_expansion(root: yaml.Node, source: str) -> None:
     size(root)
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else repr(exc)[:200]
+def _check_duplicate_keys(root: yaml.Node, source: str) -> None:
+    """Refuse a mapping that gives one key twice (YAML keeps the last one silently).
+    Keys merged in with ``<<: *alias`` are YAML's own overriding, not duplicates."""
+    seen_nodes: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen_nodes or isinstance(node, yaml.ScalarNode):
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+            continue
+        first: dict[tuple[str, str], int] = {}
+        for key, value in node.value:
+            stack.append(value)
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                stack.append(key)
+                continue
+            line = key.start_mark.line + 1
+            ident = (key.tag, key.value)
+            if ident in first:
+                raise FairDeployError(
+                    f"{source}:{line}: key {key.value!r} is given twice in one mapping (first "
+                    f"on line {first[ident]}); YAML would silently keep only the last: "
+                    "delete one"
+                )
+            first[ident] = line
+
+
+def _check_import_strings(data: dict[str, Any]) -> None:
+    """Refuse ``model.arch: package.module:factory`` before anything is built unless
+    recipes are trusted (methods are checked where their names are resolved)."""
+    model = data.get("model")
+    arch = model.get("arch") if isinstance(model, dict) else None
+    if isinstance(arch, str) and ":" in arch:
+        check_import_allowed(arch, "model.arch")
 
 
 def parse_recipe(
@@ -237,6 +285,11 @@ def parse_recipe(
         Folder that relative paths are resolved against (default: left relative).
     """
     context = {"base_dir": Path(base_dir) if base_dir is not None else None}
+    if isinstance(data, dict):
+        try:
+            _check_import_strings(data)
+        except FairDeployError as exc:
+            raise FairDeployError(f"{source}: {exc}") from None
     try:
         return Recipe.model_validate(data, context=context)
     except ValidationError as exc:

@@ -15,14 +15,19 @@ from pydantic import (
 )
 
 from fairdeploy._schema import Strict, schema_error
+from fairdeploy.data_specs import (
+    CELEBA_ATTRIBUTES,
+    CelebAAttributesData,
+    CelebAData,
+    DataSpec,
+    SensitiveSpec,
+)
 from fairdeploy.plan import Plan
-from fairdeploy.recipe._data import CELEBA_ATTRIBUTES, CelebAAttributesData, CelebAData, DataSpec
 from fairdeploy.recipe._method import compare_entry, default_compare, main_plan
 from fairdeploy.recipe._sections import (
     ExportSpec,
     ModelSpec,
     ReportSpec,
-    SensitiveSpec,
     SweepSpec,
     TrainSpec,
 )

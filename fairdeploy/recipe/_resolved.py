@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from fairdeploy._io import atomic_write_text
-from fairdeploy.recipe._data import _LOCAL_PATH_KEYS
+from fairdeploy.data_specs import LOCAL_PATH_KEYS
 from fairdeploy.recipe._recipe import Recipe
 
 __all__ = ["recipe_hash", "save_resolved_recipe"]
@@ -24,7 +24,7 @@ def _resolved_dict(recipe: Recipe) -> dict[str, Any]:
         data.pop("sweep", None)  # a recipe without one is written without one
     # Readers look for the data kind and location first.
     section = data["data"]
-    first = {k: section.pop(k) for k in ("kind", *_LOCAL_PATH_KEYS, "target") if k in section}
+    first = {k: section.pop(k) for k in ("kind", *LOCAL_PATH_KEYS, "target") if k in section}
     data["data"] = {**first, **section}
     return data
 
@@ -38,7 +38,7 @@ def recipe_hash(recipe: Recipe) -> str:
     another folder keeps the hash. It is stored in the ONNX metadata and the report.
     """
     data = _resolved_dict(recipe)
-    for key in _LOCAL_PATH_KEYS:
+    for key in LOCAL_PATH_KEYS:
         data["data"].pop(key, None)
     # The sweep section says how `fairdeploy sweep` explores settings; it changes
     # nothing `optimize` or `compare` computes, so it stays out of the hash.
@@ -63,7 +63,7 @@ def _relative(target: str, start: Path) -> str:
 def _relative_paths(data: dict[str, Any], folder: Path) -> None:
     section = data["data"]
     root = section.get("root")
-    for key in _LOCAL_PATH_KEYS:
+    for key in LOCAL_PATH_KEYS:
         value = section.get(key)
         if not isinstance(value, str):
             continue

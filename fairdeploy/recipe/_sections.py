@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -14,7 +13,6 @@ from pydantic import (
 
 from fairdeploy._schema import (
     Fraction01,
-    GroupValue,
     NonNegFloat,
     NonNegInt,
     PosInt,
@@ -23,17 +21,23 @@ from fairdeploy._schema import (
     no_bool,
     schema_error,
 )
+from fairdeploy.comparison import (
+    DEFAULT_ARGMAX_AGREEMENT,
+    DEFAULT_ATOL,
+    DEFAULT_INT8_ARGMAX_AGREEMENT,
+    DEFAULT_INT8_ATOL_SCALE,
+    DEFAULT_INT8_RTOL,
+    DEFAULT_RTOL,
+)
 
 __all__ = [
     "ExportSpec",
     "Int8Spec",
     "ModelSpec",
     "ReportSpec",
-    "SensitiveSpec",
     "SweepSpec",
     "Tolerances",
     "TrainSpec",
-    "normalize_value",
 ]
 
 
@@ -46,73 +50,13 @@ class ModelSpec(Strict):
 
 
 
-class SensitiveSpec(Strict):
-    """``sensitive:`` — the attribute, its two groups, and which one is privileged.
-
-    ``groups`` maps each group name to the raw attribute values that belong to it, in
-    group-id order (0, 1). Values found in no group are ``unknown`` (group id −1):
-    left out of scoring and group metrics. ``privileged: auto`` lets ``optimize`` pick
-    the group on which the vanilla model has the higher validation macro recall.
-    """
-
-    attribute: str | None = None
-    groups: dict[str, list[GroupValue]] | None = None
-    privileged: str = "auto"
-
-    @field_validator("groups")
-    @classmethod
-    def _check_groups(cls, groups: dict[str, list[Any]] | None) -> dict[str, list[Any]] | None:
-        if groups is None:
-            return None
-        if len(groups) != 2:
-            raise ValueError(
-                "give exactly two groups (FairLRF compares an unprivileged and a privileged "
-                "group), e.g. {light: [1, 2, 3], dark: [4, 5, 6]}"
-            )
-        seen: dict[str, str] = {}
-        for name, values in groups.items():
-            if not name or name in ("auto", "unknown"):
-                raise ValueError(f"group name {name!r} is reserved: use another name")
-            if not values:
-                raise ValueError(f"group {name!r} lists no values")
-            for v in values:
-                key = normalize_value(v)
-                if key in seen:
-                    raise ValueError(f"value {v!r} is in both group {seen[key]!r} and {name!r}")
-                seen[key] = name
-        return groups
-
-    @model_validator(mode="after")
-    def _check_privileged(self) -> SensitiveSpec:
-        groups = self.groups
-        if groups is not None and self.privileged != "auto" and self.privileged not in groups:
-            raise schema_error(
-                "fd_privileged",
-                "privileged: {value!r} is not allowed (use auto or one of {names})",
-                {"value": self.privileged, "names": ", ".join(self.groups)},
-            )
-        return self
-
-
-def normalize_value(value: Any) -> str:
-    """Canonical text of a raw attribute value: ``1``, ``1.0`` and ``"1"`` all give ``"1"``."""
-    text = str(value).strip()
-    try:
-        number = float(text)
-    except ValueError:
-        return text
-    if math.isfinite(number) and number == int(number):
-        return str(int(number))
-    return repr(number)
-
-
 
 class Tolerances(Strict):
     """ORT-vs-PyTorch parity: ``max|Δ| ≤ atol + rtol·|ref|`` and argmax agreement."""
 
-    atol: NonNegFloat = 1e-4
-    rtol: NonNegFloat = 1e-3
-    argmax_agreement: Fraction01 = 0.999
+    atol: NonNegFloat = DEFAULT_ATOL
+    rtol: NonNegFloat = DEFAULT_RTOL
+    argmax_agreement: Fraction01 = DEFAULT_ARGMAX_AGREEMENT
 
 
 class Int8Spec(Strict):
@@ -128,9 +72,11 @@ class Int8Spec(Strict):
     mode: Literal["auto", "static", "dynamic"] = "auto"
     calibration_samples: PosInt = 256
     seed: Seed = 0
-    atol_scale: Annotated[float, BeforeValidator(no_bool), Field(gt=0)] = 0.5
-    rtol: NonNegFloat = 0.02
-    argmax_agreement: Fraction01 = 0.98
+    atol_scale: Annotated[
+        float, BeforeValidator(no_bool), Field(gt=0, allow_inf_nan=False)
+    ] = DEFAULT_INT8_ATOL_SCALE
+    rtol: NonNegFloat = DEFAULT_INT8_RTOL
+    argmax_agreement: Fraction01 = DEFAULT_INT8_ARGMAX_AGREEMENT
 
 
 class ExportSpec(Strict):
@@ -140,7 +86,10 @@ class ExportSpec(Strict):
     ``verify_samples`` test inputs are compared (ONNX Runtime vs PyTorch) when the
     model is exported; ``model.verify.npz`` keeps the first of them that fit in
     ``verify_npz_max_mb`` megabytes (all of them for tabular data; about 55 images of
-    3×112×112), for a later ``fairdeploy verify``.
+    3×112×112), for a later ``fairdeploy verify``. ``verify_runtimes`` lists the
+    runtimes each exported file is verified in (``onnxruntime``, ``openvino`` with
+    ``pip install 'fairdeploy[openvino]'``, ``reference``: the ONNX reference evaluator,
+    slow on images); the report says in which it passed.
     """
 
     opset: Annotated[int, BeforeValidator(no_bool), Field(ge=13, le=25)] = 18
@@ -151,6 +100,12 @@ class ExportSpec(Strict):
     sparse_layout: Literal["blocks", "zeros"] = "blocks"
     eliminate_dead: bool = True
     verify_npz_max_mb: Annotated[float, BeforeValidator(no_bool), Field(gt=0)] = 8.0
+    verify_runtimes: list[Literal["onnxruntime", "openvino", "reference"]] = Field(
+        default_factory=lambda: ["onnxruntime"], min_length=1,
+        description="runtimes every exported file (and the int8 copy) is verified in: "
+        "`optimize`/`compare` fail when one disagrees; `openvino` needs `pip install "
+        "'fairdeploy[openvino]'`",
+    )
     quantize: Literal["none", "int8"] = Field(
         "none", description="int8: also ship model.int8.onnx (ONNX Runtime's quantization)"
     )
@@ -168,6 +123,17 @@ class ExportSpec(Strict):
                 {},
             )
         return self
+
+    @field_validator("verify_runtimes")
+    @classmethod
+    def _runtimes_once(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise schema_error(
+                "fd_runtimes_twice",
+                "{value} names a runtime twice (list each once)",
+                {"value": value},
+            )
+        return value
 
     @model_validator(mode="after")
     def _exporter_supports(self) -> ExportSpec:

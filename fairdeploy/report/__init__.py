@@ -11,6 +11,7 @@ from fairdeploy.report._build import (
     base_report,
     bootstrap_block,
     change_direction,
+    collapse_reasons,
     draws_block,
     latency_block,
     method_entry,
@@ -24,12 +25,13 @@ from fairdeploy.report._build import (
     skipped_in_words,
     verify_summary,
 )
-from fairdeploy.report._plot import tradeoff_points, write_tradeoff_plot
+from fairdeploy.report._plot import tradeoff_figure, tradeoff_points, write_tradeoff_plot
 from fairdeploy.report._render import (
     SCHEMA_VERSION,
     fairness_table,
     method_label,
     render_markdown,
+    runtimes_text,
     terminal_text,
     validation_table,
     write_report,
@@ -41,6 +43,7 @@ __all__ = [
     "base_report",
     "bootstrap_block",
     "change_direction",
+    "collapse_reasons",
     "draws_block",
     "fairness_table",
     "latency_block",
@@ -52,10 +55,12 @@ __all__ = [
     "rank_bootstrap_block",
     "rank_pairs",
     "render_markdown",
+    "runtimes_text",
     "single_class_note",
     "size_ratios",
     "skipped_in_words",
     "terminal_text",
+    "tradeoff_figure",
     "tradeoff_points",
     "validation_table",
     "verify_summary",

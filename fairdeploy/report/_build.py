@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from fairdeploy import __version__
+from fairdeploy._json import json_float
 from fairdeploy._text import plural
 from fairdeploy.export._sizes import size_ratios
 from fairdeploy.metrics import (
@@ -31,6 +32,7 @@ __all__ = [
     "base_report",
     "bootstrap_block",
     "change_direction",
+    "collapse_reasons",
     "draws_block",
     "latency_block",
     "method_entry",
@@ -49,11 +51,6 @@ __all__ = [
 _FEW_SAMPLES = 30
 
 
-def _json_float(value: float) -> float | None:
-    value = float(value)
-    return None if np.isnan(value) else value
-
-
 def accuracy_summary(
     metrics: GroupMetrics, y_true: Any, y_pred: Any
 ) -> dict[str, Any]:
@@ -63,10 +60,10 @@ def accuracy_summary(
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     a0, a1 = metrics.accuracy
     return {
-        "overall": _json_float(np.mean(y_true == y_pred)) if len(y_true) else None,
+        "overall": json_float(np.mean(y_true == y_pred)) if len(y_true) else None,
         "samples": len(y_true),
-        "avg": _json_float((a0 + a1) / 2),
-        "diff": _json_float(abs(a0 - a1)),
+        "avg": json_float((a0 + a1) / 2),
+        "diff": json_float(abs(a0 - a1)),
     }
 
 
@@ -113,7 +110,88 @@ def method_entry(
             for split, m in by_split.items()
             if m is not None and split in predictions
         }
+        entry["class_rates"] = {
+            split: _class_rates(exp, split, predictions[split], metrics.num_classes)
+            for split, m in by_split.items()
+            if m is not None and split in predictions
+        }
     return entry
+
+
+def _class_rates(exp: Any, split: str, y_pred: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """What the collapse guard reads: balanced accuracy over the split and, per group,
+    the fraction of its samples predicted as each class."""
+    labels, groups = exp.labels(split)
+    summary = summary_metrics(labels, y_pred, groups, num_classes=num_classes)
+    return {
+        "balanced_accuracy": json_float(summary["balanced_accuracy"]),
+        "predicted_rates": [[json_float(r) for r in row] for row in summary["predicted_rates"]],
+    }
+
+
+def collapse_reasons(
+    report: Mapping[str, Any], split: str = "val", *, tolerance: float | None = None
+) -> dict[str, list[str]]:
+    """Per method of a compare report (vanilla left out): why it looks collapsed on
+    ``split``, empty when it does not.
+
+    A model that predicts one class for every sample of both groups comes first (its
+    fairness gaps are 0 and mean nothing); then the sweep's collapse guard against the
+    report's vanilla row: accuracy or balanced accuracy more than ``tolerance`` (default
+    the guard's 0.01) below vanilla's, or a group predicting a class at under half of
+    vanilla's rate. Methods without ``class_rates`` (reports written before them) get
+    only the accuracy check.
+    """
+    from fairdeploy.sweep import DEFAULT_GUARD_TOLERANCE, guard_reasons
+
+    tol = DEFAULT_GUARD_TOLERANCE if tolerance is None else tolerance
+    methods = report["methods"]
+    vanilla = next((m for m in methods if m["name"] == "vanilla"), None)
+    task = report.get("task", {})
+    class_names = [str(c) for c in task.get("class_names", [])]
+    group_names = [str(g) for g in task.get("group_names", ["0", "1"])]
+    if vanilla is None:
+        return {}
+    out = {}
+    for m in methods:
+        if m is vanilla:
+            continue
+        rates = m.get("class_rates", {}).get(split)
+        reasons = []
+        single = _single_class(rates, class_names)
+        if single is not None:
+            reasons.append(f"predicts only class {single!r} on the {split} split")
+        summary, ref = _guard_inputs(m, split), _guard_inputs(vanilla, split)
+        if summary and ref:
+            names = class_names or [str(k) for k in range(len(summary["predicted_rates"][0]))]
+            reasons += guard_reasons([summary], ref, tolerance=tol, class_names=names,
+                                     group_names=group_names)
+        out[m["name"]] = reasons
+    return out
+
+
+def _single_class(rates: Mapping[str, Any] | None, class_names: Sequence[str]) -> str | None:
+    """The class every sample of every group (with samples) is predicted as, else None."""
+    rows = [row for row in (rates or {}).get("predicted_rates") or [] if row and None not in row]
+    if not rows:
+        return None
+    common = set.intersection(*({k for k, r in enumerate(row) if r == 1.0} for row in rows))
+    if len(common) != 1:
+        return None
+    k = common.pop()
+    return class_names[k] if k < len(class_names) else str(k)
+
+
+def _guard_inputs(method: Mapping[str, Any], split: str) -> dict[str, Any] | None:
+    acc = method.get("accuracy", {}).get(split)
+    if acc is None:
+        return None
+    rates = method.get("class_rates", {}).get(split, {})
+    return {
+        "accuracy": acc.get("overall"),
+        "balanced_accuracy": rates.get("balanced_accuracy"),
+        "predicted_rates": rates.get("predicted_rates"),
+    }
 
 
 def _scoring_block(plan: Plan, ctx: Any) -> dict[str, Any] | None:
@@ -482,18 +560,41 @@ def packing_block(
     }
 
 
-def verify_summary(vres: Any, tolerances: Any, n: int) -> dict[str, Any]:
-    """The report's verification block from a :class:`~fairdeploy.verification.VerifyResult`."""
-    outs = vres.outputs
-    return {
+def verify_summary(vres: Any, tolerances: Any, n: int | None = None) -> dict[str, Any]:
+    """The report's verification block from a :class:`~fairdeploy.verification.VerifyResult`
+    or a :class:`~fairdeploy.verification.RuntimesResult` (several runtimes).
+
+    ``samples`` is the number of inputs really compared (the result's ``n_samples``); when
+    ``n`` (the inputs asked for, e.g. ``export.verify_samples``) differs, it is kept as
+    ``samples_requested``. ``runtimes`` gives each runtime's verdict, ``verified_in`` those
+    that passed; the errors are the worst over every runtime.
+    """
+    results = getattr(vres, "results", None) or {getattr(vres, "runtime", "onnxruntime"): vres}
+    first = next(iter(results.values()))
+    outs = [o for r in results.values() for o in r.outputs]
+    block = {
         "passed": bool(vres),
-        "samples": n,
+        "samples": first.n_samples,
         "atol": tolerances.atol,
         "rtol": tolerances.rtol,
         "max_abs_error": max((o.max_abs_error for o in outs), default=0.0),
         "argmax_agreement": min((o.argmax_agreement for o in outs), default=1.0),
+        "verified_in": [rt for rt, r in results.items() if r],
+        "runtimes": {
+            rt: {
+                "passed": bool(r),
+                "version": getattr(r, "runtime_version", ""),
+                "device": r.provider,
+                "max_abs_error": max((o.max_abs_error for o in r.outputs), default=0.0),
+                "argmax_agreement": min((o.argmax_agreement for o in r.outputs), default=1.0),
+            }
+            for rt, r in results.items()
+        },
         "details": vres.to_dict(),
     }
+    if n is not None and n != first.n_samples:
+        block["samples_requested"] = n
+    return block
 
 
 def latency_block(results: Sequence[tuple[str, Any]], warmup: int) -> dict[str, Any]:

@@ -20,13 +20,15 @@ from typing import Any
 from tabulate import tabulate
 
 from fairdeploy._io import atomic_write_text
-from fairdeploy._text import fixed, plural
+from fairdeploy._text import fixed, markdown_table, plural
+from fairdeploy.report._build import collapse_reasons
 
 __all__ = [
     "SCHEMA_VERSION",
     "fairness_table",
     "method_label",
     "render_markdown",
+    "runtimes_text",
     "terminal_text",
     "validation_table",
     "write_report",
@@ -70,6 +72,8 @@ def _cr(value: Any) -> str:
 def _table(rows: Sequence[Sequence[str]], header: Sequence[str], fmt: str) -> str:
     # Numbers are already strings with fixed decimals: tabulate must not re-parse them
     # (it would print 0.850 as 0.85 and 1.000 as 1).
+    if fmt == "github":
+        return markdown_table(rows, header)
     return tabulate(rows, header, tablefmt=fmt, disable_numparse=True)
 
 
@@ -377,9 +381,7 @@ def draws_lines(report: Mapping[str, Any]) -> list[str]:
         "",
         tabulate(
             rows,
-            ["Method", "Split", "Draws", *(f"{m} median [min, max]" for m in _DRAW_METRICS)],
-            tablefmt="github",
-        ),
+            ["Method", "Split", "Draws", *(f"{m} median [min, max]" for m in _DRAW_METRICS)]),
     ]
     if overlap:
         out += [
@@ -538,6 +540,13 @@ def _validation_lines(report: Mapping[str, Any]) -> list[str]:
     warn = _method_warnings(report, validation=True)
     if warn:
         out += ["", *warn]
+    labels = {m["name"]: method_label(m) for m in report["methods"]}
+    collapsed = {n: r for n, r in collapse_reasons(report, "val").items() if r}
+    if collapsed:
+        out += ["", "Collapsed on the validation split (ringed and marked ⚠ in the plot; the "
+                "sweep's collapse guard against vanilla, tolerance 0.01): their small fairness "
+                "gaps are not evidence of fairness.", ""]
+        out += [f"- {labels[n]}: {'; '.join(r)}" for n, r in collapsed.items()]
     return out
 
 
@@ -685,14 +694,29 @@ def _latency_skips(lat: Mapping[str, Any]) -> list[str]:
             for s in lat.get("skipped", [])]
 
 
+#: How reports name the runtimes of :mod:`fairdeploy.runtimes`.
+_RUNTIME_NAMES = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO",
+                  "reference": "the ONNX reference evaluator"}
+
+
+def runtimes_text(verify: Mapping[str, Any]) -> str:
+    """"ONNX Runtime, OpenVINO": the runtimes a verification block ran in (ONNX Runtime for
+    reports written before there was a choice)."""
+    names = list(verify.get("runtimes") or ["onnxruntime"])
+    return ", ".join(_RUNTIME_NAMES.get(n, n) for n in names)
+
+
 def _verify_line(verify: Mapping[str, Any], *, markdown: bool = False) -> str:
     passed = "PASSED" if verify["passed"] else "FAILED"
+    if not verify["passed"] and verify.get("verified_in"):
+        passed += f" (passed in {runtimes_text({'runtimes': verify['verified_in']})} only)"
     if markdown:
         passed = f"**{passed}**"
     ref = verify.get("reference_file") or {}
     stored = f"; {ref['path']} {ref['note']}" if ref.get("note") else ""
     return (
-        f"ONNX verification (ONNX Runtime vs PyTorch on {plural(verify['samples'], 'test input')})"
+        f"ONNX verification ({runtimes_text(verify)} vs PyTorch on "
+        f"{plural(verify['samples'], 'test input')})"
         f": {passed}, max |Δ| {verify['max_abs_error']:.3g}, argmax agreement "
         f"{100 * verify['argmax_agreement']:.2f} %, atol {verify['atol']:g}, rtol "
         f"{verify['rtol']:g}{stored}."
@@ -745,8 +769,7 @@ def _rank_interval_lines(report: Mapping[str, Any]) -> list[str]:
         "truncated SVD with the same layers and ranks (the paper's FairLRF gains over it are "
         "about 0.003 EOpp: only a paired interval can tell such a change from noise).",
         "",
-        tabulate(rows, ["Method", "Against", "Metric", "Δ [CI]", "Significant"],
-                 tablefmt="github"),
+        markdown_table(rows, ["Method", "Against", "Metric", "Δ [CI]", "Significant"]),
     ]
     if rank.get("unpaired"):
         out += ["", "No truncated SVD row at the same ranks for: "
@@ -772,7 +795,8 @@ def _artifact_lines(report: Mapping[str, Any]) -> list[str]:
             _cr(comp.get("theoretical_cr")),
             _cr(measured.get("initializer_cr")),
             _cr(measured.get("file_cr")),
-            f"{'PASSED' if ver['passed'] else 'FAILED'} (max |Δ| {ver['max_abs_error']:.2g})",
+            f"{'PASSED' if ver['passed'] else 'FAILED'} (max |Δ| {ver['max_abs_error']:.2g}, "
+            f"{plural(ver['samples'], 'input')}, {runtimes_text(ver)})",
         ])
     if not rows:
         return []
@@ -783,9 +807,9 @@ def _artifact_lines(report: Mapping[str, Any]) -> list[str]:
         "",
         f"{note[:1].upper() + note[1:]}.",
         "",
-        tabulate(rows, ["Method", "ONNX model", "initializer bytes", "file bytes",
+        markdown_table(rows, ["Method", "ONNX model", "initializer bytes", "file bytes",
                         "C.R. theory", "C.R. measured (initializers)", "C.R. measured (file)",
-                        "verify"], tablefmt="github"),
+                        "verify"]),
     ]
 
 
@@ -818,9 +842,9 @@ def _packing_lines(report: Mapping[str, Any]) -> list[str]:
         "tensor by a constant subgraph that ONNX Runtime folds when the session loads. A "
         "tensor stays dense where packing would not save bytes.",
         "",
-        tabulate(rows, ["Method", "tensors packed", "bits per weight (packed)",
+        markdown_table(rows, ["Method", "tensors packed", "bits per weight (packed)",
                         "C.R. paper", "C.R. theory with mask bit", "C.R. measured",
-                        "measured / theory"], tablefmt="github"),
+                        "measured / theory"]),
         "",
         f"Load time: {note}.",
     ]
@@ -890,6 +914,7 @@ def terminal_text(report: Mapping[str, Any]) -> str:
     if lat:
         ups = [
             f"{r['scope']} batch {r['batch']} {r['speedup']:.2f}×"
+            + (" (slower)" if r["speedup"] < 1 else "")
             for r in lat.get("rows", [])
             if r.get("speedup") is not None
         ]
@@ -930,7 +955,8 @@ def int8_lines(report: Mapping[str, Any], *, markdown: bool = True) -> list[str]
         f"int8 model ({block['path']}, {made['mode']} quantization"
         + (f", calibrated on {made['calibration_samples']:,} training inputs"
            if made["calibration_samples"] else "")
-        + f"): verification {passed} against PyTorch's float outputs (atol "
+        + f"): verification {passed} in {runtimes_text(ver)} against PyTorch's float "
+        f"outputs (atol "
         f"{ver['atol']:.3g} = {ver['atol_basis']}, rtol {ver['rtol']:g}; max |Δ| "
         f"{ver['max_abs_error']:.3g}, argmax agreement {100 * ver['argmax_agreement']:.2f} %)",
         f"int8 vs float export on the {plural(fair['n_samples'], 'test sample')} ({pct} % "

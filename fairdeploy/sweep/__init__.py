@@ -24,12 +24,13 @@ from fairdeploy.sweep._grid import (
 from fairdeploy.sweep._journal import JOURNAL_NAME, Journal, record_key
 from fairdeploy.sweep._output import (
     CSV_COLUMNS,
+    difference_words,
     reference_settings,
     render_sweep_markdown,
     sweep_csv,
     write_sweep_files,
 )
-from fairdeploy.sweep._plots import pareto_front, write_plots
+from fairdeploy.sweep._plots import pareto_figure, pareto_front, write_plots
 from fairdeploy.sweep._run import (
     ROW_METRICS,
     SweepRow,
@@ -64,9 +65,11 @@ __all__ = [
     "SweepRow",
     "apply_selection",
     "describe_settings",
+    "difference_words",
     "evaluate_on",
     "grid_points",
     "guard_reasons",
+    "pareto_figure",
     "pareto_front",
     "parse_grid",
     "parse_grid_values",

@@ -6,9 +6,12 @@ sensitive settings, the data's content, the fairdeploy and torch versions), then
 record per evaluated plan, keyed by the plan's full settings (its scoring draw included)
 and the split. Each line is written whole, flushed and fsynced before the next
 evaluation starts; a line cut short by a kill is dropped (and recomputed) when the
-journal is reopened. A rerun skips every plan already in the journal, so an interrupted
-sweep resumes where it stopped; a journal written for another checkpoint, recipe or data
-is refused, never mixed.
+journal is reopened. Every record carries ``sha256``, the checksum of its other fields
+(canonical JSON): a record that fails it (edited by hand, one digit changed by accident)
+or a line that is not UTF-8 JSON is dropped and evaluated again, and :attr:`Journal.notes`
+says so in a sentence the run's notes carry. A rerun skips every plan already in the
+journal, so an interrupted sweep resumes where it stopped; a journal written for another
+checkpoint, recipe or data is refused, never mixed.
 
 Only one process writes a journal at a time (an advisory ``flock``).
 """
@@ -27,7 +30,7 @@ from typing import Any, TextIO
 from fairdeploy._io import atomic_write_text
 from fairdeploy.errors import FairDeployError
 
-__all__ = ["JOURNAL_NAME", "Journal", "record_key"]
+__all__ = ["JOURNAL_NAME", "Journal", "record_checksum", "record_key"]
 
 JOURNAL_NAME = "sweep.jsonl"
 _FORMAT = "fairdeploy-sweep-journal/1"
@@ -36,6 +39,13 @@ _FORMAT = "fairdeploy-sweep-journal/1"
 def record_key(plan: Mapping[str, Any], split: str) -> str:
     """The key of an evaluation: SHA-256 of the plan's settings (canonical JSON) and split."""
     blob = json.dumps({"plan": plan, "split": split}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def record_checksum(record: Mapping[str, Any]) -> str:
+    """SHA-256 of a record's fields except ``sha256`` itself (canonical JSON)."""
+    body = {k: v for k, v in record.items() if k != "sha256"}
+    blob = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -65,7 +75,10 @@ class Journal:
         self.path = Path(path)
         self.identity = json.loads(json.dumps(dict(identity), sort_keys=True, default=str))
         self.records: dict[str, dict[str, Any]] = {}
+        #: Lines cut short at the end (an interrupted write), dropped and recomputed.
         self.dropped = 0
+        #: Records that failed their checksum or were not UTF-8 JSON, dropped and recomputed.
+        self.damaged = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock: TextIO | None = open(self.path.with_suffix(".lock"), "a")  # noqa: SIM115
         try:
@@ -94,10 +107,10 @@ class Journal:
         atomic_write_text(self.path, json.dumps(header, sort_keys=True) + "\n")
 
     def _load(self) -> None:
-        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        raw = self.path.read_bytes().splitlines(keepends=True)
         try:
-            header = json.loads(lines[0]) if lines else None
-        except json.JSONDecodeError:
+            header = json.loads(raw[0].decode("utf-8")) if raw else None
+        except ValueError:  # UnicodeDecodeError and JSONDecodeError alike
             header = None
         if not isinstance(header, dict) or header.get("format") != _FORMAT:
             raise FairDeployError(
@@ -113,20 +126,51 @@ class Journal:
                 f"{' / '.join(changed) or 'setup'} (its rows would not be comparable with this "
                 "run's): give this sweep another --out, or pass --restart to discard that one"
             )
-        kept = [lines[0]]
-        for line in lines[1:]:
-            try:
-                record = json.loads(line)
-                if not line.endswith("\n") or not isinstance(record, dict) or "key" not in record:
-                    raise ValueError("incomplete record")
-            except ValueError:
-                # A line cut short by a kill: dropped, and evaluated again.
-                self.dropped += 1
+        kept = [raw[0].decode("utf-8")]
+        for number, blob in enumerate(raw[1:], start=2):
+            record, line = self._parse(blob, last=number == len(raw))
+            if record is None:
                 continue
             self.records[record["key"]] = record
             kept.append(line)
-        if self.dropped:
+        if self.dropped or self.damaged:
             atomic_write_text(self.path, "".join(kept))
+
+    def _parse(self, blob: bytes, *, last: bool) -> tuple[dict[str, Any] | None, str]:
+        """One record line: the record, or None (counted as dropped or damaged)."""
+        try:
+            line = blob.decode("utf-8")
+            record = json.loads(line)
+        except ValueError:
+            record, line = None, ""
+        complete = blob.endswith(b"\n")
+        if last and not complete:
+            self.dropped += 1  # a line cut short by a kill
+            return None, ""
+        if (
+            not isinstance(record, dict)
+            or not isinstance(record.get("key"), str)
+            or record.get("sha256") != record_checksum(record)
+        ):
+            self.damaged += 1
+            return None, ""
+        return record, line
+
+    @property
+    def notes(self) -> list[str]:
+        """What reopening the journal dropped, as sentences for the run's notes."""
+        notes = []
+        if self.dropped:
+            notes.append(
+                f"{self.dropped} incomplete record(s) at the end of {self.path.name} (an "
+                "interrupted write) were dropped and evaluated again"
+            )
+        if self.damaged:
+            notes.append(
+                f"{self.damaged} record(s) of {self.path} failed their checksum or were not "
+                "readable (edited or damaged): they were dropped and evaluated again"
+            )
+        return notes
 
     # ------------------------------------------------------------------ writing
 
@@ -136,16 +180,24 @@ class Journal:
 
     def append(self, record: Mapping[str, Any]) -> None:
         """Write one record (it must carry ``key``) as a whole line, flushed to disk."""
-        record = dict(record)
+        record = {k: v for k, v in record.items() if k != "sha256"}
+        record["sha256"] = record_checksum(record)
         line = json.dumps(record, sort_keys=True, allow_nan=False) + "\n"
-        self._file.write(line)
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        try:
+            self._file.write(line)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as exc:  # a full disk or a file size limit: say which file
+            if exc.filename is not None or exc.errno is None:
+                raise
+            raise OSError(exc.errno, exc.strerror or str(exc), str(self.path)) from exc
         self.records[record["key"]] = record
 
     def close(self) -> None:
         """Close the file and release the lock."""
-        with contextlib.suppress(AttributeError):
+        # OSError: the rest of a line whose append failed (and was reported) is still
+        # buffered; every record appended before it was flushed and fsynced.
+        with contextlib.suppress(AttributeError, OSError):
             self._file.close()
         if self._lock is not None:
             with contextlib.suppress(OSError):

@@ -15,14 +15,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tabulate import tabulate
-
 from fairdeploy._io import atomic_write_text
+from fairdeploy._text import markdown_table
+from fairdeploy.metrics import LOWER_IS_BETTER
 from fairdeploy.sweep._run import ROW_METRICS, SweepRow, describe_settings
 
 __all__ = [
     "CSV_COLUMNS",
     "SCHEMA_VERSION",
+    "difference_words",
     "reference_settings",
     "render_sweep_markdown",
     "row_dict",
@@ -254,40 +255,11 @@ def render_sweep_markdown(summary: Mapping[str, Any], rows: Sequence[SweepRow]) 
         + "C.R. is the paper's theoretical compression rate. Rows the collapse guard "
         "rejects are marked with the reason.",
         "",
-        tabulate(_md_rows(rows), [*_MD_HEADER, "Guard", "Constraint", ""], tablefmt="github"),
+        markdown_table(_md_rows(rows), [*_MD_HEADER, "Guard", "Constraint", ""]),
     ]
     if multi:
-        overlap = [
-            f"- row {r.index} ({_label(r)}), `{layer}`: rows {p['rows']['mean']:.2f}, "
-            f"columns {p['cols']['mean']:.2f}"
-            for r in rows
-            for layer, p in r.overlap.items()
-            if r.kind == "point"
-        ]
-        if overlap:
-            out += [
-                "",
-                "Overlap (Jaccard, mean over pairs of draws) of the sparsified rows/columns:",
-                "",
-                *overlap,
-            ]
-    layer_rows = _per_layer_rows(rows, summary["reference_point"])
-    if len({str(r.settings.get("layer")) for r in layer_rows}) > 1:
-        by_index = {r.index: r for r in rows}
-        table = []
-        for r in layer_rows:
-            table.append(_md_rows([r])[0][:8])
-            if r.reference is not None:
-                table.append(_md_rows([by_index[r.reference]])[0][:8])
-        out += [
-            "",
-            "## Per layer (the paper's Table 3)",
-            "",
-            "The same setting applied to each layer in turn, next to truncated SVD of that "
-            "layer at the same rank.",
-            "",
-            tabulate(table, _MD_HEADER, tablefmt="github"),
-        ]
+        out += _overlap_lines(rows)
+    out += _per_layer_lines(rows, summary["reference_point"])
     out += ["", "## Selection", ""]
     if not sel:
         out.append("No rule given (`--select`): nothing was chosen.")
@@ -302,6 +274,68 @@ def render_sweep_markdown(summary: Mapping[str, Any], rows: Sequence[SweepRow]) 
     return "\n".join(out) + "\n"
 
 
+def difference_words(
+    diffs: Mapping[str, Mapping[str, Any]], metrics: Sequence[str] = ()
+) -> str:
+    """``eodd -0.0123 [-0.0300, -0.0010] (better); …``: the paired differences of EOdd,
+    EOpp1, Avg. precision and of the rule's other metrics, each with its direction in
+    words (fairness gaps better lower, the others better higher; ``not significant`` when
+    the interval contains 0)."""
+    parts = []
+    for metric in dict.fromkeys(["eodd", "eopp1", "avg_precision", *metrics]):
+        d = diffs.get(metric)
+        if not d or d.get("low") is None or d.get("value") is None:
+            continue
+        if not d["significant"]:
+            word = "not significant"
+        else:
+            word = "better" if (d["high"] < 0) == (metric in LOWER_IS_BETTER) else "worse"
+        parts.append(f"{metric} {d['value']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] ({word})")
+    return "; ".join(parts)
+
+
+def _overlap_lines(rows: Sequence[SweepRow]) -> list[str]:
+    """How alike the draws' selections are (mean Jaccard per layer), when any row has them."""
+    overlap = [
+        f"- row {r.index} ({_label(r)}), `{layer}`: rows {p['rows']['mean']:.2f}, "
+        f"columns {p['cols']['mean']:.2f}"
+        for r in rows
+        for layer, p in r.overlap.items()
+        if r.kind == "point"
+    ]
+    if not overlap:
+        return []
+    return [
+        "",
+        "Overlap (Jaccard, mean over pairs of draws) of the sparsified rows/columns:",
+        "",
+        *overlap,
+    ]
+
+
+def _per_layer_lines(rows: Sequence[SweepRow], reference_point: Mapping[str, Any]) -> list[str]:
+    """The paper's Table 3 (one setting on each layer in turn, beside truncated SVD of
+    that layer), when the sweep covers more than one layer."""
+    layer_rows = _per_layer_rows(rows, reference_point)
+    if len({str(r.settings.get("layer")) for r in layer_rows}) <= 1:
+        return []
+    by_index = {r.index: r for r in rows}
+    table = []
+    for r in layer_rows:
+        table.append(_md_rows([r])[0][:8])
+        if r.reference is not None:
+            table.append(_md_rows([by_index[r.reference]])[0][:8])
+    return [
+        "",
+        "## Per layer (the paper's Table 3)",
+        "",
+        "The same setting applied to each layer in turn, next to truncated SVD of that "
+        "layer at the same rank.",
+        "",
+        markdown_table(table, _MD_HEADER),
+    ]
+
+
 def test_lines(test: Mapping[str, Any]) -> list[str]:
     """The chosen point's test-split comparison, as markdown lines."""
     rows = []
@@ -314,22 +348,13 @@ def test_lines(test: Mapping[str, Any]) -> list[str]:
     out = [
         "### The chosen point on the test split (read once)",
         "",
-        tabulate(rows, ["Model", "Avg. precision", "EOpp1 ↓", "EOdd ↓"], tablefmt="github",
-                 disable_numparse=True),
+        markdown_table(rows, ["Model", "Avg. precision", "EOpp1 ↓", "EOdd ↓"]),
         "",
     ]
+    rule_metrics = [m["metric"] for m in test["verdict"].get("moves", ())]
     for against, key in (("vanilla", "vs_vanilla"), ("truncated SVD", "vs_svd")):
-        diffs = test[key]
-        parts = []
-        for metric in ("eodd", "eopp1", "avg_precision"):
-            d = diffs.get(metric)
-            if not d or d.get("low") is None:
-                continue
-            sig = "significant" if d["significant"] else "not significant"
-            parts.append(
-                f"{metric} {d['value']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] ({sig})"
-            )
-        out.append(f"- chosen − {against}, 95 % paired bootstrap: " + "; ".join(parts))
+        out.append(f"- chosen − {against}, 95 % paired bootstrap: "
+                   + difference_words(test[key], rule_metrics))
     out += ["", f"**{test['verdict']['text'][0].upper()}{test['verdict']['text'][1:]}.**"]
     return out
 

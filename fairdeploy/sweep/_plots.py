@@ -7,7 +7,8 @@
   and the bars span the draws' range.
 - ``pareto.png``: Avg. precision against EOdd for every valid point, the Pareto front
   (no other point has both lower EOdd and higher Avg. precision), points the collapse
-  guard rejects greyed, vanilla, truncated SVD and the chosen point marked.
+  guard rejects greyed, vanilla, truncated SVD and the chosen point marked; the view is
+  fitted to the points the guard keeps and the references.
 
 Drawn with matplotlib's object API on the Agg canvas (no pyplot state, no display).
 """
@@ -21,7 +22,7 @@ from typing import Any
 from fairdeploy._io import atomic_path
 from fairdeploy.sweep._run import SweepRow
 
-__all__ = ["pareto_front", "plot_figure4", "plot_pareto", "write_plots"]
+__all__ = ["pareto_figure", "pareto_front", "plot_figure4", "plot_pareto", "write_plots"]
 
 _PANELS = (("avg_precision", "Avg. precision"), ("eopp1", "EOpp1 ↓"), ("eodd", "EOdd ↓"))
 _LABELS = {"sr": "sr", "rr": "rr", "beta": "β", "rank": "rank k", "layer": "layer"}
@@ -136,6 +137,17 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 
 def plot_pareto(rows: Sequence[SweepRow], path: Path) -> Path | None:
     """Avg. precision against EOdd with the Pareto front (see the module docstring)."""
+    fig = pareto_figure(rows)
+    return None if fig is None else _save(fig, path)
+
+
+def pareto_figure(rows: Sequence[SweepRow]) -> Any:
+    """The figure of :func:`plot_pareto` (None without a valid point).
+
+    The view is fitted to the points the collapse guard keeps, vanilla, truncated SVD and
+    the chosen point, so a collapsed point far away does not squeeze them into a corner;
+    guard-rejected points outside the view are counted in the legend.
+    """
     pts = [
         r for r in rows
         if r.kind == "point" and r.status == "ok"
@@ -147,11 +159,21 @@ def plot_pareto(rows: Sequence[SweepRow], path: Path) -> Path | None:
     ax = fig.subplots()
     ok = [r for r in pts if r.guard in ("ok", "off", "")]
     bad = [r for r in pts if r not in ok]
+    vanilla = next(r for r in rows if r.kind == "vanilla")
+    refs = [r for r in rows if r.kind == "reference" and r.value("eodd") is not None
+            and r.value("avg_precision") is not None]
+    chosen = [r for r in pts if r.chosen]
+    focus = [r for r in (*ok, vanilla, *refs, *chosen) if r.value("eodd") is not None
+             and r.value("avg_precision") is not None]
+    (x0, x1), (y0, y1) = _view([r.value("eodd") for r in focus]), _view(
+        [r.value("avg_precision") for r in focus])
+    outside = [r for r in bad
+               if not (x0 <= r.value("eodd") <= x1 and y0 <= r.value("avg_precision") <= y1)]
     if bad:
+        note = f" ({len(outside)} outside this view)" if outside else ""
         ax.scatter([r.value("eodd") for r in bad], [r.value("avg_precision") for r in bad],
-                   marker="x", color="lightgrey", label="rejected by the collapse guard")
-    methods = sorted({r.method for r in ok})
-    for m in methods:
+                   marker="x", color="lightgrey", label="rejected by the collapse guard" + note)
+    for m in sorted({r.method for r in ok}):
         mine = [r for r in ok if r.method == m]
         ax.scatter([r.value("eodd") for r in mine], [r.value("avg_precision") for r in mine],
                    s=18, alpha=0.8, label=m)
@@ -160,25 +182,33 @@ def plot_pareto(rows: Sequence[SweepRow], path: Path) -> Path | None:
         front = pareto_front(xy)  # type: ignore[arg-type]
         ax.plot([xy[i][0] for i in front], [xy[i][1] for i in front], color="tab:red",
                 linewidth=1, drawstyle="steps-post", label="Pareto front")
-    vanilla = next(r for r in rows if r.kind == "vanilla")
-    ax.scatter([vanilla.value("eodd")], [vanilla.value("avg_precision")], marker="*", s=160,
-               color="black", label="vanilla", zorder=5)
-    refs = [r for r in rows if r.kind == "reference" and r.value("eodd") is not None]
+    if vanilla.value("eodd") is not None and vanilla.value("avg_precision") is not None:
+        ax.scatter([vanilla.value("eodd")], [vanilla.value("avg_precision")], marker="*",
+                   s=160, color="black", label="vanilla", zorder=5)
     if refs:
         ax.scatter([r.value("eodd") for r in refs], [r.value("avg_precision") for r in refs],
                    marker="D", s=40, facecolors="none", edgecolors="grey",
                    label="truncated SVD", zorder=4)
-    chosen = [r for r in pts if r.chosen]
     if chosen:
         ax.scatter([chosen[0].value("eodd")], [chosen[0].value("avg_precision")], s=200,
                    facecolors="none", edgecolors="tab:red", linewidths=2, label="chosen", zorder=6)
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
     ax.set_xlabel("EOdd ↓ (validation)")
     ax.set_ylabel("Avg. precision (validation)")
     ax.set_title("Accuracy–fairness trade-off of the sweep")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
+
+
+def _view(values: Sequence[float]) -> tuple[float, float]:
+    """Axis limits around ``values`` with 12 % margins (a small fixed span when they are
+    all equal)."""
+    lo, hi = min(values), max(values)
+    pad = 0.12 * (hi - lo) if hi > lo else max(abs(hi) * 0.05, 1e-3)
+    return lo - pad, hi + pad
 
 
 def write_plots(

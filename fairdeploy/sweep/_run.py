@@ -20,9 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from fairdeploy._json import json_float
 from fairdeploy.errors import FairDeployError
 from fairdeploy.metrics import (
     BOOTSTRAP_METRICS,
+    LOWER_IS_BETTER,
     SUMMARY_METRICS,
     bootstrap_metrics,
     selection_overlap,
@@ -110,13 +112,6 @@ class SweepRow:
         return None if sp is None else sp.get("median")
 
 
-def _json_float(value: Any) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return None if math.isnan(value) else value
-
-
 def _mask_hex(indices: Sequence[int], size: int) -> str:
     mask = np.zeros(size, dtype=bool)
     mask[np.asarray(indices, dtype=np.int64)] = True
@@ -159,8 +154,8 @@ def evaluate_on(exp: Any, plan: Plan, split: str) -> dict[str, Any]:
     record = {
         "plan": plan.to_dict(),
         "split": split,
-        "metrics": {k: _json_float(m[k]) for k in SUMMARY_METRICS},
-        "predicted_rates": [[_json_float(v) for v in row] for row in m["predicted_rates"]],
+        "metrics": {k: json_float(m[k]) for k in SUMMARY_METRICS},
+        "predicted_rates": [[json_float(v) for v in row] for row in m["predicted_rates"]],
         "selections": selections,
         "scoring_sizes": list(ctx.scoring_set(spec).sizes) if spec is not None else None,
         "seconds": round(time.perf_counter() - t0, 4),
@@ -458,12 +453,20 @@ def apply_selection(
         r for r in guarded if r.constraint == "ok" and r.value(selection.metric) is not None
     ]
     if not feasible:
+        meeting = [r for r in guarded if r.constraint == "ok"]
+        undefined = len(meeting) - len(feasible)
         message = (
             f"no point satisfies {selection.text!r}: {len(points)} points, "
             f"{len(points) - len(valid)} invalid for this model, "
             f"{len(valid) - len(guarded)} rejected by the collapse guard, "
-            f"{len(guarded) - len([r for r in guarded if r.constraint == 'ok'])} violating the "
-            "constraints (see the guard and constraint columns of sweep.csv)"
+            f"{len(guarded) - len(meeting)} violating the constraints"
+            + (
+                f", {undefined} with {selection.metric} undefined on the validation split "
+                "(e.g. a group with no sample of some class: a larger validation split, or "
+                "another objective)"
+                if undefined else ""
+            )
+            + " (see the guard and constraint columns of sweep.csv)"
         )
         return marked, None, message
     sign = 1.0 if selection.goal == "min" else -1.0
@@ -536,21 +539,23 @@ def test_comparison(
 
 
 def _verdict(selection: Selection, diffs: Mapping[str, Any], against: str) -> dict[str, Any]:
+    """The rule's objective against ``against`` in a sentence, then how every metric the
+    rule constrains moved (``better`` / ``worse`` / ``not significant``): a significant gain
+    on the objective may stand beside a significant loss on a constrained metric."""
     metric = selection.metric
+    moves = _moves(selection, diffs)
     if metric not in BOOTSTRAP_METRICS:
         return {
             "metric": metric,
             "significant": None,
+            "moves": moves,
             "text": f"the objective {metric} has no bootstrap interval (intervals cover "
-            f"{', '.join(BOOTSTRAP_METRICS)}): compare the test table with {against} by eye",
+            f"{', '.join(BOOTSTRAP_METRICS)}): compare the test table with {against} by eye"
+            + _moves_text(moves, metric),
         }
     d = diffs[metric]
     better = d.value is not None and (d.value < 0 if selection.goal == "min" else d.value > 0)
-    interval = (
-        f"Δ {metric} {d.value:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"
-        if d.value is not None and d.low is not None and not math.isnan(d.low)
-        else f"Δ {metric} undefined"
-    )
+    interval = _interval(metric, d)
     if d.significant and better:
         text = f"the chosen point is significantly better than {against} on test ({interval})"
     elif d.significant:
@@ -565,5 +570,37 @@ def _verdict(selection: Selection, diffs: Mapping[str, Any], against: str) -> di
         "difference": d.to_dict(),
         "significant": bool(d.significant),
         "better": bool(better),
-        "text": text,
+        "moves": moves,
+        "text": text + _moves_text(moves, metric),
     }
+
+
+def _interval(metric: str, d: Any) -> str:
+    if d.value is not None and d.low is not None and not math.isnan(d.low):
+        return f"Δ {metric} {d.value:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"
+    return f"Δ {metric} undefined"
+
+
+def _moves(selection: Selection, diffs: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per metric of the rule (objective first, then each constrained one, once): its
+    direction in words, from the paired interval. Fairness gaps are better lower."""
+    out = []
+    for metric in dict.fromkeys([selection.metric, *(c.metric for c in selection.constraints)]):
+        d = diffs.get(metric) if metric in BOOTSTRAP_METRICS else None
+        if d is None:
+            out.append({"metric": metric, "direction": None,
+                        "text": f"{metric}: no bootstrap interval"})
+            continue
+        if d.significant and d.value is not None:
+            went_down = d.high < 0
+            direction = "better" if went_down == (metric in LOWER_IS_BETTER) else "worse"
+        else:
+            direction = "not significant"
+        out.append({"metric": metric, "direction": direction,
+                    "text": f"{metric} {direction} ({_interval(metric, d)})"})
+    return out
+
+
+def _moves_text(moves: Sequence[Mapping[str, Any]], objective: str) -> str:
+    rest = [m["text"] for m in moves if m["metric"] != objective]
+    return "; constrained: " + "; ".join(rest) if rest else ""

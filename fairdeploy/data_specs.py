@@ -1,19 +1,23 @@
-"""``data:`` — one schema per data kind, selected by ``kind``."""
+"""The recipe's ``data:`` section (one schema per data kind, selected by ``kind``) and its
+``sensitive:`` section: the specs that :mod:`fairdeploy.data` reads and :mod:`fairdeploy.recipe`
+validates, below both."""
 
 from __future__ import annotations
 
 import math
 import os
 from pathlib import Path
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     Field,
+    field_validator,
     model_validator,
 )
 
 from fairdeploy._schema import (
     Fraction01,
+    GroupValue,
     LocalPath,
     NonNegInt,
     PosInt,
@@ -27,6 +31,7 @@ __all__ = [
     "DATA_KINDS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "LOCAL_PATH_KEYS",
     "CelebAAttributesData",
     "CelebAData",
     "DataSpec",
@@ -34,7 +39,9 @@ __all__ = [
     "ImageCsvData",
     "ImagePreprocessing",
     "NpzData",
+    "SensitiveSpec",
     "SplitSpec",
+    "normalize_value",
 ]
 
 
@@ -52,8 +59,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DATA_KINDS = ("celeba", "fitzpatrick17k", "image_csv", "npz", "celeba_attributes")
 
-# Machine-local paths: left out of recipe_hash, so moving the data keeps the hash.
-_LOCAL_PATH_KEYS = ("root", "csv", "images", "path")
+#: Machine-local paths: left out of recipe_hash, so moving the data keeps the hash.
+LOCAL_PATH_KEYS = ("root", "csv", "images", "path")
 
 
 class ImagePreprocessing(Strict):
@@ -242,3 +249,63 @@ DataSpec = Annotated[
     CelebAData | Fitzpatrick17kData | ImageCsvData | NpzData | CelebAAttributesData,
     Field(discriminator="kind"),
 ]
+
+
+class SensitiveSpec(Strict):
+    """``sensitive:`` — the attribute, its two groups, and which one is privileged.
+
+    ``groups`` maps each group name to the raw attribute values that belong to it, in
+    group-id order (0, 1). Values found in no group are ``unknown`` (group id −1):
+    left out of scoring and group metrics. ``privileged: auto`` lets ``optimize`` pick
+    the group on which the vanilla model has the higher validation macro recall.
+    """
+
+    attribute: str | None = None
+    groups: dict[str, list[GroupValue]] | None = None
+    privileged: str = "auto"
+
+    @field_validator("groups")
+    @classmethod
+    def _check_groups(cls, groups: dict[str, list[Any]] | None) -> dict[str, list[Any]] | None:
+        if groups is None:
+            return None
+        if len(groups) != 2:
+            raise ValueError(
+                "give exactly two groups (FairLRF compares an unprivileged and a privileged "
+                "group), e.g. {light: [1, 2, 3], dark: [4, 5, 6]}"
+            )
+        seen: dict[str, str] = {}
+        for name, values in groups.items():
+            if not name or name in ("auto", "unknown"):
+                raise ValueError(f"group name {name!r} is reserved: use another name")
+            if not values:
+                raise ValueError(f"group {name!r} lists no values")
+            for v in values:
+                key = normalize_value(v)
+                if key in seen:
+                    raise ValueError(f"value {v!r} is in both group {seen[key]!r} and {name!r}")
+                seen[key] = name
+        return groups
+
+    @model_validator(mode="after")
+    def _check_privileged(self) -> SensitiveSpec:
+        groups = self.groups
+        if groups is not None and self.privileged != "auto" and self.privileged not in groups:
+            raise schema_error(
+                "fd_privileged",
+                "privileged: {value!r} is not allowed (use auto or one of {names})",
+                {"value": self.privileged, "names": ", ".join(self.groups)},
+            )
+        return self
+
+
+def normalize_value(value: Any) -> str:
+    """Canonical text of a raw attribute value: ``1``, ``1.0`` and ``"1"`` all give ``"1"``."""
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    if math.isfinite(number) and number == int(number):
+        return str(int(number))
+    return repr(number)

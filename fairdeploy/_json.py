@@ -1,0 +1,49 @@
+"""Numbers for JSON: ``NaN`` (an undefined rate, an empty group) becomes ``null``, as JSON
+has no NaN; reports, sweep rows and metric dicts all write them this way."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = ["decode_prefixed", "json_fields", "json_float", "json_floats"]
+
+
+def json_float(value: Any) -> float | None:
+    """``value`` as a float, or None when it is None or NaN."""
+    if value is None:
+        return None
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def json_floats(values: Iterable[Any]) -> list[float | None]:
+    """:func:`json_float` of each value."""
+    return [json_float(v) for v in values]
+
+
+def json_fields(record: Any) -> dict[str, Any]:
+    """A dataclass instance as a dict in field order, its float fields through
+    :func:`json_float` (NaN → None) and the others as they are."""
+    return {
+        f.name: json_float(v) if isinstance(v, float) else v
+        for f in dataclasses.fields(record)
+        for v in (getattr(record, f.name),)
+    }
+
+
+def decode_prefixed(items: Iterable[tuple[str, str]], prefix: str) -> dict[str, Any]:
+    """The ``(key, value)`` entries whose key starts with ``prefix``, the prefix dropped and
+    the value JSON-decoded (a value that is not JSON is kept as its text): how fairdeploy
+    reads an ONNX file's metadata, whether from the proto or from an ORT session."""
+    out: dict[str, Any] = {}
+    for key, value in items:
+        if key.startswith(prefix):
+            try:
+                out[key[len(prefix) :]] = json.loads(value)
+            except json.JSONDecodeError:
+                out[key[len(prefix) :]] = value
+    return out
