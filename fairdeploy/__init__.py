@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "FairDeployError": "fairdeploy.errors",
     "LayerPlan": "fairdeploy.plan",
-    "Plan": "fairdeploy.plan",
+    "Plan": "fairdeploy.methods",  # importing it registers the built-in methods
     "FactorizedLinear": "fairdeploy.lrf",
     "factorize": "fairdeploy.lrf",
     "factorize_model": "fairdeploy.lrf",

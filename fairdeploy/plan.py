@@ -19,7 +19,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from fairdeploy._method_table import RegisteredMethod, find_method
 from fairdeploy._schema import Fraction01, NonNegFloat, PosInt, Seed, Strict, schema_error
+from fairdeploy._schema_errors import format_validation_error
 from fairdeploy.errors import FairDeployError
 from fairdeploy.fraction import kept_entries, num_selected
 
@@ -69,8 +71,6 @@ def _validate(init: Callable[..., None], data: dict[str, Any], what: str) -> Non
         try:
             init(**data)
         except ValidationError as exc:
-            from fairdeploy.recipe._load import format_validation_error
-
             raise FairDeployError(format_validation_error(exc, what)) from None
 
 
@@ -190,7 +190,9 @@ class Plan(Strict):
     ``Plan(name, ...)`` returns the plan of the registered method ``name`` (a
     subclass); its other arguments are that plan's fields (``layers`` may be given
     second, positionally). Bad values raise :class:`~fairdeploy.errors.FairDeployError`
-    naming the field.
+    naming the field. The method is looked up in the table that importing
+    :mod:`fairdeploy.methods` fills (``fairdeploy.Plan`` imports it); this module never
+    imports a method, since every method's module imports its plan from here.
     """
 
     model_config = ConfigDict(frozen=True, populate_by_name=True)
@@ -202,9 +204,7 @@ class Plan(Strict):
     def __new__(cls, *args: Any, **data: Any) -> Plan:
         name = args[0] if args else data.get("method", data.get("name"))
         if cls is Plan and name is not None:
-            from fairdeploy.methods import get_method
-
-            cls = get_method(str(name)).plan_class
+            cls = find_method(str(name)).plan_class
         return super().__new__(cls)
 
     def __init__(self, *args: Any, **data: Any) -> None:
@@ -213,10 +213,8 @@ class Plan(Strict):
 
     @model_validator(mode="after")
     def _registered(self) -> Plan:
-        from fairdeploy.methods import get_method
-
         try:
-            impl = get_method(self.method)
+            impl = find_method(self.method)
         except FairDeployError as exc:
             raise schema_error("fd_method", "name: {msg}", {"msg": str(exc)}) from None
         if not isinstance(self, impl.plan_class):
@@ -231,9 +229,8 @@ class Plan(Strict):
     @property
     def implementation(self) -> Any:
         """The registered :class:`~fairdeploy.methods.Method` this plan belongs to."""
-        from fairdeploy.methods import get_method
-
-        return get_method(self.method)
+        method: RegisteredMethod = find_method(self.method)
+        return method
 
     @property
     def factorizes(self) -> bool:

@@ -322,9 +322,9 @@ def test_every_row_sparsified_is_refused_not_emptied(tmp_path):
 def test_vgg11_paper_fitzpatrick_setting_from_shapes():
     """DESIGN §4: FC-2 k=64, sr 0.4, rr 0 on vgg11_paper (114 classes): paper C.R. 1.570,
     deployed ≈ 2.144 — FC-1 loses 1,638 outputs, FC-3 1,638 inputs."""
+    from fairdeploy import LayerPlan, Plan
     from fairdeploy.compression import layer_table, theoretical_cr
     from fairdeploy.models import build_model
-    from fairdeploy.plan import LayerPlan, Plan
 
     with torch.device("meta"):
         model = build_model("vgg11_paper", 114)

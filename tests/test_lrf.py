@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from fairdeploy import LayerPlan, Plan
 from fairdeploy.errors import FairDeployError
 from fairdeploy.lrf import (
     FactorizationWarning,
@@ -20,7 +21,6 @@ from fairdeploy.lrf import (
     truncated_svd,
 )
 from fairdeploy.models import build_model
-from fairdeploy.plan import LayerPlan, Plan
 
 
 def _matrix(m: int, n: int, sigma: torch.Tensor, seed: int = 0) -> torch.Tensor:

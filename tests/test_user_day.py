@@ -508,7 +508,7 @@ def test_a_symlinked_recipe_says_where_relative_paths_resolve(tmp_path: Path) ->
 def test_the_exact_estimator_warns_about_curved_heads() -> None:
     import _tiny_models
 
-    from fairdeploy.plan import Plan
+    from fairdeploy import Plan
 
     model = _tiny_models.tanh_mlp(2)
     plan = Plan("fairlrf", [{"layer": "2", "rank": 4, "sr": 0.25, "rr": 0.0}], beta=0.5)

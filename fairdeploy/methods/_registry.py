@@ -1,18 +1,20 @@
 """The method registry: built-in methods, registered ones and ``package.module:Class``.
 
 Built-in methods are the public modules of this package; each registers itself with
-:func:`register_method` when imported, and the registry imports them all on first use,
-so adding a method is adding one module. A recipe may also name a method by import
+:func:`register_method` when imported, and importing the package imports them all, so
+adding a method is adding one module. A recipe may also name a method by import
 string (``mypkg.methods:MyMethod``): the class is imported and registered under that
-string, as architectures are.
+string, as architectures are. The table itself is :data:`fairdeploy._method_table.METHODS`,
+below :mod:`fairdeploy.plan`, which reads it.
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
+from fairdeploy._method_table import METHODS, method_names
 from fairdeploy._trust import check_import_allowed
 from fairdeploy.errors import FairDeployError
 from fairdeploy.methods._base import Method
@@ -20,7 +22,8 @@ from fairdeploy.plan import Plan
 
 __all__ = ["get_method", "list_methods", "register_method"]
 
-_METHODS: dict[str, Method] = {}
+# The one table of registered methods; it lives below fairdeploy.plan, which reads it.
+_METHODS = cast("dict[str, Method]", METHODS)
 _BUILTINS_LOADED = False
 M = TypeVar("M", bound=type[Method])
 
@@ -108,5 +111,4 @@ def get_method(name: str) -> Method:
 def list_methods() -> list[str]:
     """Names of the registered methods, in table order (``Method.order``, then name)."""
     _load_builtins()
-    named = [(m.order, name) for name, m in _METHODS.items() if ":" not in name]
-    return [name for _, name in sorted(named)]
+    return method_names()

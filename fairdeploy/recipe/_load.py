@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import difflib
+import functools
 import os
-import reprlib
 import stat
 from pathlib import Path
 from typing import Any
@@ -14,12 +13,13 @@ from pydantic import (
     ValidationError,
 )
 
+from fairdeploy._schema_errors import format_validation_error
 from fairdeploy._trust import check_import_allowed
 from fairdeploy.data_specs import DATA_KINDS
 from fairdeploy.errors import FairDeployError, first_line
 from fairdeploy.recipe._recipe import Recipe
 
-__all__ = ["format_validation_error", "load_recipe", "parse_recipe"]
+__all__ = ["load_recipe", "parse_recipe"]
 
 
 #: Limits checked before any Python object is built from a recipe file. A recipe is a
@@ -293,125 +293,10 @@ def parse_recipe(
     try:
         return Recipe.model_validate(data, context=context)
     except ValidationError as exc:
-        raise FairDeployError(format_validation_error(exc, source, _node)) from None
-
-
-def format_validation_error(
-    exc: ValidationError, source: str, node: yaml.Node | None = None
-) -> str:
-    """One line for a schema error: ``source[:line]: key.path: what is wrong (what is allowed)``."""
-    errors = exc.errors(include_url=False)
-    err = errors[0]
-    loc = [p for i, p in enumerate(err["loc"]) if not _is_union_tag(err["loc"], i)]
-    ctx = err.get("ctx") or {}
-    kind = err["type"]
-    if kind == "unknown_key":
-        loc = [*loc, ctx["key"]]
-        close = difflib.get_close_matches(ctx["key"], ctx["allowed"], n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        text = f"unknown key (allowed: {', '.join(ctx['allowed'])}{hint})"
-    elif kind == "missing" and loc and isinstance(loc[-1], int):
-        loc = loc[:-1]  # a fixed-length list (mean, std) is short of items
-        text = "too few items"
-    elif kind == "missing":
-        text = "required key is missing"
-    elif kind in ("union_tag_invalid", "union_tag_not_found"):
-        loc = [*loc, "kind"]
-        tags = ", ".join(DATA_KINDS)
-        text = (
-            f"{ctx['tag']!r} is not allowed (use one of {tags})"
-            if kind == "union_tag_invalid"
-            else f"required key is missing (use one of {tags})"
-        )
-    elif kind == "literal_error":
-        text = f"{_short(err['input'])} is not allowed (use one of {ctx['expected']})"
-    elif kind in ("value_error", "assertion_error"):
-        msg = str(ctx.get("error", err["msg"])).removeprefix("Value error, ")
-        text = f"{_short(err['input'])} is not allowed ({msg})"
-    elif kind in _TYPE_HINTS:
-        text = f"{_short(err['input'])} is not allowed ({_TYPE_HINTS[kind]})"
-    elif kind in _BOUND_HINTS:
-        op, key = _BOUND_HINTS[kind]
-        text = f"{_short(err['input'])} is not allowed (use a number {op} {ctx[key]})"
-    elif kind.startswith("fd_"):
-        # Our own errors start with their key path relative to the model that raised them.
-        text = err["msg"]
-        head = text.split(" ", 1)[0]
-        if head.endswith(":"):
-            loc = [*loc, *_split_path(head[:-1])]
-            text = text[len(head) + 1 :]
-    else:
-        text = f"{_short(err['input'])} is not allowed ({err['msg'][0].lower()}{err['msg'][1:]})"
-    path = _join_loc(loc)
-    line = _line_of(node, loc) if node is not None else None
-    where = f"{source}:{line}" if line else source
-    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(
-        errors
-    ) > 1 else ""
-    return f"{where}: {path}: {text}{more}" if path else f"{where}: {text}{more}"
-
-
-_TYPE_HINTS = {
-    "int_type": "use an integer",
-    "int_parsing": "use an integer",
-    "int_from_float": "use an integer",
-    "float_type": "use a number",
-    "float_parsing": "use a number",
-    "bool_type": "use true or false",
-    "bool_parsing": "use true or false",
-    "string_type": "use a string",
-    "list_type": "use a list",
-    "tuple_type": "use a list",
-    "dict_type": "use a mapping of keys to values",
-    "model_type": "use a mapping of keys to values",
-    "model_attributes_type": "use a mapping of keys to values",
-    "too_short": "too few items",
-    "too_long": "too many items",
-    "path_type": "use a path string",
-}
-_BOUND_HINTS = {
-    "greater_than_equal": ("≥", "ge"),
-    "greater_than": (">", "gt"),
-    "less_than_equal": ("≤", "le"),
-    "less_than": ("<", "lt"),
-}
-
-
-def _is_union_tag(loc: tuple[Any, ...], i: int) -> bool:
-    # A discriminated union puts the tag ('celeba', ...) into the location after 'data'.
-    return i == 1 and loc[0] == "data" and loc[i] in DATA_KINDS
-
-
-def _split_path(head: str) -> list[str | int]:
-    parts: list[str | int] = []
-    for piece in head.split("."):
-        name, _, rest = piece.partition("[")
-        if name:
-            parts.append(name)
-        while rest:
-            idx, _, rest = rest.partition("]")
-            parts.append(int(idx))
-            rest = rest.removeprefix("[")
-    return parts
-
-
-def _join_loc(loc: list[Any]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 2, 50, 50, 40
-_REPR.maxlist = _REPR.maxdict = _REPR.maxtuple = _REPR.maxset = 4
-
-
-def _short(value: Any) -> str:
-    # reprlib stops early: the full repr of a large (or alias-expanded) value could take
-    # minutes and gigabytes.
-    text = _REPR.repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+        line_of = functools.partial(_line_of, _node) if _node is not None else None
+        raise FairDeployError(
+            format_validation_error(exc, source, line_of=line_of, union_tags={"data": DATA_KINDS})
+        ) from None
 
 
 def _line_of(node: yaml.Node | None, loc: list[Any]) -> int | None:
