@@ -54,30 +54,16 @@ class PruneResult(SelectionCounts):
 
     Attributes
     ----------
-    model : nn.Module
-        A pruned copy of the model (the caller's is unchanged), in eval mode.
-    masks : dict[str, torch.Tensor]
-        Per chosen layer (module name), a bool tensor of the weight's shape, True where
-        the weight was set to zero.
-    counts : dict[str, int]
-        Per layer, the number of pruned weights (``masks[l].sum()``).
-    sizes : dict[str, int]
-        Per layer, the number of weights.
-    prune_ratio, beta : float
-        The settings used.
-    scope : str
-        ``"layer"`` or ``"global"``.
+    model, masks, counts, sizes, beta, scope
+        As :class:`~fairdeploy.weight_selection.SelectionCounts`: the pruned copy, in
+        eval mode; ``masks`` True where the weight was set to zero.
+    prune_ratio : float
+        The setting used.
     theoretical_cr : float
         1.0: pruned weights are stored dense (the paper's accounting).
     """
 
-    model: nn.Module
-    masks: dict[str, torch.Tensor]
-    counts: dict[str, int]
-    sizes: dict[str, int]
     prune_ratio: float
-    beta: float
-    scope: str
     theoretical_cr: float = 1.0
 
     #: Weights pruned over all chosen layers.

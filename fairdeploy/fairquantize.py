@@ -232,15 +232,13 @@ class QuantizeResult(SelectionCounts):
 
     Attributes
     ----------
-    model : nn.Module
-        The de-quantized copy (float weights, quantized entries at ``q · scale``), in
-        eval mode; the caller's model is unchanged.
-    masks, values, scales : dict[str, torch.Tensor]
+    model, masks, counts, sizes, beta, scope
+        As :class:`~fairdeploy.weight_selection.SelectionCounts`: the de-quantized copy
+        (float weights, quantized entries at ``q · scale``), in eval mode; ``masks`` True
+        at the int8 entries.
+    values, scales : dict[str, torch.Tensor]
         As above, per layer (module name).
-    counts, sizes : dict[str, int]
-        Per layer: quantized weights, all weights.
-    quantize_ratio, beta : float
-    scope : str
+    quantize_ratio : float
     steps, finetune_epochs : int
     history : list of dict
         Per step: ``step``, ``fraction`` (cumulative target), ``new`` (entries
@@ -248,15 +246,9 @@ class QuantizeResult(SelectionCounts):
         ``finetune`` (train_model's per-epoch history).
     """
 
-    model: nn.Module
-    masks: dict[str, torch.Tensor]
     values: dict[str, torch.Tensor]
     scales: dict[str, torch.Tensor]
-    counts: dict[str, int]
-    sizes: dict[str, int]
     quantize_ratio: float
-    beta: float
-    scope: str
     steps: int
     finetune_epochs: int
     history: list[dict[str, Any]] = field(default_factory=list)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from fairdeploy.errors import FairDeployError
 from fairdeploy.fraction import check_fraction, fraction_count
@@ -31,13 +33,33 @@ __all__ = [
 SCOPES = ("layer", "global")
 
 
+@dataclass(frozen=True, eq=False)
 class SelectionCounts:
-    """What a per-layer selection result adds up to: mixed into the results of FairPrune
-    and FairQuantize, which hold ``counts`` (entries selected per layer) and ``sizes``
-    (entries per layer)."""
+    """What the results of FairPrune and FairQuantize share, and what their per-layer
+    selection adds up to.
 
+    Attributes
+    ----------
+    model : nn.Module
+        The processed copy (the caller's model is unchanged), in eval mode.
+    masks : dict[str, torch.Tensor]
+        Per chosen layer (module name), a bool tensor of the weight's shape, True where
+        the entry was selected (pruned, quantized).
+    counts : dict[str, int]
+        Per layer, the number of selected entries (``masks[l].sum()``).
+    sizes : dict[str, int]
+        Per layer, the number of entries.
+    beta : float
+    scope : str
+        ``"layer"`` or ``"global"``.
+    """
+
+    model: nn.Module
+    masks: dict[str, torch.Tensor]
     counts: dict[str, int]
     sizes: dict[str, int]
+    beta: float
+    scope: str
 
     @property
     def selected_total(self) -> int:

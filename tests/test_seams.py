@@ -140,6 +140,27 @@ def test_hessian_cache_keys_the_ggn_mc_seed_with_every_sample(
             torch.testing.assert_close(t, second[role][p])
 
 
+def test_weight_hessians_reach_the_estimator_with_mc_samples(tabular) -> None:
+    """Every estimator setting of the scoring spec reaches the Hessian function (one
+    ``estimator_inputs`` for all methods): ``mc_samples`` 1 and 4 give each their own
+    reference's numbers, and they differ."""
+    tmp, model = tabular
+    exp = _experiment(tmp, model, _fairprune(0))
+    exp.prepare()
+    base = exp.recipe.method
+    got = {}
+    for mc in (1, 4):
+        plan = base.model_copy(
+            update={"scoring": base.scoring.model_copy(update={"mc_samples": mc})})
+        got[mc] = _weight_hessians(exp, plan)
+        want = _weight_reference(exp, plan)
+        for role in (0, 1):
+            torch.testing.assert_close(got[mc][role]["layers.2.weight"].double(),
+                                       want[role]["layers.2.weight"].double(),
+                                       rtol=1e-6, atol=1e-12)
+    assert not torch.equal(got[1][0]["layers.2.weight"], got[4][0]["layers.2.weight"])
+
+
 # --------------------------------------------------------------------------- bug 2: dry run
 
 

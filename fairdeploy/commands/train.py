@@ -6,6 +6,7 @@ trains, optimizes and sweeps the bundled demo recipe end to end.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,19 +111,12 @@ def run_demo(
     overrides = {"epochs": epochs} if epochs else {}
     echo(f"training the demo MLP (or reusing {ckpt}) ...")
     run_train(recipe_path, ckpt, overrides=overrides, progress=progress)
-    if sweep:
-        return run_sweep(
-            ckpt,
-            recipe_path,
-            out=Path(out) if out else exports_dir / "demo-sweep",
-            exports_dir=exports_dir,
-            progress=progress,
-            echo=echo,
-        )
-    return run_optimize(
+    run: Callable[..., OptimizeResult | SweepResult] = run_sweep if sweep else run_optimize
+    folder = "demo-sweep" if sweep else "demo"
+    return run(
         ckpt,
         recipe_path,
-        out=Path(out) if out else exports_dir / "demo",
+        out=Path(out) if out else exports_dir / folder,
         exports_dir=exports_dir,
         progress=progress,
         echo=echo,

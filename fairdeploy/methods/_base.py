@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 from pydantic import BaseModel
 from torch import nn
 
-from fairdeploy.plan import Plan
+from fairdeploy.plan import Plan, ScoringSpec
 
 if TYPE_CHECKING:
-    from fairdeploy.experiment import Context
+    from fairdeploy.experiment import Context, ScoringSet
 
-__all__ = ["Method", "P", "Processed", "count_parameters"]
+__all__ = ["Method", "P", "Processed", "count_parameters", "estimator_inputs"]
 
 #: The plan class a method takes (``Method[FairLRFPlan]``).
 P = TypeVar("P", bound=Plan)
@@ -33,6 +33,26 @@ P = TypeVar("P", bound=Plan)
 def count_parameters(module: nn.Module) -> int:
     """Number of parameter entries (weights and biases) of a module; shapes only."""
     return sum(p.numel() for p in module.parameters())
+
+
+def estimator_inputs(
+    data: ScoringSet, spec: ScoringSpec
+) -> tuple[tuple[Any, Any, Any], dict[str, Any]]:
+    """The scoring samples and the estimator settings, as the per-group Hessian
+    functions take them (``group_hessians``, ``group_weight_hessians``, ``fairquantize``).
+
+    Returns ``(features, targets, groups)`` of ``data`` and the keyword arguments
+    ``estimator``, ``batch_size``, ``seed`` and, where ``spec`` has it, ``mc_samples``:
+    every method passes the spec through here, so each setting the cache key names
+    (:meth:`~fairdeploy.experiment.Context.hessians`) reaches the estimator.
+    """
+    fs = data.features
+    settings: dict[str, Any] = {
+        "estimator": spec.estimator, "batch_size": spec.batch_size, "seed": spec.seed
+    }
+    if hasattr(spec, "mc_samples"):
+        settings["mc_samples"] = spec.mc_samples
+    return (fs.features, fs.targets, fs.groups), settings
 
 
 @dataclass

@@ -34,7 +34,7 @@ from fairdeploy.plan import LayerPlan, Plan, kept_entries, num_selected
 if TYPE_CHECKING:
     from fairdeploy.experiment import Context
 
-__all__ = ["LowRankMethod", "LowRankPlan", "SparseLowRankMethod", "SparsePlan"]
+__all__ = ["LowRankMethod", "LowRankPlan", "SLRMethod", "SparseLowRankMethod", "SparsePlan"]
 
 
 class LowRankPlan(Plan):
@@ -316,7 +316,22 @@ class SparseLowRankMethod(LowRankMethod[SP]):
 
         ``head`` is the head as processed so far (every target layer factorized, the
         earlier ones already sparsified); ``selections`` what the earlier layers chose.
-        Which state a method scores is its own decision, stated in its docstring:
-        FairLRF scores ``head``; SLR-w and SLR-a score the vanilla model (the original
-        weights, the trained network's activations), as their paper does."""
+        Which state a method scores is its own decision, stated in its docstring. By
+        default the VANILLA model (:meth:`vanilla_inputs`: the original weights, the
+        trained network's activations), as SLR-w and SLR-a do after their paper, so a
+        layer's selection does not depend on the layers listed before it; FairLRF
+        overrides this to score ``head``."""
+        return self.vanilla_inputs(plan, ctx, plan.layers[index].layer)
+
+    def vanilla_inputs(self, plan: SP, ctx: Context, layer: str) -> SelectionInputs:
+        """What the strategy reads to score ``layer``, from the vanilla model."""
         raise NotImplementedError
+
+
+class SLRMethod(SparseLowRankMethod[SP]):
+    """SLR (Yang et al.): SLR-w and SLR-a, scored on the vanilla model (the default
+    :meth:`~SparseLowRankMethod.selection_inputs`). Compare entries derived from another
+    main method use the paper's sr = rr = 0.5; SLR rows are in ``compare`` by default."""
+
+    paper_sr_rr: ClassVar[tuple[float, float] | None] = (0.5, 0.5)
+    default_compare: ClassVar[bool] = True

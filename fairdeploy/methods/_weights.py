@@ -33,7 +33,7 @@ from fairdeploy._schema import NonNegFloat, PosInt
 from fairdeploy._text import plural
 from fairdeploy.errors import FairDeployError
 from fairdeploy.lrf import functional_linears
-from fairdeploy.methods._base import Method, count_parameters
+from fairdeploy.methods._base import Method, Processed, count_parameters, estimator_inputs
 from fairdeploy.plan import Plan, ScoringSpec
 from fairdeploy.progress import phase
 
@@ -213,18 +213,14 @@ class WeightMethod(Method[WP]):
             n = int(np.isin(np.asarray(data.features.groups), ids).sum())
             with phase(f"{self.label}: Hessians of {plural(len(pnames), 'weight tensor')}",
                        total=n, unit="sample", enabled=ctx.progress) as bar:
+                samples, settings = estimator_inputs(data, spec)
                 return group_weight_hessians(
                     self.on_device(net, ctx) if full_model else net,
                     pnames,
-                    data.features.features,
-                    data.features.targets,
-                    data.features.groups,
+                    *samples,
                     group_ids=ids,
-                    estimator=spec.estimator,
-                    batch_size=spec.batch_size,
-                    mc_samples=spec.mc_samples,
-                    seed=spec.seed,
                     on_chunk=bar.advance,
+                    **settings,
                 )
 
         return ctx.hessians(
@@ -243,6 +239,22 @@ class WeightMethod(Method[WP]):
         if torch.device(ctx.device).type == "cpu":
             return model
         return copy.deepcopy(model).to(ctx.device)
+
+    def processed(
+        self,
+        plan: WP,
+        model: nn.Module,
+        *,
+        full: bool,
+        details: dict[str, Any],
+        notes: list[str],
+    ) -> Processed:
+        """The method's result: ``model`` as the processed full model (on the CPU) when
+        the plan ran on it, else as the head; ``details`` gain ``ran_on``."""
+        details = {**details, "ran_on": "model" if full else "head"}
+        if full:
+            return Processed(plan, model=model.cpu(), details=details, notes=notes)
+        return Processed(plan, head=model, details=details, notes=notes)
 
     def trunk_note(self, plan: WP, ctx: Context, reason: str) -> str:
         """The report's note for a row that ran the full model."""

@@ -21,6 +21,7 @@ from torch import nn
 
 from fairdeploy._schema import NonNegFloat, parse_fraction
 from fairdeploy.lrf import SelectionInputs
+from fairdeploy.methods._base import estimator_inputs
 from fairdeploy.methods._lrf import SparseLowRankMethod, SparsePlan
 from fairdeploy.methods._registry import register_method
 from fairdeploy.plan import LayerPlan, Plan, ScoringSpec
@@ -124,17 +125,8 @@ class FairLRF(SparseLowRankMethod[FairLRFPlan]):
         spec: FairLRFScoring = plan.scoring
 
         def hessians(data: ScoringSet, ids: tuple[int, int]) -> dict[int, dict[str, Any]]:
-            return group_hessians(
-                head,
-                lp.layer,
-                data.features.features,
-                data.features.targets,
-                data.features.groups,
-                group_ids=ids,
-                estimator=spec.estimator,
-                batch_size=spec.batch_size,
-                seed=spec.seed,
-            )
+            samples, settings = estimator_inputs(data, spec)
+            return group_hessians(head, lp.layer, *samples, group_ids=ids, **settings)
 
         # The head's state so far: every layer's rank, the earlier layers' settings and
         # selections (not this layer's sr/rr/β: a sweep over them reuses the Hessians).

@@ -88,12 +88,9 @@ class FairPrune(WeightMethod[FairPrunePlan]):
             "pruned": dict(result.counts),
             "weights": dict(result.sizes),
             "pruned_fraction": result.pruned_fraction,
-            "ran_on": "model" if full else "head",
             "masks": result.masks,
         }
-        if full:
-            return Processed(plan, model=result.model, details=details, notes=notes)
-        return Processed(plan, head=result.model, details=details, notes=notes)
+        return self.processed(plan, result.model, full=full, details=details, notes=notes)
 
     def pack_specs(self, processed: Processed) -> dict[str, dict[str, Any]]:
         return {n: {"pruned": m.cpu().numpy()} for n, m in processed.details["masks"].items()}

@@ -28,7 +28,7 @@ from torch import nn
 
 from fairdeploy._schema import NonNegFloat, NonNegInt, PosFraction, PosInt, Strict
 from fairdeploy.fairquantize import FINETUNE_DEFAULTS
-from fairdeploy.methods._base import Processed
+from fairdeploy.methods._base import Processed, estimator_inputs
 from fairdeploy.methods._registry import register_method
 from fairdeploy.methods._weights import WeightMethod, WeightPlan, weight_layers
 from fairdeploy.plan import Plan
@@ -114,66 +114,67 @@ class FairQuantize(WeightMethod[FairQuantizePlan]):
     def apply(self, plan: FairQuantizePlan, ctx: Context) -> Processed:
         from fairdeploy.fairquantize import fairquantize
 
-        p: Any = plan
         full = self.runs_on_model(plan, ctx)
-        spec = p.scoring
-        data = self.scoring_data(plan, ctx, full_model=full)
-        finetune = None
-        if p.finetune_epochs:
-            finetune = {
-                **p.finetune.model_dump(),
-                "device": ctx.device,
-                "progress": ctx.progress,
-                "num_workers": ctx.recipe.data.num_workers,
-            }
+        samples, settings = estimator_inputs(
+            self.scoring_data(plan, ctx, full_model=full), plan.scoring
+        )
         result = fairquantize(
             self.on_device(ctx.model, ctx) if full else ctx.head,
-            data.features.features,
-            data.features.targets,
-            data.features.groups,
-            quantize_ratio=p.quantize_ratio,
-            beta=p.beta,
+            *samples,
+            quantize_ratio=plan.quantize_ratio,
+            beta=plan.beta,
             layers=weight_layers(plan, ctx.model),
-            scope=p.scope,
-            steps=p.steps,
-            finetune_epochs=p.finetune_epochs,
-            train_set=ctx.splits["train"] if p.finetune_epochs else None,
-            finetune=finetune,
-            estimator=spec.estimator,
-            batch_size=spec.batch_size,
-            mc_samples=spec.mc_samples,
-            seed=spec.seed,
+            scope=plan.scope,
+            steps=plan.steps,
+            finetune_epochs=plan.finetune_epochs,
+            train_set=ctx.splits["train"] if plan.finetune_epochs else None,
+            finetune=self.finetune_settings(plan, ctx),
             group_ids=(ctx.unprivileged, ctx.privileged),
             # The first step scores the vanilla weights: shared with FairPrune's cache.
             hessians=self.hessians(plan, ctx, full_model=full),
+            **settings,
         )
-        notes = []
-        if p.finetune_epochs:
-            notes.append(self.trunk_note(
-                plan, ctx,
-                f"fine-tuning trains the whole model ({p.finetune_epochs} epoch(s) after each "
-                f"of {p.steps} step(s), on the training split)",
-            ))
-        elif full:
-            notes.append(self.trunk_note(plan, ctx, "the chosen layers include the trunk"))
-        if p.steps > 1:
-            notes.append(
-                f"{self.describe(plan)}: steps after the first recompute the Hessians on the "
-                "partly quantized model (not cached)"
-            )
         details: dict[str, Any] = {
             "quantized": dict(result.counts),
             "weights": dict(result.sizes),
             "quantized_fraction": result.quantized_fraction,
-            "ran_on": "model" if full else "head",
             "history": result.history,
             "masks": result.masks,
             "int8_values": result.values,
             "scales": result.scales,
         }
-        if full:
-            return Processed(plan, model=result.model.cpu(), details=details, notes=notes)
-        return Processed(plan, head=result.model, details=details, notes=notes)
+        notes = self.run_notes(plan, ctx, full=full)
+        return self.processed(plan, result.model, full=full, details=details, notes=notes)
+
+    def finetune_settings(self, plan: FairQuantizePlan, ctx: Context) -> dict[str, Any] | None:
+        """The optimizer and loader settings of the fine-tuning, None without it."""
+        if not plan.finetune_epochs:
+            return None
+        return {
+            **plan.finetune.model_dump(),
+            "device": ctx.device,
+            "progress": ctx.progress,
+            "num_workers": ctx.recipe.data.num_workers,
+        }
+
+    def run_notes(self, plan: FairQuantizePlan, ctx: Context, *, full: bool) -> list[str]:
+        """The report's notes: where it ran (the whole model when fine-tuned or when a
+        chosen layer is in the trunk) and that later steps are not cached."""
+        notes = []
+        if plan.finetune_epochs:
+            notes.append(self.trunk_note(
+                plan, ctx,
+                f"fine-tuning trains the whole model ({plan.finetune_epochs} epoch(s) after "
+                f"each of {plan.steps} step(s), on the training split)",
+            ))
+        elif full:
+            notes.append(self.trunk_note(plan, ctx, "the chosen layers include the trunk"))
+        if plan.steps > 1:
+            notes.append(
+                f"{self.describe(plan)}: steps after the first recompute the Hessians on the "
+                "partly quantized model (not cached)"
+            )
+        return notes
 
     def pack_specs(self, processed: Processed) -> dict[str, dict[str, Any]]:
         d = processed.details

@@ -14,15 +14,13 @@ after several layers (one ``self.act`` reused) counts only its call on the layer
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from pydantic import Field
-from torch import nn
 
 from fairdeploy.lrf import SelectionInputs, activation_abs_sums, following_activation
-from fairdeploy.methods._lrf import SparseLowRankMethod, SparsePlan
+from fairdeploy.methods._lrf import SLRMethod, SparsePlan
 from fairdeploy.methods._registry import register_method
 from fairdeploy.plan import Plan, SamplingSpec
 
@@ -39,31 +37,22 @@ class SLRActivationPlan(SparsePlan):
 
 
 @register_method
-class SLRActivation(SparseLowRankMethod[SLRActivationPlan]):
+class SLRActivation(SLRMethod[SLRActivationPlan]):
     """SLR-a: sparsify the rows/columns of least absolute activation."""
 
     name: ClassVar[str] = "slr_a"
     label: ClassVar[str] = "SLR-a"
     plan_class: ClassVar[type[Plan]] = SLRActivationPlan
     strategy: ClassVar[str] = "slr_a"
-    paper_sr_rr: ClassVar[tuple[float, float] | None] = (0.5, 0.5)
-    default_compare: ClassVar[bool] = True
     order: ClassVar[int] = 30
 
-    def selection_inputs(
-        self,
-        plan: SLRActivationPlan,
-        ctx: Context,
-        head: nn.Module,
-        index: int,
-        selections: Mapping[str, Mapping[str, list[int]]],
+    def vanilla_inputs(
+        self, plan: SLRActivationPlan, ctx: Context, layer: str
     ) -> SelectionInputs:
-        layer = plan.layers[index].layer
         activation = following_activation(ctx.model, layer)
 
-        # The vanilla head, not ``head`` (see the module docstring). It keeps the model's
-        # qualified names but not its containers, so the activation after the layer is
-        # found in the full model.
+        # The vanilla head keeps the model's qualified names but not its containers, so
+        # the activation after the layer is found in the full model.
         def sums(data: ScoringSet) -> dict[str, torch.Tensor]:
             inputs, outputs = activation_abs_sums(
                 ctx.head, layer, data.features.features.split(1024), activation=activation

@@ -7,13 +7,10 @@ method use the paper's sr = rr = 0.5.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, ClassVar
 
-from torch import nn
-
 from fairdeploy.lrf import SelectionInputs
-from fairdeploy.methods._lrf import SparseLowRankMethod, SparsePlan
+from fairdeploy.methods._lrf import SLRMethod, SparsePlan
 from fairdeploy.methods._registry import register_method
 from fairdeploy.plan import Plan
 
@@ -27,26 +24,15 @@ class SLRWeightPlan(SparsePlan):
     """Target layers with rank, sr and rr."""
 
 
-
 @register_method
-class SLRWeight(SparseLowRankMethod[SLRWeightPlan]):
+class SLRWeight(SLRMethod[SLRWeightPlan]):
     """SLR-w: sparsify the rows/columns of least absolute weight."""
 
     name: ClassVar[str] = "slr_w"
     label: ClassVar[str] = "SLR-w"
     plan_class: ClassVar[type[Plan]] = SLRWeightPlan
     strategy: ClassVar[str] = "slr_w"
-    paper_sr_rr: ClassVar[tuple[float, float] | None] = (0.5, 0.5)
-    default_compare: ClassVar[bool] = True
     order: ClassVar[int] = 20
 
-    def selection_inputs(
-        self,
-        plan: SLRWeightPlan,
-        ctx: Context,
-        head: nn.Module,
-        index: int,
-        selections: Mapping[str, Mapping[str, list[int]]],
-    ) -> SelectionInputs:
-        layer = plan.layers[index].layer
+    def vanilla_inputs(self, plan: SLRWeightPlan, ctx: Context, layer: str) -> SelectionInputs:
         return SelectionInputs(weight=ctx.head.get_submodule(layer).weight.detach())

@@ -386,6 +386,25 @@ def _rows(
 # --------------------------------------------------------------------------- selection
 
 
+def _constraint_status(
+    row: SweepRow, selection: Selection, vanilla: SweepRow, by_index: Mapping[int, SweepRow]
+) -> str:
+    """``ok``, or ``violated: `` and each constraint ``row`` fails with its value and
+    bound (references: the vanilla row and the point's truncated-SVD row)."""
+    failed = []
+    for c in selection.constraints:
+        refs = {"vanilla": vanilla.value(c.metric)}
+        if row.reference is not None:
+            refs["svd"] = by_index[row.reference].value(c.metric)
+        value = row.value(c.metric)
+        if not c.holds(value, refs):
+            shown = "undefined" if value is None else f"{value:.4f}"
+            bound = c.bound(refs)
+            limit = "undefined" if bound is None else f"{bound:.4f}"
+            failed.append(f"{c.text} ({c.metric} {shown}, bound {limit})")
+    return "ok" if not failed else "violated: " + "; ".join(failed)
+
+
 def apply_selection(
     rows: Sequence[SweepRow],
     selection: Selection | None,
@@ -431,18 +450,7 @@ def apply_selection(
             status = "ok" if not reasons else "; ".join(reasons)
         constraint = ""
         if selection is not None and row.kind == "point":
-            failed = []
-            for c in selection.constraints:
-                refs = {"vanilla": vanilla.value(c.metric)}
-                if row.reference is not None:
-                    refs["svd"] = by_index[row.reference].value(c.metric)
-                value = row.value(c.metric)
-                if not c.holds(value, refs):
-                    shown = "undefined" if value is None else f"{value:.4f}"
-                    bound = c.bound(refs)
-                    limit = "undefined" if bound is None else f"{bound:.4f}"
-                    failed.append(f"{c.text} ({c.metric} {shown}, bound {limit})")
-            constraint = "ok" if not failed else "violated: " + "; ".join(failed)
+            constraint = _constraint_status(row, selection, vanilla, by_index)
         marked.append(dataclasses.replace(row, guard=status, constraint=constraint))
     if selection is None:
         return marked, None, ""
