@@ -42,45 +42,13 @@ from fairdeploy.errors import FairDeployError
 from fairdeploy.features import FeatureSet, compute_features, layers_in_call_order, split_model
 from fairdeploy.lrf import FactorizedLinear, linear_layers
 from fairdeploy.methods import Processed
+from fairdeploy.methods._context import HessianCompute, ScoringSet
 from fairdeploy.metrics import GroupMetrics, group_metrics, privileged_group
 from fairdeploy.plan import AUTO_SAMPLES_PER_GROUP, Plan, SamplingSpec
 from fairdeploy.recipe import Recipe, load_recipe, parse_recipe
 from fairdeploy.scoring import scoring_indices
 
 __all__ = ["Context", "Experiment", "HessianCompute", "ScoringSet"]
-
-
-@dataclass(frozen=True)
-class ScoringSet:
-    """The per-group scoring sets of one draw, as cached trunk features.
-
-    Attributes
-    ----------
-    features : FeatureSet
-        Features, labels and groups of the scoring samples (group 0's set, then 1's).
-    positions : dict
-        Group id → positions of that group's samples in ``features``.
-    indices : ndarray
-        Positions of the samples in the training split, in ``features`` order.
-    key : dict
-        What identifies the draw (samples per group, seed, sizes), for cache keys.
-    """
-
-    features: FeatureSet
-    positions: dict[int, np.ndarray]
-    indices: np.ndarray
-    key: dict[str, Any]
-
-    @property
-    def per_group(self) -> int:
-        """Samples in the smaller group's set (all sets have this size unless every
-        training sample of each group was taken)."""
-        return min(len(p) for p in self.positions.values())
-
-    @property
-    def sizes(self) -> tuple[int, int]:
-        """Samples in group 0's and group 1's set."""
-        return len(self.positions[0]), len(self.positions[1])
 
 
 def _scoring_set(
@@ -96,10 +64,6 @@ def _scoring_set(
     if per_group == "all":
         key["sizes"] = [n0, len(order) - n0]
     return ScoringSet(fs, positions, order, key)
-
-
-#: ``compute(data, group_ids)`` of :meth:`Context.hessians`: per group id, name → tensor.
-HessianCompute = Callable[[ScoringSet, tuple[int, int]], Mapping[int, Mapping[str, torch.Tensor]]]
 
 
 @dataclass

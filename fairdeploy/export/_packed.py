@@ -258,7 +258,8 @@ def _mask(x: Any, shape: tuple[int, ...], what: str) -> np.ndarray:
     return m.reshape(-1)
 
 
-def _classes(parameter: str, spec: PackSpec) -> _Classes:
+def _checked_weight(parameter: str, spec: PackSpec) -> np.ndarray:
+    """The float32, non-empty, contiguous weight of ``spec`` (else one error line)."""
     if not isinstance(spec, PackSpec):
         raise FairDeployError(
             f"packing[{parameter!r}] is a {type(spec).__name__}: give a PackSpec"
@@ -276,7 +277,11 @@ def _classes(parameter: str, spec: PackSpec) -> _Classes:
         raise FairDeployError(
             f"packing[{parameter!r}].weight has {w.size} entries: at most 2**31 - 1 are packed"
         )
-    w = np.ascontiguousarray(w)
+    return np.ascontiguousarray(w)
+
+
+def _classes(parameter: str, spec: PackSpec) -> _Classes:
+    w = _checked_weight(parameter, spec)
     shape = tuple(w.shape)
     n = w.size
     where = f"packing[{parameter!r}]"

@@ -22,7 +22,7 @@ from torch import nn
 from fairdeploy.plan import Plan, ScoringSpec
 
 if TYPE_CHECKING:
-    from fairdeploy.experiment import Context, ScoringSet
+    from fairdeploy.methods._context import MethodContext, ScoringSet
 
 __all__ = ["Method", "P", "Processed", "count_parameters", "estimator_inputs"]
 
@@ -199,7 +199,7 @@ class Method(Generic[P]):
 
     # ------------------------------------------------------------------ doing it
 
-    def apply(self, plan: P, ctx: Context) -> Processed:
+    def apply(self, plan: P, ctx: MethodContext) -> Processed:
         """Apply ``plan`` to the experiment's vanilla model (never modified)."""
         raise NotImplementedError
 

@@ -28,7 +28,7 @@ from fairdeploy.plan import LayerPlan, Plan, ScoringSpec
 from fairdeploy.scoring import group_hessians
 
 if TYPE_CHECKING:
-    from fairdeploy.experiment import Context, ScoringSet
+    from fairdeploy.methods._context import MethodContext, ScoringSet
 
 __all__ = ["FairLRF", "FairLRFPlan", "FairLRFScoring"]
 
@@ -115,7 +115,7 @@ class FairLRF(SparseLowRankMethod[FairLRFPlan]):
     def selection_inputs(
         self,
         plan: FairLRFPlan,
-        ctx: Context,
+        ctx: MethodContext,
         head: nn.Module,
         index: int,
         selections: Mapping[str, Mapping[str, list[int]]],

@@ -34,7 +34,7 @@ from fairdeploy.methods._weights import WeightMethod, WeightPlan, weight_layers
 from fairdeploy.plan import Plan
 
 if TYPE_CHECKING:
-    from fairdeploy.experiment import Context
+    from fairdeploy.methods._context import MethodContext
 
 __all__ = ["FairQuantize", "FairQuantizePlan", "FinetuneSpec"]
 
@@ -107,11 +107,11 @@ class FairQuantize(WeightMethod[FairQuantizePlan]):
 
     # ------------------------------------------------------------------ doing it
 
-    def runs_on_model(self, plan: FairQuantizePlan, ctx: Context) -> bool:
+    def runs_on_model(self, plan: FairQuantizePlan, ctx: MethodContext) -> bool:
         # Fine-tuning trains the whole model on the training split.
         return bool(plan.finetune_epochs) or super().runs_on_model(plan, ctx)
 
-    def apply(self, plan: FairQuantizePlan, ctx: Context) -> Processed:
+    def apply(self, plan: FairQuantizePlan, ctx: MethodContext) -> Processed:
         from fairdeploy.fairquantize import fairquantize
 
         full = self.runs_on_model(plan, ctx)
@@ -146,7 +146,9 @@ class FairQuantize(WeightMethod[FairQuantizePlan]):
         notes = self.run_notes(plan, ctx, full=full)
         return self.processed(plan, result.model, full=full, details=details, notes=notes)
 
-    def finetune_settings(self, plan: FairQuantizePlan, ctx: Context) -> dict[str, Any] | None:
+    def finetune_settings(
+        self, plan: FairQuantizePlan, ctx: MethodContext
+    ) -> dict[str, Any] | None:
         """The optimizer and loader settings of the fine-tuning, None without it."""
         if not plan.finetune_epochs:
             return None
@@ -157,7 +159,7 @@ class FairQuantize(WeightMethod[FairQuantizePlan]):
             "num_workers": ctx.recipe.data.num_workers,
         }
 
-    def run_notes(self, plan: FairQuantizePlan, ctx: Context, *, full: bool) -> list[str]:
+    def run_notes(self, plan: FairQuantizePlan, ctx: MethodContext, *, full: bool) -> list[str]:
         """The report's notes: where it ran (the whole model when fine-tuned or when a
         chosen layer is in the trunk) and that later steps are not cached."""
         notes = []

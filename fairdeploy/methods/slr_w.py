@@ -15,7 +15,7 @@ from fairdeploy.methods._registry import register_method
 from fairdeploy.plan import Plan
 
 if TYPE_CHECKING:
-    from fairdeploy.experiment import Context
+    from fairdeploy.methods._context import MethodContext
 
 __all__ = ["SLRWeight", "SLRWeightPlan"]
 
@@ -34,5 +34,7 @@ class SLRWeight(SLRMethod[SLRWeightPlan]):
     strategy: ClassVar[str] = "slr_w"
     order: ClassVar[int] = 20
 
-    def vanilla_inputs(self, plan: SLRWeightPlan, ctx: Context, layer: str) -> SelectionInputs:
+    def vanilla_inputs(
+        self, plan: SLRWeightPlan, ctx: MethodContext, layer: str
+    ) -> SelectionInputs:
         return SelectionInputs(weight=ctx.head.get_submodule(layer).weight.detach())
