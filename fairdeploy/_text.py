@@ -18,6 +18,11 @@ def plural(n: int, singular: str, plural_form: str | None = None) -> str:
     return f"{n:,} {word}"
 
 
+def non_finite(bad: int) -> str:
+    """``1 non-finite value (NaN or infinity)``, ``1,024 non-finite values (NaN or infinity)``."""
+    return f"{plural(bad, 'non-finite value')} (NaN or infinity)"
+
+
 def seconds(value: float) -> str:
     """``0.4 s``, ``12.3 s``, ``4 min 05 s``."""
     if value < 60:

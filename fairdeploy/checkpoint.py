@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from fairdeploy._io import atomic_torch_save
+from fairdeploy._text import non_finite
 from fairdeploy.errors import FairDeployError, first_line
 from fairdeploy.models import build_model
 
@@ -146,9 +147,8 @@ def _check_finite(tensors: Mapping[str, Any], path: Path) -> None:
             bad = int((~torch.isfinite(t)).sum())
             if bad:
                 raise FairDeployError(
-                    f"checkpoint {path}: parameter {key!r} holds {bad} non-finite value"
-                    f"{'s' if bad > 1 else ''} (NaN or infinity): training diverged or the file "
-                    "is damaged; give a checkpoint with finite weights"
+                    f"checkpoint {path}: parameter {key!r} holds {non_finite(bad)}: training "
+                    "diverged or the file is damaged; give a checkpoint with finite weights"
                 )
 
 

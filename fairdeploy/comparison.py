@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from fairdeploy._text import non_finite
 from fairdeploy.errors import FairDeployError
 
 if TYPE_CHECKING:
@@ -96,10 +97,9 @@ def compare_outputs(
     if bad_ref:
         # Every difference against NaN is NaN: no tolerance could be stated, none checked.
         raise FairDeployError(
-            f"the reference output {name!r} holds {bad_ref:,} non-finite value"
-            f"{'s' if bad_ref > 1 else ''} (NaN or infinity) of {ref.size:,}: nothing can be "
-            "verified against it; regenerate the reference from a checkpoint with finite "
-            "outputs"
+            f"the reference output {name!r} holds {non_finite(bad_ref)} of {ref.size:,}: "
+            "nothing can be verified against it; regenerate the reference from a checkpoint "
+            "with finite outputs"
         )
     diff = np.abs(got - ref)
     mag = np.abs(ref)

@@ -52,7 +52,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import operator
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -477,28 +477,28 @@ def propagate_shapes(
     return out
 
 
-def ancestors(node: fx.Node) -> set[fx.Node]:
-    """``node`` and every node it depends on."""
+def _reachable(
+    start: Iterable[fx.Node], step: Callable[[fx.Node], Iterable[fx.Node]]
+) -> set[fx.Node]:
+    """``start`` and every node reached from it by repeated ``step`` (inputs or users)."""
     seen: set[fx.Node] = set()
-    stack = [node]
+    stack = list(start)
     while stack:
         n = stack.pop()
         if n not in seen:
             seen.add(n)
-            stack.extend(n.all_input_nodes)
+            stack.extend(step(n))
     return seen
+
+
+def ancestors(node: fx.Node) -> set[fx.Node]:
+    """``node`` and every node it depends on."""
+    return _reachable([node], lambda n: n.all_input_nodes)
 
 
 def _descendants(node: fx.Node) -> set[fx.Node]:
     """Every node that depends on ``node`` (not ``node`` itself)."""
-    seen: set[fx.Node] = set()
-    stack = list(node.users)
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.users)
-    return seen
+    return _reachable(node.users, lambda n: n.users)
 
 
 _INPLACE_OPERATORS = {
