@@ -271,7 +271,7 @@ def test_adjacent_factorized_layers_remove_the_union(tmp_path, rows_b, cols_a, b
     assert not shape.exact
     assert shape.params_min <= res.deployed_params <= shape.params
     assert res.deployed_params == _stored(tmp_path / "a.onnx")
-    assert shape.layers[0].eliminated_outputs == (4, 8)
+    assert shape.layers[0].eliminated_outputs_range == (4, 8)
     if bound:
         assert res.deployed_params == getattr(shape, bound)
 
@@ -341,7 +341,7 @@ def test_vgg11_paper_fitzpatrick_setting_from_shapes():
     assert got.exact and got.params == conv + fc1 + fc2 + fc3
     assert round(theoretical_cr(model, plan), 3) == 1.570
     assert round(got.ratio, 3) == 2.144
-    assert got.layers[0].eliminated_inputs == (dead, dead)
+    assert got.layers[0].eliminated_inputs_range == (dead, dead)
     off = deployed_params(model, rows, eliminate=False)
     assert off.params == got.vanilla_params - (4096 * 4096 - 64 * 8192 + 2 * dead * 64)
     zeros = deployed_params(model, rows, eliminate=False, sparse_layout="zeros")

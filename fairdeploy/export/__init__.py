@@ -1,7 +1,7 @@
 """ONNX export with factorized layers as real smaller MatMuls, dead-neuron elimination,
 metadata, measured sizes, and int8 copies made with ONNX Runtime's quantization tools."""
 
-from fairdeploy.export._eliminate import DeployedLayer, DeployedParams, deployed_params
+from fairdeploy.export._eliminate import DeployedParams, deployed_params
 from fairdeploy.export._int8 import (
     QUANT_MODES,
     Int8Compression,
@@ -44,7 +44,6 @@ __all__ = [
     "METADATA_PREFIX",
     "QUANT_MODES",
     "SPARSE_LAYOUTS",
-    "DeployedLayer",
     "DeployedParams",
     "ExportFactorized",
     "ExportOptions",

@@ -38,42 +38,14 @@ import torch
 from torch import nn
 
 from fairdeploy.errors import FairDeployError
+from fairdeploy.export._record import LayerLayout, layer_record
 from fairdeploy.lrf import FactorizedLinear
 from fairdeploy.structure import Link, ModelStructure, analyze_structure
 
-__all__ = ["DeployedLayer", "DeployedParams", "deployed_params"]
+__all__ = ["DeployedParams", "deployed_params"]
 
 #: The two ways to store a structured-sparse factor (``export.sparse_layout``).
 SPARSE_LAYOUTS = ("blocks", "zeros")
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """A factorized layer as the elimination sees it: shapes and sparsity counts."""
-
-    name: str
-    din: int
-    dout: int
-    rank: int
-    keep: int
-    rows: int
-    cols: int
-    bias: bool
-
-    @property
-    def sparse(self) -> bool:
-        """Sparsified rows/columns hold zeros (keep < k)."""
-        return self.keep < self.rank
-
-    @property
-    def dead_inputs(self) -> bool:
-        """Whole rows of U are zero: the layer ignores those inputs."""
-        return self.keep == 0 and self.rows > 0
-
-    @property
-    def constant_outputs(self) -> bool:
-        """Whole columns of V are zero: those outputs are the bias."""
-        return self.keep == 0 and self.cols > 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -101,7 +73,7 @@ class EliminationPlan:
 
 
 def plan_elimination(
-    structure: ModelStructure | None, specs: Mapping[str, LayerSpec], untraced: str = ""
+    structure: ModelStructure | None, specs: Mapping[str, LayerLayout], untraced: str = ""
 ) -> EliminationPlan:
     """Decide, from the structure and the sparsity counts, what can be eliminated.
 
@@ -110,16 +82,16 @@ def plan_elimination(
     structure : ModelStructure or None
         The analysis of the model (None when it could not be traced; ``untraced`` says
         why).
-    specs : mapping of str to LayerSpec
-        The factorized layers.
+    specs : mapping of str to LayerLayout
+        The factorized layers' records (their shapes and sparsity counts are read).
     """
     found: dict[tuple[str, str], dict[str, Any]] = {}
     refused_in: dict[str, str] = {}
     refused_out: dict[str, str] = {}
     for name, spec in specs.items():
         for side, dead, count, width in (
-            ("input", spec.dead_inputs, spec.rows, spec.din),
-            ("output", spec.constant_outputs, spec.cols, spec.dout),
+            ("input", spec.dead_inputs, spec.sparse_rows, spec.din),
+            ("output", spec.constant_outputs, spec.sparse_cols, spec.dout),
         ):
             if not dead:
                 continue
@@ -318,30 +290,6 @@ def _fold_constants(
 
 
 @dataclass(frozen=True)
-class DeployedLayer:
-    """What elimination does at one factorized layer (from shapes).
-
-    Attributes
-    ----------
-    name : str
-        The layer.
-    input_elimination, output_elimination : str
-        ``"off"``, ``"none"`` (nothing dead), ``"removed:<neighbour>"``, ``"dropped at
-        input: <reason>"`` (the layer drops its dead inputs with a Slice/Gather; the
-        model input keeps them) or ``"refused: <reason>"``.
-    eliminated_inputs, eliminated_outputs : tuple of int
-        ``(fewest, most)`` features removed; equal unless two adjacent factorized layers
-        both hold sparsified rows/columns (then the count depends on which were chosen).
-    """
-
-    name: str
-    input_elimination: str
-    output_elimination: str
-    eliminated_inputs: tuple[int, int]
-    eliminated_outputs: tuple[int, int]
-
-
-@dataclass(frozen=True)
 class DeployedParams:
     """Whole-model parameter counts of the deployed graph, from shapes.
 
@@ -360,8 +308,9 @@ class DeployedParams:
         ``"blocks"`` or ``"zeros"``.
     eliminate : bool
         Whether dead-neuron elimination was counted.
-    layers : tuple of DeployedLayer
-        Per factorized layer.
+    layers : tuple of LayerLayout
+        Per factorized layer: its record from shapes (``stored_params`` as stored after
+        elimination, ``eliminated_*_range`` the fewest and most features removed).
     """
 
     vanilla_params: int
@@ -369,7 +318,7 @@ class DeployedParams:
     params_min: int
     sparse_layout: str
     eliminate: bool
-    layers: tuple[DeployedLayer, ...] = ()
+    layers: tuple[LayerLayout, ...] = ()
 
     @property
     def exact(self) -> bool:
@@ -399,11 +348,11 @@ class DeployedParams:
             "eliminate": self.eliminate,
             "layers": [
                 {
-                    "name": lay.name,
+                    "name": lay.layer,
                     "input_elimination": lay.input_elimination,
                     "output_elimination": lay.output_elimination,
-                    "eliminated_inputs": list(lay.eliminated_inputs),
-                    "eliminated_outputs": list(lay.eliminated_outputs),
+                    "eliminated_inputs": list(lay.eliminated_inputs_range or ()),
+                    "eliminated_outputs": list(lay.eliminated_outputs_range or ()),
                 }
                 for lay in self.layers
             ],
@@ -415,9 +364,9 @@ _ROW_KEYS = ("name", "din", "dout", "k", "rows_sparsified", "cols_sparsified", "
 
 def _specs_from_rows(
     model: nn.Module, layers: Sequence[Mapping[str, Any]]
-) -> dict[str, LayerSpec]:
+) -> dict[str, LayerLayout]:
     modules = dict(model.named_modules())
-    specs: dict[str, LayerSpec] = {}
+    specs: dict[str, LayerLayout] = {}
     for row in layers:
         missing = [k for k in _ROW_KEYS if k not in row]
         if missing:
@@ -438,8 +387,8 @@ def _specs_from_rows(
                 f"layer {name!r} is Linear({linear.in_features}, {linear.out_features}) but "
                 f"its row says din={din}, dout={dout}"
             )
-        specs[name] = LayerSpec(
-            name=name,
+        specs[name] = layer_record(
+            name,
             din=din,
             dout=dout,
             rank=k,
@@ -449,6 +398,11 @@ def _specs_from_rows(
             bias=linear.bias is not None,
         )
     return specs
+
+
+def _span(counts: Sequence[int]) -> tuple[int, int]:
+    """``(fewest, most)`` of ``counts``."""
+    return min(counts), max(counts)
 
 
 def _overlap_candidates(lo: int, hi: int, points: Sequence[int]) -> list[int]:
@@ -539,7 +493,7 @@ class _Counter:
     def __init__(
         self,
         model: nn.Module,
-        specs: dict[str, LayerSpec],
+        specs: dict[str, LayerLayout],
         plan: EliminationPlan,
         layout: str,
         eliminate: bool,
@@ -564,11 +518,11 @@ class _Counter:
 
     def _effective_cols(self, name: str) -> int:
         s = self.specs.get(name)
-        return s.cols if s is not None and s.sparse else 0
+        return s.sparse_cols if s is not None else 0
 
     def _effective_rows(self, name: str) -> int:
         s = self.specs.get(name)
-        return s.rows if s is not None and s.sparse else 0
+        return s.sparse_rows if s is not None else 0
 
     def _width(self, producer: str) -> int:
         s = self.specs.get(producer)
@@ -592,20 +546,16 @@ class _Counter:
         assert best is not None and low is not None
         total, records = best
         layers = tuple(
-            DeployedLayer(
-                name=name,
-                input_elimination=records[name]["input"][0],
-                output_elimination=records[name]["output"][0],
-                eliminated_inputs=(
-                    min(elim_ranges[(name, "input")]),
-                    max(elim_ranges[(name, "input")]),
+            dataclasses.replace(
+                spec.with_elimination(
+                    records[name]["input"],
+                    records[name]["output"],
+                    inputs_range=_span(elim_ranges[(name, "input")]),
+                    outputs_range=_span(elim_ranges[(name, "output")]),
                 ),
-                eliminated_outputs=(
-                    min(elim_ranges[(name, "output")]),
-                    max(elim_ranges[(name, "output")]),
-                ),
+                stored_params=records[name]["stored"],
             )
-            for name in self.specs
+            for name, spec in self.specs.items()
         )
         return DeployedParams(
             vanilla_params=vanilla,
@@ -619,11 +569,11 @@ class _Counter:
     def _index_sets(self, overlaps: dict[int, int]) -> dict[str, dict[str, list[int]]]:
         """Sparsified rows/columns of every planned layer, realizing ``overlaps``: the
         producer's columns are ``0 … cp−1`` and the consumer's rows start at ``cp − o``."""
-        sets = {n: {"rows": list(range(s.rows)), "cols": list(range(s.cols))}
+        sets = {n: {"rows": list(range(s.sparse_rows)), "cols": list(range(s.sparse_cols))}
                 for n, s in self.specs.items()}
         for i, o in overlaps.items():
             j = self.plan.junctions[i]
-            cp, rq = self.specs[j.producer].cols, self.specs[j.consumer].rows
+            cp, rq = self.specs[j.producer].sparse_cols, self.specs[j.consumer].sparse_rows
             sets[j.producer]["cols"] = list(range(cp))
             sets[j.consumer]["rows"] = list(range(cp - o, cp - o + rq))
         return sets
@@ -642,11 +592,15 @@ class _Counter:
                 total += _stored_factor_params(module, blocks=self.layout == "blocks")
             else:
                 total += sum(p.numel() for p in module.parameters(recurse=False))
-        records = {
+        records: dict[str, dict[str, Any]] = {
             name: {side: self._status(name, side, done.get(name, {}))
                    for side in ("input", "output")}
             for name in self.specs
         }
+        for name in self.specs:  # what the export stores of the layer after elimination
+            layer = shapes.get_submodule(name)
+            assert isinstance(layer, FactorizedLinear)
+            records[name]["stored"] = _stored_factor_params(layer, blocks=self.layout == "blocks")
         return total, records
 
     def _status(self, name: str, side: str, done: Mapping[str, Any]) -> tuple[str, int]:
@@ -663,12 +617,12 @@ class _Counter:
         else:
             refused = self.plan.refused_inputs if side == "input" else self.plan.refused_outputs
             reason = refused.get(name, "")
-        if side == "input" and self.layout == "blocks" and s.rows < s.din:
-            return f"dropped at input: {reason}", s.rows
+        if side == "input" and self.layout == "blocks" and s.sparse_rows < s.din:
+            return f"dropped at input: {reason}", s.sparse_rows
         return f"refused: {reason}", 0
 
 
-def _meta_copy(model: nn.Module, specs: Mapping[str, LayerSpec]) -> nn.Module:
+def _meta_copy(model: nn.Module, specs: Mapping[str, LayerLayout]) -> nn.Module:
     """``model`` on the meta device (no data copied), each planned layer a
     :class:`~fairdeploy.lrf.FactorizedLinear` of its spec's shapes."""
     memo: dict[int, Any] = {}
@@ -678,7 +632,7 @@ def _meta_copy(model: nn.Module, specs: Mapping[str, LayerSpec]) -> nn.Module:
         memo[id(b)] = torch.empty_like(b, device="meta")
     shapes = copy.deepcopy(model, memo)
     for name, s in specs.items():
-        bias = torch.empty(s.dout, device="meta") if s.bias else None
+        bias = torch.empty(s.dout, device="meta") if s.has_bias else None
         layer = FactorizedLinear(
             torch.empty(s.din, s.rank, device="meta"),
             torch.empty(s.rank, device="meta"),

@@ -19,9 +19,9 @@ reached the theoretical speed-up (DESIGN.md §5).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -29,12 +29,12 @@ from torch import nn
 from fairdeploy.errors import FairDeployError
 from fairdeploy.export._eliminate import (
     SPARSE_LAYOUTS,
-    LayerSpec,
     _keep_features,
     _keep_inputs,
     apply_elimination,
     plan_elimination,
 )
+from fairdeploy.export._record import LayerLayout, layer_record
 from fairdeploy.lrf import FactorizedLinear
 from fairdeploy.structure import ELEMENTWISE_MODULES as _STRUCTURE_ELEMENTWISE
 from fairdeploy.structure import Link, ModelStructure, analyze_structure
@@ -51,69 +51,6 @@ __all__ = [
 #: Module types of the one elementwise table (:mod:`fairdeploy.structure`); whether an
 #: instance qualifies is decided there (e.g. BatchNorm1d only in eval mode on 2-D input).
 ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = _STRUCTURE_ELEMENTWISE
-
-
-@dataclass(frozen=True)
-class LayerLayout:
-    """How one factorized layer is stored in the exported graph.
-
-    Attributes
-    ----------
-    layer : str
-        Qualified module name.
-    din, dout, rank : int
-        Input features, output features and k.
-    keep : int
-        Entries a sparsified row/column keeps (``k`` when nothing is sparsified).
-    sparse_rows, sparse_cols : int
-        Number of sparsified rows of U / columns of V.
-    kept_rows, kept_cols : int
-        Rows of U / columns of V stored whole (``din − sparse_rows``, ``dout − sparse_cols``).
-    stored_params : int
-        Parameters the graph stores for the layer (factor blocks, S folded in, bias).
-    nonzero_params : int
-        Non-zero count with S as k values: ``din·k + k + k·dout + bias − zeroed``.
-    paper_params : int
-        The paper's count: ``din·k + k·k + k·dout + bias − zeroed`` (DESIGN.md §4).
-    dense_params : int
-        ``din·dout + bias``, what ``nn.Linear`` stores.
-    input_perm, output_perm : str
-        ``"none"``, ``"folded:<layer>"`` (folded into that neighbour's weights) or
-        ``"gather"`` (a run-time Gather).
-    eliminated_inputs, eliminated_outputs : int
-        Dead-neuron elimination: input features removed (with the producing layer's
-        output neurons, or dropped at this layer's input) and output features removed
-        (their constants folded into the next layer's bias).
-    input_elimination, output_elimination : str
-        ``"off"`` (not asked), ``"none"`` (nothing dead), ``"removed:<neighbour>"``,
-        ``"dropped at input: <why the neighbour could not lose them>"`` (a Slice or
-        Gather at this layer's input; the neighbour, or the model input, keeps them) or
-        ``"refused: <reason>"``.
-    """
-
-    layer: str
-    din: int
-    dout: int
-    rank: int
-    keep: int
-    sparse_rows: int
-    sparse_cols: int
-    kept_rows: int
-    kept_cols: int
-    stored_params: int
-    nonzero_params: int
-    paper_params: int
-    dense_params: int
-    input_perm: str
-    output_perm: str
-    eliminated_inputs: int = 0
-    eliminated_outputs: int = 0
-    input_elimination: str = "off"
-    output_elimination: str = "off"
-
-    def to_dict(self) -> dict[str, int | str]:
-        """The layout as a JSON-ready dict."""
-        return asdict(self)
 
 
 class ExportFactorized(nn.Module):
@@ -268,25 +205,18 @@ def _check_sparsity_record(name: str, layer: FactorizedLinear) -> None:
             )
 
 
-def _layout_counts(layer: FactorizedLinear) -> dict[str, int]:
-    din, dout, k, q = layer.in_features, layer.out_features, layer.rank, int(layer.keep)
-    nr, nc = (layer.sparse_rows.numel(), layer.sparse_cols.numel()) if q < k else (0, 0)
-    bias = dout if layer.bias is not None else 0
-    zeroed = (nr + nc) * (k - q)
-    return {
-        "din": din,
-        "dout": dout,
-        "rank": k,
-        "keep": q if (nr or nc) else k,
-        "sparse_rows": nr,
-        "sparse_cols": nc,
-        "kept_rows": din - nr,
-        "kept_cols": dout - nc,
-        "stored_params": din * k + k * dout + bias - zeroed,
-        "nonzero_params": din * k + k + k * dout + bias - zeroed,
-        "paper_params": din * k + k * k + k * dout + bias - zeroed,
-        "dense_params": din * dout + bias,
-    }
+def _record(name: str, layer: FactorizedLinear) -> LayerLayout:
+    """The first stage of the layer's record: its shapes and sparsity counts."""
+    return layer_record(
+        name,
+        din=layer.in_features,
+        dout=layer.out_features,
+        rank=layer.rank,
+        keep=int(layer.keep),
+        rows=int(layer.sparse_rows.numel()),
+        cols=int(layer.sparse_cols.numel()),
+        bias=layer.bias is not None,
+    )
 
 
 def _permute_neighbour(module: nn.Module, *, out_perm=None, in_perm=None) -> nn.Module:
@@ -328,49 +258,35 @@ def sparse_layout_name(sparse_layout: bool | str) -> str:
     )
 
 
-def _spec(name: str, layer: FactorizedLinear) -> LayerSpec:
-    return LayerSpec(
-        name=name,
-        din=layer.in_features,
-        dout=layer.out_features,
-        rank=layer.rank,
-        keep=int(layer.keep),
-        rows=int(layer.sparse_rows.numel()),
-        cols=int(layer.sparse_cols.numel()),
-        bias=layer.bias is not None,
-    )
-
-
 def _eliminate(
     ready: nn.Module,
-    names: list[str],
+    specs: Mapping[str, LayerLayout],
     structure: ModelStructure | None,
     untraced: str,
     *,
     blocks: bool,
-) -> tuple[dict[str, dict[str, tuple[str, int]]], dict[str, torch.Tensor]]:
-    """Dead-neuron elimination on ``ready`` (in place): per-layer status and the inputs
-    each layer that drops its dead inputs itself still reads."""
-    specs = {n: _spec(n, ready.get_submodule(n)) for n in names}
+) -> tuple[dict[str, LayerLayout], dict[str, torch.Tensor]]:
+    """Dead-neuron elimination on ``ready`` (in place): the layers' records with the
+    outcome, and the inputs each layer that drops its dead inputs itself still reads."""
     plan = plan_elimination(structure, specs, untraced)
     done = apply_elimination(ready, plan)
-    status: dict[str, dict[str, tuple[str, int]]] = {}
+    records: dict[str, LayerLayout] = {}
     select: dict[str, torch.Tensor] = {}
     for name, spec in specs.items():
         got = done.get(name, {})
-        status[name] = {}
+        status: dict[str, tuple[str, int]] = {}
         for side, dead, refused in (
             ("input", spec.dead_inputs, plan.refused_inputs),
             ("output", spec.constant_outputs, plan.refused_outputs),
         ):
             if side in got:
-                status[name][side] = got[side]
+                status[side] = got[side]
                 continue
             if not dead:
-                status[name][side] = ("none", 0)
+                status[side] = ("none", 0)
                 continue
             reason = got.get(f"refused_{side}") or refused.get(name, "")
-            if side == "input" and blocks and spec.rows < spec.din:
+            if side == "input" and blocks and spec.sparse_rows < spec.din:
                 # No neighbour can lose them: the layer reads only its live inputs.
                 layer = ready.get_submodule(name)
                 assert isinstance(layer, FactorizedLinear)
@@ -381,10 +297,11 @@ def _eliminate(
                 with torch.no_grad():
                     _keep_inputs(layer, keep)
                 select[name] = keep
-                status[name][side] = (f"dropped at input: {reason}", spec.rows)
+                status[side] = (f"dropped at input: {reason}", spec.sparse_rows)
             else:
-                status[name][side] = (f"refused: {reason}", 0)
-    return status, select
+                status[side] = (f"refused: {reason}", 0)
+        records[name] = spec.with_elimination(status["input"], status["output"])
+    return records, select
 
 
 def _fold_plan(
@@ -462,7 +379,7 @@ def prepare_for_export(
     for name, layer in factorized.items():
         _check_sparsity_record(name, layer)
     names = list(factorized)
-    counts = {name: _layout_counts(layer) for name, layer in factorized.items()}
+    records = {name: _record(name, layer) for name, layer in factorized.items()}
     structure: ModelStructure | None = None
     untraced = ""
     if names and ((fold_permutations and blocks) or eliminate_dead):
@@ -470,12 +387,9 @@ def prepare_for_export(
             structure = analyze_structure(ready, example_input=example_input)
         except FairDeployError as exc:
             untraced = str(exc)
-    status: dict[str, dict[str, tuple[str, int]]] = {
-        n: {"input": ("off", 0), "output": ("off", 0)} for n in names
-    }
     select: dict[str, torch.Tensor] = {}
-    if eliminate_dead and names:
-        status, select = _eliminate(ready, names, structure, untraced, blocks=blocks)
+    if eliminate_dead and names:  # else elimination stays "off" in the records
+        records, select = _eliminate(ready, records, structure, untraced, blocks=blocks)
     folded_in: dict[str, str] = {}
     folded_out: dict[str, str] = {}
     if fold_permutations and blocks and structure is not None:
@@ -483,7 +397,7 @@ def prepare_for_export(
     layouts: list[LayerLayout] = []
     for name in names:
         layouts.append(_export_layer(
-            ready, name, counts[name], status[name], blocks=blocks,
+            ready, records[name], blocks=blocks,
             folded_in=folded_in, folded_out=folded_out, input_select=select.get(name),
         ))
     return ready, layouts
@@ -516,12 +430,13 @@ def _fold_permutations(
 
 
 def _export_layer(
-    ready: nn.Module, name: str, counts: Mapping[str, int],
-    status: Mapping[str, tuple[str, int]], *, blocks: bool, folded_in: Mapping[str, str],
+    ready: nn.Module, record: LayerLayout, *, blocks: bool, folded_in: Mapping[str, str],
     folded_out: Mapping[str, str], input_select: torch.Tensor | None,
 ) -> LayerLayout:
-    """Replace the factorized layer ``name`` of ``ready`` by its export module; return
-    its layout record (warning when it stores no fewer parameters than the dense layer)."""
+    """Replace the factorized layer ``record.layer`` of ``ready`` by its export module;
+    return its record with the storage figures (warning when it stores no fewer
+    parameters than the dense layer)."""
+    name = record.layer
     layer = ready.get_submodule(name)  # may be a permuted or reduced copy
     assert isinstance(layer, FactorizedLinear)
     export = ExportFactorized(
@@ -531,13 +446,12 @@ def _export_layer(
         gather_output=name not in folded_out,
         input_select=input_select,
     )
-    c = dict(counts)
-    c["stored_params"] = sum(p.numel() for p in export.parameters())
-    if c["stored_params"] >= c["dense_params"]:
-        k, din, dout = c["rank"], c["din"], c["dout"]
+    stored = sum(p.numel() for p in export.parameters())
+    if stored >= record.dense_params:
+        k, din, dout = record.rank, record.din, record.dout
         warnings.warn(
-            f"layer {name!r}: the factorized layer stores {c['stored_params']} "
-            f"parameters, not fewer than the dense layer's {c['dense_params']} "
+            f"layer {name!r}: the factorized layer stores {stored} "
+            f"parameters, not fewer than the dense layer's {record.dense_params} "
             f"(rank {k}; break-even rank is {din * dout // (din + dout)}): lower the rank",
             UserWarning,
             stacklevel=3,  # the caller of prepare_for_export
@@ -546,15 +460,10 @@ def _export_layer(
     col_perm = _needs_perm(layer, "out") and blocks
     in_mode = ("folded:" + folded_in[name]) if name in folded_in else "gather"
     out_mode = ("folded:" + folded_out[name]) if name in folded_out else "gather"
-    (in_status, n_in), (out_status, n_out) = status["input"], status["output"]
     ready.set_submodule(name, export)
-    return LayerLayout(
-        layer=name,
+    return dataclasses.replace(
+        record,
+        stored_params=stored,
         input_perm=in_mode if row_perm else "none",
         output_perm=out_mode if col_perm else "none",
-        eliminated_inputs=n_in,
-        eliminated_outputs=n_out,
-        input_elimination=in_status,
-        output_elimination=out_status,
-        **c,
     )
