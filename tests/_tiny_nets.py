@@ -67,3 +67,33 @@ def residual_mlp(num_classes: int = 3, **kwargs: int) -> nn.Module:
     """:class:`ResidualMLP`, seeded."""
     torch.manual_seed(0)
     return ResidualMLP(num_classes, **kwargs)
+
+
+def three_class_arrays(n: int = 900, d: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
+    """Tabular data with three learnable classes; group 1's labels are noisier, so the groups
+    differ. Split train/val/test as 1/2, 1/4, 1/4 (the arrays an NPZ recipe reads)."""
+    rng = np.random.default_rng(seed)
+    group = rng.integers(0, 2, n)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    y = x @ rng.normal(size=(d, 3)) + rng.normal(scale=0.3 + 0.9 * group[:, None], size=(n, 3))
+    split = np.array(["train"] * (n // 2) + ["val"] * (n // 4) + ["test"] * (n - n // 2 - n // 4))
+    return {"x": x, "y": y.argmax(1).astype(np.int64), "group": group, "split": split}
+
+
+def rows_and_vanilla(model: nn.Module) -> tuple[nn.Module, list[dict]]:
+    """The vanilla counterpart of ``model`` (each FactorizedLinear a Linear of the same shape)
+    and the layer rows ``compression.layer_table`` would give for it."""
+    import copy
+
+    from fairdeploy.lrf import FactorizedLinear
+
+    vanilla = copy.deepcopy(model)
+    rows = []
+    for name, m in model.named_modules():
+        if isinstance(m, FactorizedLinear):
+            vanilla.set_submodule(name, nn.Linear(m.in_features, m.out_features,
+                                                  bias=m.bias is not None))
+            rows.append({"name": name, "din": m.in_features, "dout": m.out_features,
+                         "k": m.rank, "rows_sparsified": m.sparse_rows.numel(),
+                         "cols_sparsified": m.sparse_cols.numel(), "keep": m.keep})
+    return vanilla, rows

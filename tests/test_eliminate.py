@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from _tiny_nets import rows_and_vanilla
 from test_export import initializers, make_factorized, mlp_with, ort_run
 from torch import nn
 
@@ -32,21 +33,6 @@ def _exact(path, model, x, atol=2e-5):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=atol)
 
 
-def _rows_and_vanilla(model: nn.Module) -> tuple[nn.Module, list[dict]]:
-    """The vanilla counterpart (each FactorizedLinear a Linear of the same shape) and the
-    layer rows ``compression.layer_table`` would give for it."""
-    vanilla = copy.deepcopy(model)
-    rows = []
-    for name, m in model.named_modules():
-        if isinstance(m, FactorizedLinear):
-            vanilla.set_submodule(name, nn.Linear(m.in_features, m.out_features,
-                                                  bias=m.bias is not None))
-            rows.append({"name": name, "din": m.in_features, "dout": m.out_features,
-                         "k": m.rank, "rows_sparsified": m.sparse_rows.numel(),
-                         "cols_sparsified": m.sparse_cols.numel(), "keep": m.keep})
-    return vanilla, rows
-
-
 def _stored(path) -> int:
     m = onnx.load(str(path))
     return sum(int(np.prod(t.dims)) for t in m.graph.initializer
@@ -54,7 +40,7 @@ def _stored(path) -> int:
 
 
 def _shape_only(model, x, **kw):
-    vanilla, rows = _rows_and_vanilla(model)
+    vanilla, rows = rows_and_vanilla(model)
     return deployed_params(vanilla, rows, example_input=x[:2], **kw)
 
 
@@ -131,7 +117,7 @@ def test_batchnorm_and_per_feature_prelu_between_are_sliced(tmp_path):
     assert shape.ratio == pytest.approx(res.deployed_cr)
     assert res.stored_elements == _stored(tmp_path / "bn.onnx") == shape.params + 2 * (9 + 7)
     # Without an example the BatchNorm cannot be proved elementwise: nothing is removed.
-    vanilla, rows = _rows_and_vanilla(model)
+    vanilla, rows = rows_and_vanilla(model)
     blind = deployed_params(vanilla, rows)
     assert blind.layers[0].input_elimination.startswith("dropped at input: BatchNorm1d")
     assert blind.layers[0].output_elimination.startswith("refused: BatchNorm1d")
@@ -353,7 +339,7 @@ def test_bad_options_and_rows_are_user_errors(tmp_path):
     with pytest.raises(FairDeployError, match="sparse_layout='sparse' is not allowed"):
         export_onnx(model, torch.randn(2, 10), tmp_path / "m.onnx",
                     options=ExportOptions(sparse_layout="sparse"))
-    vanilla, rows = _rows_and_vanilla(model)
+    vanilla, rows = rows_and_vanilla(model)
     with pytest.raises(FairDeployError, match="sparse_layout='dense' is not allowed"):
         deployed_params(vanilla, rows, sparse_layout="dense")
     with pytest.raises(FairDeployError, match="lacks keep"):

@@ -16,21 +16,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from _tiny_nets import trained_mlp
+from _tiny_nets import three_class_arrays, trained_mlp
 
 from fairdeploy.commands.compare import run_compare
 from fairdeploy.commands.sweep import run_sweep
 
 RULE = "min eodd s.t. avg_precision >= vanilla - 0.05 and avg_recall >= vanilla - 0.05"
-
-
-def _arrays(n: int = 900, d: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    group = rng.integers(0, 2, n)
-    x = rng.normal(size=(n, d)).astype(np.float32)
-    y = x @ rng.normal(size=(d, 3)) + rng.normal(scale=0.3 + 0.9 * group[:, None], size=(n, 3))
-    split = np.array(["train"] * (n // 2) + ["val"] * (n // 4) + ["test"] * (n - n // 2 - n // 4))
-    return {"x": x, "y": y.argmax(1).astype(np.int64), "group": group, "split": split}
 
 
 def _recipe(data: Path) -> dict:
@@ -49,7 +40,7 @@ def _recipe(data: Path) -> dict:
 @pytest.fixture(scope="module")
 def task(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("day2")
-    arrays = _arrays()
+    arrays = three_class_arrays()
     np.savez(tmp / "data.npz", **arrays)
     torch.save(trained_mlp(arrays).state_dict(), tmp / "ckpt.pt")
     (tmp / "r.yaml").write_text(yaml.safe_dump(_recipe(tmp / "data.npz")))

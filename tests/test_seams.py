@@ -3,7 +3,6 @@ level with its corner cases, checked against an independent computation."""
 
 from __future__ import annotations
 
-import copy
 import warnings
 from pathlib import Path
 
@@ -11,13 +10,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from _tiny_nets import trained_mlp
+from _tiny_nets import rows_and_vanilla, three_class_arrays, trained_mlp
 from test_export import make_factorized
 from torch import nn
 
 from fairdeploy.experiment import Experiment
 from fairdeploy.export import ExportOptions, export_onnx
-from fairdeploy.lrf import FactorizedLinear, activation_abs_sums
+from fairdeploy.lrf import activation_abs_sums
 from fairdeploy.plan import LayerPlan, Plan
 from fairdeploy.recipe import parse_recipe
 from fairdeploy.scoring import group_hessians
@@ -33,19 +32,10 @@ def _one_thread(one_thread):
 # --------------------------------------------------------------------------- a tiny experiment
 
 
-def _arrays(n: int = 360, d: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    group = rng.integers(0, 2, n)
-    x = rng.normal(size=(n, d)).astype(np.float32)
-    y = x @ rng.normal(size=(d, 3)) + rng.normal(scale=0.3 + 0.9 * group[:, None], size=(n, 3))
-    split = np.array(["train"] * (n // 2) + ["val"] * (n // 4) + ["test"] * (n - n // 2 - n // 4))
-    return {"x": x, "y": y.argmax(1), "group": group, "split": split}
-
-
 @pytest.fixture(scope="module")
 def tabular(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, nn.Module]:
     tmp = tmp_path_factory.mktemp("seams")
-    arrays = _arrays()
+    arrays = three_class_arrays(360)
     np.savez(tmp / "data.npz", **arrays)
     return tmp, trained_mlp(arrays)
 
@@ -170,19 +160,6 @@ def _stored_floats(path: Path) -> int:
                if t.data_type == onnx.TensorProto.FLOAT)
 
 
-def _rows_and_vanilla(model: nn.Module) -> tuple[nn.Module, list[dict]]:
-    vanilla = copy.deepcopy(model)
-    rows = []
-    for name, m in model.named_modules():
-        if isinstance(m, FactorizedLinear):
-            vanilla.set_submodule(name, nn.Linear(m.in_features, m.out_features,
-                                                  bias=m.bias is not None))
-            rows.append({"name": name, "din": m.in_features, "dout": m.out_features,
-                         "k": m.rank, "rows_sparsified": m.sparse_rows.numel(),
-                         "cols_sparsified": m.sparse_cols.numel(), "keep": m.keep})
-    return vanilla, rows
-
-
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
 @pytest.mark.parametrize(
     ("first_bias", "cols_a", "act"),
@@ -210,7 +187,7 @@ def test_dry_run_count_equals_the_export_when_folding_gives_a_bias_free_layer_a_
         warnings.simplefilter("ignore")
         res = export_onnx(model, x[:4], tmp_path / "b.onnx",
                           options=ExportOptions(eliminate_dead=True, exporter=exporter))
-    vanilla, rows = _rows_and_vanilla(model)
+    vanilla, rows = rows_and_vanilla(model)
     shape = deployed_params(vanilla, rows, example_input=x[:2])
     stored = _stored_floats(tmp_path / "b.onnx")
     assert res.deployed_params == stored

@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import yaml
-from _tiny_nets import trained_mlp
+from _tiny_nets import three_class_arrays, trained_mlp
 from click.testing import CliRunner
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, precision_score
 
@@ -43,16 +43,6 @@ from fairdeploy.sweep import (
 # --------------------------------------------------------------------------- a small task
 
 
-def _arrays(n: int = 900, d: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
-    """Three learnable classes; group 1's labels are noisier, so the groups differ."""
-    rng = np.random.default_rng(seed)
-    group = rng.integers(0, 2, n)
-    x = rng.normal(size=(n, d)).astype(np.float32)
-    y = x @ rng.normal(size=(d, 3)) + rng.normal(scale=0.3 + 0.9 * group[:, None], size=(n, 3))
-    split = np.array(["train"] * (n // 2) + ["val"] * (n // 4) + ["test"] * (n - n // 2 - n // 4))
-    return {"x": x, "y": y.argmax(1).astype(np.int64), "group": group, "split": split}
-
-
 def _recipe(data: Path, **extra) -> dict:
     recipe = {
         "model": {"arch": "mlp", "num_classes": 3,
@@ -70,7 +60,7 @@ def _recipe(data: Path, **extra) -> dict:
 @pytest.fixture(scope="module")
 def task(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("sweep")
-    arrays = _arrays()
+    arrays = three_class_arrays()
     np.savez(tmp / "data.npz", **arrays)
     # The same data with the test split's labels shuffled: a choice made on validation
     # cannot change when only test labels do.
@@ -422,7 +412,7 @@ def test_resume_gives_the_same_table_as_an_uninterrupted_run(task: Path) -> None
 
 def test_another_checkpoint_is_refused_in_the_same_folder(task: Path) -> None:
     _sweep(task, "mine", grid=("sr=0.5",))
-    other = trained_mlp(_arrays(seed=0))
+    other = trained_mlp(three_class_arrays(seed=0))
     with torch.no_grad():
         other.layers[0].weight.mul_(1.01)
     torch.save(other.state_dict(), task / "other.pt")
