@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from _tiny_nets import trained_mlp
-from test_sweep import _arrays, _recipe
+from _tiny_nets import three_class_arrays, trained_mlp
+from test_sweep import _recipe
 
 from fairdeploy.commands.sweep import run_sweep
 from fairdeploy.errors import FairDeployError
@@ -29,7 +29,7 @@ GRID = ("sr=0.25,0.5", "beta=5/9")
 @pytest.fixture(scope="module")
 def task(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("sweepfiles")
-    arrays = _arrays()
+    arrays = three_class_arrays()
     np.savez(tmp / "data.npz", **arrays)
     torch.save(trained_mlp(arrays).state_dict(), tmp / "ckpt.pt")
     (tmp / "r.yaml").write_text(yaml.safe_dump(_recipe(tmp / "data.npz")))
