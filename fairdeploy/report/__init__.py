@@ -6,64 +6,10 @@ the terminal table (every figure names its unit and convention). ``_plot``: comp
 trade-off PNG.
 """
 
-from fairdeploy.report._build import (
-    accuracy_summary,
-    base_report,
-    bootstrap_block,
-    change_direction,
-    collapse_reasons,
-    draws_block,
-    latency_block,
-    method_entry,
-    packing_block,
-    plan_notes,
-    prediction_notes,
-    rank_bootstrap_block,
-    rank_pairs,
-    single_class_note,
-    size_ratios,
-    skipped_in_words,
-    verify_summary,
-)
-from fairdeploy.report._plot import tradeoff_figure, tradeoff_points, write_tradeoff_plot
-from fairdeploy.report._render import (
-    SCHEMA_VERSION,
-    fairness_table,
-    method_label,
-    render_markdown,
-    runtimes_text,
-    terminal_text,
-    validation_table,
-    write_report,
-)
+# Each name is listed once, in its submodule's ``__all__``; the package re-exports them.
+from fairdeploy.report import _build, _plot, _render
+from fairdeploy.report._build import *  # noqa: F403
+from fairdeploy.report._plot import *  # noqa: F403
+from fairdeploy.report._render import *  # noqa: F403
 
-__all__ = [
-    "SCHEMA_VERSION",
-    "accuracy_summary",
-    "base_report",
-    "bootstrap_block",
-    "change_direction",
-    "collapse_reasons",
-    "draws_block",
-    "fairness_table",
-    "latency_block",
-    "method_entry",
-    "method_label",
-    "packing_block",
-    "plan_notes",
-    "prediction_notes",
-    "rank_bootstrap_block",
-    "rank_pairs",
-    "render_markdown",
-    "runtimes_text",
-    "single_class_note",
-    "size_ratios",
-    "skipped_in_words",
-    "terminal_text",
-    "tradeoff_figure",
-    "tradeoff_points",
-    "validation_table",
-    "verify_summary",
-    "write_report",
-    "write_tradeoff_plot",
-]
+__all__ = [*_build.__all__, *_plot.__all__, *_render.__all__]
