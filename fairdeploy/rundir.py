@@ -33,6 +33,7 @@ from fairdeploy.errors import FairDeployError
 
 __all__ = [
     "MANIFEST",
+    "check_folder_path",
     "check_out",
     "check_replaceable_files",
     "check_unchanged",
@@ -54,16 +55,22 @@ def check_out(final: Path) -> None:
     file in it, each unchanged since the run wrote it. A symlink whose target does not
     exist is refused too (the rename at the end of the run could not replace it).
     """
-    if final.is_symlink() and not final.exists():
-        raise FairDeployError(
-            f"--out {str(final)!r} is a symlink to {os.readlink(final)!r}, which does not "
-            "exist: create the folder it points to, or give another --out"
-        )
-    if final.exists() and not final.is_dir():
-        raise FairDeployError(f"--out {str(final)!r} is a file: give a folder path")
+    check_folder_path(final)
     if final.is_dir():
         _check_replaceable(final)
     ensure_dir(final.parent)
+
+
+def check_folder_path(path: Path) -> None:
+    """Refuse an ``--out`` that cannot become a folder: a file, or a symlink whose target
+    does not exist (the rename at the end of a run could not replace it)."""
+    if path.is_symlink() and not path.exists():
+        raise FairDeployError(
+            f"--out {str(path)!r} is a symlink to {os.readlink(path)!r}, which does not "
+            "exist: create the folder it points to, or give another --out"
+        )
+    if path.exists() and not path.is_dir():
+        raise FairDeployError(f"--out {str(path)!r} is a file: give a folder path")
 
 
 def ensure_dir(path: Path) -> None:

@@ -70,6 +70,48 @@ def test_register_method_refuses_a_taken_name() -> None:
         register_method(Other)
 
 
+class _OwnPlan(Plan):
+    """A plan no built-in method takes."""
+
+
+def test_plan_class_is_the_type_argument_unless_a_class_names_its_own() -> None:
+    from typing import Generic, TypeVar
+
+    from fairdeploy.methods._lrf import SparseLowRankMethod
+
+    P = TypeVar("P", bound=Plan)
+    for name in list_methods():  # every built-in: Method[ItsPlan] and nothing else
+        impl = get_method(name)
+        bases = [b for b in type(impl).__orig_bases__ if hasattr(b, "__args__")]
+        assert [b.__args__ for b in bases] == [(impl.plan_class,)], name
+
+    class FromArgument(Method[_OwnPlan]):
+        pass
+
+    class Explicit(Method[_OwnPlan]):
+        plan_class = Plan
+
+    class Unparametrized(Method):
+        plan_class = _OwnPlan
+
+    class Inherits(FromArgument):
+        pass
+
+    class Intermediate(Method[P], Generic[P]):  # a type variable: nothing derived here
+        pass
+
+    class Leaf(Intermediate[_OwnPlan]):
+        pass
+
+    assert FromArgument.plan_class is _OwnPlan
+    assert Explicit.plan_class is Plan
+    assert Unparametrized.plan_class is _OwnPlan
+    assert Inherits.plan_class is _OwnPlan
+    assert "plan_class" not in Intermediate.__dict__
+    assert Leaf.plan_class is _OwnPlan
+    assert SparseLowRankMethod.strategy is None  # each SLR-like method scores by its name
+
+
 def test_unknown_and_unimportable_methods_are_one_line_errors(monkeypatch) -> None:
     monkeypatch.setenv("FAIRDEPLOY_TRUST_RECIPE", "1")  # the recipes import test modules
     with pytest.raises(FairDeployError, match="'nope' is unknown: use one of vanilla"):

@@ -28,7 +28,7 @@ from fairdeploy.methods import get_method
 from fairdeploy.plan import Plan
 from fairdeploy.recipe import Recipe, load_recipe, save_resolved_recipe
 from fairdeploy.report import base_report, draws_block, method_entry, prediction_notes, write_report
-from fairdeploy.rundir import check_replaceable_files, record_files
+from fairdeploy.rundir import check_folder_path, check_replaceable_files, record_files
 
 __all__ = [
     "MAX_REPEATS",
@@ -95,13 +95,7 @@ def _check_sweep_dir(path: Path) -> None:
     created here (the journal creates the folder when the first evaluation is written)."""
     from fairdeploy.sweep import JOURNAL_NAME
 
-    if path.is_symlink() and not path.exists():
-        raise FairDeployError(
-            f"--out {str(path)!r} is a symlink to {os.readlink(path)!r}, which does not "
-            "exist: create the folder it points to, or give another --out"
-        )
-    if path.exists() and not path.is_dir():
-        raise FairDeployError(f"--out {str(path)!r} is a file: give a folder path")
+    check_folder_path(path)
     if path.is_dir() and any(path.iterdir()) and not (path / JOURNAL_NAME).is_file():
         raise FairDeployError(
             f"--out {str(path)!r} exists and is not a fairdeploy sweep folder (no "

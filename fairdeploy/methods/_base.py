@@ -12,6 +12,7 @@ cached SVD factors and Hessians) and its compression accounting from shapes alon
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
@@ -96,7 +97,8 @@ class Method(Generic[P]):
 
     Generic in its plan: ``class FairLRF(SparseLowRankMethod[FairLRFPlan])`` types every
     ``plan`` argument as a ``FairLRFPlan``, so its fields (``plan.beta``) are known to a
-    type checker. ``plan_class`` names the same class at run time.
+    type checker, and ``plan_class`` is that same class at run time, taken from the type
+    argument (a class that names no concrete plan there sets ``plan_class`` itself).
 
     Class attributes
     ----------------
@@ -105,7 +107,8 @@ class Method(Generic[P]):
     label : str
         Name in tables (``FairLRF``); :meth:`describe` adds the settings.
     plan_class : type of Plan
-        The method's plan: its fields are the recipe keys it reads.
+        The method's plan: its fields are the recipe keys it reads (by default the
+        class's type argument, ``Method[ThisPlan]``).
     factorizes : bool
         Whether target layers become :class:`~fairdeploy.lrf.FactorizedLinear`.
     default_compare : bool
@@ -131,6 +134,13 @@ class Method(Generic[P]):
     #: The plain low-rank baseline (truncated SVD): ``compare`` gives every row's paired
     #: change against the row of this method at the same ranks, as well as vanilla.
     rank_baseline: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "plan_class" not in cls.__dict__:
+            plan = _plan_argument(cls)
+            if plan is not None:
+                cls.plan_class = plan
 
     # ------------------------------------------------------------------ the plan
 
@@ -236,3 +246,14 @@ class Method(Generic[P]):
 
     def __repr__(self) -> str:
         return f"<method {self.name}>"
+
+
+def _plan_argument(cls: type) -> type[Plan] | None:
+    """The concrete :class:`~fairdeploy.plan.Plan` subclass ``cls`` gives its generic base
+    (``FairLRF(SparseLowRankMethod[FairLRFPlan])`` → ``FairLRFPlan``), or None when it gives
+    a type variable or nothing (the class then inherits or sets ``plan_class``)."""
+    for base in getattr(cls, "__orig_bases__", ()):
+        for arg in typing.get_args(base):
+            if isinstance(arg, type) and issubclass(arg, Plan):
+                return arg
+    return None

@@ -268,8 +268,9 @@ class SparseLowRankMethod(LowRankMethod[SP]):
     columns of V (``sr``, ``rr``), scored by the selection strategy ``strategy``."""
 
     sparsifies: ClassVar[bool] = True
-    #: The selection strategy of :mod:`fairdeploy.lrf` that scores rows and columns.
-    strategy: ClassVar[str]
+    #: The selection strategy of :mod:`fairdeploy.lrf` that scores rows and columns
+    #: (None: the one registered under the method's own ``name``).
+    strategy: ClassVar[str | None] = None
     #: The paper's sr/rr for this method when a compare entry derives its layers.
     paper_sr_rr: ClassVar[tuple[float, float] | None] = None
 
@@ -297,7 +298,7 @@ class SparseLowRankMethod(LowRankMethod[SP]):
             assert isinstance(layer, FactorizedLinear)
             inputs = self.selection_inputs(plan, ctx, head, i, selections)
             rows, cols = select_rows_cols(
-                self.strategy, layer, sr=lp.sr, rr=lp.rr, inputs=inputs
+                self.strategy or self.name, layer, sr=lp.sr, rr=lp.rr, inputs=inputs
             )
             # ``head`` is this call's own copy (factorized_head): replaced in place.
             head.set_submodule(lp.layer, sparsify(layer, lp.sr, lp.rr, rows, cols))

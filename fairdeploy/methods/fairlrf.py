@@ -24,7 +24,7 @@ from fairdeploy.lrf import SelectionInputs
 from fairdeploy.methods._base import estimator_inputs
 from fairdeploy.methods._lrf import SparseLowRankMethod, SparsePlan
 from fairdeploy.methods._registry import register_method
-from fairdeploy.plan import LayerPlan, Plan, ScoringSpec
+from fairdeploy.plan import LayerPlan, ScoringSpec
 from fairdeploy.scoring import group_hessians
 
 if TYPE_CHECKING:
@@ -83,8 +83,6 @@ class FairLRF(SparseLowRankMethod[FairLRFPlan]):
 
     name: ClassVar[str] = "fairlrf"
     label: ClassVar[str] = "FairLRF"
-    plan_class: ClassVar[type[Plan]] = FairLRFPlan
-    strategy: ClassVar[str] = "fairlrf"
     default_compare: ClassVar[bool] = True
     order: ClassVar[int] = 60
 

@@ -43,7 +43,6 @@ class FairPrune(WeightMethod[FairPrunePlan]):
 
     name: ClassVar[str] = "fairprune"
     label: ClassVar[str] = "FairPrune"
-    plan_class: ClassVar[type[Plan]] = FairPrunePlan
     order: ClassVar[int] = 40
 
     def example(self, model: nn.Module) -> Plan:

@@ -69,7 +69,6 @@ class FairQuantize(WeightMethod[FairQuantizePlan]):
 
     name: ClassVar[str] = "fairquantize"
     label: ClassVar[str] = "FairQuantize"
-    plan_class: ClassVar[type[Plan]] = FairQuantizePlan
     order: ClassVar[int] = 50
 
     def example(self, model: nn.Module) -> Plan:

@@ -22,7 +22,7 @@ from pydantic import Field
 from fairdeploy.lrf import SelectionInputs, activation_abs_sums, following_activation
 from fairdeploy.methods._lrf import SLRMethod, SparsePlan
 from fairdeploy.methods._registry import register_method
-from fairdeploy.plan import Plan, SamplingSpec
+from fairdeploy.plan import SamplingSpec
 
 if TYPE_CHECKING:
     from fairdeploy.methods._context import MethodContext, ScoringSet
@@ -42,8 +42,6 @@ class SLRActivation(SLRMethod[SLRActivationPlan]):
 
     name: ClassVar[str] = "slr_a"
     label: ClassVar[str] = "SLR-a"
-    plan_class: ClassVar[type[Plan]] = SLRActivationPlan
-    strategy: ClassVar[str] = "slr_a"
     order: ClassVar[int] = 30
 
     def vanilla_inputs(

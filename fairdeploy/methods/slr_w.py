@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, ClassVar
 from fairdeploy.lrf import SelectionInputs
 from fairdeploy.methods._lrf import SLRMethod, SparsePlan
 from fairdeploy.methods._registry import register_method
-from fairdeploy.plan import Plan
 
 if TYPE_CHECKING:
     from fairdeploy.methods._context import MethodContext
@@ -30,8 +29,6 @@ class SLRWeight(SLRMethod[SLRWeightPlan]):
 
     name: ClassVar[str] = "slr_w"
     label: ClassVar[str] = "SLR-w"
-    plan_class: ClassVar[type[Plan]] = SLRWeightPlan
-    strategy: ClassVar[str] = "slr_w"
     order: ClassVar[int] = 20
 
     def vanilla_inputs(

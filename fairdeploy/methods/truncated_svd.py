@@ -7,7 +7,6 @@ from typing import ClassVar
 
 from fairdeploy.methods._lrf import LowRankMethod, LowRankPlan
 from fairdeploy.methods._registry import register_method
-from fairdeploy.plan import Plan
 
 __all__ = ["TruncatedSVD", "TruncatedSVDPlan"]
 
@@ -23,7 +22,6 @@ class TruncatedSVD(LowRankMethod[TruncatedSVDPlan]):
 
     name: ClassVar[str] = "truncated_svd"
     label: ClassVar[str] = "Truncated SVD"
-    plan_class: ClassVar[type[Plan]] = TruncatedSVDPlan
     default_compare: ClassVar[bool] = True
     rank_baseline: ClassVar[bool] = True
     order: ClassVar[int] = 10

@@ -26,7 +26,6 @@ class Vanilla(Method[VanillaPlan]):
 
     name: ClassVar[str] = "vanilla"
     label: ClassVar[str] = "Vanilla"
-    plan_class: ClassVar[type[Plan]] = VanillaPlan
     default_compare: ClassVar[bool] = True
     order: ClassVar[int] = 0
 
