@@ -1,5 +1,6 @@
-"""Numbers for JSON: ``NaN`` (an undefined rate, an empty group) becomes ``null``, as JSON
-has no NaN; reports, sweep rows and metric dicts all write them this way."""
+"""Numbers for JSON: ``NaN`` (an undefined rate, an empty group) and ``±inf`` (an error
+that is not finite) become ``null``, as JSON has neither; reports, sweep rows, metric dicts
+and verify results all write them this way."""
 
 from __future__ import annotations
 
@@ -9,15 +10,15 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["decode_prefixed", "json_fields", "json_float", "json_floats"]
+__all__ = ["JsonRecord", "decode_prefixed", "json_fields", "json_float", "json_floats"]
 
 
 def json_float(value: Any) -> float | None:
-    """``value`` as a float, or None when it is None or NaN."""
+    """``value`` as a float, or None when it is None, NaN or infinite."""
     if value is None:
         return None
     value = float(value)
-    return None if math.isnan(value) else value
+    return value if math.isfinite(value) else None
 
 
 def json_floats(values: Iterable[Any]) -> list[float | None]:
@@ -27,12 +28,22 @@ def json_floats(values: Iterable[Any]) -> list[float | None]:
 
 def json_fields(record: Any) -> dict[str, Any]:
     """A dataclass instance as a dict in field order, its float fields through
-    :func:`json_float` (NaN → None) and the others as they are."""
+    :func:`json_float` (NaN, ±inf → None) and the others as they are."""
     return {
         f.name: json_float(v) if isinstance(v, float) else v
         for f in dataclasses.fields(record)
         for v in (getattr(record, f.name),)
     }
+
+
+class JsonRecord:
+    """Mixin for a dataclass whose JSON form is its fields: :meth:`to_dict` is
+    :func:`json_fields` (field order, NaN and ±inf → None). A record that writes more, or writes a
+    field differently, extends the dict it returns."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record's fields as a JSON-ready dict (NaN and ±inf become ``None``)."""
+        return json_fields(self)
 
 
 def decode_prefixed(items: Iterable[tuple[str, str]], prefix: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from fairdeploy._json import JsonRecord
 from fairdeploy._text import plural
 from fairdeploy.errors import FairDeployError
 from fairdeploy.progress import phase
@@ -35,7 +36,7 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class Timing:
+class Timing(JsonRecord):
     """Latency of one model at one batch size, in milliseconds."""
 
     model: str
@@ -43,10 +44,6 @@ class Timing:
     median_ms: float
     p90_ms: float
     iters: int
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
 @dataclass(frozen=True)

@@ -177,7 +177,8 @@ def _write_json(path: str | None, payload: dict[str, Any]) -> None:
         return
     from fairdeploy._io import atomic_write_text
 
-    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    # Strict JSON: every number that is not finite was written as null by its record.
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from fairdeploy._json import JsonRecord
 from fairdeploy._text import non_finite
 from fairdeploy.errors import FairDeployError
 
@@ -50,7 +51,7 @@ DEFAULT_INT8_ARGMAX_AGREEMENT = 0.98
 
 
 @dataclass(frozen=True)
-class OutputComparison:
+class OutputComparison(JsonRecord):
     """One output of the ONNX model against its reference.
 
     ``min_atol`` is the smallest atol that passes with the rtol used; ``min_rtol`` the
@@ -68,10 +69,9 @@ class OutputComparison:
     argmax_agreement: float
     within_tolerance: bool
     passed: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+    #: Whether every output value was finite (when not, the errors are ``inf``: ``null``
+    #: in JSON).
+    finite: bool = True
 
 
 def compare_outputs(
@@ -129,6 +129,7 @@ def compare_outputs(
         argmax_agreement=agree,
         within_tolerance=within,
         passed=within and agree >= min_agree,
+        finite=bool(finite),
     )
 
 

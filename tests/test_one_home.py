@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 import math
 from fractions import Fraction
 from pathlib import Path
@@ -39,13 +40,14 @@ def test_first_line_of_an_exception_without_text_is_its_type() -> None:
 # --------------------------------------------------------------------------- json numbers
 
 
-def test_json_float_turns_nan_and_none_into_null() -> None:
+def test_json_float_turns_nan_inf_and_none_into_null() -> None:
     assert json_float(None) is None
     assert json_float(float("nan")) is None and json_float(np.float32("nan")) is None
     got = json_float(np.float64(0.25))
     assert got == 0.25 and type(got) is float
     assert json_float(3) == 3.0 and type(json_float(3)) is float
     assert json_floats(np.array([1.0, np.nan, -2.5])) == [1.0, None, -2.5]
+    assert json_float(np.inf) is None and json_float(-np.float32("inf")) is None
 
 
 def test_json_fields_keeps_field_order_and_non_floats() -> None:
@@ -59,6 +61,24 @@ def test_json_fields_keeps_field_order_and_non_floats() -> None:
     assert list(json_fields(Row(math.nan, 0.5, True, 3)).items()) == [
         ("value", None), ("low", 0.5), ("flag", True), ("count", 3)
     ]
+
+
+def test_every_record_that_is_its_fields_writes_them_through_json_record() -> None:
+    from fairdeploy.comparison import compare_outputs
+
+    # No class of the package spells out "its fields as a dict" again: JsonRecord is the home.
+    for path in sorted(set(PKG.rglob("*.py")) - {PKG / "_json.py"}):
+        text = path.read_text(encoding="utf-8")
+        assert "getattr(self, k) for k in self.__dataclass_fields__" not in text, path
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef) and node.name == "to_dict":
+                body = ast.unparse(node.body[-1])
+                assert body != "return json_fields(self)", f"{path}: inherit JsonRecord"
+    # A record's NaN becomes null, so the dict is valid JSON.
+    got = np.array([[np.nan, 1.0]], dtype=np.float32)
+    record = compare_outputs("logits", got, np.ones_like(got), 1e-4, 1e-4, 1.0).to_dict()
+    assert record["max_abs_error"] is None and not record["passed"]
+    json.dumps(record, allow_nan=False)
 
 
 # --------------------------------------------------------------------------- ⌊fraction·n⌋

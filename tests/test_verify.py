@@ -158,3 +158,35 @@ def test_a_non_finite_reference_is_refused_not_failed_with_zero_errors(exported,
     count = outputs.size if bad == "all" else 1
     with pytest.raises(FairDeployError, match=rf"holds {count:,} non-finite value"):
         verify(path, reference=Reference(ref.inputs, outputs))
+
+
+@pytest.mark.parametrize("value", [np.inf, np.nan])
+def test_non_finite_outputs_fail_as_strict_json_and_a_readable_report(exported, tmp_path, value):
+    """An export whose outputs are not finite: verify fails, ``--json`` is strict JSON (the
+    errors are null, ``finite`` false: JSON has no inf) and the report line says so."""
+    import json
+
+    from fairdeploy.recipe._sections import Tolerances
+    from fairdeploy.report import verify_summary
+    from fairdeploy.report._render import _verify_line
+
+    path, *_ = exported
+    bad = tmp_path / "bad.onnx"
+    m = onnx.load(str(path))
+    t = next(t for t in m.graph.initializer if t.name == "2.u")
+    arr = numpy_helper.to_array(t).copy()
+    arr[:] = value  # every logit downstream becomes non-finite
+    t.CopyFrom(numpy_helper.from_array(arr, t.name))
+    onnx.save(m, str(bad))
+    out = tmp_path / "v.json"
+    r = CliRunner().invoke(main, ["verify", str(bad), "--reference",
+                                  str(path.with_name("m.verify.npz")), "--json", str(out)])
+    assert r.exit_code == 1 and "not finite" in r.output
+    data = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    [row] = data["outputs"]
+    assert row["finite"] is False and row["max_abs_error"] is None and not data["passed"]
+    res = verify(bad, reference=path.with_name("m.verify.npz"))
+    block = verify_summary(res, Tolerances())
+    json.dumps(block, allow_nan=False)  # report.json is written strictly
+    assert block["max_abs_error"] is None
+    assert "max |Δ| not finite" in _verify_line(block)

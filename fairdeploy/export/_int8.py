@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from fairdeploy._json import JsonRecord
 from fairdeploy.comparison import (
     DEFAULT_INT8_ARGMAX_AGREEMENT,
     DEFAULT_INT8_ATOL_SCALE,
@@ -105,7 +106,7 @@ _FLOAT_TYPES = {
 
 
 @dataclass(frozen=True)
-class Int8Export:
+class Int8Export(JsonRecord):
     """What :func:`quantize_int8` wrote.
 
     Attributes
@@ -147,7 +148,7 @@ class Int8Export:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
-        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out = super().to_dict()
         out["path"], out["source"] = str(self.path), str(self.source)
         out["int8_weights"], out["float_weights"] = list(self.int8_weights), list(
             self.float_weights
@@ -156,7 +157,7 @@ class Int8Export:
 
 
 @dataclass(frozen=True)
-class Int8Verification:
+class Int8Verification(JsonRecord):
     """The int8 model against the float PyTorch model's outputs; truthy on pass.
 
     Attributes
@@ -210,10 +211,6 @@ class Int8Verification:
     def __bool__(self) -> bool:
         return self.passed
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
     def summary_lines(self) -> list[str]:
         """Human-readable lines, ending with PASSED/FAILED."""
         return [
@@ -266,7 +263,7 @@ class Int8Fairness:
 
 
 @dataclass(frozen=True)
-class Int8Compression:
+class Int8Compression(JsonRecord):
     """Compression of "method + int8 weights" against the vanilla float model.
 
     Attributes
@@ -293,10 +290,6 @@ class Int8Compression:
     int8_fraction: float
     theoretical_cr: float | None
     quantization_overhead_bytes: int
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
 class _ArrayReader:

@@ -44,6 +44,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from fairdeploy._json import JsonRecord
 from fairdeploy.errors import FairDeployError
 
 __all__ = [
@@ -93,7 +94,7 @@ class PackSpec:
 
 
 @dataclass(frozen=True)
-class PackedTensor:
+class PackedTensor(JsonRecord):
     """What :func:`pack_weights` stored for one weight.
 
     Attributes
@@ -140,7 +141,7 @@ class PackedTensor:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
-        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out = super().to_dict()
         out["bits_per_entry"] = self.bits_per_entry
         return out
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from fairdeploy._json import json_fields
+from fairdeploy._json import JsonRecord
 from fairdeploy.errors import FairDeployError
 from fairdeploy.metrics._group import (
     UNKNOWN_GROUP,
@@ -43,7 +43,7 @@ _BOOTSTRAP_BLOCK = 1_000_000
 
 
 @dataclass(frozen=True)
-class ConfidenceInterval:
+class ConfidenceInterval(JsonRecord):
     """A metric's value on the full test set and its bootstrap percentile interval.
 
     Attributes
@@ -69,13 +69,9 @@ class ConfidenceInterval:
     mean: float
     undefined_resamples: int = 0
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serializable; NaN becomes ``None``."""
-        return json_fields(self)
-
 
 @dataclass(frozen=True)
-class PairedDifference:
+class PairedDifference(JsonRecord):
     """A method's metric minus the baseline's, with a paired bootstrap interval.
 
     Both methods are scored on the same resampled indices in every resample, so the
@@ -99,10 +95,6 @@ class PairedDifference:
     high: float
     significant: bool
     undefined_resamples: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serializable; NaN becomes ``None``."""
-        return json_fields(self)
 
 
 @dataclass(frozen=True)

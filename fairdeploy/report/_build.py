@@ -577,7 +577,8 @@ def verify_summary(vres: Any, tolerances: Any, n: int | None = None) -> dict[str
         "samples": first.n_samples,
         "atol": tolerances.atol,
         "rtol": tolerances.rtol,
-        "max_abs_error": max((o.max_abs_error for o in outs), default=0.0),
+        # A non-finite error (outputs that are not finite) is null, as JSON has no inf.
+        "max_abs_error": json_float(max((o.max_abs_error for o in outs), default=0.0)),
         "argmax_agreement": min((o.argmax_agreement for o in outs), default=1.0),
         "verified_in": [rt for rt, r in results.items() if r],
         "runtimes": {
@@ -585,7 +586,9 @@ def verify_summary(vres: Any, tolerances: Any, n: int | None = None) -> dict[str
                 "passed": bool(r),
                 "version": getattr(r, "runtime_version", ""),
                 "device": r.provider,
-                "max_abs_error": max((o.max_abs_error for o in r.outputs), default=0.0),
+                "max_abs_error": json_float(
+                    max((o.max_abs_error for o in r.outputs), default=0.0)
+                ),
                 "argmax_agreement": min((o.argmax_agreement for o in r.outputs), default=1.0),
             }
             for rt, r in results.items()

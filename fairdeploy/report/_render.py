@@ -235,6 +235,12 @@ def _direction(metric: str, d: Mapping[str, Any]) -> str:
     return "better" if (high < 0) == (metric in _LOWER_IS_BETTER) else "worse"
 
 
+def _delta(value: float | None, spec: str = ".3g") -> str:
+    """A verification's largest error; ``None`` is what JSON holds for an error that is
+    not finite (the model's outputs were not)."""
+    return "not finite" if value is None else format(value, spec)
+
+
 def _signed(value: Any) -> str:
     return "n/a" if value is None else f"{value:+.3f}"
 
@@ -717,7 +723,7 @@ def _verify_line(verify: Mapping[str, Any], *, markdown: bool = False) -> str:
     return (
         f"ONNX verification ({runtimes_text(verify)} vs PyTorch on "
         f"{plural(verify['samples'], 'test input')})"
-        f": {passed}, max |Δ| {verify['max_abs_error']:.3g}, argmax agreement "
+        f": {passed}, max |Δ| {_delta(verify['max_abs_error'])}, argmax agreement "
         f"{100 * verify['argmax_agreement']:.2f} %, atol {verify['atol']:g}, rtol "
         f"{verify['rtol']:g}{stored}."
     )
@@ -795,7 +801,8 @@ def _artifact_lines(report: Mapping[str, Any]) -> list[str]:
             _cr(comp.get("theoretical_cr")),
             _cr(measured.get("initializer_cr")),
             _cr(measured.get("file_cr")),
-            f"{'PASSED' if ver['passed'] else 'FAILED'} (max |Δ| {ver['max_abs_error']:.2g}, "
+            f"{'PASSED' if ver['passed'] else 'FAILED'} "
+            f"(max |Δ| {_delta(ver['max_abs_error'], '.2g')}, "
             f"{plural(ver['samples'], 'input')}, {runtimes_text(ver)})",
         ])
     if not rows:
@@ -958,7 +965,7 @@ def int8_lines(report: Mapping[str, Any], *, markdown: bool = True) -> list[str]
         + f"): verification {passed} in {runtimes_text(ver)} against PyTorch's float "
         f"outputs (atol "
         f"{ver['atol']:.3g} = {ver['atol_basis']}, rtol {ver['rtol']:g}; max |Δ| "
-        f"{ver['max_abs_error']:.3g}, argmax agreement {100 * ver['argmax_agreement']:.2f} %)",
+        f"{_delta(ver['max_abs_error'])}, argmax agreement {100 * ver['argmax_agreement']:.2f} %)",
         f"int8 vs float export on the {plural(fair['n_samples'], 'test sample')} ({pct} % "
         f"paired intervals, {plural(fair['changed_predictions'], 'prediction')} changed): "
         + "; ".join(parts),
