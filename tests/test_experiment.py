@@ -159,16 +159,16 @@ def test_the_vanilla_export_is_cached_across_method_settings(case) -> None:
 
 def test_data_num_workers_is_used(case, monkeypatch: pytest.MonkeyPatch) -> None:
     tmp, _ = case
-    import fairdeploy.experiment as experiment
+    import fairdeploy.context as context  # where the context runs the trunk
 
     seen = []
-    real = experiment.compute_features
+    real = context.compute_features
 
     def spy(*args, **kwargs):
         seen.append(kwargs["num_workers"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(experiment, "compute_features", spy)
+    monkeypatch.setattr(context, "compute_features", spy)
     recipe = _recipe(tmp)
     recipe["data"]["num_workers"] = 2
     exp = Experiment(parse_recipe(recipe), tmp / "ckpt.pt")

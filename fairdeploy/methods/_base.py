@@ -23,7 +23,7 @@ from torch import nn
 from fairdeploy.plan import Plan, ScoringSpec
 
 if TYPE_CHECKING:
-    from fairdeploy.methods._context import MethodContext, ScoringSet
+    from fairdeploy.context import Context, ScoringSet
 
 __all__ = ["Method", "P", "Processed", "count_parameters", "estimator_inputs"]
 
@@ -209,7 +209,7 @@ class Method(Generic[P]):
 
     # ------------------------------------------------------------------ doing it
 
-    def apply(self, plan: P, ctx: MethodContext) -> Processed:
+    def apply(self, plan: P, ctx: Context) -> Processed:
         """Apply ``plan`` to the experiment's vanilla model (never modified)."""
         raise NotImplementedError
 

@@ -32,7 +32,7 @@ from fairdeploy.methods._base import Method, Processed, count_parameters
 from fairdeploy.plan import LayerPlan, Plan, kept_entries, num_selected
 
 if TYPE_CHECKING:
-    from fairdeploy.methods._context import MethodContext
+    from fairdeploy.context import Context
 
 __all__ = ["LowRankMethod", "LowRankPlan", "SLRMethod", "SparseLowRankMethod", "SparsePlan"]
 
@@ -204,10 +204,10 @@ class LowRankMethod(Method[LP]):
 
     # ------------------------------------------------------------------ doing it
 
-    def apply(self, plan: LP, ctx: MethodContext) -> Processed:
+    def apply(self, plan: LP, ctx: Context) -> Processed:
         return Processed(plan, head=self.factorized_head(plan, ctx))
 
-    def factorized_head(self, plan: LP, ctx: MethodContext) -> nn.Module:
+    def factorized_head(self, plan: LP, ctx: Context) -> nn.Module:
         """A copy of the vanilla head with every target layer replaced by its truncated
         SVD (factors from the experiment's cache: a sweep decomposes once per rank)."""
         layers = plan.layers
@@ -288,7 +288,7 @@ class SparseLowRankMethod(LowRankMethod[SP]):
     def describe_layer(self, lp: LayerPlan) -> str:
         return f"k={lp.rank}, sr={lp.sr:g}, rr={lp.rr:g}"
 
-    def apply(self, plan: SP, ctx: MethodContext) -> Processed:
+    def apply(self, plan: SP, ctx: Context) -> Processed:
         head = self.factorized_head(plan, ctx)
         selections: dict[str, dict[str, list[int]]] = {}
         for i, lp in enumerate(plan.layers):
@@ -308,7 +308,7 @@ class SparseLowRankMethod(LowRankMethod[SP]):
     def selection_inputs(
         self,
         plan: SP,
-        ctx: MethodContext,
+        ctx: Context,
         head: nn.Module,
         index: int,
         selections: Mapping[str, Mapping[str, list[int]]],
@@ -324,7 +324,7 @@ class SparseLowRankMethod(LowRankMethod[SP]):
         overrides this to score ``head``."""
         return self.vanilla_inputs(plan, ctx, plan.layers[index].layer)
 
-    def vanilla_inputs(self, plan: SP, ctx: MethodContext, layer: str) -> SelectionInputs:
+    def vanilla_inputs(self, plan: SP, ctx: Context, layer: str) -> SelectionInputs:
         """What the strategy reads to score ``layer``, from the vanilla model."""
         raise NotImplementedError
 

@@ -38,7 +38,7 @@ from fairdeploy.plan import Plan, ScoringSpec
 from fairdeploy.progress import phase
 
 if TYPE_CHECKING:
-    from fairdeploy.methods._context import MethodContext, ScoringSet
+    from fairdeploy.context import Context, ScoringSet
 
 __all__ = ["WeightMethod", "WeightPlan", "WeightScoring", "weight_layers"]
 
@@ -187,19 +187,19 @@ class WeightMethod(Method[WP]):
 
     # ------------------------------------------------------------------ doing it
 
-    def runs_on_model(self, plan: WP, ctx: MethodContext) -> bool:
+    def runs_on_model(self, plan: WP, ctx: Context) -> bool:
         """Whether the plan needs the full model (a chosen layer before the cut, or
         anything else the method decides) instead of the head on cached features."""
         in_head = dict(ctx.head.named_modules())
         return any(n not in in_head for n in weight_layers(plan, ctx.model))
 
-    def scoring_data(self, plan: WP, ctx: MethodContext, *, full_model: bool) -> ScoringSet:
+    def scoring_data(self, plan: WP, ctx: Context, *, full_model: bool) -> ScoringSet:
         """The scoring samples: trunk features for the head, the inputs for the model."""
         spec = plan.scoring
         return ctx.scoring_inputs(spec) if full_model else ctx.scoring_set(spec)
 
     def hessians(
-        self, plan: WP, ctx: MethodContext, *, full_model: bool
+        self, plan: WP, ctx: Context, *, full_model: bool
     ) -> dict[int, dict[str, torch.Tensor]]:
         """Per-group Hessian diagonals of the chosen weights of the VANILLA model (or
         head), keyed by role: ``{0: unprivileged, 1: privileged}``; cached."""
@@ -232,7 +232,7 @@ class WeightMethod(Method[WP]):
         )
 
     @staticmethod
-    def on_device(model: nn.Module, ctx: MethodContext) -> nn.Module:
+    def on_device(model: nn.Module, ctx: Context) -> nn.Module:
         """``model`` on the experiment's device (``--device cuda``): a copy, or itself on
         the CPU. The whole-model path runs there (Hessians, fine-tuning); a head on
         cached features stays on the CPU, as FairLRF's scoring does."""
@@ -256,7 +256,7 @@ class WeightMethod(Method[WP]):
             return Processed(plan, model=model.cpu(), details=details, notes=notes)
         return Processed(plan, head=model, details=details, notes=notes)
 
-    def trunk_note(self, plan: WP, ctx: MethodContext, reason: str) -> str:
+    def trunk_note(self, plan: WP, ctx: Context, reason: str) -> str:
         """The report's note for a row that ran the full model."""
         return (
             f"{self.describe(plan)}: {reason}, so the cached trunk features cannot serve it: "

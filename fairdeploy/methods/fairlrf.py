@@ -28,7 +28,7 @@ from fairdeploy.plan import LayerPlan, ScoringSpec
 from fairdeploy.scoring import group_hessians
 
 if TYPE_CHECKING:
-    from fairdeploy.methods._context import MethodContext, ScoringSet
+    from fairdeploy.context import Context, ScoringSet
 
 __all__ = ["FairLRF", "FairLRFPlan", "FairLRFScoring"]
 
@@ -113,7 +113,7 @@ class FairLRF(SparseLowRankMethod[FairLRFPlan]):
     def selection_inputs(
         self,
         plan: FairLRFPlan,
-        ctx: MethodContext,
+        ctx: Context,
         head: nn.Module,
         index: int,
         selections: Mapping[str, Mapping[str, list[int]]],

@@ -25,7 +25,7 @@ from fairdeploy.methods._weights import WeightMethod, WeightPlan, weight_layers
 from fairdeploy.plan import Plan
 
 if TYPE_CHECKING:
-    from fairdeploy.methods._context import MethodContext
+    from fairdeploy.context import Context
 
 __all__ = ["FairPrune", "FairPrunePlan"]
 
@@ -67,7 +67,7 @@ class FairPrune(WeightMethod[FairPrunePlan]):
 
     # ------------------------------------------------------------------ doing it
 
-    def apply(self, plan: FairPrunePlan, ctx: MethodContext) -> Processed:
+    def apply(self, plan: FairPrunePlan, ctx: Context) -> Processed:
         from fairdeploy.fairprune import fairprune
 
         full = self.runs_on_model(plan, ctx)

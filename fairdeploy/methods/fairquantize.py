@@ -34,7 +34,7 @@ from fairdeploy.methods._weights import WeightMethod, WeightPlan, weight_layers
 from fairdeploy.plan import Plan
 
 if TYPE_CHECKING:
-    from fairdeploy.methods._context import MethodContext
+    from fairdeploy.context import Context
 
 __all__ = ["FairQuantize", "FairQuantizePlan", "FinetuneSpec"]
 
@@ -106,11 +106,11 @@ class FairQuantize(WeightMethod[FairQuantizePlan]):
 
     # ------------------------------------------------------------------ doing it
 
-    def runs_on_model(self, plan: FairQuantizePlan, ctx: MethodContext) -> bool:
+    def runs_on_model(self, plan: FairQuantizePlan, ctx: Context) -> bool:
         # Fine-tuning trains the whole model on the training split.
         return bool(plan.finetune_epochs) or super().runs_on_model(plan, ctx)
 
-    def apply(self, plan: FairQuantizePlan, ctx: MethodContext) -> Processed:
+    def apply(self, plan: FairQuantizePlan, ctx: Context) -> Processed:
         from fairdeploy.fairquantize import fairquantize
 
         full = self.runs_on_model(plan, ctx)
@@ -146,7 +146,7 @@ class FairQuantize(WeightMethod[FairQuantizePlan]):
         return self.processed(plan, result.model, full=full, details=details, notes=notes)
 
     def finetune_settings(
-        self, plan: FairQuantizePlan, ctx: MethodContext
+        self, plan: FairQuantizePlan, ctx: Context
     ) -> dict[str, Any] | None:
         """The optimizer and loader settings of the fine-tuning, None without it."""
         if not plan.finetune_epochs:
@@ -158,7 +158,7 @@ class FairQuantize(WeightMethod[FairQuantizePlan]):
             "num_workers": ctx.recipe.data.num_workers,
         }
 
-    def run_notes(self, plan: FairQuantizePlan, ctx: MethodContext, *, full: bool) -> list[str]:
+    def run_notes(self, plan: FairQuantizePlan, ctx: Context, *, full: bool) -> list[str]:
         """The report's notes: where it ran (the whole model when fine-tuned or when a
         chosen layer is in the trunk) and that later steps are not cached."""
         notes = []

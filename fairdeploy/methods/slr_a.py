@@ -25,7 +25,7 @@ from fairdeploy.methods._registry import register_method
 from fairdeploy.plan import SamplingSpec
 
 if TYPE_CHECKING:
-    from fairdeploy.methods._context import MethodContext, ScoringSet
+    from fairdeploy.context import Context, ScoringSet
 
 __all__ = ["SLRActivation", "SLRActivationPlan"]
 
@@ -45,7 +45,7 @@ class SLRActivation(SLRMethod[SLRActivationPlan]):
     order: ClassVar[int] = 30
 
     def vanilla_inputs(
-        self, plan: SLRActivationPlan, ctx: MethodContext, layer: str
+        self, plan: SLRActivationPlan, ctx: Context, layer: str
     ) -> SelectionInputs:
         activation = following_activation(ctx.model, layer)
 

@@ -14,7 +14,7 @@ from fairdeploy.methods._lrf import SLRMethod, SparsePlan
 from fairdeploy.methods._registry import register_method
 
 if TYPE_CHECKING:
-    from fairdeploy.methods._context import MethodContext
+    from fairdeploy.context import Context
 
 __all__ = ["SLRWeight", "SLRWeightPlan"]
 
@@ -32,6 +32,6 @@ class SLRWeight(SLRMethod[SLRWeightPlan]):
     order: ClassVar[int] = 20
 
     def vanilla_inputs(
-        self, plan: SLRWeightPlan, ctx: MethodContext, layer: str
+        self, plan: SLRWeightPlan, ctx: Context, layer: str
     ) -> SelectionInputs:
         return SelectionInputs(weight=ctx.head.get_submodule(layer).weight.detach())

@@ -10,7 +10,7 @@ from fairdeploy.methods._registry import register_method
 from fairdeploy.plan import Plan
 
 if TYPE_CHECKING:
-    from fairdeploy.methods._context import MethodContext
+    from fairdeploy.context import Context
 
 __all__ = ["Vanilla", "VanillaPlan"]
 
@@ -29,5 +29,5 @@ class Vanilla(Method[VanillaPlan]):
     default_compare: ClassVar[bool] = True
     order: ClassVar[int] = 0
 
-    def apply(self, plan: VanillaPlan, ctx: MethodContext) -> Processed:
+    def apply(self, plan: VanillaPlan, ctx: Context) -> Processed:
         return Processed(plan, head=copy.deepcopy(ctx.head))
