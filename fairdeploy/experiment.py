@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -550,10 +551,14 @@ def first_samples(ds: Any, n: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray
 
 
 def state_dict_sha256(model: nn.Module) -> str:
-    """A content hash of a model's parameters and buffers (names, dtypes, shapes, bytes):
-    the cache key of an in-memory model, as a checkpoint's file hash is for a file."""
+    """A content hash of a model's parameters and buffers (names, dtypes, shapes, bytes) and
+    of any module's extra state (as JSON): the cache key of an in-memory model, as a
+    checkpoint's file hash is for a file."""
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
+        if not torch.is_tensor(t):  # a module's extra state (FactorizedLinear's ``keep``)
+            h.update(f"{name}\0extra\0{json.dumps(t, sort_keys=True, default=str)}\n".encode())
+            continue
         t = t.detach().cpu().contiguous()
         h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\n".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")

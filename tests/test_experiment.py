@@ -83,6 +83,26 @@ def test_in_memory_recipe_and_model_match_an_independent_evaluation(case) -> Non
     assert exp.evaluate(full, "test").to_dict() == exp.evaluate(fair, "test").to_dict()
 
 
+def test_an_in_memory_processed_model_is_hashed_with_its_extra_state(case) -> None:
+    """A model holding a FactorizedLinear (optimize's model.pt, loaded by the user) has a
+    non-tensor entry in its state_dict (``keep``); the in-memory cache key hashes it."""
+    from fairdeploy.experiment import state_dict_sha256
+
+    tmp, _ = case
+    exp = Experiment(tmp / "r.yaml", tmp / "ckpt.pt")
+    fair = exp.model_of(exp.apply(exp.recipe.method))
+    assert any(not torch.is_tensor(v) for v in fair.state_dict().values())
+    again = Experiment(parse_recipe(_recipe(tmp, method={"name": "vanilla"})), fair)
+    ctx = again.prepare()
+    direct = exp.evaluate(fair, "test").to_dict()
+    assert again.evaluate(again.apply(Plan("vanilla")), "test").to_dict() == direct
+    assert ctx.checkpoint_sha256 == state_dict_sha256(fair)
+    other = exp.model_of(exp.apply(exp.recipe.method))
+    layer = other.get_submodule("layers.2")
+    layer.keep += 1  # the same tensors, another sparsity record: another key
+    assert state_dict_sha256(other) != state_dict_sha256(fair)
+
+
 def test_export_and_verify_through_the_api(case, tmp_path: Path) -> None:
     tmp, _ = case
     exp = Experiment(tmp / "r.yaml", tmp / "ckpt.pt")
