@@ -10,7 +10,19 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["JsonRecord", "decode_prefixed", "json_fields", "json_float", "json_floats"]
+__all__ = [
+    "METADATA_PREFIX",
+    "JsonRecord",
+    "decode_prefixed",
+    "json_fields",
+    "json_float",
+    "json_floats",
+]
+
+
+#: Prefix of every ONNX ``metadata_props`` key fairdeploy writes (values are JSON): here,
+#: below both the export that writes them and ``serve``, which reads them without torch.
+METADATA_PREFIX = "fairdeploy."
 
 
 def json_float(value: Any) -> float | None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from fairdeploy._json import decode_prefixed
+from fairdeploy._json import METADATA_PREFIX, decode_prefixed
 from fairdeploy._text import plural
 from fairdeploy.errors import FairDeployError, first_line
 
@@ -35,7 +35,6 @@ __all__ = [
     "read_inputs",
 ]
 
-_PREFIX = "fairdeploy."
 #: The largest side a model's metadata may ask an input image to be resized or cropped
 #: to (a 4096×4096 float input is 200 MB per image; classifiers take a few hundred
 #: pixels). Larger values are refused before any image is read.
@@ -52,7 +51,7 @@ def model_metadata(session: Any) -> dict[str, Any]:
             f"the model's metadata is not valid UTF-8 ({exc.reason}): the file is damaged; "
             "re-export it with fairdeploy optimize"
         ) from None
-    return decode_prefixed(items, _PREFIX)
+    return decode_prefixed(items, METADATA_PREFIX)
 
 
 def preprocess_image(path: str | os.PathLike[str], pre: dict[str, Any]) -> np.ndarray:

@@ -14,7 +14,7 @@ from typing import Any
 import onnx
 
 from fairdeploy._io import publish
-from fairdeploy._json import decode_prefixed
+from fairdeploy._json import METADATA_PREFIX, decode_prefixed
 from fairdeploy.errors import FairDeployError
 from fairdeploy.export._sizes import _load_header
 
@@ -30,8 +30,6 @@ __all__ = [
     "update_metadata",
 ]
 
-#: Prefix of every ``metadata_props`` key fairdeploy writes; values are JSON.
-METADATA_PREFIX = "fairdeploy."
 #: Keys the pipeline fills (documented in the README); any other key is stored as given.
 DOCUMENTED_KEYS = (
     "producer",
