@@ -65,7 +65,9 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except FairDeployError as exc:
-            raise click.ClickException(str(exc)) from None
+            # One line, whatever a message quoted: its lines joined with "; ".
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            raise click.ClickException("; ".join(lines) or type(exc).__name__) from None
         except OSError as exc:
             import errno
 

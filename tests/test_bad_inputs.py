@@ -476,3 +476,27 @@ def test_zip_fixture_helper_flips_inside_a_record(tmp_path: Path) -> None:
         assert zf.testzip() is not None
     w = torch.load(tmp_path / "a.pt", weights_only=True)["w"]
     assert int((w != torch.arange(64, dtype=torch.float32)).sum()) == 1
+
+
+@pytest.mark.parametrize("message", ["first\nsecond", "  first  \n\n second\n", "\n"])
+def test_a_multi_line_error_is_one_line_at_the_cli(message: str) -> None:
+    """A FairDeployError whose text spans lines (one quoting another library's message, a
+    user method's own) is printed as one ``Error:`` line, its lines joined by "; "."""
+    import click
+    from click.testing import CliRunner
+
+    from fairdeploy.cli import _Group
+
+    @click.group(cls=_Group)
+    def group() -> None:
+        pass
+
+    @group.command()
+    def fail() -> None:
+        raise FairDeployError(message)
+
+    r = CliRunner().invoke(group, ["fail"])
+    assert r.exit_code == 1
+    [line] = r.output.splitlines()
+    want = "first; second" if message.strip() else "FairDeployError"
+    assert line == f"Error: {want}"
