@@ -178,10 +178,25 @@ class SamplingSpec(Strict):
 
 
 class ScoringSpec(SamplingSpec):
-    """Per-group Hessian diagonals on the scoring sets: the estimator and its batch size."""
+    """Per-group Hessian diagonals on the scoring sets: the estimator, its batch size and,
+    for ``ggn_mc``, the labels drawn per sample (``mc_samples``; the other estimators draw
+    none, so a value other than 1 with them is refused rather than ignored)."""
 
     estimator: Literal["exact", "fisher", "ggn_mc"] = "exact"
     batch_size: PosInt = 256
+    mc_samples: PosInt = 1
+
+    @model_validator(mode="after")
+    def _mc_samples_only_with_ggn_mc(self) -> ScoringSpec:
+        if self.mc_samples != 1 and self.estimator != "ggn_mc":
+            raise schema_error(
+                "fd_mc_samples",
+                "mc_samples: {n} is read only by estimator ggn_mc (its label draws per "
+                "sample); estimator {e!r} draws none: set estimator: ggn_mc, or remove "
+                "mc_samples",
+                {"n": self.mc_samples, "e": self.estimator},
+            )
+        return self
 
 
 class Plan(Strict):

@@ -207,7 +207,7 @@ def test_unknown_key_is_rejected_with_suggestion(tmp_path):
         (_with(method={"name": "fairlrf", "layers": [{"layer": "a", "rank": 2}],
                        "scoring": {"row_score": "full", "estimatr": "fisher"}}),
          "r.yaml: method.scoring.estimatr: unknown key (allowed: samples_per_group, seed, repeats, "
-         "estimator, batch_size, row_score; did you mean 'estimator'?)"),
+         "estimator, batch_size, mc_samples, row_score; did you mean 'estimator'?)"),
         (_with(sensitive={"groups": {"a": [1], "b": [1]}}),
          "r.yaml: sensitive.groups: {'a': [1], 'b': [1]} is not allowed (value 1 is in both "
          "group 'a' and 'b')"),

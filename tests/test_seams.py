@@ -14,6 +14,7 @@ from _tiny_nets import rows_and_vanilla, three_class_arrays, trained_mlp
 from test_export import make_factorized
 from torch import nn
 
+from fairdeploy.errors import FairDeployError
 from fairdeploy.experiment import Experiment
 from fairdeploy.export import ExportOptions, export_onnx
 from fairdeploy.lrf import activation_abs_sums
@@ -77,7 +78,8 @@ def _lrf_reference(exp: Experiment, plan: Plan) -> dict[int, dict[str, torch.Ten
     s = ctx.scoring_set(plan.scoring).features
     h = group_hessians(head, "layers.2", s.features, s.targets, s.groups,
                        group_ids=(ctx.unprivileged, ctx.privileged), estimator="ggn_mc",
-                       batch_size=plan.scoring.batch_size, seed=plan.scoring.seed)
+                       batch_size=plan.scoring.batch_size, mc_samples=plan.scoring.mc_samples,
+                       seed=plan.scoring.seed)
     return {role: h[g] for role, g in enumerate((ctx.unprivileged, ctx.privileged))}
 
 
@@ -130,25 +132,50 @@ def test_hessian_cache_keys_the_ggn_mc_seed_with_every_sample(
             torch.testing.assert_close(t, second[role][p])
 
 
-def test_weight_hessians_reach_the_estimator_with_mc_samples(tabular) -> None:
+@pytest.mark.parametrize(
+    ("method", "cached", "reference"),
+    [(_fairlrf, _lrf_hessians, _lrf_reference),
+     (_fairprune, _weight_hessians, _weight_reference)],
+    ids=["fairlrf", "fairprune"],
+)
+def test_hessians_reach_the_estimator_with_mc_samples(tabular, method, cached, reference) -> None:
     """Every estimator setting of the scoring spec reaches the Hessian function (one
-    ``estimator_inputs`` for all methods): ``mc_samples`` 1 and 4 give each their own
-    reference's numbers, and they differ."""
+    ``estimator_inputs`` for all methods, FairLRF's ``mc_samples`` included): ``mc_samples``
+    1 and 4 give each their own reference's numbers, and they differ."""
     tmp, model = tabular
-    exp = _experiment(tmp, model, _fairprune(0))
+    exp = _experiment(tmp, model, method(0))
     exp.prepare()
     base = exp.recipe.method
     got = {}
     for mc in (1, 4):
         plan = base.model_copy(
             update={"scoring": base.scoring.model_copy(update={"mc_samples": mc})})
-        got[mc] = _weight_hessians(exp, plan)
-        want = _weight_reference(exp, plan)
+        got[mc] = cached(exp, plan)
+        want = reference(exp, plan)
         for role in (0, 1):
-            torch.testing.assert_close(got[mc][role]["layers.2.weight"].double(),
-                                       want[role]["layers.2.weight"].double(),
-                                       rtol=1e-6, atol=1e-12)
-    assert not torch.equal(got[1][0]["layers.2.weight"], got[4][0]["layers.2.weight"])
+            for p, t in want[role].items():
+                torch.testing.assert_close(got[mc][role][p].double(), t.double(),
+                                           rtol=1e-6, atol=1e-12)
+    assert any(not torch.equal(got[1][0][p], got[4][0][p]) for p in got[1][0])
+
+
+@pytest.mark.parametrize("method", ["fairlrf", "fairprune", "fairquantize"])
+@pytest.mark.parametrize("estimator", ["exact", "fisher"])
+def test_mc_samples_without_ggn_mc_is_refused_not_ignored(method: str, estimator: str) -> None:
+    raw = Plan(method, **_example_settings(method)).model_dump(by_alias=True)
+    raw["scoring"] |= {"estimator": estimator, "mc_samples": 1}  # the neutral value: fine
+    assert Plan(**raw).scoring.mc_samples == 1
+    raw["scoring"]["mc_samples"] = 4
+    with pytest.raises(FairDeployError, match=r"mc_samples: 4 is read only by estimator ggn_mc"):
+        Plan(**raw)
+    raw["scoring"]["estimator"] = "ggn_mc"
+    assert Plan(**raw).scoring.mc_samples == 4
+
+
+def _example_settings(method: str) -> dict:
+    return {"fairlrf": {"layers": [{"layer": "layers.2", "rank": 8, "sr": 0.25}]},
+            "fairprune": {"prune_ratio": 0.3},
+            "fairquantize": {"quantize_ratio": 0.3}}[method]
 
 
 # --------------------------------------------------------------------------- bug 2: dry run

@@ -57,7 +57,6 @@ class WeightScoring(ScoringSpec):
     """
 
     batch_size: PosInt = 64
-    mc_samples: PosInt = 1
 
 
 class WeightPlan(Plan):

@@ -158,7 +158,8 @@ MEANINGS: dict[str, str] = {
     "ScoringSpec.batch_size": "samples per chunk of the Hessian pass",
     "FairLRFScoring.row_score": "`removed`: a row's score sums the entries that would be "
     "zeroed; `full`: the whole row",
-    "WeightScoring.mc_samples": "`ggn_mc`: labels drawn from the model per sample",
+    "ScoringSpec.mc_samples": "`ggn_mc`: labels drawn from the model per sample (other "
+    "estimators: 1)",
     "LowRankPlan.layers": "target layers, each `{layer, rank, …}`",
     "FairLRFPlan.beta": "β in ½θ²(h0 − βh1), the default of every layer (choose β < 1)",
     "FairLRFPlan.scoring": "how the per-group Hessians are computed",
@@ -380,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     check = "--check" in args
     paths = [a for a in args if a != "--check"]
+    if any(a.startswith("-") for a in paths) or len(paths) > 1:
+        print("usage: python -m fairdeploy.recipe.reference [PATH] [--check]  (PATH: default "
+              "docs/recipe.md; --check: exit 1 when PATH is out of date)", file=sys.stderr)
+        return 0 if set(paths) & {"-h", "--help"} else 2
     path = Path(paths[0]) if paths else Path(__file__).resolve().parents[2] / "docs" / "recipe.md"
     text = render_reference()
     if check:
