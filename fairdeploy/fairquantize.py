@@ -56,10 +56,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from fairdeploy._text import plural
 from fairdeploy.errors import FairDeployError
+from fairdeploy.progress import phase
 from fairdeploy.scoring import entry_scores
 from fairdeploy.weight_hessian import group_pair, group_weight_hessians, resolve_layers
 from fairdeploy.weight_selection import (
@@ -285,6 +288,7 @@ def fairquantize(
     seed: int = 0,
     group_ids: Sequence[int] = (0, 1),
     hessians: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
+    progress: bool = False,
 ) -> QuantizeResult:
     """Quantize the ``quantize_ratio`` fraction of weights with the lowest FairQuantize score.
 
@@ -328,6 +332,9 @@ def fairquantize(
     hessians : mapping, optional
         Hessian diagonals of the chosen weights for the first step (e.g. cached), keyed
         by role: ``{0: unprivileged, 1: privileged}``; later steps always recompute them.
+    progress : bool
+        Show the progress of each Hessian computation (every step's but a first step given
+        ``hessians``), as ``FairQuantize step s/S: Hessians …`` (default False).
 
     Returns
     -------
@@ -360,6 +367,7 @@ def fairquantize(
             else _role_hessians(
                 net, names, inputs, targets, groups, group_ids=(unpriv, priv),
                 estimator=estimator, batch_size=batch_size, mc_samples=mc_samples, seed=seed,
+                progress=progress, step=(step, steps),
             )
         )
         fraction = quantize_ratio if step == steps else quantize_ratio * step / steps
@@ -418,15 +426,21 @@ def _finetune_options(
 def _role_hessians(
     net: nn.Module, names: Sequence[str], inputs: torch.Tensor, targets: torch.Tensor,
     groups: torch.Tensor | Sequence[int], *, group_ids: tuple[int, int], estimator: str,
-    batch_size: int, mc_samples: int, seed: int,
+    batch_size: int, mc_samples: int, seed: int, progress: bool, step: tuple[int, int],
 ) -> dict[int, Mapping[str, torch.Tensor]]:
     """The chosen weights' Hessian diagonals of the current model, keyed by role in the
-    score: 0 the unprivileged group (``group_ids[0]``), 1 the privileged."""
+    score: 0 the unprivileged group (``group_ids[0]``), 1 the privileged; with
+    ``progress``, shown as step ``step[0]`` of ``step[1]``."""
     unpriv, priv = group_ids
-    by_id = group_weight_hessians(
-        net, [f"{n}.weight" for n in names], inputs, targets, groups, group_ids=(unpriv, priv),
-        estimator=estimator, batch_size=batch_size, mc_samples=mc_samples, seed=seed,
-    )
+    n = int(np.isin(np.asarray(groups), group_ids).sum())
+    with phase(f"FairQuantize step {step[0]}/{step[1]}: Hessians of "
+               f"{plural(len(names), 'weight tensor')}",
+               total=n, unit="sample", enabled=progress) as bar:
+        by_id = group_weight_hessians(
+            net, [f"{n}.weight" for n in names], inputs, targets, groups,
+            group_ids=(unpriv, priv), estimator=estimator, batch_size=batch_size,
+            mc_samples=mc_samples, seed=seed, on_chunk=bar.advance,
+        )
     return {0: by_id[unpriv], 1: by_id[priv]}
 
 

@@ -115,3 +115,29 @@ def test_words_for_numbers():
     assert nbytes(812) == "812 B" and nbytes(8_400) == "8.4 kB"
     assert nbytes(531_200_000) == "531.2 MB" and nbytes(1_200_000_000) == "1.20 GB"
     assert ago(5) == "just now" and ago(720) == "12 min ago" and ago(3 * 86400) == "3.0 days ago"
+
+
+@pytest.mark.parametrize("given_first", [True, False])
+def test_fairquantize_steps_report_the_hessians_they_recompute(lines, monkeypatch, given_first):
+    """Every Hessian pass of FairQuantize's steps shows its progress (step s of S, samples of
+    the scoring groups); a first step given cached Hessians computes none and shows none."""
+    import fairdeploy.fairquantize as fq
+
+    orig = progress.phase
+    monkeypatch.setattr(fq, "phase", lambda *a, **k: orig(*a, **{**k, "quiet_below": 0}))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    x, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+    g = torch.tensor([0, 1] * 9 + [2, 2])  # two samples of a group that is not scored
+    first = None
+    if given_first:
+        h = fq.group_weight_hessians(model, ["0.weight", "2.weight"], x, y, g)
+        first = {0: h[0], 1: h[1]}
+        lines()
+    fq.fairquantize(model, x, y, g, quantize_ratio=0.3, beta=0.5, steps=3, progress=True,
+                    hessians=first)
+    steps = (2, 3) if given_first else (1, 2, 3)
+    assert [ln.split(" in ")[0] for ln in lines()] == [
+        f"fairdeploy: FairQuantize step {s}/3: Hessians of 2 weight tensors: 18 samples"
+        for s in steps
+    ]

@@ -131,6 +131,7 @@ class FairQuantize(WeightMethod[FairQuantizePlan]):
             group_ids=(ctx.unprivileged, ctx.privileged),
             # The first step scores the vanilla weights: shared with FairPrune's cache.
             hessians=self.hessians(plan, ctx, full_model=full),
+            progress=ctx.progress,
             **settings,
         )
         details: dict[str, Any] = {
