@@ -43,7 +43,7 @@ import torch
 from fairdeploy._digest import sha256_file
 from fairdeploy._io import atomic_torch_save, atomic_write_text
 from fairdeploy._signals import cleanup_on_sigterm
-from fairdeploy._stale import make_owned_dir, owned_target, remove_stale
+from fairdeploy._stale import make_owned_dir, make_owned_file, owned_target, remove_stale
 from fairdeploy.errors import FairDeployError, first_line
 from fairdeploy.features import FeatureSet
 
@@ -173,9 +173,19 @@ class FeatureCache:
     def get_or_compute(
         self,
         key_parts: Mapping[str, Any],
-        compute: Callable[[], FeatureSet],
+        compute: Callable[..., FeatureSet],
+        *,
+        spill: bool = False,
     ) -> tuple[FeatureSet, bool]:
         """Load the features for ``key_parts``, or compute, save and return them.
+
+        With ``spill``, ``compute`` is called as ``compute(path)`` with a temporary file in
+        the cache folder to back the features with while they are computed
+        (:func:`~fairdeploy.features.compute_features`'s ``spill``): the first pass holds
+        none of them in memory, the entry is written from that file, the file is removed
+        and the entry is returned memory-mapped, as a hit is. Where no such file can be
+        made (an unwritable folder, a full disk), ``compute()`` runs in memory instead,
+        with a :class:`CacheWarning`.
 
         Returns
         -------
@@ -190,18 +200,45 @@ class FeatureCache:
         tensors = _read_entry(path, key, "feature cache file", mmap=True)
         if tensors is not None and set(tensors) == {"features", "targets", "groups"}:
             _touch(path)
-            return FeatureSet(tensors["features"], tensors["targets"], tensors["groups"]), True
-        fs = compute()
-        if not isinstance(fs, FeatureSet):
-            raise TypeError(f"compute() returned {type(fs).__name__}, not a FeatureSet")
+            return _feature_set(tensors), True
         with contextlib.suppress(OSError):  # _write_entry warns about an unwritable folder
             self._make_folder()
-        _write_entry(
-            path, key, dict(key_parts),
-            {"features": fs.features, "targets": fs.targets, "groups": fs.groups},
-            what="feature cache file",
-        )
+        if spill:
+            return self._computed_through_a_file(path, key, key_parts, compute), False
+        fs = _checked(compute())
+        _write_entry(path, key, dict(key_parts), _feature_tensors(fs), what="feature cache file")
         return fs, False
+
+    def _computed_through_a_file(
+        self, path: Path, key: str, key_parts: Mapping[str, Any], compute: Callable[..., FeatureSet]
+    ) -> FeatureSet:
+        """``compute(spill file)``, the entry written from it, read back memory-mapped."""
+        try:
+            spill = made = make_owned_file(self.directory, path.stem, ".spill")
+        except OSError as exc:
+            spill = made = None
+            why = exc
+        try:
+            try:
+                fs = _checked(compute(spill) if spill is not None else compute())
+            except OSError as exc:  # the spill file could not be allocated
+                if spill is None or not _is_spill_error(exc, spill):
+                    raise
+                spill, why = None, exc
+                fs = _checked(compute())
+            if spill is None:
+                warnings.warn(
+                    f"could not hold the features in a file in {str(self.directory)!r} "
+                    f"({why.strerror or why}); holding them in memory", CacheWarning,
+                    stacklevel=4,
+                )
+            _write_entry(path, key, dict(key_parts), _feature_tensors(fs),
+                         what="feature cache file")
+        finally:
+            if made is not None:
+                made.unlink(missing_ok=True)  # a mapping of it stays valid until freed
+        tensors = _read_entry(path, key, "feature cache file", mmap=True) if spill else None
+        return _feature_set(tensors) if tensors is not None else fs
 
     def get_or_compute_tensors(
         self,
@@ -402,6 +439,25 @@ def _file_entry_ok(path: Path, key: str) -> bool:
         stacklevel=3,
     )
     return False
+
+
+def _checked(fs: Any) -> FeatureSet:
+    if not isinstance(fs, FeatureSet):
+        raise TypeError(f"compute() returned {type(fs).__name__}, not a FeatureSet")
+    return fs
+
+
+def _feature_tensors(fs: FeatureSet) -> dict[str, torch.Tensor]:
+    return {"features": fs.features, "targets": fs.targets, "groups": fs.groups}
+
+
+def _feature_set(tensors: Mapping[str, torch.Tensor]) -> FeatureSet:
+    return FeatureSet(tensors["features"], tensors["targets"], tensors["groups"])
+
+
+def _is_spill_error(exc: OSError, spill: Path) -> bool:
+    """Whether ``exc`` is about the spill file (its allocation), not the trunk's own I/O."""
+    return exc.filename is not None and Path(exc.filename) == spill
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -421,7 +422,7 @@ class Context:
     def _features(
         self, description: str, dataset: Any, key: Mapping[str, Any]
     ) -> tuple[FeatureSet, bool]:
-        def compute() -> FeatureSet:
+        def compute(spill: Path | None = None) -> FeatureSet:
             return compute_features(
                 self.trunk,
                 dataset,
@@ -429,9 +430,11 @@ class Context:
                 num_workers=self.recipe.data.num_workers,
                 progress=self.progress,
                 description=f"trunk pass: {description}",
+                spill=spill,
             )
 
         if self.cache is None:
             return compute(), False
         parts = {**self.cache_key, **key, "content": dataset_fingerprint(dataset)}
-        return self.cache.get_or_compute(parts, compute)
+        # Through a file in the cache folder: the first pass holds no features in memory.
+        return self.cache.get_or_compute(parts, compute, spill=True)

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import math
 import operator
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +30,7 @@ import torch
 from torch import fx, nn
 
 from fairdeploy.data._loader import batch_loader
-from fairdeploy.errors import FairDeployError
+from fairdeploy.errors import FairDeployError, first_line
 from fairdeploy.progress import phase
 from fairdeploy.structure import (
     ancestors,
@@ -547,6 +549,7 @@ def compute_features(
     num_workers: int = 0,
     progress: bool = True,
     description: str = "Computing features",
+    spill: str | os.PathLike[str] | None = None,
 ) -> FeatureSet:
     """Run the trunk once over a dataset and collect its outputs.
 
@@ -567,6 +570,12 @@ def compute_features(
         otherwise).
     description : str
         The progress bar's label, e.g. ``"features: test split"``.
+    spill : path, optional
+        A file to back the features with (shared memory map, created or resized here): each
+        batch's outputs are written to it, so the pass holds none of them in anonymous
+        memory and the OS writes them out as it needs the room (token tensors of a
+        transformer block: about 1.2 MB per ViT-B/16 sample). The caller removes the file;
+        the returned features read from it until they are freed. None: in memory.
 
     Returns
     -------
@@ -590,6 +599,7 @@ def compute_features(
     targets = torch.empty(n, dtype=torch.long)
     groups = torch.empty(n, dtype=torch.long)
     pos = 0
+    bad: list[int] = []  # samples whose outputs are not finite
     module.eval()
     # Plain fp32 on CUDA too (no TF32): the features feed a parity check at atol 1e-4.
     tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
@@ -606,10 +616,13 @@ def compute_features(
                 b = out.shape[0]
                 if features is None:
                     # Preallocate: concatenating batches would double peak memory.
-                    features = torch.empty((n, *out.shape[1:]), dtype=torch.float32)
+                    features = _preallocate((n, *out.shape[1:]), spill)
                 features[pos : pos + b] = out.float().cpu()
                 targets[pos : pos + b] = torch.as_tensor(y).long()
                 groups[pos : pos + b] = torch.as_tensor(g).long()
+                # Checked per batch: one mask over the whole set would add a quarter of its
+                # size in memory, which a pass backed by a file does not otherwise hold.
+                bad.extend((pos + torch.nonzero(~_finite_rows(out)).flatten()).tolist())
                 pos += b
                 bar.advance(b)
     finally:
@@ -618,15 +631,37 @@ def compute_features(
             m.training = mode
     if pos != n or features is None:
         raise RuntimeError(f"the data loader yielded {pos} samples, the dataset has {n}")
-    finite = torch.isfinite(features.reshape(n, -1)).all(dim=1)
-    if not bool(finite.all()):
-        bad = torch.nonzero(~finite).flatten()
+    if bad:
         raise FairDeployError(
             f"{description}: the trunk's outputs are not finite (NaN or infinity) for "
-            f"{len(bad)} of {n} samples (first: sample {int(bad[0])}): the inputs or the weights "
+            f"{len(bad)} of {n} samples (first: sample {bad[0]}): the inputs or the weights "
             "overflow float32; check the data's scale and the checkpoint"
         )
     return FeatureSet(features, targets, groups)
+
+
+def _finite_rows(out: torch.Tensor) -> torch.Tensor:
+    """Per sample of a batch of trunk outputs, whether all its values (as float32) are
+    finite (on the CPU)."""
+    return torch.isfinite(out.float()).reshape(out.shape[0], -1).all(dim=1).cpu()
+
+
+def _preallocate(shape: tuple[int, ...], spill: str | os.PathLike[str] | None) -> torch.Tensor:
+    """An uninitialized float32 tensor of ``shape``: in memory, or backed by ``spill``."""
+    if spill is None:
+        return torch.empty(shape, dtype=torch.float32)
+    numel = math.prod(shape)
+    # Allocate the file's blocks first: a full disk or a file size limit is then an OSError
+    # here, not a SIGBUS when a page of a sparse mapping is first written.
+    try:
+        with open(spill, "r+b" if os.path.exists(spill) else "w+b") as f:
+            os.posix_fallocate(f.fileno(), 0, max(1, numel * 4))
+        flat = torch.from_file(os.fspath(spill), shared=True, size=numel, dtype=torch.float32)
+    except (OSError, RuntimeError) as exc:  # named after the file: the caller may fall back
+        errno_ = getattr(exc, "errno", None) or errno.EIO
+        raise OSError(errno_, getattr(exc, "strerror", None) or first_line(exc),
+                      os.fspath(spill)) from None
+    return flat.view(shape)
 
 
 def _unpack(batch: Any, what: str) -> tuple[torch.Tensor, Any, Any]:
