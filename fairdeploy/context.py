@@ -22,7 +22,7 @@ from torch import nn
 
 from fairdeploy.cache import FeatureCache, dataset_fingerprint
 from fairdeploy.errors import FairDeployError
-from fairdeploy.features import FeatureSet, compute_features
+from fairdeploy.features import SPILL_SUPPORTED, FeatureSet, compute_features
 from fairdeploy.lrf import FactorizedLinear, factorize
 from fairdeploy.plan import AUTO_SAMPLES_PER_GROUP, SamplingSpec
 from fairdeploy.scoring import scoring_indices
@@ -437,4 +437,4 @@ class Context:
             return compute(), False
         parts = {**self.cache_key, **key, "content": dataset_fingerprint(dataset)}
         # Through a file in the cache folder: the first pass holds no features in memory.
-        return self.cache.get_or_compute(parts, compute, spill=True)
+        return self.cache.get_or_compute(parts, compute, spill=SPILL_SUPPORTED)

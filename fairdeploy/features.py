@@ -41,6 +41,7 @@ from fairdeploy.structure import (
 )
 
 __all__ = [
+    "SPILL_SUPPORTED",
     "UNPACK_NAME",
     "CutValue",
     "FeatureSet",
@@ -575,7 +576,8 @@ def compute_features(
         batch's outputs are written to it, so the pass holds none of them in anonymous
         memory and the OS writes them out as it needs the room (token tensors of a
         transformer block: about 1.2 MB per ViT-B/16 sample). The caller removes the file;
-        the returned features read from it until they are freed. None: in memory.
+        the returned features read from it until they are freed. None: in memory. Needs
+        :data:`SPILL_SUPPORTED` (Linux); elsewhere an ``OSError`` naming the file.
 
     Returns
     -------
@@ -640,6 +642,12 @@ def compute_features(
     return FeatureSet(features, targets, groups)
 
 
+#: Whether :func:`compute_features` can back features with a file here: it allocates the
+#: file's blocks first (``os.posix_fallocate``, which macOS and Windows lack; a sparse map
+#: would turn a full disk into a SIGBUS).
+SPILL_SUPPORTED = hasattr(os, "posix_fallocate")
+
+
 def _finite_rows(out: torch.Tensor) -> torch.Tensor:
     """Per sample of a batch of trunk outputs, whether all its values (as float32) are
     finite (on the CPU)."""
@@ -651,6 +659,9 @@ def _preallocate(shape: tuple[int, ...], spill: str | os.PathLike[str] | None) -
     if spill is None:
         return torch.empty(shape, dtype=torch.float32)
     numel = math.prod(shape)
+    if not SPILL_SUPPORTED:
+        raise OSError(errno.ENOTSUP, "this platform cannot allocate a file's blocks up front",
+                      os.fspath(spill))
     # Allocate the file's blocks first: a full disk or a file size limit is then an OSError
     # here, not a SIGBUS when a page of a sparse mapping is first written.
     try:

@@ -19,9 +19,10 @@ from _fixtures import TripleDataset
 from torch import nn
 
 from fairdeploy.cache import FeatureCache
-from fairdeploy.features import compute_features
+from fairdeploy.features import SPILL_SUPPORTED, compute_features
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not SPILL_SUPPORTED, reason="no os.posix_fallocate here")
 
 
 def _task(n: int = 37, tokens: int = 3) -> tuple[nn.Module, TripleDataset]:
