@@ -3,6 +3,9 @@ models several test modules build the same way."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
@@ -97,3 +100,19 @@ def rows_and_vanilla(model: nn.Module) -> tuple[nn.Module, list[dict]]:
                          "k": m.rank, "rows_sparsified": m.sparse_rows.numel(),
                          "cols_sparsified": m.sparse_cols.numel(), "keep": m.keep})
     return vanilla, rows
+
+
+def three_class_recipe(data: Path, **sections: Any) -> dict:
+    """The recipe (as a dict) of :func:`trained_mlp` on :func:`three_class_arrays` saved at
+    ``data``: the ``mlp`` architecture, groups ``a``/``b``, FairLRF on ``layers.2`` (rank 8,
+    sr 0.25, 64 scoring samples per group); ``sections`` replace whole sections."""
+    recipe = {
+        "model": {"arch": "mlp", "num_classes": 3,
+                  "kwargs": {"in_features": 8, "widths": [32, 32]}},
+        "data": {"kind": "npz", "path": str(data), "split": {"mode": "column"}},
+        "sensitive": {"attribute": "group", "groups": {"a": [0], "b": [1]}},
+        "method": {"name": "fairlrf", "layers": [{"layer": "layers.2", "rank": 8, "sr": 0.25}],
+                   "scoring": {"samples_per_group": 64}},
+    }
+    recipe.update(sections)
+    return recipe

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from _tiny_nets import trained_mlp
+from _tiny_nets import three_class_recipe, trained_mlp
 from click.testing import CliRunner
 from torch import nn
 
@@ -37,18 +37,11 @@ def _data(path: Path, n: int = 900, d: int = 8, seed: int = 0) -> dict[str, np.n
 
 
 def _recipe(tmp: Path, **sections) -> dict:
-    recipe = {
-        "model": {"arch": "mlp", "num_classes": 3,
-                  "kwargs": {"in_features": 8, "widths": [32, 32]}},
-        "data": {"kind": "npz", "path": str(tmp / "data.npz"), "split": {"mode": "column"}},
-        "sensitive": {"attribute": "group", "groups": {"a": [0], "b": [1]}},
-        "method": {"name": "fairlrf", "layers": [{"layer": "layers.2", "rank": 8, "sr": 0.25}],
-                   "scoring": {"samples_per_group": 64}},
+    return three_class_recipe(tmp / "data.npz", **{
         "export": {"verify_samples": 100},
         "report": {"latency_batches": [1], "latency_warmup": 1, "latency_iterations": 5},
-    }
-    recipe.update(sections)
-    return recipe
+        **sections,
+    })
 
 
 @pytest.fixture(scope="module")

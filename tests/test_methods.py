@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from _tiny_nets import three_class_recipe
 from click.testing import CliRunner
 
 from fairdeploy.cli import main
@@ -135,16 +136,7 @@ def _data(path: Path, n: int = 600, d: int = 8, seed: int = 0) -> None:
 
 
 def _recipe(tmp: Path, **sections) -> dict:
-    recipe = {
-        "model": {"arch": "mlp", "num_classes": 3,
-                  "kwargs": {"in_features": 8, "widths": [32, 32]}},
-        "data": {"kind": "npz", "path": str(tmp / "data.npz"), "split": {"mode": "column"}},
-        "sensitive": {"attribute": "group", "groups": {"a": [0], "b": [1]}},
-        "method": {"name": "fairlrf", "layers": [{"layer": "layers.2", "rank": 8, "sr": 0.25}],
-                   "scoring": {"samples_per_group": 64}},
-    }
-    recipe.update(sections)
-    return recipe
+    return three_class_recipe(tmp / "data.npz", **sections)
 
 
 def test_a_user_method_from_a_recipe_runs_in_compare(tmp_path: Path, monkeypatch) -> None:

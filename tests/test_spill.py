@@ -135,7 +135,7 @@ def test_the_experiment_computes_its_trunk_passes_through_the_cache_folder(
 ) -> None:
     """Every trunk pass of an experiment with a cache folder gets a spill file there, and
     the features equal a run without a cache."""
-    from _tiny_nets import three_class_arrays, trained_mlp
+    from _tiny_nets import three_class_arrays, three_class_recipe, trained_mlp
 
     import fairdeploy.context as context
     from fairdeploy.experiment import Experiment
@@ -144,14 +144,9 @@ def test_the_experiment_computes_its_trunk_passes_through_the_cache_folder(
     arrays = three_class_arrays(n=240)
     np.savez(tmp_path / "data.npz", **arrays)
     model = trained_mlp(arrays)
-    recipe = parse_recipe({
-        "model": {"arch": "mlp", "num_classes": 3,
-                  "kwargs": {"in_features": 8, "widths": [32, 32]}},
-        "data": {"kind": "npz", "path": str(tmp_path / "data.npz"), "split": {"mode": "column"}},
-        "sensitive": {"attribute": "group", "groups": {"a": [0], "b": [1]}},
-        "method": {"name": "fairlrf", "layers": [{"layer": "layers.2", "rank": 8, "sr": 0.25}],
-                   "scoring": {"samples_per_group": 20}},
-    })
+    recipe = parse_recipe(three_class_recipe(tmp_path / "data.npz", method={
+        "name": "fairlrf", "layers": [{"layer": "layers.2", "rank": 8, "sr": 0.25}],
+        "scoring": {"samples_per_group": 20}}))
     spills: list[Path | None] = []
     real = context.compute_features
 

@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import yaml
-from _tiny_nets import three_class_arrays, trained_mlp
+from _tiny_nets import three_class_arrays, three_class_recipe, trained_mlp
 from click.testing import CliRunner
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, precision_score
 
@@ -44,17 +44,7 @@ from fairdeploy.sweep import (
 
 
 def _recipe(data: Path, **extra) -> dict:
-    recipe = {
-        "model": {"arch": "mlp", "num_classes": 3,
-                  "kwargs": {"in_features": 8, "widths": [32, 32]}},
-        "data": {"kind": "npz", "path": str(data), "split": {"mode": "column"}},
-        "sensitive": {"attribute": "group", "groups": {"a": [0], "b": [1]}},
-        "method": {"name": "fairlrf", "layers": [{"layer": "layers.2", "rank": 8, "sr": 0.25}],
-                   "scoring": {"samples_per_group": 64}},
-        "export": {"verify_samples": 100},
-    }
-    recipe.update(extra)
-    return recipe
+    return three_class_recipe(data, **{"export": {"verify_samples": 100}, **extra})
 
 
 @pytest.fixture(scope="module")
