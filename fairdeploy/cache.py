@@ -212,31 +212,42 @@ class FeatureCache:
     def _computed_through_a_file(
         self, path: Path, key: str, key_parts: Mapping[str, Any], compute: Callable[..., FeatureSet]
     ) -> FeatureSet:
-        """``compute(spill file)``, the entry written from it, read back memory-mapped."""
-        try:
-            spill = made = make_owned_file(self.directory, path.stem, ".spill")
-        except OSError as exc:
-            spill = made = None
-            why = exc
-        try:
+        """``compute(spill file)``, the entry written from it, read back memory-mapped.
+
+        The spill file is removed however this ends (SIGTERM included). When the entry
+        cannot be written (a full disk), the features are copied into memory first, so no
+        deleted file keeps holding its disk space; that is the memory the pass in memory
+        takes anyway. Where no spill file can be made or allocated, ``compute()`` runs in
+        memory; a warning says so only when the entry is then written (otherwise the
+        failed write's own warning tells it)."""
+        why: OSError | None = None
+        with cleanup_on_sigterm():
             try:
-                fs = _checked(compute(spill) if spill is not None else compute())
-            except OSError as exc:  # the spill file could not be allocated
-                if spill is None or not _is_spill_error(exc, spill):
-                    raise
-                spill, why = None, exc
-                fs = _checked(compute())
-            if spill is None:
-                warnings.warn(
-                    f"could not hold the features in a file in {str(self.directory)!r} "
-                    f"({why.strerror or why}); holding them in memory", CacheWarning,
-                    stacklevel=4,
-                )
-            _write_entry(path, key, dict(key_parts), _feature_tensors(fs),
-                         what="feature cache file")
-        finally:
-            if made is not None:
-                made.unlink(missing_ok=True)  # a mapping of it stays valid until freed
+                spill = made = make_owned_file(self.directory, path.stem, ".spill")
+            except OSError as exc:
+                spill = made = None
+                why = exc
+            try:
+                try:
+                    fs = _checked(compute(spill) if spill is not None else compute())
+                except OSError as exc:  # the spill file could not be allocated
+                    if spill is None or not _is_spill_error(exc, spill):
+                        raise
+                    spill, why = None, exc
+                    fs = _checked(compute())
+                written = _write_entry(path, key, dict(key_parts), _feature_tensors(fs),
+                                       what="feature cache file")
+                if spill is not None and not written:
+                    fs = FeatureSet(fs.features.clone(), fs.targets, fs.groups)
+            finally:
+                if made is not None:
+                    made.unlink(missing_ok=True)  # a mapping of it stays valid until freed
+        if spill is None and written and why is not None:
+            warnings.warn(
+                f"could not hold the features in a file in {str(self.directory)!r} "
+                f"({why.strerror or why}); they were computed in memory", CacheWarning,
+                stacklevel=4,
+            )
         tensors = _read_entry(path, key, "feature cache file", mmap=True) if spill else None
         return _feature_set(tensors) if tensors is not None else fs
 
@@ -485,7 +496,9 @@ def tensors_checksum(key: str, tensors: Mapping[str, torch.Tensor]) -> str:
 def _write_entry(
     path: Path, key: str, key_parts: dict[str, Any], tensors: Mapping[str, torch.Tensor],
     *, what: str,
-) -> None:
+) -> bool:
+    """Write a cache entry atomically; True when written, False (with a warning) when the
+    folder or the disk would not take it."""
     compact = {k: _compact(v) for k, v in tensors.items()}
     payload = {
         "format": _CACHE_FORMAT,
@@ -503,6 +516,8 @@ def _write_entry(
             CacheWarning,
             stacklevel=3,
         )
+        return False
+    return True
 
 
 def _read_entry(

@@ -57,6 +57,11 @@ class OutputComparison(JsonRecord):
     ``min_atol`` is the smallest atol that passes with the rtol used; ``min_rtol`` the
     smallest rtol that passes with the atol used (inf when a zero reference differs by
     more than atol).
+
+    In JSON (:meth:`to_dict`) a number that is not finite is ``null``: with ``finite``
+    true only ``max_rel_error`` and ``min_rtol`` can be, and mean +inf (a zero reference
+    value differs by more than atol: no rtol passes); with ``finite`` false the outputs
+    held NaN or ±inf and every error is ``null``.
     """
 
     name: str
@@ -69,8 +74,7 @@ class OutputComparison(JsonRecord):
     argmax_agreement: float
     within_tolerance: bool
     passed: bool
-    #: Whether every output value was finite (when not, the errors are ``inf``: ``null``
-    #: in JSON).
+    #: Whether every output value was finite (when not, the errors are ``inf``).
     finite: bool = True
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -552,17 +551,43 @@ def first_samples(ds: Any, n: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray
 
 def state_dict_sha256(model: nn.Module) -> str:
     """A content hash of a model's parameters and buffers (names, dtypes, shapes, bytes) and
-    of any module's extra state (as JSON): the cache key of an in-memory model, as a
-    checkpoint's file hash is for a file."""
+    of any module's extra state (FactorizedLinear's ``keep``; nested dicts, lists, numbers,
+    strings, tensors and arrays by their bytes): the cache key of an in-memory model, as a
+    checkpoint's file hash is for a file.
+
+    Raises
+    ------
+    FairDeployError
+        Extra state of another type (it has no content hash: save the model to a
+        checkpoint and give that file).
+    """
     h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        if not torch.is_tensor(t):  # a module's extra state (FactorizedLinear's ``keep``)
-            h.update(f"{name}\0extra\0{json.dumps(t, sort_keys=True, default=str)}\n".encode())
-            continue
-        t = t.detach().cpu().contiguous()
+    for name, value in model.state_dict().items():
+        _hash_value(h, name, value)
+    return h.hexdigest()
+
+
+def _hash_value(h: Any, name: str, value: Any) -> None:
+    if torch.is_tensor(value) or isinstance(value, np.ndarray):
+        t = torch.as_tensor(value).detach().cpu().contiguous()
         h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\n".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    elif isinstance(value, Mapping):
+        h.update(f"{name}\0dict\0{len(value)}\n".encode())
+        for k in sorted(value, key=repr):
+            _hash_value(h, f"{name}.{k}", value[k])
+    elif isinstance(value, list | tuple):
+        h.update(f"{name}\0{type(value).__name__}\0{len(value)}\n".encode())
+        for i, v in enumerate(value):
+            _hash_value(h, f"{name}[{i}]", v)
+    elif value is None or isinstance(value, bool | int | float | str | bytes):
+        h.update(f"{name}\0{type(value).__name__}\0{value!r}\n".encode())
+    else:
+        raise FairDeployError(
+            f"the model's state {name!r} holds a value of type {type(value).__name__}, which "
+            "has no content hash for the cache key: save the model to a checkpoint and give "
+            "that file"
+        )
 
 
 def _recipe_hash(recipe: Recipe) -> str:

@@ -665,8 +665,12 @@ def _preallocate(shape: tuple[int, ...], spill: str | os.PathLike[str] | None) -
     # Allocate the file's blocks first: a full disk or a file size limit is then an OSError
     # here, not a SIGBUS when a page of a sparse mapping is first written.
     try:
-        with open(spill, "r+b" if os.path.exists(spill) else "w+b") as f:
-            os.posix_fallocate(f.fileno(), 0, max(1, numel * 4))
+        fd = os.open(spill, os.O_RDWR | os.O_CREAT, 0o600)  # private, as the cache folder
+        try:
+            os.ftruncate(fd, numel * 4)  # exactly the features' size, whatever it held
+            os.posix_fallocate(fd, 0, max(1, numel * 4))
+        finally:
+            os.close(fd)
         flat = torch.from_file(os.fspath(spill), shared=True, size=numel, dtype=torch.float32)
     except (OSError, RuntimeError) as exc:  # named after the file: the caller may fall back
         errno_ = getattr(exc, "errno", None) or errno.EIO

@@ -96,6 +96,35 @@ def test_an_in_memory_processed_model_is_hashed_with_its_extra_state(case) -> No
     assert state_dict_sha256(other) != state_dict_sha256(fair)
 
 
+def test_extra_state_is_hashed_by_content_and_other_objects_are_refused() -> None:
+    """Tensors in extra state are hashed by their bytes (``str`` of a large tensor elides its
+    middle: two models would share a cache key); an object without a content hash is a
+    one-line refusal, not an address that changes every run."""
+    from fairdeploy.errors import FairDeployError
+    from fairdeploy.experiment import state_dict_sha256
+
+    class Extra(nn.Module):
+        def __init__(self, state) -> None:
+            super().__init__()
+            self.state = state
+
+        def get_extra_state(self):
+            return self.state
+
+        def set_extra_state(self, state) -> None:
+            self.state = state
+
+    a = torch.zeros(5000)
+    b = a.clone()
+    b[2500] = 1.0
+    assert str(a) == str(b)  # what a text-based hash would have seen
+    assert state_dict_sha256(Extra({"t": a})) != state_dict_sha256(Extra({"t": b}))
+    same = [Extra({"k": 3, "t": [a, np.arange(3)], "s": "x"}) for _ in range(2)]
+    assert state_dict_sha256(same[0]) == state_dict_sha256(same[1])
+    with pytest.raises(FairDeployError, match=r"_extra_state\.o' holds a value of type object"):
+        state_dict_sha256(Extra({"o": object()}))
+
+
 def test_export_and_verify_through_the_api(case, tmp_path: Path) -> None:
     tmp, _ = case
     exp = Experiment(tmp / "r.yaml", tmp / "ckpt.pt")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from _tiny_nets import three_class_recipe
+from _tiny_nets import three_class_arrays, three_class_recipe, trained_mlp
 from click.testing import CliRunner
 
 from fairdeploy.cli import main
@@ -108,9 +108,49 @@ def test_plan_class_is_the_type_argument_unless_a_class_names_its_own() -> None:
     assert Explicit.plan_class is Plan
     assert Unparametrized.plan_class is _OwnPlan
     assert Inherits.plan_class is _OwnPlan
+    class ChildOfExplicit(Explicit):  # the parent's own choice stands
+        pass
+
+    class Holder(Generic[P]):
+        pass
+
+    class TwoGenericBases(Holder[Plan], Method[_OwnPlan]):  # the Method base's argument
+        pass
+
     assert "plan_class" not in Intermediate.__dict__
     assert Leaf.plan_class is _OwnPlan
-    assert SparseLowRankMethod.strategy is None  # each SLR-like method scores by its name
+    assert ChildOfExplicit.plan_class is Plan
+    assert TwoGenericBases.plan_class is _OwnPlan
+    assert SparseLowRankMethod.strategy is None
+    assert get_method("fairlrf").strategy == "fairlrf" and get_method("slr_a").strategy == "slr_a"
+
+
+def test_a_method_derived_from_fairlrf_under_another_name_scores_as_fairlrf(tmp_path) -> None:
+    """The selection strategy is the name of the first class that names itself: a subclass
+    registered under its own name keeps its parent's strategy (and runs)."""
+    from fairdeploy.methods.fairlrf import FairLRF
+
+    class Renamed(FairLRF):
+        name = "renamed_fairlrf_for_test"
+        label = "Renamed"
+
+    assert Renamed.strategy == "fairlrf" and Renamed.plan_class is FairLRF.plan_class
+    register_method(Renamed)
+    try:
+        arrays = three_class_arrays(n=240)
+        np.savez(tmp_path / "data.npz", **arrays)
+        model = trained_mlp(arrays)
+        method = {"name": "fairlrf", "layers": [{"layer": "layers.2", "rank": 8, "sr": 0.25}],
+                  "scoring": {"samples_per_group": 20}}
+        exp = Experiment(parse_recipe(three_class_recipe(tmp_path / "data.npz", method=method)),
+                         model, progress=False)
+        want = exp.apply(exp.recipe.method)
+        got = exp.apply(Plan(**{**method, "name": Renamed.name}))
+        assert got.selections == want.selections
+    finally:
+        from fairdeploy._method_table import METHODS
+
+        METHODS.pop(Renamed.name, None)
 
 
 def test_unknown_and_unimportable_methods_are_one_line_errors(monkeypatch) -> None:

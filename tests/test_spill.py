@@ -5,6 +5,7 @@ file can be made."""
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import torch
 from _fixtures import TripleDataset
 from torch import nn
 
-from fairdeploy.cache import FeatureCache
+from fairdeploy.cache import CacheWarning, FeatureCache
 from fairdeploy.features import SPILL_SUPPORTED, compute_features
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,9 +51,18 @@ def test_features_backed_by_a_file_equal_those_in_memory(tmp_path: Path, batch_s
     assert torch.equal(got.targets, want.targets) and torch.equal(got.groups, want.groups)
     # The tensor is the file: its size is the features', and it is mapped, not copied.
     assert spill.stat().st_size == 37 * 3 * 4 * 4
-    assert _mapped(spill)
+    assert _mapped(spill) and spill.stat().st_mode & 0o777 == 0o600
     on_disk = np.fromfile(spill, dtype=np.float32).reshape(37, 3, 4)
     np.testing.assert_array_equal(on_disk, want.features.numpy())
+
+
+def test_a_spill_file_that_exists_is_resized_to_the_features(tmp_path: Path) -> None:
+    trunk, data = _task(n=5)
+    spill = tmp_path / "old.bin"
+    spill.write_bytes(b"\xff" * 100_000)
+    got = compute_features(trunk, data, progress=False, spill=spill)
+    assert spill.stat().st_size == 5 * 3 * 4 * 4
+    assert torch.equal(got.features, compute_features(trunk, data, progress=False).features)
 
 
 def test_the_cache_computes_through_a_file_and_returns_the_entry_mapped(tmp_path: Path) -> None:
@@ -97,7 +107,7 @@ _NO_ROOM = textwrap.dedent(
     import numpy as np, torch
     sys.path.insert(0, sys.argv[2])
     from _fixtures import TripleDataset
-    from fairdeploy.cache import FeatureCache
+    from fairdeploy.cache import CacheWarning, FeatureCache
     from fairdeploy.features import compute_features
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over the limit: EFBIG, like ENOSPC
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
@@ -125,9 +135,114 @@ def test_no_room_for_the_file_falls_back_to_memory_with_a_warning(tmp_path: Path
     proc = subprocess.run([sys.executable, "-c", _NO_ROOM, str(tmp_path), str(ROOT / "tests")],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "could not hold the features in a file" in proc.stdout
-    assert "holding them in memory" in proc.stdout
+    # One warning: the entry could not be written either, and that warning tells it.
+    [warning] = ast.literal_eval(proc.stdout.strip())  # the messages the script printed
+    assert warning.startswith("could not write feature cache file")
     assert list(tmp_path.iterdir()) == []  # neither the spill file nor a partial entry
+
+
+def test_a_spill_that_cannot_be_allocated_runs_in_memory_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the blocks cannot be allocated but the entry can be written (here: as on a
+    platform without posix_fallocate), the pass runs in memory, the entry is written, and
+    one warning says why the file was not used."""
+    import fairdeploy.features as features
+
+    trunk, data = _task()
+    monkeypatch.setattr(features, "SPILL_SUPPORTED", False)
+    cache = FeatureCache(tmp_path)
+    with pytest.warns(CacheWarning, match="could not hold the features in a file") as caught:
+        got, hit = cache.get_or_compute(
+            {"k": 3}, lambda spill=None: compute_features(trunk, data, progress=False,
+                                                          spill=spill), spill=True)
+    assert len(caught) == 1 and not hit
+    assert torch.equal(got.features, compute_features(trunk, data, progress=False).features)
+    assert [p.name for p in tmp_path.iterdir()] == [cache.path({"k": 3}).name]
+
+
+_SIGTERM = textwrap.dedent(
+    """
+    import os, signal, sys, threading, time
+    import numpy as np, torch
+    sys.path.insert(0, sys.argv[2])
+    from _fixtures import TripleDataset
+    from fairdeploy.cache import CacheWarning, FeatureCache
+    from fairdeploy.features import compute_features
+
+    class Slow(torch.nn.Module):
+        def forward(self, x):
+            if int(os.environ.get("SLOW_STARTED", "0")) == 0:
+                os.environ["SLOW_STARTED"] = "1"
+                print("ready", flush=True)
+            time.sleep(0.05)
+            return x.repeat(1, 1000)
+
+    n = 2000
+    data = TripleDataset(torch.randn(n, 5), np.zeros(n, int), np.arange(n) % 2)
+    FeatureCache(sys.argv[1]).get_or_compute(
+        {"k": 1}, lambda spill=None: compute_features(Slow(), data, batch_size=10,
+                                                      progress=False, spill=spill), spill=True)
+    """
+)
+
+
+def test_sigterm_during_the_pass_removes_the_spill_file(tmp_path: Path) -> None:
+    import signal
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-c", _SIGTERM, str(tmp_path), str(ROOT / "tests")],
+                            env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        assert any(p.name.endswith(".spill") for p in tmp_path.iterdir())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == -signal.SIGTERM
+    finally:
+        proc.kill()
+    assert list(tmp_path.iterdir()) == []
+
+
+_DISK_FULL_AT_WRITE = textwrap.dedent(
+    """
+    import resource, signal, sys, warnings
+    import numpy as np, torch
+    sys.path.insert(0, sys.argv[2])
+    from _fixtures import TripleDataset
+    from fairdeploy.cache import CacheWarning, FeatureCache
+    from fairdeploy.features import compute_features
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    # Room for the spill file (12,800 bytes) but not for the entry (larger: a zip archive).
+    resource.setrlimit(resource.RLIMIT_FSIZE, (13_000, 13_000))
+    torch.manual_seed(0)
+    trunk = torch.nn.Linear(5, 64).eval()
+    n = 50
+    data = TripleDataset(torch.randn(n, 5), np.zeros(n, int), np.arange(n) % 2)
+    want = compute_features(trunk, data, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got, hit = FeatureCache(sys.argv[1]).get_or_compute(
+            {"k": 1}, lambda spill=None: compute_features(trunk, data, progress=False,
+                                                          spill=spill), spill=True)
+    assert not hit and torch.equal(got.features, want.features)
+    maps = open("/proc/self/maps").read()
+    assert ".spill" not in maps, "the features still read from the deleted spill file"
+    print([str(w.message) for w in caught])
+    """
+)
+
+
+def test_an_entry_that_cannot_be_written_leaves_the_features_in_memory(tmp_path: Path) -> None:
+    """The spill file fits, the entry does not: the features are copied into memory before
+    the spill file is removed, so no deleted file keeps holding disk space."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-c", _DISK_FULL_AT_WRITE, str(tmp_path), str(ROOT / "tests")],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    [warning] = ast.literal_eval(proc.stdout.strip())
+    assert warning.startswith("could not write feature cache file")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_experiment_computes_its_trunk_passes_through_the_cache_folder(

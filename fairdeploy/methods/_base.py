@@ -249,10 +249,15 @@ class Method(Generic[P]):
 
 
 def _plan_argument(cls: type) -> type[Plan] | None:
-    """The concrete :class:`~fairdeploy.plan.Plan` subclass ``cls`` gives its generic base
-    (``FairLRF(SparseLowRankMethod[FairLRFPlan])`` → ``FairLRFPlan``), or None when it gives
-    a type variable or nothing (the class then inherits or sets ``plan_class``)."""
-    for base in getattr(cls, "__orig_bases__", ()):
+    """The concrete :class:`~fairdeploy.plan.Plan` subclass ``cls`` itself gives a generic
+    :class:`Method` base (``FairLRF(SparseLowRankMethod[FairLRFPlan])`` → ``FairLRFPlan``),
+    or None when it gives a type variable or names no such base (the class then inherits
+    ``plan_class`` or sets it). Only the class's own bases count (not its parents'), and
+    only those that are methods (another generic base's argument is not the plan)."""
+    for base in cls.__dict__.get("__orig_bases__", ()):
+        origin = typing.get_origin(base)
+        if not (isinstance(origin, type) and issubclass(origin, Method)):
+            continue
         for arg in typing.get_args(base):
             if isinstance(arg, type) and issubclass(arg, Plan):
                 return arg

@@ -268,9 +268,15 @@ class SparseLowRankMethod(LowRankMethod[SP]):
     columns of V (``sr``, ``rr``), scored by the selection strategy ``strategy``."""
 
     sparsifies: ClassVar[bool] = True
-    #: The selection strategy of :mod:`fairdeploy.lrf` that scores rows and columns
-    #: (None: the one registered under the method's own ``name``).
+    #: The selection strategy of :mod:`fairdeploy.lrf` that scores rows and columns. Unset,
+    #: it is the name of the first class that names itself (FairLRF's ``fairlrf``), so a
+    #: subclass registered under another name keeps scoring as its parent does.
     strategy: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.strategy is None and "name" in cls.__dict__:
+            cls.strategy = cls.name
     #: The paper's sr/rr for this method when a compare entry derives its layers.
     paper_sr_rr: ClassVar[tuple[float, float] | None] = None
 
