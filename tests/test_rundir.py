@@ -136,12 +136,12 @@ _CHILD = textwrap.dedent(
         with staging_dir(where / "run") as tmp:
             (tmp / "model.onnx").write_text("half")
             print("ready", flush=True)
-            time.sleep(60)
+            time.sleep(300)
     else:
         with atomic_path(where / "cache.pt") as tmp:
             tmp.write_text("half")
             print("ready", flush=True)
-            time.sleep(60)
+            time.sleep(300)
     """
 )
 
@@ -159,7 +159,7 @@ def test_sigterm_cleans_up_and_ends_the_process_by_sigterm(tmp_path: Path, what:
     proc = _child(tmp_path, what)
     assert temporaries(tmp_path)  # the half-written file exists while it runs
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == -signal.SIGTERM
+    assert proc.wait(timeout=120) == -signal.SIGTERM
     assert list(tmp_path.iterdir()) == []
 
 
