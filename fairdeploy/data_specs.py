@@ -137,7 +137,33 @@ class _DataBase(Strict):
                     "allowed": ", ".join(self._allowed_splits),
                 },
             )
+        self._refuse_unread_split_settings()
         return self
+
+    def _refuse_unread_split_settings(self) -> None:
+        """A split taken from the data (``column``, ``official``) reads no fractions, and
+        its seed draws only ``max_samples``: other values than the defaults are refused
+        rather than ignored."""
+        split = self.split
+        if split.mode not in ("column", "official"):
+            return
+        fields = SplitSpec.model_fields
+        changed = [k for k in ("train", "val", "test") if getattr(split, k) != fields[k].default]
+        if changed:
+            raise schema_error(
+                "fd_split_unread",
+                "split.{key}: split.mode {mode} takes the split from the data and reads no "
+                "fractions (they apply to random and stratified): remove them, or choose "
+                "one of those modes",
+                {"key": changed[0], "mode": split.mode},
+            )
+        if split.seed != fields["seed"].default and self.max_samples is None:
+            raise schema_error(
+                "fd_split_seed_unread",
+                "split.seed: split.mode {mode} draws nothing (the seed shuffles random and "
+                "stratified splits, and draws max_samples): remove it, or set max_samples",
+                {"mode": split.mode},
+            )
 
 
 class _ImageDataBase(_DataBase):

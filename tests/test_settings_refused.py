@@ -22,3 +22,87 @@ def test_compare_refuses_export_quantize_int8(tiny, tmp_path: Path) -> None:
     assert check_contract(out) == "error", out.text
     assert "export.quantize: int8 is read by optimize only" in out.text
     assert not (tmp_path / "cmp").exists()
+
+
+# ------------------------------------------------------- keys a configuration never reads
+#
+# Each was accepted and made no difference (checked by running both values before the fix).
+# Only values other than the defaults are refused: a resolved recipe spells every key out.
+
+
+def _recipe(**changes) -> dict:
+    from _tiny_nets import three_class_recipe
+
+    recipe = three_class_recipe(Path("/nonexistent/data.npz"))
+    for path, value in changes.items():
+        *parents, last = path.split("__")
+        node = recipe
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return recipe
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"data__split": {"mode": "column", "train": 0.8, "val": 0.1, "test": 0.1}},
+         r"data\.split\.train: split\.mode column takes the split from the data and reads no "
+         r"fractions"),
+        ({"data__split": {"mode": "column", "test": 0.4, "train": 0.4}},
+         r"data\.split\.train: .*reads no fractions"),
+        ({"data__split": {"mode": "column", "seed": 7}},
+         r"data\.split\.seed: split\.mode column draws nothing"),
+        ({"method": {"name": "fairquantize", "quantize_ratio": 0.3, "finetune": {"lr": 0.5}}},
+         r"finetune\.lr: read only when fine-tuning \(finetune_epochs ≥ 1; it is 0\)"),
+        ({"method": {"name": "fairquantize", "quantize_ratio": 0.3, "finetune_epochs": 2,
+                     "finetune": {"gamma": 0.1}}},
+         r"finetune\.gamma: never applied: the lr steps every 4 epochs and each fine-tuning "
+         r"runs 2"),
+        ({"sweep": {"guard": False, "guard_tolerance": 0.05}},
+         r"guard_tolerance: read only by the collapse guard, which guard: false turns off"),
+    ],
+    ids=["split-fractions", "split-fractions-2", "split-seed", "finetune-off", "gamma-never",
+         "guard-off"],
+)
+def test_a_setting_the_configuration_never_reads_is_refused(changes, message) -> None:
+    from fairdeploy.errors import FairDeployError
+    from fairdeploy.recipe import parse_recipe
+
+    with pytest.raises(FairDeployError, match=message):
+        parse_recipe(_recipe(**changes))
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"data__split": {"mode": "column", "train": 0.6, "val": 0.2, "test": 0.2,
+                         "seed": 4242}},  # the defaults, as a resolved recipe writes them
+        {"data__split": {"mode": "column", "seed": 7}, "data__max_samples": 50},  # draws them
+        {"data__split": {"mode": "stratified", "train": 0.8, "val": 0.1, "test": 0.1,
+                         "seed": 7}},
+        {"method": {"name": "fairquantize", "quantize_ratio": 0.3, "finetune_epochs": 5,
+                    "finetune": {"lr": 0.5, "gamma": 0.1}}},
+        {"method": {"name": "fairquantize", "quantize_ratio": 0.3, "finetune_epochs": 2,
+                    "finetune": {"gamma": 0.1, "step_epochs": 1}}},
+        {"sweep": {"guard": True, "guard_tolerance": 0.05}},
+    ],
+    ids=["split-defaults", "split-seed-max-samples", "stratified", "finetune-on",
+         "gamma-steps", "guard-on"],
+)
+def test_the_same_settings_where_they_are_read_are_accepted(changes) -> None:
+    from fairdeploy.recipe import parse_recipe
+
+    parse_recipe(_recipe(**changes))
+
+
+def test_no_guard_with_a_guard_tolerance_on_the_command_line_is_refused(tiny,
+                                                                       tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(tiny.recipe.read_text().replace("path: data.npz", f"path: {tiny.data}"))
+    out = invoke("sweep", tiny.ckpt, "--recipe", recipe, "--out", tmp_path / "sw",
+                 "--grid", "sr=0.2", "--no-guard", "--guard-tolerance", "0.05",
+                 "--exports", tmp_path / "exports")
+    assert check_contract(out) == "error", out.text
+    assert "--guard-tolerance is read only by the collapse guard" in out.text
+    assert not (tmp_path / "sw").exists()

@@ -379,6 +379,11 @@ def _sweep_settings(
             "0.01\"), or leave it out to sweep without choosing"
         )
     selection = parse_selection(rule) if rule else None
+    if guard is False and guard_tolerance is not None:
+        raise FairDeployError(
+            "--guard-tolerance is read only by the collapse guard, which --no-guard turns "
+            "off: give one of them"
+        )
     tolerance = guard_tolerance if guard_tolerance is not None else (
         spec.guard_tolerance if spec else None
     )

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
-from fairdeploy._schema import NonNegFloat, NonNegInt, PosFraction, PosInt, Strict
+from fairdeploy._schema import NonNegFloat, NonNegInt, PosFraction, PosInt, Strict, schema_error
 from fairdeploy.fairquantize import FINETUNE_DEFAULTS
 from fairdeploy.methods._base import Processed, estimator_inputs
 from fairdeploy.methods._registry import register_method
@@ -61,6 +61,31 @@ class FairQuantizePlan(WeightPlan):
     steps: PosInt = 1
     finetune_epochs: NonNegInt = 0
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
+
+    @model_validator(mode="after")
+    def _finetune_settings_are_read(self) -> FairQuantizePlan:
+        """``finetune:`` is read only when there is fine-tuning, and ``gamma`` only when an
+        lr step happens before the last epoch: other values than the defaults are refused
+        rather than ignored."""
+        fields = FinetuneSpec.model_fields
+        changed = [k for k in fields if getattr(self.finetune, k) != fields[k].default]
+        if changed and not self.finetune_epochs:
+            raise schema_error(
+                "fd_finetune_unread",
+                "finetune.{key}: read only when fine-tuning (finetune_epochs ≥ 1; it is 0): "
+                "set finetune_epochs, or remove finetune",
+                {"key": changed[0]},
+            )
+        ft = self.finetune
+        if "gamma" in changed and self.finetune_epochs <= ft.step_epochs:
+            raise schema_error(
+                "fd_finetune_gamma_unread",
+                "finetune.gamma: never applied: the lr steps every {s} epochs and each "
+                "fine-tuning runs {e}; lower finetune.step_epochs below finetune_epochs, or "
+                "remove gamma",
+                {"s": ft.step_epochs, "e": self.finetune_epochs},
+            )
+        return self
 
 
 @register_method

@@ -266,3 +266,14 @@ class SweepSpec(Strict):
         except FairDeployError as exc:
             raise ValueError(str(exc).removeprefix("--select ")) from None
         return rule
+
+    @model_validator(mode="after")
+    def _tolerance_needs_the_guard(self) -> SweepSpec:
+        if self.guard_tolerance is not None and not self.guard:
+            raise schema_error(
+                "fd_guard_tolerance_unread",
+                "guard_tolerance: read only by the collapse guard, which guard: false turns "
+                "off: remove one of them",
+                {},
+            )
+        return self
