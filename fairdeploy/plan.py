@@ -241,6 +241,32 @@ class Plan(Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _scoring_seed_is_read(self) -> Plan:
+        """``scoring.seed`` with ``samples_per_group: all`` draws nothing, unless something
+        else reads it (:meth:`reads_scoring_seed_without_a_draw`): another value than 0 is
+        refused there rather than ignored. (``auto`` becomes ``all`` only at run time, on
+        tabular data with one draw: a seed is not refused there, as it is read on images.)"""
+        scoring = getattr(self, "scoring", None)
+        if (
+            isinstance(scoring, SamplingSpec)
+            and scoring.samples_per_group == "all"
+            and scoring.seed != 0
+            and not self.reads_scoring_seed_without_a_draw()
+        ):
+            raise schema_error(
+                "fd_scoring_seed_unread",
+                "scoring.seed: samples_per_group: all takes every sample, so the seed {seed} "
+                "draws nothing here: remove it, or give a number of samples per group",
+                {"seed": scoring.seed},
+            )
+        return self
+
+    def reads_scoring_seed_without_a_draw(self) -> bool:
+        """Whether ``scoring.seed`` is read when no samples are drawn: by the ``ggn_mc``
+        estimator's label draws (overridden where more reads it, e.g. fine-tuning)."""
+        return getattr(getattr(self, "scoring", None), "estimator", None) == "ggn_mc"
+
     @property
     def implementation(self) -> Any:
         """The registered :class:`~fairdeploy.methods.Method` this plan belongs to."""

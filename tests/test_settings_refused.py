@@ -106,3 +106,46 @@ def test_no_guard_with_a_guard_tolerance_on_the_command_line_is_refused(tiny,
     assert check_contract(out) == "error", out.text
     assert "--guard-tolerance is read only by the collapse guard" in out.text
     assert not (tmp_path / "sw").exists()
+
+
+_LRF = {"name": "fairlrf", "layers": [{"layer": "layers.2", "rank": 8, "sr": 0.25}]}
+_SLR_A = {"name": "slr_a", "layers": [{"layer": "layers.2", "rank": 8, "sr": 0.25}]}
+_FQ = {"name": "fairquantize", "quantize_ratio": 0.3}
+
+
+@pytest.mark.parametrize(
+    ("plan", "read"),
+    [({**_LRF, "scoring": {"samples_per_group": "all", "seed": 3}}, False),
+     ({**_SLR_A, "scoring": {"samples_per_group": "all", "seed": 3}}, False),
+     ({**_FQ, "scoring": {"samples_per_group": "all", "seed": 3}}, False),
+     ({**_LRF, "scoring": {"samples_per_group": "all", "seed": 3, "estimator": "ggn_mc"}},
+      True),  # the label draws
+     ({**_FQ, "finetune_epochs": 1, "scoring": {"samples_per_group": "all", "seed": 3}},
+      True),  # fine-tuning's shuffling
+     ({**_LRF, "scoring": {"samples_per_group": 64, "seed": 3}}, True),  # the draw
+     ({**_LRF, "scoring": {"samples_per_group": "all", "seed": 0}}, True)],  # the default
+    ids=["fairlrf", "slr_a", "fairquantize", "ggn_mc", "finetuned", "drawn", "default"],
+)
+def test_a_scoring_seed_that_draws_nothing_is_refused(plan: dict, read: bool) -> None:
+    from fairdeploy.errors import FairDeployError
+    from fairdeploy.plan import Plan
+
+    if read:
+        Plan(**plan)
+    else:
+        with pytest.raises(FairDeployError, match=r"scoring\.seed: samples_per_group: all "
+                                                  r"takes every sample, so the seed 3"):
+            Plan(**plan)
+
+
+def test_compare_entries_drop_a_main_seed_they_would_not_read() -> None:
+    """A main FairLRF plan with every sample, ggn_mc and seed 1 reads its seed; an SLR-a
+    entry derived from it would not (it draws nothing), so it takes seed 0, while a FairPrune
+    entry (ggn_mc too) keeps 1."""
+    from fairdeploy.recipe import parse_recipe
+
+    main = {**_LRF, "scoring": {"samples_per_group": "all", "estimator": "ggn_mc", "seed": 1}}
+    recipe = parse_recipe(_recipe(method=main, compare=[
+        "slr_a", {"name": "fairprune", "prune_ratio": 0.3}, "fairlrf"]))
+    seeds = {p.method: p.scoring.seed for p in recipe.plans}
+    assert seeds == {"slr_a": 0, "fairprune": 1, "fairlrf": 1}

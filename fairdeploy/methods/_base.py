@@ -185,7 +185,24 @@ class Method(Generic[P]):
             layers = self.derive_layers(main, given)
             if layers is not None:
                 out["layers"] = layers
+        if "scoring" not in given:
+            out = self._without_an_unread_seed(out)
         return out
+
+    def _without_an_unread_seed(self, out: dict[str, Any]) -> dict[str, Any]:
+        """``out`` with the scoring seed taken from the main plan reset to 0 where this
+        method would not read it (every sample, no label draws: the plan refuses another
+        seed there, and the main plan's seed is nothing this entry could use)."""
+        scoring = out.get("scoring")
+        if not isinstance(scoring, dict) or scoring.get("samples_per_group") != "all":
+            return out
+        if not scoring.get("seed"):
+            return out
+        section = self.plan_class.model_fields["scoring"].annotation.model_construct(**scoring)
+        probe = self.plan_class.model_construct(**{**out, "scoring": section})
+        if probe.reads_scoring_seed_without_a_draw():
+            return out
+        return {**out, "scoring": {**scoring, "seed": 0}}
 
     def derive_layers(self, main: Plan, given: Mapping[str, Any]) -> list[dict[str, Any]] | None:
         """Target layers of a ``compare:`` entry that names none (None: use the default)."""

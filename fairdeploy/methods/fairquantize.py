@@ -62,6 +62,10 @@ class FairQuantizePlan(WeightPlan):
     finetune_epochs: NonNegInt = 0
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
 
+    def reads_scoring_seed_without_a_draw(self) -> bool:
+        # Fine-tuning seeds its shuffling with scoring.seed + step.
+        return bool(self.finetune_epochs) or super().reads_scoring_seed_without_a_draw()
+
     @model_validator(mode="after")
     def _finetune_settings_are_read(self) -> FairQuantizePlan:
         """``finetune:`` is read only when there is fine-tuning, and ``gamma`` only when an
