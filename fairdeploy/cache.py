@@ -185,7 +185,8 @@ class FeatureCache:
         none of them in memory, the entry is written from that file, the file is removed
         and the entry is returned memory-mapped, as a hit is. Where no such file can be
         made (an unwritable folder, a full disk), ``compute()`` runs in memory instead,
-        with a :class:`CacheWarning`.
+        with one :class:`CacheWarning` (the failed write's, when the entry cannot be
+        written either).
 
         Returns
         -------
