@@ -146,6 +146,10 @@ def test_a_rerun_keeps_user_plots_and_a_hand_edited_chosen_yaml(
          "1,000,000 grid points × 1 draws = 1,000,000 evaluations (the limit is 20,000)"),
         (["--grid", "sr=0.5", "--repeats", "100000"],
          "100,000 scoring draws per point (the limit is 100)"),
+        # SLR-w draws nothing: its points count once, not once per draw.
+        (["--grid", "sr=0:0.2:0.001", "--method", "fairlrf", "--method", "slr_w",
+          "--repeats", "100"],
+         "402 grid points, 100 draws each for the methods that draw = 20,301 evaluations"),
     ],
 )
 def test_a_sweep_over_the_work_limits_is_refused_before_it_starts(
@@ -161,6 +165,27 @@ def test_a_sweep_over_the_work_limits_is_refused_before_it_starts(
                  tmp_path / "s", "--exports", tmp_path / "exports")
     assert check_contract(out) == "error" and phrase in out.text and "--yes" in out.text
     assert time.perf_counter() - t0 < 20
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("where", ["cli", "recipe"])
+def test_repeats_for_methods_that_draw_nothing_are_refused(task: Path, tmp_path: Path,
+                                                          where: str) -> None:
+    from _reliability import check_contract, invoke
+
+    recipe = task / "r.yaml"
+    args = ["--repeats", "3"]
+    if where == "recipe":
+        data = yaml.safe_load(recipe.read_text()) | {"sweep": {"repeats": 3}}
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(yaml.safe_dump(data))
+        args = []
+    out = invoke("sweep", task / "ckpt.pt", "--recipe", recipe, "--grid", "sr=0.5",
+                 "--method", "slr_w", "--method", "truncated_svd", *args, "--out", tmp_path / "s",
+                 "--exports", tmp_path / "exports")
+    name = "--repeats" if where == "cli" else "sweep.repeats"
+    assert check_contract(out) == "error", out.text
+    assert f"{name}: none of the swept methods (slr_w, truncated_svd) draws" in out.text
     assert not (tmp_path / "s").exists()
 
 

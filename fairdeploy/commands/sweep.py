@@ -319,18 +319,21 @@ MAX_REPEATS = 100
 def _check_work(recipe: Recipe, st: _SweepSettings, *, yes: bool, echo: Echo) -> None:
     """Count the sweep's evaluations before anything is built; refuse one over the limits
     unless ``yes`` (``layer=all`` counts as one value: the model is not loaded yet)."""
-    points = len(st.methods)
+    per_method = 1
     for values in st.grid.values():
-        points *= len(values)
+        per_method *= len(values)
+    points = per_method * len(st.methods)
     scoring = getattr(recipe.method, "scoring", None)
     draws = st.repeats if st.repeats is not None else (scoring.repeats if scoring else 1)
-    total = points * draws
+    # Only the methods with scoring sets draw (SLR-w and truncated SVD evaluate once).
+    total = sum(per_method * (draws if _draws(name) else 1) for name in st.methods)
     over = []
     if draws > MAX_REPEATS:
         over.append(f"{draws:,} scoring draws per point (the limit is {MAX_REPEATS})")
     if total > MAX_SWEEP_EVALUATIONS:
-        over.append(f"{points:,} grid points × {draws:,} draws = {total:,} evaluations (the "
-                    f"limit is {MAX_SWEEP_EVALUATIONS:,})")
+        how = (f"{points:,} grid points × {draws:,} draws" if total == points * draws else
+               f"{points:,} grid points, {draws:,} draws each for the methods that draw")
+        over.append(f"{how} = {total:,} evaluations (the limit is {MAX_SWEEP_EVALUATIONS:,})")
     if not over:
         return
     if not yes:
@@ -339,6 +342,13 @@ def _check_work(recipe: Recipe, st: _SweepSettings, *, yes: bool, echo: Echo) ->
             "--repeats, or pass --yes to run it anyway"
         )
     echo(f"warning: {'; '.join(over)}: running it as --yes asks")
+
+
+def _draws(method: str) -> bool:
+    """Whether a method's plans draw scoring samples (have ``scoring.repeats``)."""
+    scoring = get_method(method).plan_class.model_fields.get("scoring")
+    annotation = getattr(scoring, "annotation", None)
+    return isinstance(annotation, type) and "repeats" in getattr(annotation, "model_fields", {})
 
 
 @dataclass(frozen=True)
@@ -397,6 +407,13 @@ def _sweep_settings(
         reason = get_method(name).unavailable
         if reason:
             raise FairDeployError(f"sweep method {name!r} cannot run: {reason}")
+    asked = repeats if repeats is not None else (spec.repeats if spec else None)
+    if asked is not None and not any(_draws(n) for n in names):
+        where = "--repeats" if repeats is not None else "sweep.repeats"
+        raise FairDeployError(
+            f"{where}: none of the swept methods ({', '.join(names)}) draws scoring samples, "
+            "so every draw would be the same: remove it"
+        )
     return _SweepSettings(
         grid=values,
         methods=names,
