@@ -149,3 +149,20 @@ def test_compare_entries_drop_a_main_seed_they_would_not_read() -> None:
         "slr_a", {"name": "fairprune", "prune_ratio": 0.3}, "fairlrf"]))
     seeds = {p.method: p.scoring.seed for p in recipe.plans}
     assert seeds == {"slr_a": 0, "fairprune": 1, "fairlrf": 1}
+
+
+def test_compare_says_which_report_settings_only_optimize_reads(tiny, tmp_path: Path) -> None:
+    """compare times no latency, but a recipe is shared with optimize, which does: the
+    settings are said (on the terminal and in the report), not refused."""
+    import json
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(tiny.recipe.read_text().replace("path: data.npz", f"path: {tiny.data}"))
+    out = invoke("compare", tiny.ckpt, "--recipe", recipe, "--out", tmp_path / "cmp",
+                 "--exports", tmp_path / "exports")
+    assert check_contract(out) == "ok", out.text
+    said = ("report.latency_batches, report.latency_warmup, report.latency_iterations: read "
+            "by optimize, which times latency; compare times none")
+    assert f"note: {said}" in out.text
+    notes = json.loads((tmp_path / "cmp" / "report.json").read_text())["notes"]
+    assert any(n.startswith(said) for n in notes)
