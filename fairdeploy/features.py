@@ -50,6 +50,7 @@ __all__ = [
     "layers_in_call_order",
     "pack_values",
     "split_model",
+    "takes_packed_values",
     "uncalled_layers",
     "unpack_values",
 ]
@@ -182,16 +183,17 @@ def split_model(
     graph = trace_graph(model, [layer], where)
     layer_node = _called_once(model, graph, layer, where)
     cut = layer_node.args[0]
-    head_nodes, crossing = _partition(graph, layer_node)
+    head_nodes, crossing, trunk_steps = _partition(model, graph, layer_node)
     if layer_node not in head_nodes:
         raise FairDeployError(f"{where}: the model's output does not depend on the layer")
     # The layer's input first, then the other values in graph order.
     crossing.sort(key=lambda n: (n is not cut, _position(graph, n)))
+    _check_no_shared_memory(model, crossing, head_nodes, where)
     if len(crossing) == 1:
         values = [CutValue(crossing[0].name, None, None)]
     else:
         values = _cut_values(model, graph, crossing, example_input, where)
-    trunk = _graph_module(model, _trunk_graph(graph, crossing, values))
+    trunk = _graph_module(model, _trunk_graph(graph, crossing, values, trunk_steps))
     extra = {}
     if len(values) > 1:
         if hasattr(model, UNPACK_NAME):
@@ -228,10 +230,21 @@ class CutValue:
 
 def pack_values(*values: torch.Tensor) -> torch.Tensor:
     """The trunk's last step when several values cross the cut: each value flattened
-    after its batch axis, concatenated along axis 1 in the widest floating dtype among
-    them (float32 when none is floating)."""
-    floats = [v.dtype for v in values if v.is_floating_point()]
-    dtype = max(floats, key=lambda d: torch.finfo(d).bits) if floats else torch.float32
+    after its batch axis, concatenated along axis 1 in float32 (float64 when a value is).
+    Integers above 2^24 are refused (float32 would round them)."""
+    # At least float32 (what the feature cache holds): integers (token ids, positions) are
+    # exact there up to 2^24, and half precision would round them from 2^11 on.
+    floats = [v.dtype for v in values if v.is_floating_point() and torch.finfo(v.dtype).bits > 32]
+    dtype = floats[0] if floats else torch.float32
+    for v in values:
+        if not v.is_floating_point() and v.dtype != torch.bool and v.numel():
+            top = int(v.abs().max())
+            if top > 2**24:
+                raise FairDeployError(
+                    f"a value crossing the cut holds integers up to {top:,}, beyond what the "
+                    "cached float32 values hold exactly (2^24 = 16,777,216): choose a layer "
+                    "before which no such value is computed"
+                )
     return torch.cat([v.reshape(v.shape[0], -1).to(dtype) for v in values], dim=1)
 
 
@@ -276,6 +289,13 @@ class UnpackValues(nn.Module):
 
 #: The name of the :class:`UnpackValues` module in a head that unpacks a cut.
 UNPACK_NAME = "cut_unpack"
+
+
+def takes_packed_values(module: nn.Module) -> bool:
+    """Whether ``module`` is a head that unpacks several values crossing its cut: its
+    input is then fed as cached (float32), never cast to the model's dtype, since
+    :class:`UnpackValues` restores each value's own dtype (integers included)."""
+    return isinstance(getattr(module, UNPACK_NAME, None), UnpackValues)
 
 
 def _position(graph: fx.Graph, node: fx.Node) -> int:
@@ -328,13 +348,18 @@ def _why_never_called(model: nn.Module, graph: fx.Graph, layer: str) -> str:
     return "forward() never calls the layer"
 
 
-def _partition(graph: fx.Graph, layer_node: fx.Node) -> tuple[set[fx.Node], list[fx.Node]]:
-    """The head's nodes and the values crossing the cut.
+def _partition(
+    model: nn.Module, graph: fx.Graph, layer_node: fx.Node
+) -> tuple[set[fx.Node], list[fx.Node], list[fx.Node]]:
+    """The head's nodes, the values crossing the cut, and the trunk's in-place steps.
 
     Walk back from the output: a node at or after the layer belongs to the head; a node
     before it is a crossing value, unless it does not depend on the model's input
     (``get_attr`` and what is computed from such constants alone), which is copied into
-    the head.
+    the head. In-place operations (``h.masked_fill_(...)``, ``ReLU(inplace=True)``) may
+    be statements whose result nothing uses: they change a value other nodes read, so
+    each is kept where the model runs it, in the head when it comes after the layer
+    (walked back from like the output), else in the trunk (returned, with what it needs).
     """
     order = {n: i for i, n in enumerate(graph.nodes)}
     cut_pos = order[layer_node]
@@ -343,9 +368,10 @@ def _partition(graph: fx.Graph, layer_node: fx.Node) -> tuple[set[fx.Node], list
         if n.op == "placeholder" or any(a in per_sample for a in n.all_input_nodes):
             per_sample.add(n)
     (output,) = (n for n in graph.nodes if n.op == "output")
+    inplace = [n for n in graph.nodes if is_inplace(model, n)]
     head_nodes: set[fx.Node] = set()
     crossing: list[fx.Node] = []
-    stack: list[fx.Node] = [output]
+    stack: list[fx.Node] = [output, *(n for n in inplace if order[n] > cut_pos)]
     while stack:
         n = stack.pop()
         if n in head_nodes or n in crossing:
@@ -355,7 +381,56 @@ def _partition(graph: fx.Graph, layer_node: fx.Node) -> tuple[set[fx.Node], list
             continue
         head_nodes.add(n)
         stack.extend(n.all_input_nodes)
-    return head_nodes, crossing
+    return head_nodes, crossing, [n for n in inplace if order[n] < cut_pos]
+
+
+#: Operations whose result may share memory with their first argument.
+_VIEW_METHODS = frozenset({
+    "view", "view_as", "reshape", "reshape_as", "transpose", "permute", "flatten",
+    "unflatten", "squeeze", "unsqueeze", "expand", "expand_as", "narrow", "select", "t",
+    "split", "chunk", "unbind", "movedim", "swapaxes", "as_strided", "contiguous",
+    "__getitem__", "detach",
+})
+_VIEW_FUNCTIONS = frozenset({
+    operator.getitem, torch.reshape, torch.flatten, torch.transpose, torch.permute,
+    torch.squeeze, torch.unsqueeze, torch.narrow, torch.select, torch.split, torch.chunk,
+    torch.unbind, torch.movedim, torch.swapaxes, torch.t, torch.detach,
+})
+
+
+def _aliased_to(model: nn.Module, node: fx.Node) -> fx.Node:
+    """The node whose memory ``node`` may share: follow views (and in-place steps,
+    which return their input) back to the value they were taken from."""
+    while True:
+        view = (
+            (node.op == "call_method" and str(node.target) in _VIEW_METHODS)
+            or (node.op == "call_function" and node.target in _VIEW_FUNCTIONS)
+            or is_inplace(model, node)
+        )
+        if not view or not node.args or not isinstance(node.args[0], fx.Node):
+            return node
+        node = node.args[0]
+
+
+def _check_no_shared_memory(
+    model: nn.Module, crossing: list[fx.Node], head_nodes: set[fx.Node], where: str
+) -> None:
+    """Refuse two crossing values that share memory (one a view of the other) when the
+    head updates values in place: cached, they are separate copies, and an update of one
+    would no longer reach the other as it does in the model."""
+    if len(crossing) < 2 or not any(is_inplace(model, n) for n in head_nodes):
+        return
+    roots: dict[fx.Node, fx.Node] = {}
+    for n in crossing:
+        root = _aliased_to(model, n)
+        if root in roots:
+            raise FairDeployError(
+                f"{where}: {describe_node(n)} and {describe_node(roots[root])} cross the "
+                "cut as views of one tensor, and the part after the cut updates values in "
+                "place: cached separately, an update of one would not reach the other; "
+                "choose a layer where one value crosses, or avoid the in-place operation"
+            )
+        roots[root] = n
 
 
 def _cut_values(
@@ -377,8 +452,12 @@ def _cut_values(
     param = next(iter(model.parameters()), None)
     if param is not None and example_input.is_floating_point():
         example_input = example_input.to(param.device, param.dtype)
+    # Two batch sizes: a value's first axis is the batch only if it follows the batch (a
+    # sequence-first (T, N, E) tensor whose T equals one batch size would pass one check).
+    bigger = torch.cat([example_input, example_input[:1]])
     try:
         metas = propagate_shapes(model, graph, example_input)
+        grown = propagate_shapes(model, graph, bigger)
     except Exception as exc:  # the model's own error on a bad example
         raise FairDeployError(
             f"{where}: the model fails on example_input of shape "
@@ -387,8 +466,9 @@ def _cut_values(
     batch = int(example_input.shape[0])
     values = []
     for n in crossing:
-        meta = metas.get(n)
-        if meta is None or not meta.shape or int(meta.shape[0]) != batch:
+        meta, other = metas.get(n), grown.get(n)
+        follows = other is not None and other.shape and int(other.shape[0]) == batch + 1
+        if meta is None or not meta.shape or int(meta.shape[0]) != batch or not follows:
             found = "not a tensor" if meta is None else f"of shape {tuple(meta.shape)}"
             raise FairDeployError(
                 f"{where}: {describe_node(n)} crosses the cut but is {found}, not a tensor "
@@ -399,10 +479,13 @@ def _cut_values(
     return values
 
 
-def _trunk_graph(graph: fx.Graph, crossing: list[fx.Node], values: list[CutValue]) -> fx.Graph:
-    """The model's inputs to the values crossing the cut (packed when several)."""
+def _trunk_graph(
+    graph: fx.Graph, crossing: list[fx.Node], values: list[CutValue], steps: list[fx.Node]
+) -> fx.Graph:
+    """The model's inputs to the values crossing the cut (packed when several), with the
+    in-place ``steps`` before the cut, each where the model runs it."""
     needed: set[fx.Node] = set()
-    for n in crossing:
+    for n in [*crossing, *steps]:
         needed |= ancestors(n)
     trunk_graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -436,12 +519,11 @@ def _head_graph(
         inputs = [head_graph.call_function(operator.getitem, (unpacked, i))
                   for i in range(len(crossing))]
     env: dict[fx.Node, fx.Node] = {}
+    # An in-place op in the head, on a crossing value or on a view of one, would overwrite
+    # the caller's (cached) features: the head then works on copies, as the model did.
+    copies = any(is_inplace(model, n) for n in head_nodes)
     for n, value in zip(crossing, inputs, strict=True):
-        if any(is_inplace(model, user) for user in n.users if user in head_nodes):
-            # An in-place op on the head's input would overwrite the caller's (cached)
-            # features: work on a copy, which the model computed anyway.
-            value = head_graph.call_method("clone", (value,))
-        env[n] = value
+        env[n] = head_graph.call_method("clone", (value,)) if copies else value
     for n in graph.nodes:
         if n in head_nodes:
             env[n] = head_graph.node_copy(n, env.__getitem__)

@@ -39,6 +39,7 @@ from torch import nn
 from fairdeploy import curvature
 from fairdeploy.curvature import ESTIMATORS
 from fairdeploy.errors import FairDeployError
+from fairdeploy.features import takes_packed_values
 from fairdeploy.lrf import FactorizedLinear
 from fairdeploy.structure import ModelStructure, Step, analyze_structure
 
@@ -148,6 +149,27 @@ def _find_layer(head: nn.Module, layer: str) -> FactorizedLinear:
     return mod
 
 
+def _check_samples_first(
+    module: nn.Module, tap: _Tap, probe: torch.Tensor, x_sq: torch.Tensor | None, layer: str,
+    features: int,
+) -> None:
+    """Refuse a layer whose input does not have the samples on its first axis: checked on
+    the probe and again on one sample fewer (a sequence-first (T, N, E) input whose T
+    equals the probe's size would pass once)."""
+    shape = tap.input_shape
+    follows = x_sq is not None and x_sq.shape[0] == probe.shape[0]
+    if follows and probe.shape[0] > 1:
+        with torch.no_grad():
+            module(probe[:-1])
+        follows = tap.x_sq is not None and tap.x_sq.shape[0] == probe.shape[0] - 1
+        tap.x_sq = tap.zs = tap.o = None
+    if not follows:
+        raise FairDeployError(
+            f"layer={layer!r} receives input of shape {shape}; hessian_diag needs "
+            f"(N, {features}) or (N, tokens, {features}) with the samples on the first axis"
+        )
+
+
 def _prepare_head(head: nn.Module, layer: str, probe: torch.Tensor) -> _Head:
     """Copy the head (eval mode, frozen), read its structure, put a tap on the layer."""
     _find_layer(head, layer)  # clear error before paying for the copy
@@ -182,12 +204,7 @@ def _prepare_head(head: nn.Module, layer: str, probe: torch.Tensor) -> _Head:
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
         raise FairDeployError(f"the head returns {shape}; allowed: logits of shape (N, classes)")
-    if x_sq is None or x_sq.shape[0] != probe.shape[0]:
-        raise FairDeployError(
-            f"layer={layer!r} receives input of shape {tap.input_shape}; hessian_diag "
-            f"needs (N, {real.in_features}) or (N, tokens, {real.in_features}) with the "
-            "samples on the first axis"
-        )
+    _check_samples_first(module, tap, probe, x_sq, layer, real.in_features)
 
     chain = None
     non_pl = None
@@ -474,10 +491,11 @@ def hessian_diag(
         )
     ref = _find_layer(head, layer)
     dtype, device = ref.U.dtype, ref.U.device
+    packed = takes_packed_values(head)  # values of several dtypes, restored by the head
 
     def chunk(t: torch.Tensor, s: int) -> torch.Tensor:
         t = t[s : s + batch_size]
-        if t.dtype.is_floating_point:
+        if t.dtype.is_floating_point and not packed:
             t = t.to(dtype)
         return t.to(device)
 

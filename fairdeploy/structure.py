@@ -523,6 +523,21 @@ def is_inplace(model: nn.Module, node: fx.Node) -> bool:
     return False
 
 
+def _dependent_operands(node: fx.Node, dependent: set[fx.Node]) -> int:
+    """How many operands of ``node`` depend on the layer, counted as written: ``h * h``
+    has two (``all_input_nodes`` would count ``h`` once and call it linear)."""
+    operands = [*node.args, *node.kwargs.values()]
+    return sum(1 for a in fx.node.map_arg(operands, lambda n: n) if _is_dep(a, dependent))
+
+
+def _is_dep(value: Any, dependent: set[fx.Node]) -> bool:
+    if isinstance(value, fx.Node):
+        return value in dependent
+    if isinstance(value, list | tuple):
+        return any(_is_dep(v, dependent) for v in value)
+    return False
+
+
 def describe_node(node: fx.Node) -> str:
     """A phrase naming what a node computes, for messages."""
     if node.op == "placeholder":
@@ -769,6 +784,12 @@ class ModelStructure:
             before, after = self._shape(source), self._shape(node)
             if before is None or len(before) != 2 or after != before:
                 return None
+        if op.feature_params and node.op == "call_module":
+            # Per-channel parameters (PReLU's slopes) act on axis 1: the features of (N, C)
+            # rows, but the tokens of (N, T, C). Where shapes are known, only rows link.
+            before = self._shape(source)
+            if before is not None and len(before) != 2:
+                return None
         return Step(
             node=node,
             source=source,
@@ -918,18 +939,16 @@ class ModelStructure:
             if target in _LINEAR_FUNCTIONS:
                 return True
             if target in _BILINEAR_FUNCTIONS or target is operator.truediv:
-                deps = [a for a in node.all_input_nodes if a in dependent]
                 if target is operator.truediv:
                     return not (len(node.args) > 1 and node.args[1] in dependent)
-                return len(deps) <= 1
+                return _dependent_operands(node, dependent) <= 1
             return False
         if target in _LINEAR_METHODS:
             return True
         if target in _BILINEAR_METHODS or target in ("div", "div_"):
-            deps = [a for a in node.all_input_nodes if a in dependent]
             if target in ("div", "div_"):
                 return not (len(node.args) > 1 and node.args[1] in dependent)
-            return len(deps) <= 1
+            return _dependent_operands(node, dependent) <= 1
         return False
 
     def following_activation(self, layer: str) -> str | None:

@@ -50,6 +50,7 @@ from torch import nn
 from fairdeploy import curvature
 from fairdeploy.curvature import ESTIMATORS
 from fairdeploy.errors import FairDeployError
+from fairdeploy.features import takes_packed_values
 from fairdeploy.scoring import HessianApproximationWarning
 from fairdeploy.structure import analyze_structure
 
@@ -441,7 +442,11 @@ def weight_hessian_diag(
         raise FairDeployError(f"model is a {type(model).__name__}; allowed: a torch.nn.Module")
     resolved = _resolve_params(model, names)
     device = next(iter(model.parameters())).device
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    dtype: torch.dtype | None = next(
+        (p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32
+    )
+    if takes_packed_values(model):  # values of several dtypes, restored by the head
+        dtype = None
     net, targets_ = _graph_copy(model, resolved)
     chunk = functools.partial(_chunk, batch_size=batch_size, dtype=dtype, device=device)
 
@@ -492,11 +497,12 @@ def _graph_copy(model: nn.Module, resolved: list[_Target]) -> tuple[nn.Module, l
     return net, targets_
 
 
-def _chunk(t: torch.Tensor, s: int, *, batch_size: int, dtype: torch.dtype,
+def _chunk(t: torch.Tensor, s: int, *, batch_size: int, dtype: torch.dtype | None,
            device: torch.device) -> torch.Tensor:
-    """Samples ``s .. s + batch_size`` of ``t`` on ``device``, floating ones in ``dtype``."""
+    """Samples ``s .. s + batch_size`` of ``t`` on ``device``, floating ones in ``dtype``
+    (None: as they are)."""
     t = t[s : s + batch_size]
-    if t.dtype.is_floating_point:
+    if t.dtype.is_floating_point and dtype is not None:
         t = t.to(dtype)
     return t.to(device)
 

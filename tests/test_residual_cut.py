@@ -188,3 +188,163 @@ class _BatchStat(nn.Module):
 def test_a_value_without_a_batch_axis_cannot_cross_the_cut():
     with pytest.raises(FairDeployError, match=r"crosses the cut but is of shape \(\).*one row per"):
         split_model(_BatchStat().eval(), "fc2", example_input=torch.randn(2, 4))
+
+
+# --------------------------------------------------------------- in-place steps and aliasing
+
+
+class _Statements(nn.Module):
+    """In-place statements whose results nothing uses: each changes a value other nodes
+    read (``h.masked_fill_``, ``r.add_``, a discarded ``ReLU(inplace=True)`` call)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.fc1, self.fc2, self.out = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = x[:, :1] > 0
+        h = self.fc1(x)
+        if self.kind == "masked_fill":
+            h.masked_fill_(pad, 0.0)
+        elif self.kind == "add":
+            h.add_(1.0)
+        else:
+            self.act(h)
+        y = self.fc2(h)
+        if self.kind == "masked_fill":
+            y.masked_fill_(pad, 0.5)
+        elif self.kind == "add":
+            y.add_(h)
+        else:
+            self.act(y)
+        return self.out(y)
+
+
+@pytest.mark.parametrize("kind", ["masked_fill", "add", "relu_inplace"])
+@pytest.mark.parametrize("layer", ["fc1", "fc2", "out"])
+def test_in_place_statements_run_where_the_model_runs_them(kind: str, layer: str) -> None:
+    """They were dropped from both parts (0.25 to 1.2 off): the head on cached values must
+    equal the model, and running it twice on the same cache must not change the cache."""
+    torch.manual_seed(0)
+    model = _Statements(kind).eval()
+    x = torch.randn(16, 6)
+    trunk, head = split_model(model, layer, example_input=x[:2])
+    with torch.no_grad():
+        want = model(x.clone())
+        cached = trunk(x.clone())
+        before = cached.clone()
+        torch.testing.assert_close(head(cached), want)
+        torch.testing.assert_close(head(cached), want)
+    assert torch.equal(cached, before)
+
+
+class _ViewUpdated(nn.Module):
+    """An in-place activation on a view of a value that crosses the cut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        y = self.fc2(h)
+        return self.out(y + self.act(h.view(-1, 2, 2)).view(-1, 4))
+
+
+def test_an_in_place_update_of_a_view_leaves_the_cached_values_alone() -> None:
+    torch.manual_seed(0)
+    model = _ViewUpdated().eval()
+    x = torch.randn(8, 4)
+    trunk, head = split_model(model, "fc2", example_input=x[:2])
+    with torch.no_grad():
+        want = model(x)
+        cached = trunk(x)
+        before = cached.clone()
+        torch.testing.assert_close(head(cached), want)
+        torch.testing.assert_close(head(cached), want)  # again on the same cache
+    assert torch.equal(cached, before)
+
+
+class _Aliases(nn.Module):
+    """``v`` is a view of ``h``; both cross the cut, and the head updates ``h`` in place:
+    the model sees the update through ``v``, separately cached copies would not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        v = h.view(-1, 4)
+        y = self.fc2(h)
+        torch.relu_(h)
+        return self.out(y + v)
+
+
+def test_crossing_views_of_one_tensor_with_in_place_updates_are_refused() -> None:
+    with pytest.raises(FairDeployError, match=r"cross the cut as views of one tensor"):
+        split_model(_Aliases().eval(), "fc2", example_input=torch.randn(2, 4))
+
+
+class _SequenceFirst(nn.Module):
+    """A residual stream kept sequence-first, (T, N, E), crossing the cut."""
+
+    def __init__(self, tokens: int) -> None:
+        super().__init__()
+        self.tokens = tokens
+        self.fc1, self.fc2, self.out = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.fc1(x.view(-1, self.tokens, 4)).transpose(0, 1)  # (T, N, E)
+        r = s * 2.0  # a second value crossing the cut, sequence-first too
+        y = self.fc2(s) + r
+        return self.out(y.mean(0))
+
+
+@pytest.mark.parametrize("tokens", [2, 3])
+def test_a_sequence_first_value_is_refused_even_when_its_length_equals_the_batch(tokens):
+    """With T equal to the example's batch of 2, one shape check took T for the batch."""
+    model = _SequenceFirst(tokens).eval()
+    with pytest.raises(FairDeployError, match=r"not a tensor with one row per sample"):
+        split_model(model, "fc2", example_input=torch.randn(2, tokens * 4))
+
+
+class _Ids(nn.Module):
+    """Integer ids computed before the cut and used after it (an embedding lookup)."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.fc1, self.fc2, self.out = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+        self.emb = nn.Embedding(vocab, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = (x[:, 0].abs() * 1000).long().clamp(0, self.vocab - 1)
+        return self.out(self.fc2(self.fc1(x)) + self.emb(ids))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_integer_values_cross_the_cut_exactly_in_a_half_precision_model(dtype) -> None:
+    """Packed in the model's dtype, ids above 256 (bf16) or 2048 (fp16) were rounded."""
+    torch.manual_seed(0)
+    model = _Ids(5000).to(dtype).eval()
+    x = (torch.randn(64, 4) * 3).to(dtype)
+    trunk, head = split_model(model, "fc2", example_input=x[:2])
+    with torch.no_grad():
+        packed = trunk(x)
+        assert packed.dtype == torch.float32
+        ids = (x[:, 0].abs() * 1000).long().clamp(0, 4999)
+        assert torch.equal(packed[:, -1].long(), ids)  # the ids cross last, exactly
+        torch.testing.assert_close(head(packed).float(), model(x).float())
+
+
+def test_integers_beyond_float32s_exact_range_are_refused_at_the_trunk() -> None:
+    model = _Ids(2**25 + 10).eval()
+    with torch.no_grad():
+        model.emb = nn.Embedding(2**25 + 10, 4, sparse=True)  # lookups only
+    trunk, _ = split_model(model, "fc2", example_input=torch.randn(2, 4) * 1e-3)
+    with pytest.raises(FairDeployError, match=r"holds integers up to 33,554,4\d\d, beyond"):
+        trunk(torch.full((2, 4), 2**25 / 1000))

@@ -241,7 +241,8 @@ class _SharedActivation(nn.Module):
 
 
 def test_shared_module_with_per_feature_parameters_stops_a_link():
-    st = analyze_structure(_SharedActivation(nn.PReLU(5)))
+    # On (N, C) rows (the example says so: PReLU's slopes act on axis 1).
+    st = analyze_structure(_SharedActivation(nn.PReLU(5)), example_input=torch.randn(3, 4))
     assert st.following("a").neighbour is None
     assert st.following("a").reason == (
         "'act' holds one parameter per feature and is called 2 times in forward()"
@@ -250,6 +251,43 @@ def test_shared_module_with_per_feature_parameters_stops_a_link():
     # The same module without per-feature parameters acts identically at both calls.
     shared = analyze_structure(_SharedActivation(nn.PReLU(1)))
     assert shared.following("a").neighbour == "b" and shared.preceding("c").neighbour == "b"
+
+
+@pytest.mark.parametrize("slopes", [1, 5])
+def test_per_feature_prelu_links_on_rows_only(slopes: int) -> None:
+    """PReLU with one slope per channel acts on axis 1: the Linear's features on (N, C)
+    rows, the tokens on (N, T, C). One slope acts alike on every axis."""
+    model = nn.Sequential(nn.Linear(4, 5), nn.PReLU(slopes), nn.Linear(5, 2))
+    rows = analyze_structure(model, example_input=torch.randn(3, 4))
+    tokens = analyze_structure(model, example_input=torch.randn(3, 5, 4))
+    assert rows.following("0").neighbour == "2"
+    if slopes == 1:
+        assert tokens.following("0").neighbour == "2"
+    else:
+        assert tokens.following("0").neighbour is None
+        assert "PReLU ('_1') is not elementwise" in tokens.following("0").reason
+
+
+def test_a_product_of_the_layer_with_itself_is_not_piecewise_linear() -> None:
+    """``h * h`` names ``h`` twice: the Gauss–Newton diagonal is not the exact one there,
+    so the exact estimator must warn (it counted ``h`` once and called ``mul`` linear)."""
+
+    class Square(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.out = nn.Linear(5, 4), nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.fc(x)
+            return self.out(h * h)
+
+    class Scaled(Square):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.fc(x)
+            return self.out(h * 3.0)
+
+    assert analyze_structure(Square(), leaves=["fc"]).not_piecewise_linear_after("fc") == ["mul"]
+    assert analyze_structure(Scaled(), leaves=["fc"]).not_piecewise_linear_after("fc") == []
 
 
 def test_rank_dependent_ops_need_a_2d_example():

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from fairdeploy.errors import FairDeployError
 from fairdeploy.lrf import FactorizationWarning, factorize
 from fairdeploy.scoring import hessian_diag
 
@@ -158,3 +159,27 @@ def test_cached_features_are_memory_mapped_not_held(tmp_path):
     hit.features[0, 0, 0] = 1e9  # copy-on-write: the file is not changed
     again, _ = cache.get_or_compute({"k": 1}, lambda: fs)
     assert again.features[0, 0, 0] == fs.features[0, 0, 0]
+
+
+class _SequenceFirstHead(nn.Module):
+    """A head that turns (N, T, E) into sequence-first (T, N, E) before the layer."""
+
+    def __init__(self, rank: int = 3) -> None:
+        super().__init__()
+        self.fc = factorize(nn.Linear(5, 4), rank)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.fc(x.transpose(0, 1)).mean(0))
+
+
+@pytest.mark.parametrize("tokens", [3, 4])
+def test_a_sequence_first_layer_input_is_refused_even_when_its_length_equals_the_probe(tokens):
+    """The scoring probe takes 4 samples: with T = 4 tokens the first axis looked like the
+    samples and the 'exact' diagonals were 3.5× and 4.7× off."""
+    torch.manual_seed(0)
+    head = _SequenceFirstHead().double().eval()
+    x = torch.randn(20, tokens, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (20,))
+    with pytest.raises(FairDeployError, match=r"with the samples on the first axis"):
+        hessian_diag(head, "fc", x, y)
