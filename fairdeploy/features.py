@@ -330,11 +330,19 @@ def _why_never_called(model: nn.Module, graph: fx.Graph, layer: str) -> str:
     for i in range(len(parts) - 1, 0, -1):
         owner = ".".join(parts[:i])
         if owner in called:
-            kind = type(model.get_submodule(owner)).__name__
+            module = model.get_submodule(owner)
+            kind = type(module).__name__
+            if isinstance(module, nn.MultiheadAttention):
+                return (
+                    f"the layer belongs to {owner!r} ({kind}), which uses its weights "
+                    "functionally instead of calling it, so no cut can separate it; choose "
+                    "a Linear that forward() calls as a module"
+                )
             return (
-                f"the layer belongs to {owner!r} ({kind}), which uses its weights "
-                "functionally instead of calling it, so no cut can separate it; choose "
-                "a Linear that forward() calls as a module"
+                f"the layer belongs to {owner!r} ({kind}), a module the tracer runs as one "
+                "piece (torch.nn's own modules are not traced inside), so no cut can reach "
+                "into it; choose a Linear outside it, or build the block from modules that "
+                "call their Linear layers"
             )
     reads = [
         str(n.target) for n in graph.nodes

@@ -348,3 +348,27 @@ def test_integers_beyond_float32s_exact_range_are_refused_at_the_trunk() -> None
     trunk, _ = split_model(model, "fc2", example_input=torch.randn(2, 4) * 1e-3)
     with pytest.raises(FairDeployError, match=r"holds integers up to 33,554,4\d\d, beyond"):
         trunk(torch.full((2, 4), 2**25 / 1000))
+
+
+def test_a_layer_inside_a_torch_nn_block_is_refused_for_what_it_is() -> None:
+    """A Linear of ``nn.TransformerEncoderLayer`` is unreachable because the tracer runs
+    torch.nn's modules whole, not because its weights are used functionally (as
+    ``nn.MultiheadAttention`` uses ``out_proj``'s)."""
+    from fairdeploy.features import uncalled_layers
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.out = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.enc(x)
+            return self.out((h + self.attn(h, h, h, need_weights=False)[0]).mean(1))
+
+    why = uncalled_layers(Encoder(), ["enc.linear1", "attn.out_proj"])
+    assert "'enc' (TransformerEncoderLayer), a module the tracer runs as one piece" in why[
+        "enc.linear1"]
+    assert "'attn' (MultiheadAttention), which uses its weights functionally" in why[
+        "attn.out_proj"]
