@@ -391,7 +391,10 @@ def layer_nodes(model: Any, layer: str) -> list[Any]:
             out.append(node)
             continue
         for p in node.metadata_props:
-            if p.key == "pkg.torch.onnx.name_scopes" and f"'{layer}'" in p.value:
+            # Protobuf strings must be UTF-8: a damaged one comes back as bytes.
+            value = p.value if isinstance(p.value, str) else bytes(p.value).decode(
+                "utf-8", "replace")
+            if p.key == "pkg.torch.onnx.name_scopes" and f"'{layer}'" in value:
                 out.append(node)
                 break
     return out

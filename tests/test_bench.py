@@ -173,3 +173,32 @@ def test_bench_on_a_file_that_is_not_onnx_is_one_line(tmp_path):
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "cannot be loaded by ONNX Runtime" in lines[0]
+
+
+def test_a_damaged_name_scope_in_a_dynamo_export_is_no_traceback(models, tmp_path) -> None:
+    """Found by the thorough property profile: a byte of a node's
+    ``pkg.torch.onnx.name_scopes`` that is not UTF-8 came back from protobuf as bytes, and
+    ``bench`` raised TypeError looking for the layer's nodes in it."""
+    from fairdeploy.export import ExportOptions
+    from fairdeploy.export._sizes import layer_table
+
+    tmp, proc = models
+    path = tmp_path / "proc.onnx"
+    export_onnx(proc, torch.randn(2, 8), path, options=ExportOptions(exporter="dynamo"))
+    raw = path.read_bytes()
+    at = raw.index(b"name_scopes")
+    at = raw.index(b"'2'", at) + 1  # the scope of the factorized layer, '2'
+    path.write_bytes(raw[:at] + b"\xf2" + raw[at + 1:])
+    r = CliRunner().invoke(main, ["bench", str(path), "--baseline", str(tmp / "vanilla.onnx"),
+                                  "--batch", "1", "--iters", "1", "--warmup", "0"])
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
+    assert r.exit_code in (0, 1) and "Traceback" not in r.output
+    assert [row["layer"] for row in layer_table(path)] == ["2"]
+    # The file-level metadata damaged the same way is refused in one line.
+    model = onnx.load(str(path))
+    for p in model.metadata_props:
+        if p.key == "fairdeploy.layers":
+            p.value = "[not json"
+    onnx.save(model, str(path))
+    with pytest.raises(FairDeployError, match=r"damaged fairdeploy\.layers metadata"):
+        layer_table(path)

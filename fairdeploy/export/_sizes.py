@@ -200,10 +200,22 @@ def layer_table(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     metadata), plus the parameters its initializers actually hold where they can be found
     by name."""
     model = _load_header(path)
-    props = {p.key: p.value for p in model.metadata_props}
+    try:
+        props = {p.key: p.value for p in model.metadata_props}
+    except UnicodeDecodeError:  # protobuf strings must be UTF-8
+        props = {"fairdeploy.layers": b""}
     if "fairdeploy.layers" not in props:
         return []
-    rows = json.loads(props["fairdeploy.layers"])
+    raw = props["fairdeploy.layers"]
+    try:
+        rows = json.loads(raw) if isinstance(raw, str) else None  # damaged: bytes
+    except json.JSONDecodeError:
+        rows = None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "layer" in r for r in rows):
+        raise FairDeployError(
+            f"ONNX model {str(path)!r} has damaged fairdeploy.layers metadata: re-export it "
+            "with fairdeploy optimize"
+        )
     sizes: dict[str, int] = {}
     quant_params, quant_weights = _quantization_roles(model)
     for t in model.graph.initializer:
