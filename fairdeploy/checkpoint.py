@@ -293,7 +293,9 @@ def _check_archive(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as zf:
             bad = zf.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+    # zipfile raises RuntimeError for a member flagged as encrypted (one flipped bit).
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError,
+            RuntimeError) as exc:
         raise _corrupt(
             path, f"a truncated or broken zip archive, {type(exc).__name__}: {first_line(exc)}"
         ) from None

@@ -121,6 +121,19 @@ def test_a_flipped_byte_in_a_checkpoint_is_caught_by_its_crc(proj: Tiny, tiny: T
     assert check_contract(out, verify=True) == "error" and "CRC-32" in out.text
 
 
+@pytest.mark.parametrize("flag", [0x01, 0x40])  # encrypted; strong encryption
+def test_a_member_flagged_as_encrypted_is_a_damaged_checkpoint(proj: Tiny, flag: int) -> None:
+    """Found by the thorough property profile: one flipped bit in a central-directory
+    entry's flags makes zipfile raise RuntimeError ("is encrypted, password required"),
+    which escaped as a traceback."""
+    raw = bytearray(proj.ckpt.read_bytes())
+    at = raw.index(b"PK\x01\x02")  # the first central-directory entry
+    raw[at + 8] |= flag  # its general-purpose flags
+    proj.ckpt.write_bytes(bytes(raw))
+    out, before = _optimize(proj)
+    _error(proj, out, before, "damaged")
+
+
 def test_a_damaged_legacy_checkpoint_is_called_damaged(proj: Tiny) -> None:
     state = torch.load(proj.ckpt, weights_only=True)["state_dict"]
     legacy = proj.root / "legacy.pt"

@@ -196,8 +196,8 @@ def _npz_array_shape(path: Path, key: str) -> tuple[int, ...] | None:
                 else np.lib.format.read_array_header_2_0
             )
             shape, _, _ = read(f)
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-        return None
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile, RuntimeError, NotImplementedError):
+        return None  # a damaged archive (an encrypted flag, an unknown compression) too
     return tuple(int(d) for d in shape)
 
 

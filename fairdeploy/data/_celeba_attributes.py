@@ -96,7 +96,8 @@ def _read_table(path: str, mtime_ns: int, size: int) -> tuple[list[str], list[st
             usecols=range(1, len(columns)),
         )
         files = [ln.split(",", 1)[0] for ln in body.splitlines() if ln.strip()]
-    except (OSError, ValueError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
+    except (OSError, ValueError, UnicodeDecodeError, zipfile.BadZipFile, RuntimeError,
+            NotImplementedError) as exc:  # RuntimeError: a member flagged as encrypted
         raise FairDeployError(
             f"{path}: not a CelebA attribute table ({exc}): expected a CSV with header "
             "'filename,5_o_Clock_Shadow,...' and one row per image"
