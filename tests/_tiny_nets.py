@@ -3,6 +3,7 @@ models several test modules build the same way."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,18 @@ def three_class_arrays(n: int = 900, d: int = 8, seed: int = 0) -> dict[str, np.
     y = x @ rng.normal(size=(d, 3)) + rng.normal(scale=0.3 + 0.9 * group[:, None], size=(n, 3))
     split = np.array(["train"] * (n // 2) + ["val"] * (n // 4) + ["test"] * (n - n // 2 - n // 4))
     return {"x": x, "y": y.argmax(1).astype(np.int64), "group": group, "split": split}
+
+
+def write_three_class_task(folder: Path, recipe: Callable[[Path], dict]) -> Path:
+    """``folder`` with ``data.npz`` (:func:`three_class_arrays`), ``ckpt.pt`` (the
+    :func:`trained_mlp` on it) and ``r.yaml`` (``recipe(data path)``)."""
+    import yaml
+
+    arrays = three_class_arrays()
+    np.savez(folder / "data.npz", **arrays)
+    torch.save(trained_mlp(arrays).state_dict(), folder / "ckpt.pt")
+    (folder / "r.yaml").write_text(yaml.safe_dump(recipe(folder / "data.npz")))
+    return folder
 
 
 def rows_and_vanilla(model: nn.Module) -> tuple[nn.Module, list[dict]]:

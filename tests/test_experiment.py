@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from _tiny_nets import three_class_recipe, trained_mlp
+from _tiny_nets import three_class_arrays, three_class_recipe, trained_mlp
 from click.testing import CliRunner
 from torch import nn
 
@@ -25,13 +25,8 @@ from fairdeploy.plan import LayerPlan, Plan
 from fairdeploy.recipe import parse_recipe
 
 
-def _data(path: Path, n: int = 900, d: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    group = rng.integers(0, 2, n)
-    x = rng.normal(size=(n, d)).astype(np.float32)
-    y = (x @ rng.normal(size=(d, 3)) + rng.normal(scale=0.3 + 0.9 * group[:, None], size=(n, 3)))
-    split = np.array(["train"] * (n // 2) + ["val"] * (n // 4) + ["test"] * (n - n // 2 - n // 4))
-    arrays = {"x": x, "y": y.argmax(1), "group": group, "split": split}
+def _data(path: Path) -> dict[str, np.ndarray]:
+    arrays = three_class_arrays()
     np.savez(path, **arrays)
     return arrays
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from _tiny_nets import three_class_arrays, trained_mlp
+from _tiny_nets import write_three_class_task
 
 from fairdeploy.commands.compare import run_compare
 from fairdeploy.commands.sweep import run_sweep
@@ -39,12 +39,7 @@ def _recipe(data: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("day2")
-    arrays = three_class_arrays()
-    np.savez(tmp / "data.npz", **arrays)
-    torch.save(trained_mlp(arrays).state_dict(), tmp / "ckpt.pt")
-    (tmp / "r.yaml").write_text(yaml.safe_dump(_recipe(tmp / "data.npz")))
-    return tmp
+    return write_three_class_task(tmp_path_factory.mktemp("day2"), _recipe)
 
 
 @pytest.fixture(scope="module")

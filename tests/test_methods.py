@@ -166,13 +166,8 @@ def test_unknown_and_unimportable_methods_are_one_line_errors(monkeypatch) -> No
 # --------------------------------------------------------------------------- a user method
 
 
-def _data(path: Path, n: int = 600, d: int = 8, seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
-    group = rng.integers(0, 2, n)
-    x = rng.normal(size=(n, d)).astype(np.float32)
-    y = (x @ rng.normal(size=(d, 3)) + rng.normal(scale=0.3 + 0.9 * group[:, None], size=(n, 3)))
-    split = np.array(["train"] * (n // 2) + ["val"] * (n // 4) + ["test"] * (n - n // 2 - n // 4))
-    np.savez(path, x=x, y=y.argmax(1), group=group, split=split)
+def _data(path: Path, n: int = 600) -> None:
+    np.savez(path, **three_class_arrays(n=n))
 
 
 def _recipe(tmp: Path, **sections) -> dict:

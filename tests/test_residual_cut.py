@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _tiny_nets import residual_mlp
+from _tiny_nets import residual_mlp, three_class_arrays
 from torch import nn
 from torch.func import functional_call
 
@@ -101,13 +101,8 @@ def test_hessians_of_a_layer_in_a_residual_block_equal_autograd():
             assert err.max().item() <= 1e-5, (key, fast, err.max().item())
 
 
-def _npz(path, n: int = 360, d: int = 8, seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
-    group = rng.integers(0, 2, n)
-    x = rng.normal(size=(n, d)).astype(np.float32)
-    y = (x @ rng.normal(size=(d, 3)) + rng.normal(scale=0.3 + 0.9 * group[:, None], size=(n, 3)))
-    split = np.array(["train"] * (n // 2) + ["val"] * (n // 4) + ["test"] * (n - n // 2 - n // 4))
-    np.savez(path, x=x, y=y.argmax(1), group=group, split=split)
+def _npz(path, n: int = 360) -> None:
+    np.savez(path, **three_class_arrays(n=n))
 
 
 def _recipe(tmp, method: dict) -> dict:

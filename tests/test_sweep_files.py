@@ -12,11 +12,9 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 import yaml
-from _tiny_nets import three_class_arrays, trained_mlp
+from _tiny_nets import write_three_class_task
 from test_sweep import _recipe
 
 from fairdeploy.commands.sweep import run_sweep
@@ -28,12 +26,7 @@ GRID = ("sr=0.25,0.5", "beta=5/9")
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("sweepfiles")
-    arrays = three_class_arrays()
-    np.savez(tmp / "data.npz", **arrays)
-    torch.save(trained_mlp(arrays).state_dict(), tmp / "ckpt.pt")
-    (tmp / "r.yaml").write_text(yaml.safe_dump(_recipe(tmp / "data.npz")))
-    return tmp
+    return write_three_class_task(tmp_path_factory.mktemp("sweepfiles"), _recipe)
 
 
 def _sweep(task: Path, out: Path, **kw):
