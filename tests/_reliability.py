@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,3 +222,34 @@ def check_run_folder(folder: Path) -> dict:
     report = json.loads((folder / "report.json").read_text())
     assert report["schema_version"] == 1
     return report
+
+
+def without_blocking(
+    fifos: list[Path], call: Callable[[], object], *, timeout: float = 30.0
+) -> BaseException | object:
+    """Run ``call`` in a thread and return what it returned or raised; fail the test (after
+    unblocking it by opening each of ``fifos`` for writing) if it is still running after
+    ``timeout`` seconds: it opened a FIFO for reading and waits on it."""
+    import contextlib
+    import threading
+
+    import pytest
+
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as exc:  # handed to the test's thread
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        for fifo in fifos:
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(5)
+        pytest.fail("a special file was opened for reading and blocked")
+    return outcome[0]

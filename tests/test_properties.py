@@ -47,6 +47,7 @@ from _reliability import (
     make_tiny,
     snapshot,
     temporaries,
+    without_blocking,
 )
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
@@ -1046,30 +1047,6 @@ def _special(kind: str, where: Path) -> Path:
     return where
 
 
-def _without_hanging(call: Any, fifos: list[Path]) -> Any:
-    import os
-    import threading
-
-    box: list[Any] = []
-
-    def run() -> None:
-        try:
-            box.append(call())
-        except BaseException as exc:  # handed to the caller's thread
-            box.append(exc)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(30)
-    if t.is_alive():
-        for f in fifos:
-            with contextlib.suppress(OSError):
-                os.close(os.open(f, os.O_WRONLY | os.O_NONBLOCK))
-        t.join(5)
-        pytest.fail("a special file was read and blocked")
-    return box[0]
-
-
 @settings(max_examples=examples(12, 600), **SETTINGS)
 @given(kind=st.sampled_from(["fifo", "dir", "link_to_fifo", "dangling_link", "device"]),
        role=st.sampled_from(["recipe", "predict_npy", "predict_csv", "predict_png",
@@ -1091,10 +1068,10 @@ def test_special_files_are_refused_without_blocking(
 
             good = ws / "good.png"
             Image.new("RGB", (4, 4)).save(good)
-            keep, _ = _without_hanging(
+            keep, _ = without_blocking(
+                fifos,
                 lambda: check_image_files([good, path], mode="header", max_bad=1.0,
-                                          where="rows"),
-                fifos)
+                                          where="rows"))
             assert keep.tolist() == [True, False]
             event(f"{kind} as an image row: skipped")
             return
@@ -1102,7 +1079,7 @@ def test_special_files_are_refused_without_blocking(
             args = ["optimize", "ckpt.pt", "--recipe", path, "--dry-run"]
         else:
             args = ["predict", baseline["run"] / "model.onnx", path]
-        out = _without_hanging(lambda: invoke(*args, cwd=ws), fifos)
+        out = without_blocking(fifos, lambda: invoke(*args, cwd=ws))
         if out.code == 2:  # click's own check (a folder where a file is expected)
             assert "Error:" in out.text and "Traceback" not in out.text, out.text
         else:

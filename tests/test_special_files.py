@@ -4,12 +4,11 @@ model's metadata cannot ask for an unbounded resize (issue 21 items 9 and 10).""
 from __future__ import annotations
 
 import os
-import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _reliability import without_blocking
 from PIL import Image
 
 from fairdeploy._image_limit import NotARegularFile, open_image
@@ -21,27 +20,6 @@ IMAGE_META = {"preprocessing": {"kind": "image", "resize": [8, 8], "crop": [8, 8
                                 "mean": [0.5] * 3, "std": [0.5] * 3}}
 
 
-def without_blocking(fifos: list[Path], call: Callable[[], object]) -> BaseException | object:
-    """Run ``call`` in a thread; fail (after unblocking it) if it waits on a FIFO."""
-    outcome: list[object] = []
-
-    def run() -> None:
-        try:
-            outcome.append(call())
-        except BaseException as exc:  # handed to the test thread
-            outcome.append(exc)
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(15)
-    if worker.is_alive():
-        for fifo in fifos:
-            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            os.close(fd)
-        pytest.fail("a FIFO was opened for reading and blocked")
-    return outcome[0]
-
-
 @pytest.fixture
 def fifo(tmp_path: Path) -> Path:
     path = tmp_path / "pipe.png"
@@ -50,7 +28,7 @@ def fifo(tmp_path: Path) -> Path:
 
 
 def test_open_image_refuses_a_fifo_before_opening(fifo: Path) -> None:
-    got = without_blocking([fifo], lambda: open_image(fifo))
+    got = without_blocking([fifo], lambda: open_image(fifo), timeout=15)
     assert isinstance(got, NotARegularFile) and isinstance(got, ValueError)
 
 
@@ -60,7 +38,8 @@ def test_an_image_csv_row_pointing_at_a_fifo_is_a_bad_image(tmp_path: Path, fifo
     for mode in ("header", "full"):
         keep, skipped = without_blocking(
             [fifo], lambda mode=mode: check_image_files([good, fifo, good], mode=mode,
-                                                        max_bad=0.5, where="data.csv")
+                                                        max_bad=0.5, where="data.csv"),
+            timeout=15,
         )
         assert keep.tolist() == [True, False, True] and skipped["bad_image"] == 1
 
@@ -72,13 +51,15 @@ def test_predict_inputs_that_are_fifos_are_refused(tmp_path: Path, name: str) ->
     meta = IMAGE_META if name.endswith(".png") else {"preprocessing": {"kind": "tabular"}}
     for strict in (True, False):
         got = without_blocking([path], lambda strict=strict: read_inputs([path], meta,
-                                                                         strict=strict))
+                                                                         strict=strict),
+                               timeout=15)
         assert isinstance(got, FairDeployError), got
         assert "not a regular file" in str(got) and str(path) in str(got)
 
 
 def test_a_character_device_is_refused(tmp_path: Path) -> None:
-    got = without_blocking([], lambda: read_inputs(["/dev/zero"], {"preprocessing": {}}))
+    got = without_blocking(
+        [], lambda: read_inputs(["/dev/zero"], {"preprocessing": {}}), timeout=15)
     assert isinstance(got, FairDeployError) and "not a regular file" in str(got)
 
 
