@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -143,3 +143,14 @@ class Strict(BaseModel):
                         "unknown_key", "unknown key", {"key": str(key), "allowed": allowed}
                     )
         return data
+
+    def changed_fields(self, names: Iterable[str] | None = None) -> list[str]:
+        """The fields (of ``names``; default: all) whose value is not their default, in
+        field order: what a user set, for refusing a setting the configuration never reads
+        (a resolved recipe spells out every default, and those stay accepted)."""
+        fields = type(self).model_fields
+        wanted = fields if names is None else set(names)
+        return [
+            k for k, f in fields.items()
+            if k in wanted and getattr(self, k) != f.get_default(call_default_factory=True)
+        ]

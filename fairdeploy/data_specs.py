@@ -147,8 +147,7 @@ class _DataBase(Strict):
         split = self.split
         if split.mode not in ("column", "official"):
             return
-        fields = SplitSpec.model_fields
-        changed = [k for k in ("train", "val", "test") if getattr(split, k) != fields[k].default]
+        changed = split.changed_fields(("train", "val", "test"))
         if changed:
             raise schema_error(
                 "fd_split_unread",
@@ -157,7 +156,7 @@ class _DataBase(Strict):
                 "one of those modes",
                 {"key": changed[0], "mode": split.mode},
             )
-        if split.seed != fields["seed"].default and self.max_samples is None:
+        if split.changed_fields(("seed",)) and self.max_samples is None:
             raise schema_error(
                 "fd_split_seed_unread",
                 "split.seed: split.mode {mode} draws nothing (the seed shuffles random and "

@@ -33,7 +33,7 @@ from fairdeploy.export import Exporter
 from fairdeploy.methods import Processed
 from fairdeploy.metrics import GroupMetrics
 from fairdeploy.plan import Plan
-from fairdeploy.recipe import Recipe, load_recipe, save_resolved_recipe
+from fairdeploy.recipe import load_recipe, save_resolved_recipe
 from fairdeploy.report import verify_summary, write_report, write_tradeoff_plot
 from fairdeploy.rundir import check_out, staging_dir
 
@@ -301,7 +301,7 @@ def run_compare(
         recipe_path, recipe, "compare", exp.checkpoint_sha256
     )
     check_out(final)
-    unread = _unread_report_settings(recipe)
+    unread = recipe.report.changed_fields()  # compare reads none of report:
     if unread:  # the same recipe serves optimize, which reads them: said, not refused
         note = (f"report.{', report.'.join(unread)}: read by optimize, which times latency; "
                 "compare times none (fairdeploy bench <row>/model.onnx does)")
@@ -327,11 +327,3 @@ def run_compare(
         skipped=skipped,
         report=report,
     )
-
-
-def _unread_report_settings(recipe: Recipe) -> list[str]:
-    """The ``report:`` keys set to other than their defaults (compare reads none of them)."""
-    spec = recipe.report
-    fields = type(spec).model_fields
-    return [k for k, f in fields.items()
-            if getattr(spec, k) != f.get_default(call_default_factory=True)]

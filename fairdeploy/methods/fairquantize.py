@@ -71,8 +71,7 @@ class FairQuantizePlan(WeightPlan):
         """``finetune:`` is read only when there is fine-tuning, and ``gamma`` only when an
         lr step happens before the last epoch: other values than the defaults are refused
         rather than ignored."""
-        fields = FinetuneSpec.model_fields
-        changed = [k for k in fields if getattr(self.finetune, k) != fields[k].default]
+        changed = self.finetune.changed_fields()
         if changed and not self.finetune_epochs:
             raise schema_error(
                 "fd_finetune_unread",
