@@ -526,16 +526,12 @@ def is_inplace(model: nn.Module, node: fx.Node) -> bool:
 def _dependent_operands(node: fx.Node, dependent: set[fx.Node]) -> int:
     """How many operands of ``node`` depend on the layer, counted as written: ``h * h``
     has two (``all_input_nodes`` would count ``h`` once and call it linear)."""
-    operands = [*node.args, *node.kwargs.values()]
-    return sum(1 for a in fx.node.map_arg(operands, lambda n: n) if _is_dep(a, dependent))
-
-
-def _is_dep(value: Any, dependent: set[fx.Node]) -> bool:
-    if isinstance(value, fx.Node):
-        return value in dependent
-    if isinstance(value, list | tuple):
-        return any(_is_dep(v, dependent) for v in value)
-    return False
+    count = 0
+    for operand in (*node.args, *node.kwargs.values()):
+        found: list[fx.Node] = []
+        fx.node.map_arg(operand, found.append)  # the nodes inside (lists, tuples, dicts)
+        count += any(n in dependent for n in found)
+    return count
 
 
 def describe_node(node: fx.Node) -> str:
