@@ -249,7 +249,9 @@ class FeatureCache:
                 f"({why.strerror or why}); they were computed in memory", CacheWarning,
                 stacklevel=4,
             )
-        tensors = _read_entry(path, key, "feature cache file", mmap=True) if spill else None
+        # Just written (and checksummed) from the same bytes: mapped, not hashed again.
+        tensors = (_read_entry(path, key, "feature cache file", mmap=True, verify=False)
+                   if spill else None)
         return _feature_set(tensors) if tensors is not None else fs
 
     def get_or_compute_tensors(
@@ -522,10 +524,12 @@ def _write_entry(
 
 
 def _read_entry(
-    path: Path, key: str, what: str, *, mmap: bool = False
+    path: Path, key: str, what: str, *, mmap: bool = False, verify: bool = True
 ) -> dict[str, torch.Tensor] | None:
     """The tensors of a cache entry, or None (with a warning when a file was there).
-    With ``mmap`` the tensors are memory-mapped from the file (read on demand)."""
+    With ``mmap`` the tensors are memory-mapped from the file (read on demand). Without
+    ``verify`` their checksum is not recomputed: for an entry this process has just
+    written and checksummed (one pass over its bytes saved)."""
     if not path.exists():
         return None
     try:
@@ -537,7 +541,7 @@ def _read_entry(
         tensors = payload.get("tensors")
         if not isinstance(tensors, dict):
             raise ValueError("it holds no tensors")
-        if tensors_checksum(key, tensors) != payload.get("checksum"):
+        if verify and tensors_checksum(key, tensors) != payload.get("checksum"):
             raise ValueError("its content does not match its checksum (altered or damaged)")
         return dict(tensors)
     except Exception as exc:  # any unreadable file is a miss, never a crash
